@@ -1,0 +1,5 @@
+"""durable_nb: durable execution for Python and Jupyter."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

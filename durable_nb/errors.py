@@ -1,0 +1,96 @@
+"""Every public exception of durable_nb, under one base class.
+
+Each message names the broken rule, shows the offending value with ``!r`` and says what to
+do. Where Python has a matching built-in category (``TypeError``, ``ValueError``,
+``TimeoutError``) the error also derives from it, so generic handlers keep working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ArgumentError",
+    "ArgumentTypeError",
+    "DurableError",
+    "EffectTimeoutError",
+    "NonDeterminismError",
+    "PayloadIntegrityError",
+    "RunCancelledError",
+    "RunLockedError",
+    "RunNotFoundError",
+    "SignalTimeoutError",
+    "StoreError",
+    "StoreFormatError",
+    "StoreLockedError",
+    "StoreUnavailableError",
+    "StoreVersionError",
+    "UnhashableInputError",
+    "UnstorableValueError",
+]
+
+
+class DurableError(Exception):
+    """Base class of every error durable_nb raises on purpose."""
+
+
+class ArgumentError(DurableError, ValueError):
+    """A public entry point got an argument with a bad value."""
+
+
+class ArgumentTypeError(DurableError, TypeError):
+    """A public entry point got an argument of the wrong type."""
+
+
+class UnhashableInputError(DurableError, TypeError):
+    """An effect or workflow input has no canonical content hash."""
+
+
+class UnstorableValueError(DurableError, TypeError):
+    """A result, payload or variable cannot be encoded by any codec."""
+
+
+class NonDeterminismError(DurableError):
+    """With ``strict=True``, a replayed run called a different step than its history."""
+
+
+class EffectTimeoutError(DurableError, TimeoutError):
+    """An effect attempt, or all attempts together, ran past its timeout."""
+
+
+class SignalTimeoutError(DurableError, TimeoutError):
+    """``ctx.wait_signal(name, timeout=...)`` saw no signal before its deadline."""
+
+
+class RunNotFoundError(DurableError, LookupError):
+    """No run with the given id exists in the store."""
+
+
+class RunCancelledError(DurableError):
+    """The run was cancelled; its result will never exist."""
+
+
+class RunLockedError(DurableError):
+    """Another process is executing this run right now."""
+
+
+class StoreError(DurableError):
+    """The store cannot be opened, read or written."""
+
+
+class StoreUnavailableError(StoreError):
+    """The store's location cannot be created, opened or written."""
+
+
+class StoreLockedError(StoreError):
+    """Another process holds the store file and did not release it in time."""
+
+
+class StoreFormatError(StoreError):
+    """The file is not a durable_nb store, or is damaged."""
+
+
+class StoreVersionError(StoreError):
+    """The store was written by a newer schema than this version of durable_nb knows."""
+
+
+class PayloadIntegrityError(StoreError):
+    """A pickled payload is unsigned or its signature does not match: it is never unpickled."""
