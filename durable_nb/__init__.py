@@ -1,5 +1,87 @@
-"""durable_nb: durable execution for Python and Jupyter."""
+"""durable_nb: durable execution for Python and Jupyter.
+
+Layers, lowest first (a lower layer never imports a higher one; ``tests/test_layers.py``
+holds the line): ``errors`` → ``_hashing``, ``_codecs`` → ``store`` → ``engine`` →
+``cli`` / ``magics`` / ``widgets``. Importing this package loads neither DuckDB, pyarrow,
+numpy nor pandas; the store opens on first use.
+"""
 
 from __future__ import annotations
 
+import os
+
+from . import errors
+from .engine import (
+    Clock,
+    Context,
+    EffectFunction,
+    FakeClock,
+    Job,
+    Retry,
+    SystemClock,
+    Workflow,
+    cancel,
+    durable,
+    effect,
+    get_job,
+    run,
+    signal,
+    start,
+)
+from .engine._runtime import runtime as _runtime
+from .errors import (
+    DurableError,
+    NonDeterminismError,
+    RunCancelledError,
+    RunLockedError,
+    SignalTimeoutError,
+)
+from .store import Store
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "Clock",
+    "Context",
+    "DurableError",
+    "EffectFunction",
+    "FakeClock",
+    "Job",
+    "NonDeterminismError",
+    "Retry",
+    "RunCancelledError",
+    "RunLockedError",
+    "SignalTimeoutError",
+    "Store",
+    "SystemClock",
+    "Workflow",
+    "__version__",
+    "cancel",
+    "durable",
+    "effect",
+    "errors",
+    "get_job",
+    "get_store",
+    "run",
+    "set_clock",
+    "set_store",
+    "signal",
+    "start",
+]
+
+
+def set_store(store: Store | str | os.PathLike[str] | None = None) -> Store:
+    """Use this store from now on: a Store, a DuckDB path, ``":memory:"``, or ``None`` for the
+    default (``$DURABLE_NB_STORE`` or ``.durable_nb/store.duckdb``). The previous store is
+    closed. Returns the store."""
+    return _runtime.set_store(store)
+
+
+def get_store() -> Store:
+    """The store in use (opened on first use)."""
+    return _runtime.store
+
+
+def set_clock(clock: Clock | None) -> None:
+    """Use this clock for timers, deadlines and retries (``None``: the system clock)."""
+    _runtime.set_clock(clock)

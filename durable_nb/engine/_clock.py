@@ -1,0 +1,78 @@
+"""Time as the engine sees it: wall time for durable deadlines, sleeping for timers and retries.
+
+Tests swap in :class:`FakeClock`, whose sleeps advance virtual time at once (no real sleeps
+in tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Protocol
+
+__all__ = ["Clock", "FakeClock", "SystemClock"]
+
+
+class Clock(Protocol):
+    def time(self) -> float:
+        """Seconds since the epoch (durable deadlines are stored in this unit)."""
+        ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+    def sleep_sync(self, seconds: float) -> None: ...
+
+
+class SystemClock:
+    def time(self) -> float:
+        return time.time()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    def sleep_sync(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+class FakeClock:
+    """A virtual clock: ``sleep`` advances it instead of waiting (it still yields once)."""
+
+    def __init__(self, start: float = 1_700_000_000.0) -> None:
+        self.now = start
+        self.slept: list[float] = []
+
+    def time(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += max(0.0, seconds)
+        await asyncio.sleep(0)
+
+    def sleep_sync(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += max(0.0, seconds)
+
+
+async def wait_event(clock: Clock, event: asyncio.Event, seconds: float | None) -> bool:
+    """Wait until ``event`` is set or ``seconds`` pass on ``clock``; True if it was set."""
+    if event.is_set():
+        return True
+    if isinstance(clock, FakeClock):
+        for _ in range(3):  # let ready tasks run before virtual time jumps
+            await asyncio.sleep(0)
+            if event.is_set():
+                return True
+        if seconds is None:
+            await event.wait()
+            return True
+        clock.advance(max(0.0, seconds))
+        return event.is_set()
+    try:
+        await asyncio.wait_for(event.wait(), seconds)
+    except asyncio.TimeoutError:
+        return event.is_set()
+    return True

@@ -1,0 +1,382 @@
+"""``@effect``: functions whose results are recorded, keyed by a content hash of their inputs.
+
+The key is decided synchronously when the function is *called* (not when its coroutine is
+first awaited), so occurrence numbers follow call order and ``asyncio.gather`` replays
+deterministically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import inspect
+import math
+import reprlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast, overload
+
+from .. import _codecs, _hashing
+from ..errors import ArgumentError, ArgumentTypeError, EffectTimeoutError
+from ..store import EffectRecord
+from ._runtime import Key4, TopScope, current_scope, runtime
+
+if TYPE_CHECKING:
+    from ._workflow import RunState
+
+__all__ = ["EffectFunction", "Retry", "effect"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_preview = reprlib.Repr()
+_preview.maxstring = 80
+_preview.maxother = 80
+_preview.maxlist = _preview.maxtuple = _preview.maxdict = _preview.maxset = 6
+
+
+def preview_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """A short, human-readable preview of a call's arguments for traces."""
+    try:
+        parts = [_preview.repr(a) for a in args]
+        parts += [f"{k}={_preview.repr(v)}" for k, v in kwargs.items()]
+    except Exception:  # a broken __repr__ must not break the effect
+        return "(...)"
+    text = "(" + ", ".join(parts) + ")"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How an effect is retried: ``attempts`` in all, waiting ``initial_delay * backoff**n``
+    (at most ``max_delay``) between them, for exceptions matching ``retry_on``."""
+
+    attempts: int = 3
+    backoff: float = 2.0
+    initial_delay: float = 1.0
+    max_delay: float = 60.0
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.attempts, int) or isinstance(self.attempts, bool) or self.attempts < 1:
+            raise ArgumentError(f"attempts must be an int >= 1, got {self.attempts!r}")
+        for name in ("backoff", "initial_delay", "max_delay"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                raise ArgumentError(f"{name} must be a finite number >= 0, got {v!r}")
+        on = self.retry_on
+        if isinstance(on, type):
+            object.__setattr__(self, "retry_on", (on,))
+            on = (on,)
+        if not isinstance(on, tuple) or not all(
+            isinstance(t, type) and issubclass(t, BaseException) for t in on
+        ):
+            raise ArgumentTypeError(
+                f"retry_on must be an exception class or a tuple of them, got {on!r}"
+            )
+
+    def delay(self, failures: int) -> float:
+        """Seconds to wait after the ``failures``-th failed attempt."""
+        return float(min(self.initial_delay * self.backoff ** (failures - 1), self.max_delay))
+
+
+def _check_timeout(timeout: float | None, name: str = "timeout") -> float | None:
+    if timeout is None:
+        return None
+    if (
+        not isinstance(timeout, (int, float))
+        or isinstance(timeout, bool)
+        or not math.isfinite(timeout)
+        or timeout <= 0
+    ):
+        raise ArgumentError(f"{name} must be a number of seconds > 0 or None, got {timeout!r}")
+    return float(timeout)
+
+
+def _check_retry(retry: Retry | int | None) -> Retry | None:
+    if retry is None:
+        return None
+    if isinstance(retry, int) and not isinstance(retry, bool):
+        return Retry(attempts=retry)
+    if not isinstance(retry, Retry):
+        raise ArgumentTypeError(
+            f"retry must be a durable_nb.Retry or an int (attempts), got {retry!r}"
+        )
+    return retry
+
+
+_timeout_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _call_with_timeout(fn: Callable[[], R], timeout: float, what: str) -> R:
+    """Run a sync function in a worker thread, giving up after ``timeout`` seconds.
+
+    Python cannot stop a thread: on timeout the call is abandoned (its result is dropped).
+    """
+    global _timeout_pool
+    if _timeout_pool is None:
+        _timeout_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=32, thread_name_prefix="durable_nb-effect"
+        )
+    import contextvars
+
+    ctx = contextvars.copy_context()
+    fut = _timeout_pool.submit(ctx.run, fn)
+    try:
+        return fut.result(timeout)
+    except concurrent.futures.TimeoutError:
+        raise EffectTimeoutError(
+            f"effect {what} did not finish within timeout={timeout:g}s; raise the timeout "
+            "or make the work smaller (the call was abandoned in its thread)"
+        ) from None
+
+
+class EffectFunction(Generic[P, R]):
+    """A function whose calls are recorded (see :func:`effect`). Calling it works like the
+    function itself; inside a run the call is journaled, outside it is memoized."""
+
+    def __init__(
+        self,
+        fn: Callable[P, R],
+        *,
+        name: str | None = None,
+        version: str | None = None,
+        retry: Retry | int | None = None,
+        timeout: float | None = None,
+        cache_errors: bool = False,
+        shared: bool = False,
+    ) -> None:
+        if not callable(fn):
+            raise ArgumentTypeError(f"@effect needs a function, got {fn!r}")
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise ArgumentError(f"name must be a non-empty str, got {name!r}")
+        if version is not None and not isinstance(version, (str, int)):
+            raise ArgumentTypeError(f"version must be a str, got {version!r}")
+        self.fn = fn
+        self.identity = name if name is not None else _hashing.effect_identity(fn)
+        self.version = (
+            "v:" + str(version) if version is not None else _hashing.code_version(fn)
+        )
+        self.retry = _check_retry(retry)
+        self.timeout = _check_timeout(timeout)
+        self.cache_errors = bool(cache_errors)
+        self.shared = bool(shared)
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self._binder = _hashing.ArgBinder(fn)
+        functools.update_wrapper(self, fn)  # type: ignore[arg-type]  # copies __name__, __doc__...
+
+    def __repr__(self) -> str:
+        return f"<effect {self.identity}>"
+
+    def __get__(self, obj: object, objtype: type | None = None) -> Any:
+        if obj is None:
+            return self
+        return functools.partial(self, obj)
+
+    # -------------------------------------------------------------- the call
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        scope: RunState | TopScope = current_scope.get() or runtime.top
+        if self.shared:
+            scope = runtime.shared
+        input_hash = self._binder.input_hash(args, kwargs)
+        key4 = (self.identity, self.version, input_hash, scope.next_occurrence(self.identity, input_hash))
+        seq = scope.next_seq()
+        rec = scope.lookup(key4, seq)
+        if self.is_async:
+            if rec is not None:
+                return cast(R, _replayed(scope, rec))
+            return cast(R, self._execute_async(scope, key4, seq, args, kwargs, False))
+        if rec is not None:
+            return cast(R, replay(scope, rec))
+        return self._execute_sync(scope, key4, seq, args, kwargs)
+
+    def call_awaitable(self, args: tuple[Any, ...], kwargs: dict[str, Any], *,
+                       retry: Retry | None = None, timeout: float | None = None) -> Awaitable[Any]:
+        """The ``ctx.run`` form: an awaitable; a sync function runs in a worker thread."""
+        scope: RunState | TopScope = current_scope.get() or runtime.top
+        if self.shared:
+            scope = runtime.shared
+        input_hash = self._binder.input_hash(args, kwargs)
+        key4 = (self.identity, self.version, input_hash, scope.next_occurrence(self.identity, input_hash))
+        seq = scope.next_seq()
+        rec = scope.lookup(key4, seq)
+        if rec is not None:
+            return _replayed(scope, rec)
+        return self._execute_async(
+            scope, key4, seq, args, kwargs, not self.is_async, retry=retry, timeout=timeout
+        )
+
+    # -------------------------------------------------------------- execution
+    def _make_record(
+        self, scope: RunState | TopScope, key4: Key4, seq: int, value: object, is_error: bool,
+        started: float, t0: float, args: tuple[Any, ...], kwargs: dict[str, Any],
+    ) -> tuple[EffectRecord, object]:
+        signer = runtime.store.signer
+        if is_error:
+            payload = _codecs.encode_error(cast(BaseException, value), signer)
+        else:
+            payload = _codecs.encode(value, signer, what=f"the result of {self.identity}")
+        rec = EffectRecord(
+            scope.scope_id, *key4, payload=payload, is_error=is_error, kind="effect", seq=seq,
+            started_at=started, duration=time.perf_counter() - t0,
+            detail=preview_args(args, kwargs),
+        )
+        return rec, value
+
+    def _execute_sync(
+        self, scope: RunState | TopScope, key4: Key4, seq: int,
+        args: tuple[Any, ...], kwargs: dict[str, Any],
+    ) -> R:
+        clock = runtime.clock
+        retry = self.retry
+        attempts = retry.attempts if retry else 1
+        started, t0 = clock.time(), time.perf_counter()
+        failures = 0
+        while True:
+            try:
+                if self.timeout is not None:
+                    result = _call_with_timeout(
+                        functools.partial(self.fn, *args, **kwargs), self.timeout, self.identity
+                    )
+                else:
+                    result = self.fn(*args, **kwargs)
+                break
+            except BaseException as e:
+                failures += 1
+                if retry and failures < attempts and isinstance(e, retry.retry_on):
+                    scope.note_failure(key4, seq, e, started)
+                    clock.sleep_sync(retry.delay(failures))
+                    continue
+                self._fail(scope, key4, seq, e, started, t0, args, kwargs)
+                raise
+        rec, _ = self._make_record(scope, key4, seq, result, False, started, t0, args, kwargs)
+        scope.record(rec)
+        return result
+
+    async def _execute_async(
+        self, scope: RunState | TopScope, key4: Key4, seq: int,
+        args: tuple[Any, ...], kwargs: dict[str, Any], in_thread: bool,
+        *, retry: Retry | None = None, timeout: float | None = None,
+    ) -> Any:
+        clock = runtime.clock
+        retry = retry or self.retry
+        timeout = timeout or self.timeout
+        attempts = retry.attempts if retry else 1
+        started, t0 = clock.time(), time.perf_counter()
+        scope.inflight += 1
+        try:
+            return await self._attempts(scope, key4, seq, args, kwargs, in_thread, retry,
+                                        timeout, attempts, started, t0)
+        finally:
+            scope.inflight -= 1
+
+    async def _attempts(
+        self, scope: RunState | TopScope, key4: Key4, seq: int,
+        args: tuple[Any, ...], kwargs: dict[str, Any], in_thread: bool,
+        retry: Retry | None, timeout: float | None, attempts: int, started: float, t0: float,
+    ) -> Any:
+        clock = runtime.clock
+        failures = 0
+        while True:
+            try:
+                if in_thread:
+                    aw: Awaitable[Any] = asyncio.to_thread(self.fn, *args, **kwargs)
+                else:
+                    aw = cast(Awaitable[Any], self.fn(*args, **kwargs))
+                if timeout is not None:
+                    try:
+                        result = await asyncio.wait_for(aw, timeout)
+                    except asyncio.TimeoutError:
+                        raise EffectTimeoutError(
+                            f"effect {self.identity} did not finish within timeout={timeout:g}s; "
+                            "raise the timeout or make the work smaller"
+                        ) from None
+                else:
+                    result = await aw
+                break
+            except asyncio.CancelledError:
+                raise
+            except BaseException as e:
+                failures += 1
+                if retry and failures < attempts and isinstance(e, retry.retry_on):
+                    scope.note_failure(key4, seq, e, started)
+                    await clock.sleep(retry.delay(failures))
+                    continue
+                self._fail(scope, key4, seq, e, started, t0, args, kwargs)
+                raise
+        rec, _ = self._make_record(scope, key4, seq, result, False, started, t0, args, kwargs)
+        await scope.record_async(rec)
+        return result
+
+    def _fail(
+        self, scope: RunState | TopScope, key4: Key4, seq: int, exc: BaseException,
+        started: float, t0: float, args: tuple[Any, ...], kwargs: dict[str, Any],
+    ) -> None:
+        if self.cache_errors and isinstance(exc, Exception):
+            rec, _ = self._make_record(scope, key4, seq, exc, True, started, t0, args, kwargs)
+            scope.record(rec)
+        else:
+            scope.note_failure(key4, seq, exc, started)
+
+
+def replay(scope: RunState | TopScope, rec: EffectRecord) -> Any:
+    """The recorded outcome of a step: its value, or its error raised again."""
+    scope.note_replay(rec)
+    signer = runtime.store.signer
+    if rec.is_error:
+        raise _codecs.decode_error(rec.payload, signer)
+    return _codecs.decode(rec.payload, signer)
+
+
+async def _replayed(scope: RunState | TopScope, rec: EffectRecord) -> Any:
+    return replay(scope, rec)
+
+
+@overload
+def effect(fn: Callable[P, R], /) -> EffectFunction[P, R]: ...
+
+
+@overload
+def effect(
+    *,
+    name: str | None = None,
+    version: str | None = None,
+    retry: Retry | int | None = None,
+    timeout: float | None = None,
+    cache_errors: bool = False,
+    shared: bool = False,
+) -> Callable[[Callable[P, R]], EffectFunction[P, R]]: ...
+
+
+def effect(
+    fn: Callable[P, R] | None = None,
+    /,
+    *,
+    name: str | None = None,
+    version: str | None = None,
+    retry: Retry | int | None = None,
+    timeout: float | None = None,
+    cache_errors: bool = False,
+    shared: bool = False,
+) -> EffectFunction[P, R] | Callable[[Callable[P, R]], EffectFunction[P, R]]:
+    """Record a function's results, keyed by a content hash of its inputs (SPEC 2).
+
+    ``name`` replaces ``module.qualname`` as its identity; ``version`` pins the code version
+    (otherwise any real edit of the source starts a new cache); ``retry`` and ``timeout``
+    apply per call; ``cache_errors`` records exceptions too; ``shared`` makes one cache for
+    every notebook, script and run on the store (a pure function: one result per input).
+    """
+
+    def wrap(f: Callable[P, R]) -> EffectFunction[P, R]:
+        return EffectFunction(
+            f, name=name, version=version, retry=retry, timeout=timeout,
+            cache_errors=cache_errors, shared=shared,
+        )
+
+    if fn is None:
+        return wrap
+    if isinstance(fn, EffectFunction):
+        return fn
+    return wrap(fn)

@@ -1,0 +1,190 @@
+"""Process-wide engine state: the store in use, the clock, scopes, and the engine's loop.
+
+A *scope* is where effect records live and how occurrences are counted (SPEC 2): a run's
+history (``run/<id>``), the notebook or script (``top/<name>``), or everything
+(``shared``). The current scope travels in a context variable, so tasks created under a run
+(``asyncio.gather``) and worker threads (``asyncio.to_thread``) inherit it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import contextvars
+import os
+import sys
+import threading
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ..errors import ArgumentTypeError
+from ._clock import Clock, SystemClock
+
+if TYPE_CHECKING:
+    from ..store import EffectRecord, Store
+    from ._workflow import Job, RunState
+
+__all__ = ["Runtime", "TopScope", "current_scope", "runtime"]
+
+T = TypeVar("T")
+
+#: four of the five parts of an effect key; the scope is the fifth
+Key4 = tuple[str, str, str, int]
+
+
+class TopScope:
+    """Effects called outside any run: memoized per notebook (or script), or shared."""
+
+    __slots__ = ("_counts", "inflight", "scope_id", "shared")
+
+    def __init__(self, scope_id: str, *, shared: bool = False) -> None:
+        self.scope_id = scope_id
+        self.inflight = 0
+        self.shared = shared
+        self._counts: dict[tuple[str, str], int] = {}
+
+    def next_occurrence(self, identity: str, input_hash: str) -> int:
+        if self.shared:
+            return 0  # shared effects are pure: one result per input, however often called
+        k = (identity, input_hash)
+        n = self._counts.get(k, 0)
+        self._counts[k] = n + 1
+        return n
+
+    def next_seq(self) -> int:
+        return -1
+
+    def lookup(self, key4: Key4, seq: int) -> EffectRecord | None:
+        return runtime.store.get_effect((self.scope_id, *key4))
+
+    def record(self, rec: EffectRecord) -> None:
+        runtime.store.put_effects([rec])
+
+    async def record_async(self, rec: EffectRecord) -> None:
+        runtime.store.put_effects([rec])
+
+    def note_replay(self, rec: EffectRecord) -> None:
+        return None
+
+    def note_failure(self, key4: Key4, seq: int, exc: BaseException, started: float) -> None:
+        return None
+
+    def reset(self) -> None:
+        """Count occurrences afresh (called before each notebook cell executes)."""
+        self._counts.clear()
+
+
+current_scope: contextvars.ContextVar[RunState | TopScope | None] = contextvars.ContextVar(
+    "durable_nb_scope", default=None
+)
+
+
+def _default_top_name() -> str:
+    env = os.environ.get("DURABLE_NB_SCOPE")
+    if env:
+        return env
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    return os.path.abspath(path) if path else "interactive"
+
+
+class Runtime:
+    """The one engine state of this process."""
+
+    def __init__(self) -> None:
+        self._store: Store | None = None
+        self._store_lock = threading.Lock()
+        self.clock: Clock = SystemClock()
+        self.top = TopScope("top/" + _default_top_name())
+        self.shared = TopScope("shared", shared=True)
+        self.jobs: dict[str, Job] = {}
+        self.jobs_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self.owner = f"pid {os.getpid()}"
+
+    # store -------------------------------------------------------------------------
+    @property
+    def store(self) -> Store:
+        store = self._store
+        if store is None:
+            with self._store_lock:
+                if self._store is None:
+                    from ..store import open_store
+
+                    self._store = open_store()
+                store = self._store
+        return store
+
+    def set_store(self, store: Store | str | os.PathLike[str] | None) -> Store:
+        from ..store import Store, open_store
+
+        if store is None or isinstance(store, (str, os.PathLike)):
+            new = open_store(store)
+        elif isinstance(store, Store):
+            new = store
+        else:
+            raise ArgumentTypeError(
+                f"store must be a Store, a path, ':memory:' or a postgresql:// URL, got {store!r}"
+            )
+        with self._store_lock:
+            old, self._store = self._store, new
+        if old is not None and old is not new:
+            old.close()
+        return new
+
+    def set_clock(self, clock: Clock | None) -> None:
+        self.clock = clock if clock is not None else SystemClock()
+
+    def set_top_scope(self, name: str) -> None:
+        if not isinstance(name, str) or not name:
+            raise ArgumentTypeError(f"scope name must be a non-empty str, got {name!r}")
+        self.top = TopScope("top/" + name)
+
+    # loops -------------------------------------------------------------------------
+    def engine_loop(self) -> asyncio.AbstractEventLoop:
+        """A loop on a daemon thread, for runs started from threads without a loop of their own."""
+        loop = self._loop
+        if loop is not None and self._loop_thread is not None and self._loop_thread.is_alive():
+            return loop
+        with self._store_lock:
+            if self._loop is None or self._loop_thread is None or not self._loop_thread.is_alive():
+                new_loop = asyncio.new_event_loop()
+                started = threading.Event()
+
+                def serve() -> None:
+                    asyncio.set_event_loop(new_loop)
+                    new_loop.call_soon(started.set)
+                    new_loop.run_forever()
+
+                thread = threading.Thread(target=serve, name="durable_nb-engine", daemon=True)
+                thread.start()
+                started.wait()
+                self._loop, self._loop_thread = new_loop, thread
+            return self._loop
+
+    def in_engine_thread(self) -> bool:
+        return self._loop_thread is threading.current_thread()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.engine_loop())
+
+    def shutdown(self) -> None:
+        store, self._store = self._store, None
+        if store is not None:
+            try:
+                store.close()
+            except Exception:  # at exit, a store another process holds is not our problem
+                pass
+
+
+runtime = Runtime()
+atexit.register(runtime.shutdown)
+
+
+def running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

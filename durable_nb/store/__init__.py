@@ -1,0 +1,74 @@
+"""Where everything durable lives: the Store protocol, its records, and the stores.
+
+``open_store(url)`` picks one: ``":memory:"`` (tests), a file path (DuckDB, the default) or
+``postgresql://...``. Importing this package does not import DuckDB.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from ..errors import ArgumentError, ArgumentTypeError, StoreUnavailableError
+from ._memory import MemoryStore
+from ._protocol import (
+    EffectKey,
+    EffectRecord,
+    EventRecord,
+    RunLease,
+    RunRecord,
+    RunStatus,
+    SignalRecord,
+    Store,
+)
+
+if TYPE_CHECKING:
+    from ._duckdb import DuckDBStore
+
+__all__ = [
+    "DEFAULT_STORE_PATH",
+    "EffectKey",
+    "EffectRecord",
+    "EventRecord",
+    "MemoryStore",
+    "RunLease",
+    "RunRecord",
+    "RunStatus",
+    "SignalRecord",
+    "Store",
+    "default_store_url",
+    "open_store",
+]
+
+DEFAULT_STORE_PATH = os.path.join(".durable_nb", "store.duckdb")
+
+
+def default_store_url() -> str:
+    """``$DURABLE_NB_STORE`` if set, else ``.durable_nb/store.duckdb`` under the working dir."""
+    return os.environ.get("DURABLE_NB_STORE") or DEFAULT_STORE_PATH
+
+
+def open_store(url: str | os.PathLike[str] | None = None) -> Store:
+    """Open the store named by ``url`` (see the module docstring); ``None`` means the default."""
+    if url is None:
+        url = default_store_url()
+    if not isinstance(url, (str, os.PathLike)):
+        raise ArgumentTypeError(
+            f"store must be a path, ':memory:' or a postgresql:// URL, got {url!r}"
+        )
+    text = os.fspath(url)
+    if not text.strip():
+        raise ArgumentError(
+            f"store must be a path, ':memory:' or a postgresql:// URL, got {text!r}"
+        )
+    if text == ":memory:":
+        return MemoryStore()
+    if text.startswith(("postgresql://", "postgres://")):
+        raise StoreUnavailableError(
+            f"the PostgreSQL store is not part of this version of durable_nb (store={text!r}); "
+            "use a DuckDB file path or ':memory:'"
+        )
+    from ._duckdb import DuckDBStore
+
+    store: DuckDBStore = DuckDBStore(text)
+    return store

@@ -1,0 +1,848 @@
+"""The DuckDB store: the default, one file per notebook folder.
+
+DuckDB pays about 1 ms of CPU per committed transaction, so committing each effect on its
+own would cost more than most effects. Instead every write is appended, as one framed
+record (length, CRC32, marshal payload), to a write-ahead journal owned by this process
+(one ``os.write`` — durable against a crash of the process as soon as it returns), and a
+background thread merges the journal into DuckDB in batches, storing the journal offset
+in the same transaction. A journal left behind by a dead process (its ``flock`` is free)
+is merged by the next process that opens the store; merging is idempotent.
+
+DuckDB lets one process hold a database file at a time, so the connection is closed
+whenever this process has been idle for ``idle_close`` seconds (after merging
+everything): another kernel or the CLI can then open the same store. A process that finds
+the file busy retries for ``lock_timeout`` seconds, then raises ``StoreLockedError``
+naming the holder.
+
+Layout next to ``store.duckdb``: ``store.duckdb.d/journal/*.wal`` (journals),
+``locks/`` (one ``flock`` file per executing run), ``inbox/`` (touched when a signal is
+sent, so a waiting process polls a ``stat`` instead of the database), and ``key`` (the
+signing key for pickled payloads, unless ``DURABLE_NB_KEY`` is set).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import marshal
+import os
+import re
+import secrets
+import socket
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import duckdb
+
+from ..errors import (
+    ArgumentError,
+    RunLockedError,
+    StoreError,
+    StoreFormatError,
+    StoreLockedError,
+    StoreUnavailableError,
+    StoreVersionError,
+)
+from ._protocol import (
+    EffectKey,
+    EffectRecord,
+    EventRecord,
+    RunLease,
+    RunRecord,
+    SignalRecord,
+)
+
+if TYPE_CHECKING:
+    from .._codecs import Payload, Signer
+
+__all__ = ["SCHEMA_VERSION", "DuckDBStore"]
+
+_FRAME = struct.Struct("<II")  # payload length, crc32
+_LOCK_RE = re.compile(r"Conflicting lock is held in (?P<exe>.*?) \(PID (?P<pid>\d+)\)")
+
+_EFFECT_COLS = (
+    "scope VARCHAR, identity VARCHAR, version VARCHAR, input_hash VARCHAR, occurrence INTEGER, "
+    "codec VARCHAR, data BLOB, table_name VARCHAR, is_error BOOLEAN, kind VARCHAR, seq INTEGER, "
+    "started_at DOUBLE, duration DOUBLE, detail VARCHAR"
+)
+_RUN_COLS = (
+    "run_id VARCHAR, workflow VARCHAR, status VARCHAR, created_at DOUBLE, updated_at DOUBLE, "
+    "args_codec VARCHAR, args_data BLOB, args_table VARCHAR, "
+    "result_codec VARCHAR, result_data BLOB, result_table VARCHAR, "
+    "error_codec VARCHAR, error_data BLOB, error_table VARCHAR, "
+    "custom_status VARCHAR, status_version INTEGER, parent_id VARCHAR, executions INTEGER, "
+    "detail VARCHAR"
+)
+_SIGNAL_COLS = "run_id VARCHAR, signal_id VARCHAR, name VARCHAR, payload VARCHAR, sent_at DOUBLE"
+_EVENT_COLS = "run_id VARCHAR, event_id VARCHAR, ts DOUBLE, kind VARCHAR, data VARCHAR"
+
+#: Named, ordered schema migrations. Append only; never edit a released one.
+MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
+    (
+        1,
+        "initial: effects, runs, signals, events, journal offsets",
+        (
+            f"CREATE TABLE dn_effects ({_EFFECT_COLS}, "
+            "PRIMARY KEY (scope, identity, version, input_hash, occurrence))",
+            f"CREATE TABLE dn_runs ({_RUN_COLS}, PRIMARY KEY (run_id))",
+            f"CREATE TABLE dn_signals ({_SIGNAL_COLS}, PRIMARY KEY (run_id, signal_id))",
+            f"CREATE TABLE dn_events ({_EVENT_COLS}, PRIMARY KEY (run_id, event_id))",
+            "CREATE TABLE dn_journal (wal_id VARCHAR PRIMARY KEY, merged_offset BIGINT)",
+        ),
+    ),
+)
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def _table_name(prefix: str, parts: tuple[object, ...]) -> str:
+    import xxhash
+
+    return f"dn_{prefix}_{xxhash.xxh3_128_hexdigest(repr(parts).encode())}"
+
+
+def _payload_cols(p: Payload | None, table_name: str | None) -> tuple[Any, Any, Any]:
+    if p is None:
+        return (None, None, None)
+    return (p.codec, p.data, table_name if p.table is not None else None)
+
+
+class _Op:
+    """One journal record waiting to be merged."""
+
+    __slots__ = ("end", "kind", "row")
+
+    def __init__(self, kind: str, row: tuple[Any, ...], end: int) -> None:
+        self.kind = kind
+        self.row = row
+        self.end = end
+
+
+class DuckDBStore:
+    """A DuckDB file plus a per-process write-ahead journal. See the module docstring."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] = ".durable_nb/store.duckdb",
+        *,
+        key: bytes | None = None,
+        lock_timeout: float = 10.0,
+        idle_close: float = 0.5,
+        merge_interval: float = 0.05,
+        fsync: bool = False,
+    ) -> None:
+        from .._codecs import Signer
+
+        if not isinstance(path, (str, os.PathLike)) or str(path) in ("", ":memory:"):
+            raise ArgumentError(
+                f"path must be a file path for the DuckDB store, got {path!r}; "
+                "use MemoryStore() for an in-memory store"
+            )
+        for name, value in (
+            ("lock_timeout", lock_timeout),
+            ("idle_close", idle_close),
+            ("merge_interval", merge_interval),
+        ):
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ArgumentError(f"{name} must be a number of seconds >= 0, got {value!r}")
+        self._path = Path(path).absolute()
+        self._aux = self._path.with_name(self._path.name + ".d")
+        self._lock_timeout = float(lock_timeout)
+        self._idle_close = float(idle_close)
+        self._merge_interval = float(merge_interval)
+        self._fsync = fsync
+        try:
+            for sub in ("journal", "locks", "inbox"):
+                (self._aux / sub).mkdir(parents=True, exist_ok=True)
+            probe = self._aux / f".probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise StoreUnavailableError(
+                f"cannot create or write the store directory {str(self._path.parent)!r}: {e}; "
+                "choose a writable location with DURABLE_NB_STORE=/path/to/store.duckdb "
+                "or `%durable store PATH`"
+            ) from e
+        self._signer = Signer(key if key is not None else self._load_key())
+
+        self._dblock = threading.RLock()
+        self._wlock = threading.Lock()
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._pending: list[_Op] = []
+        self._unmerged: dict[EffectKey, tuple[EffectRecord, _Op]] = {}
+        self._last_activity = time.monotonic()
+        self._closed = False
+        self._run_locks: dict[str, int] = {}
+        self._merge_error: BaseException | None = None
+
+        with self._dblock:
+            self._connect()  # validates the file, migrates, recovers dead journals
+            self._recover_journals()
+        self._wal_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+        self._wal_path = self._aux / "journal" / f"{self._wal_id}.wal"
+        self._wal_fd = self._open_wal(self._wal_path)
+        self._wal_size = 0
+
+        self._wake = threading.Event()
+        self._merger = threading.Thread(
+            target=self._merge_loop, name=f"durable_nb-merge-{self._path.name}", daemon=True
+        )
+        self._merger.start()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def url(self) -> str:
+        return str(self._path)
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def signer(self) -> Signer:
+        return self._signer
+
+    def __repr__(self) -> str:
+        return f"DuckDBStore({str(self._path)!r})"
+
+    # ------------------------------------------------------------------ key
+    def _load_key(self) -> bytes:
+        env = os.environ.get("DURABLE_NB_KEY")
+        if env:
+            return env.encode()
+        kpath = self._aux / "key"
+        try:
+            return kpath.read_bytes()
+        except FileNotFoundError:
+            pass
+        key = secrets.token_bytes(32)
+        try:
+            fd = os.open(kpath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return kpath.read_bytes()
+        with os.fdopen(fd, "wb") as f:
+            f.write(key)
+        return key
+
+    # ------------------------------------------------------------------ connection
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        """Open the database (caller holds ``_dblock``), waiting while another process has it."""
+        if self._con is not None:
+            return self._con
+        deadline = time.monotonic() + self._lock_timeout
+        delay = 0.005
+        while True:
+            try:
+                con = duckdb.connect(str(self._path))
+                break
+            except duckdb.IOException as e:
+                msg = str(e)
+                m = _LOCK_RE.search(msg)
+                if m is None:
+                    if "not a valid DuckDB database file" in msg:
+                        raise StoreFormatError(
+                            f"{str(self._path)!r} is not a DuckDB database (it may be damaged "
+                            "or another kind of file); move it away or choose another store path"
+                        ) from e
+                    raise StoreUnavailableError(
+                        f"cannot open the store {str(self._path)!r}: {msg}"
+                    ) from e
+                if time.monotonic() >= deadline:
+                    raise StoreLockedError(
+                        f"the store {str(self._path)!r} is in use by another process "
+                        f"(PID {m['pid']}, {m['exe']}) and stayed busy for "
+                        f"{self._lock_timeout:g}s; wait until that kernel or script is idle, "
+                        "stop it, or use another store (DURABLE_NB_STORE)"
+                    ) from e
+                time.sleep(delay)
+                delay = min(delay * 2, 0.1)
+            except duckdb.Error as e:
+                raise StoreFormatError(
+                    f"cannot open {str(self._path)!r} as a DuckDB database: {e}; "
+                    "move it away or choose another store path"
+                ) from e
+        try:
+            con.execute("SET wal_autocheckpoint_entries=1000")
+            self._migrate(con)
+        except BaseException:
+            con.close()
+            raise
+        self._con = con
+        return con
+
+    def _migrate(self, con: duckdb.DuckDBPyConnection) -> None:
+        tables = {
+            r[0]
+            for r in con.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'"
+            ).fetchall()
+        }
+        if "dn_meta" not in tables:
+            if tables:
+                raise StoreFormatError(
+                    f"{str(self._path)!r} is a DuckDB database but not a durable_nb store "
+                    f"(it has tables {sorted(tables)[:5]!r} and no dn_meta); "
+                    "choose another store path"
+                )
+            current = 0
+        else:
+            row = con.execute(
+                "SELECT value FROM dn_meta WHERE key = 'schema_version'"
+            ).fetchall()
+            written = con.execute("SELECT value FROM dn_meta WHERE key = 'written_by'").fetchall()
+            current = int(row[0][0]) if row else 0
+            if current > SCHEMA_VERSION:
+                raise StoreVersionError(
+                    f"the store {str(self._path)!r} has schema version {current}, written by "
+                    f"durable_nb {written[0][0] if written else '?'}; this durable_nb "
+                    f"knows schema versions up to {SCHEMA_VERSION}; upgrade durable_nb "
+                    "(pip install -U durable_nb) to use it"
+                )
+        if current == SCHEMA_VERSION:
+            return
+        from .. import __version__
+
+        con.execute("BEGIN")
+        try:
+            con.execute(
+                "CREATE TABLE IF NOT EXISTS dn_meta (key VARCHAR PRIMARY KEY, value VARCHAR)"
+            )
+            con.execute(
+                "CREATE TABLE IF NOT EXISTS dn_migrations "
+                "(version INTEGER PRIMARY KEY, name VARCHAR, applied_at DOUBLE)"
+            )
+            for version, name, statements in MIGRATIONS:
+                if version <= current:
+                    continue
+                for stmt in statements:
+                    con.execute(stmt)
+                con.execute(
+                    "INSERT INTO dn_migrations VALUES (?, ?, ?)", [version, name, time.time()]
+                )
+            con.execute(
+                "INSERT OR REPLACE INTO dn_meta VALUES ('schema_version', ?), ('written_by', ?)",
+                [str(SCHEMA_VERSION), __version__],
+            )
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+
+    def _close_connection(self) -> None:
+        with self._dblock:
+            if self._con is not None:
+                con, self._con = self._con, None
+                con.close()
+
+    @contextlib.contextmanager
+    def _db(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        with self._dblock:
+            self._check_open()
+            self._last_activity = time.monotonic()
+            yield self._connect()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"the store {str(self._path)!r} is closed; open a new one")
+
+    # ------------------------------------------------------------------ journal
+    def _open_wal(self, path: Path) -> int:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+
+    def _append(
+        self,
+        ops: list[tuple[str, tuple[Any, ...]]],
+        effects: Sequence[EffectRecord] = (),
+    ) -> None:
+        """Write records to the journal in one ``os.write``; durable on return.
+
+        ``effects`` (aligned with the first ops) stay readable from memory until merged.
+        """
+        buf = bytearray()
+        for kind, row in ops:
+            body = marshal.dumps((kind, row))
+            buf += _FRAME.pack(len(body), zlib.crc32(body))
+            buf += body
+        with self._wlock:
+            self._check_open()
+            if self._merge_error is not None:
+                raise StoreError(
+                    f"the store {str(self._path)!r} could not merge its journal: "
+                    f"{self._merge_error!r}"
+                ) from self._merge_error
+            n = os.write(self._wal_fd, buf)
+            if n != len(buf):  # a short write on a regular file means the disk is full
+                raise StoreUnavailableError(
+                    f"the journal {str(self._wal_path)!r} accepted {n} of {len(buf)} bytes; "
+                    "free some disk space"
+                )
+            if self._fsync:
+                os.fdatasync(self._wal_fd)
+            self._wal_size += n
+            end = self._wal_size
+            written = [_Op(kind, row, end) for kind, row in ops]
+            self._pending.extend(written)
+            for rec, op in zip(effects, written):
+                self._unmerged[rec.key] = (rec, op)
+            self._last_activity = time.monotonic()
+            if len(self._pending) >= 2000:
+                self._wake.set()
+
+    @staticmethod
+    def _read_frames(path: Path, offset: int) -> tuple[list[tuple[str, tuple[Any, ...]]], int]:
+        """Every intact record after ``offset``; a torn tail (a crash mid-write) is ignored."""
+        data = path.read_bytes()
+        ops: list[tuple[str, tuple[Any, ...]]] = []
+        pos = offset
+        while pos + _FRAME.size <= len(data):
+            length, crc = _FRAME.unpack_from(data, pos)
+            body = data[pos + _FRAME.size : pos + _FRAME.size + length]
+            if len(body) < length or zlib.crc32(body) != crc:
+                break
+            kind, row = marshal.loads(body)
+            ops.append((kind, row))
+            pos += _FRAME.size + length
+        return ops, pos
+
+    def _recover_journals(self) -> None:
+        """Merge journals whose writer died (caller holds ``_dblock`` and a connection)."""
+        con = self._connect()
+        offsets = dict(con.execute("SELECT wal_id, merged_offset FROM dn_journal").fetchall())
+        for path in sorted((self._aux / "journal").glob("*.wal")):
+            wal_id = path.stem
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # its writer is alive and merges it itself
+                ops, end = self._read_frames(path, int(offsets.get(wal_id, 0)))
+                if ops:
+                    self._apply([_Op(k, r, end) for k, r in ops], wal_id, end)
+                path.unlink()
+                con.execute("DELETE FROM dn_journal WHERE wal_id = ?", [wal_id])
+            finally:
+                os.close(fd)
+        live = {p.stem for p in (self._aux / "journal").glob("*.wal")}
+        for wal_id in offsets:
+            if wal_id not in live:
+                con.execute("DELETE FROM dn_journal WHERE wal_id = ?", [wal_id])
+
+    def _apply(self, ops: list[_Op], wal_id: str, end: int) -> None:
+        """Merge journal records into DuckDB in one transaction (caller holds ``_dblock``)."""
+        import pyarrow as pa
+
+        by_kind: dict[str, dict[Any, tuple[Any, ...]]] = {"E": {}, "R": {}, "S": {}, "V": {}}
+        for op in ops:  # last write wins per key, so a batch never repeats a primary key
+            if op.kind == "E":
+                by_kind["E"][op.row[:5]] = op.row
+            elif op.kind == "R":
+                by_kind["R"][op.row[0]] = op.row
+            else:
+                by_kind[op.kind][op.row[:2]] = op.row
+        con = self._connect()
+        con.execute("BEGIN")
+        try:
+            for kind, table, cols in (
+                ("E", "dn_effects", _EFFECT_COLS),
+                ("R", "dn_runs", _RUN_COLS),
+                ("S", "dn_signals", _SIGNAL_COLS),
+                ("V", "dn_events", _EVENT_COLS),
+            ):
+                rows = list(by_kind[kind].values())
+                if not rows:
+                    continue
+                names = [c.split()[0] for c in cols.split(", ")]
+                batch = pa.table({n: [r[i] for r in rows] for i, n in enumerate(names)})
+                con.register("dn_batch", batch)
+                try:
+                    con.execute(
+                        f"INSERT OR REPLACE INTO {table} SELECT "
+                        + ", ".join(f"CAST({n} AS {t})" for n, t in (c.split() for c in cols.split(", ")))
+                        + " FROM dn_batch"
+                    )
+                finally:
+                    con.unregister("dn_batch")
+            con.execute("INSERT OR REPLACE INTO dn_journal VALUES (?, ?)", [wal_id, end])
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+
+    def _merge(self) -> None:
+        """Merge this process's pending journal records now."""
+        with self._dblock:
+            with self._wlock:
+                ops, self._pending = self._pending, []
+            if not ops:
+                return
+            try:
+                self._apply(ops, self._wal_id, ops[-1].end)
+            except BaseException:
+                with self._wlock:
+                    self._pending[:0] = ops
+                raise
+            with self._wlock:
+                for op in ops:
+                    if op.kind == "E":
+                        entry = self._unmerged.get(op.row[:5])
+                        if entry is not None and entry[1] is op:
+                            del self._unmerged[op.row[:5]]
+                if not self._pending and self._wal_size > 64 * 2**20:
+                    self._rotate_wal()
+
+    def _rotate_wal(self) -> None:
+        """Start a fresh journal once the old one is fully merged (holds both locks)."""
+        old_fd, old_path, old_id = self._wal_fd, self._wal_path, self._wal_id
+        self._wal_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+        self._wal_path = self._aux / "journal" / f"{self._wal_id}.wal"
+        self._wal_fd = self._open_wal(self._wal_path)
+        self._wal_size = 0
+        old_path.unlink()
+        os.close(old_fd)
+        assert self._con is not None
+        self._con.execute("DELETE FROM dn_journal WHERE wal_id = ?", [old_id])
+
+    def _merge_loop(self) -> None:
+        while not self._closed:
+            self._wake.wait(self._merge_interval)
+            self._wake.clear()
+            if self._closed:
+                break
+            try:
+                if self._pending:
+                    self._merge()
+                elif (
+                    self._con is not None
+                    and time.monotonic() - self._last_activity > self._idle_close
+                ):
+                    with self._dblock:
+                        if not self._pending and (
+                            time.monotonic() - self._last_activity > self._idle_close
+                        ):
+                            self._close_connection()
+            except StoreLockedError:
+                continue  # another process holds the file; the journal keeps our records
+            except Exception as e:  # pragma: no cover - surfaced on the next write
+                self._merge_error = e
+                return
+
+    # ------------------------------------------------------------------ tables
+    def _write_table(self, name: str, table: object) -> None:
+        with self._db() as con:
+            con.register("dn_value", table)
+            try:
+                con.execute(f'CREATE OR REPLACE TABLE "{name}" AS SELECT * FROM dn_value')
+            finally:
+                con.unregister("dn_value")
+
+    def _read_payload(self, codec: Any, data: Any, table_name: Any) -> Payload | None:
+        from .._codecs import Payload
+
+        if codec is None:
+            return None
+        table = None
+        if table_name:
+            with self._db() as con:
+                table = con.sql(f'SELECT * FROM "{table_name}"').to_arrow_table()
+        return Payload(codec, bytes(data) if data is not None else b"", table)
+
+    # ------------------------------------------------------------------ effects
+    @staticmethod
+    def _effect_row(rec: EffectRecord, table_name: str | None) -> tuple[Any, ...]:
+        p = rec.payload
+        return (
+            rec.scope,
+            rec.identity,
+            rec.version,
+            rec.input_hash,
+            rec.occurrence,
+            p.codec,
+            p.data,
+            table_name if p.table is not None else None,
+            rec.is_error,
+            rec.kind,
+            rec.seq,
+            rec.started_at,
+            rec.duration,
+            rec.detail,
+        )
+
+    def _effect_from_row(self, row: tuple[Any, ...]) -> EffectRecord:
+        payload = self._read_payload(row[5], row[6], row[7])
+        assert payload is not None
+        return EffectRecord(
+            scope=row[0],
+            identity=row[1],
+            version=row[2],
+            input_hash=row[3],
+            occurrence=row[4],
+            payload=payload,
+            is_error=row[8],
+            kind=row[9],
+            seq=row[10],
+            started_at=row[11],
+            duration=row[12],
+            detail=row[13],
+        )
+
+    def put_effects(self, records: Sequence[EffectRecord]) -> None:
+        ops: list[tuple[str, tuple[Any, ...]]] = []
+        for rec in records:
+            name = None
+            if rec.payload.table is not None:
+                name = _table_name("e", rec.key)
+                self._write_table(name, rec.payload.table)
+            ops.append(("E", self._effect_row(rec, name)))
+        self._append(ops, records)
+
+    def get_effect(self, key: EffectKey) -> EffectRecord | None:
+        with self._wlock:
+            entry = self._unmerged.get(key)
+        if entry is not None:
+            return entry[0]
+        with self._db() as con:
+            row = con.execute(
+                "SELECT * FROM dn_effects WHERE scope = ? AND identity = ? AND version = ? "
+                "AND input_hash = ? AND occurrence = ?",
+                list(key),
+            ).fetchall()
+        return self._effect_from_row(row[0]) if row else None
+
+    def load_effects(self, scope: str) -> list[EffectRecord]:
+        self.flush()
+        with self._db() as con:
+            rows = con.execute(
+                "SELECT * FROM dn_effects WHERE scope = ? ORDER BY seq, started_at", [scope]
+            ).fetchall()
+        return [self._effect_from_row(r) for r in rows]
+
+    def delete_effects(self, scope: str) -> int:
+        self.flush()
+        with self._db() as con:
+            names = [
+                r[0]
+                for r in con.execute(
+                    "SELECT table_name FROM dn_effects WHERE scope = ? AND table_name IS NOT NULL",
+                    [scope],
+                ).fetchall()
+            ]
+            con.execute("BEGIN")
+            try:
+                row = con.execute(
+                    "SELECT count(*) FROM dn_effects WHERE scope = ?", [scope]
+                ).fetchall()
+                con.execute("DELETE FROM dn_effects WHERE scope = ?", [scope])
+                for name in names:
+                    con.execute(f'DROP TABLE IF EXISTS "{name}"')
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        with self._wlock:
+            for key in [k for k in self._unmerged if k[0] == scope]:
+                del self._unmerged[key]
+        return int(row[0][0]) if row else 0
+
+    # ------------------------------------------------------------------ runs
+    def put_run(self, run: RunRecord) -> None:
+        names: list[str | None] = []
+        for part, p in (("args", run.args), ("result", run.result), ("error", run.error)):
+            name = None
+            if p is not None and p.table is not None:
+                name = _table_name("r", (run.run_id, part))
+                self._write_table(name, p.table)
+            names.append(name)
+        row = (
+            run.run_id,
+            run.workflow,
+            run.status,
+            run.created_at,
+            run.updated_at,
+            *_payload_cols(run.args, names[0]),
+            *_payload_cols(run.result, names[1]),
+            *_payload_cols(run.error, names[2]),
+            run.custom_status,
+            run.status_version,
+            run.parent_id,
+            run.executions,
+            run.detail,
+        )
+        self._append([("R", row)])
+
+    def _run_from_row(self, r: tuple[Any, ...]) -> RunRecord:
+        return RunRecord(
+            run_id=r[0],
+            workflow=r[1],
+            status=r[2],
+            created_at=r[3],
+            updated_at=r[4],
+            args=self._read_payload(r[5], r[6], r[7]),
+            result=self._read_payload(r[8], r[9], r[10]),
+            error=self._read_payload(r[11], r[12], r[13]),
+            custom_status=r[14],
+            status_version=r[15],
+            parent_id=r[16],
+            executions=r[17],
+            detail=r[18],
+        )
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        self.flush()
+        with self._db() as con:
+            row = con.execute("SELECT * FROM dn_runs WHERE run_id = ?", [run_id]).fetchall()
+        return self._run_from_row(row[0]) if row else None
+
+    def list_runs(
+        self, *, status: str | None = None, workflow: str | None = None, limit: int = 1000
+    ) -> list[RunRecord]:
+        self.flush()
+        where, params = [], []
+        if status is not None:
+            where.append("status = ?")
+            params.append(status)
+        if workflow is not None:
+            where.append("workflow = ?")
+            params.append(workflow)
+        sql = "SELECT * FROM dn_runs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, run_id DESC LIMIT ?"
+        with self._db() as con:
+            rows = con.execute(sql, [*params, int(limit)]).fetchall()
+        return [self._run_from_row(r) for r in rows]
+
+    def delete_run(self, run_id: str) -> bool:
+        self.flush()
+        with self._db() as con:
+            row = con.execute(
+                "SELECT result_table, args_table, error_table FROM dn_runs WHERE run_id = ?",
+                [run_id],
+            ).fetchall()
+            con.execute("BEGIN")
+            try:
+                con.execute("DELETE FROM dn_runs WHERE run_id = ?", [run_id])
+                con.execute("DELETE FROM dn_signals WHERE run_id = ?", [run_id])
+                con.execute("DELETE FROM dn_events WHERE run_id = ?", [run_id])
+                for name in row[0] if row else ():
+                    if name:
+                        con.execute(f'DROP TABLE IF EXISTS "{name}"')
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        self.delete_effects("run/" + run_id)
+        return bool(row)
+
+    def acquire_run(self, run_id: str, owner: str) -> RunLease:
+        import xxhash
+
+        path = self._aux / "locks" / f"{xxhash.xxh3_128_hexdigest(run_id.encode())}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+            except ValueError:
+                holder = {}
+            os.close(fd)
+            raise RunLockedError(
+                f"run {run_id!r} is being executed by process {holder.get('pid', '?')} on "
+                f"{holder.get('host', '?')} ({holder.get('owner', '?')}, since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('since', 0)))}); "
+                "wait for it to finish, or stop that process and start the run again"
+            ) from None
+        info = {"owner": owner, "pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self._run_locks[run_id] = fd
+
+        def release() -> None:
+            if self._run_locks.get(run_id) == fd:
+                del self._run_locks[run_id]
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+                os.close(fd)
+
+        return RunLease(run_id, owner, release)
+
+    # ------------------------------------------------------------------ signals, events
+    def _inbox_path(self, run_id: str) -> Path:
+        import xxhash
+
+        return self._aux / "inbox" / xxhash.xxh3_128_hexdigest(run_id.encode())
+
+    def add_signal(self, signal: SignalRecord) -> None:
+        self._append(
+            [("S", (signal.run_id, signal.signal_id, signal.name, signal.payload, signal.sent_at))]
+        )
+        # merged before the inbox is touched, so a waiting process that sees the touch and
+        # opens the file also sees the signal
+        self.flush()
+        with open(self._inbox_path(signal.run_id), "ab") as f:
+            f.write(b".")
+
+    def list_signals(self, run_id: str) -> list[SignalRecord]:
+        self.flush()
+        with self._db() as con:
+            rows = con.execute(
+                "SELECT * FROM dn_signals WHERE run_id = ? ORDER BY sent_at, signal_id", [run_id]
+            ).fetchall()
+        return [SignalRecord(*r) for r in rows]
+
+    def inbox_token(self, run_id: str) -> object:
+        try:
+            st = os.stat(self._inbox_path(run_id))
+        except FileNotFoundError:
+            return None
+        return (st.st_size, st.st_mtime_ns)
+
+    def append_events(self, events: Sequence[EventRecord]) -> None:
+        self._append([("V", (e.run_id, e.event_id, e.ts, e.kind, e.data)) for e in events])
+
+    def load_events(self, run_id: str) -> list[EventRecord]:
+        self.flush()
+        with self._db() as con:
+            rows = con.execute(
+                "SELECT * FROM dn_events WHERE run_id = ? ORDER BY ts, event_id", [run_id]
+            ).fetchall()
+        return [EventRecord(*r) for r in rows]
+
+    # ------------------------------------------------------------------ lifecycle
+    def flush(self) -> None:
+        self._check_open()
+        if self._pending:
+            self._merge()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            self._merge()
+        finally:
+            self._closed = True
+            self._wake.set()
+            if self._merger.is_alive() and self._merger is not threading.current_thread():
+                self._merger.join(timeout=5)
+            self._close_connection()
+            with self._wlock:
+                fully_merged = not self._pending
+                os.close(self._wal_fd)
+                if fully_merged:
+                    with contextlib.suppress(OSError):
+                        self._wal_path.unlink()
+            for fd in list(self._run_locks.values()):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._run_locks.clear()

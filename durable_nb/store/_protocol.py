@@ -1,0 +1,217 @@
+"""The storage seam: the records every store keeps and the rules every store obeys.
+
+The engine talks to storage only through :class:`Store`. Every implementation (memory,
+DuckDB, PostgreSQL) passes the same conformance suite (``tests/test_store_conformance.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from .._codecs import Payload, Signer
+
+__all__ = [
+    "EffectKey",
+    "EffectRecord",
+    "EventRecord",
+    "RunLease",
+    "RunRecord",
+    "RunStatus",
+    "SignalRecord",
+    "Store",
+]
+
+RunStatus = Literal["running", "waiting", "completed", "failed", "cancelled"]
+RUN_STATUSES: tuple[str, ...] = ("running", "waiting", "completed", "failed", "cancelled")
+
+#: ``(scope, identity, version, input_hash, occurrence)`` — SPEC 2, "effect key".
+EffectKey = tuple[str, str, str, str, int]
+
+
+@dataclass(slots=True)
+class EffectRecord:
+    """One recorded step: an effect's result or error, or an engine step (timer, signal...).
+
+    ``scope`` is ``"run/<run id>"`` inside a run, ``"top/<name>"`` for a notebook or
+    script, ``"shared"`` for ``@effect(shared=True)``.
+    """
+
+    scope: str
+    identity: str
+    version: str
+    input_hash: str
+    occurrence: int
+    payload: Payload
+    is_error: bool = False
+    kind: str = "effect"  # effect | sleep | signal | child | now | random | uuid | ...
+    seq: int = -1  # call position within the execution that first recorded it (-1: top level)
+    started_at: float = 0.0  # epoch seconds
+    duration: float = 0.0  # seconds the original execution took
+    detail: str = ""  # short JSON for traces (argument preview, signal name, deadline...)
+
+    @property
+    def key(self) -> EffectKey:
+        return (self.scope, self.identity, self.version, self.input_hash, self.occurrence)
+
+
+@dataclass(slots=True)
+class RunRecord:
+    """A run's current state. Only the process holding the run's lease writes it."""
+
+    run_id: str
+    workflow: str
+    status: RunStatus
+    created_at: float
+    updated_at: float
+    args: Payload | None = None
+    result: Payload | None = None
+    error: Payload | None = None
+    custom_status: str | None = None  # JSON text
+    status_version: int = 0
+    parent_id: str | None = None
+    executions: int = 0  # how many times a process started executing this run
+    detail: str = ""  # JSON text: what the run waits on, last error summary...
+
+
+@dataclass(slots=True)
+class SignalRecord:
+    """A signal sent to a run. Signals are delivered in ``(sent_at, signal_id)`` order, once."""
+
+    run_id: str
+    signal_id: str
+    name: str
+    payload: str  # JSON text
+    sent_at: float
+
+
+@dataclass(slots=True)
+class EventRecord:
+    """A trace event of a run (started, resumed, completed, signal received, ...)."""
+
+    run_id: str
+    event_id: str
+    ts: float
+    kind: str
+    data: str = ""  # JSON text
+
+
+@dataclass(slots=True)
+class RunLease:
+    """Proof that this process may execute a run; ``release()`` is idempotent."""
+
+    run_id: str
+    owner: str
+    _release: object = field(default=None, repr=False)
+
+    def release(self) -> None:
+        fn = self._release
+        self._release = None
+        if callable(fn):
+            fn()
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Where everything durable lives.
+
+    Invariants every implementation keeps (the conformance suite checks them):
+
+    * **Durable on return.** When a ``put_*``, ``add_signal`` or ``append_events`` call
+      returns, the data survives a crash (``kill -9``) of the calling process. A store may
+      batch internally (the DuckDB store appends to a per-process write-ahead journal and
+      merges it into DuckDB in the background), but never acknowledges before that point.
+    * **Atomic per call.** A ``put_effects`` of several records is all-or-nothing after a
+      crash; recovery is idempotent (a record written twice is stored once).
+    * **Last write wins per key.** Effect records are keyed by :attr:`EffectRecord.key`,
+      runs by ``run_id``, signals by ``(run_id, signal_id)``, events by
+      ``(run_id, event_id)``.
+    * **Read your writes.** A read in the same process sees every write that returned.
+      Writes of other processes are visible once they merged (the DuckDB store merges within
+      a fraction of a second and always before it releases the file).
+    * **One executor per run.** :meth:`acquire_run` succeeds for at most one holder at a
+      time across every process using the store; a holder that dies releases it.
+    * **Thread safety.** Every method may be called from any thread; calls are serialized
+      internally where needed.
+    * **Validation before mutation.** A call that raises leaves the store unchanged.
+    """
+
+    @property
+    def url(self) -> str:
+        """How to reach this store again (a path, ``:memory:``, or a postgresql:// URL)."""
+        ...
+
+    @property
+    def signer(self) -> Signer:
+        """Signs and verifies pickled payloads with this store's key."""
+        ...
+
+    # effects -------------------------------------------------------------------------
+    def put_effects(self, records: Sequence[EffectRecord]) -> None:
+        """Record effects; durable on return, atomic for the whole batch."""
+        ...
+
+    def get_effect(self, key: EffectKey) -> EffectRecord | None:
+        """The record for one key, or ``None``."""
+        ...
+
+    def load_effects(self, scope: str) -> list[EffectRecord]:
+        """Every record of a scope (a run's whole history), in ``seq`` order."""
+        ...
+
+    def delete_effects(self, scope: str) -> int:
+        """Forget every record of a scope; returns how many were deleted."""
+        ...
+
+    # runs ----------------------------------------------------------------------------
+    def put_run(self, run: RunRecord) -> None:
+        """Create or replace a run record; durable on return."""
+        ...
+
+    def get_run(self, run_id: str) -> RunRecord | None: ...
+
+    def list_runs(
+        self, *, status: str | None = None, workflow: str | None = None, limit: int = 1000
+    ) -> list[RunRecord]:
+        """Runs, newest first, optionally filtered."""
+        ...
+
+    def delete_run(self, run_id: str) -> bool:
+        """Forget a run with its effects, signals and events; ``False`` if it did not exist."""
+        ...
+
+    def acquire_run(self, run_id: str, owner: str) -> RunLease:
+        """Take the exclusive right to execute a run or raise ``RunLockedError`` naming the holder."""
+        ...
+
+    # signals and events ----------------------------------------------------------------
+    def add_signal(self, signal: SignalRecord) -> None:
+        """Store a signal for a run (which need not be executing); durable on return."""
+        ...
+
+    def list_signals(self, run_id: str) -> list[SignalRecord]:
+        """A run's signals in delivery order ``(sent_at, signal_id)``."""
+        ...
+
+    def inbox_token(self, run_id: str) -> object:
+        """A cheap value that changes when another process may have sent this run a signal."""
+        ...
+
+    def append_events(self, events: Sequence[EventRecord]) -> None:
+        """Append trace events; durable on return."""
+        ...
+
+    def load_events(self, run_id: str) -> list[EventRecord]:
+        """A run's events in time order."""
+        ...
+
+    # lifecycle -------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Push buffered writes to their final place (no-op for unbuffered stores)."""
+        ...
+
+    def close(self) -> None:
+        """Flush and release every resource; the store may not be used afterwards."""
+        ...
