@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,13 +44,3 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
         s = DuckDBStore(tmp_path / "store.duckdb")
     runtime._store = s
     yield s
-
-
-def run_python(code: str, *, env: dict[str, str] | None = None, timeout: float = 60):
-    """Run a Python snippet in a fresh interpreter (the project on its path)."""
-    import subprocess
-
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=timeout
-    )

@@ -84,9 +84,20 @@ def _launch(tmp: Path, n: int, kill_seen: int = -1, kill_inside: int = -1, pace:
         "DURABLE_NB_STORE": str(tmp / "store.duckdb"),
     }
     return subprocess.Popen(
-        [sys.executable, str(script), str(tmp / "exec.log"), str(n), str(kill_seen),
-         str(kill_inside), str(pace)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp,
+        [
+            sys.executable,
+            str(script),
+            str(tmp / "exec.log"),
+            str(n),
+            str(kill_seen),
+            str(kill_inside),
+            str(pace),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp,
     )
 
 
@@ -111,8 +122,12 @@ def test_sigkill_at_many_points_never_reexecutes_a_seen_effect(tmp_path: Path, p
     n = 30
     kill_points = [0, 1, 4, 5, 6, 13, 22, 29]
     for k in kill_points:
-        proc = _launch(tmp_path, n, kill_seen=k if point == "seen" else -1,
-                       kill_inside=k if point == "inside" else -1)
+        proc = _launch(
+            tmp_path,
+            n,
+            kill_seen=k if point == "seen" else -1,
+            kill_inside=k if point == "inside" else -1,
+        )
         out, err = proc.communicate(timeout=60)
         if proc.returncode == 0:  # the kill point was already past (replayed)
             continue
@@ -152,8 +167,16 @@ def test_random_sigkills_from_outside(tmp_path: Path) -> None:
 def _child(tmp: Path, code: str, **env: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(code)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "DURABLE_NB_STORE": str(tmp / "s.duckdb"), **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp,
+        env={
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "DURABLE_NB_STORE": str(tmp / "s.duckdb"),
+            **env,
+        },
     )
 
 
@@ -206,8 +229,10 @@ def test_timer_and_signals_survive_a_kill(tmp_path: Path) -> None:
     runtime.store.close()
     runtime._store = None
     # ...and on resume, the overdue timer fires at once and they arrive in order, once
-    p = _child(tmp_path, WAITER.replace("if len(sys.argv) > 1:", "if True:").replace(
-        "float(sys.argv[1])", "3601"))
+    p = _child(
+        tmp_path,
+        WAITER.replace("if len(sys.argv) > 1:", "if True:").replace("float(sys.argv[1])", "3601"),
+    )
     out, err = p.communicate(timeout=60)
     assert p.returncode == 0, err
     assert "RESULT [{'first': 1}, {'second': 2}]" in out
@@ -220,13 +245,14 @@ def test_two_processes_never_execute_the_same_run(tmp_path: Path) -> None:
     p = _child(tmp_path, WAITER)
     _wait_for_status(tmp_path / "s.duckdb", "w", "waiting")
     q = _child(tmp_path, WAITER)
-    out, err = q.communicate(timeout=60)
+    _, err = q.communicate(timeout=60)
     p.kill()
     p.communicate()
     assert q.returncode == 1
     assert re.search(
         rf"RunLockedError: run 'w' is being executed by process {p.pid} on \S+ \(.*, since .*\); "
-        "wait for it to finish, or stop that process and start the run again", err
+        "wait for it to finish, or stop that process and start the run again",
+        err,
     ), err
 
 
@@ -256,18 +282,24 @@ BUSY = """
 
 def test_busy_store_waits_then_names_the_holder_and_idle_store_is_shared(tmp_path: Path) -> None:
     p = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(BUSY), "4"], stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        [sys.executable, "-c", textwrap.dedent(BUSY), "4"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(ROOT), "DURABLE_NB_STORE": str(tmp_path / "s.duckdb")},
     )
     try:
         assert p.stdout is not None
         assert p.stdout.readline().strip() == "BUSY"
         time.sleep(0.3)
-        with pytest.raises(StoreLockedError, match=(
-            rf"^the store '.*s\.duckdb' is in use by another process \(PID {p.pid}, .*\) and "
-            r"stayed busy for 0\.5s; wait until that kernel or script is idle"
-        )):
+        with pytest.raises(
+            StoreLockedError,
+            match=(
+                rf"^the store '.*s\.duckdb' is in use by another process \(PID {p.pid}, .*\) and "
+                r"stayed busy for 0\.5s; wait until that kernel or script is idle"
+            ),
+        ):
             DuckDBStore(tmp_path / "s.duckdb", lock_timeout=0.5)
         assert p.stdout.readline().strip() == "IDLE"
         store = DuckDBStore(tmp_path / "s.duckdb", lock_timeout=10)  # waits for the idle close

@@ -52,8 +52,14 @@ async def pipeline(ctx: dn.Context, urls: list[str]) -> int:
 def test_run_records_then_replays_without_executing(store: Store) -> None:
     assert dn.run(pipeline, ["a", "bb", "ccc"]) == 12
     first = dict(calls)
-    assert first == {"fetch(a)": 1, "fetch(bb)": 1, "fetch(ccc)": 1,
-                     "double(1)": 1, "double(2)": 1, "double(3)": 1}
+    assert first == {
+        "fetch(a)": 1,
+        "fetch(bb)": 1,
+        "fetch(ccc)": 1,
+        "double(1)": 1,
+        "double(2)": 1,
+        "double(3)": 1,
+    }
     # a completed run returns its recorded result
     assert dn.run(pipeline, ["a", "bb", "ccc"]) == 12
     assert dict(calls) == first
@@ -82,7 +88,7 @@ def test_failed_run_resumes_and_replays_finished_steps(store: Store) -> None:
         b = await fetch("two")
         return a["n"] + b["n"]
 
-    with pytest.raises(RuntimeError, match="^boom$"):
+    with pytest.raises(RuntimeError, match=r"^boom$"):
         dn.run(flaky, run_id="f")
     assert dn.get_job("f").status() == "failed"
     state["fail"] = False
@@ -265,7 +271,7 @@ def test_errors_reraise_with_original_type_and_are_not_cached() -> None:
 
     for _ in range(2):
         runtime.top.reset()
-        with pytest.raises(Boom, match="^bad 1$"):
+        with pytest.raises(Boom, match=r"^bad 1$"):
             bad(1)
     assert calls["bad"] == 2
 
@@ -315,7 +321,9 @@ def test_async_effect_timeout(store: Store) -> None:
     async def wf(ctx: dn.Context) -> int:
         return await slow()
 
-    with pytest.raises(EffectTimeoutError, match=r"^effect .*slow did not finish within timeout=0\.01s"):
+    with pytest.raises(
+        EffectTimeoutError, match=r"^effect .*slow did not finish within timeout=0\.01s"
+    ):
         dn.run(wf)
 
 
@@ -414,7 +422,9 @@ def test_bad_input_gets_clear_errors_and_changes_nothing(store: Store) -> None:
     async def wf(ctx: dn.Context, x: int) -> Any:
         return await ctx.run(5)  # type: ignore[arg-type]
 
-    with pytest.raises(ArgumentTypeError, match=r"^ctx\.run expects a callable as fn, got 5 of type int;"):
+    with pytest.raises(
+        ArgumentTypeError, match=r"^ctx\.run expects a callable as fn, got 5 of type int;"
+    ):
         dn.run(wf, 1, run_id="bad")
     with pytest.raises(ArgumentTypeError, match=r"missing a required argument: 'x'"):
         dn.start(wf)
@@ -444,7 +454,9 @@ def test_bad_input_gets_clear_errors_and_changes_nothing(store: Store) -> None:
         dn.start(wf, 1, run_id="")
     with pytest.raises(ArgumentError, match=r"^attempts must be an int >= 1, got 0$"):
         dn.Retry(attempts=0)
-    with pytest.raises(ArgumentError, match=r"^timeout must be a number of seconds > 0 or None, got -1$"):
+    with pytest.raises(
+        ArgumentError, match=r"^timeout must be a number of seconds > 0 or None, got -1$"
+    ):
         dn.effect(timeout=-1)(lambda: 1)
     assert [r.run_id for r in runtime.store.list_runs()] == ["bad"]
 
@@ -458,5 +470,8 @@ def test_calling_a_workflow_inside_a_run_says_use_child(store: Store) -> None:
     async def outer(ctx: dn.Context) -> int:
         return inner()
 
-    with pytest.raises(dn.DurableError, match=r"^calling workflow .*inner inside a run would block it; use `await ctx.child\(inner, \.\.\.\)`"):
+    with pytest.raises(
+        dn.DurableError,
+        match=r"^calling workflow .*inner inside a run would block it; use `await ctx.child\(inner, \.\.\.\)`",
+    ):
         dn.run(outer)

@@ -109,7 +109,9 @@ def test_signals_in_order_and_inbox_token_changes(store: Store) -> None:
 
 
 def test_events_in_time_order(store: Store) -> None:
-    store.append_events([EventRecord("r1", "e2", 2.0, "completed"), EventRecord("r1", "e1", 1.0, "started")])
+    store.append_events(
+        [EventRecord("r1", "e2", 2.0, "completed"), EventRecord("r1", "e1", 1.0, "started")]
+    )
     assert [e.kind for e in store.load_events("r1")] == ["started", "completed"]
 
 

@@ -60,11 +60,20 @@ class Retry:
     retry_on: tuple[type[BaseException], ...] = (Exception,)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.attempts, int) or isinstance(self.attempts, bool) or self.attempts < 1:
+        if (
+            not isinstance(self.attempts, int)
+            or isinstance(self.attempts, bool)
+            or self.attempts < 1
+        ):
             raise ArgumentError(f"attempts must be an int >= 1, got {self.attempts!r}")
         for name in ("backoff", "initial_delay", "max_delay"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+            if (
+                not isinstance(v, (int, float))
+                or isinstance(v, bool)
+                or not math.isfinite(v)
+                or v < 0
+            ):
                 raise ArgumentError(f"{name} must be a finite number >= 0, got {v!r}")
         on = self.retry_on
         if isinstance(on, type):
@@ -156,16 +165,14 @@ class EffectFunction(Generic[P, R]):
             raise ArgumentTypeError(f"version must be a str, got {version!r}")
         self.fn = fn
         self.identity = name if name is not None else _hashing.effect_identity(fn)
-        self.version = (
-            "v:" + str(version) if version is not None else _hashing.code_version(fn)
-        )
+        self.version = "v:" + str(version) if version is not None else _hashing.code_version(fn)
         self.retry = _check_retry(retry)
         self.timeout = _check_timeout(timeout)
         self.cache_errors = bool(cache_errors)
         self.shared = bool(shared)
         self.is_async = inspect.iscoroutinefunction(fn)
         self._binder = _hashing.ArgBinder(fn)
-        functools.update_wrapper(self, fn)  # type: ignore[arg-type]  # copies __name__, __doc__...
+        functools.update_wrapper(self, fn)  # __name__, __doc__, __wrapped__ for introspection
 
     def __repr__(self) -> str:
         return f"<effect {self.identity}>"
@@ -173,7 +180,7 @@ class EffectFunction(Generic[P, R]):
     def __get__(self, obj: object, objtype: type | None = None) -> Any:
         if obj is None:
             return self
-        return functools.partial(self, obj)
+        return functools.partial(cast(Any, self), obj)
 
     # -------------------------------------------------------------- the call
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -181,7 +188,12 @@ class EffectFunction(Generic[P, R]):
         if self.shared:
             scope = runtime.shared
         input_hash = self._binder.input_hash(args, kwargs)
-        key4 = (self.identity, self.version, input_hash, scope.next_occurrence(self.identity, input_hash))
+        key4 = (
+            self.identity,
+            self.version,
+            input_hash,
+            scope.next_occurrence(self.identity, input_hash),
+        )
         seq = scope.next_seq()
         rec = scope.lookup(key4, seq)
         if self.is_async:
@@ -192,14 +204,25 @@ class EffectFunction(Generic[P, R]):
             return cast(R, replay(scope, rec))
         return self._execute_sync(scope, key4, seq, args, kwargs)
 
-    def call_awaitable(self, args: tuple[Any, ...], kwargs: dict[str, Any], *,
-                       retry: Retry | None = None, timeout: float | None = None) -> Awaitable[Any]:
+    def call_awaitable(
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        retry: Retry | None = None,
+        timeout: float | None = None,
+    ) -> Awaitable[Any]:
         """The ``ctx.run`` form: an awaitable; a sync function runs in a worker thread."""
         scope: RunState | TopScope = current_scope.get() or runtime.top
         if self.shared:
             scope = runtime.shared
         input_hash = self._binder.input_hash(args, kwargs)
-        key4 = (self.identity, self.version, input_hash, scope.next_occurrence(self.identity, input_hash))
+        key4 = (
+            self.identity,
+            self.version,
+            input_hash,
+            scope.next_occurrence(self.identity, input_hash),
+        )
         seq = scope.next_seq()
         rec = scope.lookup(key4, seq)
         if rec is not None:
@@ -210,8 +233,16 @@ class EffectFunction(Generic[P, R]):
 
     # -------------------------------------------------------------- execution
     def _make_record(
-        self, scope: RunState | TopScope, key4: Key4, seq: int, value: object, is_error: bool,
-        started: float, t0: float, args: tuple[Any, ...], kwargs: dict[str, Any],
+        self,
+        scope: RunState | TopScope,
+        key4: Key4,
+        seq: int,
+        value: object,
+        is_error: bool,
+        started: float,
+        t0: float,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
     ) -> tuple[EffectRecord, object]:
         signer = runtime.store.signer
         if is_error:
@@ -219,15 +250,25 @@ class EffectFunction(Generic[P, R]):
         else:
             payload = _codecs.encode(value, signer, what=f"the result of {self.identity}")
         rec = EffectRecord(
-            scope.scope_id, *key4, payload=payload, is_error=is_error, kind="effect", seq=seq,
-            started_at=started, duration=time.perf_counter() - t0,
+            scope.scope_id,
+            *key4,
+            payload=payload,
+            is_error=is_error,
+            kind="effect",
+            seq=seq,
+            started_at=started,
+            duration=time.perf_counter() - t0,
             detail=preview_args(args, kwargs),
         )
         return rec, value
 
     def _execute_sync(
-        self, scope: RunState | TopScope, key4: Key4, seq: int,
-        args: tuple[Any, ...], kwargs: dict[str, Any],
+        self,
+        scope: RunState | TopScope,
+        key4: Key4,
+        seq: int,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
     ) -> R:
         clock = runtime.clock
         retry = self.retry
@@ -256,9 +297,16 @@ class EffectFunction(Generic[P, R]):
         return result
 
     async def _execute_async(
-        self, scope: RunState | TopScope, key4: Key4, seq: int,
-        args: tuple[Any, ...], kwargs: dict[str, Any], in_thread: bool,
-        *, retry: Retry | None = None, timeout: float | None = None,
+        self,
+        scope: RunState | TopScope,
+        key4: Key4,
+        seq: int,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        in_thread: bool,
+        *,
+        retry: Retry | None = None,
+        timeout: float | None = None,
     ) -> Any:
         clock = runtime.clock
         retry = retry or self.retry
@@ -267,15 +315,25 @@ class EffectFunction(Generic[P, R]):
         started, t0 = clock.time(), time.perf_counter()
         scope.inflight += 1
         try:
-            return await self._attempts(scope, key4, seq, args, kwargs, in_thread, retry,
-                                        timeout, attempts, started, t0)
+            return await self._attempts(
+                scope, key4, seq, args, kwargs, in_thread, retry, timeout, attempts, started, t0
+            )
         finally:
             scope.inflight -= 1
 
     async def _attempts(
-        self, scope: RunState | TopScope, key4: Key4, seq: int,
-        args: tuple[Any, ...], kwargs: dict[str, Any], in_thread: bool,
-        retry: Retry | None, timeout: float | None, attempts: int, started: float, t0: float,
+        self,
+        scope: RunState | TopScope,
+        key4: Key4,
+        seq: int,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        in_thread: bool,
+        retry: Retry | None,
+        timeout: float | None,
+        attempts: int,
+        started: float,
+        t0: float,
     ) -> Any:
         clock = runtime.clock
         failures = 0
@@ -311,8 +369,15 @@ class EffectFunction(Generic[P, R]):
         return result
 
     def _fail(
-        self, scope: RunState | TopScope, key4: Key4, seq: int, exc: BaseException,
-        started: float, t0: float, args: tuple[Any, ...], kwargs: dict[str, Any],
+        self,
+        scope: RunState | TopScope,
+        key4: Key4,
+        seq: int,
+        exc: BaseException,
+        started: float,
+        t0: float,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
     ) -> None:
         if self.cache_errors and isinstance(exc, Exception):
             rec, _ = self._make_record(scope, key4, seq, exc, True, started, t0, args, kwargs)
@@ -371,8 +436,13 @@ def effect(
 
     def wrap(f: Callable[P, R]) -> EffectFunction[P, R]:
         return EffectFunction(
-            f, name=name, version=version, retry=retry, timeout=timeout,
-            cache_errors=cache_errors, shared=shared,
+            f,
+            name=name,
+            version=version,
+            retry=retry,
+            timeout=timeout,
+            cache_errors=cache_errors,
+            shared=shared,
         )
 
     if fn is None:

@@ -98,7 +98,7 @@ class Runtime:
         self.clock: Clock = SystemClock()
         self.top = TopScope("top/" + _default_top_name())
         self.shared = TopScope("shared", shared=True)
-        self.jobs: dict[str, Job] = {}
+        self.jobs: dict[str, Job[Any]] = {}
         self.jobs_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None

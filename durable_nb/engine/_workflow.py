@@ -74,15 +74,23 @@ def _check_run_id(run_id: object) -> str:
 
 def _check_name(name: object, what: str = "name") -> str:
     if not isinstance(name, str) or not name or len(name) > 200:
-        raise ArgumentError(f"{what} must be a non-empty str of at most 200 characters, got {name!r}")
+        raise ArgumentError(
+            f"{what} must be a non-empty str of at most 200 characters, got {name!r}"
+        )
     return name
 
 
 class RunState:
     """The live state of one executing run; also its effect scope."""
 
-    def __init__(self, job: Job, record: RunRecord, history: list[EffectRecord],
-                 signals: list[SignalRecord], strict: bool) -> None:
+    def __init__(
+        self,
+        job: Job[Any],
+        record: RunRecord,
+        history: list[EffectRecord],
+        signals: list[SignalRecord],
+        strict: bool,
+    ) -> None:
         self.job = job
         self.run_id = record.run_id
         self.run = record
@@ -228,8 +236,9 @@ class RunState:
 
     def take_signal(self, name: str, deadline: float | None) -> SignalRecord | None:
         for i, sig in enumerate(self.inbox):
-            if sig.name == name and (deadline is None or sig.sent_at <= deadline or
-                                     runtime.clock.time() <= deadline):
+            if sig.name == name and (
+                deadline is None or sig.sent_at <= deadline or runtime.clock.time() <= deadline
+            ):
                 return self.inbox.pop(i)
         return None
 
@@ -242,10 +251,17 @@ class RunState:
         runtime.store.put_run(rec)
 
     def event(self, kind: str, data: dict[str, Any] | None = None) -> None:
-        runtime.store.append_events([
-            EventRecord(self.run_id, _uuid.uuid4().hex, runtime.clock.time(), kind,
-                        json.dumps(data, default=str) if data else "")
-        ])
+        runtime.store.append_events(
+            [
+                EventRecord(
+                    self.run_id,
+                    _uuid.uuid4().hex,
+                    runtime.clock.time(),
+                    kind,
+                    json.dumps(data, default=str) if data else "",
+                )
+            ]
+        )
 
 
 def _signal_id_of(rec: EffectRecord) -> str:
@@ -269,8 +285,15 @@ class Context:
         return f"<durable_nb.Context run_id={self.run_id!r}>"
 
     # effects -----------------------------------------------------------------------
-    def run(self, fn: Callable[..., Any], /, *args: Any, retry: Retry | int | None = None,
-            timeout: float | None = None, **kwargs: Any) -> Awaitable[Any]:
+    def run(
+        self,
+        fn: Callable[..., Any],
+        /,
+        *args: Any,
+        retry: Retry | int | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> Awaitable[Any]:
         """Run ``fn(*args, **kwargs)`` as a journaled effect; sync functions run in a thread.
 
         ``retry`` and ``timeout`` are reserved for this call (wrap ``fn`` in
@@ -282,8 +305,9 @@ class Context:
                 "pass the function and its arguments: ctx.run(fetch, url), not ctx.run(fetch(url))"
             )
         eff = _as_effect(fn)
-        return eff.call_awaitable(args, kwargs, retry=_check_retry(retry),
-                                  timeout=_check_timeout(timeout))
+        return eff.call_awaitable(
+            args, kwargs, retry=_check_retry(retry), timeout=_check_timeout(timeout)
+        )
 
     # deterministic helpers ----------------------------------------------------------
     def _step(self, identity: str, input_hash: str = "") -> tuple[Key4, int, EffectRecord | None]:
@@ -294,10 +318,17 @@ class Context:
 
     def _record(self, key4: Key4, seq: int, value: object, kind: str, detail: str = "") -> None:
         payload = _codecs.encode(value, runtime.store.signer, what=kind)
-        self._state.record(EffectRecord(
-            self._state.scope_id, *key4, payload=payload, kind=kind, seq=seq,
-            started_at=runtime.clock.time(), detail=detail,
-        ))
+        self._state.record(
+            EffectRecord(
+                self._state.scope_id,
+                *key4,
+                payload=payload,
+                kind=kind,
+                seq=seq,
+                started_at=runtime.clock.time(),
+                detail=detail,
+            )
+        )
 
     def now(self) -> datetime:
         """The current time (UTC), recorded: a replay returns the same instant."""
@@ -331,16 +362,25 @@ class Context:
     async def sleep(self, seconds: float) -> None:
         """A durable timer: its deadline is recorded, so after a restart it only waits what is
         left, and fires at once if the deadline passed while no process ran the workflow."""
-        if (not isinstance(seconds, (int, float)) or isinstance(seconds, bool)
-                or not math.isfinite(seconds) or seconds < 0):
+        if (
+            not isinstance(seconds, (int, float))
+            or isinstance(seconds, bool)
+            or not math.isfinite(seconds)
+            or seconds < 0
+        ):
             raise ArgumentError(f"seconds must be a finite number >= 0, got {seconds!r}")
         key4, seq, rec = self._step("dn.sleep", _hashing.hash_value(float(seconds)).hex())
         if rec is not None:
             deadline = float(replay(self._state, rec))
         else:
             deadline = runtime.clock.time() + seconds
-            self._record(key4, seq, deadline, "sleep",
-                         json.dumps({"seconds": seconds, "until": _now_iso(deadline)}))
+            self._record(
+                key4,
+                seq,
+                deadline,
+                "sleep",
+                json.dumps({"seconds": seconds, "until": _now_iso(deadline)}),
+            )
         await self._sleep_until(deadline)
 
     async def sleep_until(self, when: datetime | float) -> None:
@@ -405,8 +445,13 @@ class Context:
                 sig = st.take_signal(name, deadline)
                 if sig is not None:
                     value = json.loads(sig.payload)
-                    self._record(key4, seq, value, "signal",
-                                 json.dumps({"name": name, "signal_id": sig.signal_id}))
+                    self._record(
+                        key4,
+                        seq,
+                        value,
+                        "signal",
+                        json.dumps({"name": name, "signal_id": sig.signal_id}),
+                    )
                     st.event("signal_received", {"name": name, "signal_id": sig.signal_id})
                     return value
                 if deadline is not None and clock.time() >= deadline:
@@ -419,7 +464,9 @@ class Context:
                     waiting = True
                     st.set_run_status("waiting", {"signal": name})
                 st.wakeup.clear()
-                wait = _INBOX_POLL if deadline is None else min(_INBOX_POLL, deadline - clock.time())
+                wait = (
+                    _INBOX_POLL if deadline is None else min(_INBOX_POLL, deadline - clock.time())
+                )
                 await wait_event(clock, st.wakeup, max(0.0, wait))
         finally:
             if waiting:
@@ -435,8 +482,9 @@ class Context:
         rec.updated_at = runtime.clock.time()
         runtime.store.put_run(rec)
 
-    async def child(self, workflow: Workflow[..., R], /, *args: Any, run_id: str | None = None,
-                    **kwargs: Any) -> R:
+    async def child(
+        self, workflow: Workflow[..., R], /, *args: Any, run_id: str | None = None, **kwargs: Any
+    ) -> R:
         """Run a sub-workflow as a run of its own and return its result (recorded)."""
         if not isinstance(workflow, Workflow):
             raise ArgumentTypeError(
@@ -447,8 +495,10 @@ class Context:
         key4, seq, rec = self._step("dn.child:" + workflow.name, ih)
         if rec is not None:
             return cast(R, replay(self._state, rec))
-        child_id = _check_run_id(run_id) if run_id is not None else (
-            f"{self.run_id}/{workflow.name.rsplit('.', 1)[-1]}-{key4[3]}-{ih[:8]}"
+        child_id = (
+            _check_run_id(run_id)
+            if run_id is not None
+            else (f"{self.run_id}/{workflow.name.rsplit('.', 1)[-1]}-{key4[3]}-{ih[:8]}")
         )
         job = _start(workflow, args, kwargs, run_id=child_id, parent_id=self.run_id)
         result = await job.wait()
@@ -484,8 +534,13 @@ class _suppress_type_error:
 class Workflow(Generic[P, R]):
     """A durable workflow (see :func:`durable`). Call it to run it to completion."""
 
-    def __init__(self, fn: Callable[..., Coroutine[Any, Any, R]], *, name: str | None = None,
-                 strict: bool = False) -> None:
+    def __init__(
+        self,
+        fn: Callable[..., Coroutine[Any, Any, R]],
+        *,
+        name: str | None = None,
+        strict: bool = False,
+    ) -> None:
         if not inspect.iscoroutinefunction(fn):
             raise ArgumentTypeError(
                 f"@durable needs an async function (async def {getattr(fn, '__name__', '?')}"
@@ -493,7 +548,8 @@ class Workflow(Generic[P, R]):
             )
         params = list(inspect.signature(fn).parameters.values())
         if not params or params[0].kind not in (
-            inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD
+            inspect.Parameter.POSITIONAL_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
         ):
             raise ArgumentTypeError(
                 f"a @durable workflow takes the run's Context as its first parameter: "
@@ -503,7 +559,7 @@ class Workflow(Generic[P, R]):
         self.name = _check_name(name, "name") if name is not None else _hashing.effect_identity(fn)
         self.strict = bool(strict)
         self.binder = _hashing.ArgBinder(fn, skip_first=True)
-        functools.update_wrapper(self, fn)  # type: ignore[arg-type]  # copies __name__, __doc__
+        functools.update_wrapper(self, fn)  # __name__, __doc__, __wrapped__ for introspection
 
     def __repr__(self) -> str:
         return f"<durable workflow {self.name}>"
@@ -514,7 +570,7 @@ class Workflow(Generic[P, R]):
                 f"calling workflow {self.name} inside a run would block it; use "
                 f"`await ctx.child({self.fn.__name__}, ...)` instead"
             )
-        return cast(R, _start(self, args, kwargs, blocking=True).result())
+        return _start(self, args, kwargs, blocking=True).result()
 
     def run_id_for(self, *args: Any, **kwargs: Any) -> str:
         """The run id derived from the workflow's name and its arguments."""
@@ -526,8 +582,9 @@ def durable(fn: Callable[..., Coroutine[Any, Any, R]], /) -> Workflow[..., R]: .
 
 
 @overload
-def durable(*, name: str | None = None, strict: bool = False
-            ) -> Callable[[Callable[..., Coroutine[Any, Any, R]]], Workflow[..., R]]: ...
+def durable(
+    *, name: str | None = None, strict: bool = False
+) -> Callable[[Callable[..., Coroutine[Any, Any, R]]], Workflow[..., R]]: ...
 
 
 def durable(fn: Any = None, /, *, name: str | None = None, strict: bool = False) -> Any:
@@ -640,10 +697,12 @@ def _settle_from_record(job: Job[Any], rec: RunRecord) -> bool:
         job._future.set_result(_codecs.decode(rec.result, signer))
         return True
     if rec.status == "cancelled":
-        job._future.set_exception(RunCancelledError(
-            f"run {rec.run_id!r} was cancelled ({json.loads(rec.detail or '{}').get('reason', '')}); "
-            "start it again with restart=True to run it afresh"
-        ))
+        job._future.set_exception(
+            RunCancelledError(
+                f"run {rec.run_id!r} was cancelled ({json.loads(rec.detail or '{}').get('reason', '')}); "
+                "start it again with restart=True to run it afresh"
+            )
+        )
         return True
     return False
 
@@ -693,9 +752,16 @@ def cancel(run_id: str, reason: str = "cancelled") -> None:
             lease.release()
 
 
-def _start(workflow: Workflow[..., R], args: tuple[Any, ...], kwargs: dict[str, Any], *,
-           run_id: str | None = None, restart: bool = False, parent_id: str | None = None,
-           blocking: bool = False) -> Job[R]:
+def _start(
+    workflow: Workflow[..., R],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    run_id: str | None = None,
+    restart: bool = False,
+    parent_id: str | None = None,
+    blocking: bool = False,
+) -> Job[R]:
     """Start a run on this thread's loop, or on the engine's loop when there is none or the
     caller will block on the result (``blocking``)."""
     if not isinstance(workflow, Workflow):
@@ -721,6 +787,7 @@ def _start(workflow: Workflow[..., R], args: tuple[Any, ...], kwargs: dict[str, 
     if loop is here:
         job._task = loop.create_task(coro)
     else:
+
         def create() -> None:
             job._task = loop.create_task(coro)
 
@@ -728,8 +795,14 @@ def _start(workflow: Workflow[..., R], args: tuple[Any, ...], kwargs: dict[str, 
     return job
 
 
-def start(workflow: Workflow[P, R], /, *args: Any, run_id: str | None = None,
-          restart: bool = False, **kwargs: Any) -> Job[R]:
+def start(
+    workflow: Workflow[P, R],
+    /,
+    *args: Any,
+    run_id: str | None = None,
+    restart: bool = False,
+    **kwargs: Any,
+) -> Job[R]:
     """Start (or resume) a run and return its :class:`Job` at once.
 
     The run id is ``run_id`` or derived from the workflow's name and arguments. Starting a
@@ -739,20 +812,33 @@ def start(workflow: Workflow[P, R], /, *args: Any, run_id: str | None = None,
     return _start(workflow, args, kwargs, run_id=run_id, restart=bool(restart))
 
 
-def run(workflow: Workflow[P, R], /, *args: Any, run_id: str | None = None,
-        restart: bool = False, **kwargs: Any) -> R:
+def run(
+    workflow: Workflow[P, R],
+    /,
+    *args: Any,
+    run_id: str | None = None,
+    restart: bool = False,
+    **kwargs: Any,
+) -> R:
     """Run a workflow to completion and return its result; works in any thread, including a
     notebook cell whose thread already runs an event loop."""
     if isinstance(current_scope.get(), RunState):
         raise DurableError(
             "dn.run() inside a run would block it; use `await ctx.child(workflow, ...)`"
         )
-    return _start(workflow, args, kwargs, run_id=run_id, restart=bool(restart),
-                  blocking=True).result()
+    return _start(
+        workflow, args, kwargs, run_id=run_id, restart=bool(restart), blocking=True
+    ).result()
 
 
-async def _drive(job: Job[R], wf: Workflow[..., R], args: tuple[Any, ...],
-                 kwargs: dict[str, Any], restart: bool, parent_id: str | None) -> None:
+async def _drive(
+    job: Job[R],
+    wf: Workflow[..., R],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    restart: bool,
+    parent_id: str | None,
+) -> None:
     store, clock = runtime.store, runtime.clock
     state: RunState | None = None
     lease = None
@@ -770,20 +856,24 @@ async def _drive(job: Job[R], wf: Workflow[..., R], args: tuple[Any, ...],
         resumed = rec is not None
         if rec is None:
             try:
-                args_payload = _codecs.encode(wf.binder.bind(args, kwargs), store.signer,
-                                              what="the workflow's arguments")
+                args_payload = _codecs.encode(
+                    wf.binder.bind(args, kwargs), store.signer, what="the workflow's arguments"
+                )
             except UnstorableValueError:
                 args_payload = None
-            rec = RunRecord(job.run_id, wf.name, "running", now, now, args=args_payload,
-                            parent_id=parent_id)
+            rec = RunRecord(
+                job.run_id, wf.name, "running", now, now, args=args_payload, parent_id=parent_id
+            )
         rec.status, rec.updated_at, rec.detail = "running", now, ""
         rec.executions += 1
         rec.error = None
         state = RunState(job, rec, history, signals, wf.strict)
         job._state = state
         store.put_run(rec)
-        state.event("resumed" if resumed else "started",
-                    {"execution": rec.executions, "history": len(history)})
+        state.event(
+            "resumed" if resumed else "started",
+            {"execution": rec.executions, "history": len(history)},
+        )
         current_scope.set(state)
         if any(s.name == CANCEL_SIGNAL for s in state.inbox):
             sig = next(s for s in state.inbox if s.name == CANCEL_SIGNAL)
@@ -793,18 +883,20 @@ async def _drive(job: Job[R], wf: Workflow[..., R], args: tuple[Any, ...],
     except asyncio.CancelledError:
         if state is not None and state.cancel_reason is not None:
             _finish(state, "cancelled", detail={"reason": state.cancel_reason})
-            job._future.set_exception(RunCancelledError(
-                f"run {job.run_id!r} was cancelled ({state.cancel_reason}); start it again "
-                "with restart=True to run it afresh"
-            ))
+            job._future.set_exception(
+                RunCancelledError(
+                    f"run {job.run_id!r} was cancelled ({state.cancel_reason}); start it again "
+                    "with restart=True to run it afresh"
+                )
+            )
         else:  # interrupted (Ctrl-C, loop shutdown): the run stays resumable
             if state is not None:
                 state.event("interrupted", _stats(state))
                 store.flush()
             if not job._future.done():
-                job._future.set_exception(KeyboardInterrupt(
-                    f"run {job.run_id!r} was interrupted; run it again to resume"
-                ))
+                job._future.set_exception(
+                    KeyboardInterrupt(f"run {job.run_id!r} was interrupted; run it again to resume")
+                )
         return
     except BaseException as e:
         if state is not None:
@@ -820,8 +912,9 @@ async def _drive(job: Job[R], wf: Workflow[..., R], args: tuple[Any, ...],
         return
     else:
         try:
-            state.run.result = _codecs.encode(result, store.signer,
-                                                 what=f"the result of workflow {wf.name}")
+            state.run.result = _codecs.encode(
+                result, store.signer, what=f"the result of workflow {wf.name}"
+            )
             _finish(state, "completed")
         except BaseException as e:
             job._future.set_exception(e)
@@ -836,8 +929,11 @@ async def _drive(job: Job[R], wf: Workflow[..., R], args: tuple[Any, ...],
 
 
 def _stats(state: RunState) -> dict[str, Any]:
-    return {"replayed": state.replayed, "executed": state.executed,
-            "saved_seconds": round(state.saved, 6)}
+    return {
+        "replayed": state.replayed,
+        "executed": state.executed,
+        "saved_seconds": round(state.saved, 6),
+    }
 
 
 def _finish(state: RunState, status: str, detail: dict[str, Any] | None = None) -> None:

@@ -291,9 +291,7 @@ class DuckDBStore:
                 )
             current = 0
         else:
-            row = con.execute(
-                "SELECT value FROM dn_meta WHERE key = 'schema_version'"
-            ).fetchall()
+            row = con.execute("SELECT value FROM dn_meta WHERE key = 'schema_version'").fetchall()
             written = con.execute("SELECT value FROM dn_meta WHERE key = 'written_by'").fetchall()
             current = int(row[0][0]) if row else 0
             if current > SCHEMA_VERSION:
@@ -389,7 +387,7 @@ class DuckDBStore:
             end = self._wal_size
             written = [_Op(kind, row, end) for kind, row in ops]
             self._pending.extend(written)
-            for rec, op in zip(effects, written):
+            for rec, op in zip(effects, written, strict=False):
                 self._unmerged[rec.key] = (rec, op)
             self._last_activity = time.monotonic()
             if len(self._pending) >= 2000:
@@ -468,7 +466,9 @@ class DuckDBStore:
                 try:
                     con.execute(
                         f"INSERT OR REPLACE INTO {table} SELECT "
-                        + ", ".join(f"CAST({n} AS {t})" for n, t in (c.split() for c in cols.split(", ")))
+                        + ", ".join(
+                            f"CAST({n} AS {t})" for n, t in (c.split() for c in cols.split(", "))
+                        )
                         + " FROM dn_batch"
                     )
                 finally:
@@ -763,7 +763,12 @@ class DuckDBStore:
                 f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('since', 0)))}); "
                 "wait for it to finish, or stop that process and start the run again"
             ) from None
-        info = {"owner": owner, "pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        info = {
+            "owner": owner,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.time(),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         self._run_locks[run_id] = fd

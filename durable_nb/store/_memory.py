@@ -152,4 +152,6 @@ class MemoryStore:
         self._closed = True
 
     def __repr__(self) -> str:
-        return f"MemoryStore(runs={len(self._runs)}, effects={len(self._effects)}, pid={os.getpid()})"
+        return (
+            f"MemoryStore(runs={len(self._runs)}, effects={len(self._effects)}, pid={os.getpid()})"
+        )
