@@ -312,3 +312,56 @@ def test_busy_store_waits_then_names_the_holder_and_idle_store_is_shared(tmp_pat
     finally:
         p.kill()
         p.communicate()
+
+
+INTERRUPTIBLE = """
+    import asyncio, os
+    import durable_nb as dn
+
+    def note(line):
+        with open("exec.log", "a") as f:
+            f.write(line + "\\n")
+
+    @dn.effect
+    async def first():
+        note("exec first")
+        return 1
+
+    @dn.effect
+    async def slow(n):
+        note("exec slow")
+        print("SLOW", flush=True)
+        await asyncio.sleep(n)
+        return 2
+
+    @dn.durable
+    async def wf(ctx, n):
+        return await first() + await slow(n)
+
+    try:
+        print("RESULT", dn.run(wf, float(os.environ["PAUSE"]), run_id="ctrlc"), flush=True)
+    except KeyboardInterrupt:
+        print("INTERRUPTED", dn.get_job("ctrlc").status(), flush=True)
+"""
+
+
+def test_ctrl_c_stops_a_run_cleanly_and_leaves_it_resumable(tmp_path: Path) -> None:
+    p = _child(tmp_path, INTERRUPTIBLE, PAUSE="60")
+    assert p.stdout is not None
+    assert p.stdout.readline().strip() == "SLOW"
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    assert out.strip() == "INTERRUPTED running"
+    p = _child(
+        tmp_path,
+        INTERRUPTIBLE.replace("first() + await slow(n)", "first() + await slow(0)"),
+        PAUSE="0",
+    )
+    out, err = p.communicate(timeout=30)
+    assert "RESULT 3" in out, err
+    assert (tmp_path / "exec.log").read_text().splitlines() == [
+        "exec first",
+        "exec slow",
+        "exec slow",
+    ]

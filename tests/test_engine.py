@@ -19,7 +19,7 @@ from durable_nb.errors import (
     UnhashableInputError,
     UnstorableValueError,
 )
-from durable_nb.store import Store
+from durable_nb.store import RunRecord, Store
 
 calls: Counter[str] = Counter()
 
@@ -475,3 +475,146 @@ def test_calling_a_workflow_inside_a_run_says_use_child(store: Store) -> None:
         match=r"^calling workflow .*inner inside a run would block it; use `await ctx.child\(inner, \.\.\.\)`",
     ):
         dn.run(outer)
+
+
+# ------------------------------------------------------------------ timers, signals, cancel
+
+
+def test_durable_timer_waits_once_and_only_what_is_left(store: Store, clock: dn.FakeClock) -> None:
+    @dn.durable
+    async def wf(ctx: dn.Context, fail: bool) -> str:
+        await ctx.sleep(3600)
+        if fail:
+            raise RuntimeError("crash after the timer started")
+        return "woke"
+
+    with pytest.raises(RuntimeError):
+        dn.run(wf, True, run_id="t")
+    assert sum(clock.slept) == pytest.approx(3600)
+    clock.slept.clear()
+    assert dn.run(wf, False, run_id="t") == "woke"
+    assert clock.slept == []  # the deadline had passed: fires at once
+
+
+def test_timer_resumed_before_its_deadline_waits_the_rest(
+    store: Store, clock: dn.FakeClock
+) -> None:
+    @dn.durable
+    async def wf(ctx: dn.Context, fail: bool) -> None:
+        await ctx.sleep(100)
+        if fail:
+            raise RuntimeError("x")
+
+    with pytest.raises(RuntimeError):
+        dn.run(wf, True, run_id="t2")
+    clock.now -= 40  # resume as if only 60 s had passed since the timer started
+    clock.slept.clear()
+    dn.run(wf, False, run_id="t2")
+    assert sum(clock.slept) == pytest.approx(40)
+
+
+def test_signals_are_fifo_and_delivered_once(store: Store) -> None:
+    @dn.durable
+    async def wf(ctx: dn.Context) -> list[Any]:
+        return [await ctx.wait_signal("msg"), await ctx.wait_signal("msg")]
+
+    job = dn.start(wf, run_id="q")
+    job.signal("msg", {"n": 1})
+    job.signal("msg", {"n": 2})
+    job.signal("other", "ignored")
+    assert job.result(timeout=30) == [{"n": 1}, {"n": 2}]
+    assert dn.run(wf, run_id="q") == [{"n": 1}, {"n": 2}]  # replayed, nothing consumed again
+
+
+def test_signal_sent_before_the_run_starts_is_delivered(store: Store) -> None:
+    @dn.durable
+    async def wf(ctx: dn.Context) -> Any:
+        return await ctx.wait_signal("go")
+
+    store.put_run(RunRecord("early", "wf", "waiting", 1.0, 1.0))
+    dn.signal("early", "go", [1, 2])
+    assert dn.run(wf, run_id="early") == [1, 2]
+
+
+def test_signal_timeout_is_durable(store: Store, clock: dn.FakeClock) -> None:
+    @dn.durable
+    async def wf(ctx: dn.Context) -> Any:
+        return await ctx.wait_signal("approve", timeout=60)
+
+    with pytest.raises(
+        dn.SignalTimeoutError,
+        match=r"^no signal 'approve' reached run 'late' within timeout=60s; send it with "
+        r"job\.signal\('approve', payload\)",
+    ):
+        dn.run(wf, run_id="late")
+    assert dn.get_job("late").status() == "failed"
+
+
+def test_cancel_runs_finally_blocks_and_ends_cancelled(store: Store) -> None:
+    cleaned = []
+
+    @dn.durable
+    async def wf(ctx: dn.Context) -> None:
+        try:
+            await ctx.wait_signal("never")
+        finally:
+            cleaned.append(True)
+
+    job = dn.start(wf, run_id="c")
+    for _ in range(200):
+        if job.status() == "waiting":
+            break
+        import time
+
+        time.sleep(0.01)
+    job.cancel("no longer needed")
+    with pytest.raises(dn.RunCancelledError, match=r"^run 'c' was cancelled \(no longer needed\)"):
+        job.result(timeout=30)
+    assert cleaned == [True]
+    assert dn.get_job("c").status() == "cancelled"
+    with pytest.raises(dn.RunCancelledError):
+        dn.run(wf, run_id="c")
+
+
+def test_cancel_of_a_run_no_process_executes(store: Store) -> None:
+    @dn.durable
+    async def wf(ctx: dn.Context, fail: bool) -> None:
+        if fail:
+            raise RuntimeError("x")
+
+    with pytest.raises(RuntimeError):
+        dn.run(wf, True, run_id="idle")
+    dn.cancel("idle", "stale")
+    assert dn.get_job("idle").status() == "failed"  # a failed run is over: nothing to cancel
+    store.put_run(RunRecord("asleep", "wf", "waiting", 1.0, 1.0))
+    dn.cancel("asleep", "stale")
+    assert dn.get_job("asleep").status() == "cancelled"
+
+
+def test_effects_completing_together_share_one_write() -> None:
+    from durable_nb.store import MemoryStore
+
+    class Counting(MemoryStore):
+        batches: list[int] = []
+
+        def put_effects(self, records: Any) -> None:
+            self.batches.append(len(records))
+            super().put_effects(records)
+
+    runtime._store = Counting()
+    gate = asyncio.Event()
+
+    @dn.effect
+    async def waits(i: int) -> int:
+        await gate.wait()
+        return i
+
+    @dn.durable
+    async def wf(ctx: dn.Context) -> list[int]:
+        tasks = [waits(i) for i in range(10)]
+        asyncio.get_running_loop().call_later(0.01, gate.set)
+        return list(await asyncio.gather(*tasks))
+
+    assert dn.run(wf) == list(range(10))
+    assert sum(Counting.batches) == 10
+    assert len(Counting.batches) < 10
