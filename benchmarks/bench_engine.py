@@ -277,15 +277,21 @@ def resume_after_restart(n: int, tmp: Path) -> list[dict[str, Any]]:
         cmd = [sys.executable, str(Path(__file__).resolve())]
         rec = subprocess.run(
             [*cmd, "--child-record", path, str(n), end],
-            capture_output=True, text=True, timeout=300, env=_child_env(),
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=_child_env(),
+        )
         if rec.returncode != 0:
             rows.append(_row(f"{name}: error", f"recording child: {rec.stderr[-400:]}", ""))
             continue
         res = subprocess.run(
             [*cmd, "--child-resume", path, str(n)],
-            capture_output=True, text=True, timeout=300, env=_child_env(),
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=_child_env(),
+        )
         lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
         if res.returncode != 0 or not lines:
             rows.append(_row(f"{name}: error", f"resuming child: {res.stderr[-400:]}", ""))
@@ -379,8 +385,12 @@ def import_time(repeats: int = 5) -> list[dict[str, Any]]:
             "import json, sys, durable_nb; "
             f"print(json.dumps([m for m in {list(HEAVY_MODULES)!r} if m in sys.modules]))",
         ],
-        capture_output=True, text=True, check=True, env=env, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+        timeout=60,
+    )
     loaded = json.loads(probe.stdout.strip().splitlines()[-1])
     return [
         _row(
@@ -400,8 +410,9 @@ def import_time(repeats: int = 5) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- stale check
 
 
-def _stale_case(first_arg: str, second_arg: str, *, fail_first: bool, code_change: bool,
-                run_id: str | None) -> dict[str, Any]:  # fmt: skip
+def _stale_case(
+    first_arg: str, second_arg: str, *, fail_first: bool, code_change: bool, run_id: str | None
+) -> dict[str, Any]:
     _STALE["code_arg"] = first_arg if code_change else None
     _STALE["fail"] = fail_first
     kwargs = {"run_id": run_id} if run_id is not None else {}
@@ -451,7 +462,9 @@ def _stale_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for case, out in result.items():
         rows.append(_row(f"stale: {case}", out["stale"], "bool"))
-        rows.append(_row(f"stale: {case}: step ran on re-run", out["step_executed_on_rerun"], "bool"))
+        rows.append(
+            _row(f"stale: {case}: step ran on re-run", out["step_executed_on_rerun"], "bool")
+        )
         rows.append(_row(f"stale: {case}: re-run returned", out["rerun_with_B"], ""))
     return rows
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -45,9 +46,9 @@ async def pipeline(ctx: dn.Context, n_pages: int, crash_after: int) -> int:
     for i in range(n_pages):
         pages.append(await download(i))
         if i + 1 == crash_after:
-            print(f"    ... the process dies after {crash_after} downloads (kill -9)")
+            print(f"    ... the process is killed after {crash_after} downloads (SIGKILL)")
             sys.stdout.flush()
-            os._exit(9)
+            os.kill(os.getpid(), signal.SIGKILL)
     total = summarize(pages)
     ctx.set_status({"pages": n_pages, "words": total})
     return total
@@ -57,8 +58,9 @@ def one_run(label: str, crash_after: int) -> None:
     t0 = time.perf_counter()
     total = dn.run(pipeline, 10, crash_after, run_id="demo")
     ms = (time.perf_counter() - t0) * 1000
-    print(f"{label}: total words = {total}; effects executed in this process: {EXECUTED}; "
-          f"{ms:.0f} ms")
+    print(
+        f"{label}: total words = {total}; effects executed in this process: {EXECUTED}; {ms:.0f} ms"
+    )
 
 
 def main() -> None:
@@ -72,9 +74,11 @@ def main() -> None:
     for label, crash in (("run 1", 6), ("run 2", 0), ("run 3", 0)):
         print(f"{label} (new process){', crashes' if crash else ''}:")
         subprocess.run([sys.executable, __file__, label, str(crash)], env=env, check=False)
-    print("\nrun 2 replayed the 6 finished downloads and executed only the other 4 and the "
-          "summary;\nrun 3 executed nothing. Inspect the store with: durable-nb show demo "
-          "(coming with the CLI).")
+    print(
+        "\nrun 2 replayed the 6 finished downloads and executed only the other 4 and the "
+        "summary;\nrun 3 executed nothing. Inspect the run with:\n"
+        f"  durable-nb --store {root / 'store.duckdb'} show demo"
+    )
 
 
 if __name__ == "__main__":

@@ -365,3 +365,41 @@ def test_ctrl_c_stops_a_run_cleanly_and_leaves_it_resumable(tmp_path: Path) -> N
         "exec slow",
         "exec slow",
     ]
+
+
+def test_signal_from_the_cli_reaches_a_run_waiting_in_another_process(tmp_path: Path) -> None:
+    p = _child(tmp_path, CLI_SIGNAL)
+    assert p.stdout is not None
+    assert p.stdout.readline().strip() == "WAITING"
+    sent = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "durable_nb",
+            "--store",
+            str(tmp_path / "s.duckdb"),
+            "signal",
+            "live",
+            "approve",
+            '{"by": "cli"}',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert sent.returncode == 0, sent.stderr
+    out, err = p.communicate(timeout=60)
+    assert "RESULT {'by': 'cli'}" in out, err
+
+
+CLI_SIGNAL = """
+    import durable_nb as dn
+
+    @dn.durable
+    async def wf(ctx):
+        print("WAITING", flush=True)
+        return await ctx.wait_signal("approve")
+
+    print("RESULT", dn.run(wf, run_id="live"), flush=True)
+"""

@@ -618,3 +618,22 @@ def test_effects_completing_together_share_one_write() -> None:
     assert dn.run(wf) == list(range(10))
     assert sum(Counting.batches) == 10
     assert len(Counting.batches) < 10
+
+
+def test_rerun_on_a_truncated_history_executes_only_the_lost_steps(store: Store) -> None:
+    @dn.durable
+    async def wf(ctx: dn.Context, fail: bool) -> int:
+        total = 0
+        for i in range(10):
+            total += double(i)
+        if fail:
+            raise RuntimeError("x")
+        return total
+
+    with pytest.raises(RuntimeError):
+        dn.run(wf, True, run_id="tr")
+    kept = [r for r in store.load_effects("run/tr") if r.seq < 5]
+    store.delete_effects("run/tr")
+    store.put_effects(kept)
+    assert dn.run(wf, False, run_id="tr") == 90
+    assert [calls[f"double({i})"] for i in range(10)] == [1] * 5 + [2] * 5
