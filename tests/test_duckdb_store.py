@@ -167,3 +167,27 @@ def test_closed_store_says_so(tmp_path: Path) -> None:
     with pytest.raises(Exception, match=r"is closed; open a new one$"):
         store.put_effects([EffectRecord("s", "i", "v", "h", 0, _codecs.Payload("json", b"1"))])
     assert re.match(r"^DuckDBStore\('.*s\.duckdb'\)$", repr(store))
+
+
+def test_a_long_lived_process_merges_journals_of_processes_that_died_meanwhile(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.duckdb"
+    store = DuckDBStore(path, idle_close=0.05, merge_interval=0.01)
+    try:
+        assert store.load_effects("run/x") == []
+        code = textwrap.dedent(f"""
+            import os, signal
+            from durable_nb import _codecs
+            from durable_nb.store import EffectRecord
+            from durable_nb.store._duckdb import DuckDBStore
+            s = DuckDBStore({str(path)!r}, merge_interval=3600)
+            for n in range(10):
+                s.put_effects([EffectRecord("run/x", "m.f", "v", f"h{{n}}", 0,
+                                            _codecs.encode(n, s.signer), seq=n)])
+            os.kill(os.getpid(), signal.SIGKILL)
+        """)
+        assert run_python(code).returncode == -9
+        assert len(store.load_effects("run/x")) == 10
+    finally:
+        store.close()

@@ -182,7 +182,6 @@ class DuckDBStore:
 
         with self._dblock:
             self._connect()  # validates the file, migrates, recovers dead journals
-            self._recover_journals()
         self._wal_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         self._wal_path = self._aux / "journal" / f"{self._wal_id}.wal"
         self._wal_fd = self._open_wal(self._wal_path)
@@ -273,6 +272,13 @@ class DuckDBStore:
             con.close()
             raise
         self._con = con
+        # each time we (re)open the file, merge what processes that died meanwhile left behind
+        try:
+            self._recover_journals()
+        except BaseException:
+            self._con = None
+            con.close()
+            raise
         return con
 
     def _migrate(self, con: duckdb.DuckDBPyConnection) -> None:
