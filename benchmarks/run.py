@@ -420,14 +420,17 @@ def summary(parts: dict[str, Any], quick: bool = False) -> list[list[str]]:
         ours = eng(f"stale: {case}")
         ran = eng(f"stale: {case}: step ran")
         target = "False" if "failed" in label else "—"
-        meets = ("yes" if ours is False else "**NO**") if target == "False" else ""
+        meets = ""
+        if target == "False":
+            meets = "n/a" if ours is None else ("yes" if ours is False else "**NO**")
         peers_txt = "—"
         if duron_case:
             peers_txt = (
-                f"Duron stale {_peer(parts, 'stale_result_check', 'duron', duron_case, 'stale')}; "
-                f"DBOS stale {_peer(parts, 'stale_result_check', 'dbos', dbos_case, 'stale')}"
+                f"Duron stale {_fmt(_peer(parts, 'stale_result_check', 'duron', duron_case, 'stale'))}; "
+                f"DBOS stale {_fmt(_peer(parts, 'stale_result_check', 'dbos', dbos_case, 'stale'))}"
             )
-        rows.append([label, f"stale {ours}, step ran again: {ran}", target, meets, peers_txt, "—"])
+        ours_txt = "n/a" if ours is None else f"stale {ours}, step ran again: {ran}"
+        rows.append([label, ours_txt, target, meets, peers_txt, "—"])
     return rows
 
 
@@ -490,6 +493,11 @@ def machine() -> dict[str, str]:
 
 def report(parts: dict[str, Any], quick: bool, total_s: float) -> str:
     m = machine()
+    table = summary(parts, quick)
+    missed = [r[0] for r in table if r[3] == "**NO**"]
+    unmeasured = [r[0] for r in table if r[3] == "n/a"]
+    slower = [f"{r[0]} ({r[5]})" for r in table if "slower" in r[5]]
+    failed = [p for p, d in parts.items() if "error" in d]
     out = [
         f"Measured {m['date']} by `bash benchmarks/run.sh`{' --quick (reduced sizes: not comparable with a full run)' if quick else ''}"
         f" in {total_s:.0f} s. Machine: {m['nproc']} cores ({m['cpu']}), {m['memory']}, {m['os']}; "
@@ -504,9 +512,20 @@ def report(parts: dict[str, Any], quick: bool, total_s: float) -> str:
         "",
         _md_table(
             ["figure", "durable_nb", "target", "meets", "peers (same run)", "durable_nb vs peer"],
-            summary(parts, quick),
+            table,
         ),
+        "",
+        f"Targets missed: {'; '.join(missed) if missed else 'none'}."
+        + (
+            f" Targets not measured (a part failed): {'; '.join(unmeasured)}." if unmeasured else ""
+        ),
+        "",
+        "Rows where durable_nb is slower than a peer: "
+        + ("; ".join(slower) if slower else "none")
+        + ".",
     ]
+    if failed:
+        out += ["", f"**Parts that failed: {', '.join(failed)}** (see below)."]
     titles = {
         "engine": "durable_nb engine (`bench_engine.py`)",
         "hashing": "durable_nb hashing (`bench_hashing.py`)",
@@ -517,6 +536,9 @@ def report(parts: dict[str, Any], quick: bool, total_s: float) -> str:
         data = parts.get(part, {})
         took = data.get("seconds", data.get("wall"))
         out += ["", f"### All figures: {title}" + (f", {took} s" if took is not None else ""), ""]
+        if not data:
+            out.append("(not run)")
+            continue
         if "error" in data:
             out.append(f"**Failed:** `{data['error']}`")
             continue

@@ -2,7 +2,7 @@
 # Install the benchmark-only dependencies (the peers: duron, dbos, joblib; see the `bench`
 # extra in pyproject.toml) and run the whole suite:
 #
-#     bash benchmarks/run.sh              # full run (~3-5 min), rewrites benchmarks/README.md
+#     bash benchmarks/run.sh              # full run (~45 s here), rewrites benchmarks/README.md
 #     bash benchmarks/run.sh --quick      # small sizes, to check the suite itself
 #     bash benchmarks/run.sh --no-write   # print only
 set -euo pipefail
