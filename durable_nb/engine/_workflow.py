@@ -62,10 +62,18 @@ def _json_text(value: object, what: str) -> str:
         ) from None
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates cannot be stored
+        return False
+    return True
+
+
 def _check_run_id(run_id: object) -> str:
     if not isinstance(run_id, str):
         raise ArgumentTypeError(f"run_id must be a str, got {run_id!r}")
-    if not run_id or len(run_id) > 200 or any(ord(c) < 32 for c in run_id):
+    if not run_id or len(run_id) > 200 or any(ord(c) < 32 for c in run_id) or not _utf8(run_id):
         raise ArgumentError(
             f"run_id must be 1-200 printable characters, got {run_id!r}; pick a short name"
         )
@@ -73,7 +81,7 @@ def _check_run_id(run_id: object) -> str:
 
 
 def _check_name(name: object, what: str = "name") -> str:
-    if not isinstance(name, str) or not name or len(name) > 200:
+    if not isinstance(name, str) or not name or len(name) > 200 or not _utf8(name):
         raise ArgumentError(
             f"{what} must be a non-empty str of at most 200 characters, got {name!r}"
         )
@@ -90,6 +98,7 @@ class RunState:
         history: list[EffectRecord],
         signals: list[SignalRecord],
         strict: bool,
+        inbox_token: object,
     ) -> None:
         self.job = job
         self.run_id = record.run_id
@@ -116,7 +125,7 @@ class RunState:
         self.inbox: list[SignalRecord] = [s for s in signals if s.signal_id not in consumed]
         self.seen_signals = {s.signal_id for s in signals}
         self.wakeup = asyncio.Event()
-        self.inbox_token = runtime.store.inbox_token(self.run_id)
+        self.inbox_token = inbox_token
         self.last_poll = time.monotonic()
         self.cancel_reason: str | None = None
 
@@ -428,16 +437,18 @@ class Context:
         st, clock = self._state, runtime.clock
         ih = _hashing.hash_value(name).hex()
         key4, seq, rec = self._step("dn.signal", ih)
-        if rec is not None:
-            return replay(st, rec)
         deadline = None
-        if timeout is not None:
+        if timeout is not None:  # taken on replay too, so occurrences stay aligned
             dkey, dseq, drec = self._step("dn.signal_deadline", ih)
-            if drec is not None:
+            if rec is not None:
+                pass
+            elif drec is not None:
                 deadline = float(replay(st, drec))
             else:
                 deadline = clock.time() + timeout
                 self._record(dkey, dseq, deadline, "deadline", json.dumps({"signal": name}))
+        if rec is not None:
+            return replay(st, rec)
         waiting = False
         try:
             while True:
@@ -501,7 +512,12 @@ class Context:
             else (f"{self.run_id}/{workflow.name.rsplit('.', 1)[-1]}-{key4[3]}-{ih[:8]}")
         )
         job = _start(workflow, args, kwargs, run_id=child_id, parent_id=self.run_id)
-        result = await job.wait()
+        try:
+            result = await job.wait()
+        except asyncio.CancelledError:
+            if self._state.cancel_reason is not None:  # cancelled, not interrupted: so is the child
+                job.cancel(f"parent {self.run_id!r} was cancelled")
+            raise
         self._record(key4, seq, result, "child", json.dumps({"run_id": child_id}))
         return result
 
@@ -617,7 +633,8 @@ class Job(Generic[R]):
 
     async def wait(self) -> R:
         """Wait for the run's result (re-raises its error with the original type)."""
-        return await asyncio.wrap_future(self._future)
+        # shielded: a waiter that gives up must not cancel the run's result for everyone
+        return await asyncio.shield(asyncio.wrap_future(self._future))
 
     def __await__(self) -> Any:
         return self.wait().__await__()
@@ -687,24 +704,49 @@ def get_job(run_id: str) -> Job[Any]:
             "`durable-nb runs`"
         )
     job = Job(run_id, None)
-    _settle_from_record(job, rec)
+    outcome = _outcome_of_record(rec)
+    if outcome is not None:
+        (_resolve if outcome[0] else _reject)(job._future, outcome[1])
     return job
 
 
-def _settle_from_record(job: Job[Any], rec: RunRecord) -> bool:
-    signer = runtime.store.signer
+def _resolve(fut: concurrent.futures.Future[Any], value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _reject(fut: concurrent.futures.Future[Any], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+
+
+def _outcome_of_record(rec: RunRecord) -> tuple[bool, Any] | None:
+    """A completed or cancelled run's recorded outcome; None while it can still progress."""
     if rec.status == "completed" and rec.result is not None:
-        job._future.set_result(_codecs.decode(rec.result, signer))
-        return True
+        return (True, _codecs.decode(rec.result, runtime.store.signer))
     if rec.status == "cancelled":
-        job._future.set_exception(
+        reason = json.loads(rec.detail or "{}").get("reason", "")
+        return (
+            False,
             RunCancelledError(
-                f"run {rec.run_id!r} was cancelled ({json.loads(rec.detail or '{}').get('reason', '')}); "
+                f"run {rec.run_id!r} was cancelled ({reason}); "
                 "start it again with restart=True to run it afresh"
-            )
+            ),
         )
-        return True
-    return False
+    return None
+
+
+_last_sent = 0.0
+_send_lock = threading.Lock()
+
+
+def _send_time() -> float:
+    """Wall time, strictly increasing within this process, so signals keep their send order
+    even when sent within the clock's resolution or across a clock step backwards."""
+    global _last_sent
+    with _send_lock:
+        _last_sent = max(time.time(), _last_sent + 1e-6)
+        return _last_sent
 
 
 def signal(run_id: str, name: str, payload: Any = None) -> None:
@@ -712,7 +754,7 @@ def signal(run_id: str, name: str, payload: Any = None) -> None:
     _check_run_id(run_id)
     _check_name(name)
     text = _json_text(payload, "payload")
-    sig = SignalRecord(run_id, _uuid.uuid4().hex, name, text, time.time())
+    sig = SignalRecord(run_id, _uuid.uuid4().hex, name, text, _send_time())
     runtime.store.add_signal(sig)
     with runtime.jobs_lock:
         job = runtime.jobs.get(run_id)
@@ -839,18 +881,29 @@ async def _drive(
     restart: bool,
     parent_id: str | None,
 ) -> None:
+    """Execute (or resume) one run. The job's future is settled only after the run's lease is
+    released and its records merged, so whoever sees the result can start the run again."""
     store, clock = runtime.store, runtime.clock
     state: RunState | None = None
     lease = None
+    outcome: tuple[bool, Any] | None = None  # (ok, value or exception)
     try:
         lease = store.acquire_run(job.run_id, runtime.owner)
         rec = store.get_run(job.run_id)
         if rec is not None and restart:
             store.delete_run(job.run_id)
             rec = None
-        if rec is not None and _settle_from_record(job, rec):
-            return
+        input_hash = wf.binder.input_hash(args, kwargs)
+        code_version = _hashing.code_version(wf.fn)
+        if rec is not None and (
+            rec.status == "cancelled"
+            or (rec.input_hash, rec.code_version) == (input_hash, code_version)
+        ):
+            outcome = _outcome_of_record(rec)
+            if outcome is not None:
+                return  # ended with these arguments and this code: its recorded outcome
         history = store.load_effects("run/" + job.run_id)
+        token = store.inbox_token(job.run_id)  # before reading: a signal sent meanwhile shows
         signals = store.list_signals(job.run_id)
         now = clock.time()
         resumed = rec is not None
@@ -865,9 +918,10 @@ async def _drive(
                 job.run_id, wf.name, "running", now, now, args=args_payload, parent_id=parent_id
             )
         rec.status, rec.updated_at, rec.detail = "running", now, ""
+        rec.input_hash, rec.code_version = input_hash, code_version
         rec.executions += 1
         rec.error = None
-        state = RunState(job, rec, history, signals, wf.strict)
+        state = RunState(job, rec, history, signals, wf.strict, token)
         job._state = state
         store.put_run(rec)
         state.event(
@@ -875,57 +929,57 @@ async def _drive(
             {"execution": rec.executions, "history": len(history)},
         )
         current_scope.set(state)
-        if any(s.name == CANCEL_SIGNAL for s in state.inbox):
-            sig = next(s for s in state.inbox if s.name == CANCEL_SIGNAL)
-            state.cancel_reason = json.loads(sig.payload) or "cancelled"
+        cancel_sig = next((s for s in state.inbox if s.name == CANCEL_SIGNAL), None)
+        if cancel_sig is not None:
+            state.cancel_reason = json.loads(cancel_sig.payload) or "cancelled"
             raise asyncio.CancelledError
-        result = await wf.fn(Context(state), *args, **kwargs)
+        result: Any = await wf.fn(Context(state), *args, **kwargs)
+        state.run.result = _codecs.encode(
+            result, store.signer, what=f"the result of workflow {wf.name}"
+        )
+        _finish(state, "completed")
+        outcome = (True, result)
     except asyncio.CancelledError:
         if state is not None and state.cancel_reason is not None:
             _finish(state, "cancelled", detail={"reason": state.cancel_reason})
-            job._future.set_exception(
+            outcome = (
+                False,
                 RunCancelledError(
                     f"run {job.run_id!r} was cancelled ({state.cancel_reason}); start it again "
                     "with restart=True to run it afresh"
-                )
+                ),
             )
         else:  # interrupted (Ctrl-C, loop shutdown): the run stays resumable
             if state is not None:
                 state.event("interrupted", _stats(state))
-                store.flush()
-            if not job._future.done():
-                job._future.set_exception(
-                    KeyboardInterrupt(f"run {job.run_id!r} was interrupted; run it again to resume")
-                )
-        return
+            outcome = (
+                False,
+                KeyboardInterrupt(f"run {job.run_id!r} was interrupted; run it again to resume"),
+            )
     except BaseException as e:
-        if state is not None:
+        if state is not None and state.run.status != "completed":
             try:
                 state.run.error = _codecs.encode_error(e, store.signer)
                 _finish(state, "failed", detail={"error": repr(e)[:500]})
             except Exception:  # the store failed too: the error we report is the run's
                 pass
-        if not job._future.done():
-            job._future.set_exception(e)
+        outcome = (False, e)
         if not isinstance(e, Exception):
             raise
-        return
-    else:
-        try:
-            state.run.result = _codecs.encode(
-                result, store.signer, what=f"the result of workflow {wf.name}"
-            )
-            _finish(state, "completed")
-        except BaseException as e:
-            job._future.set_exception(e)
-            return
-        job._future.set_result(result)
     finally:
-        if lease is not None:
-            lease.release()
-        with runtime.jobs_lock:
-            if runtime.jobs.get(job.run_id) is job:
-                del runtime.jobs[job.run_id]
+        try:
+            if lease is not None:
+                lease.release()
+        finally:
+            with runtime.jobs_lock:
+                if runtime.jobs.get(job.run_id) is job:
+                    del runtime.jobs[job.run_id]
+            if outcome is None:
+                outcome = (False, DurableError(f"run {job.run_id!r} ended without an outcome"))
+            if outcome[0]:
+                _resolve(job._future, outcome[1])
+            else:
+                _reject(job._future, outcome[1])
 
 
 def _stats(state: RunState) -> dict[str, Any]:

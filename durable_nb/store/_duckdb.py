@@ -77,7 +77,7 @@ _RUN_COLS = (
     "result_codec VARCHAR, result_data BLOB, result_table VARCHAR, "
     "error_codec VARCHAR, error_data BLOB, error_table VARCHAR, "
     "custom_status VARCHAR, status_version INTEGER, parent_id VARCHAR, executions INTEGER, "
-    "detail VARCHAR"
+    "detail VARCHAR, input_hash VARCHAR, code_version VARCHAR"
 )
 _SIGNAL_COLS = "run_id VARCHAR, signal_id VARCHAR, name VARCHAR, payload VARCHAR, sent_at DOUBLE"
 _EVENT_COLS = "run_id VARCHAR, event_id VARCHAR, ts DOUBLE, kind VARCHAR, data VARCHAR"
@@ -110,6 +110,12 @@ def _payload_cols(p: Payload | None, table_name: str | None) -> tuple[Any, Any, 
     if p is None:
         return (None, None, None)
     return (p.codec, p.data, table_name if p.table is not None else None)
+
+
+def _unlock(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.close(fd)
 
 
 class _Op:
@@ -178,6 +184,7 @@ class DuckDBStore:
         self._last_activity = time.monotonic()
         self._closed = False
         self._run_locks: dict[str, int] = {}
+        self._deferred_unlocks: list[int] = []
         self._merge_error: BaseException | None = None
 
         with self._dblock:
@@ -504,8 +511,12 @@ class DuckDBStore:
                         entry = self._unmerged.get(op.row[:5])
                         if entry is not None and entry[1] is op:
                             del self._unmerged[op.row[:5]]
-                if not self._pending and self._wal_size > 64 * 2**20:
-                    self._rotate_wal()
+                if not self._pending:
+                    unlocks, self._deferred_unlocks = self._deferred_unlocks, []
+                    for fd in unlocks:
+                        _unlock(fd)
+                    if self._wal_size > 64 * 2**20:
+                        self._rotate_wal()
 
     def _rotate_wal(self) -> None:
         """Start a fresh journal once the old one is fully merged (holds both locks)."""
@@ -683,6 +694,8 @@ class DuckDBStore:
             run.parent_id,
             run.executions,
             run.detail,
+            run.input_hash,
+            run.code_version,
         )
         self._append([("R", row)])
 
@@ -701,6 +714,8 @@ class DuckDBStore:
             parent_id=r[16],
             executions=r[17],
             detail=r[18],
+            input_hash=r[19],
+            code_version=r[20],
         )
 
     def get_run(self, run_id: str) -> RunRecord | None:
@@ -775,6 +790,16 @@ class DuckDBStore:
             "host": socket.gethostname(),
             "since": time.time(),
         }
+        try:
+            # a previous holder that died may have left records in its journal: merge them
+            # before this process reads the run's history
+            with self._dblock:
+                self._check_open()
+                self._connect()
+                self._recover_journals()
+        except BaseException:
+            os.close(fd)
+            raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         self._run_locks[run_id] = fd
@@ -782,9 +807,18 @@ class DuckDBStore:
         def release() -> None:
             if self._run_locks.get(run_id) == fd:
                 del self._run_locks[run_id]
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)
-                os.close(fd)
+            # the next holder reads the run from DuckDB: merge our records before letting go;
+            # if the file is busy, the merge thread lets go after its next successful merge
+            if self._closed:  # close() merged (or failed to) already
+                _unlock(fd)
+                return
+            try:
+                self.flush()
+            except StoreError:
+                with self._wlock:
+                    self._deferred_unlocks.append(fd)
+                return
+            _unlock(fd)
 
         return RunLease(run_id, owner, release)
 
@@ -799,10 +833,14 @@ class DuckDBStore:
             [("S", (signal.run_id, signal.signal_id, signal.name, signal.payload, signal.sent_at))]
         )
         # merged before the inbox is touched, so a waiting process that sees the touch and
-        # opens the file also sees the signal
-        self.flush()
-        with open(self._inbox_path(signal.run_id), "ab") as f:
-            f.write(b".")
+        # opens the file also sees the signal; the journal write above already made it durable
+        try:
+            self.flush()
+        except StoreLockedError:
+            pass  # merged by the background thread as soon as the file is free
+        finally:
+            with open(self._inbox_path(signal.run_id), "ab") as f:
+                f.write(b".")
 
     def list_signals(self, run_id: str) -> list[SignalRecord]:
         self.flush()
@@ -853,7 +891,8 @@ class DuckDBStore:
                 if fully_merged:
                     with contextlib.suppress(OSError):
                         self._wal_path.unlink()
-            for fd in list(self._run_locks.values()):
+            for fd in [*self._run_locks.values(), *self._deferred_unlocks]:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             self._run_locks.clear()
+            self._deferred_unlocks.clear()

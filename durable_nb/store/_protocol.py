@@ -74,6 +74,8 @@ class RunRecord:
     parent_id: str | None = None
     executions: int = 0  # how many times a process started executing this run
     detail: str = ""  # JSON text: what the run waits on, last error summary...
+    input_hash: str = ""  # of the arguments of its last execution
+    code_version: str = ""  # of the workflow's code at its last execution
 
 
 @dataclass(slots=True)

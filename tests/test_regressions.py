@@ -1,0 +1,167 @@
+"""Regressions found in review: each test failed before its fix."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+import durable_nb as dn
+from durable_nb.engine import runtime
+from durable_nb.errors import ArgumentError
+from durable_nb.store import SignalRecord
+from durable_nb.store._duckdb import DuckDBStore
+
+from .helpers import ROOT
+
+CHILD = textwrap.dedent(
+    """
+    import sys, time
+    from durable_nb.store._duckdb import DuckDBStore
+    from durable_nb.store import EffectRecord
+    from durable_nb._codecs import Payload
+    s = DuckDBStore(sys.argv[1], merge_interval=3600, idle_close=0.05)
+    lease = s.acquire_run("R", "child")
+    s.put_effects([EffectRecord("run/R", "eff", "v", "h", 0, Payload("json", b"42"), seq=0)])
+    s._close_connection()  # what the idle close does: the record is only in the journal
+    print("ready", flush=True)
+    time.sleep(60)  # still executing run R when it is killed
+    """
+)
+
+
+def test_a_busy_process_taking_over_a_run_sees_the_dead_holders_journal(tmp_path: Path) -> None:
+    path = tmp_path / "store.duckdb"
+    DuckDBStore(path).close()
+    p = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    parent = DuckDBStore(path, idle_close=3600)  # holds the file while the child lives
+    try:
+        p.send_signal(signal.SIGKILL)
+        p.communicate()
+        lease = parent.acquire_run("R", "parent")
+        assert parent.get_effect(("run/R", "eff", "v", "h", 0)) is not None
+        lease.release()
+    finally:
+        parent.close()
+
+
+def test_the_run_is_merged_and_released_before_its_result_is_seen(tmp_path: Path) -> None:
+    @dn.effect
+    def side(x: int) -> int:
+        return x
+
+    @dn.durable
+    async def wf(ctx: dn.Context) -> int:
+        return side(1)
+
+    path = tmp_path / "s.duckdb"
+    a = DuckDBStore(path, merge_interval=3600, idle_close=3600)
+    b = DuckDBStore(path)  # another user of the same store
+    runtime._store = a
+    try:
+        assert dn.run(wf, run_id="R") == 1
+        lease = b.acquire_run("R", "B")
+        rec = b.get_run("R")
+        assert rec is not None and rec.status == "completed"
+        lease.release()
+    finally:
+        b.close()
+
+
+def test_a_signal_sent_while_the_run_starts_is_not_missed() -> None:
+    @dn.durable
+    async def wf(ctx: dn.Context) -> object:
+        return await ctx.wait_signal("go", timeout=60)
+
+    store = runtime.store
+    orig = store.list_signals
+    sent: list[int] = []
+
+    def list_signals(run_id: str) -> list[SignalRecord]:
+        out = orig(run_id)
+        if not sent:  # another process sends right after the run read its signals
+            sent.append(1)
+            store.add_signal(SignalRecord(run_id, uuid.uuid4().hex, "go", "7", time.time()))
+        return out
+
+    store.list_signals = list_signals  # type: ignore[method-assign]
+    assert dn.run(wf, run_id="R") == 7
+
+
+def test_names_that_cannot_be_stored_are_refused_before_writing(tmp_path: Path) -> None:
+    path = tmp_path / "s.duckdb"
+    runtime._store = DuckDBStore(path)
+    with pytest.raises(ArgumentError, match=r"^name must be a non-empty str of at most 200"):
+        dn.signal("r", "\ud800", 1)
+    with pytest.raises(ArgumentError, match=r"^run_id must be 1-200 printable characters"):
+        dn.signal("\udc00", "go", 1)
+    runtime._store.close()
+    DuckDBStore(path).close()  # the store still opens
+
+
+def test_a_timed_signal_wait_keeps_its_own_deadline_after_resume(clock: dn.FakeClock) -> None:
+    crash = {"on": True}
+
+    @dn.durable
+    async def wf(ctx: dn.Context) -> list[object]:
+        a = await ctx.wait_signal("go", timeout=10)
+        if crash["on"]:
+            raise RuntimeError("crash after the first signal")
+        b = await ctx.wait_signal("go", timeout=1000)
+        return [a, b]
+
+    dn.signal("r1", "go", 1)
+    with pytest.raises(RuntimeError):
+        dn.run(wf, run_id="r1")
+    crash["on"] = False
+    clock.advance(50)  # past the first wait's deadline, well within the second's
+    dn.signal("r1", "go", 2)
+    assert dn.run(wf, run_id="r1") == [1, 2]
+
+
+def test_a_waiter_giving_up_does_not_cancel_the_result() -> None:
+    @dn.durable
+    async def wf(ctx: dn.Context) -> int:
+        await asyncio.sleep(0.05)
+        return 5
+
+    async def body() -> None:
+        job = dn.start(wf, run_id="R")
+        with pytest.raises((asyncio.TimeoutError, TimeoutError)):
+            await asyncio.wait_for(job.wait(), 0.01)
+        assert await job.wait() == 5
+
+    asyncio.run(body())
+
+
+def test_rerunning_a_completed_run_with_new_arguments_does_not_return_a_stale_result() -> None:
+    seen: list[str] = []
+
+    @dn.effect
+    def fetch(arg: str) -> str:
+        seen.append(arg)
+        return arg.upper()
+
+    @dn.durable
+    async def wf(ctx: dn.Context, arg: str) -> str:
+        return fetch(arg)
+
+    assert dn.run(wf, "a", run_id="same") == "A"
+    assert dn.run(wf, "b", run_id="same") == "B"
+    assert dn.run(wf, "a", run_id="same") == "A"  # replayed, not executed again
+    assert seen == ["a", "b"]
+    assert dn.run(wf, "a", run_id="same") == "A"
+    assert seen == ["a", "b"]
