@@ -61,8 +61,10 @@ def test_table_payload_round_trips(store: Store) -> None:
 
 def test_delete_effects_only_touches_its_scope(store: Store) -> None:
     store.put_effects([_eff(store, "run/a", n) for n in range(3)] + [_eff(store, "top/x", 1)])
+    assert store.get_effect(("run/a", "mod.f", "v1", "h1", 0)) is not None
     assert store.delete_effects("run/a") == 3
     assert store.load_effects("run/a") == []
+    assert store.get_effect(("run/a", "mod.f", "v1", "h1", 0)) is None
     assert len(store.load_effects("top/x")) == 1
 
 
