@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from typing import Any
 
 import click
 
 from . import errors
+from .trace import format_run, format_runs, run_info
 
 __all__ = ["main"]
 
@@ -22,10 +22,6 @@ def _store(ctx: click.Context) -> Any:
 
     url = ctx.obj.get("store") if ctx.obj else None
     return dn.set_store(url)
-
-
-def _fmt_time(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -52,29 +48,22 @@ def cli(ctx: click.Context, store: str | None) -> None:
 @click.pass_context
 def runs(ctx: click.Context, status: str | None, as_json: bool) -> None:
     """List runs, newest first."""
-    store = _store(ctx)
-    rows = store.list_runs(status=status)
-    if as_json:
-        for r in rows:
-            click.echo(
-                json.dumps(
-                    {
-                        "run_id": r.run_id,
-                        "workflow": r.workflow,
-                        "status": r.status,
-                        "created_at": r.created_at,
-                        "updated_at": r.updated_at,
-                    }
-                )
-            )
+    rows = _store(ctx).list_runs(status=status)
+    if not as_json:
+        click.echo(format_runs(rows))
         return
-    if not rows:
-        click.echo("no runs")
-        return
-    w = max(len(r.run_id) for r in rows)
-    click.echo(f"{'RUN':<{w}}  {'STATUS':<10} {'UPDATED':<19}  WORKFLOW")
     for r in rows:
-        click.echo(f"{r.run_id:<{w}}  {r.status:<10} {_fmt_time(r.updated_at)}  {r.workflow}")
+        click.echo(
+            json.dumps(
+                {
+                    "run_id": r.run_id,
+                    "workflow": r.workflow,
+                    "status": r.status,
+                    "created_at": r.created_at,
+                    "updated_at": r.updated_at,
+                }
+            )
+        )
 
 
 @cli.command()
@@ -82,50 +71,9 @@ def runs(ctx: click.Context, status: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the run and its steps as JSON.")
 @click.pass_context
 def show(ctx: click.Context, run_id: str, as_json: bool) -> None:
-    """Show a run: status, result or error, and its recorded steps."""
-    store = _store(ctx)
-    rec = store.get_run(run_id)
-    if rec is None:
-        raise errors.RunNotFoundError(
-            f"no run {run_id!r} in the store {store.url!r}; list runs with `durable-nb runs`"
-        )
-    steps = store.load_effects("run/" + run_id)
-    info = {
-        "run_id": rec.run_id,
-        "workflow": rec.workflow,
-        "status": rec.status,
-        "executions": rec.executions,
-        "created_at": rec.created_at,
-        "updated_at": rec.updated_at,
-        "detail": json.loads(rec.detail) if rec.detail else None,
-        "custom_status": json.loads(rec.custom_status) if rec.custom_status else None,
-        "steps": [
-            {
-                "seq": s.seq,
-                "kind": s.kind,
-                "name": s.identity,
-                "args": s.detail,
-                "duration_s": round(s.duration, 6),
-                "error": s.is_error,
-            }
-            for s in steps
-        ],
-    }
-    if as_json:
-        click.echo(json.dumps(info, indent=2))
-        return
-    click.echo(f"run       {rec.run_id}\nworkflow  {rec.workflow}\nstatus    {rec.status}")
-    if info["detail"]:
-        click.echo(f"detail    {json.dumps(info['detail'])}")
-    if info["custom_status"] is not None:
-        click.echo(f"custom    {json.dumps(info['custom_status'])}")
-    click.echo(f"steps     {len(steps)} recorded, {rec.executions} execution(s)")
-    for s in steps:
-        flag = " ERROR" if s.is_error else ""
-        click.echo(
-            f"  {s.seq:>5}  {s.kind:<8} {s.identity}{s.detail if s.kind == 'effect' else ''}"
-            f"  {s.duration * 1000:.1f} ms{flag}"
-        )
+    """Show a run: status, custom status and its recorded steps."""
+    info = run_info(_store(ctx), run_id)
+    click.echo(json.dumps(info, indent=2) if as_json else format_run(info))
 
 
 @cli.command()

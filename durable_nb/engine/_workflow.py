@@ -560,7 +560,7 @@ class Workflow(Generic[P, R]):
         if not inspect.iscoroutinefunction(fn):
             raise ArgumentTypeError(
                 f"@durable needs an async function (async def {getattr(fn, '__name__', '?')}"
-                "(ctx, ...)), got {fn!r}"
+                f"(ctx, ...)), got {fn!r}"
             )
         params = list(inspect.signature(fn).parameters.values())
         if not params or params[0].kind not in (
@@ -575,10 +575,17 @@ class Workflow(Generic[P, R]):
         self.name = _check_name(name, "name") if name is not None else _hashing.effect_identity(fn)
         self.strict = bool(strict)
         self.binder = _hashing.ArgBinder(fn, skip_first=True)
+        self.source_version: str | None = None  # set by %%durable: the cell's own code version
         functools.update_wrapper(self, fn)  # __name__, __doc__, __wrapped__ for introspection
 
     def __repr__(self) -> str:
         return f"<durable workflow {self.name}>"
+
+    @property
+    def code_version(self) -> str:
+        """A hash of the workflow's normalized source: a completed run whose code changed
+        executes again (replaying its recorded steps) instead of returning a stale result."""
+        return self.source_version or _hashing.code_version(self.fn)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         if isinstance(current_scope.get(), RunState):
@@ -894,7 +901,7 @@ async def _drive(
             store.delete_run(job.run_id)
             rec = None
         input_hash = wf.binder.input_hash(args, kwargs)
-        code_version = _hashing.code_version(wf.fn)
+        code_version = wf.code_version
         if rec is not None and (
             rec.status == "cancelled"
             or (rec.input_hash, rec.code_version) == (input_hash, code_version)
