@@ -85,3 +85,17 @@ def get_store() -> Store:
 def set_clock(clock: Clock | None) -> None:
     """Use this clock for timers, deadlines and retries (``None``: the system clock)."""
     _runtime.set_clock(clock)
+
+
+def load_ipython_extension(ip: object) -> None:
+    """``%load_ext durable_nb``: register the magics (IPython is imported only now)."""
+    from .magics import load_ipython_extension as load
+
+    load(ip)  # type: ignore[arg-type]  # an InteractiveShell
+
+
+def unload_ipython_extension(ip: object) -> None:
+    """``%unload_ext durable_nb``: remove the magics and hooks again."""
+    from .magics import unload_ipython_extension as unload
+
+    unload(ip)  # type: ignore[arg-type]  # an InteractiveShell
