@@ -237,11 +237,9 @@ def _hash_inputs(ns: dict[str, Any], names: list[str]) -> tuple[str, list[str]]:
             values[name] = ("module", value.__name__, str(getattr(value, "__version__", "")))
             continue
         try:
-            _hashing.hash_value(value, name=name)
+            values[name] = _hashing.hash_value(value, name=name)  # each input hashed once
         except UnhashableInputError:
             bad.append(name)
-            continue
-        values[name] = value
     return _hashing.hash_value(values).hex(), bad
 
 

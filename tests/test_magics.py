@@ -210,3 +210,15 @@ def test_unload_leaves_no_trace_and_reload_is_idempotent(ip: InteractiveShell) -
     assert res.error_in_exec is not None or res.error_before_exec is not None
     run(ip, "%load_ext durable_nb")
     assert "effect" in ip.magics_manager.magics["cell"]
+
+
+def test_an_input_without_a_content_hash_warns_and_runs_uncached(ip: InteractiveShell) -> None:
+    run(ip, "import threading\nguard = threading.Lock()")
+    cell = "%%effect\nwith guard:\n    tick(1)\n"
+    for _ in range(2):
+        with pytest.warns(
+            UserWarning,
+            match=r"^%%effect: variable 'guard' has no content hash, so this cell is not cached",
+        ):
+            run(ip, cell)
+    assert ip.user_ns["calls"] == [1, 1]
