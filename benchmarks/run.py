@@ -2,13 +2,14 @@
 
     python benchmarks/run.py [--quick] [--no-write]
 
-Runs ``bench_engine``, ``bench_hashing``, ``bench_codecs`` and ``peers.run_all`` one after
-the other, each in its own fresh interpreter (so one's memory, threads and open stores
-cannot disturb the next, and a failure is reported instead of stopping the rest), prints
-a summary table with the issue's targets and the ratios to the peers measured in the same
-run, then the full figures of every part. Unless ``--no-write`` is given, the results
-section of ``benchmarks/README.md`` (between ``<!-- results:start -->`` and
-``<!-- results:end -->``) is rewritten with the same tables, the machine and the date.
+Runs ``bench_engine``, ``bench_hashing``, ``bench_codecs``, ``bench_notebook`` and
+``peers.run_all`` one after the other, each in its own fresh interpreter (so one's memory,
+threads and open stores cannot disturb the next, and a failure is reported instead of
+stopping the rest), prints a summary table with the issue's targets and the ratios to the
+peers measured in the same run, then the full figures of every part. Unless ``--no-write``
+is given, the results section of ``benchmarks/README.md`` (between
+``<!-- results:start -->`` and ``<!-- results:end -->``) is rewritten with the same tables,
+the machine and the date.
 
 ``--quick`` uses smaller sizes (for checking the suite itself); its figures are marked as
 such and are not comparable with a full run. Benchmarks report, they never assert.
@@ -48,6 +49,7 @@ PARTS: dict[str, tuple[str, int, dict[str, Any], dict[str, Any]]] = {
     ),
     "hashing": ("bench_hashing", 240, {}, {"nbytes": 10_000_000}),
     "codecs": ("bench_codecs", 300, {}, {"n_rows": 1_000_000, "repeats": 1}),
+    "notebook": ("bench_notebook", 180, {}, {"repeats": 50, "fresh_runs": 3}),
     "peers": (
         "peers",
         300,
@@ -377,6 +379,51 @@ def summary(parts: dict[str, Any], quick: bool = False) -> list[list[str]]:
             ]
         )
 
+    # -- the notebook: what %%effect adds to a cell, what loading the extension costs
+    def nbk(*words: str) -> Any:
+        return _find(parts, "notebook", *words)
+
+    hit = nbk("%%effect hit overhead, small inputs", "median")
+    rows.append(
+        [
+            "`%%effect` hit overhead, cell with small inputs (`run_cell`, minus the plain cell), median",
+            _fmt(hit, "ms"),
+            "< 5 ms",
+            _meets(hit, "<", 5.0),
+            f"hit replayed {nbk('%%effect hits that replayed') or 'n/a'}; with the store "
+            f"reopened (after a restart): {_fmt(nbk('store reopened', 'median'), 'ms')}",
+            "—",
+        ]
+    )
+    for label, words, heavy_words in (
+        (
+            "`import durable_nb`",
+            ("import durable_nb (fresh", "median"),
+            ("import durable_nb: heavy",),
+        ),
+        (
+            "`%load_ext durable_nb`",
+            ("%load_ext durable_nb (fresh", "median"),
+            ("%load_ext", "heavy"),
+        ),
+    ):
+        took, loaded = nbk(*words), nbk(*heavy_words)
+        fast = _meets(took, "<", 300.0)
+        if fast == "n/a" or loaded is None:
+            meets = "n/a"
+        else:
+            meets = "yes" if fast == "yes" and loaded == "none" else "**NO**"
+        rows.append(
+            [
+                f"{label}, fresh interpreter (timed in-process), median",
+                _fmt(took, "ms"),
+                "< 300 ms; loads no duckdb / pyarrow / numpy / pandas / ipywidgets",
+                meets,
+                f"heavy modules loaded: {loaded if loaded is not None else 'n/a'}",
+                "—",
+            ]
+        )
+
     # -- import, staleness
     imported = eng("import durable_nb (fresh")
     heavy = eng("heavy modules loaded")
@@ -530,6 +577,7 @@ def report(parts: dict[str, Any], quick: bool, total_s: float) -> str:
         "engine": "durable_nb engine (`bench_engine.py`)",
         "hashing": "durable_nb hashing (`bench_hashing.py`)",
         "codecs": "durable_nb codecs (`bench_codecs.py`)",
+        "notebook": "durable_nb in a notebook (`bench_notebook.py`)",
         "peers": "peers (`peers.run_all`)",
     }
     for part, title in titles.items():

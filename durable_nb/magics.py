@@ -250,15 +250,23 @@ class DurableMagics(Magics):
     def __init__(self, shell: InteractiveShell) -> None:
         super().__init__(shell)
         self.cell_id: str | None = None
+        self._source = ""  # the transformed source of the cell being run
 
     @property
     def ns(self) -> dict[str, Any]:
         assert self.shell is not None
         return self.shell.user_ns  # type: ignore[no-any-return]
 
+    def _filename(self) -> str:
+        """Register the cell's code with IPython's compiler (as run_cell does), so tracebacks
+        and ``inspect.getsource`` of functions it defines find their lines."""
+        assert self.shell is not None
+        return str(self.shell.compile.cache(self._source))
+
     def _parse(self, cell: str, what: str) -> ast.Module:
         assert self.shell is not None
         source: str = self.shell.transform_cell(cell)
+        self._source = source
         try:
             return ast.parse(source)
         except SyntaxError as e:
@@ -305,7 +313,7 @@ class DurableMagics(Magics):
     def _run(self, tree: ast.Module) -> Any:
         tree = _split_last_expression(tree)
         self.ns.pop(_RESULT, None)
-        exec(compile(tree, "<%%effect cell>", "exec"), self.ns)
+        exec(compile(tree, self._filename(), "exec"), self.ns)
         return self.ns.pop(_RESULT, None)
 
     def _record(
@@ -424,7 +432,7 @@ class DurableMagics(Magics):
             )
         tree = _split_last_expression(tree)
         try:
-            code = compile(tree, "<%%durable cell>", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+            code = compile(tree, self._filename(), "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
         except SyntaxError as e:
             raise UsageError(f"the %%durable cell cannot run: {e.msg} (line {e.lineno})") from None
         ns = self.ns
@@ -450,6 +458,7 @@ class DurableMagics(Magics):
             body, name=f"cell:{args.name or version}", strict=args.strict
         )
         wf.source_version = version
+        wf.replay_completed = True
         if args.background:
             return _start(wf, (), {}, run_id=run_id, restart=args.restart)
         try:
@@ -474,6 +483,10 @@ class DurableMagics(Magics):
     def durable_line(self, line: str) -> Any:
         """Inspect and steer runs: %durable store [URL] | runs | show RUN |
         signal RUN NAME [JSON] | cancel RUN | forget RUN | cache [clear]"""
+        words = line.split(None, 3)
+        if words[:1] == ["signal"] and len(words) == 4:
+            # the payload is the raw rest of the line: JSON keeps its spaces and quotes
+            return self._call(self._signal, words[1], words[2], _unquote(words[3]))
         try:
             args = parse_argstring(self.durable_line, line)
         except UsageError as e:
@@ -502,8 +515,12 @@ class DurableMagics(Magics):
             raise UsageError(
                 f"%durable {cmd} takes {lo}-{hi} arguments, got {len(rest)}; type: {usage}"
             )
+        return self._call(fn, *rest)
+
+    @staticmethod
+    def _call(fn: Callable[..., Any], *args: str) -> Any:
         try:
-            return fn(*rest)
+            return fn(*args)
         except DurableError as e:
             raise UsageError(str(e)) from None
 
@@ -557,6 +574,18 @@ class DurableMagics(Magics):
 
 
 _MISSING = object()
+
+
+def _unquote(text: str) -> str:
+    """Strip one pair of outer quotes, as a shell would: '{"a": 1}' -> {"a": 1}."""
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        inner = text[1:-1]
+        try:
+            json.loads(text)  # "yes" is already JSON (a string): keep its quotes
+        except ValueError:
+            return inner
+    return text
 
 
 def _in_function(tree: ast.Module, node: ast.AST) -> bool:

@@ -222,3 +222,33 @@ def test_an_input_without_a_content_hash_warns_and_runs_uncached(ip: Interactive
         ):
             run(ip, cell)
     assert ip.user_ns["calls"] == [1, 1]
+
+
+def test_signal_payload_is_the_raw_rest_of_the_line(ip: InteractiveShell) -> None:
+    run(ip, "%%durable waiter --background\nv = await ctx.wait_signal('go')\nv")
+    run(ip, """%durable signal waiter go '{"by": "you", "n": [1, 2]}'""")
+    assert runtime.store.list_signals("waiter")[0].payload == '{"by": "you", "n": [1, 2]}'
+    run(ip, '%durable signal waiter go "yes"')
+    assert runtime.store.list_signals("waiter")[1].payload == '"yes"'
+
+
+def test_a_completed_durable_cell_runs_again_replaying_so_its_names_come_back(
+    ip: InteractiveShell, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cell = "%%durable again\nimport durable_nb as dn\nn = await ctx.run(tick, 1)\nprint('done')\n"
+    run(ip, cell)
+    restart(ip)
+    capsys.readouterr()
+    run(ip, cell)
+    assert "n" in ip.user_ns
+    assert capsys.readouterr().out == "done\n"
+    assert ip.user_ns["calls"] == [1]
+
+
+def test_tracebacks_show_the_cells_lines(ip: InteractiveShell) -> None:
+    res = ip.run_cell("%%effect\nx = 1\nraise ValueError('from the cell')\n")
+    assert isinstance(res.error_in_exec, ValueError)
+    import traceback
+
+    text = "".join(traceback.format_exception(res.error_in_exec))
+    assert "raise ValueError('from the cell')" in text

@@ -576,6 +576,9 @@ class Workflow(Generic[P, R]):
         self.strict = bool(strict)
         self.binder = _hashing.ArgBinder(fn, skip_first=True)
         self.source_version: str | None = None  # set by %%durable: the cell's own code version
+        # set by %%durable: a completed run executes again, replaying every step, so the
+        # cell's names and output come back (its recorded result alone would not do that)
+        self.replay_completed = False
         functools.update_wrapper(self, fn)  # __name__, __doc__, __wrapped__ for introspection
 
     def __repr__(self) -> str:
@@ -680,6 +683,8 @@ class Job(Generic[R]):
     def status(self) -> str:
         if self._state is not None and not self._future.done():
             return self._state.run.status
+        if self._task is not None and not self._future.done():
+            return "pending"  # started in this process, not yet executing
         rec = runtime.store.get_run(self.run_id)
         return rec.status if rec is not None else "unknown"
 
@@ -904,7 +909,10 @@ async def _drive(
         code_version = wf.code_version
         if rec is not None and (
             rec.status == "cancelled"
-            or (rec.input_hash, rec.code_version) == (input_hash, code_version)
+            or (
+                not wf.replay_completed
+                and (rec.input_hash, rec.code_version) == (input_hash, code_version)
+            )
         ):
             outcome = _outcome_of_record(rec)
             if outcome is not None:

@@ -1,0 +1,149 @@
+"""The example notebooks, executed in real kernels: "Restart & Run All" twice.
+
+nbclient starts a fresh kernel for each execution, which is exactly a kernel restart. The
+first run executes every effect; the second executes none (each effect appends a line to
+``$DURABLE_NB_EXEC_LOG``, inherited by the kernel) and shows the same outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from .helpers import ROOT
+
+NOTEBOOKS = ROOT / "notebooks"
+REPLAY_NOTE = re.compile(r"^\[durable_nb\] replayed this cell \(recorded .*\); skipped .*\n", re.M)
+# A background cell's value is its Job, shown before the run's task had a chance to start
+# (first run) or after the store already says the run completed (second run).
+JOB_STATUS = re.compile(r"(<durable_nb\.Job run_id='[^']*') status='[a-z]+'>")
+
+
+@pytest.fixture
+def kernel_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The kernel inherits this process's environment: an execution log, the default store."""
+    log = tmp_path / "executions.log"
+    monkeypatch.setenv("DURABLE_NB_EXEC_LOG", str(log))
+    monkeypatch.delenv("DURABLE_NB_STORE", raising=False)  # .durable_nb/ in the working dir
+    monkeypatch.delenv("DURABLE_NB_SCOPE", raising=False)
+    return log
+
+
+def execute(nb: nbformat.NotebookNode, workdir: Path) -> nbformat.NotebookNode:
+    """Run every cell in a fresh kernel whose working directory is ``workdir``; a cell that
+    raises fails the test (nbclient's CellExecutionError shows the traceback)."""
+    nb = copy.deepcopy(nb)  # the caller's notebook keeps no outputs
+    client = NotebookClient(
+        nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}
+    )
+    client.execute()
+    return nb
+
+
+def outputs(nb: nbformat.NotebookNode) -> list[dict[str, Any]]:
+    """What each code cell showed: its streams (joined, since how a stream is split into
+    messages depends on timing) and its rich outputs, without replay notes or timings."""
+    shown: list[dict[str, Any]] = []
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        streams: dict[str, str] = {}
+        data: list[tuple[str, str]] = []
+        for out in cell.outputs:
+            if out.output_type == "stream":
+                streams[out.name] = streams.get(out.name, "") + REPLAY_NOTE.sub("", out.text)
+            elif out.output_type in ("execute_result", "display_data"):
+                for mime in ("text/plain", "text/html"):
+                    if mime in out.data:
+                        data.append((mime, JOB_STATUS.sub(r"\1 status=...>", out.data[mime])))
+            else:
+                data.append((out.output_type, str(out.get("ename", ""))))
+        shown.append({"source": cell.source, "streams": streams, "data": data})
+    return shown
+
+
+def executions(log: Path) -> Counter[str]:
+    return Counter(log.read_text(encoding="utf-8").splitlines()) if log.exists() else Counter()
+
+
+def run_twice(
+    name: str, tmp_path: Path, log: Path
+) -> tuple[nbformat.NotebookNode, nbformat.NotebookNode, Counter[str]]:
+    """Execute ``notebooks/<name>.ipynb`` twice in ``tmp_path``; check that the second run
+    executed no effect and showed the same outputs; return both runs and the first's log."""
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    first = execute(nb, workdir)
+    executed = executions(log)
+    assert (workdir / ".durable_nb" / "store.duckdb").is_file()
+    second = execute(nb, workdir)
+    assert executions(log) == executed, "the second run executed effects again"
+    assert outputs(second) == outputs(first)
+    return first, second, executed
+
+
+def code_cell(nb: nbformat.NotebookNode, starts: str) -> nbformat.NotebookNode:
+    """The one code cell whose source starts with ``starts``."""
+    cells: list[nbformat.NotebookNode] = [
+        c for c in nb.cells if c.cell_type == "code" and c.source.startswith(starts)
+    ]
+    (cell,) = cells
+    return cell
+
+
+def cell_text(nb: nbformat.NotebookNode, starts: str) -> str:
+    """Everything that code cell showed, as text (streams and text/plain)."""
+    outs = code_cell(nb, starts).outputs
+    return "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in outs)
+
+
+@pytest.mark.parametrize("name", ["pipeline", "agent"])
+def test_committed_notebooks_are_valid_and_have_no_outputs(name: str) -> None:
+    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    nbformat.validate(nb)
+    first, second = nb.cells[0], nb.cells[1]
+    assert first.cell_type == "markdown" and first.source.startswith("# ")
+    assert second.cell_type == "code" and second.source == "%load_ext durable_nb"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.outputs == [] and c.execution_count is None for c in code)
+
+
+def test_pipeline_notebook_replays_everything_after_a_restart(
+    tmp_path: Path, kernel_env: Path
+) -> None:
+    first, second, executed = run_twice("pipeline", tmp_path, kernel_env)
+    downloads = [line for line in executed if line.startswith("download https://")]
+    assert len(downloads) == 4
+    assert executed == Counter([*downloads, "transform", "aggregate"])  # each exactly once
+
+    (result,) = code_cell(first, "%%durable pipeline").outputs
+    assert result.output_type == "execute_result"
+    assert "<table" in result.data["text/html"]  # the workflow's value: a DataFrame
+    assert re.search(r"^27 +Perth +7 ", result.data["text/plain"], re.M)
+    summary = cell_text(first, "%%effect")
+    assert summary.startswith("aggregated 28 readings from 4 cities\n")
+    assert re.search(r"^Lima +7 +15\.7 +14\.3 +0$", summary, re.M)
+    assert "[durable_nb] replayed this cell" not in summary
+    assert "[durable_nb] replayed this cell (recorded " in cell_text(second, "%%effect")
+
+
+def test_agent_notebook_waits_for_approval_and_replays_after_a_restart(
+    tmp_path: Path, kernel_env: Path
+) -> None:
+    first, _, executed = run_twice("agent", tmp_path, kernel_env)
+    assert len(executed) == 4 and set(executed.values()) == {1}  # 3 turns and the answer
+    assert all(re.fullmatch(r"model [0-9a-f]{12}", line) for line in executed)
+    assert "<durable_nb.Job run_id='agent'" in cell_text(first, "%%durable agent --background")
+    final = cell_text(first, "result = await job.wait()")
+    assert final.startswith(
+        "last status: {'stage': 'done', 'approved_by': 'notebook'}\n{'answer': "
+    )
+    assert "'turns': 3,\n 'approved_by': 'notebook'}" in final
