@@ -6,6 +6,8 @@ Exit codes: 0 success, 1 an error of durable_nb (the message says what to do), 2
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
 from typing import Any
 
@@ -120,6 +122,51 @@ def forget(ctx: click.Context, run_id: str) -> None:
     if not store.delete_run(run_id):
         raise errors.RunNotFoundError(f"no run {run_id!r} in the store {store.url!r}")
     click.echo(f"forgot {run_id}")
+
+
+@cli.command("install-kernel")
+@click.option(
+    "--user", is_flag=True, help="For the current user, where any Jupyter finds it (the default)."
+)
+@click.option(
+    "--sys-prefix",
+    is_flag=True,
+    help="Into this Python environment (sys.prefix), for a Jupyter installed in it.",
+)
+@click.option(
+    "--prefix",
+    type=click.Path(file_okay=False),
+    help="Under PREFIX/share/jupyter/kernels (Jupyter must have PREFIX/share/jupyter on its path).",
+)
+@click.option(
+    "--name",
+    default="durable",
+    show_default=True,
+    help="Name of the kernel spec; an existing spec of that name is replaced.",
+)
+def install_kernel(user: bool, sys_prefix: bool, prefix: str | None, name: str) -> None:
+    """Install the "Python 3 (durable)" Jupyter kernel: this Python with durable_nb loaded at
+    start, so %%effect, %%durable and %durable work without %load_ext."""
+    from . import _kernelspec
+
+    if user + sys_prefix + (prefix is not None) > 1:
+        raise click.UsageError("choose one of --user, --sys-prefix and --prefix")
+    if not re.fullmatch(r"[a-zA-Z0-9._-]+", name):
+        raise click.BadParameter(
+            f"{name!r} is not a kernel name; use letters, digits, '-', '.' and '_'",
+            param_hint="--name",
+        )
+    if sys_prefix:
+        prefix = sys.prefix
+    where, found = _kernelspec.install(name=name, user=prefix is None, prefix=prefix)
+    click.echo(f"installed kernel {_kernelspec.DISPLAY_NAME!r} as {name.lower()!r} in {where}")
+    click.echo(f"it runs {_kernelspec.interpreter()} with durable_nb loaded")
+    if not found:
+        share = os.path.dirname(os.path.dirname(where))
+        click.echo(
+            f"note: Jupyter does not look in {share}; add it to JUPYTER_PATH to use the kernel",
+            err=True,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

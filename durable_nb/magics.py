@@ -11,6 +11,7 @@ import ast
 import asyncio
 import builtins
 import importlib
+import io
 import json
 import os
 import sys
@@ -28,7 +29,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from . import _codecs, _hashing
 from .engine import runtime
 from .engine._workflow import Workflow, _start
-from .errors import DurableError, UnhashableInputError, UnstorableValueError
+from .errors import DurableError, RunNotFoundError, UnhashableInputError, UnstorableValueError
 from .store import EffectRecord
 from .trace import format_run, format_runs, run_info
 
@@ -294,10 +295,9 @@ class DurableMagics(Magics):
         top = runtime.top
         key4 = (identity, version, input_hash, top.next_occurrence(identity, input_hash))
         if bad:
-            warnings.warn(
+            self._warn(
                 f"%%effect: variable {bad[0]!r} has no content hash, so this cell is not "
-                "cached; pass its content (a path, an id) instead",
-                stacklevel=1,
+                "cached; pass its content (a path, an id) instead"
             )
             return self._run(tree)
         if not args.force:
@@ -309,6 +309,10 @@ class DurableMagics(Magics):
             result = self._run(tree)
         self._record(key4, writes, out, result, started, time.perf_counter() - t0)
         return result
+
+    def _warn(self, message: str) -> None:
+        """A warning that points at the cell and shows every time the cell runs."""
+        warnings.warn_explicit(message, UserWarning, self._filename(), 1, registry={})
 
     def _run(self, tree: ast.Module) -> Any:
         tree = _split_last_expression(tree)
@@ -336,16 +340,17 @@ class DurableMagics(Magics):
             if isinstance(value, type(sys)):
                 modules[name] = value.__name__
                 continue
+            if isinstance(value, io.IOBase) and value.closed:
+                continue  # `with open(...) as f` leaves a closed file: nothing to restore
             try:
                 payload = _codecs.encode(value, store.signer, what=f"variable {name!r}")
                 if payload.codec == "pickle":
                     _codecs.decode(payload, store.signer)  # e.g. a function of this notebook
             except Exception as e:
-                warnings.warn(
+                self._warn(
                     f"%%effect: variable {name!r} ({type(value).__name__}) cannot be stored "
                     f"({type(e).__name__}), so this cell will run again next time; "
-                    "assign it in another cell",
-                    stacklevel=1,
+                    "assign it in another cell"
                 )
                 return
             recs.append(
@@ -533,7 +538,14 @@ class DurableMagics(Magics):
         print(format_runs(runtime.store.list_runs()))
 
     def _show(self, run_id: str) -> None:
-        print(format_run(run_info(runtime.store, run_id)))
+        try:
+            info = run_info(runtime.store, run_id)
+        except RunNotFoundError:
+            raise UsageError(
+                f"no run {run_id!r} in the store {runtime.store.url!r}; list runs with "
+                "%durable runs"
+            ) from None
+        print(format_run(info))
 
     def _signal(self, run_id: str, name: str, payload: str = "null") -> None:
         try:

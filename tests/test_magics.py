@@ -252,3 +252,15 @@ def test_tracebacks_show_the_cells_lines(ip: InteractiveShell) -> None:
 
     text = "".join(traceback.format_exception(res.error_in_exec))
     assert "raise ValueError('from the cell')" in text
+
+
+def test_a_closed_file_from_a_with_block_does_not_stop_caching(
+    ip: InteractiveShell, tmp_path: Any
+) -> None:
+    (tmp_path / "data.txt").write_text("hello")
+    ip.user_ns["path"] = str(tmp_path / "data.txt")
+    cell = "%%effect\nwith open(path) as f:\n    text = f.read()\ntick(text)\n"
+    run(ip, cell)
+    run(ip, cell)
+    assert ip.user_ns["calls"] == ["hello"]
+    assert ip.user_ns["text"] == "hello"
