@@ -183,19 +183,22 @@ class EffectFunction(Generic[P, R]):
         return functools.partial(cast(Any, self), obj)
 
     # -------------------------------------------------------------- the call
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+    def _locate(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[RunState | TopScope, Key4, int, EffectRecord | None]:
+        """Decide the call's key now, at call time (so occurrences follow call order), and
+        find its record: ``(scope, key, seq, record or None)``."""
         scope: RunState | TopScope = current_scope.get() or runtime.top
         if self.shared:
             scope = runtime.shared
         input_hash = self._binder.input_hash(args, kwargs)
-        key4 = (
-            self.identity,
-            self.version,
-            input_hash,
-            scope.next_occurrence(self.identity, input_hash),
-        )
+        occurrence = scope.next_occurrence(self.identity, input_hash)
+        key4 = (self.identity, self.version, input_hash, occurrence)
         seq = scope.next_seq()
-        rec = scope.lookup(key4, seq)
+        return scope, key4, seq, scope.lookup(key4, seq)
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        scope, key4, seq, rec = self._locate(args, kwargs)
         if self.is_async:
             if rec is not None:
                 return cast(R, _replayed(scope, rec))
@@ -213,18 +216,7 @@ class EffectFunction(Generic[P, R]):
         timeout: float | None = None,
     ) -> Awaitable[Any]:
         """The ``ctx.run`` form: an awaitable; a sync function runs in a worker thread."""
-        scope: RunState | TopScope = current_scope.get() or runtime.top
-        if self.shared:
-            scope = runtime.shared
-        input_hash = self._binder.input_hash(args, kwargs)
-        key4 = (
-            self.identity,
-            self.version,
-            input_hash,
-            scope.next_occurrence(self.identity, input_hash),
-        )
-        seq = scope.next_seq()
-        rec = scope.lookup(key4, seq)
+        scope, key4, seq, rec = self._locate(args, kwargs)
         if rec is not None:
             return _replayed(scope, rec)
         return self._execute_async(
