@@ -305,60 +305,41 @@ class EffectFunction(Generic[P, R]):
         timeout = timeout or self.timeout
         attempts = retry.attempts if retry else 1
         started, t0 = clock.time(), time.perf_counter()
-        scope.inflight += 1
+        scope.inflight += 1  # while >1 effects are in flight, completions share a write
         try:
-            return await self._attempts(
-                scope, key4, seq, args, kwargs, in_thread, retry, timeout, attempts, started, t0
-            )
+            failures = 0
+            while True:
+                try:
+                    if in_thread:
+                        aw: Awaitable[Any] = asyncio.to_thread(self.fn, *args, **kwargs)
+                    else:
+                        aw = cast(Awaitable[Any], self.fn(*args, **kwargs))
+                    if timeout is not None:
+                        try:
+                            result = await asyncio.wait_for(aw, timeout)
+                        except asyncio.TimeoutError:
+                            raise EffectTimeoutError(
+                                f"effect {self.identity} did not finish within timeout={timeout:g}s; "
+                                "raise the timeout or make the work smaller"
+                            ) from None
+                    else:
+                        result = await aw
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except BaseException as e:
+                    failures += 1
+                    if retry and failures < attempts and isinstance(e, retry.retry_on):
+                        scope.note_failure(key4, seq, e, started)
+                        await clock.sleep(retry.delay(failures))
+                        continue
+                    self._fail(scope, key4, seq, e, started, t0, args, kwargs)
+                    raise
+            rec, _ = self._make_record(scope, key4, seq, result, False, started, t0, args, kwargs)
+            await scope.record_async(rec)
+            return result
         finally:
             scope.inflight -= 1
-
-    async def _attempts(
-        self,
-        scope: RunState | TopScope,
-        key4: Key4,
-        seq: int,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        in_thread: bool,
-        retry: Retry | None,
-        timeout: float | None,
-        attempts: int,
-        started: float,
-        t0: float,
-    ) -> Any:
-        clock = runtime.clock
-        failures = 0
-        while True:
-            try:
-                if in_thread:
-                    aw: Awaitable[Any] = asyncio.to_thread(self.fn, *args, **kwargs)
-                else:
-                    aw = cast(Awaitable[Any], self.fn(*args, **kwargs))
-                if timeout is not None:
-                    try:
-                        result = await asyncio.wait_for(aw, timeout)
-                    except asyncio.TimeoutError:
-                        raise EffectTimeoutError(
-                            f"effect {self.identity} did not finish within timeout={timeout:g}s; "
-                            "raise the timeout or make the work smaller"
-                        ) from None
-                else:
-                    result = await aw
-                break
-            except asyncio.CancelledError:
-                raise
-            except BaseException as e:
-                failures += 1
-                if retry and failures < attempts and isinstance(e, retry.retry_on):
-                    scope.note_failure(key4, seq, e, started)
-                    await clock.sleep(retry.delay(failures))
-                    continue
-                self._fail(scope, key4, seq, e, started, t0, args, kwargs)
-                raise
-        rec, _ = self._make_record(scope, key4, seq, result, False, started, t0, args, kwargs)
-        await scope.record_async(rec)
-        return result
 
     def _fail(
         self,
