@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import inspect
 import json
@@ -19,6 +20,7 @@ import random as _random
 import threading
 import time
 import uuid as _uuid
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime, timezone
 from typing import Any, Generic, ParamSpec, TypeVar, cast, overload
@@ -30,6 +32,7 @@ from ..errors import (
     DurableError,
     NonDeterminismError,
     RunCancelledError,
+    RunLockedError,
     RunNotFoundError,
     SignalTimeoutError,
     UnstorableValueError,
@@ -438,17 +441,16 @@ class Context:
         ih = _hashing.hash_value(name).hex()
         key4, seq, rec = self._step("dn.signal", ih)
         deadline = None
-        if timeout is not None:  # taken on replay too, so occurrences stay aligned
+        if timeout is not None:  # the deadline step is taken on replay too: occurrences align
             dkey, dseq, drec = self._step("dn.signal_deadline", ih)
-            if rec is not None:
-                pass
-            elif drec is not None:
+        if rec is not None:
+            return replay(st, rec)
+        if timeout is not None:
+            if drec is not None:
                 deadline = float(replay(st, drec))
             else:
                 deadline = clock.time() + timeout
                 self._record(dkey, dseq, deadline, "deadline", json.dumps({"signal": name}))
-        if rec is not None:
-            return replay(st, rec)
         waiting = False
         try:
             while True:
@@ -522,29 +524,23 @@ class Context:
         return result
 
 
-_adhoc: dict[Any, EffectFunction[..., Any]] = {}
+# the EffectFunction made for a plain callable passed to ctx.run, kept as long as the callable
+# lives (a lambda made per call must not pile up here)
+_adhoc: weakref.WeakKeyDictionary[Any, EffectFunction[..., Any]] = weakref.WeakKeyDictionary()
 _adhoc_lock = threading.Lock()
 
 
 def _as_effect(fn: Callable[..., Any]) -> EffectFunction[..., Any]:
     if isinstance(fn, EffectFunction):
         return fn
-    try:
-        return _adhoc[fn]
-    except (KeyError, TypeError):
-        pass
-    eff: EffectFunction[..., Any] = EffectFunction(fn)
-    with _adhoc_lock, _suppress_type_error():
+    with _adhoc_lock, contextlib.suppress(TypeError):  # unhashable or not weakly referable
+        eff = _adhoc.get(fn)
+        if eff is not None:
+            return eff
+    eff = EffectFunction(fn)
+    with _adhoc_lock, contextlib.suppress(TypeError):
         _adhoc[fn] = eff
     return eff
-
-
-class _suppress_type_error:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, tp: object, exc: object, tb: object) -> bool:
-        return tp is TypeError
 
 
 class Workflow(Generic[P, R]):
@@ -789,8 +785,6 @@ def cancel(run_id: str, reason: str = "cancelled") -> None:
             return
     signal(run_id, CANCEL_SIGNAL, reason)
     if live is None:
-        from ..errors import RunLockedError
-
         try:
             lease = runtime.store.acquire_run(run_id, runtime.owner)
         except RunLockedError:

@@ -830,8 +830,10 @@ class DuckDBStore:
             # before this process reads the run's history
             with self._dblock:
                 self._check_open()
-                self._connect()
-                self._recover_journals()
+                if self._con is None:
+                    self._connect()  # opening recovers dead journals already
+                else:
+                    self._recover_journals()
         except BaseException:
             os.close(fd)
             raise
