@@ -266,6 +266,7 @@ class EffectFunction(Generic[P, R]):
         retry = self.retry
         attempts = retry.attempts if retry else 1
         started, t0 = clock.time(), time.perf_counter()
+        scope.note_start(key4, seq, preview_args(args, kwargs))
         failures = 0
         while True:
             try:
@@ -305,6 +306,7 @@ class EffectFunction(Generic[P, R]):
         timeout = timeout or self.timeout
         attempts = retry.attempts if retry else 1
         started, t0 = clock.time(), time.perf_counter()
+        scope.note_start(key4, seq, preview_args(args, kwargs))
         scope.inflight += 1  # while >1 effects are in flight, completions share a write
         try:
             failures = 0

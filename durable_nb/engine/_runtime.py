@@ -70,6 +70,9 @@ class TopScope:
     def note_failure(self, key4: Key4, seq: int, exc: BaseException, started: float) -> None:
         return None
 
+    def note_start(self, key4: Key4, seq: int, detail: str) -> None:
+        return None
+
     def reset(self) -> None:
         """Count occurrences afresh (called before each notebook cell executes)."""
         self._counts.clear()

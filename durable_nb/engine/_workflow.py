@@ -131,6 +131,37 @@ class RunState:
         self.inbox_token = inbox_token
         self.last_poll = time.monotonic()
         self.cancel_reason: str | None = None
+        self.listeners = job._listeners  # shared: subscribing before the run starts works
+
+    # live observers (widgets) -----------------------------------------------------------
+    def emit(self, kind: str, data: dict[str, Any]) -> None:
+        """Tell the job's listeners what just happened (``kind``: step, status, event).
+
+        Listeners run on the run's loop and must be quick (a widget batches what it gets);
+        one that raises is dropped so it cannot break the run."""
+        if not self.listeners:
+            return
+        msg = {"kind": kind, "run_id": self.run_id, "ts": runtime.clock.time(), **data}
+        for fn in list(self.listeners):
+            try:
+                fn(msg)
+            except Exception:
+                with contextlib.suppress(ValueError):
+                    self.listeners.remove(fn)
+
+    def _emit_step(self, rec: EffectRecord, state: str) -> None:
+        self.emit(
+            "step",
+            {
+                "seq": rec.seq,
+                "step": rec.kind,
+                "name": rec.identity,
+                "state": state,
+                "duration": rec.duration,
+                "args": rec.detail,
+                "error": rec.is_error,
+            },
+        )
 
     # scope interface -------------------------------------------------------------
     def next_occurrence(self, identity: str, input_hash: str) -> int:
@@ -208,15 +239,38 @@ class RunState:
     def _recorded(self, rec: EffectRecord) -> None:
         self.index[(rec.identity, rec.version, rec.input_hash, rec.occurrence)] = rec
         self.executed += 1
+        if self.listeners:
+            self._emit_step(rec, "failed" if rec.is_error else "executed")
         if time.monotonic() - self.last_poll > _INBOX_POLL:
             self.poll_inbox()
 
     def note_replay(self, rec: EffectRecord) -> None:
         self.replayed += 1
         self.saved += rec.duration
+        if self.listeners:
+            self._emit_step(rec, "replayed")
 
     def note_failure(self, key4: Key4, seq: int, exc: BaseException, started: float) -> None:
         self.event("step_failed", {"identity": key4[0], "seq": seq, "error": repr(exc)[:500]})
+        if self.listeners:
+            self.emit(
+                "step",
+                {
+                    "seq": seq,
+                    "step": "effect",
+                    "name": key4[0],
+                    "state": "failed",
+                    "duration": runtime.clock.time() - started,
+                    "error": repr(exc)[:500],
+                },
+            )
+
+    def note_start(self, key4: Key4, seq: int, detail: str) -> None:
+        if self.listeners:
+            self.emit(
+                "step",
+                {"seq": seq, "step": "effect", "name": key4[0], "state": "running", "args": detail},
+            )
 
     # signals -----------------------------------------------------------------------
     def deliver(self, sig: SignalRecord) -> None:
@@ -261,8 +315,12 @@ class RunState:
         rec.detail = json.dumps(detail) if detail else ""
         rec.updated_at = runtime.clock.time()
         runtime.store.put_run(rec)
+        if self.listeners:
+            self.emit("status", {"status": status, "detail": detail or {}})
 
     def event(self, kind: str, data: dict[str, Any] | None = None) -> None:
+        if self.listeners:
+            self.emit("event", {"event": kind, "data": data or {}})
         runtime.store.append_events(
             [
                 EventRecord(
@@ -630,12 +688,27 @@ class Job(Generic[R]):
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._state: RunState | None = None
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
 
     def __repr__(self) -> str:
         return f"<durable_nb.Job run_id={self.run_id!r} status={self.status()!r}>"
 
     def done(self) -> bool:
         return self._future.done()
+
+    def subscribe(self, listener: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
+        """Call ``listener(message)`` for each step, status change and event of this run
+        while it executes in this process (on the run's loop; keep it quick). Returns a
+        function that unsubscribes."""
+        if not callable(listener):
+            raise ArgumentTypeError(f"listener must be callable, got {listener!r}")
+        self._listeners.append(listener)
+
+        def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):
+                self._listeners.remove(listener)
+
+        return unsubscribe
 
     async def wait(self) -> R:
         """Wait for the run's result (re-raises its error with the original type)."""

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 from ..errors import ArgumentError, ArgumentTypeError, StoreUnavailableError
 from ._memory import MemoryStore
 from ._protocol import (
+    FINAL_STATUSES,
+    RUN_STATUSES,
     EffectKey,
     EffectRecord,
     EventRecord,
@@ -20,6 +22,7 @@ from ._protocol import (
     RunStatus,
     SignalRecord,
     Store,
+    run_scopes,
 )
 
 if TYPE_CHECKING:
@@ -27,6 +30,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_STORE_PATH",
+    "FINAL_STATUSES",
+    "RUN_STATUSES",
     "EffectKey",
     "EffectRecord",
     "EventRecord",
@@ -38,6 +43,7 @@ __all__ = [
     "Store",
     "default_store_url",
     "open_store",
+    "run_scopes",
 ]
 
 DEFAULT_STORE_PATH = os.path.join(".durable_nb", "store.duckdb")

@@ -5,18 +5,21 @@ from __future__ import annotations
 import os
 import secrets
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ..errors import RunLockedError
 from ._protocol import (
+    FINAL_STATUSES,
     EffectKey,
     EffectRecord,
     EventRecord,
     RunLease,
     RunRecord,
     SignalRecord,
+    run_scopes,
 )
 
 if TYPE_CHECKING:
@@ -39,6 +42,8 @@ class MemoryStore:
         self._events: dict[str, dict[str, EventRecord]] = {}
         self._leases: dict[str, str] = {}
         self._inbox: dict[str, int] = {}
+        self._claims: dict[EffectKey, tuple[str, float]] = {}
+        self._work = threading.Condition(self._lock)
         self._closed = False
 
     @property
@@ -75,6 +80,8 @@ class MemoryStore:
     def put_run(self, run: RunRecord) -> None:
         with self._lock:
             self._runs[run.run_id] = replace(run)
+        if run.status == "queued":
+            self._wake()
 
     def get_run(self, run_id: str) -> RunRecord | None:
         with self._lock:
@@ -82,7 +89,14 @@ class MemoryStore:
             return replace(run) if run is not None else None
 
     def list_runs(
-        self, *, status: str | None = None, workflow: str | None = None, limit: int = 1000
+        self,
+        *,
+        status: str | None = None,
+        workflow: str | None = None,
+        parent_id: str | None = None,
+        updated_after: float | None = None,
+        updated_before: float | None = None,
+        limit: int = 1000,
     ) -> list[RunRecord]:
         with self._lock:
             runs = [
@@ -90,6 +104,9 @@ class MemoryStore:
                 for r in self._runs.values()
                 if (status is None or r.status == status)
                 and (workflow is None or r.workflow == workflow)
+                and (parent_id is None or r.parent_id == parent_id)
+                and (updated_after is None or r.updated_at >= updated_after)
+                and (updated_before is None or r.updated_at < updated_before)
             ]
         runs.sort(key=lambda r: (r.created_at, r.run_id), reverse=True)
         return runs[:limit]
@@ -99,8 +116,69 @@ class MemoryStore:
             existed = self._runs.pop(run_id, None) is not None
             self._signals.pop(run_id, None)
             self._events.pop(run_id, None)
-        self.delete_effects("run/" + run_id)
+            for scope in run_scopes(run_id):
+                self.delete_effects(scope)
         return existed
+
+    def reset_run(self, run: RunRecord, consumed_signals: Sequence[str]) -> None:
+        with self._lock:
+            self._runs[run.run_id] = replace(run)
+            self.delete_effects("run/" + run.run_id)
+            sigs = self._signals.get(run.run_id, {})
+            for sid in consumed_signals:
+                sigs.pop(sid, None)
+
+    def claim_run(self, owner: str, workflows: Sequence[str]) -> tuple[RunRecord, RunLease] | None:
+        wanted = set(workflows)
+        with self._lock:
+            candidates = sorted(
+                (
+                    r
+                    for r in self._runs.values()
+                    if r.workflow in wanted
+                    and r.status not in FINAL_STATUSES
+                    and r.run_id not in self._leases
+                ),
+                key=lambda r: (r.created_at, r.run_id),
+            )
+            for run in candidates:
+                lease = self.acquire_run(run.run_id, owner)
+                return replace(run), lease
+        return None
+
+    def wait_for_work(self, timeout: float) -> None:
+        with self._work:
+            self._work.wait(timeout)
+
+    def _wake(self) -> None:
+        with self._work:
+            self._work.notify_all()
+
+    def prune_effects(self, scope_prefix: str, older_than: float) -> int:
+        with self._lock:
+            doomed = [
+                k
+                for k, r in self._effects.items()
+                if k[0].startswith(scope_prefix) and r.started_at < older_than
+            ]
+            for k in doomed:
+                del self._effects[k]
+            return len(doomed)
+
+    def claim_effect(self, key: EffectKey, owner: str, seconds: float) -> bool:
+        now = time.time()
+        with self._lock:
+            held = self._claims.get(key)
+            if held is not None and held[0] != owner and held[1] > now:
+                return False
+            self._claims[key] = (owner, now + seconds)
+            return True
+
+    def release_effect(self, key: EffectKey, owner: str) -> None:
+        with self._lock:
+            held = self._claims.get(key)
+            if held is not None and held[0] == owner:
+                del self._claims[key]
 
     def acquire_run(self, run_id: str, owner: str) -> RunLease:
         with self._lock:
@@ -116,6 +194,7 @@ class MemoryStore:
             with self._lock:
                 if self._leases.get(run_id) == owner:
                     del self._leases[run_id]
+            self._wake()
 
         return RunLease(run_id, owner, release)
 
@@ -123,6 +202,7 @@ class MemoryStore:
         with self._lock:
             self._signals.setdefault(signal.run_id, {})[signal.signal_id] = replace(signal)
             self._inbox[signal.run_id] = self._inbox.get(signal.run_id, 0) + 1
+        self._wake()
 
     def list_signals(self, run_id: str) -> list[SignalRecord]:
         with self._lock:

@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     from .._codecs import Payload, Signer
 
 __all__ = [
+    "FINAL_STATUSES",
+    "RUN_STATUSES",
     "EffectKey",
     "EffectRecord",
     "EventRecord",
@@ -22,10 +24,13 @@ __all__ = [
     "RunStatus",
     "SignalRecord",
     "Store",
+    "run_scopes",
 ]
 
-RunStatus = Literal["running", "waiting", "completed", "failed", "cancelled"]
-RUN_STATUSES: tuple[str, ...] = ("running", "waiting", "completed", "failed", "cancelled")
+RunStatus = Literal["queued", "running", "waiting", "completed", "failed", "cancelled"]
+RUN_STATUSES: tuple[str, ...] = ("queued", "running", "waiting", "completed", "failed", "cancelled")
+#: a run in one of these statuses will not progress again (unless restarted)
+FINAL_STATUSES: tuple[str, ...] = ("completed", "failed", "cancelled")
 
 #: ``(scope, identity, version, input_hash, occurrence)`` — SPEC 2, "effect key".
 EffectKey = tuple[str, str, str, str, int]
@@ -36,7 +41,10 @@ class EffectRecord:
     """One recorded step: an effect's result or error, or an engine step (timer, signal...).
 
     ``scope`` is ``"run/<run id>"`` inside a run, ``"top/<name>"`` for a notebook or
-    script, ``"shared"`` for ``@effect(shared=True)``.
+    script, ``"shared"`` for ``@effect(shared=True)``. A run also owns two auxiliary scopes
+    (see :func:`run_scopes`): ``"kv/<run id>"`` (its key/value state, one record per key,
+    ``identity`` = the key) and ``"stream/<run id>"`` (its streams, ``identity`` = the
+    stream's name, ``occurrence`` = the chunk's position).
     """
 
     scope: str
@@ -76,6 +84,13 @@ class RunRecord:
     detail: str = ""  # JSON text: what the run waits on, last error summary...
     input_hash: str = ""  # of the arguments of its last execution
     code_version: str = ""  # of the workflow's code at its last execution
+    generation: int = 0  # how many times it continued as new (ctx.continue_as_new)
+    version: str = ""  # the workflow version it started on (@durable(version=...))
+
+
+def run_scopes(run_id: str) -> tuple[str, str, str]:
+    """The effect scopes a run owns: its history, its key/value state and its streams."""
+    return ("run/" + run_id, "kv/" + run_id, "stream/" + run_id)
 
 
 @dataclass(slots=True)
@@ -175,17 +190,66 @@ class Store(Protocol):
     def get_run(self, run_id: str) -> RunRecord | None: ...
 
     def list_runs(
-        self, *, status: str | None = None, workflow: str | None = None, limit: int = 1000
+        self,
+        *,
+        status: str | None = None,
+        workflow: str | None = None,
+        parent_id: str | None = None,
+        updated_after: float | None = None,
+        updated_before: float | None = None,
+        limit: int = 1000,
     ) -> list[RunRecord]:
-        """Runs, newest first, optionally filtered."""
+        """Runs, newest (``created_at``) first, filtered by every argument that is not None
+        (``updated_after <= updated_at < updated_before``)."""
         ...
 
     def delete_run(self, run_id: str) -> bool:
-        """Forget a run with its effects, signals and events; ``False`` if it did not exist."""
+        """Forget a run with every scope it owns (:func:`run_scopes`), its signals and events;
+        ``False`` if it did not exist."""
+        ...
+
+    def reset_run(self, run: RunRecord, consumed_signals: Sequence[str]) -> None:
+        """Continue a run as new, atomically: replace its record with ``run``, forget its
+        history (scope ``run/<id>``; its kv and stream scopes stay) and delete the signals
+        whose ids are given (the ones its old history consumed). Durable on return; after a
+        crash either all of it happened or none."""
         ...
 
     def acquire_run(self, run_id: str, owner: str) -> RunLease:
-        """Take the exclusive right to execute a run or raise ``RunLockedError`` naming the holder."""
+        """Take the exclusive right to execute a run or raise ``RunLockedError`` naming the
+        holder. A holder that dies (or, for a networked store, stops renewing its lease)
+        loses it."""
+        ...
+
+    def claim_run(self, owner: str, workflows: Sequence[str]) -> tuple[RunRecord, RunLease] | None:
+        """For workers: take a run whose workflow is one of ``workflows`` and that needs an
+        executor — ``queued``, or ``running``/``waiting`` with no live holder — acquiring its
+        lease; oldest first. ``None`` when there is none. Never returns a run another holder
+        executes."""
+        ...
+
+    def wait_for_work(self, timeout: float) -> None:
+        """Block up to ``timeout`` seconds, returning early when a run may have become
+        claimable (a run was queued, a signal sent, a lease released). May return early
+        spuriously."""
+        ...
+
+    # effect maintenance ------------------------------------------------------------------
+    def prune_effects(self, scope_prefix: str, older_than: float) -> int:
+        """Delete effect records whose scope starts with ``scope_prefix`` and that were
+        recorded (``started_at``) before ``older_than``; returns how many. For ``gc`` of
+        cached effects (prefixes ``"top/"`` and ``"shared"``)."""
+        ...
+
+    def claim_effect(self, key: EffectKey, owner: str, seconds: float) -> bool:
+        """For shared effects: ``True`` if the caller may execute the effect of ``key`` now
+        (nobody else claimed it in the last ``seconds``, or the claim is the caller's own);
+        ``False`` if another owner holds a live claim (wait for its record, then claim again).
+        Claims are advisory: a store that cannot coordinate may always return ``True``."""
+        ...
+
+    def release_effect(self, key: EffectKey, owner: str) -> None:
+        """Drop the caller's claim on ``key`` (after recording it, or on failure)."""
         ...
 
     # signals and events ----------------------------------------------------------------
