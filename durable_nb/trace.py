@@ -1,51 +1,303 @@
-"""Runs and their journals as plain data and text: shared by the CLI and the notebook magics."""
+"""A run's journal as trace data and text: the one reading of runs shared by the CLI, the admin
+:class:`~durable_nb.client.Client`, the notebook magics and the widgets.
+
+:func:`run_trace` is the contract the widgets code against; everything in it is JSON data.
+It reads only through the :class:`~durable_nb.store.Store` protocol, so it works on any store,
+and it never imports user code: a recorded error is described from its signed record
+without rebuilding the exception.
+"""
 
 from __future__ import annotations
 
+import io
 import json
+import pickle
 import time
+from collections.abc import Iterable
 from typing import Any
 
-from .errors import RunNotFoundError
-from .store import RunRecord, Store
+from .errors import PayloadIntegrityError, RunNotFoundError
+from .store import EffectRecord, EventRecord, RunRecord, Store
 
-__all__ = ["format_run", "format_runs", "run_info"]
+__all__ = [
+    "EXECUTION_EVENTS",
+    "describe_error",
+    "format_history",
+    "format_run",
+    "format_runs",
+    "format_trace",
+    "run_history",
+    "run_info",
+    "run_trace",
+]
+
+#: events that open an execution of a run; the last one opens the latest execution
+EXECUTION_EVENTS = ("started", "resumed")
+_EVENT_RANK = {k: 0 for k in EXECUTION_EVENTS} | {
+    k: 2 for k in ("completed", "failed", "cancelled", "interrupted", "continued_as_new")
+}
+_CANCEL_SIGNAL = "__cancel__"  # the engine's reserved signal, shown as the run's status instead
+_ERROR_CODECS = ("error",)
 
 
 def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
-def run_info(store: Store, run_id: str) -> dict[str, Any]:
-    """A run's status, custom status and recorded steps, as JSON-ready data."""
-    rec = store.get_run(run_id)
-    if rec is None:
-        raise RunNotFoundError(
-            f"no run {run_id!r} in the store {store.url!r}; list runs with `durable-nb runs`"
-        )
-    steps = store.load_effects("run/" + run_id)
+def _json(text: str) -> Any:
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:  # a store written by hand or by a newer version: show it raw
+        return text
+
+
+def _not_found(store: Store, run_id: str) -> RunNotFoundError:
+    return RunNotFoundError(
+        f"no run {run_id!r} in the store {store.url!r}; list runs with `durable-nb runs`"
+    )
+
+
+class _NoImports(pickle.Unpickler):
+    """Unpickles plain containers only: an error record is a dict of str, bytes and None, and
+    reading it for a trace must never import (let alone run) the code that raised."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"{module}.{name} is not plain data")
+
+
+def describe_error(rec: EffectRecord, store: Store) -> str:
+    """``Type('message')`` of a recorded error, read without rebuilding the exception."""
+    if rec.payload.codec not in _ERROR_CODECS:
+        return "error"
+    try:
+        data = store.signer.verify(rec.payload.data, what="a stored error")
+        record = _NoImports(io.BytesIO(data)).load()
+        return f"{record['qualname']}({record['message']!r})"
+    except PayloadIntegrityError:
+        return "error (its record is signed by another key and was not read)"
+    except Exception as e:  # a damaged or newer record: the trace still shows the rest
+        return f"error (its record cannot be read: {type(e).__name__})"
+
+
+def _run_dict(rec: RunRecord) -> dict[str, Any]:
     return {
         "run_id": rec.run_id,
         "workflow": rec.workflow,
         "status": rec.status,
+        "custom_status": _json(rec.custom_status or ""),
+        "status_version": rec.status_version,
+        "parent_id": rec.parent_id,
         "executions": rec.executions,
         "created_at": rec.created_at,
         "updated_at": rec.updated_at,
-        "parent_id": rec.parent_id,
-        "detail": json.loads(rec.detail) if rec.detail else None,
-        "custom_status": json.loads(rec.custom_status) if rec.custom_status else None,
-        "steps": [
-            {
-                "seq": s.seq,
-                "kind": s.kind,
-                "name": s.identity,
-                "args": s.detail,
-                "duration_s": round(s.duration, 6),
-                "error": s.is_error,
-            }
-            for s in steps
-        ],
+        "detail": _json(rec.detail),
+        "generation": rec.generation,
+        "version": rec.version,
     }
+
+
+def _waiting(status: str, detail: Any) -> list[dict[str, Any]]:
+    """What a waiting run waits on, from its record's detail.
+
+    The engine writes ``{"signal": name}`` or ``{"timer_until": iso}``; lists under
+    ``signals`` / ``timers`` or a ready-made ``waiting`` list are read too, so a run waiting
+    on several things at once (``ctx.all``) shows all of them."""
+    if status != "waiting" or not isinstance(detail, dict):
+        return []
+    out: list[dict[str, Any]] = []
+    ready = detail.get("waiting")
+    if isinstance(ready, list):
+        out += [w for w in ready if isinstance(w, dict) and "kind" in w]
+    names = detail.get("signals")
+    names = names if isinstance(names, list) else []
+    if isinstance(detail.get("signal"), str):
+        names = [detail["signal"], *names]
+    out += [{"kind": "signal", "name": n} for n in names if isinstance(n, str)]
+    untils = detail.get("timers")
+    untils = untils if isinstance(untils, list) else []
+    if isinstance(detail.get("timer_until"), str):
+        untils = [detail["timer_until"], *untils]
+    out += [{"kind": "timer", "until": u} for u in untils if isinstance(u, str)]
+    return out
+
+
+def _consumed_signal(rec: EffectRecord) -> str | None:
+    if rec.kind != "signal":
+        return None
+    detail = _json(rec.detail)
+    sid = detail.get("signal_id") if isinstance(detail, dict) else None
+    return sid if isinstance(sid, str) else None
+
+
+def _event_dict(ev: EventRecord) -> dict[str, Any]:
+    data = _json(ev.data)
+    return {"ts": ev.ts, "kind": ev.kind, "data": data if data is not None else {}}
+
+
+def run_trace(store: Store, run_id: str) -> dict[str, Any]:
+    """A run as JSON-ready trace data, read from ``store``.
+
+    The shape (the widgets code against it; keep it stable)::
+
+        {"run": {run_id, workflow, status, custom_status, status_version, parent_id,
+                 executions, created_at, updated_at, detail, generation, version},
+         "steps": [{seq, kind, name, state, started_at, duration, args, error, attempts}],
+         "waiting": [{"kind": "signal", "name": ...} | {"kind": "timer", "until": ...}],
+         "pending_signals": [name, ...],
+         "children": [run_id, ...],
+         "events": [{ts, kind, data}],
+         "totals": {steps, executed, replayed, failed, saved_seconds}}
+
+    ``steps`` are in ``seq`` order. A step's ``state`` is ``"executed"`` when it was recorded
+    by the latest execution (the one opened by the last ``started``/``resumed`` event),
+    ``"replayed"`` when an earlier execution recorded it, ``"failed"`` for a recorded error,
+    and also for a step whose last attempt failed (``step_failed`` event) in the latest
+    execution of a run that is no longer running, when no record exists for it (an error
+    that is not cached leaves no record). ``attempts`` is the number of ``step_failed``
+    events of the step plus one. ``error`` is ``"Type('message')"`` or ``None``.
+    ``totals.saved_seconds`` is the time the replayed steps took when they executed.
+
+    Raises :class:`~durable_nb.errors.RunNotFoundError` if the store has no such run.
+    """
+    rec = store.get_run(run_id)
+    if rec is None:
+        raise _not_found(store, run_id)
+    records = store.load_effects("run/" + run_id)
+    events = [_event_dict(e) for e in store.load_events(run_id)]
+    # events of one instant come back in event-id order, which says nothing about their order
+    # (the clock's resolution, or a fake clock, gives them one timestamp): an execution's
+    # opening event goes first and its closing one last
+    events.sort(key=lambda e: (e["ts"], _EVENT_RANK.get(e["kind"], 1)))
+    starts = [e["ts"] for e in events if e["kind"] in EXECUTION_EVENTS]
+    latest = starts[-1] if starts else float("-inf")
+
+    failures: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for e in events:
+        d = e["data"]
+        if e["kind"] == "step_failed" and isinstance(d, dict) and isinstance(d.get("seq"), int):
+            failures.setdefault((d["seq"], str(d.get("identity", ""))), []).append(e)
+
+    steps: list[dict[str, Any]] = []
+    recorded: set[tuple[int, str]] = set()
+    for r in records:
+        recorded.add((r.seq, r.identity))
+        if r.is_error:
+            state, error = "failed", describe_error(r, store)
+        else:
+            state, error = ("executed" if r.started_at >= latest else "replayed"), None
+        steps.append(
+            {
+                "seq": r.seq,
+                "kind": r.kind,
+                "name": r.identity,
+                "state": state,
+                "started_at": r.started_at,
+                "duration": r.duration,
+                "args": r.detail,
+                "error": error,
+                "attempts": len(failures.get((r.seq, r.identity), ())) + 1,
+            }
+        )
+    if rec.status != "running":
+        for (seq, identity), evs in failures.items():
+            last = evs[-1]
+            if (seq, identity) in recorded or last["ts"] < latest:
+                continue
+            steps.append(
+                {
+                    "seq": seq,
+                    "kind": "effect",
+                    "name": identity,
+                    "state": "failed",
+                    "started_at": last["ts"],
+                    "duration": 0.0,
+                    "args": "",
+                    "error": str(last["data"].get("error", "")) or None,
+                    "attempts": len(evs),
+                }
+            )
+    steps.sort(key=lambda s: (s["seq"], s["started_at"]))
+
+    consumed = {sid for r in records if (sid := _consumed_signal(r)) is not None}
+    pending = [
+        s.name
+        for s in store.list_signals(run_id)
+        if s.signal_id not in consumed and s.name != _CANCEL_SIGNAL
+    ]
+    children = sorted(
+        store.list_runs(parent_id=run_id, limit=1_000_000), key=lambda c: (c.created_at, c.run_id)
+    )
+    run = _run_dict(rec)
+    counts = {state: sum(s["state"] == state for s in steps) for state in _STATES}
+    return {
+        "run": run,
+        "steps": steps,
+        "waiting": _waiting(rec.status, run["detail"]),
+        "pending_signals": pending,
+        "children": [c.run_id for c in children],
+        "events": events,
+        "totals": {
+            "steps": len(steps),
+            **counts,
+            "saved_seconds": round(
+                sum(s["duration"] for s in steps if s["state"] == "replayed"), 6
+            ),
+        },
+    }
+
+
+_STATES = ("executed", "replayed", "failed")
+
+
+def run_info(store: Store, run_id: str) -> dict[str, Any]:
+    """A run's record with its steps, waits, children and totals in one flat object (what
+    ``durable-nb show --json`` prints): :func:`run_trace` without the events."""
+    trace = run_trace(store, run_id)
+    return {
+        **trace["run"],
+        "waiting": trace["waiting"],
+        "pending_signals": trace["pending_signals"],
+        "children": trace["children"],
+        "totals": trace["totals"],
+        "steps": trace["steps"],
+    }
+
+
+def run_history(trace: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every step and event of a trace in time order, each tagged ``"type": "step"`` or
+    ``"event"`` with its time in ``ts``. Within one instant an execution's opening event comes
+    first, then steps, then other events, then its closing event."""
+    items = [{"type": "step", "ts": s["started_at"], **s} for s in trace["steps"]]
+    items += [{"type": "event", **e} for e in trace["events"]]
+
+    def order(i: dict[str, Any]) -> tuple[float, float, int]:
+        if i["type"] == "step":
+            return (i["ts"], 1.0, i["seq"])
+        rank = _EVENT_RANK.get(i["kind"], 1)
+        return (i["ts"], rank if rank != 1 else 1.5, 0)
+
+    items.sort(key=order)
+    return items
+
+
+# --------------------------------------------------------------------------- text
+
+
+def _table(header: list[str], rows: Iterable[list[str]], right: Iterable[int] = ()) -> list[str]:
+    rows = list(rows)
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]
+    align = set(right)
+
+    def line(cells: list[str]) -> str:
+        parts = [
+            c.rjust(w) if i in align else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "  ".join(parts).rstrip()
+
+    return [line(header), *(line(r) for r in rows)]
 
 
 def format_runs(runs: list[RunRecord]) -> str:
@@ -58,23 +310,108 @@ def format_runs(runs: list[RunRecord]) -> str:
     return "\n".join(lines)
 
 
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms" if seconds < 10 else f"{seconds:.1f} s"
+
+
+def _waits(waiting: list[dict[str, Any]]) -> str:
+    return ", ".join(
+        f"signal {w.get('name')!r}"
+        if w.get("kind") == "signal"
+        else f"timer until {w.get('until')}"
+        for w in waiting
+    )
+
+
 def format_run(info: dict[str, Any]) -> str:
     """A run as readable text (see :func:`run_info`)."""
     lines = [
         f"run       {info['run_id']}",
-        f"workflow  {info['workflow']}",
+        f"workflow  {info['workflow']}"
+        + (f" (version {info['version']})" if info["version"] else ""),
         f"status    {info['status']}",
+        f"created   {_when(info['created_at'])}",
+        f"updated   {_when(info['updated_at'])}",
     ]
-    if info["detail"]:
+    if info["parent_id"]:
+        lines.append(f"parent    {info['parent_id']}")
+    if info["waiting"]:
+        lines.append(f"waits on  {_waits(info['waiting'])}")
+    if info["pending_signals"]:
+        lines.append(f"inbox     {', '.join(info['pending_signals'])}")
+    if info["detail"] and not info["waiting"]:
         lines.append(f"detail    {json.dumps(info['detail'])}")
     if info["custom_status"] is not None:
-        lines.append(f"custom    {json.dumps(info['custom_status'])}")
-    steps = info["steps"]
-    lines.append(f"steps     {len(steps)} recorded, {info['executions']} execution(s)")
-    for s in steps:
+        lines.append(f"custom    {json.dumps(info['custom_status'])} (v{info['status_version']})")
+    if info["children"]:
+        lines.append(f"children  {', '.join(info['children'])}")
+    t = info["totals"]
+    gen = f", continued as new {info['generation']} time(s)" if info["generation"] else ""
+    lines.append(
+        f"steps     {t['steps']} recorded ({t['executed']} executed, {t['replayed']} replayed, "
+        f"{t['failed']} failed), {info['executions']} execution(s){gen}"
+    )
+    for s in info["steps"]:
         args = s["args"] if s["kind"] == "effect" else ""
-        flag = " ERROR" if s["error"] else ""
+        flag = f"  {s['error']}" if s["error"] else ""
         lines.append(
-            f"  {s['seq']:>5}  {s['kind']:<8} {s['name']}{args}  {s['duration_s'] * 1000:.1f} ms{flag}"
+            f"  {s['seq']:>5}  {s['kind']:<8} {s['name']}{args}  {_ms(s['duration'])}{flag}"
         )
     return "\n".join(lines)
+
+
+def format_trace(trace: dict[str, Any]) -> str:
+    """A trace as a readable timeline: the run, then one line per step and event in time
+    order, with offsets from the run's creation."""
+    run = trace["run"]
+    t0 = run["created_at"]
+    head = [
+        f"run {run['run_id']}  workflow {run['workflow']}  status {run['status']}",
+    ]
+    if trace["waiting"]:
+        head.append(f"waiting on {_waits(trace['waiting'])}")
+    if trace["pending_signals"]:
+        head.append(f"signals not yet received: {', '.join(trace['pending_signals'])}")
+    if trace["children"]:
+        head.append(f"children: {', '.join(trace['children'])}")
+    rows: list[list[str]] = []
+    for item in run_history(trace):
+        at = f"+{item['ts'] - t0:.3f}s"
+        if item["type"] == "step":
+            what = item["name"] + (item["args"] if item["kind"] == "effect" else "")
+            note = item["error"] or (item["args"] if item["kind"] != "effect" else "")
+            if item["attempts"] > 1:
+                note = f"{item['attempts']} attempts" + (f"; {note}" if note else "")
+            rows.append(
+                [
+                    at,
+                    str(item["seq"]),
+                    item["kind"],
+                    item["state"],
+                    _ms(item["duration"]),
+                    what,
+                    note,
+                ]
+            )
+        else:
+            data = item["data"]
+            note = ", ".join(f"{k}={v}" for k, v in data.items()) if isinstance(data, dict) else ""
+            rows.append([at, "", "event", item["kind"], "", "", note])
+    t = trace["totals"]
+    foot = (
+        f"{t['steps']} step(s): {t['executed']} executed, {t['replayed']} replayed, "
+        f"{t['failed']} failed; replay saved {t['saved_seconds']:.3f} s"
+    )
+    table = _table(["AT", "SEQ", "KIND", "STATE", "TOOK", "STEP", "NOTE"], rows, right=(0, 1, 4))
+    return "\n".join([*head, *table, foot])
+
+
+def format_history(items: list[dict[str, Any]]) -> str:
+    """:func:`run_history` items as one line each (absolute local times)."""
+    out = []
+    for i in items:
+        if i["type"] == "step":
+            out.append(f"{_when(i['ts'])}  step {i['seq']} {i['kind']} {i['name']} {i['state']}")
+        else:
+            out.append(f"{_when(i['ts'])}  event {i['kind']} {json.dumps(i['data'])}")
+    return "\n".join(out)
