@@ -2,8 +2,8 @@
 
 Layers, lowest first (a lower layer never imports a higher one; ``tests/test_layers.py``
 holds the line): ``errors`` → ``_hashing``, ``_codecs`` → ``store`` → ``engine`` →
-``cli`` / ``magics`` / ``widgets``. Importing this package loads neither DuckDB, pyarrow,
-numpy nor pandas; the store opens on first use.
+``trace`` / ``client`` → ``cli`` / ``magics`` / ``widgets``. Importing this package loads
+neither DuckDB, pyarrow, numpy nor pandas; the store opens on first use.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 from . import errors
+from .client import Client
 from .engine import (
     Clock,
     Context,
@@ -41,6 +42,7 @@ from .store import Store
 __version__ = "0.1.0"
 
 __all__ = [
+    "Client",
     "Clock",
     "Context",
     "DurableError",

@@ -12,6 +12,7 @@ __all__ = [
     "ArgumentTypeError",
     "DurableError",
     "EffectTimeoutError",
+    "ExportFormatError",
     "NonDeterminismError",
     "PayloadIntegrityError",
     "RunCancelledError",
@@ -90,6 +91,10 @@ class StoreFormatError(StoreError):
 
 class StoreVersionError(StoreError):
     """The store was written by a newer schema than this version of durable_nb knows."""
+
+
+class ExportFormatError(DurableError, ValueError):
+    """A file given to import is not a durable_nb export, is damaged, or is of a newer format."""
 
 
 class PayloadIntegrityError(StoreError):

@@ -28,7 +28,9 @@ __all__ = [
     "format_trace",
     "run_history",
     "run_info",
+    "run_summary",
     "run_trace",
+    "step_label",
 ]
 
 #: events that open an execution of a run; the last one opens the latest execution
@@ -36,6 +38,7 @@ EXECUTION_EVENTS = ("started", "resumed")
 _EVENT_RANK = {k: 0 for k in EXECUTION_EVENTS} | {
     k: 2 for k in ("completed", "failed", "cancelled", "interrupted", "continued_as_new")
 }
+_NOISE = ("signal_id",)  # ids that make a timeline line long and say nothing to a reader
 _CANCEL_SIGNAL = "__cancel__"  # the engine's reserved signal, shown as the run's status instead
 _ERROR_CODECS = ("error",)
 
@@ -81,7 +84,8 @@ def describe_error(rec: EffectRecord, store: Store) -> str:
         return f"error (its record cannot be read: {type(e).__name__})"
 
 
-def _run_dict(rec: RunRecord) -> dict[str, Any]:
+def run_summary(rec: RunRecord) -> dict[str, Any]:
+    """A run record as JSON data (the ``run`` part of a trace; payloads left out)."""
     return {
         "run_id": rec.run_id,
         "workflow": rec.workflow,
@@ -229,7 +233,7 @@ def run_trace(store: Store, run_id: str) -> dict[str, Any]:
     children = sorted(
         store.list_runs(parent_id=run_id, limit=1_000_000), key=lambda c: (c.created_at, c.run_id)
     )
-    run = _run_dict(rec)
+    run = run_summary(rec)
     counts = {state: sum(s["state"] == state for s in steps) for state in _STATES}
     return {
         "run": run,
@@ -314,6 +318,29 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms" if seconds < 10 else f"{seconds:.1f} s"
 
 
+def step_label(step: dict[str, Any]) -> str:
+    """A step as a person reads it: ``module.fetch('a', 2)``, ``wait_signal('go')``,
+    ``sleep 10s``, ``child parent/child-0-ab12``."""
+    kind, detail = step["kind"], step["args"]
+    if kind == "effect":
+        return f"{step['name']}{detail}"
+    d = _json(detail) if detail else None
+    d = d if isinstance(d, dict) else {}
+    if kind == "signal":
+        return f"wait_signal({d.get('name', '?')!r})"
+    if kind == "deadline":
+        return f"deadline of wait_signal({d.get('signal', '?')!r})"
+    if kind == "child":
+        return f"child {d.get('run_id', step['name'].removeprefix('dn.child:'))}"
+    if kind == "sleep":
+        if "seconds" in d:
+            return f"sleep {d['seconds']:g}s until {d.get('until', '?')}"
+        return f"sleep until {d.get('until', '?')}"
+    if kind in ("now", "random", "uuid"):
+        return f"ctx.{kind}()"
+    return str(step["name"]) + (f" {detail}" if detail else "")
+
+
 def _waits(waiting: list[dict[str, Any]]) -> str:
     return ", ".join(
         f"signal {w.get('name')!r}"
@@ -352,10 +379,10 @@ def format_run(info: dict[str, Any]) -> str:
         f"{t['failed']} failed), {info['executions']} execution(s){gen}"
     )
     for s in info["steps"]:
-        args = s["args"] if s["kind"] == "effect" else ""
         flag = f"  {s['error']}" if s["error"] else ""
         lines.append(
-            f"  {s['seq']:>5}  {s['kind']:<8} {s['name']}{args}  {_ms(s['duration'])}{flag}"
+            f"  {s['seq']:>5}  {s['kind']:<8} {s['state']:<8}  {step_label(s)}  "
+            f"{_ms(s['duration'])}{flag}"
         )
     return "\n".join(lines)
 
@@ -378,8 +405,8 @@ def format_trace(trace: dict[str, Any]) -> str:
     for item in run_history(trace):
         at = f"+{item['ts'] - t0:.3f}s"
         if item["type"] == "step":
-            what = item["name"] + (item["args"] if item["kind"] == "effect" else "")
-            note = item["error"] or (item["args"] if item["kind"] != "effect" else "")
+            what = step_label(item)
+            note = item["error"] or ""
             if item["attempts"] > 1:
                 note = f"{item['attempts']} attempts" + (f"; {note}" if note else "")
             rows.append(
@@ -395,7 +422,11 @@ def format_trace(trace: dict[str, Any]) -> str:
             )
         else:
             data = item["data"]
-            note = ", ".join(f"{k}={v}" for k, v in data.items()) if isinstance(data, dict) else ""
+            note = (
+                ", ".join(f"{k}={v}" for k, v in data.items() if k not in _NOISE)
+                if isinstance(data, dict)
+                else str(data)
+            )
             rows.append([at, "", "event", item["kind"], "", "", note])
     t = trace["totals"]
     foot = (

@@ -1,0 +1,742 @@
+"""The admin API: list, inspect, steer, prune, export and import the runs of any store.
+
+:class:`Client` works on the engine's store (``Client()``) or on any other store
+(``Client("other.duckdb")``, ``Client(MemoryStore())``); the ``durable-nb`` command is a thin
+layer over it. Everything it returns is JSON data, read through the :class:`~durable_nb.store.Store`
+protocol only (see :mod:`durable_nb.trace` for the shape of a trace).
+
+Export files are JSON lines: a header line, then one record per line
+(``{"type": "run" | "effect" | "signal" | "event", ...}``). Payload bytes are base64; a
+table payload's Arrow table travels as an Arrow IPC stream (base64). Pickled payloads stay
+signed by the key of the store that wrote them, so an export file cannot smuggle an unsigned
+pickle into a store: importing into a store with another key needs the source store's key
+(``source_key=``), with which each pickle is verified before it is signed again.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import math
+import os
+import re
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import fields
+from datetime import datetime, timedelta
+from typing import IO, TYPE_CHECKING, Any
+
+from .errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    ExportFormatError,
+    PayloadIntegrityError,
+    RunLockedError,
+    RunNotFoundError,
+)
+from .store import (
+    FINAL_STATUSES,
+    RUN_STATUSES,
+    EffectRecord,
+    EventRecord,
+    RunLease,
+    RunRecord,
+    SignalRecord,
+    Store,
+    open_store,
+    run_scopes,
+)
+from .trace import run_history, run_info, run_summary, run_trace
+
+if TYPE_CHECKING:
+    from ._codecs import Payload, Signer
+
+__all__ = ["EXPORT_FORMAT", "Client", "parse_duration", "parse_time"]
+
+#: the first line of an export file names the format and its version
+EXPORT_FORMAT = "durable_nb-export"
+_EXPORT_VERSION = 1
+_ALL = 1 << 62  # "no limit" for list_runs
+_SIGNED_CODECS = ("pickle", "error")  # payloads whose bytes carry the store key's MAC
+_STAT_EVENTS = ("completed", "failed", "cancelled", "interrupted", "continued_as_new")
+_OWNER = f"durable_nb admin pid {os.getpid()}"
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+
+
+def parse_duration(value: str | float | timedelta) -> float:
+    """Seconds in ``value``: a number of seconds, a ``timedelta``, or text like ``90``,
+    ``45s``, ``30m``, ``12h``, ``7d``, ``2w``."""
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    else:
+        raise ArgumentError(
+            f"a duration must be seconds or text like '45s', '30m', '12h', '7d', '2w', "
+            f"got {value!r}"
+        )
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ArgumentError(f"a duration must be a finite number of seconds >= 0, got {value!r}")
+    return seconds
+
+
+def parse_time(value: str | float | datetime | timedelta, *, now: float | None = None) -> float:
+    """Epoch seconds of ``value``: epoch seconds, a ``datetime`` (naive means local time), a
+    ``timedelta`` or duration text (that long ago: ``'2h'``), or an ISO date or date-time
+    (``'2024-05-01'``, ``'2024-05-01T12:00'``)."""
+    now = time.time() if now is None else now
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(value, timedelta):
+        return now - parse_duration(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ArgumentError(f"a time must be finite epoch seconds, got {value!r}")
+        return float(value)
+    if isinstance(value, str):
+        if _DURATION.match(value) and not value.strip().isdigit():
+            return now - parse_duration(value)
+        try:
+            return datetime.fromisoformat(value.strip()).timestamp()
+        except ValueError:
+            pass
+    raise ArgumentError(
+        f"a time must be epoch seconds, a datetime, an ISO date like '2024-05-01' or "
+        f"'2024-05-01T12:00', or a duration ago like '2h' or '7d', got {value!r}"
+    )
+
+
+def _check_run_id(run_id: object) -> str:
+    if not isinstance(run_id, str) or not run_id:
+        raise ArgumentTypeError(f"run_id must be a non-empty str, got {run_id!r}")
+    return run_id
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+class Client:
+    """Admin access to the runs and cached effects of a store.
+
+    ``store`` is ``None`` (the engine's store, the one ``dn.set_store`` chose, followed when
+    it changes), a :class:`~durable_nb.store.Store`, or a path / ``":memory:"`` /
+    ``postgresql://`` URL, which the client opens and :meth:`close` closes.
+    """
+
+    def __init__(self, store: Store | str | os.PathLike[str] | None = None) -> None:
+        self._owned = False
+        self._store: Store | None
+        if store is None or isinstance(store, Store):
+            self._store = store
+        elif isinstance(store, (str, os.PathLike)):
+            self._store = open_store(store)
+            self._owned = True
+        else:
+            raise ArgumentTypeError(
+                f"store must be a Store, a path, ':memory:' or a postgresql:// URL, or None "
+                f"for the engine's store, got {store!r}"
+            )
+
+    @property
+    def store(self) -> Store:
+        if self._store is not None:
+            return self._store
+        from .engine import runtime
+
+        return runtime.store
+
+    def close(self) -> None:
+        """Close the store if the client opened it (a store passed in stays open)."""
+        if self._owned and self._store is not None:
+            self._store.close()
+            self._owned = False
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        where = self._store.url if self._store is not None else "the engine's store"
+        return f"<durable_nb.Client {where}>"
+
+    def _get(self, run_id: str) -> RunRecord:
+        rec = self.store.get_run(_check_run_id(run_id))
+        if rec is None:
+            raise RunNotFoundError(
+                f"no run {run_id!r} in the store {self.store.url!r}; list runs with "
+                "`durable-nb runs`"
+            )
+        return rec
+
+    # reading -----------------------------------------------------------------------------
+    def runs(
+        self,
+        *,
+        status: str | None = None,
+        workflow: str | None = None,
+        since: str | float | datetime | timedelta | None = None,
+        until: str | float | datetime | timedelta | None = None,
+        parent: str | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        """Runs, newest first, as JSON data (the ``run`` part of a trace): filtered by status,
+        workflow name, parent run id, and last update ``since <= updated_at < until`` (see
+        :func:`parse_time` for the forms a time takes)."""
+        if status is not None and status not in RUN_STATUSES:
+            raise ArgumentError(f"status must be one of {', '.join(RUN_STATUSES)}, got {status!r}")
+        for name, value in (("workflow", workflow), ("parent", parent)):
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ArgumentTypeError(f"{name} must be a non-empty str or None, got {value!r}")
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise ArgumentError(f"limit must be an int >= 1, got {limit!r}")
+        now = time.time()
+        recs = self.store.list_runs(
+            status=status,
+            workflow=workflow,
+            parent_id=parent,
+            updated_after=parse_time(since, now=now) if since is not None else None,
+            updated_before=parse_time(until, now=now) if until is not None else None,
+            limit=limit,
+        )
+        return [run_summary(r) for r in recs]
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        """A run's record with its steps, waits, pending signals, children and totals."""
+        return run_info(self.store, _check_run_id(run_id))
+
+    def trace(self, run_id: str) -> dict[str, Any]:
+        """The run's trace (:func:`durable_nb.trace.run_trace`)."""
+        return run_trace(self.store, _check_run_id(run_id))
+
+    def history(self, run_id: str) -> list[dict[str, Any]]:
+        """Every step and event of the run in time order (``"type": "step"`` or ``"event"``)."""
+        return run_history(self.trace(run_id))
+
+    def custom_status(self, run_id: str) -> Any:
+        """The last value the run published with ``ctx.set_status`` (or None)."""
+        rec = self._get(run_id)
+        return json.loads(rec.custom_status) if rec.custom_status else None
+
+    def tree(self, run_id: str) -> dict[str, Any]:
+        """The run and its child runs, nested: ``{run_id, workflow, status, parent_id,
+        created_at, updated_at, children: [...]}``."""
+        root = self._get(run_id)
+        seen = {root.run_id}
+
+        def node(rec: RunRecord) -> dict[str, Any]:
+            kids = sorted(
+                self.store.list_runs(parent_id=rec.run_id, limit=_ALL),
+                key=lambda c: (c.created_at, c.run_id),
+            )
+            fresh = [k for k in kids if k.run_id not in seen]
+            seen.update(k.run_id for k in fresh)
+            return {
+                "run_id": rec.run_id,
+                "workflow": rec.workflow,
+                "status": rec.status,
+                "parent_id": rec.parent_id,
+                "created_at": rec.created_at,
+                "updated_at": rec.updated_at,
+                "children": [node(k) for k in fresh],
+            }
+
+        return node(root)
+
+    def metrics(self) -> dict[str, Any]:
+        """Counts of runs by status and by workflow, executions, and the steps the runs'
+        executions executed and replayed with the time replay saved (from the statistics each
+        execution records when it ends; an execution still going is not counted yet)."""
+        recs = self.store.list_runs(limit=_ALL)
+        by_status = dict.fromkeys(RUN_STATUSES, 0)
+        by_workflow: dict[str, int] = {}
+        executed = replayed = ended = 0
+        saved = 0.0
+        for r in recs:
+            by_status[r.status] = by_status.get(r.status, 0) + 1
+            by_workflow[r.workflow] = by_workflow.get(r.workflow, 0) + 1
+            for ev in self.store.load_events(r.run_id):
+                if ev.kind not in _STAT_EVENTS or not ev.data:
+                    continue
+                try:
+                    data = json.loads(ev.data)
+                except ValueError:
+                    continue
+                if not isinstance(data, dict):
+                    continue
+                ended += 1
+                executed += int(data.get("executed", 0) or 0)
+                replayed += int(data.get("replayed", 0) or 0)
+                saved += float(data.get("saved_seconds", 0.0) or 0.0)
+        return {
+            "runs": len(recs),
+            "by_status": by_status,
+            "by_workflow": dict(sorted(by_workflow.items())),
+            "executions": sum(r.executions for r in recs),
+            "executions_ended": ended,
+            "steps_executed": executed,
+            "steps_replayed": replayed,
+            "saved_seconds": round(saved, 6),
+        }
+
+    # steering ----------------------------------------------------------------------------
+    def signal(self, run_id: str, name: str, payload: Any = None) -> None:
+        """Send the run signal ``name`` with JSON ``payload`` (delivered once, in order)."""
+        self._get(run_id)
+        from .engine import runtime, signal
+
+        if self.store is runtime.store:
+            signal(run_id, name, payload)  # also reaches a run executing in this process
+            return
+        from .engine._workflow import _check_name, _json_text, _send_time
+
+        _check_name(name)
+        text = _json_text(payload, "payload")
+        self.store.add_signal(SignalRecord(run_id, uuid.uuid4().hex, name, text, _send_time()))
+
+    def cancel(self, run_id: str, reason: str = "cancelled") -> None:
+        """Cancel the run wherever it executes; a run no process executes ends at once."""
+        if not isinstance(reason, str):
+            raise ArgumentTypeError(f"reason must be a str, got {reason!r}")
+        rec = self._get(run_id)
+        from .engine import cancel, runtime
+
+        if self.store is runtime.store:
+            cancel(run_id, reason)
+            return
+        if rec.status in FINAL_STATUSES:
+            return
+        from .engine._workflow import CANCEL_SIGNAL, _send_time
+
+        self.store.add_signal(
+            SignalRecord(run_id, uuid.uuid4().hex, CANCEL_SIGNAL, json.dumps(reason), _send_time())
+        )
+        try:
+            lease = self.store.acquire_run(run_id, _OWNER)
+        except RunLockedError:
+            return  # its executor sees the signal
+        try:
+            now = self.store.get_run(run_id)
+            if now is not None and now.status not in FINAL_STATUSES:
+                now.status = "cancelled"
+                now.detail = json.dumps({"reason": reason})
+                now.updated_at = time.time()
+                self.store.put_run(now)
+        finally:
+            lease.release()
+
+    # deleting ----------------------------------------------------------------------------
+    def delete(self, run_id: str, *, children: bool = True) -> int:
+        """Forget a run with its history, signals and events, and (``children=True``) its
+        child runs, depth first; returns how many runs were deleted. A run some process is
+        executing is refused with :class:`~durable_nb.errors.RunLockedError`: cancel it first.
+        """
+        self._get(run_id)
+        ids = self._descendants(run_id) if children else []
+        order = [*reversed(ids), run_id]
+        with self._leases(order, "delete"):
+            return sum(self.store.delete_run(rid) for rid in order)
+
+    def _descendants(self, run_id: str) -> list[str]:
+        out: list[str] = []
+        seen = {run_id}
+        todo = [run_id]
+        while todo:
+            for kid in self.store.list_runs(parent_id=todo.pop(), limit=_ALL):
+                if kid.run_id not in seen:
+                    seen.add(kid.run_id)
+                    out.append(kid.run_id)
+                    todo.append(kid.run_id)
+        return out
+
+    @contextmanager
+    def _leases(self, run_ids: Iterable[str], what: str) -> Iterator[None]:
+        """Hold the leases of these runs, so no process executes one while we rewrite it."""
+        held: list[RunLease] = []
+        try:
+            for rid in run_ids:
+                try:
+                    held.append(self.store.acquire_run(rid, _OWNER))
+                except RunLockedError as e:
+                    raise RunLockedError(
+                        f"cannot {what} run {rid!r} while it executes ({e}); cancel it or wait "
+                        "for it to finish, then try again"
+                    ) from None
+            yield
+        finally:
+            for lease in held:
+                lease.release()
+
+    def gc(
+        self,
+        older_than: str | float | timedelta = "7d",
+        *,
+        runs: bool = True,
+        effects: bool = True,
+        statuses: Sequence[str] = FINAL_STATUSES,
+        dry_run: bool = False,
+    ) -> dict[str, Any]:
+        """Prune what was not touched for ``older_than`` (seconds, a ``timedelta`` or text like
+        ``'7d'``): runs in ``statuses`` (finished ones by default) last updated before then,
+        with everything they own, and cached effects of notebooks and scripts (``top/...``)
+        and shared ones (``shared``) recorded before then. Runs some process executes are
+        kept. Returns ``{"cutoff", "runs", "top_effects", "shared_effects", "dry_run"}``.
+
+        A dry run deletes nothing: it counts the runs and the shared effects it would delete;
+        ``top_effects`` is then ``None`` because the store protocol cannot count those
+        without deleting them."""
+        age = parse_duration(older_than)
+        if isinstance(statuses, str) or any(s not in RUN_STATUSES for s in statuses):
+            raise ArgumentError(
+                f"statuses must be a list of {', '.join(RUN_STATUSES)}, got {statuses!r}"
+            )
+        cutoff = time.time() - age
+        doomed: list[str] = []
+        if runs:
+            for status in dict.fromkeys(statuses):
+                doomed += [
+                    r.run_id
+                    for r in self.store.list_runs(status=status, updated_before=cutoff, limit=_ALL)
+                ]
+        out: dict[str, Any] = {"cutoff": cutoff, "dry_run": bool(dry_run)}
+        if dry_run:
+            out["runs"] = len(doomed)
+            out["top_effects"] = None if effects else 0
+            out["shared_effects"] = (
+                sum(r.started_at < cutoff for r in self.store.load_effects("shared"))
+                if effects
+                else 0
+            )
+            return out
+        deleted = 0
+        for rid in doomed:
+            try:
+                lease = self.store.acquire_run(rid, _OWNER)
+            except RunLockedError:
+                continue  # restarted since we listed it
+            try:
+                deleted += self.store.delete_run(rid)
+            finally:
+                lease.release()
+        out["runs"] = deleted
+        out["top_effects"] = self.store.prune_effects("top/", cutoff) if effects else 0
+        out["shared_effects"] = self.store.prune_effects("shared", cutoff) if effects else 0
+        return out
+
+    # export and import ---------------------------------------------------------------------
+    def export(
+        self,
+        target: str | os.PathLike[str] | IO[str],
+        run_ids: Sequence[str] | None = None,
+        *,
+        children: bool = True,
+        include_effects: bool = True,
+        scopes: Sequence[str] = (),
+    ) -> dict[str, int]:
+        """Write runs (all, or ``run_ids`` with their child runs) with their history, key/value
+        state, streams, signals and events to ``target`` (a path or a text file) as JSON
+        lines; with ``include_effects`` also the shared cached effects (scope ``shared``) and
+        those of the ``scopes`` named (a notebook's is ``top/<its path>``). Returns counts of
+        what was written."""
+        store = self.store
+        if run_ids is None:
+            recs = store.list_runs(limit=_ALL)
+        else:
+            if isinstance(run_ids, str) or not isinstance(run_ids, Sequence):
+                raise ArgumentTypeError(f"run_ids must be a list of run ids, got {run_ids!r}")
+            ids: list[str] = []
+            for rid in run_ids:
+                self._get(rid)
+                ids += [rid, *(self._descendants(rid) if children else [])]
+            recs = [self._get(rid) for rid in dict.fromkeys(ids)]
+        cached = list(dict.fromkeys(["shared", *scopes])) if include_effects else []
+        for s in cached:
+            if not isinstance(s, str) or not (s == "shared" or s.startswith("top/")):
+                raise ArgumentError(
+                    f"scopes must name cached-effect scopes like 'top/<notebook path>', "
+                    f"got {s!r}; a run's own scopes are exported with the run"
+                )
+        counts = {"runs": 0, "effects": 0, "signals": 0, "events": 0}
+        with _open_text(target, "w") as f:
+            f.write(
+                json.dumps(
+                    {
+                        "type": "header",
+                        "format": EXPORT_FORMAT,
+                        "version": _EXPORT_VERSION,
+                        "source": store.url,
+                        "exported_at": time.time(),
+                    }
+                )
+                + "\n"
+            )
+            for rec in recs:
+                f.write(json.dumps({"type": "run", **_run_out(rec)}) + "\n")
+                counts["runs"] += 1
+                for scope in run_scopes(rec.run_id):
+                    for e in store.load_effects(scope):
+                        f.write(json.dumps({"type": "effect", **_effect_out(e)}) + "\n")
+                        counts["effects"] += 1
+                for sig in store.list_signals(rec.run_id):
+                    f.write(json.dumps({"type": "signal", **_plain(sig)}) + "\n")
+                    counts["signals"] += 1
+                for ev in store.load_events(rec.run_id):
+                    f.write(json.dumps({"type": "event", **_plain(ev)}) + "\n")
+                    counts["events"] += 1
+            for scope in cached:
+                for e in store.load_effects(scope):
+                    f.write(json.dumps({"type": "effect", **_effect_out(e)}) + "\n")
+                    counts["effects"] += 1
+        return counts
+
+    def import_records(
+        self,
+        source: str | os.PathLike[str] | IO[str],
+        *,
+        source_key: bytes | None = None,
+        replace: bool = False,
+    ) -> dict[str, int]:
+        """Read an export (see :meth:`export`) into this client's store.
+
+        A run the store already has is kept as it is when it is as recent as the imported one
+        (``updated_at``), unless ``replace=True``; otherwise it is replaced with everything it
+        owns. Cached effects are written (last write wins per key). Pickled payloads signed by
+        another key are verified with ``source_key`` (the exporting store's key) and signed
+        again with this store's key; without it they are refused. The whole file is read and
+        checked before anything is written; runs are written holding their leases, and a
+        run some process executes is refused. Returns counts of what was written and skipped.
+        """
+        if source_key is not None and not isinstance(source_key, (bytes, bytearray)):
+            raise ArgumentTypeError(f"source_key must be bytes or None, got {source_key!r}")
+        store = self.store
+        from ._codecs import Signer
+
+        src_signer = Signer(bytes(source_key)) if source_key is not None else None
+        parsed = _read_export(source, store.signer, src_signer)
+        counts = {"runs": 0, "skipped_runs": 0, "effects": 0, "signals": 0, "events": 0}
+        keep: list[RunRecord] = []
+        for run in parsed.runs:
+            old = store.get_run(run.run_id)
+            if old is not None and not replace and old.updated_at >= run.updated_at:
+                counts["skipped_runs"] += 1
+            else:
+                keep.append(run)
+        kept = {r.run_id for r in keep}
+        with self._leases(sorted(kept), "import"):
+            for run in keep:
+                if store.get_run(run.run_id) is not None:
+                    store.delete_run(run.run_id)
+                store.put_run(run)
+                effs = parsed.run_effects.get(run.run_id, [])
+                if effs:
+                    store.put_effects(effs)
+                for sig in parsed.signals.get(run.run_id, []):
+                    store.add_signal(sig)
+                evs = parsed.events.get(run.run_id, [])
+                if evs:
+                    store.append_events(evs)
+                counts["runs"] += 1
+                counts["effects"] += len(effs)
+                counts["signals"] += len(parsed.signals.get(run.run_id, []))
+                counts["events"] += len(evs)
+        if parsed.cached:
+            store.put_effects(parsed.cached)
+            counts["effects"] += len(parsed.cached)
+        return counts
+
+
+# ----------------------------------------------------------------------------- export records
+
+
+def _plain(obj: SignalRecord | EventRecord) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in fields(obj)}
+
+
+def _payload_out(p: Payload | None) -> dict[str, Any] | None:
+    if p is None:
+        return None
+    out: dict[str, Any] = {"codec": p.codec, "data": _b64(p.data)}
+    if p.table is not None:
+        from ._codecs import _ipc_bytes
+
+        out["table"] = _b64(_ipc_bytes(p.table))
+    return out
+
+
+def _run_out(rec: RunRecord) -> dict[str, Any]:
+    out = {f.name: getattr(rec, f.name) for f in fields(rec)}
+    for name in ("args", "result", "error"):
+        out[name] = _payload_out(getattr(rec, name))
+    return out
+
+
+def _effect_out(rec: EffectRecord) -> dict[str, Any]:
+    out = {f.name: getattr(rec, f.name) for f in fields(rec)}
+    out["payload"] = _payload_out(rec.payload)
+    return out
+
+
+class _Parsed:
+    def __init__(self) -> None:
+        self.runs: list[RunRecord] = []
+        self.run_effects: dict[str, list[EffectRecord]] = {}
+        self.cached: list[EffectRecord] = []
+        self.signals: dict[str, list[SignalRecord]] = {}
+        self.events: dict[str, list[EventRecord]] = {}
+
+
+def _bad(where: str, problem: str) -> ExportFormatError:
+    return ExportFormatError(
+        f"{where}: {problem}; the file is not a durable_nb export or is damaged — export it "
+        "again with `durable-nb export`"
+    )
+
+
+def _read_export(
+    source: str | os.PathLike[str] | IO[str], signer: Signer, src_signer: Signer | None
+) -> _Parsed:
+    from ._codecs import CODECS, Payload
+
+    name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the export"
+    out = _Parsed()
+    resigned = foreign = 0
+
+    def payload(d: Any, where: str) -> Payload | None:
+        nonlocal resigned, foreign
+        if d is None:
+            return None
+        if not isinstance(d, dict) or d.get("codec") not in CODECS:
+            raise _bad(where, f"a payload must be {{codec, data[, table]}}, got {d!r:.80}")
+        try:
+            data = base64.b64decode(d["data"], validate=True)
+            table_b = base64.b64decode(d["table"], validate=True) if d.get("table") else None
+        except (KeyError, TypeError, binascii.Error) as e:
+            raise _bad(where, f"a payload's bytes are not base64 ({e})") from None
+        if d["codec"] in _SIGNED_CODECS:
+            try:
+                signer.verify(data)
+            except PayloadIntegrityError:
+                if src_signer is None:
+                    foreign += 1
+                else:
+                    try:
+                        data = signer.sign(src_signer.verify(data))
+                    except PayloadIntegrityError:
+                        raise PayloadIntegrityError(
+                            f"{where}: a pickled payload is signed neither by this store's key "
+                            "nor by the source_key given: it was tampered with or the key is "
+                            "not the exporting store's; nothing was imported"
+                        ) from None
+                    resigned += 1
+        table = None
+        if table_b is not None:
+            from ._codecs import _read_ipc
+
+            try:
+                table = _read_ipc(memoryview(table_b))
+            except Exception as e:
+                raise _bad(where, f"a table payload is not an Arrow IPC stream ({e})") from None
+        return Payload(d["codec"], data, table)
+
+    def build(cls: type[Any], d: dict[str, Any], where: str, **extra: Any) -> Any:
+        names = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in d.items() if k in names and k not in extra}, **extra)
+        except TypeError as e:
+            raise _bad(where, f"a {d.get('type')} record lacks a field ({e})") from None
+
+    with _open_text(source, "r") as f:
+        header_seen = False
+        for lineno, line in enumerate(f, 1):
+            where = f"{name}, line {lineno}"
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+            except ValueError as e:
+                raise _bad(where, f"not JSON ({e})") from None
+            kind = d.get("type") if isinstance(d, dict) else None
+            if not header_seen:
+                if kind != "header" or d.get("format") != EXPORT_FORMAT:
+                    raise _bad(where, f"the first line must be the {EXPORT_FORMAT} header")
+                if d.get("version") != _EXPORT_VERSION:
+                    raise ExportFormatError(
+                        f"{where}: the export has format version {d.get('version')!r}, this "
+                        f"durable_nb reads version {_EXPORT_VERSION}; import it with the "
+                        "durable_nb version that exported it"
+                    )
+                header_seen = True
+            elif kind == "run":
+                rec = build(
+                    RunRecord,
+                    d,
+                    where,
+                    args=payload(d.get("args"), where),
+                    result=payload(d.get("result"), where),
+                    error=payload(d.get("error"), where),
+                )
+                if rec.status not in RUN_STATUSES:
+                    raise _bad(where, f"unknown run status {rec.status!r}")
+                out.runs.append(rec)
+            elif kind == "effect":
+                eff = build(EffectRecord, d, where, payload=payload(d.get("payload"), where))
+                if eff.payload is None:
+                    raise _bad(where, "an effect record has no payload")
+                rid = _scope_run(eff.scope)
+                if rid is not None:
+                    out.run_effects.setdefault(rid, []).append(eff)
+                else:
+                    out.cached.append(eff)
+            elif kind == "signal":
+                sig = build(SignalRecord, d, where)
+                out.signals.setdefault(sig.run_id, []).append(sig)
+            elif kind == "event":
+                ev = build(EventRecord, d, where)
+                out.events.setdefault(ev.run_id, []).append(ev)
+            else:
+                raise _bad(where, f"unknown record type {kind!r}")
+        if not header_seen:
+            raise _bad(name, "it is empty")
+    known = {r.run_id for r in out.runs}
+    for rid in [*out.run_effects, *out.signals, *out.events]:
+        if rid not in known:
+            raise _bad(name, f"it has records of run {rid!r} but not the run itself")
+    if foreign:
+        raise PayloadIntegrityError(
+            f"{name}: {foreign} pickled payload(s) are signed by another key than this "
+            "store's; pass the exporting store's key (source_key=..., or `durable-nb import "
+            "--source-key-file PATH`; a DuckDB store keeps it in <store>.d/key unless "
+            "DURABLE_NB_KEY is set), or give both stores the same DURABLE_NB_KEY; nothing was "
+            "imported"
+        )
+    return out
+
+
+def _scope_run(scope: str) -> str | None:
+    for prefix in ("run/", "kv/", "stream/"):
+        if scope.startswith(prefix):
+            return scope[len(prefix) :]
+    return None
+
+
+@contextmanager
+def _open_text(target: str | os.PathLike[str] | IO[str], mode: str) -> Iterator[IO[str]]:
+    if isinstance(target, (str, os.PathLike)):
+        with open(target, mode, encoding="utf-8") as f:
+            yield f
+    elif isinstance(target, io.TextIOBase) or hasattr(target, "write" if mode == "w" else "read"):
+        yield target
+    else:
+        raise ArgumentTypeError(
+            f"expected a path or a text file, got {target!r}; pass a path or open(path, {mode!r})"
+        )
