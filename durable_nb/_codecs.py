@@ -92,6 +92,7 @@ import math
 import pickle
 import reprlib
 import struct
+import sys
 import traceback
 from dataclasses import dataclass
 from typing import Any, Final, Literal, cast
@@ -203,6 +204,49 @@ class Signer:
             f"{bytes(signed[:16])!r}): its signature does not match the store's key; it was "
             "written by another key or tampered with — open the store with the key that "
             "wrote it, or forget this entry so that it is computed again"
+        )
+
+    @property
+    def can_sign(self) -> bool:
+        """False for :meth:`without_key` signers: values that need pickle cannot be stored."""
+        return True
+
+    @staticmethod
+    def without_key(where: str) -> Signer:
+        """A signer for a store shared without a configured key (``where`` names the store):
+        signing raises UnstorableValueError and verifying PayloadIntegrityError, both saying
+        to set ``DURABLE_NB_KEY``. A key made up by the store and kept in the store itself
+        would let anyone who can write the store forge pickles, so there is none."""
+        return _KeylessSigner(where)
+
+
+class _KeylessSigner(Signer):
+    __slots__ = ("_where",)
+
+    def __init__(self, where: str) -> None:  # no super().__init__: there is no key
+        self._key = b""
+        self._where = where
+
+    def __repr__(self) -> str:
+        return "Signer(<no key>)"
+
+    @property
+    def can_sign(self) -> bool:
+        return False
+
+    def sign(self, data: bytes) -> bytes:
+        raise UnstorableValueError(
+            f"cannot store a value that needs pickle ({len(data)} bytes): {self._where} has "
+            "no signing key for pickled payloads; set the environment variable DURABLE_NB_KEY "
+            "to a secret of at least 16 characters that everyone sharing the store uses, or "
+            "return plain data (JSON types, bytes, numpy arrays, DataFrames) that needs no pickle"
+        )
+
+    def verify(self, signed: bytes, *, what: str = "a stored payload") -> bytes:
+        raise PayloadIntegrityError(
+            f"refusing to unpickle {what} ({len(signed)} bytes): {self._where} has no signing "
+            "key to check it with; set the environment variable DURABLE_NB_KEY to the key of "
+            "the team that wrote it"
         )
 
 
@@ -985,6 +1029,8 @@ class RecordedError(DurableError):
 
 
 _ERROR_FORMAT: Final = 1
+#: starts an error recorded by a store without a signing key: JSON text, no pickle
+_TEXT_ERROR: Final = b"durable_nb-error-text-1\n"
 
 
 def _safe_str(exc: BaseException) -> str:
@@ -1028,7 +1074,28 @@ def encode_error(exc: BaseException, signer: Signer) -> Payload:
         "state": state,
         "traceback": "".join(traceback.format_exception(cls, exc, exc.__traceback__)),
     }
+    if not signer.can_sign:  # a store without a key still records failures, as plain text
+        text = {k: record[k] for k in ("module", "qualname", "message", "traceback")}
+        return Payload("error", _TEXT_ERROR + json.dumps(text).encode())
     return Payload("error", signer.sign(pickle.dumps(record, protocol=PICKLE_PROTOCOL)))
+
+
+def _text_error_record(data: bytes) -> dict[str, Any]:
+    try:
+        text = json.loads(data[len(_TEXT_ERROR) :])
+        fields = {k: text[k] for k in ("module", "qualname", "message", "traceback")}
+    except (ValueError, TypeError, KeyError) as e:
+        raise _damaged("error", f"unreadable error text ({e})") from None
+    if not all(isinstance(v, str) for v in fields.values()):
+        raise _damaged("error", f"unknown error text {_short_repr(text)}")
+    return {
+        "format": _ERROR_FORMAT,
+        "text": True,
+        "pickle": None,
+        "args": None,
+        "state": {},
+        **fields,
+    }
 
 
 def decode_error(payload: Payload, signer: Signer) -> BaseException:
@@ -1042,7 +1109,10 @@ def decode_error(payload: Payload, signer: Signer) -> BaseException:
             f"decode_error() takes an 'error' payload, got codec {payload.codec!r}; "
             "use decode() for results"
         )
-    record = pickle.loads(signer.verify(payload.data, what="a stored error"))
+    if payload.data.startswith(_TEXT_ERROR):
+        record = _text_error_record(payload.data)
+    else:
+        record = pickle.loads(signer.verify(payload.data, what="a stored error"))
     if not isinstance(record, dict) or record.get("format") != _ERROR_FORMAT:
         raise _damaged("error", f"unknown error record {_short_repr(record)}")
     tb_text: str = record["traceback"]
@@ -1072,7 +1142,12 @@ def _rebuild_error(record: dict[str, Any]) -> BaseException:
     try:
         if "<locals>" in qualname:
             raise LookupError("it was defined inside a function")
-        obj: Any = importlib.import_module(module)
+        # unsigned text may name any module: only classes already imported are rebuilt
+        obj: Any = (
+            sys.modules.get(module) if record.get("text") else importlib.import_module(module)
+        )
+        if obj is None:
+            raise LookupError(f"module {module!r} is not imported in this process")
         for part in qualname.split("."):
             obj = getattr(obj, part)
         if not (isinstance(obj, type) and issubclass(obj, BaseException)):

@@ -1,13 +1,20 @@
 from __future__ import annotations
 
+import os
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
 import durable_nb as dn
 from durable_nb.engine import runtime
 from durable_nb.store import MemoryStore, Store
+
+if TYPE_CHECKING:
+    import psycopg
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,14 +40,82 @@ def clock() -> dn.FakeClock:
     return runtime.clock
 
 
-@pytest.fixture(params=["memory", "duckdb"])
+#: the database the PostgreSQL tests use; each test works in a fresh schema of its own
+PG_URL = os.environ.get("DURABLE_NB_TEST_PG") or "postgresql://postgres@127.0.0.1:5432/test"
+#: the signing key of test stores (a team would set DURABLE_NB_KEY)
+PG_TEST_KEY = b"durable_nb test key, not a secret"
+_pg_problem: list[str | None] = []  # checked once per session
+
+
+def _shown(url: str) -> str:
+    parts = urlsplit(url)
+    user, _, host = parts.netloc.rpartition("@")
+    netloc = (user.partition(":")[0] + "@" if user else "") + host
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _pg_connect() -> psycopg.Connection[Any]:
+    import psycopg
+
+    return psycopg.connect(PG_URL, autocommit=True, connect_timeout=5)
+
+
+def require_postgres() -> None:
+    """Skip the test when no PostgreSQL server answers, except under CI=true: there the
+    PostgreSQL store must be tested, so a missing server fails."""
+    if not _pg_problem:
+        try:
+            _pg_connect().close()
+            _pg_problem.append(None)
+        except Exception as e:  # ImportError (no psycopg) or any connection failure
+            _pg_problem.append(f"{type(e).__name__}: {str(e).strip().splitlines()[0]}")
+    problem = _pg_problem[0]
+    if problem is None:
+        return
+    message = (
+        f"PostgreSQL is not reachable at {_shown(PG_URL)} ({problem}); start it "
+        "(pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start), "
+        "install the postgres extra, or point DURABLE_NB_TEST_PG at a test database"
+    )
+    if os.environ.get("CI") == "true":
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+def drop_schema(schema: str) -> None:
+    from psycopg import sql
+
+    with _pg_connect() as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A postgresql:// URL naming a fresh schema, dropped after the test."""
+    require_postgres()
+    schema = "dn_test_" + secrets.token_hex(6)
+    yield f"{PG_URL}{'&' if '?' in PG_URL else '?'}schema={schema}"
+    drop_schema(schema)
+
+
+@pytest.fixture(params=["memory", "duckdb", "postgres"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     """The store in use by the engine, once per implementation."""
+    schema = None
     if request.param == "memory":
         s: Store = MemoryStore()
-    else:
+    elif request.param == "duckdb":
         from durable_nb.store._duckdb import DuckDBStore
 
         s = DuckDBStore(tmp_path / "store.duckdb")
+    else:
+        from durable_nb.store._postgres import PostgresStore
+
+        require_postgres()
+        schema = "dn_test_" + secrets.token_hex(6)
+        s = PostgresStore(PG_URL, schema=schema, key=PG_TEST_KEY)
     runtime._store = s
     yield s
+    if schema is not None:
+        s.close()
+        drop_schema(schema)

@@ -1,7 +1,8 @@
 """Where everything durable lives: the Store protocol, its records, and the stores.
 
 ``open_store(url)`` picks one: ``":memory:"`` (tests), a file path (DuckDB, the default) or
-``postgresql://...``. Importing this package does not import DuckDB.
+``postgresql://[user@]host[:port]/database[?schema=NAME]`` (PostgreSQL: the schema defaults to
+``durable_nb``; see ``_postgres``). Importing this package imports neither DuckDB nor psycopg.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from ..errors import ArgumentError, ArgumentTypeError, StoreUnavailableError
+from ..errors import ArgumentError, ArgumentTypeError
 from ._memory import MemoryStore
 from ._protocol import (
     FINAL_STATUSES,
@@ -27,6 +28,7 @@ from ._protocol import (
 
 if TYPE_CHECKING:
     from ._duckdb import DuckDBStore
+    from ._postgres import PostgresStore
 
 __all__ = [
     "DEFAULT_STORE_PATH",
@@ -70,10 +72,10 @@ def open_store(url: str | os.PathLike[str] | None = None) -> Store:
     if text == ":memory:":
         return MemoryStore()
     if text.startswith(("postgresql://", "postgres://")):
-        raise StoreUnavailableError(
-            f"the PostgreSQL store is not part of this version of durable_nb (store={text!r}); "
-            "use a DuckDB file path or ':memory:'"
-        )
+        from ._postgres import PostgresStore
+
+        pg: PostgresStore = PostgresStore(text)
+        return pg
     from ._duckdb import DuckDBStore
 
     store: DuckDBStore = DuckDBStore(text)

@@ -1,0 +1,1012 @@
+"""The PostgreSQL store: one Postgres schema shared by every kernel, worker and machine.
+
+URL: ``postgresql://[user@]host[:port]/database[?schema=NAME&<libpq parameters>]``
+(``postgres://`` works too). Everything lives in the schema ``NAME`` (default
+``durable_nb``), created on first use, so several teams or test runs can share a database.
+Give passwords through ``PGPASSWORD`` or ``~/.pgpass`` rather than in the URL: the store's
+``url`` and its error messages never show a password.
+
+What the Store protocol asks, and how this store keeps it:
+
+* **Durable on return, atomic per call.** Every call is one autocommit statement or one
+  transaction (a batch of effects, a reset, a delete), committed before it returns.
+* **Last write wins.** ``INSERT ... ON CONFLICT DO UPDATE`` on each record's key.
+* **One executor per run.** A lease row ``(run_id, token, owner, expires_at)``, taken with
+  one upsert that succeeds only if there is no row or it expired by the database's clock; a
+  background thread renews every lease this store holds each ``lease_seconds / 3``. A holder
+  that dies (even SIGKILLed, or cut off from the network) stops renewing, and its runs can
+  be taken over ``lease_seconds`` later. Releasing deletes the row and notifies workers.
+* **Workers.** ``claim_run`` picks the oldest run that needs an executor with
+  ``SELECT ... FOR UPDATE SKIP LOCKED`` (competing workers skip each other's candidates
+  instead of queueing) and takes its lease in the same transaction. ``wait_for_work``
+  sleeps on a dedicated ``LISTEN`` connection; queuing a run, sending a signal and
+  releasing a lease ``NOTIFY`` the schema's channel (``dn_work_<hash of the schema>``).
+* **Tables** (DataFrames, Arrow tables: ``Payload.table``) are kept as Arrow IPC streams in
+  ``bytea`` columns, which restores every Arrow type exactly (up to PostgreSQL's 1 GB per
+  value).
+* **Pickles are signed** with the team's key: ``key=`` or ``$DURABLE_NB_KEY`` (at least 16
+  characters). Without a key the store keeps every value that needs no pickle, records
+  errors as text, and refuses to store or read pickles, saying to set the key. Nothing is
+  unpickled before its signature is checked.
+* **Schema migrations** are named, ordered and recorded in ``dn_migrations``; a schema
+  written by a newer durable_nb is refused with ``StoreVersionError``.
+
+Only this module imports psycopg. Every value reaches SQL as a parameter; the schema name,
+the only identifier that varies, is validated and quoted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import psycopg
+from psycopg import sql
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from ..errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    RunLockedError,
+    StoreError,
+    StoreFormatError,
+    StoreUnavailableError,
+    StoreVersionError,
+)
+from ._protocol import (
+    EffectKey,
+    EffectRecord,
+    EventRecord,
+    RunLease,
+    RunRecord,
+    SignalRecord,
+    run_scopes,
+)
+
+if TYPE_CHECKING:
+    from .._codecs import Payload, Signer
+
+__all__ = ["DEFAULT_SCHEMA", "MIGRATIONS", "SCHEMA_VERSION", "PostgresStore"]
+
+_log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+_Conn = psycopg.Connection[tuple[Any, ...]]
+
+DEFAULT_SCHEMA = "durable_nb"
+_SCHEMA_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_MIN_KEY = 16
+_CLAIM_BATCH = 8  # candidates locked per claim_run attempt
+
+# fmt: off
+_EFFECT_COLS = (
+    "scope", "identity", "version", "input_hash", "occurrence", "codec", "data", "table_ipc",
+    "is_error", "kind", "seq", "started_at", "duration", "detail",
+)
+_EFFECT_KEY_COLS = _EFFECT_COLS[:5]
+_RUN_COLS = (
+    "run_id", "workflow", "status", "created_at", "updated_at", "args_codec", "args_data",
+    "args_ipc", "result_codec", "result_data", "result_ipc", "error_codec", "error_data",
+    "error_ipc", "custom_status", "status_version", "parent_id", "executions", "detail",
+    "input_hash", "code_version", "generation", "version",
+)
+# fmt: on
+_CLAIMABLE = "('queued', 'running', 'waiting')"
+
+#: Named, ordered schema migrations (``{s}`` is the quoted schema). Append only; never edit
+#: a released one.
+MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
+    (
+        1,
+        "initial: effects, runs, signals, inbox, events, run leases, effect claims",
+        (
+            'CREATE TABLE {s}.dn_effects (scope text COLLATE "C" NOT NULL, '
+            'identity text COLLATE "C" NOT NULL, version text COLLATE "C" NOT NULL, '
+            'input_hash text COLLATE "C" NOT NULL, occurrence bigint NOT NULL, '
+            "codec text NOT NULL, data bytea NOT NULL, table_ipc bytea, "
+            "is_error boolean NOT NULL, kind text NOT NULL, seq bigint NOT NULL, "
+            "started_at double precision NOT NULL, duration double precision NOT NULL, "
+            "detail text NOT NULL, "
+            "PRIMARY KEY (scope, identity, version, input_hash, occurrence))",
+            'CREATE TABLE {s}.dn_runs (run_id text COLLATE "C" PRIMARY KEY, '
+            'workflow text COLLATE "C" NOT NULL, status text NOT NULL, '
+            "created_at double precision NOT NULL, updated_at double precision NOT NULL, "
+            "args_codec text, args_data bytea, args_ipc bytea, "
+            "result_codec text, result_data bytea, result_ipc bytea, "
+            "error_codec text, error_data bytea, error_ipc bytea, "
+            "custom_status text, status_version bigint NOT NULL, "
+            'parent_id text COLLATE "C", executions bigint NOT NULL, detail text NOT NULL, '
+            "input_hash text NOT NULL, code_version text NOT NULL, "
+            "generation bigint NOT NULL, version text NOT NULL)",
+            "CREATE INDEX dn_runs_created ON {s}.dn_runs (created_at, run_id)",
+            # what claim_run scans: only runs that may need an executor, oldest first
+            "CREATE INDEX dn_runs_claimable ON {s}.dn_runs (created_at, run_id) "
+            f"WHERE status IN {_CLAIMABLE}",
+            "CREATE INDEX dn_runs_parent ON {s}.dn_runs (parent_id) WHERE parent_id IS NOT NULL",
+            'CREATE TABLE {s}.dn_signals (run_id text COLLATE "C" NOT NULL, '
+            'signal_id text COLLATE "C" NOT NULL, name text NOT NULL, payload text NOT NULL, '
+            "sent_at double precision NOT NULL, PRIMARY KEY (run_id, signal_id))",
+            # one row per run: the id of the transaction that last sent it a signal
+            'CREATE TABLE {s}.dn_inbox (run_id text COLLATE "C" PRIMARY KEY, '
+            "token bigint NOT NULL)",
+            'CREATE TABLE {s}.dn_events (run_id text COLLATE "C" NOT NULL, '
+            'event_id text COLLATE "C" NOT NULL, ts double precision NOT NULL, '
+            "kind text NOT NULL, data text NOT NULL, PRIMARY KEY (run_id, event_id))",
+            'CREATE TABLE {s}.dn_leases (run_id text COLLATE "C" PRIMARY KEY, '
+            "token text NOT NULL, owner text NOT NULL, holder text NOT NULL, "
+            "acquired_at timestamptz NOT NULL, expires_at timestamptz NOT NULL)",
+            "CREATE INDEX dn_leases_token ON {s}.dn_leases (token)",
+            'CREATE TABLE {s}.dn_effect_claims (scope text COLLATE "C" NOT NULL, '
+            'identity text COLLATE "C" NOT NULL, version text COLLATE "C" NOT NULL, '
+            'input_hash text COLLATE "C" NOT NULL, occurrence bigint NOT NULL, '
+            "owner text NOT NULL, expires_at timestamptz NOT NULL, "
+            "PRIMARY KEY (scope, identity, version, input_hash, occurrence))",
+        ),
+    ),
+)
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def _check_schema(schema: object) -> str:
+    if not isinstance(schema, str):
+        raise ArgumentTypeError(
+            f"schema must be a str naming a PostgreSQL schema, got {type(schema).__name__} "
+            f"{schema!r}"
+        )
+    if (
+        not _SCHEMA_RE.fullmatch(schema)
+        or len(schema) > 63
+        or schema.lower().startswith("pg_")
+        or schema.lower() == "information_schema"
+    ):
+        raise ArgumentError(
+            f"schema must be a plain PostgreSQL identifier (a letter or '_', then letters, "
+            f"digits or '_', at most 63 characters, not starting with 'pg_'), got {schema!r}; "
+            "pick a name like 'durable_nb' or 'team_ml'"
+        )
+    return schema
+
+
+def _split_url(url: str, schema: str | None) -> tuple[str, str, str]:
+    """``(conninfo for libpq, schema, url to show)``: ``?schema=`` is ours, not libpq's,
+    and the shown url has no password."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    in_url = [v for k, v in query if k == "schema"]
+    rest = [(k, v) for k, v in query if k != "schema"]
+    if len(in_url) > 1:
+        raise ArgumentError(f"the store URL names more than one schema: {in_url!r}; keep one")
+    if in_url and schema is not None and in_url[0] != schema:
+        raise ArgumentError(
+            f"the store URL says schema={in_url[0]!r} but schema={schema!r} was passed; "
+            "give the schema once"
+        )
+    name = _check_schema(in_url[0] if in_url else schema if schema is not None else DEFAULT_SCHEMA)
+    conninfo = urlunsplit(parts._replace(query=urlencode(rest)))
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        netloc = userinfo.partition(":")[0] + "@" + hostport
+    shown = [(k, v) for k, v in rest if k != "password"]
+    if name != DEFAULT_SCHEMA:
+        shown.append(("schema", name))
+    return conninfo, name, urlunsplit(parts._replace(netloc=netloc, query=urlencode(shown)))
+
+
+def _resolve_key(key: bytes | str | None) -> bytes | None:
+    if key is None:
+        env = os.environ.get("DURABLE_NB_KEY")
+        if not env:
+            return None
+        if len(env.encode()) < _MIN_KEY:
+            raise ArgumentError(
+                f"DURABLE_NB_KEY must be at least {_MIN_KEY} characters long, got "
+                f"{len(env.encode())}; set it to a long random secret, e.g. the output of "
+                "`python -c 'import secrets; print(secrets.token_hex(32))'`"
+            )
+        return env.encode()
+    if isinstance(key, str):
+        key = key.encode()
+    if not isinstance(key, bytes | bytearray):
+        raise ArgumentTypeError(
+            f"key must be bytes or str (the team's signing key), got {type(key).__name__}"
+        )
+    if len(key) < _MIN_KEY:
+        raise ArgumentError(
+            f"key must be at least {_MIN_KEY} bytes long, got {len(key)} bytes; "
+            "use e.g. secrets.token_bytes(32)"
+        )
+    return bytes(key)
+
+
+def _ipc(table: object | None) -> bytes | None:
+    if table is None:
+        return None
+    import pyarrow as pa
+
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:  # type: ignore[attr-defined]
+        writer.write_table(table)
+    data: bytes = sink.getvalue().to_pybytes()
+    return data
+
+
+def _payload(codec: str | None, data: bytes | None, table_ipc: bytes | None) -> Payload | None:
+    from .._codecs import Payload
+
+    if codec is None:
+        return None
+    table = None
+    if table_ipc is not None:
+        import pyarrow as pa
+
+        table = pa.ipc.open_stream(pa.py_buffer(table_ipc)).read_all()
+    return Payload(codec, data if data is not None else b"", table)
+
+
+def _payload_cols(p: Payload | None) -> tuple[Any, Any, Any]:
+    if p is None:
+        return (None, None, None)
+    return (p.codec, p.data, _ipc(p.table))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+class PostgresStore:
+    """Runs and effects in a PostgreSQL schema, shared by processes and machines.
+
+    See the module docstring. ``lease_seconds``: how long a run stays owned by a holder
+    that stopped renewing (it renews every third of it). ``pool_size``: connections this
+    process may use at once. ``connect_timeout``: seconds to wait for the server.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        schema: str | None = None,
+        key: bytes | str | None = None,
+        lease_seconds: float = 30.0,
+        pool_size: int = 10,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        from .._codecs import Signer
+
+        if not isinstance(url, str) or not url.startswith(("postgresql://", "postgres://")):
+            raise ArgumentError(
+                f"url must be a postgresql:// URL, got {url!r}; e.g. "
+                "'postgresql://user@host:5432/dbname?schema=durable_nb'"
+            )
+        for name, value in (("lease_seconds", lease_seconds), ("connect_timeout", connect_timeout)):
+            if (
+                not isinstance(value, int | float)
+                or isinstance(value, bool)
+                or not math.isfinite(value)
+                or value <= 0
+            ):
+                raise ArgumentError(f"{name} must be a number of seconds > 0, got {value!r}")
+        if not isinstance(pool_size, int) or isinstance(pool_size, bool) or pool_size < 1:
+            raise ArgumentError(f"pool_size must be an int >= 1, got {pool_size!r}")
+        self._conninfo, self._schema, self._url = _split_url(url, schema)
+        raw_key = _resolve_key(key)
+        self._signer = (
+            Signer(raw_key)
+            if raw_key is not None
+            else Signer.without_key(f"the PostgreSQL store {self._url!r}")
+        )
+        self._lease_seconds = float(lease_seconds)
+        self._connect_timeout = float(connect_timeout)
+        self._connect_kwargs: dict[str, Any] = {"autocommit": True}
+        if "connect_timeout" not in self._conninfo:
+            self._connect_kwargs["connect_timeout"] = max(1, math.ceil(connect_timeout))
+        self._channel = (
+            "dn_work_" + hashlib.blake2b(self._schema.encode(), digest_size=8).hexdigest()
+        )
+        self._q = self._statements()
+
+        self._closed = False
+        self._lock = threading.Lock()
+        self._held: dict[str, str] = {}  # lease token -> run id, renewed by the heartbeat
+        self._stop = threading.Event()
+        self._work = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+        self._listener: threading.Thread | None = None
+
+        try:
+            with psycopg.connect(self._conninfo, **self._connect_kwargs) as conn:
+                self._migrate(conn)
+        except psycopg.OperationalError as e:
+            raise self._unavailable(e) from None
+        except psycopg.Error as e:
+            raise StoreError(
+                f"cannot prepare the PostgreSQL store {self._url!r}: {_first_line(e)}; "
+                "check that the user may create the schema and its tables there"
+            ) from e
+        self._pool: ConnectionPool[_Conn] = ConnectionPool(
+            self._conninfo,
+            kwargs=self._connect_kwargs,
+            min_size=1,
+            max_size=pool_size,
+            open=False,
+            timeout=max(self._connect_timeout, 5.0),
+            name=f"durable_nb-{self._schema}",
+        )
+        self._pool.open(wait=False)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def url(self) -> str:
+        """The URL without its password (give that by PGPASSWORD or ~/.pgpass)."""
+        return self._url
+
+    @property
+    def schema(self) -> str:
+        return self._schema
+
+    @property
+    def signer(self) -> Signer:
+        return self._signer
+
+    @property
+    def lease_seconds(self) -> float:
+        return self._lease_seconds
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({self._url!r})"
+
+    # ------------------------------------------------------------------ SQL
+    def _statements(self) -> dict[str, str]:
+        s = sql.Identifier(self._schema).as_string()
+
+        def upsert(table: str, cols: Sequence[str], key: Sequence[str]) -> str:
+            updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in cols if c not in key)
+            return (
+                f"INSERT INTO {s}.{table} ({', '.join(cols)}) "
+                f"VALUES ({', '.join(['%s'] * len(cols))}) "
+                f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {updates}"
+            )
+
+        key_where = " AND ".join(f"{c} = %s" for c in _EFFECT_KEY_COLS)
+        lease_upsert = (
+            f"INSERT INTO {s}.dn_leases AS l (run_id, token, owner, holder, acquired_at, "
+            "expires_at) VALUES (%s, %s, %s, %s, now(), now() + make_interval(secs => %s)) "
+            "ON CONFLICT (run_id) DO UPDATE SET token = EXCLUDED.token, owner = EXCLUDED.owner, "
+            "holder = EXCLUDED.holder, acquired_at = now(), expires_at = EXCLUDED.expires_at "
+            # our own token: a retry after a lost reply finds the lease it already took
+            "WHERE l.expires_at <= now() OR l.token = EXCLUDED.token RETURNING run_id"
+        )
+        return {
+            "put_effect": upsert("dn_effects", _EFFECT_COLS, _EFFECT_KEY_COLS),
+            "get_effect": f"SELECT {', '.join(_EFFECT_COLS)} FROM {s}.dn_effects WHERE {key_where}",
+            "load_effects": f"SELECT {', '.join(_EFFECT_COLS)} FROM {s}.dn_effects "
+            "WHERE scope = %s ORDER BY seq, started_at",
+            "delete_effects": f"DELETE FROM {s}.dn_effects WHERE scope = %s",
+            "delete_scopes": f"DELETE FROM {s}.dn_effects WHERE scope = ANY(%s)",
+            "prune_effects": f"DELETE FROM {s}.dn_effects "
+            "WHERE starts_with(scope, %s) AND started_at < %s",
+            "prune_claims": f"DELETE FROM {s}.dn_effect_claims WHERE expires_at <= now()",
+            # one statement: the run and, if it is queued, the wake-up for idle workers
+            "put_run": f"WITH r AS ({upsert('dn_runs', _RUN_COLS, ('run_id',))} "
+            "RETURNING status) SELECT pg_notify(%s, 'queued') FROM r WHERE r.status = 'queued'",
+            "get_run": f"SELECT {', '.join(_RUN_COLS)} FROM {s}.dn_runs WHERE run_id = %s",
+            "list_runs": f"SELECT {', '.join(_RUN_COLS)} FROM {s}.dn_runs",
+            "delete_run": f"DELETE FROM {s}.dn_runs WHERE run_id = %s",
+            "delete_signals": f"DELETE FROM {s}.dn_signals WHERE run_id = %s",
+            "delete_some_signals": f"DELETE FROM {s}.dn_signals "
+            "WHERE run_id = %s AND signal_id = ANY(%s)",
+            "delete_inbox": f"DELETE FROM {s}.dn_inbox WHERE run_id = %s",
+            "delete_events": f"DELETE FROM {s}.dn_events WHERE run_id = %s",
+            "acquire": lease_upsert,
+            "holder": f"SELECT owner, holder, EXTRACT(EPOCH FROM expires_at - now())::float8 "
+            f"FROM {s}.dn_leases WHERE run_id = %s",
+            "renew": f"UPDATE {s}.dn_leases SET expires_at = now() + make_interval(secs => %s) "
+            "WHERE token = ANY(%s) RETURNING token",
+            "release": f"WITH d AS (DELETE FROM {s}.dn_leases WHERE run_id = %s AND token = %s "
+            "RETURNING run_id) SELECT pg_notify(%s, 'released') FROM d",
+            "release_all": f"DELETE FROM {s}.dn_leases WHERE token = ANY(%s) RETURNING run_id",
+            "notify": "SELECT pg_notify(%s, %s)",
+            "candidates": f"SELECT r.run_id FROM {s}.dn_runs r "
+            f"WHERE r.status IN {_CLAIMABLE} AND r.workflow = ANY(%s) "
+            f"AND NOT EXISTS (SELECT 1 FROM {s}.dn_leases l "
+            "WHERE l.run_id = r.run_id AND l.expires_at > now()) "
+            "ORDER BY r.created_at, r.run_id LIMIT %s FOR UPDATE OF r SKIP LOCKED",
+            "claim_effect": f"INSERT INTO {s}.dn_effect_claims AS c "
+            f"({', '.join(_EFFECT_KEY_COLS)}, owner, expires_at) "
+            "VALUES (%s, %s, %s, %s, %s, %s, now() + make_interval(secs => %s)) "
+            f"ON CONFLICT ({', '.join(_EFFECT_KEY_COLS)}) DO UPDATE "
+            "SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at "
+            "WHERE c.owner = EXCLUDED.owner OR c.expires_at <= now() RETURNING 1",
+            "release_effect": f"DELETE FROM {s}.dn_effect_claims WHERE {key_where} AND owner = %s",
+            # one statement: the signal, its run's inbox token and the wake-up
+            "add_signal": "WITH g AS ("
+            + upsert(
+                "dn_signals",
+                ("run_id", "signal_id", "name", "payload", "sent_at"),
+                ("run_id", "signal_id"),
+            )
+            + f" RETURNING run_id), i AS (INSERT INTO {s}.dn_inbox AS i (run_id, token) "
+            "SELECT run_id, txid_current() FROM g ON CONFLICT (run_id) DO UPDATE "
+            "SET token = EXCLUDED.token RETURNING 1) SELECT pg_notify(%s, 'signal') FROM i",
+            "list_signals": f"SELECT run_id, signal_id, name, payload, sent_at FROM {s}.dn_signals "
+            "WHERE run_id = %s ORDER BY sent_at, signal_id",
+            "inbox_token": f"SELECT token FROM {s}.dn_inbox WHERE run_id = %s",
+            "put_event": upsert(
+                "dn_events", ("run_id", "event_id", "ts", "kind", "data"), ("run_id", "event_id")
+            ),
+            "load_events": f"SELECT run_id, event_id, ts, kind, data FROM {s}.dn_events "
+            "WHERE run_id = %s ORDER BY ts, event_id",
+        }
+
+    # ------------------------------------------------------------------ migrations
+    def _read_version(self, conn: _Conn) -> tuple[int, str, list[str]]:
+        tables = sorted(
+            r[0]
+            for r in conn.execute(
+                "SELECT tablename FROM pg_catalog.pg_tables WHERE schemaname = %s",
+                [self._schema],
+            ).fetchall()
+        )
+        if "dn_meta" not in tables:
+            return 0, "", tables
+        s = sql.Identifier(self._schema)
+        meta: dict[str, str] = dict(
+            conn.execute(sql.SQL("SELECT key, value FROM {}.dn_meta").format(s)).fetchall()
+        )
+        return int(meta.get("schema_version", 0)), str(meta.get("written_by", "?")), tables
+
+    def _check_version(self, current: int, written_by: str) -> None:
+        if current > SCHEMA_VERSION:
+            raise StoreVersionError(
+                f"the PostgreSQL store {self._url!r} (schema {self._schema!r}) has schema "
+                f"version {current}, written by durable_nb {written_by}; this durable_nb knows "
+                f"schema versions up to {SCHEMA_VERSION}; upgrade durable_nb "
+                "(pip install -U durable_nb) to use it"
+            )
+
+    def _migrate(self, conn: _Conn) -> None:
+        current, written_by, _ = self._read_version(conn)
+        self._check_version(current, written_by)
+        if current == SCHEMA_VERSION:
+            return
+        from .. import __version__
+
+        s = sql.Identifier(self._schema)
+        with conn.transaction():
+            # processes opening a fresh schema at once: one migrates, the others then see it
+            conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                ["durable_nb schema " + self._schema],
+            )
+            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(s))
+            current, written_by, tables = self._read_version(conn)
+            self._check_version(current, written_by)
+            if current == SCHEMA_VERSION:
+                return
+            if current == 0 and tables:
+                raise StoreFormatError(
+                    f"the schema {self._schema!r} of {self._url!r} has tables {tables[:5]!r} "
+                    "but is not a durable_nb store (no dn_meta table); choose another schema "
+                    "with ?schema=NAME in the store URL"
+                )
+            conn.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {}.dn_meta (key text PRIMARY KEY, value text)"
+                ).format(s)
+            )
+            conn.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {}.dn_migrations (version integer PRIMARY KEY, "
+                    "name text NOT NULL, applied_at timestamptz NOT NULL, written_by text)"
+                ).format(s)
+            )
+            for version, name, statements in MIGRATIONS:
+                if version <= current:
+                    continue
+                for stmt in statements:
+                    conn.execute(sql.SQL(stmt).format(s=s))
+                conn.execute(
+                    sql.SQL("INSERT INTO {}.dn_migrations VALUES (%s, %s, now(), %s)").format(s),
+                    [version, name, __version__],
+                )
+            conn.execute(
+                sql.SQL(
+                    "INSERT INTO {}.dn_meta VALUES ('schema_version', %s), ('written_by', %s) "
+                    "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
+                ).format(s),
+                [str(SCHEMA_VERSION), __version__],
+            )
+
+    # ------------------------------------------------------------------ connections
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"the store {self._url!r} is closed; open a new one")
+
+    def _unavailable(self, e: BaseException) -> StoreUnavailableError:
+        return StoreUnavailableError(
+            f"cannot reach the PostgreSQL store {self._url!r}: {_first_line(e)}; check that "
+            "the server is running and accepts connections at that address (user, database; "
+            "a password goes in PGPASSWORD or ~/.pgpass), or choose another store with "
+            "DURABLE_NB_STORE"
+        )
+
+    def _call(self, fn: Callable[[_Conn], _T]) -> _T:
+        """Run ``fn`` on a pooled connection; once more on a fresh one if the server dropped
+        the connection or aborted the transaction (every call here may be repeated)."""
+        self._check_open()
+        retried = False
+        while True:
+            conn: _Conn | None = None
+            try:
+                with self._pool.connection() as conn:
+                    return fn(conn)
+            except PoolTimeout as e:
+                raise self._pool_timeout(e) from None
+            except psycopg.OperationalError as e:
+                lost = conn is None or conn.closed or conn.broken
+                if not retried and (lost or isinstance(e, psycopg.errors.TransactionRollback)):
+                    retried = True
+                    continue
+                raise self._unavailable(e) from e
+            except psycopg.Error as e:
+                raise StoreError(
+                    f"the PostgreSQL store {self._url!r} refused a request: {_first_line(e)}"
+                ) from e
+
+    def _pool_timeout(self, e: BaseException) -> StoreError:
+        try:
+            psycopg.connect(self._conninfo, **self._connect_kwargs).close()
+        except psycopg.Error as probe:
+            return self._unavailable(probe)
+        return StoreError(
+            f"all {self._pool.max_size} connections of the PostgreSQL store {self._url!r} "
+            f"stayed busy for {self._pool.timeout:g}s ({e}); pass a larger pool_size to "
+            "PostgresStore or use fewer threads"
+        )
+
+    # ------------------------------------------------------------------ effects
+    def _effect_row(self, rec: EffectRecord) -> tuple[Any, ...]:
+        p = rec.payload
+        return (
+            rec.scope,
+            rec.identity,
+            rec.version,
+            rec.input_hash,
+            rec.occurrence,
+            p.codec,
+            p.data,
+            _ipc(p.table),
+            rec.is_error,
+            rec.kind,
+            rec.seq,
+            rec.started_at,
+            rec.duration,
+            rec.detail,
+        )
+
+    @staticmethod
+    def _effect_from_row(r: Sequence[Any]) -> EffectRecord:
+        payload = _payload(r[5], r[6], r[7])
+        assert payload is not None
+        return EffectRecord(
+            scope=r[0],
+            identity=r[1],
+            version=r[2],
+            input_hash=r[3],
+            occurrence=r[4],
+            payload=payload,
+            is_error=r[8],
+            kind=r[9],
+            seq=r[10],
+            started_at=r[11],
+            duration=r[12],
+            detail=r[13],
+        )
+
+    def put_effects(self, records: Sequence[EffectRecord]) -> None:
+        rows = [self._effect_row(rec) for rec in records]
+        if not rows:
+            self._check_open()
+            return
+        q = self._q["put_effect"]
+
+        def put(conn: _Conn) -> None:
+            if len(rows) == 1:
+                conn.execute(q, rows[0])
+                return
+            with conn.transaction(), conn.cursor() as cur:
+                cur.executemany(q, rows)
+
+        self._call(put)
+
+    def get_effect(self, key: EffectKey) -> EffectRecord | None:
+        q = self._q["get_effect"]
+        row = self._call(lambda conn: conn.execute(q, key, binary=True).fetchone())
+        return self._effect_from_row(row) if row is not None else None
+
+    def load_effects(self, scope: str) -> list[EffectRecord]:
+        q = self._q["load_effects"]
+        rows = self._call(lambda conn: conn.execute(q, [scope], binary=True).fetchall())
+        return [self._effect_from_row(r) for r in rows]
+
+    def delete_effects(self, scope: str) -> int:
+        q = self._q["delete_effects"]
+        return self._call(lambda conn: conn.execute(q, [scope]).rowcount)
+
+    def prune_effects(self, scope_prefix: str, older_than: float) -> int:
+        if not isinstance(scope_prefix, str):
+            raise ArgumentTypeError(f"scope_prefix must be a str, got {scope_prefix!r}")
+        q, qc = self._q["prune_effects"], self._q["prune_claims"]
+
+        def prune(conn: _Conn) -> int:
+            n = conn.execute(q, [scope_prefix, float(older_than)]).rowcount
+            conn.execute(qc)  # claims of holders that died
+            return n
+
+        return self._call(prune)
+
+    def claim_effect(self, key: EffectKey, owner: str, seconds: float) -> bool:
+        q = self._q["claim_effect"]
+        params = (*key, owner, float(seconds))
+        return self._call(lambda conn: conn.execute(q, params).fetchone() is not None)
+
+    def release_effect(self, key: EffectKey, owner: str) -> None:
+        q = self._q["release_effect"]
+        params = (*key, owner)
+        self._call(lambda conn: conn.execute(q, params))
+
+    # ------------------------------------------------------------------ runs
+    @staticmethod
+    def _run_row(run: RunRecord) -> tuple[Any, ...]:
+        return (
+            run.run_id,
+            run.workflow,
+            run.status,
+            run.created_at,
+            run.updated_at,
+            *_payload_cols(run.args),
+            *_payload_cols(run.result),
+            *_payload_cols(run.error),
+            run.custom_status,
+            run.status_version,
+            run.parent_id,
+            run.executions,
+            run.detail,
+            run.input_hash,
+            run.code_version,
+            run.generation,
+            run.version,
+        )
+
+    @staticmethod
+    def _run_from_row(r: Sequence[Any]) -> RunRecord:
+        return RunRecord(
+            run_id=r[0],
+            workflow=r[1],
+            status=r[2],
+            created_at=r[3],
+            updated_at=r[4],
+            args=_payload(r[5], r[6], r[7]),
+            result=_payload(r[8], r[9], r[10]),
+            error=_payload(r[11], r[12], r[13]),
+            custom_status=r[14],
+            status_version=r[15],
+            parent_id=r[16],
+            executions=r[17],
+            detail=r[18],
+            input_hash=r[19],
+            code_version=r[20],
+            generation=r[21],
+            version=r[22],
+        )
+
+    def put_run(self, run: RunRecord) -> None:
+        q, params = self._q["put_run"], (*self._run_row(run), self._channel)
+        self._call(lambda conn: conn.execute(q, params))
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        q = self._q["get_run"]
+        row = self._call(lambda conn: conn.execute(q, [run_id], binary=True).fetchone())
+        return self._run_from_row(row) if row is not None else None
+
+    def list_runs(
+        self,
+        *,
+        status: str | None = None,
+        workflow: str | None = None,
+        parent_id: str | None = None,
+        updated_after: float | None = None,
+        updated_before: float | None = None,
+        limit: int = 1000,
+    ) -> list[RunRecord]:
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+            raise ArgumentError(f"limit must be an int >= 0, got {limit!r}")
+        where: list[str] = []
+        params: list[Any] = []
+        for clause, value in (
+            ("status = %s", status),
+            ("workflow = %s", workflow),
+            ("parent_id = %s", parent_id),
+            ("updated_at >= %s", updated_after),
+            ("updated_at < %s", updated_before),
+        ):
+            if value is not None:
+                where.append(clause)
+                params.append(value)
+        q = self._q["list_runs"]
+        if where:
+            q += " WHERE " + " AND ".join(where)
+        q += " ORDER BY created_at DESC, run_id DESC LIMIT %s"
+        params.append(limit)
+        rows = self._call(lambda conn: conn.execute(q, params, binary=True).fetchall())
+        return [self._run_from_row(r) for r in rows]
+
+    def delete_run(self, run_id: str) -> bool:
+        q = self._q
+
+        def delete(conn: _Conn) -> bool:
+            with conn.transaction():
+                existed = conn.execute(q["delete_run"], [run_id]).rowcount > 0
+                for name in ("delete_signals", "delete_inbox", "delete_events"):
+                    conn.execute(q[name], [run_id])
+                conn.execute(q["delete_scopes"], [list(run_scopes(run_id))])
+            return existed
+
+        return self._call(delete)
+
+    def reset_run(self, run: RunRecord, consumed_signals: Sequence[str]) -> None:
+        q, params = self._q, (*self._run_row(run), self._channel)
+        consumed = list(consumed_signals)
+
+        def reset(conn: _Conn) -> None:
+            with conn.transaction():
+                conn.execute(q["put_run"], params)
+                conn.execute(q["delete_effects"], ["run/" + run.run_id])
+                if consumed:
+                    conn.execute(q["delete_some_signals"], [run.run_id, consumed])
+
+        self._call(reset)
+
+    # ------------------------------------------------------------------ leases
+    def _holder_info(self) -> str:
+        return json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
+
+    def _lease(self, run_id: str, owner: str, token: str) -> RunLease:
+        with self._lock:
+            self._held[token] = run_id
+            if self._heartbeat is None:
+                self._heartbeat = threading.Thread(
+                    target=self._heartbeat_loop, name="durable_nb-pg-heartbeat", daemon=True
+                )
+                self._heartbeat.start()
+        q = self._q["release"]
+
+        def release() -> None:
+            with self._lock:
+                if self._held.pop(token, None) is None or self._closed:
+                    return  # lost (taken over after it expired) or released by close()
+            try:
+                self._call(lambda conn: conn.execute(q, [run_id, token, self._channel]))
+            except StoreError as e:  # the lease expires by itself; nothing else to undo
+                _log.warning("durable_nb: could not release the lease of run %r: %s", run_id, e)
+
+        return RunLease(run_id, owner, release)
+
+    def acquire_run(self, run_id: str, owner: str) -> RunLease:
+        token = secrets.token_hex(16)
+        params = (run_id, token, owner, self._holder_info(), self._lease_seconds)
+        qa, qh = self._q["acquire"], self._q["holder"]
+
+        def acquire(conn: _Conn) -> tuple[str, str, float] | None:
+            while True:
+                if conn.execute(qa, params).fetchone() is not None:
+                    return None
+                row = conn.execute(qh, [run_id]).fetchone()
+                if row is not None:  # else released meanwhile: try again
+                    return (row[0], row[1], row[2])
+
+        held = self._call(acquire)
+        if held is None:
+            return self._lease(run_id, owner, token)
+        holder_owner, holder_json, remaining = held
+        try:
+            info = json.loads(holder_json)
+        except ValueError:
+            info = {}
+        raise RunLockedError(
+            f"run {run_id!r} is being executed by {holder_owner} (process "
+            f"{info.get('pid', '?')} on {info.get('host', '?')}); its lease has "
+            f"{max(remaining, 0.0):.1f}s left and is renewed while that process lives — wait "
+            "for it to finish, or stop that process: the run can be taken over once its lease "
+            "expires"
+        )
+
+    def claim_run(self, owner: str, workflows: Sequence[str]) -> tuple[RunRecord, RunLease] | None:
+        names = list(workflows)
+        if not names:
+            self._check_open()
+            return None
+        token = secrets.token_hex(16)
+        holder = self._holder_info()
+        q = self._q
+
+        def claim(conn: _Conn) -> RunRecord | None:
+            with conn.transaction():
+                ids = [
+                    r[0] for r in conn.execute(q["candidates"], [names, _CLAIM_BATCH]).fetchall()
+                ]
+                for run_id in ids:
+                    # the row lock keeps other claimers off this run; the lease upsert also
+                    # refuses a lease taken by acquire_run since this statement's snapshot
+                    got = conn.execute(
+                        q["acquire"], [run_id, token, owner, holder, self._lease_seconds]
+                    ).fetchone()
+                    if got is not None:
+                        row = conn.execute(q["get_run"], [run_id], binary=True).fetchone()
+                        assert row is not None  # locked by us: it cannot have gone
+                        return self._run_from_row(row)
+            return None
+
+        run = self._call(claim)
+        if run is None:
+            return None
+        return run, self._lease(run.run_id, owner, token)
+
+    def _renew(self, tokens: list[str]) -> set[str]:
+        """Renew the leases of ``tokens``; returns the ones still ours."""
+        q = self._q["renew"]
+        rows = self._call(lambda conn: conn.execute(q, [self._lease_seconds, tokens]).fetchall())
+        return {r[0] for r in rows}
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self._lease_seconds / 3):
+            with self._lock:
+                tokens = list(self._held)
+            if not tokens:
+                continue
+            try:
+                kept = self._renew(tokens)
+            except StoreError as e:  # the next beat tries again; leases outlive a short outage
+                if not self._closed:
+                    _log.warning("durable_nb: could not renew run leases: %s", e)
+                continue
+            with self._lock:
+                for token in tokens:
+                    if token not in kept and (run_id := self._held.pop(token, None)):
+                        _log.warning(
+                            "durable_nb: the lease of run %r expired before it was renewed "
+                            "and another process may have taken the run over",
+                            run_id,
+                        )
+
+    # ------------------------------------------------------------------ wake-ups
+    def wait_for_work(self, timeout: float) -> None:
+        if not isinstance(timeout, int | float) or isinstance(timeout, bool) or not timeout >= 0:
+            raise ArgumentError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
+        self._check_open()
+        with self._lock:
+            if self._listener is None:
+                self._listener = threading.Thread(
+                    target=self._listen_loop, name="durable_nb-pg-listen", daemon=True
+                )
+                self._listener.start()
+        if self._work.wait(timeout):
+            self._work.clear()
+
+    def _listen_loop(self) -> None:
+        listen = sql.SQL("LISTEN {}").format(sql.Identifier(self._channel))
+        conn: _Conn | None = None
+        while not self._stop.is_set():
+            try:
+                if conn is None:
+                    conn = psycopg.connect(self._conninfo, **self._connect_kwargs)
+                    conn.execute(listen)
+                    self._work.set()  # whatever was sent while nobody listened
+                for _ in conn.notifies(timeout=0.25):
+                    self._work.set()
+            except psycopg.Error as e:
+                if conn is not None:
+                    with contextlib.suppress(psycopg.Error):
+                        conn.close()
+                    conn = None
+                if not self._stop.is_set():
+                    _log.warning("durable_nb: lost the LISTEN connection (%s); reconnecting", e)
+                    self._work.set()  # waiters fall back to polling meanwhile
+                self._stop.wait(1.0)
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
+
+    # ------------------------------------------------------------------ signals, events
+    def add_signal(self, signal: SignalRecord) -> None:
+        q = self._q["add_signal"]
+        params = (
+            signal.run_id,
+            signal.signal_id,
+            signal.name,
+            signal.payload,
+            signal.sent_at,
+            self._channel,
+        )
+        self._call(lambda conn: conn.execute(q, params))
+
+    def list_signals(self, run_id: str) -> list[SignalRecord]:
+        q = self._q["list_signals"]
+        rows = self._call(lambda conn: conn.execute(q, [run_id], binary=True).fetchall())
+        return [SignalRecord(*r) for r in rows]
+
+    def inbox_token(self, run_id: str) -> object:
+        q = self._q["inbox_token"]
+        row = self._call(lambda conn: conn.execute(q, [run_id]).fetchone())
+        return row[0] if row is not None else None
+
+    def append_events(self, events: Sequence[EventRecord]) -> None:
+        rows = [(e.run_id, e.event_id, e.ts, e.kind, e.data) for e in events]
+        if not rows:
+            self._check_open()
+            return
+        q = self._q["put_event"]
+
+        def put(conn: _Conn) -> None:
+            if len(rows) == 1:
+                conn.execute(q, rows[0])
+                return
+            with conn.transaction(), conn.cursor() as cur:
+                cur.executemany(q, rows)
+
+        self._call(put)
+
+    def load_events(self, run_id: str) -> list[EventRecord]:
+        q = self._q["load_events"]
+        rows = self._call(lambda conn: conn.execute(q, [run_id], binary=True).fetchall())
+        return [EventRecord(*r) for r in rows]
+
+    # ------------------------------------------------------------------ lifecycle
+    def flush(self) -> None:
+        self._check_open()  # every write is committed before it returns
+
+    def close(self) -> None:
+        """Release the leases this process holds (so others may take the runs over at once)
+        and every connection."""
+        if self._closed:
+            return
+        self._stop.set()
+        with self._lock:
+            tokens = list(self._held)
+        if tokens:
+            q, qn = self._q["release_all"], self._q["notify"]
+
+            def release_all(conn: _Conn) -> None:
+                with conn.transaction():
+                    if conn.execute(q, [tokens]).fetchall():
+                        conn.execute(qn, [self._channel, "released"])
+
+            try:
+                self._call(release_all)
+            except StoreError as e:
+                _log.warning("durable_nb: could not release run leases at close: %s", e)
+        with self._lock:
+            self._closed = True
+            self._held.clear()
+        for thread in (self._heartbeat, self._listener):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout=5)
+        self._pool.close()
+
+    def __enter__(self) -> PostgresStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
