@@ -1,6 +1,10 @@
-"""The ``durable-nb`` command: a thin layer over the engine's public API.
+"""The ``durable-nb`` command: a thin layer over :class:`durable_nb.Client`.
 
-Exit codes: 0 success, 1 an error of durable_nb (the message says what to do), 2 misuse.
+Every command takes ``--store URL`` (before or after the command name; default
+``$DURABLE_NB_STORE`` or ``.durable_nb/store.duckdb``), prints readable text, and with
+``--json`` prints JSON for scripts. Exit codes: 0 success, 1 an error of durable_nb or of the
+system (no such run, a run that executes, an unreadable file; the message says what to do),
+2 misuse (a bad option or argument).
 """
 
 from __future__ import annotations
@@ -9,119 +13,412 @@ import json
 import os
 import re
 import sys
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
 from . import errors
-from .trace import format_run, format_runs, run_info
+from .trace import format_run, format_runs, format_trace
 
-__all__ = ["main"]
+__all__ = ["cli", "main"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_STORE_HELP = (
+    "Store to use: a DuckDB file path, :memory: or postgresql://... "
+    "(default: $DURABLE_NB_STORE, else .durable_nb/store.duckdb)."
+)
+_STATUSES = ("queued", "running", "waiting", "completed", "failed", "cancelled")
 
 
-def _store(ctx: click.Context) -> Any:
+def _remember_store(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        ctx.ensure_object(dict)["store"] = value
+
+
+def store_option(fn: F) -> F:
+    """``--store`` on a command too, so it may follow the command name."""
+    return click.option(
+        "--store",
+        metavar="URL",
+        expose_value=False,
+        callback=_remember_store,
+        help=_STORE_HELP,
+    )(fn)
+
+
+def _client(ctx: click.Context, *, create: bool = False) -> Any:
+    """The Client on the chosen store. A DuckDB path that does not exist is an error unless
+    the command writes (``create``): a typo must not leave an empty store behind."""
     import durable_nb as dn
 
-    url = ctx.obj.get("store") if ctx.obj else None
-    return dn.set_store(url)
+    from .store import default_store_url
+
+    url = (ctx.find_root().obj or {}).get("store") or default_store_url()
+    local = url != ":memory:" and not url.startswith(("postgresql://", "postgres://"))
+    if local and not create and not os.path.exists(os.path.expanduser(url)):
+        raise errors.StoreUnavailableError(
+            f"no store at {url!r}; run the command in the folder of the notebook that uses it, "
+            "or pass --store PATH (or set DURABLE_NB_STORE)"
+        )
+    dn.set_store(os.path.expanduser(url) if local else url)
+    return dn.Client()
+
+
+def _echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, default=str))
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--store",
-    envvar="DURABLE_NB_STORE",
-    default=None,
-    help="Store to use: a DuckDB path, :memory: or postgresql://... "
-    "(default: $DURABLE_NB_STORE or .durable_nb/store.duckdb).",
-)
+@click.option("--store", metavar="URL", envvar="DURABLE_NB_STORE", default=None, help=_STORE_HELP)
 @click.version_option(package_name="durable_nb")
 @click.pass_context
 def cli(ctx: click.Context, store: str | None) -> None:
-    """Inspect and steer durable_nb runs in a store."""
+    """Inspect and steer durable_nb runs in a store.
+
+    Exit codes: 0 success, 1 an error (no such run, a run that executes, a store or file
+    that cannot be used), 2 misuse of the command."""
     ctx.ensure_object(dict)
-    ctx.obj["store"] = store
+    if store is not None:
+        ctx.obj["store"] = store
 
 
 @cli.command()
+@click.option("--status", type=click.Choice(_STATUSES), help="Only runs in this status.")
+@click.option("--workflow", metavar="NAME", help="Only runs of this workflow.")
 @click.option(
-    "--status", type=click.Choice(["running", "waiting", "completed", "failed", "cancelled"])
+    "--since",
+    metavar="WHEN",
+    help="Only runs updated at or after WHEN: a duration ago (30m, 12h, 7d) or an ISO date "
+    "or date-time (2024-05-01, 2024-05-01T12:00).",
 )
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--until", metavar="WHEN", help="Only runs updated before WHEN (as --since).")
+@click.option("--parent", metavar="RUN", help="Only the child runs of RUN.")
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=100, show_default=True, help="At most N runs."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of runs.")
+@store_option
 @click.pass_context
-def runs(ctx: click.Context, status: str | None, as_json: bool) -> None:
+def runs(
+    ctx: click.Context,
+    status: str | None,
+    workflow: str | None,
+    since: str | None,
+    until: str | None,
+    parent: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
     """List runs, newest first."""
-    rows = _store(ctx).list_runs(status=status)
-    if not as_json:
+    from .client import parse_time
+
+    for name, value in (("--since", since), ("--until", until)):
+        if value is not None:
+            try:
+                parse_time(value)
+            except errors.ArgumentError as e:
+                raise click.BadParameter(str(e), param_hint=name) from None
+    rows = _client(ctx).runs(
+        status=status, workflow=workflow, since=since, until=until, parent=parent, limit=limit
+    )
+    if as_json:
+        _echo_json(rows)
+    else:
         click.echo(format_runs(rows))
-        return
-    for r in rows:
-        click.echo(
-            json.dumps(
-                {
-                    "run_id": r.run_id,
-                    "workflow": r.workflow,
-                    "status": r.status,
-                    "created_at": r.created_at,
-                    "updated_at": r.updated_at,
-                }
-            )
-        )
 
 
 @cli.command()
-@click.argument("run_id")
+@click.argument("run_id", metavar="RUN")
 @click.option("--json", "as_json", is_flag=True, help="Print the run and its steps as JSON.")
+@store_option
 @click.pass_context
 def show(ctx: click.Context, run_id: str, as_json: bool) -> None:
-    """Show a run: status, custom status and its recorded steps."""
-    info = run_info(_store(ctx), run_id)
-    click.echo(json.dumps(info, indent=2) if as_json else format_run(info))
+    """Show a run: status, what it waits on, custom status, children and its steps."""
+    info = _client(ctx).run(run_id)
+    if as_json:
+        _echo_json(info)
+    else:
+        click.echo(format_run(info))
 
 
 @cli.command()
-@click.argument("run_id")
+@click.argument("run_id", metavar="RUN")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the trace data (the run, steps, events) as JSON."
+)
+@store_option
+@click.pass_context
+def trace(ctx: click.Context, run_id: str, as_json: bool) -> None:
+    """Show a run's timeline: every step (executed, replayed or failed, with its attempts and
+    duration) and every event, in time order."""
+    data = _client(ctx).trace(run_id)
+    if as_json:
+        _echo_json(data)
+    else:
+        click.echo(format_trace(data))
+
+
+def _tree_lines(
+    node: dict[str, Any], prefix: str = "", last: bool = True, top: bool = True
+) -> list[str]:
+    label = f"{node['run_id']}  {node['status']}  {node['workflow']}"
+    lines = [label if top else f"{prefix}{'└─ ' if last else '├─ '}{label}"]
+    inner = "" if top else prefix + ("   " if last else "│  ")
+    kids = node["children"]
+    for i, kid in enumerate(kids):
+        lines += _tree_lines(kid, inner, i == len(kids) - 1, top=False)
+    return lines
+
+
+@cli.command()
+@click.argument("run_id", metavar="RUN")
+@click.option("--json", "as_json", is_flag=True, help="Print the nested tree as JSON.")
+@store_option
+@click.pass_context
+def tree(ctx: click.Context, run_id: str, as_json: bool) -> None:
+    """Show a run and its child runs, nested."""
+    data = _client(ctx).tree(run_id)
+    if as_json:
+        _echo_json(data)
+    else:
+        click.echo("\n".join(_tree_lines(data)))
+
+
+@cli.command()
+@click.argument("run_id", metavar="RUN")
 @click.argument("name")
-@click.argument("payload", required=False, default="null")
+@click.argument("payload", metavar="[JSON]", required=False, default="null")
+@store_option
 @click.pass_context
 def signal(ctx: click.Context, run_id: str, name: str, payload: str) -> None:
-    """Send signal NAME with a JSON PAYLOAD to a run (delivered once, in order)."""
+    """Send signal NAME with a JSON payload to a run (delivered once, in order; default null)."""
     try:
         value = json.loads(payload)
     except ValueError as e:
         raise click.BadParameter(
             f"{payload!r} is not JSON ({e}); quote strings: '\"yes\"', or pass true / 42 / "
             "'{\"k\": 1}'",
-            param_hint="PAYLOAD",
+            param_hint="JSON",
         ) from None
-    import durable_nb as dn
-
-    _store(ctx)
-    dn.get_job(run_id).signal(name, value)
+    _client(ctx).signal(run_id, name, value)
     click.echo(f"sent {name!r} to {run_id}")
 
 
 @cli.command()
-@click.argument("run_id")
+@click.argument("run_id", metavar="RUN")
 @click.option("--reason", default="cancelled from the command line", show_default=True)
+@store_option
 @click.pass_context
 def cancel(ctx: click.Context, run_id: str, reason: str) -> None:
-    """Cancel a run; a run that no process executes is marked cancelled at once."""
-    import durable_nb as dn
-
-    _store(ctx)
-    dn.cancel(run_id, reason)
-    click.echo(f"cancel requested for {run_id}")
+    """Cancel a run: one that a process executes stops at its next await and runs its finally
+    blocks; one that no process executes is marked cancelled at once."""
+    c = _client(ctx)
+    c.cancel(run_id, reason)
+    status = c.run(run_id)["status"]
+    if status == "cancelled":
+        click.echo(f"cancelled {run_id}")
+    elif status in ("completed", "failed"):
+        click.echo(f"{run_id} had already ended ({status}); nothing to cancel")
+    else:
+        click.echo(f"cancel requested for {run_id}; the process that executes it will stop it")
 
 
 @cli.command()
-@click.argument("run_id")
+@click.argument("run_id", metavar="RUN")
+@click.option(
+    "--keep-children", is_flag=True, help="Delete only RUN, not its child runs (the default)."
+)
+@store_option
 @click.pass_context
-def forget(ctx: click.Context, run_id: str) -> None:
-    """Delete a run with its recorded steps, signals and events."""
-    store = _store(ctx)
-    if not store.delete_run(run_id):
-        raise errors.RunNotFoundError(f"no run {run_id!r} in the store {store.url!r}")
-    click.echo(f"forgot {run_id}")
+def forget(ctx: click.Context, run_id: str, keep_children: bool) -> None:
+    """Delete a run with its recorded steps, signals and events, and its child runs."""
+    n = _client(ctx).delete(run_id, children=not keep_children)
+    more = f" and {n - 1} child run(s)" if n > 1 else ""
+    click.echo(f"forgot {run_id}{more}")
+
+
+@cli.command()
+@click.option(
+    "--older-than",
+    "older_than",
+    metavar="AGE",
+    default="7d",
+    show_default=True,
+    help="Prune what was not touched for AGE: seconds, or 45s, 30m, 12h, 7d, 2w.",
+)
+@click.option(
+    "--status",
+    "statuses",
+    type=click.Choice(_STATUSES),
+    multiple=True,
+    help="Prune runs in this status (repeatable; default: completed, failed and cancelled).",
+)
+@click.option("--keep-runs", is_flag=True, help="Prune cached effects only.")
+@click.option("--keep-effects", is_flag=True, help="Prune runs only.")
+@click.option("--dry-run", is_flag=True, help="Count what would be pruned; delete nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
+@store_option
+@click.pass_context
+def gc(
+    ctx: click.Context,
+    older_than: str,
+    statuses: tuple[str, ...],
+    keep_runs: bool,
+    keep_effects: bool,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Prune finished runs last updated longer ago than --older-than (with everything they
+    own), and cached effects (of notebooks and scripts, and shared ones) recorded before then.
+    Runs that a process executes are kept."""
+    from .client import parse_duration
+    from .store import FINAL_STATUSES
+
+    try:
+        parse_duration(older_than)
+    except errors.ArgumentError as e:
+        raise click.BadParameter(str(e), param_hint="--older-than") from None
+    out = _client(ctx).gc(
+        older_than,
+        runs=not keep_runs,
+        effects=not keep_effects,
+        statuses=statuses or FINAL_STATUSES,
+        dry_run=dry_run,
+    )
+    if as_json:
+        _echo_json(out)
+        return
+    top = "an unknown number of" if out["top_effects"] is None else str(out["top_effects"])
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(
+        f"{verb} {out['runs']} run(s), {top} cached effect(s) of notebooks and scripts and "
+        f"{out['shared_effects']} shared cached effect(s), untouched since {_when(out['cutoff'])}"
+    )
+    if dry_run and out["top_effects"] is None:
+        click.echo("(the store cannot count notebooks' cached effects without deleting them)")
+
+
+@cli.command()
+@click.argument("run_ids", metavar="[RUN]...", nargs=-1)
+@click.option(
+    "-o",
+    "--output",
+    metavar="FILE",
+    default="-",
+    show_default=True,
+    help="Write to FILE ('-': standard output).",
+)
+@click.option("--no-children", is_flag=True, help="Leave out the child runs of the runs named.")
+@click.option(
+    "--no-effects", is_flag=True, help="Leave out cached effects (shared and --scope ones)."
+)
+@click.option(
+    "--scope",
+    "scopes",
+    metavar="SCOPE",
+    multiple=True,
+    help="Also export the cached effects of this scope: top/<notebook or script path> "
+    "(repeatable; shared cached effects are always exported unless --no-effects).",
+)
+@store_option
+@click.pass_context
+def export(
+    ctx: click.Context,
+    run_ids: tuple[str, ...],
+    output: str,
+    no_children: bool,
+    no_effects: bool,
+    scopes: tuple[str, ...],
+) -> None:
+    """Export runs (all, or RUN... with their child runs) with their steps, signals and
+    events, and cached effects, as JSON lines for `durable-nb import` into another store."""
+    c = _client(ctx)
+    ids = list(run_ids) or None
+    kwargs = {"children": not no_children, "include_effects": not no_effects, "scopes": scopes}
+    if output == "-":
+        counts = c.export(sys.stdout, ids, **kwargs)
+        sys.stdout.flush()
+    else:
+        counts = c.export(output, ids, **kwargs)
+    click.echo(
+        f"exported {counts['runs']} run(s), {counts['effects']} effect(s), "
+        f"{counts['signals']} signal(s), {counts['events']} event(s)"
+        + (f" to {output}" if output != "-" else ""),
+        err=output == "-",
+    )
+
+
+@cli.command("import")
+@click.argument("file", metavar="FILE")
+@click.option(
+    "--source-key-file",
+    metavar="PATH",
+    type=click.Path(exists=True, dir_okay=False),
+    help="The signing key of the store that exported FILE (a DuckDB store keeps it in "
+    "<store>.d/key), to verify its pickled values and sign them again with this store's key.",
+)
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="Replace runs this store has even when they are as recent as the imported ones.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
+@store_option
+@click.pass_context
+def import_(
+    ctx: click.Context, file: str, source_key_file: str | None, replace: bool, as_json: bool
+) -> None:
+    """Import runs and cached effects from FILE (made by `durable-nb export`; '-' reads
+    standard input). Runs this store has in a state at least as recent are kept."""
+    key = None
+    if source_key_file is not None:
+        with open(source_key_file, "rb") as f:
+            key = f.read()
+    c = _client(ctx, create=True)
+    if file == "-":
+        counts = c.import_records(sys.stdin, source_key=key, replace=replace)
+    else:
+        if not os.path.exists(file):
+            raise click.BadParameter(f"no file {file!r}", param_hint="FILE")
+        counts = c.import_records(file, source_key=key, replace=replace)
+    if as_json:
+        _echo_json(counts)
+        return
+    click.echo(
+        f"imported {counts['runs']} run(s) ({counts['skipped_runs']} already there and kept), "
+        f"{counts['effects']} effect(s), {counts['signals']} signal(s), "
+        f"{counts['events']} event(s)"
+    )
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@store_option
+@click.pass_context
+def metrics(ctx: click.Context, as_json: bool) -> None:
+    """Count runs by status and workflow, and the steps executed and replayed with the time
+    replay saved."""
+    m = _client(ctx).metrics()
+    if as_json:
+        _echo_json(m)
+        return
+    statuses = ", ".join(f"{k} {v}" for k, v in m["by_status"].items() if v)
+    flows = ", ".join(f"{k} {v}" for k, v in m["by_workflow"].items())
+    lines = [
+        f"runs        {m['runs']}" + (f" ({statuses})" if statuses else ""),
+        f"workflows   {flows or '-'}",
+        f"executions  {m['executions']} ({m['executions_ended']} ended)",
+        f"steps       {m['steps_executed']} executed, {m['steps_replayed']} replayed",
+        f"time saved  {m['saved_seconds']:.3f} s",
+    ]
+    click.echo("\n".join(lines))
 
 
 @cli.command("install-kernel")
@@ -170,15 +467,19 @@ def install_kernel(user: bool, sys_prefix: bool, prefix: str | None, name: str) 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 ok, 1 error, 2 misuse)."""
     try:
-        cli.main(args=argv, standalone_mode=False)
+        cli.main(args=argv, prog_name="durable-nb", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 1
     except click.ClickException as e:
         e.show()
-        return 2
+        return 2 if isinstance(e, click.UsageError) else 1
     except errors.DurableError as e:
+        click.echo(f"error: {e}", err=True)
+        return 1
+    except OSError as e:
         click.echo(f"error: {e}", err=True)
         return 1
     finally:

@@ -13,7 +13,7 @@ import io
 import json
 import pickle
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from .errors import PayloadIntegrityError, RunNotFoundError
@@ -304,14 +304,19 @@ def _table(header: list[str], rows: Iterable[list[str]], right: Iterable[int] = 
     return [line(header), *(line(r) for r in rows)]
 
 
-def format_runs(runs: list[RunRecord]) -> str:
-    """A table of runs, newest first."""
+def format_runs(runs: Sequence[RunRecord | dict[str, Any]]) -> str:
+    """A table of runs (records or :func:`run_summary` data), newest first."""
     if not runs:
         return "no runs"
-    w = max(len(r.run_id) for r in runs)
-    lines = [f"{'RUN':<{w}}  {'STATUS':<10} {'UPDATED':<19}  WORKFLOW"]
-    lines += [f"{r.run_id:<{w}}  {r.status:<10} {_when(r.updated_at)}  {r.workflow}" for r in runs]
-    return "\n".join(lines)
+    rows = [r if isinstance(r, dict) else run_summary(r) for r in runs]
+    table = [
+        [r["run_id"], r["status"], _when(r["updated_at"]), r["workflow"], r["parent_id"] or ""]
+        for r in rows
+    ]
+    header = ["RUN", "STATUS", "UPDATED", "WORKFLOW", "PARENT"]
+    if not any(r[4] for r in table):
+        header, table = header[:4], [r[:4] for r in table]
+    return "\n".join(_table(header, table))
 
 
 def _ms(seconds: float) -> str:

@@ -184,7 +184,8 @@ def test_delete_refuses_a_run_that_executes(store: Store) -> None:
 
     job = dn.start(waits, run_id="w")
     for _ in range(1000):
-        if job.status() == "waiting":
+        rec = store.get_run("w")
+        if rec is not None and rec.status == "waiting":
             break
         time.sleep(0.005)
     c = dn.Client()

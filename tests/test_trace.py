@@ -58,8 +58,11 @@ async def parent(ctx: dn.Context) -> int:
 
 
 def _wait_status(job: dn.Job[Any], status: str) -> None:
+    """Until the store says so (the job's own status changes just before it is stored)."""
+    store = dn.get_store()
     for _ in range(1000):
-        if job.status() == status:
+        rec = store.get_run(job.run_id)
+        if rec is not None and rec.status == status:
             return
         time.sleep(0.005)
     raise AssertionError(f"run {job.run_id} never reached {status}: {job.status()}")
