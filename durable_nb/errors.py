@@ -13,6 +13,7 @@ __all__ = [
     "DurableError",
     "EffectTimeoutError",
     "ExportFormatError",
+    "Interrupted",
     "NonDeterminismError",
     "PayloadIntegrityError",
     "RunCancelledError",
@@ -24,8 +25,11 @@ __all__ = [
     "StoreLockedError",
     "StoreUnavailableError",
     "StoreVersionError",
+    "StreamClosedError",
     "UnhashableInputError",
     "UnstorableValueError",
+    "WidgetUnavailableError",
+    "WorkflowVersionError",
 ]
 
 
@@ -59,6 +63,27 @@ class EffectTimeoutError(DurableError, TimeoutError):
 
 class SignalTimeoutError(DurableError, TimeoutError):
     """``ctx.wait_signal(name, timeout=...)`` saw no signal before its deadline."""
+
+
+class Interrupted(DurableError):
+    """An ``async with ctx.interrupt_on(name):`` block was stopped by the signal ``name``;
+    ``.name`` and ``.payload`` (the signal's JSON payload) say which and with what."""
+
+    def __init__(self, name: str, payload: object = None, message: str | None = None) -> None:
+        super().__init__(message or f"interrupted by signal {name!r} (payload {payload!r})")
+        self.name = name
+        self.payload = payload
+
+    def __reduce__(self) -> tuple[object, ...]:  # recorded errors round-trip with their fields
+        return (type(self), (self.name, self.payload, str(self)))
+
+
+class WorkflowVersionError(DurableError):
+    """A run started on a version of its workflow that is not defined in this process."""
+
+
+class StreamClosedError(DurableError):
+    """A chunk was written to a run's stream after the stream was closed."""
 
 
 class RunNotFoundError(DurableError, LookupError):
@@ -99,3 +124,7 @@ class ExportFormatError(DurableError, ValueError):
 
 class PayloadIntegrityError(StoreError):
     """A pickled payload is unsigned or its signature does not match: it is never unpickled."""
+
+
+class WidgetUnavailableError(DurableError):
+    """A widget cannot be shown: its front-end bundle or the notebook extra is missing."""

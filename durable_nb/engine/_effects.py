@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import functools
 import inspect
 import math
@@ -16,14 +17,16 @@ import reprlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast, overload
 
 from .. import _codecs, _hashing
 from ..errors import ArgumentError, ArgumentTypeError, EffectTimeoutError
 from ..store import EffectRecord
-from ._runtime import Key4, TopScope, current_scope, runtime
+from ._runtime import CancelScope, Key4, TopScope, cancel_scope, current_scope, runtime
 
 if TYPE_CHECKING:
+    from ._streams import StreamingSpec
     from ._workflow import RunState
 
 __all__ = ["EffectFunction", "Retry", "effect"]
@@ -35,6 +38,10 @@ _preview = reprlib.Repr()
 _preview.maxstring = 80
 _preview.maxother = 80
 _preview.maxlist = _preview.maxtuple = _preview.maxdict = _preview.maxset = 6
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
 
 
 def preview_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
@@ -51,13 +58,23 @@ def preview_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
 @dataclass(frozen=True)
 class Retry:
     """How an effect is retried: ``attempts`` in all, waiting ``initial_delay * backoff**n``
-    (at most ``max_delay``) between them, for exceptions matching ``retry_on``."""
+    (at most ``max_delay``) between them, for exceptions matching ``retry_on``.
+
+    ``total_timeout`` (seconds) bounds all attempts and the waits between them together,
+    counted from the first attempt's start: an attempt is cut short when it would run past
+    it, and no retry is scheduled that could not start before it; then the call raises
+    :class:`~durable_nb.errors.EffectTimeoutError`. (The per-attempt limit is the effect's
+    ``timeout=``.) Inside a run the retry schedule is durable: each failed attempt is
+    recorded, so a process that restarts between two attempts waits only what is left of
+    the delay and goes on with the next attempt instead of starting over.
+    """
 
     attempts: int = 3
     backoff: float = 2.0
     initial_delay: float = 1.0
     max_delay: float = 60.0
     retry_on: tuple[type[BaseException], ...] = (Exception,)
+    total_timeout: float | None = None
 
     def __post_init__(self) -> None:
         if (
@@ -75,6 +92,7 @@ class Retry:
                 or v < 0
             ):
                 raise ArgumentError(f"{name} must be a finite number >= 0, got {v!r}")
+        _check_timeout(self.total_timeout, "total_timeout")
         on = self.retry_on
         if isinstance(on, type):
             object.__setattr__(self, "retry_on", (on,))
@@ -119,27 +137,42 @@ def _check_retry(retry: Retry | int | None) -> Retry | None:
 _timeout_pool: concurrent.futures.ThreadPoolExecutor | None = None
 
 
-def _call_with_timeout(fn: Callable[[], R], timeout: float, what: str) -> R:
+def _call_with_timeout(
+    fn: Callable[[], R], timeout: float, what: str, scope: CancelScope | None = None
+) -> R:
     """Run a sync function in a worker thread, giving up after ``timeout`` seconds.
 
-    Python cannot stop a thread: on timeout the call is abandoned (its result is dropped).
+    Python cannot stop a thread: on timeout the call is abandoned (its result is dropped)
+    and its cancel scope is set, so the function can notice with ``dn.cancelled()``.
     """
     global _timeout_pool
     if _timeout_pool is None:
         _timeout_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=32, thread_name_prefix="durable_nb-effect"
         )
-    import contextvars
-
     ctx = contextvars.copy_context()
     fut = _timeout_pool.submit(ctx.run, fn)
     try:
         return fut.result(timeout)
     except concurrent.futures.TimeoutError:
-        raise EffectTimeoutError(
-            f"effect {what} did not finish within timeout={timeout:g}s; raise the timeout "
-            "or make the work smaller (the call was abandoned in its thread)"
-        ) from None
+        if scope is not None:
+            scope.cancel()
+        raise _attempt_timeout(what, timeout) from None
+
+
+def _attempt_timeout(what: str, timeout: float) -> EffectTimeoutError:
+    return EffectTimeoutError(
+        f"effect {what} did not finish within timeout={timeout:g}s; raise the timeout "
+        "or make the work smaller (the attempt was abandoned; dn.cancelled() tells it so)"
+    )
+
+
+def _total_timeout(what: str, retry: Retry, failures: int, last: str) -> EffectTimeoutError:
+    return EffectTimeoutError(
+        f"effect {what} did not succeed within total_timeout={retry.total_timeout:g}s "
+        f"({failures} failed attempt{'s' if failures != 1 else ''}, the last with {last[:300]}); "
+        "raise total_timeout or make the work more reliable"
+    )
 
 
 class EffectFunction(Generic[P, R]):
@@ -156,6 +189,8 @@ class EffectFunction(Generic[P, R]):
         timeout: float | None = None,
         cache_errors: bool = False,
         shared: bool = False,
+        reducer: Callable[[list[Any]], Any] | None = None,
+        stream: str | None = None,
     ) -> None:
         if not callable(fn):
             raise ArgumentTypeError(f"@effect needs a function, got {fn!r}")
@@ -171,6 +206,12 @@ class EffectFunction(Generic[P, R]):
         self.cache_errors = bool(cache_errors)
         self.shared = bool(shared)
         self.is_async = inspect.iscoroutinefunction(fn)
+        # an async generator is a streaming effect (engine/_streams.py)
+        self.streaming: StreamingSpec | None = None
+        if reducer is not None or stream is not None or inspect.isasyncgenfunction(fn):
+            from ._streams import StreamingSpec  # here: _streams imports this module
+
+            self.streaming = StreamingSpec(fn, reducer, stream)
         self._binder = _hashing.ArgBinder(fn)
         functools.update_wrapper(self, fn)  # __name__, __doc__, __wrapped__ for introspection
 
@@ -198,6 +239,8 @@ class EffectFunction(Generic[P, R]):
         return scope, key4, seq, scope.lookup(key4, seq)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        if self.streaming is not None:
+            return cast(R, self.streaming.call(self, args, kwargs))
         scope, key4, seq, rec = self._locate(args, kwargs)
         if self.is_async:
             if rec is not None:
@@ -216,6 +259,8 @@ class EffectFunction(Generic[P, R]):
         timeout: float | None = None,
     ) -> Awaitable[Any]:
         """The ``ctx.run`` form: an awaitable; a sync function runs in a worker thread."""
+        if self.streaming is not None:
+            return self.streaming.call(self, args, kwargs, retry=retry, timeout=timeout)
         scope, key4, seq, rec = self._locate(args, kwargs)
         if rec is not None:
             return _replayed(scope, rec)
@@ -254,6 +299,62 @@ class EffectFunction(Generic[P, R]):
         )
         return rec, value
 
+    def _attempt_plan(
+        self, scope: RunState | TopScope, key4: Key4, retry: Retry | None
+    ) -> tuple[int, float, float | None, float | None, str]:
+        """Where a call's retry schedule stands: ``(failures so far, first start, deadline
+        of total_timeout, when the next attempt is due, the last error)``; durable inside a
+        run."""
+        clock = runtime.clock
+        prior = scope.retry_state(key4) if retry is not None else None
+        if prior is not None and not prior.get("exhausted"):
+            failures, first, due = int(prior["failures"]), float(prior["first"]), prior["next_at"]
+            last = str(prior.get("error", "?"))
+        else:
+            failures, first, due, last = 0, clock.time(), None, ""
+        deadline = (
+            first + retry.total_timeout
+            if retry is not None and retry.total_timeout is not None
+            else None
+        )
+        return failures, first, deadline, due, last
+
+    def _after_failure(
+        self,
+        scope: RunState | TopScope,
+        key4: Key4,
+        seq: int,
+        exc: BaseException,
+        retry: Retry | None,
+        failures: int,
+        first: float,
+        deadline: float | None,
+    ) -> tuple[float | None, BaseException]:
+        """Decide what a failed attempt leads to: ``(when to try again, None)`` for a retry
+        (recorded first, so a restart resumes the schedule), else ``(None, the error to
+        raise)``."""
+        attempts = retry.attempts if retry else 1
+        if retry is None or failures >= attempts or not isinstance(exc, retry.retry_on):
+            if retry is not None and failures > 1:
+                # a later execution of the run starts a fresh schedule for this call
+                scope.record_retry(
+                    key4,
+                    seq,
+                    {"failures": failures, "first": first, "next_at": None, "exhausted": True},
+                )
+            return None, exc
+        delay = retry.delay(failures)
+        next_at = runtime.clock.time() + delay
+        if deadline is not None and next_at >= deadline:
+            return None, _total_timeout(self.identity, retry, failures, repr(exc))
+        scope.note_failure(key4, seq, exc, first, attempt=failures, retry_in=delay)
+        scope.record_retry(
+            key4,
+            seq,
+            {"failures": failures, "first": first, "next_at": next_at, "error": repr(exc)[:300]},
+        )
+        return next_at, exc
+
     def _execute_sync(
         self,
         scope: RunState | TopScope,
@@ -264,27 +365,47 @@ class EffectFunction(Generic[P, R]):
     ) -> R:
         clock = runtime.clock
         retry = self.retry
-        attempts = retry.attempts if retry else 1
-        started, t0 = clock.time(), time.perf_counter()
+        failures, started, deadline, due, last = self._attempt_plan(scope, key4, retry)
+        t0 = time.perf_counter()
         scope.note_start(key4, seq, preview_args(args, kwargs))
-        failures = 0
         while True:
+            if due is not None and (wait := due - clock.time()) > 0:
+                clock.sleep_sync(wait)
+            if retry is not None and deadline is not None and failures and clock.time() >= deadline:
+                # resumed after the total timeout ran out while no process ran the run
+                late = _total_timeout(self.identity, retry, failures, last)
+                self._fail(scope, key4, seq, late, started, t0, args, kwargs, failures)
+                raise late
+            limit = self.timeout
+            if deadline is not None:
+                limit = (
+                    max(0.0, deadline - clock.time())
+                    if limit is None
+                    else min(limit, max(0.0, deadline - clock.time()))
+                )
+            attempt = CancelScope(cancel_scope.get())
+            token = cancel_scope.set(attempt)
             try:
-                if self.timeout is not None:
+                if limit is not None:
                     result = _call_with_timeout(
-                        functools.partial(self.fn, *args, **kwargs), self.timeout, self.identity
+                        functools.partial(self.fn, *args, **kwargs), limit, self.identity, attempt
                     )
                 else:
                     result = self.fn(*args, **kwargs)
                 break
             except BaseException as e:
-                failures += 1
-                if retry and failures < attempts and isinstance(e, retry.retry_on):
-                    scope.note_failure(key4, seq, e, started)
-                    clock.sleep_sync(retry.delay(failures))
+                failures, last = failures + 1, repr(e)
+                due, err = self._after_failure(
+                    scope, key4, seq, e, retry, failures, started, deadline
+                )
+                if due is not None:
                     continue
-                self._fail(scope, key4, seq, e, started, t0, args, kwargs)
-                raise
+                self._fail(scope, key4, seq, err, started, t0, args, kwargs, failures)
+                if err is e:
+                    raise
+                raise err from e
+            finally:
+                cancel_scope.reset(token)
         rec, _ = self._make_record(scope, key4, seq, result, False, started, t0, args, kwargs)
         scope.record(rec)
         return result
@@ -304,39 +425,66 @@ class EffectFunction(Generic[P, R]):
         clock = runtime.clock
         retry = retry or self.retry
         timeout = timeout or self.timeout
-        attempts = retry.attempts if retry else 1
-        started, t0 = clock.time(), time.perf_counter()
+        failures, started, deadline, due, last = self._attempt_plan(scope, key4, retry)
+        t0 = time.perf_counter()
         scope.note_start(key4, seq, preview_args(args, kwargs))
         scope.inflight += 1  # while >1 effects are in flight, completions share a write
         try:
-            failures = 0
             while True:
+                if due is not None and (wait := due - clock.time()) > 0:
+                    what = {"kind": "retry", "name": self.identity, "until": _iso(due)}
+                    scope.begin_wait(what)
+                    try:
+                        await clock.sleep(wait)
+                    finally:
+                        scope.end_wait(what)
+                if (
+                    retry is not None
+                    and deadline is not None
+                    and failures
+                    and clock.time() >= deadline
+                ):
+                    late = _total_timeout(self.identity, retry, failures, last)
+                    self._fail(scope, key4, seq, late, started, t0, args, kwargs, failures)
+                    raise late
+                limit = timeout
+                if deadline is not None:
+                    left = max(0.0, deadline - clock.time())
+                    limit = left if limit is None else min(limit, left)
+                # the attempt's own cancel scope, seen by the function (and by the worker
+                # thread, which copies the context when the attempt starts)
+                attempt = CancelScope(cancel_scope.get())
+                token = cancel_scope.set(attempt)
                 try:
                     if in_thread:
                         aw: Awaitable[Any] = asyncio.to_thread(self.fn, *args, **kwargs)
                     else:
                         aw = cast(Awaitable[Any], self.fn(*args, **kwargs))
-                    if timeout is not None:
+                    if limit is not None:
                         try:
-                            result = await asyncio.wait_for(aw, timeout)
+                            result = await asyncio.wait_for(aw, limit)
                         except asyncio.TimeoutError:
-                            raise EffectTimeoutError(
-                                f"effect {self.identity} did not finish within timeout={timeout:g}s; "
-                                "raise the timeout or make the work smaller"
-                            ) from None
+                            attempt.cancel()
+                            raise _attempt_timeout(self.identity, limit) from None
                     else:
                         result = await aw
                     break
                 except asyncio.CancelledError:
+                    attempt.cancel()
                     raise
                 except BaseException as e:
-                    failures += 1
-                    if retry and failures < attempts and isinstance(e, retry.retry_on):
-                        scope.note_failure(key4, seq, e, started)
-                        await clock.sleep(retry.delay(failures))
+                    failures, last = failures + 1, repr(e)
+                    due, err = self._after_failure(
+                        scope, key4, seq, e, retry, failures, started, deadline
+                    )
+                    if due is not None:
                         continue
-                    self._fail(scope, key4, seq, e, started, t0, args, kwargs)
-                    raise
+                    self._fail(scope, key4, seq, err, started, t0, args, kwargs, failures)
+                    if err is e:
+                        raise
+                    raise err from e
+                finally:
+                    cancel_scope.reset(token)
             rec, _ = self._make_record(scope, key4, seq, result, False, started, t0, args, kwargs)
             await scope.record_async(rec)
             return result
@@ -353,12 +501,13 @@ class EffectFunction(Generic[P, R]):
         t0: float,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        attempt: int = 1,
     ) -> None:
         if self.cache_errors and isinstance(exc, Exception):
             rec, _ = self._make_record(scope, key4, seq, exc, True, started, t0, args, kwargs)
             scope.record(rec)
         else:
-            scope.note_failure(key4, seq, exc, started)
+            scope.note_failure(key4, seq, exc, started, attempt=attempt)
 
 
 def replay(scope: RunState | TopScope, rec: EffectRecord) -> Any:
@@ -387,6 +536,8 @@ def effect(
     timeout: float | None = None,
     cache_errors: bool = False,
     shared: bool = False,
+    reducer: Callable[[list[Any]], Any] | None = None,
+    stream: str | None = None,
 ) -> Callable[[Callable[P, R]], EffectFunction[P, R]]: ...
 
 
@@ -400,6 +551,8 @@ def effect(
     timeout: float | None = None,
     cache_errors: bool = False,
     shared: bool = False,
+    reducer: Callable[[list[Any]], Any] | None = None,
+    stream: str | None = None,
 ) -> EffectFunction[P, R] | Callable[[Callable[P, R]], EffectFunction[P, R]]:
     """Record a function's results, keyed by a content hash of its inputs (SPEC 2).
 
@@ -407,6 +560,14 @@ def effect(
     (otherwise any real edit of the source starts a new cache); ``retry`` and ``timeout``
     apply per call; ``cache_errors`` records exceptions too; ``shared`` makes one cache for
     every notebook, script and run on the store (a pure function: one result per input).
+
+    An async generator function makes a *streaming effect* (an LLM token stream): a call
+    is both async-iterable (its chunks, journaled as they arrive) and awaitable (the final
+    value, ``reducer(chunks)``; by default ``str`` or ``bytes`` chunks joined, else the
+    list). After a crash it resumes from the chunks received — see
+    :class:`~durable_nb.engine._streams.StreamingSpec` for the ``resume_from`` convention.
+    ``stream`` also appends the chunks to the run's stream of that name, for
+    ``job.stream(name)`` readers.
     """
 
     def wrap(f: Callable[P, R]) -> EffectFunction[P, R]:
@@ -418,6 +579,8 @@ def effect(
             timeout=timeout,
             cache_errors=cache_errors,
             shared=shared,
+            reducer=reducer,
+            stream=stream,
         )
 
     if fn is None:

@@ -25,7 +25,15 @@ if TYPE_CHECKING:
     from ..store import EffectRecord, Store
     from ._workflow import Job, RunState
 
-__all__ = ["Runtime", "TopScope", "current_scope", "runtime"]
+__all__ = [
+    "CancelScope",
+    "Runtime",
+    "TopScope",
+    "cancel_scope",
+    "cancelled",
+    "current_scope",
+    "runtime",
+]
 
 T = TypeVar("T")
 
@@ -67,7 +75,28 @@ class TopScope:
     def note_replay(self, rec: EffectRecord) -> None:
         return None
 
-    def note_failure(self, key4: Key4, seq: int, exc: BaseException, started: float) -> None:
+    def note_failure(
+        self,
+        key4: Key4,
+        seq: int,
+        exc: BaseException,
+        started: float,
+        *,
+        attempt: int = 1,
+        retry_in: float | None = None,
+    ) -> None:
+        return None
+
+    def retry_state(self, key4: Key4) -> dict[str, Any] | None:
+        return None  # retries outside a run restart with the process
+
+    def record_retry(self, key4: Key4, seq: int, state: dict[str, Any]) -> None:
+        return None
+
+    def begin_wait(self, what: dict[str, Any]) -> None:
+        return None
+
+    def end_wait(self, what: dict[str, Any]) -> None:
         return None
 
     def note_start(self, key4: Key4, seq: int, detail: str) -> None:
@@ -81,6 +110,54 @@ class TopScope:
 current_scope: contextvars.ContextVar[RunState | TopScope | None] = contextvars.ContextVar(
     "durable_nb_scope", default=None
 )
+
+
+class CancelScope:
+    """A flag telling work that its result is no longer wanted: a run was cancelled, a race
+    lost, an effect attempt timed out. Scopes nest (a run, a branch of ``ctx.race``, one
+    attempt of an effect); a scope is cancelled when it or any enclosing scope is.
+
+    Worker threads cannot be stopped from outside, so an effect running in one learns of its
+    cancellation only by asking (:func:`cancelled`); the flag is a plain attribute, readable
+    from any thread."""
+
+    __slots__ = ("_cancelled", "parent")
+
+    def __init__(self, parent: CancelScope | None = None) -> None:
+        self.parent = parent
+        self._cancelled = False
+
+    def cancel(self) -> None:
+        self._cancelled = True
+
+    def cancelled(self) -> bool:
+        s: CancelScope | None = self
+        while s is not None:
+            if s._cancelled:
+                return True
+            s = s.parent
+        return False
+
+
+cancel_scope: contextvars.ContextVar[CancelScope | None] = contextvars.ContextVar(
+    "durable_nb_cancel_scope", default=None
+)
+
+
+def cancelled() -> bool:
+    """True when the work calling it is no longer wanted: its run is being cancelled, it lost
+    a ``ctx.race``, a sibling in ``ctx.all`` failed, or its attempt timed out. Works in the
+    workflow body, in async effects and in sync effects running in worker threads; a
+    long effect can poll it and stop early."""
+    scope = cancel_scope.get()
+    if scope is not None and scope.cancelled():
+        return True
+    loop = running_loop()
+    if loop is None:
+        return False
+    task = asyncio.current_task(loop)
+    cancelling = getattr(task, "cancelling", None)  # Python 3.11+: a cancel is under way
+    return bool(cancelling is not None and cancelling())
 
 
 def _default_top_name() -> str:
