@@ -1075,7 +1075,10 @@ def encode_error(exc: BaseException, signer: Signer) -> Payload:
         "traceback": "".join(traceback.format_exception(cls, exc, exc.__traceback__)),
     }
     if not signer.can_sign:  # a store without a key still records failures, as plain text
-        text = {k: record[k] for k in ("module", "qualname", "message", "traceback")}
+        text: dict[str, object] = {
+            k: record[k] for k in ("module", "qualname", "message", "traceback")
+        }
+        text["args"] = list(exc.args) if _json_ok(list(exc.args)) else None
         return Payload("error", _TEXT_ERROR + json.dumps(text).encode())
     return Payload("error", signer.sign(pickle.dumps(record, protocol=PICKLE_PROTOCOL)))
 
@@ -1084,13 +1087,17 @@ def _text_error_record(data: bytes) -> dict[str, Any]:
     try:
         text = json.loads(data[len(_TEXT_ERROR) :])
         fields = {k: text[k] for k in ("module", "qualname", "message", "traceback")}
-    except (ValueError, TypeError, KeyError) as e:
+        json_args = text.get("args")
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise _damaged("error", f"unreadable error text ({e})") from None
-    if not all(isinstance(v, str) for v in fields.values()):
+    if not all(isinstance(v, str) for v in fields.values()) or not (
+        json_args is None or isinstance(json_args, list)
+    ):
         raise _damaged("error", f"unknown error text {_short_repr(text)}")
     return {
         "format": _ERROR_FORMAT,
         "text": True,
+        "json_args": json_args,
         "pickle": None,
         "args": None,
         "state": {},
@@ -1152,7 +1159,10 @@ def _rebuild_error(record: dict[str, Any]) -> BaseException:
             obj = getattr(obj, part)
         if not (isinstance(obj, type) and issubclass(obj, BaseException)):
             raise LookupError(f"{name} is not an exception class")
-        args = pickle.loads(record["args"]) if record["args"] is not None else (message,)
+        if record.get("json_args") is not None:  # the text of a store without a key
+            args = tuple(record["json_args"])
+        else:
+            args = pickle.loads(record["args"]) if record["args"] is not None else (message,)
         exc = obj.__new__(obj, *args)  # skip __init__: its signature is unknown here
         exc.args = args
         for key, blob in record["state"].items():

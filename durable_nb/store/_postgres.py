@@ -312,6 +312,8 @@ class PostgresStore:
         self._connect_kwargs: dict[str, Any] = {"autocommit": True}
         if "connect_timeout" not in self._conninfo:
             self._connect_kwargs["connect_timeout"] = max(1, math.ceil(connect_timeout))
+        if "application_name" not in self._conninfo:  # so pg_stat_activity says who we are
+            self._connect_kwargs["application_name"] = f"durable_nb:{self._schema}"
         self._channel = (
             "dn_work_" + hashlib.blake2b(self._schema.encode(), digest_size=8).hexdigest()
         )
@@ -558,6 +560,9 @@ class PostgresStore:
                 lost = conn is None or conn.closed or conn.broken
                 if not retried and (lost or isinstance(e, psycopg.errors.TransactionRollback)):
                     retried = True
+                    if lost:  # the server went away once: its other sessions are gone too
+                        with contextlib.suppress(psycopg.Error):
+                            self._pool.check()
                     continue
                 raise self._unavailable(e) from e
             except psycopg.Error as e:
@@ -1000,6 +1005,7 @@ class PostgresStore:
         with self._lock:
             self._closed = True
             self._held.clear()
+        self._work.set()  # waiters return (and find the store closed on their next call)
         for thread in (self._heartbeat, self._listener):
             if thread is not None and thread is not threading.current_thread():
                 thread.join(timeout=5)
