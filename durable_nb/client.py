@@ -37,6 +37,7 @@ from .errors import (
     PayloadIntegrityError,
     RunLockedError,
     RunNotFoundError,
+    UnstorableValueError,
 )
 from .store import (
     FINAL_STATUSES,
@@ -605,7 +606,7 @@ def _bad(where: str, problem: str) -> ExportFormatError:
 def _read_export(
     source: str | os.PathLike[str] | IO[str], signer: Signer, src_signer: Signer | None
 ) -> _Parsed:
-    from ._codecs import CODECS, Payload
+    from ._codecs import _TEXT_ERROR, CODECS, Payload  # text errors carry no pickle
 
     name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the export"
     out = _Parsed()
@@ -622,7 +623,7 @@ def _read_export(
             table_b = base64.b64decode(d["table"], validate=True) if d.get("table") else None
         except (KeyError, TypeError, binascii.Error) as e:
             raise _bad(where, f"a payload's bytes are not base64 ({e})") from None
-        if d["codec"] in _SIGNED_CODECS:
+        if d["codec"] in _SIGNED_CODECS and not data.startswith(_TEXT_ERROR):
             try:
                 signer.verify(data)
             except PayloadIntegrityError:
@@ -711,6 +712,12 @@ def _read_export(
     for rid in [*out.run_effects, *out.signals, *out.events]:
         if rid not in known:
             raise _bad(name, f"it has records of run {rid!r} but not the run itself")
+    if foreign and not signer.can_sign:
+        raise UnstorableValueError(
+            f"{name}: {foreign} pickled payload(s) cannot be stored: the target store has no "
+            "signing key for pickles; set DURABLE_NB_KEY (the team's key) for it, then import "
+            "again with --source-key-file / source_key=; nothing was imported"
+        )
     if foreign:
         raise PayloadIntegrityError(
             f"{name}: {foreign} pickled payload(s) are signed by another key than this "

@@ -72,11 +72,17 @@ class _NoImports(pickle.Unpickler):
 
 def describe_error(rec: EffectRecord, store: Store) -> str:
     """``Type('message')`` of a recorded error, read without rebuilding the exception."""
+    from ._codecs import _TEXT_ERROR  # errors a store without a key keeps as JSON text
+
+    data = rec.payload.data
     if rec.payload.codec not in _ERROR_CODECS:
         return "error"
     try:
-        data = store.signer.verify(rec.payload.data, what="a stored error")
-        record = _NoImports(io.BytesIO(data)).load()
+        if data.startswith(_TEXT_ERROR):
+            record = json.loads(data[len(_TEXT_ERROR) :])
+        else:
+            signed = store.signer.verify(data, what="a stored error")
+            record = _NoImports(io.BytesIO(signed)).load()
         return f"{record['qualname']}({record['message']!r})"
     except PayloadIntegrityError:
         return "error (its record is signed by another key and was not read)"

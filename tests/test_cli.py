@@ -72,7 +72,7 @@ def store_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
-def cmd(capsys: pytest.CaptureFixture[str], path: Path, *args: str) -> tuple[int, str, str]:
+def cmd(capsys: pytest.CaptureFixture[str], path: Path | str, *args: str) -> tuple[int, str, str]:
     code = main(["--store", str(path), *args])
     out, err = capsys.readouterr()
     return code, out, err
@@ -422,3 +422,40 @@ def test_the_command_works_while_a_notebook_using_the_store_is_idle(tmp_path: Pa
         if kernel.poll() is None:
             kernel.kill()
             kernel.wait()
+
+
+def test_move_runs_from_duckdb_to_postgres_and_back(
+    store_path: Path,
+    tmp_path: Path,
+    pg_url: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A notebook's DuckDB store pushed to a team's PostgreSQL store (signed with the team's
+    key), and pulled back into a fresh DuckDB store."""
+    from .conftest import PG_TEST_KEY
+
+    dump = tmp_path / "push.jsonl"
+    assert cmd(capsys, store_path, "export", "-o", str(dump))[0] == 0
+    local = json.loads(cmd(capsys, store_path, "trace", "r1", "--json")[1])
+    monkeypatch.setenv("DURABLE_NB_KEY", PG_TEST_KEY.decode())
+    pg = pg_url
+    code, _, err = cmd(capsys, pg, "import", str(dump))
+    assert code == 1 and "signed by another key than this store's" in err
+    key = Path(str(store_path) + ".d") / "key"
+    code, out, err = cmd(capsys, pg, "import", str(dump), "--source-key-file", str(key), "--json")
+    assert code == 0, err
+    assert json.loads(out)["runs"] == 4
+    assert json.loads(cmd(capsys, pg, "trace", "r1", "--json")[1]) == local
+    dn.set_store(pg_url)
+    assert type(dn.get_store()).__name__ == "PostgresStore"
+    assert dn.run(adder, run_id="r1") == 8  # the run's recorded result, in the shared store
+    dn.get_store().close()
+
+    pull = tmp_path / "pull.jsonl"
+    assert cmd(capsys, pg, "export", "r1", "-o", str(pull))[0] == 0
+    fresh = tmp_path / "fresh.duckdb"  # uses DURABLE_NB_KEY too: no source key needed
+    code, out, err = cmd(capsys, fresh, "import", str(pull))
+    assert code == 0, err
+    assert out.startswith("imported 2 run(s) (0 already there and kept)")
+    assert json.loads(cmd(capsys, fresh, "trace", "r1", "--json")[1]) == local
