@@ -29,7 +29,13 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from . import _codecs, _hashing
 from .engine import runtime
 from .engine._workflow import Workflow, _start
-from .errors import DurableError, RunNotFoundError, UnhashableInputError, UnstorableValueError
+from .errors import (
+    DurableError,
+    RunNotFoundError,
+    UnhashableInputError,
+    UnstorableValueError,
+    WidgetUnavailableError,
+)
 from .store import EffectRecord
 from .trace import format_run, format_runs, run_info
 
@@ -252,6 +258,7 @@ class DurableMagics(Magics):
         super().__init__(shell)
         self.cell_id: str | None = None
         self._source = ""  # the transformed source of the cell being run
+        self._warned: set[str] = set()
 
     @property
     def ns(self) -> dict[str, Any]:
@@ -464,12 +471,68 @@ class DurableMagics(Magics):
         )
         wf.source_version = version
         wf.replay_completed = True
+        widget = self._trace_widget(run_id, new=True)
         if args.background:
-            return _start(wf, (), {}, run_id=run_id, restart=args.restart)
+            job = _start(wf, (), {}, run_id=run_id, restart=args.restart)
+            if widget is not None:  # the task has not begun: the widget sees every step
+                widget.attach(job)
+            return job
         try:
-            return _start(wf, (), {}, run_id=run_id, restart=args.restart, blocking=True).result()
+            if widget is None:
+                return _start(
+                    wf, (), {}, run_id=run_id, restart=args.restart, blocking=True
+                ).result()
+            return self._start_followed(wf, run_id, args.restart, widget).result()
         except DurableError as e:
             raise UsageError(str(e)) from None
+
+    @staticmethod
+    def _start_followed(wf: Workflow[..., Any], run_id: str, restart: bool, widget: Any) -> Any:
+        """Start the run on the engine's loop with the widget subscribed before its first step
+        (subscribing after `_start` returned would race with the loop thread)."""
+
+        async def begin() -> Any:
+            job = _start(wf, (), {}, run_id=run_id, restart=restart)
+            widget.attach(job)
+            return job
+
+        return asyncio.run_coroutine_threadsafe(begin(), runtime.engine_loop()).result()
+
+    def _trace_widget(self, run_id: str, *, new: bool = False) -> Any:
+        """Show a trace widget of the run under the cell; None outside a Jupyter kernel (a
+        terminal shows no widgets) or when widgets are unavailable (a warning says why)."""
+        if self.shell is None or getattr(self.shell, "kernel", None) is None:
+            return None
+        try:
+            from .widgets import TraceWidget
+
+            widget = TraceWidget(run_id, _missing_ok=new)
+        except ImportError as e:
+            self._warn_once(
+                f"the live trace widget needs the notebook extra ({e}); "
+                "pip install 'durable_nb[notebook]'"
+            )
+            return None
+        except WidgetUnavailableError as e:
+            self._warn_once(str(e))
+            return None
+        from IPython.display import display
+
+        handle = display(widget, display_id=True)
+
+        def on_run(change: dict[str, Any]) -> None:
+            old, now = change["old"] or {}, change["new"] or {}
+            if old.get("live") and not now.get("live") and handle is not None:
+                # the saved notebook's static picture (nbconvert, GitHub) shows the outcome
+                handle.update(widget)
+
+        widget.observe(on_run, names="run")
+        return widget
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            self._warn(message)
 
     # ------------------------------------------------------------------ %durable
     @magic_arguments()
@@ -545,7 +608,8 @@ class DurableMagics(Magics):
                 f"no run {run_id!r} in the store {runtime.store.url!r}; list runs with "
                 "%durable runs"
             ) from None
-        print(format_run(info))
+        if self._trace_widget(run_id) is None:
+            print(format_run(info))
 
     def _signal(self, run_id: str, name: str, payload: str = "null") -> None:
         try:

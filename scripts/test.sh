@@ -1,11 +1,23 @@
 #!/usr/bin/env bash
-# Set up (if needed) and run every check: ruff, mypy --strict, the whole test suite.
+# Set up (if needed) and run every check: ruff, mypy --strict, the widget front-end's
+# typecheck and unit tests, and the whole test suite (including the real-browser test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+
+# The browser test drives Debian's chromium (Playwright cannot download browsers here).
+# Install it only when missing; under CI=true a missing browser fails that test.
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+        || echo "test.sh: could not install chromium; the browser test will not run" >&2
+fi
+
 .venv/bin/ruff check durable_nb tests benchmarks
 .venv/bin/ruff format --check durable_nb
 .venv/bin/mypy
+if command -v npm >/dev/null 2>&1; then
+    (cd extension/widget && npm run --silent typecheck && npm test --silent)
+fi
 set +e
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
 rc=$?

@@ -21,6 +21,7 @@ from .helpers import ROOT
 
 NOTEBOOKS = ROOT / "notebooks"
 REPLAY_NOTE = re.compile(r"^\[durable_nb\] replayed this cell \(recorded .*\); skipped .*\n", re.M)
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 # A background cell's value is its Job, shown before the run's task had a chance to start
 # (first run) or after the store already says the run completed (second run).
 JOB_STATUS = re.compile(r"(<durable_nb\.Job run_id='[^']*') status='[a-z]+'>")
@@ -60,6 +61,8 @@ def outputs(nb: nbformat.NotebookNode) -> list[dict[str, Any]]:
             if out.output_type == "stream":
                 streams[out.name] = streams.get(out.name, "") + REPLAY_NOTE.sub("", out.text)
             elif out.output_type in ("execute_result", "display_data"):
+                if WIDGET_VIEW in out.data:
+                    continue  # the run's trace widget: executed steps first, replayed ones next
                 for mime in ("text/plain", "text/html"):
                     if mime in out.data:
                         data.append((mime, JOB_STATUS.sub(r"\1 status=...>", out.data[mime])))

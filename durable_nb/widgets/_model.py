@@ -1,0 +1,354 @@
+"""The trace widget's state without the widget: rows, totals and waits of one run, updated
+from the engine's live messages (``Job.subscribe``) or seeded from the store
+(:func:`durable_nb.trace.run_trace`), and which rows changed since the last patch.
+
+Pure Python and cheap per message (a dict lookup and an assignment), so a live run pays
+little per step; the widget decides when to ship the changes.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, cast
+
+from ._messages import RunInfo, StepRow, StepState, Totals, Waiting
+
+__all__ = ["FINAL", "TraceModel", "step_label"]
+
+FINAL = ("completed", "failed", "cancelled")
+_STATES: tuple[StepState, ...] = ("running", "executed", "replayed", "failed", "waiting")
+_Key = tuple[Any, ...]
+
+
+def _json(text: object) -> Any:
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _seconds(s: float) -> str:
+    if s >= 3600:
+        return f"{s / 3600:g} h"
+    if s >= 60:
+        return f"{s / 60:g} min"
+    return f"{s:g} s"
+
+
+def step_label(kind: str, name: str, args: str) -> str:
+    """What the timeline shows for a step: the effect's own name, or what the engine step did."""
+    detail = _json(args)
+    d = detail if isinstance(detail, dict) else {}
+    if kind == "signal":
+        return f"signal {d['name']}" if "name" in d else "signal"
+    if kind == "deadline":
+        return f"deadline for signal {d['signal']}" if "signal" in d else "signal deadline"
+    if kind == "sleep":
+        if isinstance(d.get("seconds"), (int, float)):
+            return f"sleep {_seconds(float(d['seconds']))}"
+        return f"sleep until {d['until']}" if "until" in d else "sleep"
+    if kind == "child":
+        return f"child run {d['run_id']}" if "run_id" in d else f"child {name}"
+    if kind in ("now", "random", "uuid"):
+        return f"ctx.{kind}()"
+    short = name.rsplit(".", 1)[-1] if name else kind
+    return short or name
+
+
+def waiting_of(status: str, detail: object) -> list[Waiting]:
+    """What a waiting run waits on, from the status detail the engine publishes."""
+    if status != "waiting" or not isinstance(detail, dict):
+        return []
+    out: list[Waiting] = []
+    if isinstance(detail.get("signal"), str):
+        out.append({"kind": "signal", "name": detail["signal"], "until": ""})
+    if isinstance(detail.get("timer_until"), str):
+        out.append({"kind": "timer", "name": "", "until": detail["timer_until"]})
+    return out
+
+
+def _detail_text(status: str, waiting: list[Waiting], error: str) -> str:
+    if waiting:
+        return "; ".join(
+            f"waiting for signal {w['name']!r}"
+            if w["kind"] == "signal"
+            else f"waiting until {w['until']}"
+            for w in waiting
+        )
+    if status == "failed":
+        return f"failed: {error}" if error else "failed"
+    if status == "interrupted":
+        return "interrupted; resume it to continue where it stopped"
+    return ""
+
+
+class TraceModel:
+    """Rows, totals and waits of one run, and the set of rows changed since the last patch."""
+
+    def __init__(self, run_id: str, *, resumable: bool = False) -> None:
+        self.rows: list[StepRow] = []
+        self.rev = 0
+        self.resumable = resumable  # the workflow is known here, so it can be started again
+        self._index: dict[_Key, int] = {}
+        self._waits: dict[str, int] = {}  # signal name -> row of its open wait
+        self._sleeping: dict[int, StepState] = {}  # row of a timer waiting -> its state before
+        self._last_sleep: int | None = None
+        self._dirty: dict[int, None] = {}  # ordered set
+        self._full = True
+        self._counts: dict[str, int] = dict.fromkeys(_STATES, 0)
+        self._saved = 0.0
+        self.waiting: list[Waiting] = []
+        self.run: RunInfo = {
+            "run_id": run_id,
+            "workflow": "",
+            "status": "pending",
+            "detail": "",
+            "executions": 0,
+            "live": False,
+            "can_cancel": False,
+            "can_resume": False,
+            "error": "",
+        }
+
+    # rows ---------------------------------------------------------------------------------
+    def _reset(self) -> None:
+        self.rows = []
+        self._index.clear()
+        self._waits.clear()
+        self._sleeping.clear()
+        self._last_sleep = None
+        self._dirty.clear()
+        self._counts = dict.fromkeys(_STATES, 0)
+        self._saved = 0.0
+        self._full = True
+
+    def _count(self, row: StepRow, sign: int) -> None:
+        self._counts[row["state"]] += sign
+        if row["state"] == "replayed":
+            self._saved += sign * row["duration"]
+
+    def _put(self, key: _Key, row: StepRow) -> int:
+        i = self._index.get(key)
+        if i is None:
+            i = len(self.rows)
+            self._index[key] = i
+            self.rows.append(row)
+        else:
+            self._count(self.rows[i], -1)
+            self.rows[i] = row
+        self._count(row, +1)
+        self._dirty[i] = None
+        return i
+
+    def _set_state(self, i: int, state: StepState, error: str | None = None) -> None:
+        row = self.rows[i]
+        self._count(row, -1)
+        row = {**row, "state": state}
+        if error is not None:
+            row["error"] = error
+        self.rows[i] = row
+        self._count(row, +1)
+        self._dirty[i] = None
+
+    def _open_wait(self, name: str) -> None:
+        if name in self._waits:
+            return
+        row: StepRow = {
+            "seq": -1,
+            "kind": "signal",
+            "name": "dn.signal",
+            "label": f"signal {name}",
+            "state": "waiting",
+            "duration": 0.0,
+            "args": json.dumps({"name": name}),
+            "error": "",
+        }
+        self._waits[name] = self._put(("wait", name), row)
+
+    def _close_waits(self, error: str) -> None:
+        for i in self._waits.values():
+            self._set_state(i, "failed", error)
+        self._waits.clear()
+
+    def _end_timers(self) -> None:
+        for i, before in self._sleeping.items():
+            self._set_state(i, before)
+        self._sleeping.clear()
+
+    # seeding from the store ---------------------------------------------------------------
+    def load_trace(self, trace: dict[str, Any]) -> None:
+        """Replace everything with a static trace (:func:`durable_nb.trace.run_trace`)."""
+        self._reset()
+        for s in trace.get("steps", []):
+            state = s.get("state")
+            row: StepRow = {
+                "seq": int(s.get("seq", -1)),
+                "kind": str(s.get("kind", "effect")),
+                "name": str(s.get("name", "")),
+                "label": step_label(str(s.get("kind", "")), str(s.get("name", "")), s.get("args")),
+                "state": cast(StepState, state if state in _STATES else "executed"),
+                "duration": float(s.get("duration") or 0.0),
+                "args": str(s.get("args") or ""),
+                "error": str(s.get("error") or ""),
+            }
+            i = self._put((row["seq"], row["name"]), row)
+            if row["kind"] == "sleep":
+                self._last_sleep = i
+        run = trace.get("run", {})
+        status = str(run.get("status", "unknown"))
+        detail = run.get("detail")
+        error = str(detail.get("error", "")) if isinstance(detail, dict) else ""
+        self.run["workflow"] = str(run.get("workflow", ""))
+        self.run["executions"] = int(run.get("executions", 0))
+        self.run["error"] = error if status == "failed" else ""
+        self._set_status(status, detail, live=False)
+        # waits known from the record (a run waiting while no process executes it)
+        self.waiting = [
+            {"kind": w["kind"], "name": str(w.get("name", "")), "until": str(w.get("until", ""))}
+            for w in trace.get("waiting", [])
+            if w.get("kind") in ("signal", "timer")
+        ]
+        self._show_waits()
+        self._refresh_run()
+
+    # live messages ------------------------------------------------------------------------
+    def apply(self, msg: dict[str, Any]) -> None:
+        """Take one message of ``Job.subscribe`` (kind step, status or event)."""
+        kind = msg.get("kind")
+        if kind == "step":
+            self._step(msg)
+        elif kind == "status":
+            self._set_status(str(msg.get("status")), msg.get("detail") or {}, live=True)
+            self._show_waits()
+            self._refresh_run()
+        elif kind == "event":
+            self._event(str(msg.get("event")), msg.get("data") or {})
+
+    def _step(self, m: dict[str, Any]) -> None:
+        kind = str(m.get("step") or "effect")
+        name = str(m.get("name", ""))
+        seq = int(m.get("seq", -1))
+        args = m.get("args") or ""
+        err = m.get("error")
+        state = str(m.get("state", "executed"))
+        error = err if isinstance(err, str) else ("error" if err is True else "")
+        if error and state == "executed":
+            state = "failed"
+        row: StepRow = {
+            "seq": seq,
+            "kind": kind,
+            "name": name,
+            "label": step_label(kind, name, str(args)),
+            "state": state if state in _STATES else "executed",
+            "duration": float(m.get("duration") or 0.0),
+            "args": str(args),
+            "error": error,
+        }
+        key: _Key = (seq, name)
+        if kind == "signal" and key not in self._index:
+            signal_name = (_json(args) or {}).get("name") if isinstance(_json(args), dict) else None
+            i = self._waits.pop(str(signal_name), None)
+            if i is not None:  # the open wait becomes the received signal
+                del self._index[("wait", str(signal_name))]
+                self._index[key] = i
+        i = self._put(key, row)
+        if kind == "sleep":
+            self._last_sleep = i
+
+    def _event(self, event: str, data: dict[str, Any]) -> None:
+        if event in ("started", "resumed"):
+            self._reset()  # a new execution: its own timeline
+            self.run["live"] = True
+            self.run["executions"] = int(data.get("execution", 0))
+            self.run["error"] = ""
+            self.run["status"] = "running"
+            self.waiting = []
+            self._refresh_run()
+        elif event == "interrupted":
+            self._end_timers()
+            self._close_waits("interrupted")
+            for i, row in enumerate(self.rows):
+                if row["state"] == "running":
+                    self._set_state(i, "failed", "interrupted")
+            self.run["status"] = "interrupted"
+            self.run["live"] = False
+            self.waiting = []
+            self._refresh_run()
+
+    def _set_status(self, status: str, detail: Any, *, live: bool) -> None:
+        before = self.run["status"]
+        self.run["status"] = status
+        self.waiting = waiting_of(status, detail)
+        if status == "failed" and isinstance(detail, dict) and detail.get("error"):
+            self.run["error"] = str(detail["error"])
+        if live and status != "waiting" and before == "waiting":
+            self._end_timers()
+            # a wait that ended without its step: it timed out, or the run was cancelled
+            self._close_waits("the wait ended without the signal")
+        if status in FINAL:
+            self._end_timers()
+            self._close_waits(f"the run {status} while waiting")
+            if status != "completed":
+                for i, row in enumerate(self.rows):
+                    if row["state"] == "running":
+                        self._set_state(i, "failed", row["error"] or status)
+            self.run["live"] = False
+        elif live:
+            self.run["live"] = True
+
+    def _show_waits(self) -> None:
+        for w in self.waiting:
+            if w["kind"] == "signal":
+                self._open_wait(w["name"])
+            elif self._last_sleep is not None and self._last_sleep not in self._sleeping:
+                i = self._last_sleep
+                self._sleeping[i] = self.rows[i]["state"]
+                self._set_state(i, "waiting")
+
+    def _refresh_run(self) -> None:
+        r = self.run
+        status = r["status"]
+        r["detail"] = _detail_text(status, self.waiting, r["error"])
+        r["can_cancel"] = status not in (*FINAL, "pending", "unknown", "interrupted")
+        r["can_resume"] = (
+            self.resumable
+            and not r["live"]
+            and status in ("failed", "interrupted", "running", "waiting")
+        )
+
+    def set_resumable(self, resumable: bool) -> None:
+        self.resumable = resumable
+        self._refresh_run()
+
+    # what to ship -------------------------------------------------------------------------
+    def totals(self) -> Totals:
+        c = self._counts
+        return {
+            "steps": len(self.rows),
+            "executed": c["executed"],
+            "replayed": c["replayed"],
+            "failed": c["failed"],
+            "running": c["running"] + c["waiting"],
+            "saved_seconds": round(self._saved, 6),
+        }
+
+    def take_patch(self) -> tuple[bool, list[tuple[int, StepRow]]]:
+        """``(full, updates)`` since the last call; ``rev`` moves on when anything changed.
+        ``full`` means the rows were replaced: resend them whole."""
+        full, self._full = self._full, False
+        if full:
+            self._dirty.clear()
+            self.rev += 1
+            return True, []
+        if not self._dirty:
+            return False, []
+        rows = self.rows
+        updates = [(i, rows[i]) for i in self._dirty]
+        self._dirty.clear()
+        self.rev += 1
+        return False, updates
+
+    def force_full(self) -> None:
+        self._full = True
