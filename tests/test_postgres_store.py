@@ -310,6 +310,23 @@ def test_run_ids_and_names_are_parameters_not_sql(open_pg: Any) -> None:
     assert store.delete_run(nasty) is True
 
 
+def test_text_postgres_cannot_hold_is_refused_and_changes_nothing(open_pg: Any) -> None:
+    store = open_pg()
+    for bad in ("nul\x00inside", "lone \udc80 surrogate"):
+        with pytest.raises(
+            StoreError,
+            match=r"^the PostgreSQL store 'postgresql://.*' (refused a request: PostgreSQL text "
+            r"fields cannot contain NUL|cannot keep text that is not UTF-8 \('utf-8' codec)",
+        ):
+            store.put_effects(
+                [
+                    EffectRecord("run/a", "m.f", "v1", "h0", 0, _codecs.encode(0, store.signer)),
+                    EffectRecord("run/a", bad, "v1", "h1", 0, _codecs.encode(1, store.signer)),
+                ]
+            )
+    assert store.load_effects("run/a") == []
+
+
 # ---------------------------------------------------------------------------- signing
 
 

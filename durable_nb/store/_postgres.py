@@ -569,6 +569,11 @@ class PostgresStore:
                 raise StoreError(
                     f"the PostgreSQL store {self._url!r} refused a request: {_first_line(e)}"
                 ) from e
+            except UnicodeEncodeError as e:  # raised by psycopg before anything is sent
+                raise StoreError(
+                    f"the PostgreSQL store {self._url!r} cannot keep text that is not UTF-8 "
+                    f"({e}); use names and ids without lone surrogates"
+                ) from e
 
     def _pool_timeout(self, e: BaseException) -> StoreError:
         try:
