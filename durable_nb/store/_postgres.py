@@ -492,7 +492,11 @@ class PostgresStore:
                 "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
                 ["durable_nb schema " + self._schema],
             )
-            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(s))
+            # only when missing: a schema an administrator created needs no CREATE on the database
+            if not conn.execute(
+                "SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = %s", [self._schema]
+            ).fetchone():
+                conn.execute(sql.SQL("CREATE SCHEMA {}").format(s))
             current, written_by, tables = self._read_version(conn)
             self._check_version(current, written_by)
             if current == SCHEMA_VERSION:
