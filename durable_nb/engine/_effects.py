@@ -26,13 +26,16 @@ from ..store import EffectRecord
 from ._runtime import CancelScope, Key4, TopScope, cancel_scope, current_scope, runtime
 
 if TYPE_CHECKING:
-    from ._streams import StreamingSpec
+    from collections.abc import AsyncIterator
+
+    from ._streams import EffectDecorator, StreamingCall, StreamingSpec
     from ._workflow import RunState
 
 __all__ = ["EffectFunction", "Retry", "effect"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 
 _preview = reprlib.Repr()
 _preview.maxstring = 80
@@ -524,6 +527,12 @@ async def _replayed(scope: RunState | TopScope, rec: EffectRecord) -> Any:
 
 
 @overload
+def effect(
+    fn: Callable[P, AsyncIterator[T]], /
+) -> EffectFunction[P, StreamingCall[T]]: ...  # a streaming effect
+
+
+@overload
 def effect(fn: Callable[P, R], /) -> EffectFunction[P, R]: ...
 
 
@@ -538,7 +547,7 @@ def effect(
     shared: bool = False,
     reducer: Callable[[list[Any]], Any] | None = None,
     stream: str | None = None,
-) -> Callable[[Callable[P, R]], EffectFunction[P, R]]: ...
+) -> EffectDecorator: ...
 
 
 def effect(
@@ -553,7 +562,7 @@ def effect(
     shared: bool = False,
     reducer: Callable[[list[Any]], Any] | None = None,
     stream: str | None = None,
-) -> EffectFunction[P, R] | Callable[[Callable[P, R]], EffectFunction[P, R]]:
+) -> Any:  # the overloads above say what; a streaming effect's calls are not R
     """Record a function's results, keyed by a content hash of its inputs (SPEC 2).
 
     ``name`` replaces ``module.qualname`` as its identity; ``version`` pins the code version
