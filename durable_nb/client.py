@@ -532,24 +532,29 @@ class Client:
                 counts["skipped_runs"] += 1
             else:
                 keep.append(run)
-        kept = {r.run_id for r in keep}
-        with self._leases(sorted(kept), "import"):
-            for run in keep:
+        for run in keep:  # refuse before writing anything if one of them executes
+            with self._leases([run.run_id], "import"):
+                pass
+        for run in keep:
+            effs = parsed.run_effects.get(run.run_id, [])
+            sigs = parsed.signals.get(run.run_id, [])
+            evs = parsed.events.get(run.run_id, [])
+            with self._leases([run.run_id], "import"):
                 if store.get_run(run.run_id) is not None:
                     store.delete_run(run.run_id)
-                store.put_run(run)
-                effs = parsed.run_effects.get(run.run_id, [])
                 if effs:
                     store.put_effects(effs)
-                for sig in parsed.signals.get(run.run_id, []):
+                for sig in sigs:
                     store.add_signal(sig)
-                evs = parsed.events.get(run.run_id, [])
                 if evs:
                     store.append_events(evs)
-                counts["runs"] += 1
-                counts["effects"] += len(effs)
-                counts["signals"] += len(parsed.signals.get(run.run_id, []))
-                counts["events"] += len(evs)
+                # the run record last: an import cut short leaves no run that looks complete
+                # and would be skipped by the next import
+                store.put_run(run)
+            counts["runs"] += 1
+            counts["effects"] += len(effs)
+            counts["signals"] += len(sigs)
+            counts["events"] += len(evs)
         if parsed.cached:
             store.put_effects(parsed.cached)
             counts["effects"] += len(parsed.cached)

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from .engine._workflow import CANCEL_SIGNAL, QUEUE_PREFIX, SIGNAL_STEP_KINDS
 from .errors import PayloadIntegrityError, RunNotFoundError
 from .store import EffectRecord, EventRecord, RunRecord, Store
 
@@ -38,9 +39,17 @@ EXECUTION_EVENTS = ("started", "resumed")
 _EVENT_RANK = {k: 0 for k in EXECUTION_EVENTS} | {
     k: 2 for k in ("completed", "failed", "cancelled", "interrupted", "continued_as_new")
 }
-_NOISE = ("signal_id",)  # ids that make a timeline line long and say nothing to a reader
-_CANCEL_SIGNAL = "__cancel__"  # the engine's reserved signal, shown as the run's status instead
+_NOISE = (
+    "signal_id",
+)  # ids that make a timeline line long and say nothing to a reader  # the engine's reserved signal, shown as the run's status instead
 _ERROR_CODECS = ("error",)
+#: the engine's bookkeeping records (a retry schedule, a generation's key/value base): not steps
+_AUX_KINDS = ("retry", "kv_base")
+
+
+def _signal_label(name: str) -> str:
+    """A queue message travels as a signal named after its queue; it shows as ``queue:NAME``."""
+    return "queue:" + name[len(QUEUE_PREFIX) :] if name.startswith(QUEUE_PREFIX) else name
 
 
 def _when(ts: float) -> str:
@@ -134,7 +143,7 @@ def _waiting(status: str, detail: Any) -> list[dict[str, Any]]:
 
 
 def _consumed_signal(rec: EffectRecord) -> str | None:
-    if rec.kind != "signal":
+    if rec.kind not in SIGNAL_STEP_KINDS:
         return None
     detail = _json(rec.detail)
     sid = detail.get("signal_id") if isinstance(detail, dict) else None
@@ -192,6 +201,8 @@ def run_trace(store: Store, run_id: str) -> dict[str, Any]:
     steps: list[dict[str, Any]] = []
     recorded: set[tuple[int, str]] = set()
     for r in records:
+        if r.kind in _AUX_KINDS:
+            continue
         recorded.add((r.seq, r.identity))
         if r.is_error:
             state, error = "failed", describe_error(r, store)
@@ -232,9 +243,9 @@ def run_trace(store: Store, run_id: str) -> dict[str, Any]:
 
     consumed = {sid for r in records if (sid := _consumed_signal(r)) is not None}
     pending = [
-        s.name
+        _signal_label(s.name)
         for s in store.list_signals(run_id)
-        if s.signal_id not in consumed and s.name != _CANCEL_SIGNAL
+        if s.signal_id not in consumed and s.name != CANCEL_SIGNAL
     ]
     children = sorted(
         store.list_runs(parent_id=run_id, limit=1_000_000), key=lambda c: (c.created_at, c.run_id)
@@ -339,14 +350,27 @@ def step_label(step: dict[str, Any]) -> str:
     d = d if isinstance(d, dict) else {}
     if kind == "signal":
         return f"wait_signal({d.get('name', '?')!r})"
+    if kind == "dequeue":
+        return f"dequeue({d.get('queue', '?')!r})"
+    if kind == "interrupt":
+        return f"interrupted by signal {d.get('name', '?')!r}"
     if kind == "deadline":
-        return f"deadline of wait_signal({d.get('signal', '?')!r})"
-    if kind == "child":
-        return f"child {d.get('run_id', step['name'].removeprefix('dn.child:'))}"
+        if "signal" in d:
+            return f"deadline of wait_signal({d['signal']!r})"
+        return "deadline" + (f" of dequeue({d['queue']!r})" if "queue" in d else "")
+    if kind in ("child", "start_child"):
+        verb = "child" if kind == "child" else "start_child"
+        return f"{verb} {d.get('run_id', step['name'].removeprefix('dn.child:'))}"
     if kind == "sleep":
         if "seconds" in d:
             return f"sleep {d['seconds']:g}s until {d.get('until', '?')}"
         return f"sleep until {d.get('until', '?')}"
+    if kind == "status":
+        return f"set_status({d.get('value', '')})"
+    if kind == "race":
+        return f"race: #{d.get('winner', '?')} of {d.get('of', '?')} won"
+    if kind == "log":
+        return f"log {d.get('level', '')}: {d.get('message', '')}"
     if kind in ("now", "random", "uuid"):
         return f"ctx.{kind}()"
     return str(step["name"]) + (f" {detail}" if detail else "")

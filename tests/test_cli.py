@@ -129,13 +129,14 @@ def test_show_and_trace(store_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert out.splitlines()[:3] == ["run       r1", "workflow  adder", "status    completed"]
     assert 'custom    {"stage": "adding"} (v1)' in out
     assert re.search(r"^children  r1/leaf-0-\w+$", out, re.M)
-    assert "steps     3 recorded (3 executed, 0 replayed, 0 failed), 1 execution(s)" in out
-    assert re.search(r"^ +1  effect +executed  tests\.test_cli\.add\(1, 2\)  \d", out, re.M)
+    assert "steps     4 recorded (4 executed, 0 replayed, 0 failed), 1 execution(s)" in out
+    assert re.search(r"^ +0  status +executed  set_status\(\{\"stage\": \"adding\"\}\)", out, re.M)
+    assert re.search(r"^ +2  effect +executed  tests\.test_cli\.add\(1, 2\)  \d", out, re.M)
     code, out, _ = cmd(capsys, store_path, "show", "r1", "--json")
     info = json.loads(out)
     assert info["status"] == "completed" and info["custom_status"] == {"stage": "adding"}
     assert [s["args"] for s in info["steps"] if s["kind"] == "effect"] == ["(1, 2)", "(1, 2)"]
-    assert info["totals"]["steps"] == 3
+    assert info["totals"]["steps"] == 4
 
     code, out, _ = cmd(capsys, store_path, "trace", "f1")
     assert code == 0
@@ -251,14 +252,14 @@ def test_metrics(store_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         "failed": 1,
         "waiting": 1,
     }
-    assert m["steps_executed"] == 5  # r1: ratio, add, child; the leaf: add; f1: add
+    assert m["steps_executed"] == 6  # r1: set_status, ratio, add, child; the leaf: add; f1: add
     code, out, _ = cmd(capsys, store_path, "metrics")
     assert code == 0
     assert out.splitlines() == [
         "runs        4 (waiting 1, completed 2, failed 1)",
         "workflows   adder 1, approval 1, broken 1, leaf 1",
         "executions  3 (3 ended)",
-        "steps       5 executed, 0 replayed",
+        "steps       6 executed, 0 replayed",
         f"time saved  {m['saved_seconds']:.3f} s",
     ]
 
@@ -270,7 +271,7 @@ def test_export_and_import_between_stores(
     code, out, _ = cmd(capsys, store_path, "export", "-o", str(dump))
     assert (code, out) == (
         0,
-        f"exported 4 run(s), 5 effect(s), 0 signal(s), 6 event(s) to {dump}\n",
+        f"exported 4 run(s), 6 effect(s), 0 signal(s), 6 event(s) to {dump}\n",
     )
     records = [json.loads(line) for line in dump.read_text().splitlines()]
     assert records[0]["type"] == "header"

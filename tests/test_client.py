@@ -111,7 +111,7 @@ def test_runs_filters_and_run_info(store: Store, clock: dn.FakeClock) -> None:
     hist = c.history("t1")
     assert [h["kind"] for h in hist if h["type"] == "event"] == ["started", "completed"]
     # the shared effect is recorded in the shared scope, not in the run's history
-    assert [h["kind"] for h in hist if h["type"] == "step"] == ["effect", "child"]
+    assert [h["kind"] for h in hist if h["type"] == "step"] == ["status", "effect", "child"]
 
 
 def test_tree_nests_children(store: Store, clock: dn.FakeClock) -> None:
@@ -192,6 +192,11 @@ def test_delete_refuses_a_run_that_executes(store: Store) -> None:
     with pytest.raises(RunLockedError, match=r"^cannot delete run 'w' while it executes \("):
         c.delete("w")
     assert c.run("w")["waiting"] == [{"kind": "signal", "name": "go"}]
+    buf = io.StringIO()
+    c.export(buf, ["w"])
+    buf.seek(0)
+    with pytest.raises(RunLockedError, match=r"^cannot import run 'w' while it executes \("):
+        c.import_records(buf, replace=True)
     c.signal("w", "go", {"ok": True})
     assert job.result(timeout=30) == {"ok": True}
     assert c.delete("w") == 1
@@ -263,8 +268,8 @@ def test_metrics_count_statuses_and_replays(store: Store, clock: dn.FakeClock) -
     assert m["runs"] == 6
     assert m["by_status"]["completed"] == 5 and m["by_status"]["queued"] == 1
     assert m["by_workflow"] == {"leaf": 3, "mid": 1, "top": 2}
-    # 3 adds, 1 opaque, 3 child steps (the shared effect is not a step of the run)
-    assert m["steps_executed"] == 7
+    # 3 adds, 1 opaque, 3 child steps, 1 set_status (the shared effect is not a step of the run)
+    assert m["steps_executed"] == 8
     assert m["steps_replayed"] == 0
     assert m["executions"] == 5 and m["executions_ended"] == 5
 
@@ -427,10 +432,10 @@ def test_export_import_roundtrip_from_every_store(store: Store, tmp_path: Path) 
     key = store.signer._key if store.signer.can_sign else None
     dst = MemoryStore()
     counts = dn.Client(dst).import_records(path, source_key=key)
-    assert counts["runs"] == 1 and counts["effects"] == 4
+    assert counts["runs"] == 1 and counts["effects"] == 5
     a, b = dn.Client(store).trace("m"), dn.Client(dst).trace("m")
     assert a == b
-    assert [s["error"] for s in b["steps"]] == ["ValueError('no 1')", None, None, None]
+    assert [s["error"] for s in b["steps"]] == ["ValueError('no 1')", None, None, None, None]
     runtime._store = dst
     calls.clear()
     assert dn.run(mixed, run_id="m", restart=False) == 9  # its recorded result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import Counter
 from typing import Any
@@ -80,8 +81,9 @@ def test_trace_of_a_run_that_waits_fails_and_resumes(store: Store, clock: dn.Fak
     assert [(s["seq"], s["kind"], s["name"], s["state"]) for s in t["steps"]] == [
         (0, "effect", "tests.test_trace.add", "executed"),
         (1, "effect", "tests.test_trace.flaky", "executed"),
+        (2, "status", "dn.status", "executed"),
     ]
-    assert [s["attempts"] for s in t["steps"]] == [1, 2]
+    assert [s["attempts"] for s in t["steps"]] == [1, 2, 1]
     assert t["steps"][0]["args"] == "(1, 2)"
     assert t["pending_signals"] == []
 
@@ -96,7 +98,7 @@ def test_trace_of_a_run_that_waits_fails_and_resumes(store: Store, clock: dn.Fak
     assert t["pending_signals"] == ["extra"]
     assert len(t["children"]) == 1 and t["children"][0].startswith("p/child-0-")
     kinds = [s["kind"] for s in t["steps"]]
-    assert kinds == ["effect", "effect", "signal", "child", "sleep"]
+    assert kinds == ["effect", "effect", "status", "signal", "child", "sleep"]
     assert {s["state"] for s in t["steps"]} == {"executed"}
     assert [e["kind"] for e in t["events"]] == [
         "started",
@@ -104,7 +106,7 @@ def test_trace_of_a_run_that_waits_fails_and_resumes(store: Store, clock: dn.Fak
         "signal_received",
         "failed",
     ]
-    assert t["events"][-1]["data"]["executed"] == 5
+    assert t["events"][-1]["data"]["executed"] == 6
 
     clock.advance(100)
     state["fail"] = False
@@ -112,11 +114,11 @@ def test_trace_of_a_run_that_waits_fails_and_resumes(store: Store, clock: dn.Fak
     assert calls == {"add": 2, "flaky": 2}  # nothing executed again
     t = run_trace(store, "p")
     assert t["run"]["status"] == "completed" and t["run"]["executions"] == 2
-    assert [s["state"] for s in t["steps"]] == ["replayed"] * 5
+    assert [s["state"] for s in t["steps"]] == ["replayed"] * 6
     assert t["totals"] == {
-        "steps": 5,
+        "steps": 6,
         "executed": 0,
-        "replayed": 5,
+        "replayed": 6,
         "failed": 0,
         "saved_seconds": pytest.approx(sum(s["duration"] for s in t["steps"]), abs=1e-5),
     }
@@ -210,14 +212,14 @@ def test_run_info_history_and_text(store: Store, clock: dn.FakeClock) -> None:
     assert [h["ts"] for h in hist] == sorted(h["ts"] for h in hist)
     assert hist[0]["type"] == "event" and hist[0]["kind"] == "started"
     assert hist[-1]["type"] == "event" and hist[-1]["kind"] == "completed"
-    assert sum(h["type"] == "step" for h in hist) == 5
+    assert sum(h["type"] == "step" for h in hist) == 6
     timeline = format_trace(trace)
     lines = timeline.splitlines()
     assert lines[0] == "run p  workflow parent  status completed"
     assert lines[1].startswith("children: p/child-0-")
     assert lines[2].split() == ["AT", "SEQ", "KIND", "STATE", "TOOK", "STEP", "NOTE"]
     assert any(" effect  executed " in ln and "tests.test_trace.add(1, 2)" in ln for ln in lines)
-    assert lines[-1].startswith("5 step(s): 5 executed, 0 replayed, 0 failed; replay saved")
+    assert lines[-1].startswith("6 step(s): 6 executed, 0 replayed, 0 failed; replay saved")
 
 
 def test_missing_run(store: Store) -> None:
@@ -226,3 +228,29 @@ def test_missing_run(store: Store) -> None:
         match=r"^no run 'nope' in the store '.*'; list runs with `durable-nb runs`$",
     ):
         run_trace(store, "nope")
+
+
+def test_the_workflow_features_show_as_readable_steps(store: Store) -> None:
+    from durable_nb.engine._workflow import enqueue
+    from durable_nb.trace import step_label
+
+    @dn.durable(name="features")
+    async def features(ctx: dn.Context) -> Any:
+        ctx.log.info("hello %s", "there")
+        await ctx.start_child(child, 2)
+        idx, _ = await ctx.race(ctx.sleep(5), ctx.wait_signal("never"))
+        first = await ctx.dequeue("inbox")
+        return [idx, first, ctx.random() < 1]
+
+    enqueue("f", "inbox", {"n": 1})
+    enqueue("f", "inbox", {"n": 2})  # stays on the queue
+    assert dn.run(features, run_id="f") == [0, {"n": 1}, True]
+    t = run_trace(store, "f")
+    labels = [step_label(s) for s in t["steps"]]
+    assert labels[0] == "log INFO: hello there"
+    assert re.fullmatch(r"start_child f/child-s0-\w+", labels[1])
+    assert "race: #0 of 2 won" in labels
+    assert "dequeue('inbox')" in labels
+    assert labels[-1] == "ctx.random()"
+    assert t["pending_signals"] == ["queue:inbox"]
+    assert t["children"] == [labels[1].split()[1]]
