@@ -1,6 +1,6 @@
 """The PostgreSQL store: one Postgres schema shared by every kernel, worker and machine.
 
-URL: ``postgresql://[user@]host[:port]/database[?schema=NAME&<libpq parameters>]``
+URL: ``postgresql://[user@]host[:port]/database[?schema=NAME&lease_seconds=S&<libpq parameters>]``
 (``postgres://`` works too). Everything lives in the schema ``NAME`` (default
 ``durable_nb``), created on first use, so several teams or test runs can share a database.
 Give passwords through ``PGPASSWORD`` or ``~/.pgpass`` rather than in the URL: the store's
@@ -203,6 +203,26 @@ def _split_url(url: str, schema: str | None) -> tuple[str, str, str]:
     return conninfo, name, urlunsplit(parts._replace(netloc=netloc, query=urlencode(shown)))
 
 
+def _lease_from_url(url: str, lease_seconds: float) -> tuple[str, float]:
+    """``?lease_seconds=S`` in the URL (ours, not libpq's) wins over the argument, so a
+    worker started by URL alone (``durable-nb worker --store ...``) can set it."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    given = [v for k, v in query if k == "lease_seconds"]
+    if not given:
+        return url, lease_seconds
+    try:
+        value = float(given[-1])
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ArgumentError(
+            f"lease_seconds in the store URL must be a number of seconds > 0, got {given[-1]!r}"
+        )
+    rest = [(k, v) for k, v in query if k != "lease_seconds"]
+    return urlunsplit(parts._replace(query=urlencode(rest))), value
+
+
 def _resolve_key(key: bytes | str | None) -> bytes | None:
     if key is None:
         env = os.environ.get("DURABLE_NB_KEY")
@@ -300,6 +320,7 @@ class PostgresStore:
                 raise ArgumentError(f"{name} must be a number of seconds > 0, got {value!r}")
         if not isinstance(pool_size, int) or isinstance(pool_size, bool) or pool_size < 1:
             raise ArgumentError(f"pool_size must be an int >= 1, got {pool_size!r}")
+        url, lease_seconds = _lease_from_url(url, lease_seconds)
         self._conninfo, self._schema, self._url = _split_url(url, schema)
         raw_key = _resolve_key(key)
         self._signer = (
