@@ -43,8 +43,9 @@ _NOISE = (
     "signal_id",
 )  # ids that make a timeline line long and say nothing to a reader  # the engine's reserved signal, shown as the run's status instead
 _ERROR_CODECS = ("error",)
-#: the engine's bookkeeping records (a retry schedule, a generation's key/value base): not steps
-_AUX_KINDS = ("retry", "kv_base")
+#: the engine's bookkeeping records (a retry schedule, a generation's key/value base, stream
+#: chunks, which live in a run's stream scope): not steps
+_AUX_KINDS = ("retry", "kv_base", "chunk", "stream_end")
 
 
 def _signal_label(name: str) -> str:
@@ -367,6 +368,12 @@ def step_label(step: dict[str, Any]) -> str:
         return f"sleep until {d.get('until', '?')}"
     if kind == "status":
         return f"set_status({d.get('value', '')})"
+    if kind == "stream":  # a streaming effect's result, a write to a stream, or its close
+        if "args" in d:
+            return f"{step['name']}{d['args']} ({d.get('chunks', '?')} chunks)"
+        if d.get("closed"):
+            return f"close stream {d.get('stream', '?')!r} ({d.get('chunks', '?')} chunks)"
+        return f"write stream {d.get('stream', '?')!r} #{d.get('index', '?')}: {d.get('chunk', '')}"
     if kind == "race":
         return f"race: #{d.get('winner', '?')} of {d.get('of', '?')} won"
     if kind == "log":

@@ -254,3 +254,21 @@ def test_the_workflow_features_show_as_readable_steps(store: Store) -> None:
     assert labels[-1] == "ctx.random()"
     assert t["pending_signals"] == ["queue:inbox"]
     assert t["children"] == [labels[1].split()[1]]
+
+
+def test_a_streaming_effect_is_one_step_with_its_chunk_count(store: Store) -> None:
+    from durable_nb.trace import step_label
+
+    @dn.effect
+    async def tokens(n: int) -> Any:
+        for i in range(n):
+            yield f"t{i}"
+
+    @dn.durable(name="streamer")
+    async def streamer(ctx: dn.Context) -> Any:
+        return await tokens(3)
+
+    assert dn.run(streamer, run_id="s") == "t0t1t2"  # str chunks concatenate by default
+    (step,) = run_trace(store, "s")["steps"]
+    assert step["kind"] == "stream"
+    assert re.fullmatch(r".*tokens\(3\) \(3 chunks\)", step_label(step))
