@@ -644,6 +644,68 @@ def test_ctx_run_streams_a_plain_async_generator() -> None:
     assert dn.run(wf, run_id="cr") == "012"
 
 
+@dn.effect
+async def two_tokens(gen: int) -> AsyncIterator[str]:
+    calls.append(gen)
+    yield f"g{gen}a "
+    yield f"g{gen}b "
+
+
+@dn.durable(name="generations")
+async def generations(ctx: dn.Context, n: int) -> int:
+    w = ctx.stream("log")
+    await w.write(f"gen {n}")
+    await w.write(await two_tokens(0))  # the same call in each generation executes afresh
+    if n < 2:
+        ctx.continue_as_new(n + 1)
+    await w.close()
+    return n
+
+
+def test_streams_continue_across_generations_of_a_run(store: Store) -> None:
+    assert dn.run(generations, 0, run_id="gen") == 2
+    assert list(dn.get_job("gen").stream("log")) == [
+        "gen 0",
+        "g0a g0b ",
+        "gen 1",
+        "g0a g0b ",
+        "gen 2",
+        "g0a g0b ",
+    ]
+    assert calls == [0, 0, 0]
+
+
+def test_streaming_effect_retries_within_total_timeout(clock: dn.FakeClock) -> None:
+    @dn.effect(retry=dn.Retry(attempts=5, initial_delay=10, backoff=2, total_timeout=15))
+    async def breaks(resume_from: Sequence[str] = ()) -> AsyncIterator[str]:
+        calls.append(list(resume_from))
+        yield f"t{len(resume_from)}"
+        raise ConnectionError("dropped")
+
+    @dn.durable(name="total_timeout_stream")
+    async def wf(ctx: dn.Context) -> str:
+        return str(await breaks())
+
+    with pytest.raises(
+        EffectTimeoutError,
+        match=(
+            r"^effect .*breaks did not succeed within total_timeout=15s \(2 failed attempts, "
+            r"the last with ConnectionError\('dropped'\)\)"
+        ),
+    ):
+        dn.run(wf, run_id="tt")
+    assert calls == [[], ["t0"]]  # the retry resumed from the chunk received
+    assert clock.slept == [10]
+
+
+def test_a_streaming_call_is_not_a_plain_iterable() -> None:
+    with pytest.raises(
+        DurableError,
+        match=r"^a call of streaming effect .*llm is read with `async for` \(or `await`ed",
+    ):
+        list(llm("sync"))
+
+
 LLM_SCRIPT = """
     import asyncio, json, os, signal
     import durable_nb as dn

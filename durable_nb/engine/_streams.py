@@ -38,11 +38,12 @@ from ..errors import (
     ArgumentTypeError,
     DurableError,
     EffectTimeoutError,
+    StoreLockedError,
     StreamClosedError,
     UnstorableValueError,
 )
 from ..store import FINAL_STATUSES, EffectRecord
-from ._effects import Retry, preview_args, replay
+from ._effects import Retry, _total_timeout, preview_args, replay
 from ._runtime import Key4, TopScope, running_loop, runtime
 
 if TYPE_CHECKING:
@@ -200,7 +201,12 @@ def _position(state: RunState, name: str) -> _Position:
         table = _positions[state] = {}
     pos = table.get(name)
     if pos is None:
-        pos = table[name] = _scan(stream_scope(state.run_id), name)
+        run = state.run
+        if run.executions <= 1 and run.generation == 0:
+            pos = _Position(0, False)  # a run's first execution: its streams are empty
+        else:
+            pos = _scan(stream_scope(state.run_id), name)
+        table[name] = pos
     return pos
 
 
@@ -423,9 +429,12 @@ class StreamReader:
         pos, delay, bulk = 0, _POLL_MIN, True
         while True:
             seen = _bell.version
-            # in a thread: another process may hold a DuckDB store's file for a while
-            ended, chunks, closed = await asyncio.to_thread(self._fetch, pos, bulk)
-            bulk = False
+            try:  # in a thread: another process may hold a DuckDB store's file a while
+                ended, chunks, closed = await asyncio.to_thread(self._fetch, pos, bulk)
+            except StoreLockedError:  # it kept the file: look again later
+                ended, chunks, closed = False, [], False
+            else:
+                bulk = False
             for chunk in chunks:
                 yield chunk
             pos += len(chunks)
@@ -442,8 +451,12 @@ class StreamReader:
         pos, delay, bulk = 0, _POLL_MIN, True
         while True:
             seen = _bell.version
-            ended, chunks, closed = self._fetch(pos, bulk)
-            bulk = False
+            try:
+                ended, chunks, closed = self._fetch(pos, bulk)
+            except StoreLockedError:  # another process kept a DuckDB store's file: later
+                ended, chunks, closed = False, [], False
+            else:
+                bulk = False
             yield from chunks
             pos += len(chunks)
             if closed or ended:
@@ -588,6 +601,7 @@ class StreamingCall(Generic[T]):
         self._done = False
         self._value: Any = None
         self._error: BaseException | None = None
+        self._preview = ""
 
     def __repr__(self) -> str:
         return f"<streaming call of {self._eff.identity}>"
@@ -598,6 +612,12 @@ class StreamingCall(Generic[T]):
 
     def __aiter__(self) -> AsyncIterator[T]:
         return self._iterate()
+
+    def __iter__(self) -> Iterator[Any]:
+        raise DurableError(
+            f"a call of streaming effect {self._eff.identity} is read with `async for` (or "
+            "`await`ed for its final value), in async code or a notebook cell"
+        )
 
     async def _result(self) -> Any:
         if self._final is not None:
@@ -705,27 +725,43 @@ class StreamingCall(Generic[T]):
             if self._chunks:
                 self._notify()
         started, t0 = clock.time(), time.perf_counter()
-        preview = preview_args(self._args, self._kwargs)
+        preview = self._preview = preview_args(self._args, self._kwargs)
         scope.note_start(self._key4, self._seq, preview)
         scope.inflight += 1
         cancelled = False
+        retry, failures = self._retry, 0
+        # retries resume from what was received; unlike a plain effect's, their schedule is
+        # not recorded: a restarted process counts attempts afresh
+        total = (
+            started + retry.total_timeout
+            if retry is not None and retry.total_timeout is not None
+            else None
+        )
         try:
-            retry = self._retry
-            failures = 0
             while True:
+                limit = self._timeout
+                if total is not None:
+                    left = max(0.0, total - clock.time())
+                    limit = left if limit is None else min(limit, left)
                 try:
-                    await self._attempt()
+                    await self._attempt(limit)
                     break
                 except asyncio.CancelledError:
                     raise
                 except Exception as e:
                     self._flush()  # what arrived before the failure counts as received
                     failures += 1
-                    if retry and failures < retry.attempts and isinstance(e, retry.retry_on):
-                        scope.note_failure(self._key4, self._seq, e, started)
-                        await clock.sleep(retry.delay(failures))
-                        continue
-                    raise
+                    if retry is None or failures >= retry.attempts:
+                        raise
+                    if not isinstance(e, retry.retry_on):
+                        raise
+                    delay = retry.delay(failures)
+                    if total is not None and clock.time() + delay >= total:
+                        raise _total_timeout(eff.identity, retry, failures, repr(e)) from e
+                    scope.note_failure(
+                        self._key4, self._seq, e, started, attempt=failures, retry_in=delay
+                    )
+                    await clock.sleep(delay)
             self._flush()
             value = self._spec.reducer(list(self._chunks))
             rec = EffectRecord(
@@ -750,7 +786,7 @@ class StreamingCall(Generic[T]):
         except Exception as e:
             self._error = e
             try:
-                self._fail(e, started, t0, preview)
+                self._fail(e, started, t0, preview, max(failures, 1))
             except Exception as store_error:  # the store failed too
                 self._error = store_error
         finally:
@@ -759,7 +795,7 @@ class StreamingCall(Generic[T]):
                 self._done = True
             self._notify()
 
-    async def _attempt(self) -> None:
+    async def _attempt(self, limit: float | None) -> None:
         kwargs = dict(self._kwargs)
         skip = 0
         if self._spec.resumes:
@@ -767,7 +803,7 @@ class StreamingCall(Generic[T]):
         else:
             skip = len(self._chunks)  # a deterministic generator yields them again
         loop = asyncio.get_running_loop()
-        deadline = None if self._timeout is None else loop.time() + self._timeout
+        deadline = None if limit is None else loop.time() + limit
         agen = cast(Any, self._eff.fn)(*self._args, **kwargs)
         try:
             while True:
@@ -785,8 +821,8 @@ class StreamingCall(Generic[T]):
                         raise  # the generator's own
                     raise EffectTimeoutError(
                         f"streaming effect {self._eff.identity} did not finish within "
-                        f"timeout={self._timeout:g}s; raise the timeout (the chunks received "
-                        "so far are kept: a retry continues from them)"
+                        f"timeout={limit:g}s; raise the timeout (the chunks received so far "
+                        "are kept: a retry continues from them)"
                     ) from None
                 if self._write_error is not None:
                     err, self._write_error = self._write_error, None
@@ -836,6 +872,7 @@ class StreamingCall(Generic[T]):
                     "step": STEP_KIND,
                     "name": self._key4[0],
                     "state": "running",
+                    "args": self._preview,
                     "chunks": len(self._chunks),
                 },
             )
@@ -891,10 +928,10 @@ class StreamingCall(Generic[T]):
     def _detail(self, preview: str) -> str:
         return json.dumps({"args": preview, "chunks": len(self._chunks)})
 
-    def _fail(self, exc: Exception, started: float, t0: float, preview: str) -> None:
+    def _fail(self, exc: Exception, started: float, t0: float, preview: str, attempt: int) -> None:
         scope = self._scope
         if not self._eff.cache_errors:
-            scope.note_failure(self._key4, self._seq, exc, started)
+            scope.note_failure(self._key4, self._seq, exc, started, attempt=attempt)
             return
         rec = EffectRecord(
             scope.scope_id,
