@@ -460,3 +460,62 @@ def test_move_runs_from_duckdb_to_postgres_and_back(
     assert code == 0, err
     assert out.startswith("imported 2 run(s) (0 already there and kept)")
     assert json.loads(cmd(capsys, fresh, "trace", "r1", "--json")[1]) == local
+
+
+WAITER = textwrap.dedent(
+    """
+    import sys
+    import durable_nb as dn
+
+    @dn.durable(name="waiter")
+    async def wf(ctx):
+        try:
+            print("WAITING", flush=True)
+            return await ctx.wait_signal("never")
+        finally:
+            print("CLEANUP", flush=True)
+
+    dn.set_store(sys.argv[1])
+    try:
+        dn.run(wf, run_id="live")
+    except dn.RunCancelledError as e:
+        print("CANCELLED", e, flush=True)
+    """
+)
+
+
+def test_cancel_reaches_a_run_executing_in_another_process(tmp_path: Path) -> None:
+    path = tmp_path / "w.duckdb"
+    script = tmp_path / "w.py"
+    script.write_text(WAITER)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "WAITING"
+        busy = _cli(path, "forget", "live")
+        assert busy.returncode == 1
+        assert busy.stderr.startswith("error: cannot delete run 'live' while it executes (")
+        sent = _cli(path, "cancel", "live", "--reason", "from the CLI")
+        assert sent.returncode == 0, sent.stderr
+        assert sent.stdout in (  # depending on whether the run stopped in the meantime
+            "cancel requested for live; the process that executes it will stop it\n",
+            "cancelled live\n",
+        )
+        out, err = proc.communicate(timeout=60)
+        assert out.splitlines()[-2:] == [
+            "CLEANUP",
+            "CANCELLED run 'live' was cancelled (from the CLI); start it again with "
+            "restart=True to run it afresh",
+        ], err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    shown = _cli(path, "show", "live", "--json")
+    assert json.loads(shown.stdout)["status"] == "cancelled"
