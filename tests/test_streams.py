@@ -27,6 +27,7 @@ from durable_nb.errors import (
     ArgumentTypeError,
     DurableError,
     EffectTimeoutError,
+    StoreUnavailableError,
     StreamClosedError,
     UnstorableValueError,
 )
@@ -704,6 +705,56 @@ def test_a_streaming_call_is_not_a_plain_iterable() -> None:
         match=r"^a call of streaming effect .*llm is read with `async for` \(or `await`ed",
     ):
         list(llm("sync"))
+
+
+class FailingStore(MemoryStore):
+    """Fails its n-th put_effects call (0: never), like a full disk."""
+
+    def __init__(self, fail_at: int) -> None:
+        super().__init__()
+        self.fail_at, self.puts = fail_at, 0
+
+    def put_effects(self, records: Sequence[EffectRecord]) -> None:
+        self.puts += 1
+        if self.puts == self.fail_at:
+            raise StoreUnavailableError("disk full (injected)")
+        super().put_effects(records)
+
+
+@dn.effect(stream="s")
+async def spoken(n: int, resume_from: Sequence[str] = ()) -> AsyncIterator[str]:
+    for i in range(len(resume_from), n):
+        await asyncio.sleep(0)
+        calls.append(i)
+        yield f"e{i}"
+
+
+@dn.durable(name="mixed_stream")
+async def mixed(ctx: dn.Context) -> str:
+    w = ctx.stream("s")
+    for i in range(3):
+        await w.write(f"w{i}")
+    text = await spoken(4)
+    await w.write("end")
+    await w.close()
+    return str(text)
+
+
+def test_a_store_failing_at_any_write_leaves_a_stream_that_resumes_exactly_once() -> None:
+    expected = ["w0", "w1", "w2", "e0", "e1", "e2", "e3", "end"]
+    clean = runtime._store = FailingStore(0)
+    assert dn.run(mixed, run_id="clean") == "e0e1e2e3"
+    writes = clean.puts
+    assert writes == 3 + 4 + 1 + 1 + 1  # writes, chunk batches, the effect's result, write, close
+    for n in range(1, writes + 1):
+        calls.clear()
+        store = runtime._store = FailingStore(n)
+        with pytest.raises(StoreUnavailableError, match=r"^disk full \(injected\)$"):
+            dn.run(mixed, run_id=f"f{n}")
+        store.fail_at = 0
+        assert dn.run(mixed, run_id=f"f{n}") == "e0e1e2e3", n
+        assert list(dn.get_job(f"f{n}").stream("s")) == expected, n
+        assert sorted(calls) == [0, 1, 2, 3], n  # each chunk produced once, failure or not
 
 
 LLM_SCRIPT = """

@@ -298,9 +298,8 @@ class StreamWriter:
             seq=index,
             started_at=now,
         )
-        runtime.store.put_effects([step, item])  # one call: the step and its chunk, or neither
+        st.record_together(step, [item])  # one store call: the step and its chunk, or neither
         pos.next = index + 1
-        st._recorded(step)
         _bell.ring()
         return index
 
@@ -342,9 +341,8 @@ class StreamWriter:
             seq=index,
             started_at=now,
         )
-        runtime.store.put_effects([step, end])
+        st.record_together(step, [end])
         pos.next, pos.closed = index + 1, True
-        st._recorded(step)
         _bell.ring()
 
     async def __aenter__(self) -> StreamWriter:
@@ -824,13 +822,13 @@ class StreamingCall(Generic[T]):
                         f"timeout={limit:g}s; raise the timeout (the chunks received so far "
                         "are kept: a retry continues from them)"
                     ) from None
-                if self._write_error is not None:
-                    err, self._write_error = self._write_error, None
-                    raise err
                 if skip:
                     skip -= 1
                     continue
                 self._pending.append(chunk)
+                if self._write_error is not None:  # a journal write failed meanwhile
+                    err, self._write_error = self._write_error, None
+                    raise err
                 if len(self._pending) >= _MAX_BATCH:
                     self._flush()
                 elif not self._flush_scheduled:
@@ -844,24 +842,22 @@ class StreamingCall(Generic[T]):
     def _flush_soon(self) -> None:
         try:
             self._flush()
-        except Exception as e:  # raised by the pump at its next chunk
+        except Exception as e:  # the pump raises it at its next chunk, or flushes at the end
             self._write_error = e
 
     def _flush(self) -> None:
         """Journal the chunks that arrived since the last flush, in one store write; only
         then may consumers see them."""
         self._flush_scheduled = False
-        if self._write_error is not None:
-            err, self._write_error = self._write_error, None
-            raise err
         batch, self._pending = self._pending, []
         if not batch:
             return
         try:
             self._put(batch)
         except BaseException:
-            self._pending[:0] = batch
+            self._pending[:0] = batch  # kept for the next flush, which may succeed
             raise
+        self._write_error = None  # what an earlier failed write held is journaled now
         self._chunks.extend(batch)
         scope = self._scope
         if not isinstance(scope, TopScope) and scope.listeners:
