@@ -4,8 +4,21 @@ from __future__ import annotations
 
 from ._clock import Clock, FakeClock, SystemClock
 from ._effects import EffectFunction, Retry, effect
-from ._runtime import runtime
-from ._workflow import Context, Job, Workflow, cancel, durable, get_job, run, signal, start
+from ._kv import RunKV
+from ._runtime import cancelled, runtime
+from ._workflow import (
+    Context,
+    Job,
+    RunLog,
+    Workflow,
+    cancel,
+    durable,
+    enqueue,
+    get_job,
+    run,
+    signal,
+    start,
+)
 
 __all__ = [
     "Clock",
@@ -14,11 +27,15 @@ __all__ = [
     "FakeClock",
     "Job",
     "Retry",
+    "RunKV",
+    "RunLog",
     "SystemClock",
     "Workflow",
     "cancel",
+    "cancelled",
     "durable",
     "effect",
+    "enqueue",
     "get_job",
     "run",
     "runtime",

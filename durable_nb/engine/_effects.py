@@ -76,7 +76,7 @@ class Retry:
     backoff: float = 2.0
     initial_delay: float = 1.0
     max_delay: float = 60.0
-    retry_on: tuple[type[BaseException], ...] = (Exception,)
+    retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,)
     total_timeout: float | None = None
 
     def __post_init__(self) -> None:

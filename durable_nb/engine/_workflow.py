@@ -761,7 +761,7 @@ class Context:
         return _InterruptBlock(self, name)
 
     # fan-out, fan-in and races --------------------------------------------------------------
-    def all(self, aws: Iterable[Awaitable[T]], /) -> Awaitable[list[T]]:
+    def all(self, aws: Iterable[Awaitable[Any]], /) -> Awaitable[list[Any]]:
         """Run awaitables together (effect calls, ``ctx.sleep``, ``ctx.wait_signal``,
         ``ctx.child``, coroutines that use them) and return their results in order. If one
         fails, the others are cancelled (effects in flight see ``dn.cancelled()``) and its
@@ -770,7 +770,7 @@ class Context:
         items = _awaitables(aws, "ctx.all")
         return self._all(items)
 
-    async def _all(self, items: list[Awaitable[T]]) -> list[T]:
+    async def _all(self, items: list[Awaitable[Any]]) -> list[Any]:
         if not items:
             return []
         branches = _spawn(items)
@@ -1559,6 +1559,8 @@ class Job(Generic[R]):
         else:  # another process's run: read the store off the loop (a busy file may wait)
             found = await asyncio.to_thread(runtime.store.get_run, self.run_id)
             if found is None:
+                if self._task is not None and not self.done():
+                    return 0, None, "pending"  # started here, not executing yet
                 raise RunNotFoundError(f"no run {self.run_id!r} in the store {runtime.store.url!r}")
             rec = found
         value = json.loads(rec.custom_status) if rec.custom_status else None
