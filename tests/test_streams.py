@@ -822,6 +822,53 @@ def test_streaming_effect_killed_half_read_resumes_from_what_it_received(tmp_pat
     assert [v for _, _, v in _stream(store, "s", "live")] == WORDS  # mirrored once each
 
 
+STREAMING_CELL = """%%durable chat_cell
+import durable_nb as dn
+
+@dn.effect(stream="tokens")
+async def speak(prompt, resume_from=()):
+    for word in ["hello ", "from ", "a ", "cell"][len(resume_from):]:
+        tick(word)
+        yield word
+
+async with ctx.stream("tokens") as w:
+    await w.write(">>> ")
+    answer = speak("hi")
+    heard = [t async for t in answer]
+    text = await answer
+text
+"""
+
+
+def test_streams_in_a_durable_cell_replay_after_a_restart() -> None:
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell: Any = InteractiveShell.instance()  # IPython is untyped
+    shell.run_cell("%load_ext durable_nb", store_history=False)
+    try:
+        shell.user_ns["calls"] = calls
+        shell.run_cell("def tick(v):\n    calls.append(v)\n", store_history=False)
+        for _ in range(2):  # the second time, as after a kernel restart: it replays
+            for name in ("heard", "text", "answer", "w", "speak"):
+                shell.user_ns.pop(name, None)
+            res = shell.run_cell(STREAMING_CELL, store_history=False)
+            assert res.error_in_exec is None and res.error_before_exec is None
+            assert res.result == "hello from a cell"
+            assert shell.user_ns["heard"] == ["hello ", "from ", "a ", "cell"]
+        assert calls == ["hello ", "from ", "a ", "cell"]  # generated once
+        assert list(dn.get_job("chat_cell").stream("tokens")) == [
+            ">>> ",
+            "hello ",
+            "from ",
+            "a ",
+            "cell",
+        ]
+    finally:
+        shell.run_cell("%unload_ext durable_nb", store_history=False)
+        for name in ("heard", "text", "answer", "w", "speak", "tick", "calls"):
+            shell.user_ns.pop(name, None)
+
+
 # ------------------------------------------------------------------------------ bad input
 @dn.durable
 async def misuse(ctx: dn.Context, what: str) -> None:
