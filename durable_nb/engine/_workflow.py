@@ -58,6 +58,7 @@ from ._runtime import (
     running_loop,
     runtime,
 )
+from ._streams import StreamReader, StreamWriter
 
 __all__ = [
     "Context",
@@ -838,6 +839,13 @@ class Context:
         effect — once that effect's result is no longer wanted (see :func:`cancelled`)."""
         return cancelled()
 
+    # streams -----------------------------------------------------------------------------
+    def stream(self, name: str) -> StreamWriter:
+        """A writer of the run's stream ``name`` (see :class:`StreamWriter`): each write is a
+        journaled step, so a resumed run does not write a chunk twice; readers outside use
+        ``job.stream(name)``."""
+        return StreamWriter(self._state, name)
+
     # status, state and logs -------------------------------------------------------------------
     def set_status(self, value: Any) -> None:
         """Publish a custom status (JSON data) readable from outside with ``job.custom_status()``
@@ -1565,6 +1573,12 @@ class Job(Generic[R]):
             rec = found
         value = json.loads(rec.custom_status) if rec.custom_status else None
         return rec.status_version, value, rec.status
+
+    def stream(self, name: str) -> StreamReader:
+        """The run's stream ``name`` from its first chunk, then live as the run writes it:
+        ``async for chunk in job.stream(name)`` (or a plain ``for`` off the run's loop). Ends
+        when the stream is closed or the run has ended (see :class:`StreamReader`)."""
+        return StreamReader(self, name)
 
     def cancel(self, reason: str = "cancelled") -> None:
         """Stop the run at its next await; it ends as cancelled and runs its finally blocks."""
