@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 import textwrap
+import time
 from pathlib import Path
 
 import duckdb
@@ -16,10 +19,10 @@ from durable_nb.errors import (
     StoreUnavailableError,
     StoreVersionError,
 )
-from durable_nb.store import EffectRecord, open_store
+from durable_nb.store import EffectRecord, RunRecord, open_store
 from durable_nb.store._duckdb import SCHEMA_VERSION, DuckDBStore
 
-from .helpers import run_python
+from .helpers import ROOT, run_python
 
 
 def _rec(store: DuckDBStore, n: int) -> EffectRecord:
@@ -190,4 +193,244 @@ def test_a_long_lived_process_merges_journals_of_processes_that_died_meanwhile(
         assert run_python(code).returncode == -9
         assert len(store.load_effects("run/x")) == 10
     finally:
+        store.close()
+
+
+# ---------------------------------------------------------------------- reset, claims, workers
+
+_OLD_STATE = """
+    from durable_nb import _codecs
+    from durable_nb.store import EffectRecord, RunRecord, SignalRecord
+    from durable_nb.store._duckdb import DuckDBStore
+
+    def eff(s, scope, n, value):
+        return EffectRecord(scope, "m.f", "v", f"h{{n}}", 0, _codecs.encode(value, s.signer), seq=n)
+
+    s = DuckDBStore({path!r}, merge_interval=3600)  # never merges on its own
+    s.put_run(RunRecord("r1", "m.wf", "running", 1.0, 1.0, args=_codecs.encode("old", s.signer)))
+    s.put_effects([eff(s, "run/r1", n, "old") for n in range(3)] + [eff(s, "kv/r1", 0, "kv")])
+    s.add_signal(SignalRecord("r1", "s1", "go", "1", 1.0))
+    s.add_signal(SignalRecord("r1", "s2", "go", "2", 2.0))
+    s.flush()
+"""
+
+
+def _run_child(path: Path, body: str) -> None:
+    code = textwrap.dedent(_OLD_STATE).format(path=str(path)) + textwrap.dedent(body)
+    proc = run_python(code)
+    assert proc.returncode == -9, proc.stderr
+    assert proc.stdout.split() == ["forgotten"], proc.stdout
+
+
+_RESET_AND_DIE = """
+    new = RunRecord("r1", "m.wf", "running", 1.0, 2.0, args=_codecs.encode("new", s.signer),
+                    generation=1)
+    s.reset_run(new, ["s1"])
+    # read your writes before any merge: the old history is gone for this process already
+    print("forgotten" if s.get_effect(("run/r1", "m.f", "v", "h0", 0)) is None else "STALE",
+          flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_reset_run_is_all_or_nothing_under_sigkill(tmp_path: Path) -> None:
+    import shutil
+
+    path = tmp_path / "a" / "s.duckdb"
+    path.parent.mkdir()
+    _run_child(path, "import os, signal\n" + textwrap.dedent(_RESET_AND_DIE))
+    # killed after the journal append and before any merge: DuckDB still has the old state
+    con = duckdb.connect(str(path))
+    assert con.execute("SELECT generation FROM dn_runs").fetchall() == [(0,)]
+    assert con.execute("SELECT count(*) FROM dn_effects WHERE scope = 'run/r1'").fetchall() == [
+        (3,)
+    ]
+    con.close()
+    torn = tmp_path / "b"
+    shutil.copytree(path.parent, torn)
+    (wal,) = (torn / "s.duckdb.d" / "journal").glob("*.wal")
+    with open(wal, "r+b") as f:  # as if the kill had come in the middle of the append
+        f.truncate(wal.stat().st_size - 1)
+
+    store = DuckDBStore(path)  # the whole reset
+    try:
+        run = store.get_run("r1")
+        assert run is not None and run.generation == 1 and run.updated_at == 2.0
+        assert run.args is not None and _codecs.decode(run.args, store.signer) == "new"
+        assert store.load_effects("run/r1") == []
+        assert [_codecs.decode(r.payload, store.signer) for r in store.load_effects("kv/r1")] == [
+            "kv"
+        ]
+        assert [s.signal_id for s in store.list_signals("r1")] == ["s2"]
+    finally:
+        store.close()
+
+    store = DuckDBStore(torn / "s.duckdb")  # none of it
+    try:
+        run = store.get_run("r1")
+        assert run is not None and run.generation == 0 and run.updated_at == 1.0
+        assert run.args is not None and _codecs.decode(run.args, store.signer) == "old"
+        assert len(store.load_effects("run/r1")) == 3
+        assert [s.signal_id for s in store.list_signals("r1")] == ["s1", "s2"]
+    finally:
+        store.close()
+
+
+def test_a_reset_recovered_from_a_dead_journal_drops_this_process_cached_records(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.duckdb"
+    store = DuckDBStore(path, idle_close=0.05, merge_interval=0.01)
+    try:
+        store.put_effects(
+            [EffectRecord("run/r1", "m.f", "v", "h0", 0, _codecs.encode("mine", store.signer))]
+        )
+        assert store.get_effect(("run/r1", "m.f", "v", "h0", 0)) is not None  # cached
+        store.flush()
+        # the child waits until this process lets go of the file, then resets r1 and dies
+        _run_child(path, "import os, signal\n" + textwrap.dedent(_RESET_AND_DIE))
+        run = store.get_run("r1")  # reopens the file and merges the dead journal
+        assert run is not None and run.generation == 1
+        assert store.get_effect(("run/r1", "m.f", "v", "h0", 0)) is None
+    finally:
+        store.close()
+
+
+def test_cached_records_deleted_by_another_process_are_not_served(tmp_path: Path) -> None:
+    path = tmp_path / "s.duckdb"
+    store = DuckDBStore(path, idle_close=0.05, merge_interval=0.01)
+    keys = [("run/r1", "m.f", "v", "h0", 0), ("top/t", "m.f", "v", "h0", 0)]
+    try:
+        store.put_effects(
+            [
+                EffectRecord(
+                    k[0], "m.f", "v", "h0", 0, _codecs.encode(1, store.signer), started_at=1
+                )
+                for k in keys
+            ]
+        )
+        store.flush()
+        assert all(store.get_effect(k) is not None for k in keys)  # cached
+        code = textwrap.dedent(f"""
+            from durable_nb.store._duckdb import DuckDBStore
+            s = DuckDBStore({str(path)!r}, lock_timeout=30)
+            print(s.delete_run("r1"), s.prune_effects("top/", 2.0))
+            s.close()
+        """)
+        proc = run_python(code)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split() == ["False", "1"]
+        assert [store.get_effect(k) for k in keys] == [None, None]
+    finally:
+        store.close()
+
+
+def _child(code: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if line.strip() != "ready":
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"child did not start: {line!r} {err}")
+    return proc
+
+
+def test_claim_run_skips_a_run_leased_by_another_process(tmp_path: Path) -> None:
+    path = tmp_path / "s.duckdb"
+    store = DuckDBStore(path)
+    store.put_run(RunRecord("r-old", "m.wf", "queued", 1.0, 1.0))
+    store.put_run(RunRecord("r-new", "m.wf", "queued", 2.0, 2.0))
+    store.close()
+    child = _child(f"""
+        import sys
+        from durable_nb.store._duckdb import DuckDBStore
+        s = DuckDBStore({str(path)!r})
+        lease = s.acquire_run("r-old", "child")
+        print("ready", flush=True)
+        sys.stdin.read()
+    """)
+    try:
+        store = DuckDBStore(path)  # waits until the child lets go of the file
+        got = store.claim_run("me", ["m.wf"])
+        assert got is not None and got[0].run_id == "r-new"
+        assert store.claim_run("me", ["m.wf"]) is None
+        child.kill()  # a holder that dies lets go of its lease
+        child.wait()
+        got2 = store.claim_run("me", ["m.wf"])
+        assert got2 is not None and got2[0].run_id == "r-old"
+        got[1].release()
+        got2[1].release()
+        store.close()
+    finally:
+        child.kill()
+        child.communicate()
+
+
+def test_wait_for_work_wakes_when_another_process_queues_a_run(tmp_path: Path) -> None:
+    path = tmp_path / "s.duckdb"
+    store = DuckDBStore(path, idle_close=0.05, merge_interval=0.01)
+    try:
+        assert store.claim_run("me", ["m.wf"]) is None
+        code = textwrap.dedent(f"""
+            from durable_nb.store import RunRecord
+            from durable_nb.store._duckdb import DuckDBStore
+            s = DuckDBStore({str(path)!r}, lock_timeout=30)
+            s.put_run(RunRecord("q1", "m.wf", "queued", 1.0, 1.0))
+            s.close()
+        """)
+        t0 = time.monotonic()
+        child = subprocess.Popen(
+            [sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)}
+        )
+        try:
+            store.wait_for_work(30)
+            waited = time.monotonic() - t0
+        finally:
+            assert child.wait(timeout=60) == 0
+        assert waited < 30  # woken, not timed out
+        got = store.claim_run("me", ["m.wf"])
+        assert got is not None and got[0].run_id == "q1"
+        got[1].release()
+    finally:
+        store.close()
+
+
+def test_effect_claims_across_processes(tmp_path: Path) -> None:
+    path = tmp_path / "s.duckdb"
+    DuckDBStore(path).close()
+    child = _child(f"""
+        import sys
+        from durable_nb.store._duckdb import DuckDBStore
+        s = DuckDBStore({str(path)!r}, idle_close=0.05)
+        assert s.claim_effect(("shared", "m.f", "v", "h1", 0), "child", 600)
+        assert s.claim_effect(("shared", "m.f", "v", "h2", 0), "child", 0)  # lapses at once
+        assert s.claim_effect(("shared", "m.f", "v", "h3", 0), "child", 600)
+        s.release_effect(("shared", "m.f", "v", "h3", 0), "child")
+        print("ready", flush=True)
+        sys.stdin.read()
+    """)
+    store = DuckDBStore(path)
+    try:
+        assert store.claim_effect(("shared", "m.f", "v", "h1", 0), "me", 60) is False
+        assert store.claim_effect(("shared", "m.f", "v", "h2", 0), "me", 60) is True
+        assert store.claim_effect(("shared", "m.f", "v", "h3", 0), "me", 60) is True
+        child.kill()  # a claimer that dies lets go of its claims
+        child.wait()
+        assert store.claim_effect(("shared", "m.f", "v", "h1", 0), "me", 60) is True
+        # the lapsed claim was granted without the dead child's lock; now it is taken
+        assert store.claim_effect(("shared", "m.f", "v", "h2", 0), "me", 60) is True
+        for n in (1, 2, 3):
+            store.release_effect(("shared", "m.f", "v", f"h{n}", 0), "me")
+        assert list((tmp_path / "s.duckdb.d" / "claims").iterdir()) == []
+    finally:
+        child.kill()
+        child.communicate()
         store.close()

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
 from durable_nb import _codecs
 from durable_nb.errors import RunLockedError
-from durable_nb.store import EffectRecord, EventRecord, RunRecord, SignalRecord, Store
+from durable_nb.store import (
+    EffectRecord,
+    EventRecord,
+    RunLease,
+    RunRecord,
+    SignalRecord,
+    Store,
+    run_scopes,
+)
 
 
 def _eff(store: Store, scope: str, n: int, value: object = None, **kw: object) -> EffectRecord:
@@ -56,7 +65,8 @@ def test_table_payload_round_trips(store: Store) -> None:
     store.flush()
     got = store.get_effect(rec.key)
     assert got is not None
-    assert _codecs.decode(got.payload, store.signer).equals(table)
+    decoded = _codecs.decode(got.payload, store.signer)
+    assert isinstance(decoded, pa.Table) and decoded.equals(table)
 
 
 def test_delete_effects_only_touches_its_scope(store: Store) -> None:
@@ -140,3 +150,387 @@ def test_concurrent_writers_lose_nothing(store: Store) -> None:
         th.join()
     store.flush()
     assert [len(store.load_effects(f"run/t{t}")) for t in range(4)] == [50] * 4
+
+
+# ---------------------------------------------------------------------- runs: queries
+
+
+def _wf_run(
+    run_id: str,
+    *,
+    workflow: str = "mod.wf",
+    status: str = "queued",
+    created: float = 1.0,
+    updated: float | None = None,
+    parent_id: str | None = None,
+) -> RunRecord:
+    return RunRecord(
+        run_id,
+        workflow,
+        status,  # type: ignore[arg-type]
+        created,
+        created if updated is None else updated,
+        parent_id=parent_id,
+    )
+
+
+def _ids(runs: list[RunRecord]) -> list[str]:
+    return [r.run_id for r in runs]
+
+
+def test_run_record_round_trips_every_field(store: Store) -> None:
+    run = RunRecord(
+        "r1",
+        "mod.wf",
+        "queued",
+        1.5,
+        2.5,
+        args=_codecs.encode({"x": 1}, store.signer),
+        error=_codecs.encode("boom", store.signer),
+        custom_status='{"stage": 2}',
+        status_version=3,
+        parent_id="p",
+        executions=4,
+        detail='{"waiting": "go"}',
+        input_hash="ih",
+        code_version="cv",
+        generation=5,
+        version="v2",
+    )
+    store.put_run(run)
+    got = store.get_run("r1")
+    assert got is not None
+    assert got.args is not None and _codecs.decode(got.args, store.signer) == {"x": 1}
+    assert got.error is not None and _codecs.decode(got.error, store.signer) == "boom"
+    got.args, got.error, run.args, run.error = None, None, None, None
+    assert got == run
+
+
+def test_list_runs_filters(store: Store) -> None:
+    store.put_run(_wf_run("a", status="completed", created=1.0, updated=10.0))
+    store.put_run(_wf_run("b", status="running", created=2.0, updated=20.0, parent_id="a"))
+    store.put_run(_wf_run("c", workflow="mod.other", created=3.0, updated=30.0, parent_id="a"))
+    store.put_run(_wf_run("d", status="queued", created=4.0, updated=40.0, parent_id="b"))
+    assert _ids(store.list_runs()) == ["d", "c", "b", "a"]  # newest first
+    assert _ids(store.list_runs(status="queued")) == ["d", "c"]
+    assert _ids(store.list_runs(status="cancelled")) == []
+    assert _ids(store.list_runs(workflow="mod.wf")) == ["d", "b", "a"]
+    assert _ids(store.list_runs(parent_id="a")) == ["c", "b"]
+    assert _ids(store.list_runs(parent_id="zzz")) == []
+    # updated_after <= updated_at < updated_before
+    assert _ids(store.list_runs(updated_after=20.0)) == ["d", "c", "b"]
+    assert _ids(store.list_runs(updated_before=20.0)) == ["a"]
+    assert _ids(store.list_runs(updated_after=20.0, updated_before=40.0)) == ["c", "b"]
+    assert _ids(store.list_runs(status="queued", workflow="mod.wf", parent_id="b")) == ["d"]
+    assert _ids(store.list_runs(status="queued", parent_id="a")) == ["c"]
+    assert _ids(store.list_runs(limit=2)) == ["d", "c"]
+    assert _ids(store.list_runs(workflow="mod.wf", limit=1)) == ["d"]
+    assert store.list_runs(limit=0) == []
+
+
+def test_list_runs_sees_a_status_change(store: Store) -> None:
+    store.put_run(_wf_run("a"))
+    store.put_run(_wf_run("a", status="completed", updated=5.0))
+    assert _ids(store.list_runs(status="queued")) == []
+    assert _ids(store.list_runs(status="completed", updated_after=5.0)) == ["a"]
+
+
+# ---------------------------------------------------------------------- runs: delete, reset
+
+
+def _put_run_with_scopes(store: Store, run_id: str) -> None:
+    store.put_run(_wf_run(run_id, status="running"))
+    for scope in run_scopes(run_id):
+        store.put_effects([_eff(store, scope, n) for n in range(2)])
+    store.add_signal(SignalRecord(run_id, "s1", "go", "1", 1.0))
+    store.append_events([EventRecord(run_id, "e1", 1.0, "started")])
+
+
+def test_delete_run_forgets_every_scope_it_owns_and_nothing_else(store: Store) -> None:
+    for run_id in ("r1", "r10", "r2"):  # r10: a run whose id starts with another's
+        _put_run_with_scopes(store, run_id)
+    store.put_effects([_eff(store, "top/r1", 1)])
+    key = ("kv/r1", "mod.f", "v1", "h1", 0)
+    assert store.get_effect(key) is not None  # read once: now in any read cache
+    store.flush()
+    assert store.delete_run("r1") is True
+    assert store.get_run("r1") is None
+    for scope in run_scopes("r1"):
+        assert store.load_effects(scope) == []
+    assert store.get_effect(key) is None
+    assert store.get_effect(("stream/r1", "mod.f", "v1", "h0", 0)) is None
+    assert store.list_signals("r1") == []
+    assert store.load_events("r1") == []
+    for run_id in ("r10", "r2"):
+        assert store.get_run(run_id) is not None
+        for scope in run_scopes(run_id):
+            assert len(store.load_effects(scope)) == 2
+        assert len(store.list_signals(run_id)) == 1
+        assert len(store.load_events(run_id)) == 1
+    assert len(store.load_effects("top/r1")) == 1
+    assert store.delete_run("r1") is False
+
+
+def test_delete_run_of_records_not_yet_flushed(store: Store) -> None:
+    _put_run_with_scopes(store, "r1")
+    assert store.delete_run("r1") is True
+    store.flush()
+    assert store.get_run("r1") is None
+    assert all(store.load_effects(scope) == [] for scope in run_scopes("r1"))
+
+
+def test_reset_run_continues_as_new(store: Store) -> None:
+    _put_run_with_scopes(store, "r1")
+    store.put_effects([_eff(store, "run/r1", n) for n in range(2, 5)])
+    store.add_signal(SignalRecord("r1", "s2", "go", "2", 2.0))
+    store.add_signal(SignalRecord("r1", "s3", "go", "3", 3.0))
+    store.add_signal(SignalRecord("r2", "s1", "go", "x", 1.0))  # same id, another run
+    old_key = ("run/r1", "mod.f", "v1", "h1", 0)
+    assert store.get_effect(old_key) is not None  # read once: now in any read cache
+    store.flush()
+    store.put_effects([_eff(store, "run/r1", 9)])  # not yet merged when the reset comes
+
+    new = _wf_run("r1", status="running", created=1.0, updated=7.0)
+    new.args = _codecs.encode({"n": 2}, store.signer)
+    new.generation = 1
+    new.executions = 3
+    store.reset_run(new, ["s1", "s3"])
+
+    # read your writes, before and after a flush
+    assert store.get_effect(old_key) is None
+    assert store.get_effect(("run/r1", "mod.f", "v1", "h9", 0)) is None
+    for flushed in (False, True):
+        if flushed:
+            store.flush()
+        got = store.get_run("r1")
+        assert got is not None and got.generation == 1 and got.executions == 3
+        assert got.updated_at == 7.0
+        assert got.args is not None and _codecs.decode(got.args, store.signer) == {"n": 2}
+        assert store.load_effects("run/r1") == []
+        assert store.get_effect(old_key) is None
+        assert [s.signal_id for s in store.list_signals("r1")] == ["s2"]
+        assert [s.signal_id for s in store.list_signals("r2")] == ["s1"]
+        assert len(store.load_effects("kv/r1")) == 2
+        assert len(store.load_effects("stream/r1")) == 2
+        assert len(store.load_events("r1")) == 1
+
+    # the new generation records under the same keys as the old one
+    store.put_effects([_eff(store, "run/r1", 1, value="new")])
+    got_eff = store.get_effect(old_key)
+    assert got_eff is not None and _codecs.decode(got_eff.payload, store.signer) == "new"
+    store.flush()
+    assert [_codecs.decode(r.payload, store.signer) for r in store.load_effects("run/r1")] == [
+        "new"
+    ]
+
+
+def test_reset_run_twice_before_a_flush(store: Store) -> None:
+    _put_run_with_scopes(store, "r1")
+    first = _wf_run("r1", status="running")
+    first.generation = 1
+    store.reset_run(first, ["s1"])
+    store.put_effects([_eff(store, "run/r1", 7)])
+    second = _wf_run("r1", status="running")
+    second.generation = 2
+    store.reset_run(second, [])
+    store.put_effects([_eff(store, "run/r1", 8)])
+    assert store.get_effect(("run/r1", "mod.f", "v1", "h7", 0)) is None
+    store.flush()
+    got = store.get_run("r1")
+    assert got is not None and got.generation == 2
+    assert [r.seq for r in store.load_effects("run/r1")] == [8]
+
+
+def test_reset_run_with_table_payloads(store: Store) -> None:
+    pa = pytest.importorskip("pyarrow")
+    old_table = pa.table({"x": [1, 2]})
+    new_table = pa.table({"x": [3, 4, 5]})
+    run = _wf_run("r1", status="running")
+    run.args = _codecs.encode(old_table, store.signer)
+    store.put_run(run)
+    store.put_effects([_eff(store, "run/r1", 1, value=old_table)])
+    new = _wf_run("r1", status="running")
+    new.args = _codecs.encode(new_table, store.signer)
+    new.generation = 1
+    store.reset_run(new, [])
+    # same key as the old generation's record, written before the reset was flushed
+    store.put_effects([_eff(store, "run/r1", 1, value=new_table)])
+    store.flush()
+    got = store.get_effect(("run/r1", "mod.f", "v1", "h1", 0))
+    assert got is not None
+    decoded = _codecs.decode(got.payload, store.signer)
+    assert isinstance(decoded, pa.Table) and decoded.equals(new_table)
+    got_run = store.get_run("r1")
+    assert got_run is not None and got_run.args is not None
+    decoded = _codecs.decode(got_run.args, store.signer)
+    assert isinstance(decoded, pa.Table) and decoded.equals(new_table)
+
+
+# ---------------------------------------------------------------------- workers
+
+
+def test_claim_run_takes_the_oldest_claimable_run(store: Store) -> None:
+    store.put_run(_wf_run("done", status="completed", created=0.0))
+    store.put_run(_wf_run("failed", status="failed", created=0.05))
+    store.put_run(_wf_run("held", status="running", created=0.1))
+    store.put_run(_wf_run("orphan", status="waiting", created=0.2))  # no live holder
+    store.put_run(_wf_run("q2", created=2.0))
+    store.put_run(_wf_run("q1", created=1.0))
+    store.put_run(_wf_run("other", workflow="mod.other", created=0.0))
+    holder = store.acquire_run("held", "someone")
+    claimed = []
+    while (got := store.claim_run("worker", ["mod.wf"])) is not None:
+        run, lease = got
+        assert lease.run_id == run.run_id
+        assert store.get_run(run.run_id) == run
+        with pytest.raises(RunLockedError):  # the lease is really held
+            store.acquire_run(run.run_id, "thief")
+        claimed.append((run, lease))
+    assert [r.run_id for r, _ in claimed] == ["orphan", "q1", "q2"]
+    assert [r.status for r, _ in claimed] == ["waiting", "queued", "queued"]
+
+    holder.release()  # its holder stopped: the run needs an executor again
+    got = store.claim_run("worker", ["mod.wf", "mod.other"])
+    assert got is not None and got[0].run_id == "other"
+    got2 = store.claim_run("worker", ["mod.wf", "mod.other"])
+    assert got2 is not None and got2[0].run_id == "held"
+    assert store.claim_run("worker", ["mod.wf", "mod.other"]) is None
+    assert store.claim_run("worker", []) is None
+    for _, lease in [*claimed, got, got2]:
+        lease.release()
+
+
+def test_claim_run_returns_none_without_runs(store: Store) -> None:
+    assert store.claim_run("worker", ["mod.wf"]) is None
+
+
+def test_claim_run_skips_a_run_finished_by_a_released_lease(store: Store) -> None:
+    store.put_run(_wf_run("r1"))
+    lease = store.acquire_run("r1", "me")
+    store.put_run(_wf_run("r1", status="completed"))
+    lease.release()
+    assert store.claim_run("worker", ["mod.wf"]) is None
+
+
+def test_two_claimers_never_get_the_same_run(store: Store) -> None:
+    for i in range(24):
+        store.put_run(_wf_run(f"r{i:02d}", created=float(i)))
+    store.flush()
+    got: dict[str, list[str]] = {f"w{t}": [] for t in range(4)}
+    leases: list[RunLease] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def claim(name: str) -> None:
+        try:
+            start.wait()
+            while (c := store.claim_run(name, ["mod.wf"])) is not None:
+                got[name].append(c[0].run_id)
+                leases.append(c[1])
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=claim, args=(name,)) for name in got]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == []
+    claimed = [run_id for ids in got.values() for run_id in ids]
+    assert sorted(claimed) == [f"r{i:02d}" for i in range(24)]  # each exactly once
+    for lease in leases:
+        lease.release()
+
+
+@pytest.mark.parametrize("trigger", ["queue", "signal", "release"])
+def test_wait_for_work_wakes_up_early(store: Store, trigger: str) -> None:
+    done = threading.Event()
+
+    def make_work() -> None:
+        # repeated, so one of them surely lands while the main thread waits
+        i = 0
+        while not done.is_set():
+            i += 1
+            if trigger == "queue":
+                store.put_run(_wf_run(f"q{i}"))
+            elif trigger == "signal":
+                store.add_signal(SignalRecord("r1", f"s{i}", "go", "1", float(i)))
+            else:
+                store.acquire_run("r1", "other").release()
+            done.wait(0.02)
+
+    assert store.claim_run("worker", ["mod.nothing"]) is None
+    th = threading.Thread(target=make_work)
+    t0 = time.monotonic()
+    th.start()
+    try:
+        store.wait_for_work(30)
+        waited = time.monotonic() - t0
+    finally:
+        done.set()
+        th.join()
+    assert waited < 30  # woken, not timed out
+
+
+def test_wait_for_work_with_zero_timeout_returns(store: Store) -> None:
+    store.wait_for_work(0)
+
+
+# ---------------------------------------------------------------------- effect maintenance
+
+
+def test_prune_effects_by_prefix_and_age(store: Store) -> None:
+    def at(scope: str, n: int, t: float) -> EffectRecord:
+        return _eff(store, scope, n, started_at=t)
+
+    store.put_effects(
+        [
+            at("top/a", 1, 10.0),
+            at("top/a", 2, 20.0),
+            at("top/b", 3, 5.0),
+            at("topx", 4, 5.0),
+            at("shared", 5, 5.0),
+            at("run/x", 6, 5.0),
+            at("top/a_1", 7, 5.0),
+            at("top/ab1", 8, 5.0),
+        ]
+    )
+    store.flush()
+    assert store.get_effect(("top/a", "mod.f", "v1", "h1", 0)) is not None  # cached now
+    store.put_effects([at("top/b", 9, 1.0)])  # not yet flushed
+    # a prefix with LIKE wildcards means itself
+    assert store.prune_effects("top/a_", 100.0) == 1
+    assert store.load_effects("top/ab1") != []
+    assert store.prune_effects("top/", 15.0) == 4  # top/a@10, top/b@5, top/b@1, top/ab1@5
+    assert store.get_effect(("top/a", "mod.f", "v1", "h1", 0)) is None
+    assert [r.seq for r in store.load_effects("top/a")] == [2]
+    assert store.load_effects("top/b") == []
+    assert len(store.load_effects("topx")) == 1
+    assert len(store.load_effects("run/x")) == 1
+    assert store.prune_effects("shared", 5.0) == 0  # strictly before
+    assert store.prune_effects("shared", 5.5) == 1
+    assert store.load_effects("shared") == []
+    assert store.prune_effects("top/", 15.0) == 0
+
+
+def test_claim_effect_semantics(store: Store) -> None:
+    key = ("shared", "mod.f", "v1", "h1", 0)
+    other = ("shared", "mod.f", "v1", "h2", 0)
+    assert store.claim_effect(key, "a", 60) is True
+    assert store.claim_effect(key, "b", 60) is False  # a holds it
+    assert store.claim_effect(key, "a", 60) is True  # its own claim
+    assert store.claim_effect(other, "b", 60) is True  # keys are independent
+    store.release_effect(key, "b")  # not b's claim: nothing happens
+    assert store.claim_effect(key, "b", 60) is False
+    store.release_effect(key, "a")
+    store.release_effect(key, "a")  # idempotent
+    assert store.claim_effect(key, "b", 60) is True
+    assert store.claim_effect(key, "a", 60) is False
+    store.release_effect(key, "b")
+    store.release_effect(other, "b")
+
+    # a claim lapses after its seconds; the next one counts again
+    assert store.claim_effect(key, "a", 0) is True
+    assert store.claim_effect(key, "b", 60) is True
+    assert store.claim_effect(key, "a", 60) is False
+    store.release_effect(key, "b")

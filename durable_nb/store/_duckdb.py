@@ -14,10 +14,17 @@ everything): another kernel or the CLI can then open the same store. A process t
 the file busy retries for ``lock_timeout`` seconds, then raises ``StoreLockedError``
 naming the holder.
 
+Deletions (``delete_effects``, ``delete_run``, ``prune_effects``) flush the journal and
+commit directly. ``reset_run`` (continue-as-new) is one journal record, applied in one
+transaction in journal order, so a crash leaves all of it or none.
+
 Layout next to ``store.duckdb``: ``store.duckdb.d/journal/*.wal`` (journals),
-``locks/`` (one ``flock`` file per executing run), ``inbox/`` (touched when a signal is
-sent, so a waiting process polls a ``stat`` instead of the database), and ``key`` (the
-signing key for pickled payloads, unless ``DURABLE_NB_KEY`` is set).
+``locks/`` (one ``flock`` file per executing run), ``claims/`` (one ``flock`` file per
+claimed shared effect), ``inbox/`` (touched when a signal is sent, so a waiting process
+polls a ``stat`` instead of the database), ``work`` (touched when a run may have become
+claimable, for idle workers), ``deletions`` (touched before records are deleted, so other
+processes drop their read caches) and ``key`` (the signing key for pickled payloads,
+unless ``DURABLE_NB_KEY`` is set).
 """
 
 from __future__ import annotations
@@ -35,7 +42,8 @@ import threading
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +51,7 @@ import duckdb
 
 from ..errors import (
     ArgumentError,
+    ArgumentTypeError,
     RunLockedError,
     StoreError,
     StoreFormatError,
@@ -51,12 +60,14 @@ from ..errors import (
     StoreVersionError,
 )
 from ._protocol import (
+    FINAL_STATUSES,
     EffectKey,
     EffectRecord,
     EventRecord,
     RunLease,
     RunRecord,
     SignalRecord,
+    run_scopes,
 )
 
 if TYPE_CHECKING:
@@ -68,6 +79,9 @@ _FRAME = struct.Struct("<II")  # payload length, crc32
 _VALUES_BATCH = 64  # rows per table up to which a merge avoids Arrow
 _RECENT_MAX_RECORDS = 4096
 _RECENT_MAX_BYTES = 64 * 1024
+_WORK_POLL = 0.05  # seconds between looks at the ``work`` file while waiting for work
+_TOKEN_FILE_MAX = 4096  # a touched file is emptied past this size
+_CLAIM_SIZE = 512  # bytes of a claim file's record (written with one pwrite)
 _LOCK_RE = re.compile(r"Conflicting lock is held in (?P<exe>.*?) \(PID (?P<pid>\d+)\)")
 
 _EFFECT_COLS = (
@@ -81,8 +95,11 @@ _RUN_COLS = (
     "result_codec VARCHAR, result_data BLOB, result_table VARCHAR, "
     "error_codec VARCHAR, error_data BLOB, error_table VARCHAR, "
     "custom_status VARCHAR, status_version INTEGER, parent_id VARCHAR, executions INTEGER, "
-    "detail VARCHAR, input_hash VARCHAR, code_version VARCHAR"
+    "detail VARCHAR, input_hash VARCHAR, code_version VARCHAR, "
+    "generation INTEGER, version VARCHAR"
 )
+# positions in a run row of the table names of its args, result and error
+_RUN_TABLE_COLS = (7, 10, 13)
 _SIGNAL_COLS = "run_id VARCHAR, signal_id VARCHAR, name VARCHAR, payload VARCHAR, sent_at DOUBLE"
 _EVENT_COLS = "run_id VARCHAR, event_id VARCHAR, ts DOUBLE, kind VARCHAR, data VARCHAR"
 
@@ -122,8 +139,69 @@ def _unlock(fd: int) -> None:
         os.close(fd)
 
 
+def _makes_work(kind: str, row: tuple[Any, ...]) -> bool:
+    """Whether merging this journal record may give an idle worker something to claim."""
+    if kind == "S":
+        return True
+    if kind == "R":
+        return bool(row[2] == "queued")
+    if kind == "X":
+        return bool(row[0][2] == "queued")
+    return False
+
+
+def _in_scopes(scopes: set[str], key: EffectKey, rec: EffectRecord) -> bool:
+    return key[0] in scopes
+
+
+def _file_token(path: str) -> object:
+    """A value that changes whenever :func:`_touch` touched ``path``."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _touch(path: str) -> None:
+    # the size changes on every touch (file timestamps tick only every few milliseconds)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, b".")
+        if os.fstat(fd).st_size > _TOKEN_FILE_MAX:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)
+
+
+def _write_claim(fd: int, owner: str, until: float) -> None:
+    body = json.dumps({"owner": owner[:200], "until": until, "pid": os.getpid()})
+    text = f"{zlib.crc32(body.encode()):08x}{body}".encode()
+    # one fixed-size pwrite, so a reader never sees a shorter, truncated record
+    os.pwrite(fd, text.ljust(_CLAIM_SIZE), 0)
+
+
+def _read_claim(fd: int) -> dict[str, Any] | None:
+    """The claim recorded in a claim file; ``None`` if empty, torn or unreadable."""
+    text = os.pread(fd, _CLAIM_SIZE, 0).rstrip()
+    if len(text) <= 8:
+        return None
+    body = text[8:]
+    try:
+        if int(text[:8], 16) != zlib.crc32(body):
+            return None
+        info = json.loads(body)
+    except ValueError:
+        return None
+    return info if isinstance(info, dict) else None
+
+
 class _Op:
-    """One journal record waiting to be merged."""
+    """One journal record waiting to be merged.
+
+    ``kind`` is ``E`` (effect row), ``R`` (run row), ``S`` (signal row), ``V`` (event row)
+    or ``X`` (reset: ``(run row, consumed signal ids)``).
+    """
 
     __slots__ = ("end", "kind", "row")
 
@@ -167,7 +245,7 @@ class DuckDBStore:
         self._merge_interval = float(merge_interval)
         self._fsync = fsync
         try:
-            for sub in ("journal", "locks", "inbox"):
+            for sub in ("journal", "locks", "inbox", "claims"):
                 (self._aux / sub).mkdir(parents=True, exist_ok=True)
             probe = self._aux / f".probe-{os.getpid()}"
             probe.write_bytes(b"")
@@ -193,6 +271,19 @@ class DuckDBStore:
         self._run_locks: dict[str, int] = {}
         self._deferred_unlocks: list[int] = []
         self._merge_error: BaseException | None = None
+        # scope -> the pending reset record that forgets it: until that record is merged,
+        # DuckDB still holds the scope's old records, which reads must not return
+        self._dropped: dict[str, _Op] = {}
+        self._cache_epoch = 0  # bumped whenever records leave ``_recent``
+        self._deletions_token: object = None  # of the ``deletions`` file, when last checked
+        # str, not Path: checked on every cache hit while the file is closed (0.8 us vs 3 us)
+        self._deletions_file = str(self._aux / "deletions")
+        self._work_file = str(self._aux / "work")
+        self._claims_lock = threading.Lock()
+        self._effect_claims: dict[Path, tuple[int, str, float]] = {}  # file -> fd, owner, until
+        self._work = threading.Condition(threading.Lock())
+        self._work_seq = 0  # bumped when this process made work (queued, signalled, released)
+        self._local = threading.local()  # per thread: the work token its last look saw
 
         with self._dblock:
             self._connect()  # validates the file, migrates, recovers dead journals
@@ -293,6 +384,9 @@ class DuckDBStore:
             self._con = None
             con.close()
             raise
+        # while the file was closed, other processes may have deleted records we cache
+        with self._wlock:
+            self._validate_cache()
         return con
 
     def _migrate(self, con: duckdb.DuckDBPyConnection) -> None:
@@ -378,10 +472,13 @@ class DuckDBStore:
         self,
         ops: list[tuple[str, tuple[Any, ...]]],
         effects: Sequence[EffectRecord] = (),
+        *,
+        drops: str | None = None,
     ) -> None:
         """Write records to the journal in one ``os.write``; durable on return.
 
         ``effects`` (aligned with the first ops) stay readable from memory until merged.
+        ``drops``: the scope the last op (a reset) forgets; reads stop seeing its records now.
         """
         buf = bytearray()
         for kind, row in ops:
@@ -410,9 +507,18 @@ class DuckDBStore:
             for rec, op in zip(effects, written, strict=False):
                 self._unmerged[rec.key] = (rec, op)
                 self._remember(rec)
+            if drops is not None:
+                for key in [k for k in self._unmerged if k[0] == drops]:
+                    del self._unmerged[key]
+                for key in [k for k in self._recent if k[0] == drops]:
+                    del self._recent[key]
+                self._cache_epoch += 1
+                self._dropped[drops] = written[-1]
             self._last_activity = time.monotonic()
             if len(self._pending) >= 2000:
                 self._wake.set()
+        if any(_makes_work(kind, row) for kind, row in ops):
+            self._notify_work()  # in-process waiters; other processes hear of it after the merge
 
     @staticmethod
     def _read_frames(path: Path, offset: int) -> tuple[list[tuple[str, tuple[Any, ...]]], int]:
@@ -447,7 +553,12 @@ class DuckDBStore:
                     continue  # its writer is alive and merges it itself
                 ops, end = self._read_frames(path, int(offsets.get(wal_id, 0)))
                 if ops:
-                    self._apply([_Op(k, r, end) for k, r in ops], wal_id, end)
+                    dropped = self._apply([_Op(k, r, end) for k, r in ops], wal_id, end)
+                    if dropped:
+                        with self._wlock:
+                            self._forget_recent(partial(_in_scopes, dropped))
+                    if any(_makes_work(k, r) for k, r in ops):
+                        self._announce_work()
                 path.unlink()
                 con.execute("DELETE FROM dn_journal WHERE wal_id = ?", [wal_id])
             finally:
@@ -457,58 +568,104 @@ class DuckDBStore:
             if wal_id not in live:
                 con.execute("DELETE FROM dn_journal WHERE wal_id = ?", [wal_id])
 
-    def _apply(self, ops: list[_Op], wal_id: str, end: int) -> None:
-        """Merge journal records into DuckDB in one transaction (caller holds ``_dblock``).
+    def _apply(self, ops: list[_Op], wal_id: str, end: int) -> set[str]:
+        """Merge journal records into DuckDB in one transaction (caller holds ``_dblock``);
+        returns the scopes that resets among them forgot.
 
-        Small batches go in as one multi-row VALUES statement (about 60 us a row, and no
-        pyarrow import on the way to a run's end); large ones as an Arrow table (8-30 us a row).
+        Records are applied in journal order. Between two resets, rows go in grouped by table
+        (last write wins per key, which is what applying them one by one would leave): small
+        groups as one multi-row VALUES statement (about 60 us a row, and no pyarrow import on
+        the way to a run's end), large ones as an Arrow table (8-30 us a row).
         """
-        by_kind: dict[str, dict[Any, tuple[Any, ...]]] = {"E": {}, "R": {}, "S": {}, "V": {}}
-        for op in ops:  # last write wins per key, so a batch never repeats a primary key
-            if op.kind == "E":
-                by_kind["E"][op.row[:5]] = op.row
-            elif op.kind == "R":
-                by_kind["R"][op.row[0]] = op.row
-            else:
-                by_kind[op.kind][op.row[:2]] = op.row
         con = self._connect()
+        dropped: set[str] = set()
+        if any(op.kind == "X" for op in ops):
+            self._announce_deletion()
         con.execute("BEGIN")
         try:
-            for kind, table, cols in (
-                ("E", "dn_effects", _EFFECT_COLS),
-                ("R", "dn_runs", _RUN_COLS),
-                ("S", "dn_signals", _SIGNAL_COLS),
-                ("V", "dn_events", _EVENT_COLS),
-            ):
-                rows = list(by_kind[kind].values())
-                if not rows:
-                    continue
-                typed = [c.split() for c in cols.split(", ")]
-                if len(rows) <= _VALUES_BATCH:
-                    row_sql = "(" + ", ".join(f"CAST(? AS {t})" for _, t in typed) + ")"
-                    con.execute(
-                        f"INSERT OR REPLACE INTO {table} VALUES "
-                        + ", ".join([row_sql] * len(rows)),
-                        [v for r in rows for v in r],
-                    )
-                    continue
-                import pyarrow as pa
-
-                batch = pa.table({n: [r[i] for r in rows] for i, (n, _) in enumerate(typed)})
-                con.register("dn_batch", batch)
-                try:
-                    con.execute(
-                        f"INSERT OR REPLACE INTO {table} SELECT "
-                        + ", ".join(f"CAST({n} AS {t})" for n, t in typed)
-                        + " FROM dn_batch"
-                    )
-                finally:
-                    con.unregister("dn_batch")
+            batch: dict[str, dict[Any, tuple[Any, ...]]] = {"E": {}, "R": {}, "S": {}, "V": {}}
+            for op in ops:
+                if op.kind == "X":
+                    self._insert_batch(con, batch)
+                    batch = {"E": {}, "R": {}, "S": {}, "V": {}}
+                    dropped.add(self._apply_reset(con, op.row[0], op.row[1]))
+                elif op.kind == "E":
+                    batch["E"][op.row[:5]] = op.row
+                elif op.kind == "R":
+                    batch["R"][op.row[0]] = op.row
+                else:
+                    batch[op.kind][op.row[:2]] = op.row
+            self._insert_batch(con, batch)
             con.execute("INSERT OR REPLACE INTO dn_journal VALUES (?, ?)", [wal_id, end])
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
             raise
+        return dropped
+
+    @staticmethod
+    def _insert_batch(
+        con: duckdb.DuckDBPyConnection, batch: dict[str, dict[Any, tuple[Any, ...]]]
+    ) -> None:
+        for kind, table, cols in (
+            ("E", "dn_effects", _EFFECT_COLS),
+            ("R", "dn_runs", _RUN_COLS),
+            ("S", "dn_signals", _SIGNAL_COLS),
+            ("V", "dn_events", _EVENT_COLS),
+        ):
+            rows = list(batch[kind].values())
+            if not rows:
+                continue
+            typed = [c.split() for c in cols.split(", ")]
+            if len(rows) <= _VALUES_BATCH:
+                row_sql = "(" + ", ".join(f"CAST(? AS {t})" for _, t in typed) + ")"
+                con.execute(
+                    f"INSERT OR REPLACE INTO {table} VALUES " + ", ".join([row_sql] * len(rows)),
+                    [v for r in rows for v in r],
+                )
+                continue
+            import pyarrow as pa
+
+            arrow = pa.table({n: [r[i] for r in rows] for i, (n, _) in enumerate(typed)})
+            con.register("dn_batch", arrow)
+            try:
+                con.execute(
+                    f"INSERT OR REPLACE INTO {table} SELECT "
+                    + ", ".join(f"CAST({n} AS {t})" for n, t in typed)
+                    + " FROM dn_batch"
+                )
+            finally:
+                con.unregister("dn_batch")
+
+    def _apply_reset(
+        self, con: duckdb.DuckDBPyConnection, row: tuple[Any, ...], consumed: Sequence[str]
+    ) -> str:
+        """One ``reset_run`` inside the caller's transaction; returns the scope it forgot."""
+        run_id: str = row[0]
+        scope = "run/" + run_id
+        old = con.execute(
+            "SELECT args_table, result_table, error_table FROM dn_runs WHERE run_id = ?",
+            [run_id],
+        ).fetchall()
+        names = [
+            r[0]
+            for r in con.execute(
+                "SELECT table_name FROM dn_effects WHERE scope = ? AND table_name IS NOT NULL",
+                [scope],
+            ).fetchall()
+        ]
+        con.execute("DELETE FROM dn_effects WHERE scope = ?", [scope])
+        if consumed:
+            con.execute(
+                "DELETE FROM dn_signals WHERE run_id = ? AND list_contains(?, signal_id)",
+                [run_id, list(consumed)],
+            )
+        self._insert_batch(con, {"E": {}, "R": {run_id: row}, "S": {}, "V": {}})
+        keep = {row[i] for i in _RUN_TABLE_COLS}
+        names += [n for n in (old[0] if old else ()) if n and n not in keep]
+        for name in names:
+            con.execute(f'DROP TABLE IF EXISTS "{name}"')
+        return scope
 
     def _merge(self) -> None:
         """Merge this process's pending journal records now."""
@@ -524,17 +681,27 @@ class DuckDBStore:
                     self._pending[:0] = ops
                 raise
             with self._wlock:
+                unlocks: list[int] = []
+                work = False
                 for op in ops:
                     if op.kind == "E":
                         entry = self._unmerged.get(op.row[:5])
                         if entry is not None and entry[1] is op:
                             del self._unmerged[op.row[:5]]
+                        continue
+                    if op.kind == "X":
+                        scope = "run/" + op.row[0][0]
+                        if self._dropped.get(scope) is op:
+                            del self._dropped[scope]
+                    work = work or _makes_work(op.kind, op.row)
                 if not self._pending:
                     unlocks, self._deferred_unlocks = self._deferred_unlocks, []
                     for fd in unlocks:
                         _unlock(fd)
                     if self._wal_size > 64 * 2**20:
                         self._rotate_wal()
+            if unlocks or work:
+                self._announce_work()
 
     def _rotate_wal(self) -> None:
         """Start a fresh journal once the old one is fully merged (holds both locks)."""
@@ -574,6 +741,10 @@ class DuckDBStore:
 
     # ------------------------------------------------------------------ tables
     def _write_table(self, name: str, table: object) -> None:
+        if self._dropped:
+            # a pending reset drops its run's tables when merged; merge it before writing a
+            # table that may carry the same name, or the reset would drop the new one
+            self.flush()
         with self._db() as con:
             con.register("dn_value", table)
             try:
@@ -591,6 +762,71 @@ class DuckDBStore:
             with self._db() as con:
                 table = con.sql(f'SELECT * FROM "{table_name}"').to_arrow_table()
         return Payload(codec, bytes(data) if data is not None else b"", table)
+
+    # ------------------------------------------------------------------ read cache
+    def _remember(self, rec: EffectRecord) -> None:
+        """Keep a small record in the read cache (caller holds ``_wlock``)."""
+        if rec.payload.table is None and len(rec.payload.data) <= _RECENT_MAX_BYTES:
+            self._recent[rec.key] = rec
+            self._recent.move_to_end(rec.key)
+            if len(self._recent) > _RECENT_MAX_RECORDS:
+                self._recent.popitem(last=False)
+
+    def _forget_recent(self, matches: Callable[[EffectKey, EffectRecord], bool]) -> None:
+        """Drop merged records from the read cache (caller holds ``_wlock``).
+
+        Records still in ``_unmerged`` stay: they were written after the deletion's flush
+        and are merged after it, so DuckDB will hold them too.
+        """
+        for key in [
+            k for k, r in self._recent.items() if k not in self._unmerged and matches(k, r)
+        ]:
+            del self._recent[key]
+        self._cache_epoch += 1
+
+    def _validate_cache(self) -> None:
+        """Empty the read cache if another process deleted records (caller holds ``_wlock``)."""
+        token = _file_token(self._deletions_file)
+        if token != self._deletions_token:
+            self._forget_recent(lambda k, r: True)
+            self._deletions_token = token
+
+    def _announce_deletion(self) -> None:
+        """Before committing a deletion (caller holds ``_dblock``): tell other processes to
+        drop their read caches. Touching before the commit errs on the safe side: a crash in
+        between costs them a cache, never a stale read."""
+        with self._wlock:
+            self._validate_cache()
+            _touch(self._deletions_file)
+            self._deletions_token = _file_token(self._deletions_file)
+
+    def _delete_effects_where(
+        self, where: str, params: list[Any], matches: Callable[[EffectKey, EffectRecord], bool]
+    ) -> int:
+        with self._db() as con:  # holding the connection, no merge can slip in between
+            self.flush()
+            names = [
+                r[0]
+                for r in con.execute(
+                    f"SELECT table_name FROM dn_effects WHERE {where} AND table_name IS NOT NULL",
+                    params,
+                ).fetchall()
+            ]
+            self._announce_deletion()
+            con.execute("BEGIN")
+            try:
+                row = con.execute(f"SELECT count(*) FROM dn_effects WHERE {where}", params)
+                count = int(row.fetchall()[0][0])
+                con.execute(f"DELETE FROM dn_effects WHERE {where}", params)
+                for name in names:
+                    con.execute(f'DROP TABLE IF EXISTS "{name}"')
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            with self._wlock:
+                self._forget_recent(matches)
+        return count
 
     # ------------------------------------------------------------------ effects
     @staticmethod
@@ -641,21 +877,18 @@ class DuckDBStore:
             ops.append(("E", self._effect_row(rec, name)))
         self._append(ops, records)
 
-    def _remember(self, rec: EffectRecord) -> None:
-        """Keep a small record in the read cache (caller holds ``_wlock``)."""
-        if rec.payload.table is None and len(rec.payload.data) <= _RECENT_MAX_BYTES:
-            self._recent[rec.key] = rec
-            self._recent.move_to_end(rec.key)
-            if len(self._recent) > _RECENT_MAX_RECORDS:
-                self._recent.popitem(last=False)
-
     def get_effect(self, key: EffectKey) -> EffectRecord | None:
         with self._wlock:
+            if self._con is None:  # another process may have had the file meanwhile
+                self._validate_cache()
             rec = self._recent.get(key)
             if rec is None and (entry := self._unmerged.get(key)) is not None:
                 rec = entry[0]
-        if rec is not None:
-            return rec
+            if rec is not None:
+                return rec
+            if key[0] in self._dropped:
+                return None  # a reset forgot the scope; what DuckDB still has is stale
+            epoch = self._cache_epoch
         with self._db() as con:
             row = con.execute(
                 "SELECT * FROM dn_effects WHERE scope = ? AND identity = ? AND version = ? "
@@ -666,7 +899,9 @@ class DuckDBStore:
             return None
         rec = self._effect_from_row(row[0])
         with self._wlock:
-            self._remember(rec)
+            # unless a write or a deletion of the key came in meanwhile
+            if epoch == self._cache_epoch and key not in self._recent and key not in self._unmerged:
+                self._remember(rec)
         return rec
 
     def load_effects(self, scope: str) -> list[EffectRecord]:
@@ -678,44 +913,101 @@ class DuckDBStore:
         return [self._effect_from_row(r) for r in rows]
 
     def delete_effects(self, scope: str) -> int:
-        self.flush()
-        with self._db() as con:
-            names = [
-                r[0]
-                for r in con.execute(
-                    "SELECT table_name FROM dn_effects WHERE scope = ? AND table_name IS NOT NULL",
-                    [scope],
-                ).fetchall()
-            ]
-            con.execute("BEGIN")
-            try:
-                row = con.execute(
-                    "SELECT count(*) FROM dn_effects WHERE scope = ?", [scope]
-                ).fetchall()
-                con.execute("DELETE FROM dn_effects WHERE scope = ?", [scope])
-                for name in names:
-                    con.execute(f'DROP TABLE IF EXISTS "{name}"')
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
-        with self._wlock:
-            for key in [k for k in self._unmerged if k[0] == scope]:
-                del self._unmerged[key]
-            for key in [k for k in self._recent if k[0] == scope]:
-                del self._recent[key]
-        return int(row[0][0]) if row else 0
+        return self._delete_effects_where("scope = ?", [scope], lambda k, r: k[0] == scope)
+
+    def prune_effects(self, scope_prefix: str, older_than: float) -> int:
+        if not isinstance(scope_prefix, str):
+            raise ArgumentTypeError(
+                f"scope_prefix must be a str such as 'top/' or 'shared', got {scope_prefix!r}"
+            )
+        if isinstance(older_than, bool) or not isinstance(older_than, (int, float)):
+            raise ArgumentTypeError(
+                f"older_than must be a time in epoch seconds (a number), got {older_than!r}"
+            )
+        limit = float(older_than)
+        return self._delete_effects_where(
+            "starts_with(scope, ?) AND started_at < ?",
+            [scope_prefix, limit],
+            lambda k, r: k[0].startswith(scope_prefix) and r.started_at < limit,
+        )
+
+    # ------------------------------------------------------------------ effect claims
+    def _claim_path(self, key: EffectKey) -> Path:
+        import xxhash
+
+        return self._aux / "claims" / f"{xxhash.xxh3_128_hexdigest(repr(key).encode())}.claim"
+
+    def claim_effect(self, key: EffectKey, owner: str, seconds: float) -> bool:
+        """A claim is a ``flock`` on a file per key, held by the claiming process until
+        ``release_effect`` (or its death), plus the owner and expiry written in the file.
+        Another process's claim counts while it holds the lock and its expiry is ahead;
+        claims within this process are decided by owner and expiry alone."""
+        if not isinstance(owner, str) or not owner:
+            raise ArgumentTypeError(f"owner must be a non-empty str, got {owner!r}")
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:
+            raise ArgumentError(f"seconds must be a number of seconds >= 0, got {seconds!r}")
+        self._check_open()
+        path = self._claim_path(key)
+        now = time.time()
+        until = now + float(seconds)
+        with self._claims_lock:
+            held = self._effect_claims.get(path)
+            if held is not None:
+                fd, holder, held_until = held
+                if holder != owner and held_until > now:
+                    return False
+                _write_claim(fd, owner, until)
+                self._effect_claims[path] = (fd, owner, until)
+                return True
+            while True:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    info = _read_claim(fd)
+                    os.close(fd)
+                    if info is None:  # being written right now: someone is claiming it
+                        return False
+                    # a live process holds it; its claim lapsed unless it is ahead of now
+                    return bool(info.get("owner") == owner[:200]) or not (
+                        float(info.get("until", 0)) > now
+                    )
+                try:
+                    same = os.fstat(fd).st_ino == os.stat(path).st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    break
+                os.close(fd)  # its holder released it (and removed the file) meanwhile
+            _write_claim(fd, owner, until)
+            self._effect_claims[path] = (fd, owner, until)
+            return True
+
+    def release_effect(self, key: EffectKey, owner: str) -> None:
+        path = self._claim_path(key)
+        with self._claims_lock:
+            held = self._effect_claims.get(path)
+            if held is None or held[1] != owner:
+                return
+            del self._effect_claims[path]
+            # removed while still locked, so a claimer never locks a file nobody can see
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            os.close(held[0])
 
     # ------------------------------------------------------------------ runs
-    def put_run(self, run: RunRecord) -> None:
+    def _run_row(self, run: RunRecord) -> tuple[Any, ...]:
+        """The journal row of a run; stores its table payloads first."""
         names: list[str | None] = []
         for part, p in (("args", run.args), ("result", run.result), ("error", run.error)):
             name = None
             if p is not None and p.table is not None:
-                name = _table_name("r", (run.run_id, part))
+                # per generation: a reset writes new tables without touching the ones the
+                # old record (still current until the reset is merged) points to
+                name = _table_name("r", (run.run_id, part, run.generation))
                 self._write_table(name, p.table)
             names.append(name)
-        row = (
+        return (
             run.run_id,
             run.workflow,
             run.status,
@@ -731,8 +1023,12 @@ class DuckDBStore:
             run.detail,
             run.input_hash,
             run.code_version,
+            run.generation,
+            run.version,
         )
-        self._append([("R", row)])
+
+    def put_run(self, run: RunRecord) -> None:
+        self._append([("R", self._run_row(run))])
 
     def _run_from_row(self, r: tuple[Any, ...]) -> RunRecord:
         return RunRecord(
@@ -751,6 +1047,8 @@ class DuckDBStore:
             detail=r[18],
             input_hash=r[19],
             code_version=r[20],
+            generation=r[21],
+            version=r[22],
         )
 
     def get_run(self, run_id: str) -> RunRecord | None:
@@ -760,45 +1058,84 @@ class DuckDBStore:
         return self._run_from_row(row[0]) if row else None
 
     def list_runs(
-        self, *, status: str | None = None, workflow: str | None = None, limit: int = 1000
+        self,
+        *,
+        status: str | None = None,
+        workflow: str | None = None,
+        parent_id: str | None = None,
+        updated_after: float | None = None,
+        updated_before: float | None = None,
+        limit: int = 1000,
     ) -> list[RunRecord]:
-        self.flush()
-        where, params = [], []
-        if status is not None:
-            where.append("status = ?")
-            params.append(status)
-        if workflow is not None:
-            where.append("workflow = ?")
-            params.append(workflow)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ArgumentError(f"limit must be an int >= 0, got {limit!r}")
+        where: list[str] = []
+        params: list[Any] = []
+        for cond, value in (
+            ("status = ?", status),
+            ("workflow = ?", workflow),
+            ("parent_id = ?", parent_id),
+            ("updated_at >= ?", updated_after),
+            ("updated_at < ?", updated_before),
+        ):
+            if value is not None:
+                where.append(cond)
+                params.append(value)
         sql = "SELECT * FROM dn_runs"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created_at DESC, run_id DESC LIMIT ?"
+        self.flush()
         with self._db() as con:
-            rows = con.execute(sql, [*params, int(limit)]).fetchall()
+            rows = con.execute(sql, [*params, limit]).fetchall()
         return [self._run_from_row(r) for r in rows]
 
     def delete_run(self, run_id: str) -> bool:
-        self.flush()
-        with self._db() as con:
+        scopes = list(run_scopes(run_id))
+        with self._db() as con:  # holding the connection, no merge can slip in between
+            self.flush()
             row = con.execute(
                 "SELECT result_table, args_table, error_table FROM dn_runs WHERE run_id = ?",
                 [run_id],
             ).fetchall()
+            names = [n for n in (row[0] if row else ()) if n]
+            names += [
+                r[0]
+                for r in con.execute(
+                    "SELECT table_name FROM dn_effects "
+                    "WHERE list_contains(?, scope) AND table_name IS NOT NULL",
+                    [scopes],
+                ).fetchall()
+            ]
+            self._announce_deletion()
             con.execute("BEGIN")
             try:
                 con.execute("DELETE FROM dn_runs WHERE run_id = ?", [run_id])
                 con.execute("DELETE FROM dn_signals WHERE run_id = ?", [run_id])
                 con.execute("DELETE FROM dn_events WHERE run_id = ?", [run_id])
-                for name in row[0] if row else ():
-                    if name:
-                        con.execute(f'DROP TABLE IF EXISTS "{name}"')
+                con.execute("DELETE FROM dn_effects WHERE list_contains(?, scope)", [scopes])
+                for name in names:
+                    con.execute(f'DROP TABLE IF EXISTS "{name}"')
                 con.execute("COMMIT")
             except BaseException:
                 con.execute("ROLLBACK")
                 raise
-        self.delete_effects("run/" + run_id)
+            with self._wlock:
+                self._forget_recent(lambda k, r: k[0] in scopes)
         return bool(row)
+
+    def reset_run(self, run: RunRecord, consumed_signals: Sequence[str]) -> None:
+        if not isinstance(run, RunRecord):
+            raise ArgumentTypeError(f"run must be a RunRecord, got {run!r}")
+        if isinstance(consumed_signals, (str, bytes)) or not all(
+            isinstance(s, str) for s in consumed_signals
+        ):
+            raise ArgumentTypeError(
+                f"consumed_signals must be a list of signal ids (str), got {consumed_signals!r}"
+            )
+        row = self._run_row(run)
+        # one journal record, merged in one transaction: after a crash all of it or none
+        self._append([("X", (row, tuple(consumed_signals)))], drops="run/" + run.run_id)
 
     def acquire_run(self, run_id: str, owner: str) -> RunLease:
         import xxhash
@@ -856,8 +1193,84 @@ class DuckDBStore:
                     self._deferred_unlocks.append(fd)
                 return
             _unlock(fd)
+            self._announce_work()
 
         return RunLease(run_id, owner, release)
+
+    def claim_run(self, owner: str, workflows: Sequence[str]) -> tuple[RunRecord, RunLease] | None:
+        if isinstance(workflows, (str, bytes)) or not all(isinstance(w, str) for w in workflows):
+            raise ArgumentTypeError(
+                f"workflows must be a list of workflow names (str), got {workflows!r}"
+            )
+        wanted = list(dict.fromkeys(workflows))
+        # what wait_for_work compares with: work that arrives after this look wakes it
+        self._local.work_token = self._work_token()
+        if not wanted:
+            return None
+        self.flush()
+        with self._db() as con:
+            ids = [
+                r[0]
+                for r in con.execute(
+                    "SELECT run_id FROM dn_runs "
+                    "WHERE list_contains(?, workflow) AND NOT list_contains(?, status) "
+                    "ORDER BY created_at, run_id",
+                    [wanted, list(FINAL_STATUSES)],
+                ).fetchall()
+            ]
+        for run_id in ids:
+            if run_id in self._run_locks:
+                continue  # this process executes it
+            try:
+                lease = self.acquire_run(run_id, owner)
+            except RunLockedError:
+                continue
+            # the holder we just missed may have finished (or forgotten) it before letting go
+            run = self.get_run(run_id)
+            if run is None or run.status in FINAL_STATUSES or run.workflow not in wanted:
+                lease.release()
+                continue
+            return run, lease
+        return None
+
+    # ------------------------------------------------------------------ waiting for work
+    def _work_token(self) -> tuple[int, object]:
+        with self._work:
+            return (self._work_seq, _file_token(self._work_file))
+
+    def _notify_work(self) -> None:
+        with self._work:
+            self._work_seq += 1
+            self._work.notify_all()
+
+    def _announce_work(self) -> None:
+        """A run may have become claimable: wake waiters here and in other processes."""
+        with contextlib.suppress(OSError):
+            _touch(self._work_file)
+        self._notify_work()
+
+    def wait_for_work(self, timeout: float) -> None:
+        """Waits on this process's own wake-ups and looks at the ``work`` file (touched by
+        every process after it merged a queued run or a signal, or let go of a lease) every
+        50 ms, so an idle worker does not hold the database file. A holder that dies lets go
+        of its lease silently: its run is noticed at the next ``claim_run``."""
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
+            raise ArgumentError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
+        self._check_open()
+        deadline = time.monotonic() + timeout
+        seen = getattr(self._local, "work_token", None)
+        with self._work:
+            while True:
+                token = (self._work_seq, _file_token(self._work_file))
+                if seen is None:
+                    seen = token
+                elif token != seen:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._closed:
+                    break
+                self._work.wait(min(remaining, _WORK_POLL))
+        self._local.work_token = token
 
     # ------------------------------------------------------------------ signals, events
     def _inbox_path(self, run_id: str) -> Path:
@@ -919,6 +1332,7 @@ class DuckDBStore:
         finally:
             self._closed = True
             self._wake.set()
+            self._notify_work()  # waiters return
             if self._merger.is_alive() and self._merger is not threading.current_thread():
                 self._merger.join(timeout=5)
             self._close_connection()
@@ -933,3 +1347,10 @@ class DuckDBStore:
                     os.close(fd)
             self._run_locks.clear()
             self._deferred_unlocks.clear()
+            with self._claims_lock:
+                for path, (fd, _, _) in self._effect_claims.items():
+                    with contextlib.suppress(OSError):
+                        path.unlink()  # while still locked (see release_effect)
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                self._effect_claims.clear()
