@@ -699,6 +699,49 @@ def test_streaming_effect_retries_within_total_timeout(clock: dn.FakeClock) -> N
     assert clock.slept == [10]
 
 
+def test_cached_streaming_error_replays_its_chunks_then_raises() -> None:
+    @dn.effect(cache_errors=True)
+    async def half() -> AsyncIterator[str]:
+        calls.append("called")
+        yield "a"
+        raise ValueError("no more")
+
+    async def consume() -> list[str]:
+        got: list[str] = []
+        with pytest.raises(ValueError, match=r"^no more"):
+            async for t in half():
+                got.append(t)
+        return got
+
+    assert asyncio.run(consume()) == ["a"]
+    runtime.top.reset()
+    assert asyncio.run(consume()) == ["a"]  # replayed: the recorded chunk, then the error
+    runtime.top.reset()
+    with pytest.raises(ValueError, match=r"^no more"):
+        asyncio.run(_await(half()))
+    assert calls == ["called"]
+
+
+@dn.durable(name="strict_streams", strict=True)
+async def strict_streams(ctx: dn.Context) -> str:
+    await ctx.stream("s").write("x")
+    text = str(await two_tokens(1))
+    if flaky["fail"]:
+        flaky["fail"] = False
+        raise RuntimeError("once")
+    await ctx.stream("s").write(text)
+    return text
+
+
+def test_streams_replay_in_recorded_order_under_strict() -> None:
+    flaky["fail"] = True
+    with pytest.raises(RuntimeError, match=r"^once$"):
+        dn.run(strict_streams, run_id="strict")
+    assert dn.run(strict_streams, run_id="strict") == "g1a g1b "
+    assert list(dn.get_job("strict").stream("s")) == ["x", "g1a g1b "]
+    assert calls == [1]
+
+
 def test_a_streaming_call_is_not_a_plain_iterable() -> None:
     with pytest.raises(
         DurableError,
