@@ -13,7 +13,7 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -183,15 +183,30 @@ def test_writers_of_one_name_share_positions_and_a_rerun_writes_nothing(
 
 
 # -------------------------------------------------------------------------- across processes
-def _child(tmp: Path, code: str, *args: str) -> subprocess.Popen[str]:
+def _child(tmp: Path, code: str, *args: str, store: str = "") -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(code), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=tmp,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "DURABLE_NB_STORE": str(tmp / "s.duckdb")},
+        env={
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "DURABLE_NB_STORE": store or str(tmp / "s.duckdb"),
+            "DURABLE_NB_KEY": "streams test key",
+        },
     )
+
+
+@pytest.fixture(params=["duckdb", "postgres"])
+def shared_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A store two processes share: a DuckDB file (one process holds it at a time, so chunks
+    reach the other in bursts) or a PostgreSQL schema."""
+    if request.param == "duckdb":
+        yield str(tmp_path / "s.duckdb")
+    else:
+        yield request.getfixturevalue("pg_url")
 
 
 REMOTE_WRITER = """
@@ -213,12 +228,15 @@ REMOTE_WRITER = """
 """
 
 
-def test_reader_here_follows_a_run_in_another_process(tmp_path: Path) -> None:
-    p = _child(tmp_path, REMOTE_WRITER)
+def test_reader_here_follows_a_run_in_another_process(
+    tmp_path: Path, shared_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DURABLE_NB_KEY", "streams test key")
+    p = _child(tmp_path, REMOTE_WRITER, store=shared_url)
     try:
         assert p.stdout is not None
         assert p.stdout.readline().strip() == "WROTE"
-        dn.set_store(str(tmp_path / "s.duckdb"))
+        dn.set_store(shared_url)
         dn.set_clock(None)
         got = []
         for chunk in dn.get_job("x").stream("tokens"):
@@ -255,11 +273,14 @@ async def here_writer(ctx: dn.Context) -> str:
     return "ok"
 
 
-def test_reader_in_another_process_follows_a_run_here(tmp_path: Path) -> None:
-    dn.set_store(str(tmp_path / "s.duckdb"))
+def test_reader_in_another_process_follows_a_run_here(
+    tmp_path: Path, shared_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DURABLE_NB_KEY", "streams test key")
+    dn.set_store(shared_url)
     dn.set_clock(None)
     job = dn.start(here_writer, run_id="here")
-    p = _child(tmp_path, REMOTE_READER)
+    p = _child(tmp_path, REMOTE_READER, store=shared_url)
     try:
         assert p.stdout is not None
         lines = [p.stdout.readline().strip() for _ in range(3)]
