@@ -13,14 +13,20 @@ Test names start with the feature (``test_all_*``, ``test_race_*``, ``test_timer
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import re
+import signal
+import subprocess
+import sys
 import textwrap
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -35,6 +41,8 @@ from durable_nb.errors import (
     WorkflowVersionError,
 )
 from durable_nb.store import Store
+
+from .helpers import ROOT
 
 calls: Counter[str] = Counter()
 
@@ -379,7 +387,8 @@ def test_queue_messages_in_order_once_and_they_survive_continue_as_new(store: St
     assert kinds("consumer") == ["dequeue", "effect"]  # bounded: the last generation only
     # the unconsumed message stays for a later consumer
     consumed = {
-        json.loads(r.detail)["signal_id"] for r in store.load_effects("run/consumer")
+        json.loads(r.detail)["signal_id"]
+        for r in store.load_effects("run/consumer")
         if r.kind == "dequeue"
     }
     pending = [s for s in store.list_signals("consumer") if s.signal_id not in consumed]
@@ -516,9 +525,7 @@ def test_retry_each_attempt_is_in_the_trace_with_its_delay(
     assert calls["flaky"] == 3
 
 
-def test_retry_total_timeout_gives_up_with_a_clear_error(
-    store: Store, clock: dn.FakeClock
-) -> None:
+def test_retry_total_timeout_gives_up_with_a_clear_error(store: Store, clock: dn.FakeClock) -> None:
     def always_down() -> None:
         calls["down"] += 1
         raise ConnectionError("down")
@@ -897,3 +904,490 @@ def test_features_inside_a_durable_cell() -> None:
         assert dn.get_job("cell").kv() == {"stage": "done"}
     finally:
         shell.run_cell("%unload_ext durable_nb", store_history=False)
+
+
+# ================================================================== restarts of real processes
+#
+# One worker script holds a scenario per feature. ``point(label)`` SIGKILLs the process when
+# ``KILL_AT`` names that label; every effect appends ``exec <tag>`` to a log file, so a test
+# can check that nothing the workflow saw complete ever ran twice.
+
+WORKER = r"""
+import asyncio, json, logging, os, signal, sys, time
+import durable_nb as dn
+from durable_nb.engine import runtime
+
+LOG = os.environ["EXEC_LOG"]
+KILL = os.environ.get("KILL_AT", "")
+if os.environ.get("CLOCK_AHEAD"):
+    dn.set_clock(dn.FakeClock(start=time.time() + float(os.environ["CLOCK_AHEAD"])))
+logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="LOG %(levelname)s %(message)s")
+
+
+def note(line):
+    fd = os.open(LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(fd, (line + "\n").encode())
+    os.close(fd)
+
+
+def point(label):
+    if KILL == label:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def executed(prefix):
+    try:
+        with open(LOG) as f:
+            return sum(1 for line in f if line.startswith("exec " + prefix))
+    except FileNotFoundError:
+        return 0
+
+
+@dn.effect
+def work(tag):
+    note("exec " + tag)
+    return tag.upper()
+
+
+@dn.durable
+async def timer(ctx):
+    a = await ctx.run(work, "before")
+    await ctx.sleep(3600)
+    return [a, await ctx.run(work, "after")]
+
+
+@dn.effect(retry=dn.Retry(attempts=3, initial_delay=600, max_delay=600, backoff=1, retry_on=OSError))
+def flaky():
+    n = executed("flaky") + 1
+    note(f"exec flaky {n}")
+    if n < 3:
+        raise OSError(f"attempt {n}")
+    return "ok"
+
+
+@dn.durable
+async def retry(ctx):
+    return await ctx.run(flaky)
+
+
+@dn.durable
+async def queue(ctx):
+    got = []
+    while len(got) < 3:
+        got.append(await ctx.run(work, await ctx.dequeue("jobs")))
+        point(f"got{len(got)}")
+    return got
+
+
+@dn.durable
+async def forever(ctx, n, total):
+    point(f"start{n}")
+    value = await ctx.run(work, f"gen{n}")
+    ctx.kv.set("last", value)
+    point(f"gen{n}")
+    if n == 4:
+        return {"total": total + n, "kv": dict(ctx.kv)}
+    ctx.continue_as_new(n + 1, total + n)
+
+
+@dn.effect
+async def slow_one():
+    note("exec slow")
+    await asyncio.sleep(3600)
+    return "slow"
+
+
+@dn.durable
+async def race(ctx):
+    idx, value = await ctx.race(slow_one(), ctx.run(work, "fast"))
+    point("raced")
+    return [idx, value]
+
+
+@dn.durable
+async def interrupt(ctx):
+    done = []
+    try:
+        async with ctx.interrupt_on("stop"):
+            for i in range(3):
+                done.append(await ctx.run(work, f"i{i}"))
+            await ctx.wait_signal("never")
+    except dn.Interrupted as e:
+        point("interrupted")
+        return [done, e.payload]
+    return "not interrupted"
+
+
+@dn.durable
+async def status(ctx):
+    ctx.kv.set("stage", "one")
+    ctx.set_status({"stage": 1})
+    await ctx.wait_signal("next")
+    ctx.kv.set("stage", "two")
+    ctx.set_status({"stage": 2})
+    await ctx.wait_signal("next")
+    return dict(ctx.kv)
+
+
+@dn.durable
+async def kid(ctx, n):
+    return await ctx.run(work, f"kid{n}")
+
+
+@dn.durable
+async def parent(ctx):
+    handle = await ctx.start_child(kid, 1, run_id="kid1")
+    point("started")
+    return await handle.wait()
+
+
+VERSIONS = os.environ.get("VERSIONS", "").split(",")
+if "1" in VERSIONS:
+
+    @dn.durable(name="order", version="1")
+    async def order_v1(ctx):
+        a = await ctx.run(work, "v1")
+        point("v1")
+        return "v1:" + a
+
+    order = order_v1
+if "2" in VERSIONS:
+
+    @dn.durable(name="order", version="2")
+    async def order_v2(ctx):
+        return "v2:" + await ctx.run(work, "v2")
+
+    order = order_v2
+
+
+@dn.durable(name="logged")
+async def logged(ctx):
+    ctx.log.info("starting %s", "job")
+    await ctx.run(work, "l1")
+    point("logged")
+    ctx.log.warning("finished")
+    return "ok"
+
+
+@dn.durable
+async def fan(ctx):
+    first = await ctx.all([ctx.run(work, f"f{i}") for i in range(4)])
+    point("fanned")
+    second = await ctx.all([*(ctx.run(work, f"g{i}") for i in range(4)), ctx.sleep(0.1)])
+    return first + second[:4]
+
+
+@dn.durable
+async def kid_waits(ctx):
+    return await ctx.wait_signal("never")
+
+
+@dn.durable
+async def doomed(ctx):
+    await ctx.start_child(kid_waits, run_id="kid-waits")
+    try:
+        await ctx.wait_signal("never")
+    finally:
+        note("finally ran")
+
+
+@dn.durable
+async def target(ctx, tag):
+    await ctx.wait_signal("go")
+    return await ctx.run(work, "target-" + tag)
+
+
+@dn.effect
+def spawn_in_thread(tag):
+    note("exec spawn-" + tag)
+    return dn.start(target, tag, run_id="t-" + tag).run_id
+
+
+@dn.effect
+async def spawn_async(tag):
+    note("exec spawn-" + tag)
+    return dn.start(target, tag, run_id="t-" + tag).run_id
+
+
+@dn.durable
+async def spawner(ctx):
+    ids = [await ctx.run(spawn_in_thread, "x"), await spawn_async("y")]
+    point("spawned")
+    return ids
+
+
+SCENARIOS = {
+    "timer": (timer, ()), "retry": (retry, ()), "queue": (queue, ()),
+    "forever": (forever, (0, 0)), "race": (race, ()), "interrupt": (interrupt, ()),
+    "status": (status, ()), "parent": (parent, ()), "logged": (logged, ()), "fan": (fan, ()),
+    "doomed": (doomed, ()), "spawner": (spawner, ()),
+    "target-x": (target, ("x",)), "target-y": (target, ("y",)),
+}
+name = sys.argv[1]
+wf, args = (order, ()) if name == "order" else SCENARIOS[name]
+try:
+    result = dn.run(wf, *args, run_id=os.environ.get("RUN_ID", name))
+except Exception as e:
+    print(f"ERROR {type(e).__name__}: {e}", flush=True)
+    sys.exit(3)
+print("RESULT " + json.dumps(result), flush=True)
+print("SLEPT " + json.dumps(getattr(runtime.clock, "slept", [])), flush=True)
+"""
+
+
+def _worker(tmp: Path, scenario: str, **env: str) -> subprocess.Popen[str]:
+    script = tmp / "worker.py"
+    if not script.exists():
+        script.write_text(WORKER)
+    return subprocess.Popen(
+        [sys.executable, str(script), scenario],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp,
+        env={
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "DURABLE_NB_STORE": str(tmp / "s.duckdb"),
+            "EXEC_LOG": str(tmp / "exec.log"),
+            **env,
+        },
+    )
+
+
+def _killed_at(tmp: Path, scenario: str, label: str, **env: str) -> None:
+    p = _worker(tmp, scenario, KILL_AT=label, **env)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == -signal.SIGKILL, f"not killed at {label!r}: {err}"
+
+
+def _finish(tmp: Path, scenario: str, **env: str) -> tuple[Any, str]:
+    p = _worker(tmp, scenario, **env)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, out + err
+    line = next(x for x in out.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :]), out
+
+
+def _kill(p: subprocess.Popen[str]) -> None:
+    p.kill()
+    p.communicate(timeout=60)
+
+
+def _log(tmp: Path) -> list[str]:
+    path = tmp / "exec.log"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@contextlib.contextmanager
+def _here(tmp: Path) -> Iterator[Store]:
+    """This process on the workers' DuckDB file, closed afterwards so they can open it."""
+    from durable_nb.store._duckdb import DuckDBStore
+
+    store = DuckDBStore(tmp / "s.duckdb", lock_timeout=30)
+    old, runtime._store = runtime._store, store
+    try:
+        yield store
+    finally:
+        runtime._store = old
+        store.close()
+
+
+def _wait_status(tmp: Path, run_id: str, status: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with _here(tmp) as store:
+            rec = store.get_run(run_id)
+        if rec is not None and rec.status == status:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"run {run_id!r} never reached status {status!r}")
+
+
+def test_timer_survives_a_kill_while_waiting_and_fires_at_once_when_overdue(
+    tmp_path: Path,
+) -> None:
+    p = _worker(tmp_path, "timer")
+    _wait_status(tmp_path, "timer", "waiting")
+    _kill(p)
+    result, out = _finish(tmp_path, "timer", CLOCK_AHEAD="3601")
+    assert result == ["BEFORE", "AFTER"]
+    assert "SLEPT []" in out  # overdue: no wait at all
+    assert _log(tmp_path) == ["exec before", "exec after"]
+
+
+def test_retry_schedule_survives_a_kill_between_attempts(tmp_path: Path) -> None:
+    p = _worker(tmp_path, "retry")
+    _wait_status(tmp_path, "retry", "waiting")  # attempt 1 failed; 600 s until attempt 2
+    _kill(p)
+    assert _log(tmp_path) == ["exec flaky 1"]
+    result, out = _finish(tmp_path, "retry", CLOCK_AHEAD="300")
+    assert result == "ok"
+    slept = json.loads(next(x for x in out.splitlines() if x.startswith("SLEPT "))[6:])
+    # only what was left of the first delay, then the second delay in full
+    assert len(slept) == 2 and 280 < slept[0] <= 300 and slept[1] == pytest.approx(600)
+    assert _log(tmp_path) == ["exec flaky 1", "exec flaky 2", "exec flaky 3"]
+    with _here(tmp_path) as store:
+        failed = [json.loads(e.data) for e in store.load_events("retry") if e.kind == "step_failed"]
+    assert [(f["attempt"], f["retry_in"]) for f in failed] == [(1, 600.0), (2, 600.0)]
+
+
+def test_queue_survives_a_kill_while_waiting_for_messages(tmp_path: Path) -> None:
+    with _here(tmp_path):
+        dn.enqueue("queue", "jobs", "a")
+    p = _worker(tmp_path, "queue")
+    _wait_status(tmp_path, "queue", "waiting")  # "a" done, waiting for the next message
+    _kill(p)
+    with _here(tmp_path):  # sent while no process runs the workflow
+        dn.enqueue("queue", "jobs", "b")
+        dn.enqueue("queue", "jobs", "c")
+    result, _ = _finish(tmp_path, "queue")
+    assert result == ["A", "B", "C"]
+    assert _log(tmp_path) == ["exec a", "exec b", "exec c"]
+
+
+def test_continue_as_new_survives_kills_mid_generation_and_right_after_the_reset(
+    tmp_path: Path,
+) -> None:
+    _killed_at(tmp_path, "forever", "gen2")  # generation 2 did its work, then died
+    _killed_at(tmp_path, "forever", "start3")  # generation 3 just began (history reset)
+    with _here(tmp_path) as store:
+        rec = store.get_run("forever")
+        assert rec is not None and rec.generation == 3
+        # the new generation's history: only where its key/value state starts
+        assert [r.kind for r in store.load_effects("run/forever")] == ["kv_base"]
+    result, _ = _finish(tmp_path, "forever")
+    assert result == {"total": 10, "kv": {"last": "GEN4"}}
+    assert _log(tmp_path) == [f"exec gen{i}" for i in range(5)]
+
+
+def test_race_survives_a_kill_after_the_winner_is_recorded(tmp_path: Path) -> None:
+    _killed_at(tmp_path, "race", "raced")
+    assert dn.run is not None and sorted(_log(tmp_path)) == ["exec fast", "exec slow"]
+    result, _ = _finish(tmp_path, "race")
+    assert result == [1, "FAST"]
+    assert sorted(_log(tmp_path)) == ["exec fast", "exec slow"]  # the loser did not start again
+
+
+def test_interrupt_survives_a_kill_and_replays_the_interrupt(tmp_path: Path) -> None:
+    p = _worker(tmp_path, "interrupt", KILL_AT="interrupted")
+    _wait_status(tmp_path, "interrupt", "waiting")
+    with _here(tmp_path):
+        dn.signal("interrupt", "stop", {"reason": "enough"})  # from another process
+    p.communicate(timeout=60)
+    assert p.returncode == -signal.SIGKILL  # killed right after the block was interrupted
+    result, _ = _finish(tmp_path, "interrupt")
+    assert result == [["I0", "I1", "I2"], {"reason": "enough"}]
+    assert _log(tmp_path) == ["exec i0", "exec i1", "exec i2"]
+
+
+def test_status_and_kv_are_read_from_another_process_and_survive_a_kill(
+    tmp_path: Path,
+) -> None:
+    p = _worker(tmp_path, "status")
+
+    async def watch() -> list[Any]:
+        job = dn.get_job("status")
+        first = await job.wait_status_change(0, timeout=60)
+        kv1 = dict(job.kv())
+        dn.signal("status", "next")
+        second = await job.wait_status_change(first[0], timeout=60)
+        return [first, kv1, second, dict(job.kv())]
+
+    _wait_status(tmp_path, "status", "waiting")
+    with _here(tmp_path):
+        seen = asyncio.run(watch())
+    assert seen == [(1, {"stage": 1}), {"stage": "one"}, (2, {"stage": 2}), {"stage": "two"}]
+    _wait_status(tmp_path, "status", "waiting")
+    _kill(p)
+    with _here(tmp_path):
+        dn.signal("status", "next")
+    result, _ = _finish(tmp_path, "status")
+    assert result == {"stage": "two"}
+    with _here(tmp_path) as store:
+        rec = store.get_run("status")
+        assert rec is not None and rec.status_version == 2  # the replay published nothing
+
+
+def test_start_child_survives_a_kill_and_the_child_is_not_started_twice(
+    tmp_path: Path,
+) -> None:
+    _killed_at(tmp_path, "parent", "started")
+    result, _ = _finish(tmp_path, "parent")
+    assert result == "KID1"
+    assert _log(tmp_path) == ["exec kid1"]
+    with _here(tmp_path) as store:
+        kid = store.get_run("kid1")
+        assert kid is not None and kid.parent_id == "parent" and kid.status == "completed"
+        starts = [r for r in store.load_effects("run/parent") if r.kind == "start_child"]
+        assert len(starts) == 1
+
+
+def test_version_a_run_finishes_on_its_version_after_a_restart(tmp_path: Path) -> None:
+    _killed_at(tmp_path, "order", "v1", VERSIONS="1", RUN_ID="o1")
+    _killed_at(tmp_path, "order", "v1", VERSIONS="1", RUN_ID="o3")
+    result, _ = _finish(tmp_path, "order", VERSIONS="1,2", RUN_ID="o1")
+    assert result == "v1:V1"  # started on version 1, finished on it
+    result, _ = _finish(tmp_path, "order", VERSIONS="1,2", RUN_ID="o2")
+    assert result == "v2:V2"  # a new run takes the newest
+    p = _worker(tmp_path, "order", VERSIONS="2", RUN_ID="o3")
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 3
+    assert re.search(
+        r"^ERROR WorkflowVersionError: run 'o3' started on version '1' of workflow 'order', which "
+        r"is not defined in this process \(defined versions: '2'\)",
+        out,
+        re.M,
+    ), out
+    assert _log(tmp_path) == ["exec v1", "exec v1", "exec v2"]  # o1 and o3 each once
+
+
+def test_log_survives_a_kill_without_repeating_lines(tmp_path: Path) -> None:
+    p = _worker(tmp_path, "logged", KILL_AT="logged")
+    out1, _ = p.communicate(timeout=120)
+    assert p.returncode == -signal.SIGKILL
+    _, out2 = _finish(tmp_path, "logged")
+    logs = [x for x in (out1 + out2).splitlines() if x.startswith("LOG ")]
+    assert logs == ["LOG INFO starting job", "LOG WARNING finished"]
+    assert _log(tmp_path) == ["exec l1"]
+
+
+def test_all_survives_a_kill_between_two_fan_outs(tmp_path: Path) -> None:
+    _killed_at(tmp_path, "fan", "fanned")
+    result, _ = _finish(tmp_path, "fan")
+    assert result == ["F0", "F1", "F2", "F3", "G0", "G1", "G2", "G3"]
+    assert sorted(_log(tmp_path)) == sorted(
+        [f"exec f{i}" for i in range(4)] + [f"exec g{i}" for i in range(4)]
+    )
+
+
+def test_cancel_from_another_process_runs_finally_and_cancels_the_child(
+    tmp_path: Path,
+) -> None:
+    p = _worker(tmp_path, "doomed")
+    _wait_status(tmp_path, "kid-waits", "waiting")
+    _wait_status(tmp_path, "doomed", "waiting")
+    with _here(tmp_path):
+        dn.cancel("doomed", "from the CLI")
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 3, out + err
+    assert "ERROR RunCancelledError: run 'doomed' was cancelled (from the CLI)" in out
+    assert _log(tmp_path) == ["finally ran"]
+    with _here(tmp_path) as store:
+        statuses = {r: store.get_run(r).status for r in ("doomed", "kid-waits")}  # type: ignore[union-attr]
+    assert statuses == {"doomed": "cancelled", "kid-waits": "cancelled"}
+
+
+def test_effects_start_runs_that_survive_a_kill_and_are_not_started_twice(
+    tmp_path: Path,
+) -> None:
+    _killed_at(tmp_path, "spawner", "spawned")
+    result, _ = _finish(tmp_path, "spawner")
+    assert result == ["t-x", "t-y"]
+    with _here(tmp_path):  # the started runs wait for this before they work
+        dn.signal("t-x", "go")
+        dn.signal("t-y", "go")
+    _finish(tmp_path, "target-x", RUN_ID="t-x")  # finish what the killed process left
+    _finish(tmp_path, "target-y", RUN_ID="t-y")
+    log = _log(tmp_path)
+    assert sorted(log) == ["exec spawn-x", "exec spawn-y", "exec target-x", "exec target-y"]

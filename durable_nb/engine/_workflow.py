@@ -1516,7 +1516,8 @@ class Job(Generic[R]):
         ``after_version`` (default: the current one) and return ``(version, value)``.
 
         A run executing in this process wakes the waiter at once; for a run elsewhere the
-        store is polled (about every 0.2 s, one small read). Raises ``TimeoutError`` after
+        store is polled (one small read a second, leaving a DuckDB file idle most of the
+        time, so the process running the run can use it). Raises ``TimeoutError`` after
         ``timeout`` seconds, and :class:`DurableError` if the run ended without a newer
         status.
         """
@@ -1547,7 +1548,7 @@ class Job(Generic[R]):
                         f"run {self.run_id!r} ended ({status}) at status version {version} "
                         f"without a status newer than {after_version}"
                     )
-                wait = 0.2
+                wait = 1.0
                 if deadline is not None:
                     wait = min(wait, deadline - loop.time())
                     if wait <= 0:
@@ -1881,7 +1882,7 @@ async def _drive(
     except asyncio.CancelledError:
         if state is not None and state.cancel_reason is not None:
             _finish(state, "cancelled", detail={"reason": state.cancel_reason})
-            _cancel_children(state)
+            await _cancel_children(state)
             outcome = (
                 False,
                 RunCancelledError(
@@ -2021,18 +2022,30 @@ def _next_generation(
     return new_wf, args, kwargs, new
 
 
-def _cancel_children(state: RunState) -> None:
-    """A cancelled run's children (started with ctx.start_child) are cancelled too."""
+async def _cancel_children(state: RunState) -> None:
+    """A cancelled run's children (started with ctx.start_child) are cancelled too; those
+    executing in this process have ended when this returns (so has the parent, for whoever
+    waits on it)."""
     ids = set(state.children)
     for r in state.index.values():
         if r.kind == "start_child":
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 ids.add(str(json.loads(r.detail)["run_id"]))
+    ending: list[asyncio.Future[Any]] = []
     for child_id in sorted(ids):
         with contextlib.suppress(DurableError):
             rec = runtime.store.get_run(child_id)
             if rec is not None and rec.status not in FINAL_STATUSES:
                 cancel(child_id, f"parent {state.run_id!r} was cancelled")
+                with runtime.jobs_lock:
+                    live = runtime.jobs.get(child_id)
+                if live is not None:
+                    ending.append(asyncio.wrap_future(live._future))
+    if ending:
+        await asyncio.wait(ending, timeout=30)
+        for f in ending:  # their outcome (cancelled) is the children's own business
+            if f.done() and not f.cancelled():
+                f.exception()
 
 
 def _stats(state: RunState) -> dict[str, Any]:
