@@ -127,7 +127,8 @@ def test_pipeline_notebook_replays_everything_after_a_restart(
     assert len(downloads) == 4
     assert executed == Counter([*downloads, "transform", "aggregate"])  # each exactly once
 
-    (result,) = code_cell(first, "%%durable pipeline").outputs
+    widget, result = code_cell(first, "%%durable pipeline").outputs
+    assert WIDGET_VIEW in widget.data and "durable-nb-trace" in widget.data["text/html"]
     assert result.output_type == "execute_result"
     assert "<table" in result.data["text/html"]  # the workflow's value: a DataFrame
     assert re.search(r"^27 +Perth +7 ", result.data["text/plain"], re.M)

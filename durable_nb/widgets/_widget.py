@@ -199,10 +199,10 @@ class TraceWidget(anywidget.AnyWidget):
         self.flush()
 
     def close(self) -> None:
-        with self._lock:
-            if self._unsubscribe is not None:
-                self._unsubscribe()
-                self._unsubscribe = None
+        unsubscribe = getattr(self, "_unsubscribe", None)  # None: __init__ refused its arguments
+        if unsubscribe is not None:
+            unsubscribe()
+            self._unsubscribe = None
         super().close()
 
     def _on_message(self, msg: dict[str, Any]) -> None:
