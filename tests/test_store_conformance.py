@@ -472,6 +472,17 @@ def test_wait_for_work_wakes_up_early(store: Store, trigger: str) -> None:
     assert waited < 30  # woken, not timed out
 
 
+def test_work_that_came_between_claim_and_wait_is_not_missed(store: Store) -> None:
+    assert store.claim_run("worker", ["mod.wf"]) is None
+    store.put_run(_wf_run("q1"))  # after the look, before the wait
+    t0 = time.monotonic()
+    store.wait_for_work(30)
+    assert time.monotonic() - t0 < 30  # returned at once, not at the timeout
+    got = store.claim_run("worker", ["mod.wf"])
+    assert got is not None and got[0].run_id == "q1"
+    got[1].release()
+
+
 def test_wait_for_work_with_zero_timeout_returns(store: Store) -> None:
     store.wait_for_work(0)
 

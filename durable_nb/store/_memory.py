@@ -44,6 +44,10 @@ class MemoryStore:
         self._inbox: dict[str, int] = {}
         self._claims: dict[EffectKey, tuple[str, float]] = {}
         self._work = threading.Condition(self._lock)
+        # bumped by every wake-up; per thread, the value its last claim_run/wait_for_work saw,
+        # so work that comes between a fruitless claim_run and wait_for_work is not missed
+        self._work_seq = 0
+        self._work_seen = threading.local()
         self._closed = False
 
     @property
@@ -131,6 +135,7 @@ class MemoryStore:
     def claim_run(self, owner: str, workflows: Sequence[str]) -> tuple[RunRecord, RunLease] | None:
         wanted = set(workflows)
         with self._lock:
+            self._work_seen.seq = self._work_seq
             candidates = sorted(
                 (
                     r
@@ -148,10 +153,13 @@ class MemoryStore:
 
     def wait_for_work(self, timeout: float) -> None:
         with self._work:
-            self._work.wait(timeout)
+            seen = getattr(self._work_seen, "seq", self._work_seq)
+            self._work.wait_for(lambda: self._work_seq != seen, timeout)
+            self._work_seen.seq = self._work_seq
 
     def _wake(self) -> None:
         with self._work:
+            self._work_seq += 1
             self._work.notify_all()
 
     def prune_effects(self, scope_prefix: str, older_than: float) -> int:
