@@ -464,8 +464,10 @@ def test_the_wheel_and_the_sdist_ship_the_bundle(tmp_path: Path) -> None:
     bundle = ROOT / "durable_nb" / "static" / "trace_widget.js"
     assert bundle.exists(), "build it: bash scripts/setup.sh"
     out = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation"]
-        + ["-w", str(tmp_path), "-q"],
+        [
+            *(sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps"),
+            *("--no-build-isolation", "-w", str(tmp_path), "-q"),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
