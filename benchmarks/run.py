@@ -2,7 +2,8 @@
 
     python benchmarks/run.py [--quick] [--no-write]
 
-Runs ``bench_engine``, ``bench_hashing``, ``bench_codecs``, ``bench_notebook`` and
+Runs ``bench_engine``, ``bench_hashing``, ``bench_codecs``, ``bench_notebook``,
+``bench_widget`` and
 ``peers.run_all`` one after the other, each in its own fresh interpreter (so one's memory,
 threads and open stores cannot disturb the next, and a failure is reported instead of
 stopping the rest), prints a summary table with the issue's targets and the ratios to the
@@ -50,6 +51,7 @@ PARTS: dict[str, tuple[str, int, dict[str, Any], dict[str, Any]]] = {
     "hashing": ("bench_hashing", 240, {}, {"nbytes": 10_000_000}),
     "codecs": ("bench_codecs", 300, {}, {"n_rows": 1_000_000, "repeats": 1}),
     "notebook": ("bench_notebook", 180, {}, {"repeats": 50, "fresh_runs": 3}),
+    "widget": ("bench_widget", 240, {}, {"n_steps": 1000, "repeats": 2}),
     "peers": (
         "peers",
         300,
@@ -578,6 +580,7 @@ def report(parts: dict[str, Any], quick: bool, total_s: float) -> str:
         "hashing": "durable_nb hashing (`bench_hashing.py`)",
         "codecs": "durable_nb codecs (`bench_codecs.py`)",
         "notebook": "durable_nb in a notebook (`bench_notebook.py`)",
+        "widget": "the trace widget: live-update cost in the kernel, render in chromium (`bench_widget.py`)",
         "peers": "peers (`peers.run_all`)",
     }
     for part, title in titles.items():
