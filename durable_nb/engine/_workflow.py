@@ -5,6 +5,13 @@ in-memory index, so replaying a step is a dict lookup. Steps are found by key â€
 code version, input hash and occurrence â€” not by position, so editing a workflow between
 executions is safe; ``strict=True`` additionally checks that replay follows the recorded
 order.
+
+A run's :class:`Context` adds what durable-execution engines offer: timers, signals and
+queues, interrupt blocks, fan-out (``ctx.all``) and races (``ctx.race``), child runs,
+continue-as-new, per-run key/value state (``_kv.py``), custom status and replay-aware
+logging. Each is a journaled step with its own ``kind`` (sleep, signal, dequeue, interrupt,
+race, child, start_child, kv_set, status, log ...), so the trace shows it and a replay
+repeats it exactly; each takes its step when called, so concurrent use replays in call order.
 """
 
 from __future__ import annotations
@@ -179,7 +186,8 @@ class RunState:
 
     # live observers (widgets) -----------------------------------------------------------
     def emit(self, kind: str, data: dict[str, Any]) -> None:
-        """Tell the job's listeners what just happened (``kind``: step, status, event).
+        """Tell the job's listeners what just happened (``kind``: step, status, event, or
+        custom_status with ``version`` and ``value`` when ``ctx.set_status`` publishes).
 
         Listeners run on the run's loop and must be quick (a widget batches what it gets);
         one that raises is dropped so it cannot break the run."""
@@ -1932,11 +1940,21 @@ async def _poll_inbox(job: Job[Any]) -> None:
     while True:
         await asyncio.sleep(_INBOX_POLL)
         state = job._state
-        if state is not None and time.monotonic() - state.last_poll >= _INBOX_POLL:
-            try:
-                state.poll_inbox()
-            except Exception:  # a store hiccup (a busy file): the next round tries again
-                pass
+        if state is None or time.monotonic() - state.last_poll < _INBOX_POLL:
+            continue
+        state.last_poll = time.monotonic()
+        try:
+            token = runtime.store.inbox_token(state.run_id)
+            if token == state.inbox_token:
+                continue
+            # off the loop: reading may wait while another process holds a DuckDB file
+            signals = await asyncio.to_thread(runtime.store.list_signals, state.run_id)
+        except Exception:  # a store hiccup (a busy file): the next round tries again
+            continue
+        if job._state is state:
+            state.inbox_token = token
+            for sig in signals:
+                state.deliver(sig)
 
 
 def _call_of(wf: Workflow[..., Any], bound: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
