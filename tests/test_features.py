@@ -871,6 +871,47 @@ def test_effects_start_runs_and_send_signals_once(store: Store) -> None:
     assert len(store.list_signals("listener")) == 1
 
 
+# ------------------------------------------------------------------ strict replay
+
+
+def test_strict_replay_accepts_every_new_step_kind(store: Store, clock: dn.FakeClock) -> None:
+    attempts: Counter[str] = Counter()
+    crash = [True]  # (a later generation runs on its own stored arguments, not the caller's)
+
+    def flaky() -> str:
+        attempts["flaky"] += 1
+        if attempts["flaky"] == 1:
+            raise OSError("once")
+        return "ok"
+
+    @dn.durable(strict=True)
+    async def wf(ctx: dn.Context, n: int) -> list[Any]:
+        if n == 0:
+            ctx.kv.set("k", 1)
+            ctx.continue_as_new(1)
+        out = [await ctx.run(flaky, retry=dn.Retry(attempts=2, initial_delay=1))]
+        out.append(await ctx.race(fetch("r"), ctx.sleep(5)))
+        out.append(await ctx.all([fetch("a"), ctx.sleep(1)]))
+        ctx.kv.set("k", ctx.kv["k"] + 1)
+        ctx.set_status("half")
+        ctx.log.info("half way")
+        try:
+            async with ctx.interrupt_on("stop"):
+                out.append(await ctx.dequeue("q"))
+        except dn.Interrupted as e:
+            out.append(e.payload)
+        if crash[0]:
+            raise RuntimeError("x")
+        return [*out, dict(ctx.kv)]
+
+    dn.enqueue("strict", "q", "m")
+    with pytest.raises(RuntimeError):
+        dn.run(wf, 0, run_id="strict")
+    crash[0] = False
+    assert dn.run(wf, 0, run_id="strict") == ["ok", (0, "R"), ["A", None], "m", {"k": 2}]
+    assert attempts["flaky"] == 2 and calls == {"r": 1, "a": 1}
+
+
 # ------------------------------------------------------------------ inside a %%durable cell
 
 
