@@ -52,7 +52,14 @@ from ..errors import (
     UnstorableValueError,
     WorkflowVersionError,
 )
-from ..store import FINAL_STATUSES, EffectRecord, EventRecord, RunRecord, SignalRecord
+from ..store import (
+    FINAL_STATUSES,
+    EffectRecord,
+    EventRecord,
+    RunLease,
+    RunRecord,
+    SignalRecord,
+)
 from ._clock import wait_event
 from ._effects import EffectFunction, Retry, _check_retry, _check_timeout, replay
 from ._kv import RunKV, kv_base_texts, kv_snapshot
@@ -1453,8 +1460,15 @@ class Job(Generic[R]):
 
     async def wait(self) -> R:
         """Wait for the run's result (re-raises its error with the original type)."""
+        self._watch()
         # shielded: a waiter that gives up must not cancel the run's result for everyone
         return await asyncio.shield(asyncio.wrap_future(self._future))
+
+    def _watch(self) -> None:
+        """A run that executes elsewhere (a worker, another process) settles this job when
+        the store says it ended."""
+        if self._task is None and not self._future.done():
+            _remote.watch(self)
 
     def __await__(self) -> Any:
         return self.wait().__await__()
@@ -1463,6 +1477,7 @@ class Job(Generic[R]):
         """Block until the run ends and return its result. Ctrl-C stops the run cleanly and
         leaves it resumable."""
         timeout = _check_timeout(timeout)
+        self._watch()
         if self._loop is not None and running_loop() is self._loop and not self._future.done():
             raise DurableError(
                 f"job.result() would block the event loop that runs {self.run_id!r}; "
@@ -1621,6 +1636,64 @@ def get_job(run_id: str) -> Job[Any]:
     return job
 
 
+class _RemoteRuns:
+    """Settles the jobs of runs executing in other processes, from the store: one daemon
+    thread polls each watched run's record, woken early by the store's work notifications
+    (a run ending releases its lease), at least every 0.5 s."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, list[Job[Any]]] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, job: Job[Any]) -> None:
+        with self._lock:
+            jobs = self._jobs.setdefault(job.run_id, [])
+            if job not in jobs:
+                jobs.append(job)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._serve, name="durable_nb-remote-runs", daemon=True
+                )
+                self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            with self._lock:
+                watched = {rid: list(jobs) for rid, jobs in self._jobs.items()}
+                if not watched:
+                    self._thread = None
+                    return
+            store = runtime.store
+            for rid, jobs in watched.items():
+                try:
+                    rec = store.get_run(rid)
+                    outcome = _final_outcome(rec) if rec is not None else None
+                except Exception:  # a busy or unreachable store: look again later
+                    continue
+                if rec is None:
+                    outcome = (False, RunNotFoundError(f"run {rid!r} was deleted from the store"))
+                if outcome is None:
+                    continue
+                for job in jobs:
+                    (_resolve if outcome[0] else _reject)(job._future, outcome[1])
+                with self._lock:
+                    self._jobs.pop(rid, None)
+            with contextlib.suppress(Exception):
+                store.wait_for_work(0.5)
+
+
+_remote = _RemoteRuns()
+
+
+def _final_outcome(rec: RunRecord) -> tuple[bool, Any] | None:
+    """Like :func:`_outcome_of_record`, and a failed run's error too (for a job that only
+    watches the run: a failed run does not resume by itself)."""
+    if rec.status == "failed" and rec.error is not None:
+        return (False, _codecs.decode_error(rec.error, runtime.store.signer))
+    return _outcome_of_record(rec)
+
+
 def _resolve(fut: concurrent.futures.Future[Any], value: Any) -> None:
     if not fut.done():
         fut.set_result(value)
@@ -1719,9 +1792,11 @@ def _start(
     restart: bool = False,
     parent_id: str | None = None,
     blocking: bool = False,
+    lease: RunLease | None = None,
 ) -> Job[R]:
     """Start a run on this thread's loop, or on the engine's loop when there is none or the
-    caller will block on the result (``blocking``)."""
+    caller will block on the result (``blocking``). ``lease``: the run's lease, already taken
+    (a worker's claim_run); otherwise the run takes it when it starts."""
     if not isinstance(workflow, Workflow):
         raise ArgumentTypeError(
             f"expected a @durable workflow, got {workflow!r}; decorate it with @durable"
@@ -1741,7 +1816,7 @@ def _start(
     here = running_loop()
     loop = here if here is not None and not blocking else runtime.engine_loop()
     job._loop = loop
-    coro = _drive(job, workflow, args, kwargs, restart, parent_id)
+    coro = _drive(job, workflow, args, kwargs, restart, parent_id, lease)
     if loop is here:
         job._task = loop.create_task(coro)
     else:
@@ -1759,6 +1834,7 @@ def start(
     *args: Any,
     run_id: str | None = None,
     restart: bool = False,
+    on: str = "here",
     **kwargs: Any,
 ) -> Job[R]:
     """Start (or resume) a run and return its :class:`Job` at once.
@@ -1766,8 +1842,64 @@ def start(
     The run id is ``run_id`` or derived from the workflow's name and arguments. Starting a
     run that completed returns its recorded result without executing anything; a failed or
     interrupted run resumes. ``restart=True`` forgets the run's history first.
+
+    ``on="worker"`` does not execute the run here: it is queued in the store for a worker
+    (``durable-nb worker``) that knows the workflow; the Job follows it through the store.
     """
+    if on == "worker":
+        return _enqueue(workflow, args, kwargs, run_id=run_id, restart=bool(restart))
+    if on != "here":
+        raise ArgumentError(
+            f"on must be 'here' (execute in this process) or 'worker' (queue it for a "
+            f"worker), got {on!r}"
+        )
     return _start(workflow, args, kwargs, run_id=run_id, restart=bool(restart))
+
+
+def _enqueue(
+    workflow: Workflow[..., R],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    run_id: str | None,
+    restart: bool,
+) -> Job[R]:
+    """Queue a run for a worker: a ``queued`` record carrying its arguments. A run that is
+    queued or executing somewhere is left alone; one that completed with these arguments
+    and this code keeps its outcome; a failed one, or one whose arguments or code changed,
+    is queued again (and resumes from its history on the worker)."""
+    if not isinstance(workflow, Workflow):
+        raise ArgumentTypeError(
+            f"expected a @durable workflow, got {workflow!r}; decorate it with @durable"
+        )
+    wf = _newest(workflow)
+    bound = wf.binder.bind(args, kwargs)
+    rid = _check_run_id(run_id) if run_id is not None else wf.run_id_for(*args, **kwargs)
+    store = runtime.store
+    try:
+        payload = _codecs.encode(bound, store.signer, what="the workflow's arguments")
+    except UnstorableValueError as e:
+        raise UnstorableValueError(
+            f"a run started on a worker needs storable arguments: {e}"
+        ) from None
+    if restart:
+        store.delete_run(rid)
+    rec = store.get_run(rid)
+    now = runtime.clock.time()
+    if rec is None:
+        store.put_run(
+            RunRecord(rid, wf.name, "queued", now, now, args=payload, version=wf.version or "")
+        )
+    elif rec.status in ("failed", "completed") and not (
+        rec.status == "completed"
+        and (rec.input_hash, rec.code_version)
+        == (wf.binder.hash_bound(bound), _for_run(wf, rec).code_version)
+    ):
+        rec.status, rec.args, rec.updated_at, rec.detail = "queued", payload, now, ""
+        store.put_run(rec)
+    job: Job[R] = Job(rid, workflow)
+    job._watch()
+    return job
 
 
 def run(
@@ -1796,17 +1928,18 @@ async def _drive(
     kwargs: dict[str, Any],
     restart: bool,
     parent_id: str | None,
+    lease: RunLease | None = None,
 ) -> None:
     """Execute (or resume) one run, generation after generation when it continues as new.
     The job's future is settled only after the run's lease is released and its records
     merged, so whoever sees the result can start the run again."""
     store, clock = runtime.store, runtime.clock
     state: RunState | None = None
-    lease = None
     poller: asyncio.Future[None] | None = None
     outcome: tuple[bool, Any] | None = None  # (ok, value or exception)
     try:
-        lease = store.acquire_run(job.run_id, runtime.owner)
+        if lease is None:
+            lease = store.acquire_run(job.run_id, runtime.owner)
         rec = store.get_run(job.run_id)
         if rec is not None and restart:
             store.delete_run(job.run_id)

@@ -1,0 +1,203 @@
+"""Workers: processes that execute the runs started for them in a shared store (SPEC 5).
+
+``dn.start(workflow, ..., on="worker")`` writes the run as ``queued``; any worker that knows
+the workflow claims it (the store guarantees one executor per run: leases that expire when
+their holder stops renewing them) and executes it like a local run, so a run resumes from
+its history wherever it is taken over. ``durable-nb worker MODULE...`` is the command form.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import os
+import signal as _signal
+import socket
+import sys
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from . import _codecs
+from .engine import Job, Workflow
+from .engine._runtime import runtime
+from .engine._workflow import _call_of, _start
+from .errors import ArgumentError, ArgumentTypeError, DurableError
+from .store import RunLease, RunRecord, Store
+
+__all__ = ["Worker", "load_workflows"]
+
+
+def _import_target(target: str) -> ModuleType:
+    """A module by dotted name, or a ``.py`` file by path."""
+    if target.endswith(".py") or os.sep in target:
+        path = Path(target)
+        if not path.is_file():
+            raise ArgumentError(
+                f"module {target!r} is not a file; give a dotted module name (pkg.flows) or "
+                "the path of a .py file"
+            )
+        name = "durable_nb_worker_" + path.stem
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise ArgumentError(f"cannot import {target!r} as a Python file")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+    try:
+        return importlib.import_module(target)
+    except ImportError as e:
+        raise ArgumentError(
+            f"cannot import module {target!r} ({e}); check the name and that its folder is on "
+            "PYTHONPATH (or give the path of the .py file)"
+        ) from None
+
+
+def load_workflows(targets: Iterable[Workflow[..., Any] | str]) -> dict[str, Workflow[..., Any]]:
+    """Workflow name -> workflow, from workflow objects and modules (dotted names or file
+    paths) whose top-level ``@durable`` workflows are collected."""
+    found: dict[str, Workflow[..., Any]] = {}
+    for target in targets:
+        if isinstance(target, Workflow):
+            found[target.name] = target
+            continue
+        if not isinstance(target, str):
+            raise ArgumentTypeError(
+                f"workflows must be @durable workflows or module names, got {target!r}"
+            )
+        module = _import_target(target)
+        mine = [v for v in vars(module).values() if isinstance(v, Workflow)]
+        if not mine:
+            raise ArgumentError(
+                f"module {target!r} defines no @durable workflow at top level; decorate the "
+                "workflows the worker should run with @durable"
+            )
+        for wf in mine:
+            found[wf.name] = wf
+    if not found:
+        raise ArgumentError("a worker needs at least one workflow or module to run")
+    return found
+
+
+class Worker:
+    """Claims and executes runs of the given workflows from a store until stopped.
+
+    ``concurrency`` runs execute at once (as tasks on one event loop). ``stop()`` (or SIGTERM /
+    SIGINT under :meth:`run`) stops claiming; runs in progress get ``grace`` seconds to finish,
+    then are interrupted: their leases are released and they stay resumable by any worker.
+    """
+
+    def __init__(
+        self,
+        workflows: Iterable[Workflow[..., Any] | str],
+        *,
+        store: Store | str | None = None,
+        concurrency: int = 16,
+        grace: float = 30.0,
+        name: str | None = None,
+    ) -> None:
+        if isinstance(workflows, (str, Workflow)):
+            workflows = [workflows]
+        if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
+            raise ArgumentError(f"concurrency must be an int >= 1, got {concurrency!r}")
+        if not isinstance(grace, (int, float)) or isinstance(grace, bool) or grace < 0:
+            raise ArgumentError(f"grace must be a number of seconds >= 0, got {grace!r}")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ArgumentError(f"name must be a non-empty str, got {name!r}")
+        self.workflows = load_workflows(workflows)
+        if store is not None:
+            runtime.set_store(store)
+        self.store = runtime.store
+        self.concurrency = concurrency
+        self.grace = float(grace)
+        self.name = name or f"worker {socket.gethostname()} pid {os.getpid()}"
+        runtime.owner = self.name
+        self._stopping = threading.Event()
+        self._active: dict[str, Job[Any]] = {}
+        self.claimed = 0
+        self.finished = 0
+        self._loop: asyncio.AbstractEventLoop
+        self._freed: asyncio.Event
+
+    def __repr__(self) -> str:
+        return (
+            f"<durable_nb.Worker {self.name!r} workflows={sorted(self.workflows)} "
+            f"active={len(self._active)}>"
+        )
+
+    def stop(self) -> None:
+        """Stop claiming runs; :meth:`serve` returns once the active runs finished (or the
+        grace period ended and they were interrupted)."""
+        self._stopping.set()
+
+    def run(self) -> None:
+        """Serve until SIGTERM or SIGINT (blocking; the ``durable-nb worker`` command)."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in (_signal.SIGTERM, _signal.SIGINT):
+                _signal.signal(sig, lambda *_: self.stop())
+        asyncio.run(self.serve())
+
+    async def serve(self) -> None:
+        """Claim and execute runs until :meth:`stop`."""
+        names = sorted(self.workflows)
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._freed = asyncio.Event()
+        waiter: asyncio.Future[None] | None = None  # one wait_for_work call at a time
+        while not self._stopping.is_set():
+            while len(self._active) < self.concurrency and not self._stopping.is_set():
+                got = await loop.run_in_executor(None, self.store.claim_run, self.name, names)
+                if got is None:
+                    break
+                self._launch(*got)
+            if self._stopping.is_set():
+                break
+            # woken by a queued run, a released lease, a signal, a run of ours ending (a free
+            # slot), or at worst after a second (also how a stop is noticed)
+            if waiter is None or waiter.done():
+                waiter = loop.run_in_executor(None, self.store.wait_for_work, 1.0)
+            self._freed.clear()
+            freed: asyncio.Future[Any] = asyncio.ensure_future(self._freed.wait())
+            ends: list[asyncio.Future[Any]] = [waiter, freed]
+            await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
+            freed.cancel()
+        await self._drain()
+
+    def _launch(self, rec: RunRecord, lease: RunLease) -> None:
+        wf = self.workflows.get(rec.workflow)
+        try:
+            if wf is None:  # claim_run only returns our workflows; a store bug if not
+                raise DurableError(
+                    f"claimed run {rec.run_id!r} of unknown workflow {rec.workflow!r}"
+                )
+            bound = _codecs.decode(rec.args, self.store.signer) if rec.args is not None else {}
+            args, kwargs = _call_of(wf, bound)
+            job = _start(wf, args, kwargs, run_id=rec.run_id, lease=lease)
+        except BaseException:
+            lease.release()
+            raise
+        self.claimed += 1
+        self._active[rec.run_id] = job
+        run_id = rec.run_id
+        job._future.add_done_callback(lambda _f: self._done(run_id))
+
+    def _done(self, run_id: str) -> None:
+        self._active.pop(run_id, None)
+        self.finished += 1
+        self._loop.call_soon_threadsafe(self._freed.set)
+
+    async def _drain(self) -> None:
+        jobs = list(self._active.values())
+        if not jobs:
+            return
+        waits = [asyncio.wrap_future(j._future) for j in jobs]
+        _, pending = await asyncio.wait(waits, timeout=self.grace)
+        if pending:
+            for job in list(self._active.values()):
+                if job._task is not None and not job._task.done():
+                    job._task.cancel()  # interrupted, not cancelled: the run stays resumable
+            await asyncio.wait(waits, timeout=10)

@@ -1,0 +1,197 @@
+"""Workers share runs through one store: claimed once, taken over after a crash, never twice.
+
+The big test is issue 6's proof: three worker processes and two "kernel" processes on one
+PostgreSQL store, 200 runs of 20 effects, one worker SIGKILLed midway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import durable_nb as dn
+from durable_nb.errors import ArgumentError
+from durable_nb.worker import Worker, load_workflows
+
+from .helpers import ROOT
+
+FLOWS = textwrap.dedent(
+    """
+    import asyncio, os, time
+    import durable_nb as dn
+
+    LOG = os.environ["DN_LOG"]
+    _executed = 0
+
+    def _log(line: str) -> None:
+        fd = os.open(LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (line + "\\n").encode())
+        finally:
+            os.close(fd)
+
+    @dn.effect
+    async def step(run_id: str, i: int) -> int:
+        global _executed
+        _executed += 1
+        if _executed == int(os.environ.get("DN_DIE_AT", "0")):
+            os.kill(os.getpid(), 9)  # a crash inside an effect, before it completed
+        await asyncio.sleep(0.001)
+        _log(f"effect {run_id} {i} {os.getpid()} {time.time()}")
+        return i
+
+    @dn.durable(name="job")
+    async def job(ctx: dn.Context, n: int) -> int:
+        _log(f"exec {ctx.run_id} -1 {os.getpid()} {time.time()}")
+        total = 0
+        for i in range(n):
+            total += await step(ctx.run_id, i)
+        return total
+    """
+)
+
+
+def _spawn(code: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _worker_code(flows: Path, concurrency: int) -> str:
+    return (
+        "import durable_nb as dn\n"
+        "from durable_nb.worker import Worker\n"
+        f"Worker([{str(flows)!r}], concurrency={concurrency}).run()\n"
+    )
+
+
+def _kernel_code(flows: Path, prefix: str, n_runs: int, steps: int) -> str:
+    return textwrap.dedent(
+        f"""
+        import importlib.util, json, sys
+        import durable_nb as dn
+        spec = importlib.util.spec_from_file_location("flows", {str(flows)!r})
+        flows = importlib.util.module_from_spec(spec); spec.loader.exec_module(flows)
+        jobs = [dn.start(flows.job, {steps}, run_id=f"{prefix}-{{i}}", on="worker")
+                for i in range({n_runs})]
+        print(json.dumps([j.result(timeout=600) for j in jobs]))
+        """
+    )
+
+
+def _log_lines(path: Path) -> list[tuple[str, str, int, int, float]]:
+    rows = []
+    for line in path.read_text().splitlines():
+        kind, run_id, i, pid, ts = line.split()
+        rows.append((kind, run_id, int(i), int(pid), float(ts)))
+    return rows
+
+
+def test_load_workflows_needs_workflows(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.py"
+    empty.write_text("x = 1\n")
+    with pytest.raises(ArgumentError, match=r"^module '.*empty\.py' defines no @durable workflow"):
+        load_workflows([str(empty)])
+    with pytest.raises(ArgumentError, match=r"^cannot import module 'no_such_mod_xyz'"):
+        load_workflows(["no_such_mod_xyz"])
+    with pytest.raises(ArgumentError, match=r"^concurrency must be an int >= 1, got 0"):
+        Worker([str(tmp_path / "x.py")], concurrency=0)
+
+
+def test_worker_runs_queued_runs_in_process(tmp_path: Path, store: dn.Store) -> None:
+    """A run started on="worker" waits in the store until a worker claims it."""
+    log = tmp_path / "log"
+    os.environ["DN_LOG"] = str(log)
+    try:
+        flows = tmp_path / "flows_inproc.py"
+        flows.write_text(FLOWS)
+        wfs = load_workflows([str(flows)])
+        job = dn.start(wfs["job"], 5, run_id="q1", on="worker")
+        assert job.status() == "queued"
+        worker = Worker(list(wfs.values()), concurrency=2, grace=5)
+
+        async def serve_until_done() -> int:
+            task = asyncio.ensure_future(worker.serve())
+            result = await job.wait()
+            worker.stop()
+            await task
+            return result
+
+        assert asyncio.run(serve_until_done()) == sum(range(5))
+        effects = [r for r in _log_lines(log) if r[0] == "effect"]
+        assert sorted(r[2] for r in effects) == list(range(5))
+        assert worker.claimed == 1
+    finally:
+        del os.environ["DN_LOG"]
+
+
+@pytest.mark.postgres
+def test_three_workers_two_kernels_one_killed(tmp_path: Path, pg_url: str) -> None:
+    """200 runs x 20 effects; a worker dies midway; all complete, nothing runs twice."""
+    flows = tmp_path / "flows.py"
+    flows.write_text(FLOWS)
+    log = tmp_path / "exec.log"
+    url = pg_url + "&lease_seconds=2"  # the killed worker's run is taken over 2 s later
+    env = {
+        "DN_LOG": str(log),
+        "DURABLE_NB_STORE": url,
+        "DURABLE_NB_KEY": "team-secret-for-the-worker-test",
+    }
+    workers = [
+        _spawn(_worker_code(flows, 1), {**env, "DN_DIE_AT": "30"}),  # the victim
+        _spawn(_worker_code(flows, 8), env),
+        _spawn(_worker_code(flows, 8), env),
+    ]
+    kernels = [_spawn(_kernel_code(flows, f"k{k}", 100, 20), env) for k in range(2)]
+    try:
+        outs = [k.communicate(timeout=600) for k in kernels]
+        for k, (out, err) in zip(kernels, outs, strict=True):
+            assert k.returncode == 0, err
+            assert out.strip() == "[" + ", ".join(["190"] * 100) + "]"
+        assert workers[0].wait(timeout=60) == -signal.SIGKILL
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.send_signal(signal.SIGTERM)  # graceful: finish or release, then exit 0
+        errs = []
+        for w in workers:
+            try:
+                errs.append(w.communicate(timeout=60)[1])
+            except subprocess.TimeoutExpired:
+                w.kill()
+                errs.append(w.communicate()[1])
+    for w, err in zip(workers[1:], errs[1:], strict=True):
+        assert w.returncode == 0, err
+
+    rows = _log_lines(log)
+    effects = collections.Counter((r[1], r[2]) for r in rows if r[0] == "effect")
+    assert len(effects) == 200 * 20
+    twice = [k for k, n in effects.items() if n > 1]
+    assert twice == [], f"effects executed twice: {twice[:10]}"
+    victim = workers[0].pid
+    assert any(r[3] == victim for r in rows), "the killed worker did no work before it died"
+    # no run was executed by two processes at once: per run, each process's span of log
+    # lines (from its execution start to its last effect) does not overlap another's
+    spans: dict[str, dict[int, list[float]]] = collections.defaultdict(dict)
+    for _, run_id, _, pid, ts in rows:
+        span = spans[run_id].setdefault(pid, [ts, ts])
+        span[0], span[1] = min(span[0], ts), max(span[1], ts)
+    for run_id, by_pid in spans.items():
+        ordered = sorted(by_pid.values())
+        for a, b in itertools.pairwise(ordered):
+            assert a[1] <= b[0], f"run {run_id} executed by two workers at once: {by_pid}"
+    taken_over = [r for r, by_pid in spans.items() if victim in by_pid and len(by_pid) > 1]
+    assert taken_over, "no run of the killed worker was taken over by another"
