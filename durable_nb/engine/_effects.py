@@ -368,7 +368,10 @@ class EffectFunction(Generic[P, R]):
     ) -> R:
         clock = runtime.clock
         retry = self.retry
-        failures, started, deadline, due, last = self._attempt_plan(scope, key4, retry)
+        if retry is None:  # the common case, kept cheap
+            failures, started, deadline, due, last = 0, clock.time(), None, None, ""
+        else:
+            failures, started, deadline, due, last = self._attempt_plan(scope, key4, retry)
         t0 = time.perf_counter()
         scope.note_start(key4, seq, preview_args(args, kwargs))
         while True:
@@ -386,13 +389,19 @@ class EffectFunction(Generic[P, R]):
                     if limit is None
                     else min(limit, max(0.0, deadline - clock.time()))
                 )
-            attempt = CancelScope(cancel_scope.get())
-            token = cancel_scope.set(attempt)
             try:
-                if limit is not None:
-                    result = _call_with_timeout(
-                        functools.partial(self.fn, *args, **kwargs), limit, self.identity, attempt
-                    )
+                if limit is not None:  # in a worker thread, with a cancel scope of its own
+                    attempt = CancelScope(cancel_scope.get())
+                    token = cancel_scope.set(attempt)
+                    try:
+                        result = _call_with_timeout(
+                            functools.partial(self.fn, *args, **kwargs),
+                            limit,
+                            self.identity,
+                            attempt,
+                        )
+                    finally:
+                        cancel_scope.reset(token)
                 else:
                     result = self.fn(*args, **kwargs)
                 break
@@ -407,8 +416,6 @@ class EffectFunction(Generic[P, R]):
                 if err is e:
                     raise
                 raise err from e
-            finally:
-                cancel_scope.reset(token)
         rec, _ = self._make_record(scope, key4, seq, result, False, started, t0, args, kwargs)
         scope.record(rec)
         return result
@@ -428,7 +435,10 @@ class EffectFunction(Generic[P, R]):
         clock = runtime.clock
         retry = retry or self.retry
         timeout = timeout or self.timeout
-        failures, started, deadline, due, last = self._attempt_plan(scope, key4, retry)
+        if retry is None:  # the common case, kept cheap
+            failures, started, deadline, due, last = 0, clock.time(), None, None, ""
+        else:
+            failures, started, deadline, due, last = self._attempt_plan(scope, key4, retry)
         t0 = time.perf_counter()
         scope.note_start(key4, seq, preview_args(args, kwargs))
         scope.inflight += 1  # while >1 effects are in flight, completions share a write
@@ -454,10 +464,13 @@ class EffectFunction(Generic[P, R]):
                 if deadline is not None:
                     left = max(0.0, deadline - clock.time())
                     limit = left if limit is None else min(limit, left)
-                # the attempt's own cancel scope, seen by the function (and by the worker
-                # thread, which copies the context when the attempt starts)
-                attempt = CancelScope(cancel_scope.get())
-                token = cancel_scope.set(attempt)
+                # the attempt's own cancel scope, seen by the function in its worker thread
+                # (which copies the context when the attempt starts) or under a timeout; a
+                # plain async function learns of a cancellation from the CancelledError itself
+                attempt = token = None
+                if in_thread or limit is not None:
+                    attempt = CancelScope(cancel_scope.get())
+                    token = cancel_scope.set(attempt)
                 try:
                     if in_thread:
                         aw: Awaitable[Any] = asyncio.to_thread(self.fn, *args, **kwargs)
@@ -467,13 +480,15 @@ class EffectFunction(Generic[P, R]):
                         try:
                             result = await asyncio.wait_for(aw, limit)
                         except asyncio.TimeoutError:
-                            attempt.cancel()
+                            if attempt is not None:
+                                attempt.cancel()
                             raise _attempt_timeout(self.identity, limit) from None
                     else:
                         result = await aw
                     break
                 except asyncio.CancelledError:
-                    attempt.cancel()
+                    if attempt is not None:
+                        attempt.cancel()
                     raise
                 except BaseException as e:
                     failures, last = failures + 1, repr(e)
@@ -487,7 +502,8 @@ class EffectFunction(Generic[P, R]):
                         raise
                     raise err from e
                 finally:
-                    cancel_scope.reset(token)
+                    if token is not None:
+                        cancel_scope.reset(token)
             rec, _ = self._make_record(scope, key4, seq, result, False, started, t0, args, kwargs)
             await scope.record_async(rec)
             return result
