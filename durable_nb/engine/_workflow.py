@@ -1467,7 +1467,7 @@ class Job(Generic[R]):
     def _watch(self) -> None:
         """A run that executes elsewhere (a worker, another process) settles this job when
         the store says it ended."""
-        if self._task is None and not self._future.done():
+        if self._loop is None and not self._future.done():  # not started in this process
             _remote.watch(self)
 
     def __await__(self) -> Any:
