@@ -871,6 +871,35 @@ def test_effects_start_runs_and_send_signals_once(store: Store) -> None:
     assert len(store.list_signals("listener")) == 1
 
 
+def test_effects_start_a_run_and_wait_for_it_from_a_worker_thread(store: Store) -> None:
+    def run_target(tag: str) -> str:
+        calls["run-target"] += 1
+        return dn.run(target, tag, run_id="blocking-" + tag)  # blocks this thread only
+
+    @dn.durable
+    async def wf(ctx: dn.Context, fail: bool) -> str:
+        out = str(await ctx.run(run_target, "z"))
+        if fail:
+            raise RuntimeError("x")
+        return out
+
+    with pytest.raises(RuntimeError):
+        dn.run(wf, True, run_id="blocks")
+    assert dn.run(wf, False, run_id="blocks") == "TARGET-Z"
+    assert dict(calls) == {"run-target": 1, "target-z": 1}
+
+    @dn.effect
+    async def run_target_on_the_loop() -> str:
+        return dn.run(target, "w")
+
+    @dn.durable
+    async def wrong(ctx: dn.Context) -> str:
+        return await run_target_on_the_loop()
+
+    with pytest.raises(dn.DurableError, match=r"^dn\.run\(\) inside a run would block it"):
+        dn.run(wrong, run_id="wrong")
+
+
 # ------------------------------------------------------------------ strict replay
 
 

@@ -1344,7 +1344,8 @@ class Workflow(Generic[P, R]):
         return self.source_version or _hashing.code_version(self.fn)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        if isinstance(current_scope.get(), RunState):
+        # (a sync effect in a worker thread may block: the run's loop goes on meanwhile)
+        if isinstance(current_scope.get(), RunState) and running_loop() is not None:
             raise DurableError(
                 f"calling workflow {self.name} inside a run would block it; use "
                 f"`await ctx.child({self.fn.__name__}, ...)` instead"
@@ -1911,8 +1912,9 @@ def run(
     **kwargs: Any,
 ) -> R:
     """Run a workflow to completion and return its result; works in any thread, including a
-    notebook cell whose thread already runs an event loop."""
-    if isinstance(current_scope.get(), RunState):
+    notebook cell whose thread already runs an event loop, and a sync effect running in a
+    worker thread."""
+    if isinstance(current_scope.get(), RunState) and running_loop() is not None:
         raise DurableError(
             "dn.run() inside a run would block it; use `await ctx.child(workflow, ...)`"
         )
