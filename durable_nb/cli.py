@@ -421,6 +421,46 @@ def metrics(ctx: click.Context, as_json: bool) -> None:
     click.echo("\n".join(lines))
 
 
+@cli.command()
+@click.argument("modules", metavar="MODULE...", nargs=-1, required=True)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Runs executed at once by this worker.",
+)
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="Seconds runs in progress get to finish after SIGTERM before they are interrupted "
+    "(released, resumable by another worker).",
+)
+@click.option("--name", default=None, help="How this worker shows as a lease holder.")
+@store_option
+@click.pass_context
+def worker(
+    ctx: click.Context, modules: tuple[str, ...], concurrency: int, grace: float, name: str | None
+) -> None:
+    """Execute runs started with dn.start(..., on="worker") for the @durable workflows
+    defined in MODULE... (dotted names or .py paths), until SIGTERM or Ctrl-C. Several workers,
+    on one machine or many, share a store's runs; each run has one executor at a time and a
+    dead worker's runs are taken over when its leases expire."""
+    from .worker import Worker
+
+    _client(ctx)  # the store, checked like every command's
+    w = Worker(list(modules), concurrency=concurrency, grace=grace, name=name)
+    click.echo(
+        f"{w.name}: serving {', '.join(sorted(w.workflows))} from {w.store.url} "
+        f"(concurrency {concurrency}); stop with SIGTERM or Ctrl-C",
+        err=True,
+    )
+    w.run()
+    click.echo(f"{w.name}: stopped after {w.finished} run(s)", err=True)
+
+
 @cli.command("install-kernel")
 @click.option(
     "--user", is_flag=True, help="For the current user, where any Jupyter finds it (the default)."

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import importlib.util
+import logging
 import os
 import signal as _signal
 import socket
@@ -25,10 +26,18 @@ from . import _codecs
 from .engine import Job, Workflow
 from .engine._runtime import runtime
 from .engine._workflow import _call_of, _start
-from .errors import ArgumentError, ArgumentTypeError, DurableError
+from .errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    DurableError,
+    StoreLockedError,
+    StoreUnavailableError,
+)
 from .store import RunLease, RunRecord, Store
 
 __all__ = ["Worker", "load_workflows"]
+
+_log = logging.getLogger("durable_nb.worker")
 
 
 def _import_target(target: str) -> ModuleType:
@@ -150,7 +159,12 @@ class Worker:
         waiter: asyncio.Future[None] | None = None  # one wait_for_work call at a time
         while not self._stopping.is_set():
             while len(self._active) < self.concurrency and not self._stopping.is_set():
-                got = await loop.run_in_executor(None, self.store.claim_run, self.name, names)
+                try:
+                    got = await loop.run_in_executor(None, self.store.claim_run, self.name, names)
+                except (StoreLockedError, StoreUnavailableError) as e:
+                    # a DuckDB file busy for a while, a database restarting: try again later
+                    _log.warning("%s: cannot claim runs now (%s); trying again", self.name, e)
+                    break
                 if got is None:
                     break
                 self._launch(*got)

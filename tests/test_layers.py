@@ -71,6 +71,7 @@ LAYERS = {  # a module may import only from its own layer or lower ones
     "engine": 3,
     "trace": 4,
     "client": 4,
+    "worker": 4,
     "cli": 5,
     "magics": 5,
     "widgets": 5,

@@ -195,3 +195,28 @@ def test_three_workers_two_kernels_one_killed(tmp_path: Path, pg_url: str) -> No
             assert a[1] <= b[0], f"run {run_id} executed by two workers at once: {by_pid}"
     taken_over = [r for r, by_pid in spans.items() if victim in by_pid and len(by_pid) > 1]
     assert taken_over, "no run of the killed worker was taken over by another"
+
+
+def test_worker_command_serves_a_duckdb_store_until_sigterm(tmp_path: Path) -> None:
+    """`durable-nb worker flows.py` on a DuckDB file: a run queued by another process
+    completes there, and SIGTERM stops the worker cleanly (exit 0)."""
+    flows = tmp_path / "flows_cli.py"
+    flows.write_text(FLOWS)
+    db = tmp_path / "store.duckdb"
+    env = {"DN_LOG": str(tmp_path / "log"), "DURABLE_NB_STORE": str(db)}
+    dn.set_store(str(db))  # creates the store the command expects
+    dn.get_store().flush()
+    dn.set_store(":memory:")
+    proc = _spawn(
+        f"from durable_nb.cli import main; raise SystemExit(main(['worker', {str(flows)!r}]))", env
+    )
+    try:
+        kernel = _spawn(_kernel_code(flows, "cli", 3, 4), env)
+        out, err = kernel.communicate(timeout=120)
+        assert kernel.returncode == 0, err
+        assert out.strip() == "[6, 6, 6]"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, werr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, werr
+    assert "serving job" in werr and "stopped after 3 run(s)" in werr

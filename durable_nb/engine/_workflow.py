@@ -17,6 +17,7 @@ repeats it exactly; each takes its step when called, so concurrent use replays i
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import contextlib
 import contextvars
@@ -1639,13 +1640,16 @@ def get_job(run_id: str) -> Job[Any]:
 
 class _RemoteRuns:
     """Settles the jobs of runs executing in other processes, from the store: one daemon
-    thread polls each watched run's record, woken early by the store's work notifications
-    (a run ending releases its lease), at least every 0.5 s."""
+    thread reads each watched run's record when the store signals work (a run ending releases
+    its lease, which wakes waiters) and at least every 2 s. It does not poll faster: a DuckDB
+    file is shared by taking turns, and a reader that never pauses would lock the worker out."""
 
     def __init__(self) -> None:
         self._jobs: dict[str, list[Job[Any]]] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._closing = threading.Event()
+        atexit.register(self._close)
 
     def watch(self, job: Job[Any]) -> None:
         with self._lock:
@@ -1658,8 +1662,15 @@ class _RemoteRuns:
                 )
                 self._thread.start()
 
+    def _close(self) -> None:
+        # at exit, before the store closes: a thread inside a store call would crash it
+        self._closing.set()
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            thread.join(5)
+
     def _serve(self) -> None:
-        while True:
+        while not self._closing.is_set():
             with self._lock:
                 watched = {rid: list(jobs) for rid, jobs in self._jobs.items()}
                 if not watched:
@@ -1667,6 +1678,8 @@ class _RemoteRuns:
                     return
             store = runtime.store
             for rid, jobs in watched.items():
+                if self._closing.is_set():
+                    return
                 try:
                     rec = store.get_run(rid)
                     outcome = _final_outcome(rec) if rec is not None else None
@@ -1681,7 +1694,7 @@ class _RemoteRuns:
                 with self._lock:
                     self._jobs.pop(rid, None)
             with contextlib.suppress(Exception):
-                store.wait_for_work(0.5)
+                store.wait_for_work(2.0)
 
 
 _remote = _RemoteRuns()
