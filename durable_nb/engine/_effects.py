@@ -137,6 +137,8 @@ def _check_retry(retry: Retry | int | None) -> Retry | None:
     return retry
 
 
+_CLAIM_SECONDS = 60.0  # how long a shared effect's claim keeps others waiting, at least
+
 _timeout_pool: concurrent.futures.ThreadPoolExecutor | None = None
 
 
@@ -248,9 +250,13 @@ class EffectFunction(Generic[P, R]):
         if self.is_async:
             if rec is not None:
                 return cast(R, _replayed(scope, rec))
+            if isinstance(scope, TopScope) and scope.shared:
+                return cast(R, self._claimed_async(scope, key4, seq, args, kwargs, False))
             return cast(R, self._execute_async(scope, key4, seq, args, kwargs, False))
         if rec is not None:
             return cast(R, replay(scope, rec))
+        if isinstance(scope, TopScope) and scope.shared:
+            return self._claimed_sync(scope, key4, seq, args, kwargs)
         return self._execute_sync(scope, key4, seq, args, kwargs)
 
     def call_awaitable(
@@ -267,9 +273,59 @@ class EffectFunction(Generic[P, R]):
         scope, key4, seq, rec = self._locate(args, kwargs)
         if rec is not None:
             return _replayed(scope, rec)
+        if isinstance(scope, TopScope) and scope.shared:
+            return self._claimed_async(
+                scope, key4, seq, args, kwargs, not self.is_async, retry=retry, timeout=timeout
+            )
         return self._execute_async(
             scope, key4, seq, args, kwargs, not self.is_async, retry=retry, timeout=timeout
         )
+
+    # -------------------------------------------------------------- shared effects
+    # Concurrent first calls of one shared key, in any process on the store, claim it: one
+    # executes, the others wait for its record and replay it. A claim lasts at most
+    # _CLAIM_SECONDS (or the effect's timeout, if longer): a holder that dies or runs longer
+    # lets the others execute too, and the key's last record wins (SPEC: "at worst one result").
+    def _claim_seconds(self, timeout: float | None) -> float:
+        return max(_CLAIM_SECONDS, timeout or self.timeout or 0.0)
+
+    def _claimed_sync(
+        self,
+        scope: TopScope,
+        key4: Key4,
+        seq: int,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> R:
+        rec = scope.claim_sync(key4, self._claim_seconds(None))
+        if rec is not None:
+            return cast(R, replay(scope, rec))
+        try:
+            return self._execute_sync(scope, key4, seq, args, kwargs)
+        finally:
+            scope.release_claim(key4)
+
+    async def _claimed_async(
+        self,
+        scope: TopScope,
+        key4: Key4,
+        seq: int,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        in_thread: bool,
+        *,
+        retry: Retry | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        rec = await scope.claim_async(key4, self._claim_seconds(timeout))
+        if rec is not None:
+            return replay(scope, rec)
+        try:
+            return await self._execute_async(
+                scope, key4, seq, args, kwargs, in_thread, retry=retry, timeout=timeout
+            )
+        finally:
+            scope.release_claim(key4)
 
     # -------------------------------------------------------------- execution
     def _make_record(

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import contextlib
 import contextvars
 import os
 import sys
 import threading
+import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -65,6 +67,47 @@ class TopScope:
 
     def lookup(self, key4: Key4, seq: int) -> EffectRecord | None:
         return runtime.store.get_effect((self.scope_id, *key4))
+
+    # claims of shared keys (see EffectFunction._claimed_sync): None means "execute it"
+    def claim_sync(self, key4: Key4, seconds: float) -> EffectRecord | None:
+        delay = 0.01
+        while True:
+            decided, rec = self._try_claim(key4, seconds)
+            if decided:
+                return rec
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    async def claim_async(self, key4: Key4, seconds: float) -> EffectRecord | None:
+        delay = 0.01
+        while True:
+            decided, rec = self._try_claim(key4, seconds)
+            if decided:
+                return rec
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    def _try_claim(self, key4: Key4, seconds: float) -> tuple[bool, EffectRecord | None]:
+        """``(True, None)`` once claimed (execute it), ``(True, record)`` when another holder
+        recorded it meanwhile (replay it), ``(False, None)`` while another holder's claim is
+        live (wait)."""
+        store, key = runtime.store, (self.scope_id, *key4)
+        if store.claim_effect(key, runtime.owner, seconds):
+            rec = store.get_effect(key)  # recorded between our lookup and our claim?
+            if rec is not None:
+                store.release_effect(key, runtime.owner)
+            return True, rec
+        # no read while another holds it: its record shows once it lets go (and reading a
+        # DuckDB file in a loop would keep it from the holder)
+        return False, None
+
+    def release_claim(self, key4: Key4) -> None:
+        store = runtime.store
+        # the waiters read the record as soon as the claim goes: it must be visible to other
+        # processes first (the DuckDB store shows another process's writes once merged)
+        with contextlib.suppress(Exception):
+            store.flush()
+        store.release_effect((self.scope_id, *key4), runtime.owner)
 
     def record(self, rec: EffectRecord) -> None:
         runtime.store.put_effects([rec])
