@@ -25,7 +25,7 @@ from typing import Any
 from . import _codecs
 from .engine import Job, Workflow
 from .engine._runtime import runtime
-from .engine._workflow import _call_of, _start
+from .engine._workflow import _call_of, _fail_unstarted, _start
 from .errors import (
     ArgumentError,
     ArgumentTypeError,
@@ -191,6 +191,15 @@ class Worker:
             bound = _codecs.decode(rec.args, self.store.signer) if rec.args is not None else {}
             args, kwargs = _call_of(wf, bound)
             job = _start(wf, args, kwargs, run_id=rec.run_id, lease=lease)
+        except Exception as e:
+            # a run this worker cannot start (damaged or no longer binding arguments) fails,
+            # so whoever waits on it learns why, instead of taking the worker down with it
+            _log.error("%s: cannot start run %r: %s", self.name, rec.run_id, e)
+            try:
+                _fail_unstarted(rec.run_id, e)
+            finally:
+                lease.release()
+            return
         except BaseException:
             lease.release()
             raise

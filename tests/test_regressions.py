@@ -165,3 +165,72 @@ def test_rerunning_a_completed_run_with_new_arguments_does_not_return_a_stale_re
     assert seen == ["a", "b"]
     assert dn.run(wf, "a", run_id="same") == "A"
     assert seen == ["a", "b"]
+
+
+def _serve_until(worker: object, jobs: list[dn.Job[object]]) -> list[object]:
+    """Serve ``worker`` until every job settled (or 10 s); their outcomes (value or error)."""
+    from durable_nb.worker import Worker
+
+    assert isinstance(worker, Worker)
+
+    async def body() -> list[object]:
+        task = asyncio.ensure_future(worker.serve())
+        out: list[object] = []
+        try:
+            for job in jobs:
+                try:
+                    out.append(await asyncio.wait_for(job.wait(), 10))
+                except Exception as e:
+                    out.append(e)
+        finally:
+            worker.stop()
+            await task
+        return out
+
+    return asyncio.run(body())
+
+
+def test_a_queued_run_whose_arguments_do_not_bind_fails_without_killing_the_worker() -> None:
+    from durable_nb._codecs import encode
+    from durable_nb.store import RunRecord
+    from durable_nb.worker import Worker
+
+    @dn.durable(name="poison")
+    async def wf(ctx: dn.Context, n: int) -> int:
+        return n
+
+    store = runtime.store
+    # stored by a kernel whose workflow took other arguments (a list, not name -> value)
+    store.put_run(RunRecord("bad", "poison", "queued", 1.0, 1.0, args=encode([1], store.signer)))
+    good = dn.start(wf, 7, run_id="good", on="worker")
+    worker = Worker([wf], concurrency=1, grace=5)
+    bad_job = dn.get_job("bad")
+    bad_out, good_out = _serve_until(worker, [bad_job, good])
+    assert good_out == 7
+    assert isinstance(bad_out, dn.DurableError), bad_out
+    assert "damaged" in str(bad_out)
+    rec = store.get_run("bad")
+    assert rec is not None and rec.status == "failed"
+
+
+def test_a_queued_run_of_a_version_the_worker_lacks_fails_instead_of_being_claimed_forever() -> (
+    None
+):
+    from durable_nb._codecs import encode
+    from durable_nb.errors import WorkflowVersionError
+    from durable_nb.store import RunRecord
+    from durable_nb.worker import Worker
+
+    @dn.durable(name="versioned_poison", version="1")
+    async def wf(ctx: dn.Context, n: int) -> int:
+        return n
+
+    store = runtime.store
+    args = encode({"n": 3}, store.signer)
+    store.put_run(RunRecord("v9", "versioned_poison", "queued", 1.0, 1.0, args=args, version="9"))
+    worker = Worker([wf], concurrency=1, grace=5)
+    (out,) = _serve_until(worker, [dn.get_job("v9")])
+    assert isinstance(out, WorkflowVersionError), out
+    assert worker.claimed == 1
+    rec = store.get_run("v9")
+    assert rec is not None and rec.status == "failed"

@@ -50,6 +50,8 @@ from ..errors import (
     RunLockedError,
     RunNotFoundError,
     SignalTimeoutError,
+    StoreLockedError,
+    StoreUnavailableError,
     UnstorableValueError,
     WorkflowVersionError,
 )
@@ -1952,6 +1954,7 @@ async def _drive(
     state: RunState | None = None
     poller: asyncio.Future[None] | None = None
     outcome: tuple[bool, Any] | None = None  # (ok, value or exception)
+    claimed = lease is not None  # a worker's claim: nobody waits here to fix a failed start
     try:
         if lease is None:
             lease = store.acquire_run(job.run_id, runtime.owner)
@@ -2060,6 +2063,10 @@ async def _drive(
                 _finish(state, "failed", detail={"error": repr(e)[:500]})
             except Exception:  # the store failed too: the error we report is the run's
                 pass
+        elif state is None and claimed and isinstance(e, Exception):
+            # it could not even start (arguments that no longer bind, a version this worker
+            # lacks): left queued it would be claimed again at once, forever
+            _fail_unstarted(job.run_id, e)
         outcome = (False, e)
         if not isinstance(e, Exception):
             raise
@@ -2079,6 +2086,21 @@ async def _drive(
                 _resolve(job._future, outcome[1])
             else:
                 _reject(job._future, outcome[1])
+
+
+def _fail_unstarted(run_id: str, e: Exception) -> None:
+    """Mark a claimed run that failed before it executed as failed (its lease still held),
+    unless the store itself was the trouble: then it stays claimable for a later try."""
+    if isinstance(e, (StoreLockedError, StoreUnavailableError)):
+        return
+    store = runtime.store
+    with contextlib.suppress(Exception):
+        rec = store.get_run(run_id)
+        if rec is not None and rec.status not in FINAL_STATUSES:
+            rec.status, rec.updated_at = "failed", runtime.clock.time()
+            rec.error = _codecs.encode_error(e, store.signer)
+            rec.detail = json.dumps({"error": repr(e)[:500]})
+            store.put_run(rec)
 
 
 async def _poll_inbox(job: Job[Any]) -> None:
