@@ -234,3 +234,20 @@ def test_a_queued_run_of_a_version_the_worker_lacks_fails_instead_of_being_claim
     assert worker.claimed == 1
     rec = store.get_run("v9")
     assert rec is not None and rec.status == "failed"
+
+
+def test_a_watched_run_whose_result_cannot_be_read_here_raises_instead_of_hanging() -> None:
+    from durable_nb._codecs import Payload
+    from durable_nb.errors import StoreFormatError
+    from durable_nb.store import RunRecord
+
+    store = runtime.store
+    store.put_run(RunRecord("elsewhere", "wf", "queued", 1.0, 1.0))
+    job: dn.Job[object] = dn.Job("elsewhere", None)  # a run another process executes
+    job._watch()
+    # it completes there with a result this process cannot decode (say, a pickle signed
+    # with another DURABLE_NB_KEY, or written by a newer durable_nb)
+    done = RunRecord("elsewhere", "wf", "completed", 1.0, 2.0, result=Payload("zzz", b""))
+    store.put_run(done)
+    with pytest.raises(StoreFormatError, match=r"^unknown payload codec 'zzz'"):
+        job.result(timeout=10)

@@ -1684,9 +1684,12 @@ class _RemoteRuns:
                     return
                 try:
                     rec = store.get_run(rid)
-                    outcome = _final_outcome(rec) if rec is not None else None
                 except Exception:  # a busy or unreachable store: look again later
                     continue
+                try:
+                    outcome = _final_outcome(rec) if rec is not None else None
+                except Exception as e:  # undecodable here (another key, a newer codec): final
+                    outcome = (False, e)
                 if rec is None:
                     outcome = (False, RunNotFoundError(f"run {rid!r} was deleted from the store"))
                 if outcome is None:
