@@ -251,3 +251,23 @@ def test_a_watched_run_whose_result_cannot_be_read_here_raises_instead_of_hangin
     store.put_run(done)
     with pytest.raises(StoreFormatError, match=r"^unknown payload codec 'zzz'"):
         job.result(timeout=10)
+
+
+def test_restarting_a_run_on_a_worker_leaves_a_run_executing_elsewhere_alone() -> None:
+    from durable_nb.errors import RunLockedError
+
+    @dn.durable(name="busy_elsewhere")
+    async def wf(ctx: dn.Context, n: int) -> int:
+        return n
+
+    store = runtime.store
+    dn.start(wf, 1, run_id="busy", on="worker")
+    lease = store.acquire_run("busy", "a worker in another process")  # executing there
+    try:
+        with pytest.raises(RunLockedError, match=r"^run 'busy' is already being executed"):
+            dn.start(wf, 1, run_id="busy", restart=True, on="worker")
+        assert store.get_run("busy") is not None  # its history is not pulled from under it
+    finally:
+        lease.release()
+    job = dn.start(wf, 1, run_id="busy", restart=True, on="worker")  # free now: restarts
+    assert job.status() == "queued"

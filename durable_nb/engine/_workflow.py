@@ -1901,21 +1901,35 @@ def _enqueue(
         raise UnstorableValueError(
             f"a run started on a worker needs storable arguments: {e}"
         ) from None
-    if restart:
-        store.delete_run(rid)
-    rec = store.get_run(rid)
-    now = runtime.clock.time()
-    if rec is None:
-        store.put_run(
-            RunRecord(rid, wf.name, "queued", now, now, args=payload, version=wf.version or "")
-        )
-    elif rec.status in ("failed", "completed") and not (
-        rec.status == "completed"
-        and (rec.input_hash, rec.code_version)
-        == (wf.binder.hash_bound(bound), _for_run(wf, rec).code_version)
-    ):
-        rec.status, rec.args, rec.updated_at, rec.detail = "queued", payload, now, ""
-        store.put_run(rec)
+    # the run's lease while its record changes: no worker claims it meanwhile, and a run
+    # executing somewhere is left alone (a restart of it is refused, as for a local run)
+    try:
+        lease: RunLease | None = store.acquire_run(rid, runtime.owner)
+    except RunLockedError:
+        if restart:
+            raise
+        lease = None
+    if lease is not None:
+        try:
+            if restart:
+                store.delete_run(rid)
+            rec = store.get_run(rid)
+            now = runtime.clock.time()
+            if rec is None:
+                store.put_run(
+                    RunRecord(
+                        rid, wf.name, "queued", now, now, args=payload, version=wf.version or ""
+                    )
+                )
+            elif rec.status in ("failed", "completed") and not (
+                rec.status == "completed"
+                and (rec.input_hash, rec.code_version)
+                == (wf.binder.hash_bound(bound), _for_run(wf, rec).code_version)
+            ):
+                rec.status, rec.args, rec.updated_at, rec.detail = "queued", payload, now, ""
+                store.put_run(rec)
+        finally:
+            lease.release()
     job: Job[R] = Job(rid, workflow)
     job._watch()
     return job
