@@ -271,3 +271,34 @@ def test_restarting_a_run_on_a_worker_leaves_a_run_executing_elsewhere_alone() -
         lease.release()
     job = dn.start(wf, 1, run_id="busy", restart=True, on="worker")  # free now: restarts
     assert job.status() == "queued"
+
+
+def test_concurrent_calls_of_a_shared_effect_in_one_process_execute_once() -> None:
+    """Two runs of a worker (one process, one owner) call one shared key at once."""
+    calls: list[int] = []
+
+    @dn.effect(shared=True)
+    async def fetch(x: int) -> int:
+        calls.append(x)
+        await asyncio.sleep(0.05)
+        return x * 2
+
+    @dn.effect(shared=True)
+    def fetch_sync(x: int) -> int:
+        calls.append(x)
+        time.sleep(0.05)
+        return x * 3
+
+    async def body() -> list[int]:
+        return list(await asyncio.gather(fetch(1), fetch(1)))
+
+    assert asyncio.run(body()) == [2, 2]
+    assert calls == [1]
+
+    async def threads() -> list[int]:
+        return list(
+            await asyncio.gather(asyncio.to_thread(fetch_sync, 2), asyncio.to_thread(fetch_sync, 2))
+        )
+
+    assert asyncio.run(threads()) == [6, 6]
+    assert calls == [1, 2]

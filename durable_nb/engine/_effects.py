@@ -297,13 +297,13 @@ class EffectFunction(Generic[P, R]):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> R:
-        rec = scope.claim_sync(key4, self._claim_seconds(None))
+        rec, claimer = scope.claim_sync(key4, self._claim_seconds(None))
         if rec is not None:
             return cast(R, replay(scope, rec))
         try:
             return self._execute_sync(scope, key4, seq, args, kwargs)
         finally:
-            scope.release_claim(key4)
+            scope.release_claim(key4, claimer)
 
     async def _claimed_async(
         self,
@@ -317,7 +317,7 @@ class EffectFunction(Generic[P, R]):
         retry: Retry | None = None,
         timeout: float | None = None,
     ) -> Any:
-        rec = await scope.claim_async(key4, self._claim_seconds(timeout))
+        rec, claimer = await scope.claim_async(key4, self._claim_seconds(timeout))
         if rec is not None:
             return replay(scope, rec)
         try:
@@ -325,7 +325,7 @@ class EffectFunction(Generic[P, R]):
                 scope, key4, seq, args, kwargs, in_thread, retry=retry, timeout=timeout
             )
         finally:
-            scope.release_claim(key4)
+            scope.release_claim(key4, claimer)
 
     # -------------------------------------------------------------- execution
     def _make_record(

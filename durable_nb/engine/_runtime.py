@@ -13,6 +13,7 @@ import atexit
 import concurrent.futures
 import contextlib
 import contextvars
+import itertools
 import os
 import sys
 import threading
@@ -43,6 +44,15 @@ T = TypeVar("T")
 Key4 = tuple[str, str, str, int]
 
 
+def _claimer() -> str:
+    """The owner of one call's claim: calls in one process (runs of a worker, threads) must
+    not count as one owner, or each would take the others' claim for its own."""
+    return f"{runtime.owner} call {next(_claim_numbers)}"
+
+
+_claim_numbers = itertools.count(1)
+
+
 class TopScope:
     """Effects called outside any run: memoized per notebook (or script), or shared."""
 
@@ -68,46 +78,51 @@ class TopScope:
     def lookup(self, key4: Key4, seq: int) -> EffectRecord | None:
         return runtime.store.get_effect((self.scope_id, *key4))
 
-    # claims of shared keys (see EffectFunction._claimed_sync): None means "execute it"
-    def claim_sync(self, key4: Key4, seconds: float) -> EffectRecord | None:
+    # claims of shared keys (see EffectFunction._claimed_sync): ``(record, claimer)``, and a
+    # record of None means "execute it, then release_claim(key4, claimer)"
+    def claim_sync(self, key4: Key4, seconds: float) -> tuple[EffectRecord | None, str]:
+        claimer = _claimer()
         delay = 0.01
         while True:
-            decided, rec = self._try_claim(key4, seconds)
+            decided, rec = self._try_claim(key4, seconds, claimer)
             if decided:
-                return rec
+                return rec, claimer
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
 
-    async def claim_async(self, key4: Key4, seconds: float) -> EffectRecord | None:
+    async def claim_async(self, key4: Key4, seconds: float) -> tuple[EffectRecord | None, str]:
+        claimer = _claimer()
         delay = 0.01
         while True:
-            decided, rec = self._try_claim(key4, seconds)
+            decided, rec = self._try_claim(key4, seconds, claimer)
             if decided:
-                return rec
+                return rec, claimer
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
 
-    def _try_claim(self, key4: Key4, seconds: float) -> tuple[bool, EffectRecord | None]:
+    def _try_claim(
+        self, key4: Key4, seconds: float, claimer: str
+    ) -> tuple[bool, EffectRecord | None]:
         """``(True, None)`` once claimed (execute it), ``(True, record)`` when another holder
         recorded it meanwhile (replay it), ``(False, None)`` while another holder's claim is
         live (wait)."""
         store, key = runtime.store, (self.scope_id, *key4)
-        if store.claim_effect(key, runtime.owner, seconds):
+        if store.claim_effect(key, claimer, seconds):
             rec = store.get_effect(key)  # recorded between our lookup and our claim?
             if rec is not None:
-                store.release_effect(key, runtime.owner)
+                store.release_effect(key, claimer)
             return True, rec
         # no read while another holds it: its record shows once it lets go (and reading a
         # DuckDB file in a loop would keep it from the holder)
         return False, None
 
-    def release_claim(self, key4: Key4) -> None:
+    def release_claim(self, key4: Key4, claimer: str) -> None:
         store = runtime.store
         # the waiters read the record as soon as the claim goes: it must be visible to other
         # processes first (the DuckDB store shows another process's writes once merged)
         with contextlib.suppress(Exception):
             store.flush()
-        store.release_effect((self.scope_id, *key4), runtime.owner)
+        store.release_effect((self.scope_id, *key4), claimer)
 
     def record(self, rec: EffectRecord) -> None:
         runtime.store.put_effects([rec])
