@@ -302,3 +302,59 @@ def test_concurrent_calls_of_a_shared_effect_in_one_process_execute_once() -> No
 
     assert asyncio.run(threads()) == [6, 6]
     assert calls == [1, 2]
+
+
+def test_starting_a_continued_as_new_run_on_a_worker_again_executes_nothing() -> None:
+    from durable_nb.worker import Worker
+
+    executed: list[int] = []
+
+    @dn.effect
+    def step(n: int) -> int:
+        executed.append(n)
+        return n
+
+    @dn.durable(name="can_loop")
+    async def loop(ctx: dn.Context, n: int) -> int:
+        step(n)
+        if n < 2:
+            ctx.continue_as_new(n + 1)
+        return n
+
+    assert dn.run(loop, 0, run_id="L") == 2
+    assert executed == [0, 1, 2]
+    assert dn.run(loop, 0, run_id="L") == 2  # here: its recorded outcome
+    assert executed == [0, 1, 2]
+    job = dn.start(loop, 0, run_id="L", on="worker")  # on a worker: the same
+    (out,) = _serve_until(Worker([loop], concurrency=1, grace=5), [job])
+    assert out == 2
+    assert executed == [0, 1, 2]
+
+
+def test_a_failed_later_generation_requeued_on_a_worker_resumes_on_its_own_arguments() -> None:
+    from durable_nb.worker import Worker
+
+    executed: list[int] = []
+    fail = {"at": 2}
+
+    @dn.effect
+    def step(n: int) -> int:
+        executed.append(n)
+        if n == fail["at"]:
+            raise RuntimeError("boom")
+        return n
+
+    @dn.durable(name="can_loop_fail")
+    async def loop(ctx: dn.Context, n: int) -> int:
+        await ctx.run(step, n, retry=dn.Retry(attempts=1))
+        if n < 2:
+            ctx.continue_as_new(n + 1)
+        return n
+
+    with pytest.raises(RuntimeError, match=r"^boom$"):
+        dn.run(loop, 0, run_id="F")
+    fail["at"] = -1
+    job = dn.start(loop, 0, run_id="F", on="worker")
+    (out,) = _serve_until(Worker([loop], concurrency=1, grace=5), [job])
+    assert out == 2
+    assert executed == [0, 1, 2, 2]  # generation 2 again, not the run from generation 0

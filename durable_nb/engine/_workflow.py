@@ -1923,10 +1923,13 @@ def _enqueue(
                 )
             elif rec.status in ("failed", "completed") and not (
                 rec.status == "completed"
-                and (rec.input_hash, rec.code_version)
-                == (wf.binder.hash_bound(bound), _for_run(wf, rec).code_version)
+                # a later generation runs on continue_as_new's arguments, not the caller's
+                and (rec.generation > 0 or rec.input_hash == wf.binder.hash_bound(bound))
+                and rec.code_version == _for_run(wf, rec).code_version
             ):
-                rec.status, rec.args, rec.updated_at, rec.detail = "queued", payload, now, ""
+                rec.status, rec.updated_at, rec.detail = "queued", now, ""
+                if rec.generation == 0:
+                    rec.args = payload
                 store.put_run(rec)
         finally:
             lease.release()
