@@ -3,8 +3,8 @@
     python benchmarks/run.py [--quick] [--no-write]
 
 Runs ``bench_engine``, ``bench_hashing``, ``bench_codecs``, ``bench_notebook``,
-``bench_widget`` and
-``peers.run_all`` one after the other, each in its own fresh interpreter (so one's memory,
+``bench_widget``,
+``peers.run_all`` and ``bench_postgres`` one after the other, each in its own fresh interpreter (so one's memory,
 threads and open stores cannot disturb the next, and a failure is reported instead of
 stopping the rest), prints a summary table with the issue's targets and the ratios to the
 peers measured in the same run, then the full figures of every part. Unless ``--no-write``
@@ -57,6 +57,18 @@ PARTS: dict[str, tuple[str, int, dict[str, Any], dict[str, Any]]] = {
         300,
         {},
         {"duron_steps": 200, "dbos_steps": 50, "hash_nbytes": 10_000_000},
+    ),
+    "postgres": (
+        "bench_postgres",
+        900,
+        {},
+        {
+            "n_effects": 500,
+            "repeats": 1,
+            "claim_starts": 10,
+            "dbos_default_starts": 4,
+            "tp_runs": 40,
+        },
     ),
 }
 
@@ -480,6 +492,72 @@ def summary(parts: dict[str, Any], quick: bool = False) -> list[list[str]]:
             )
         ours_txt = "n/a" if ours is None else f"stale {ours}, step ran again: {ran}"
         rows.append([label, ours_txt, target, meets, peers_txt, "—"])
+    rows += _postgres_rows(parts)
+    return rows
+
+
+def _postgres_rows(parts: dict[str, Any]) -> list[list[str]]:
+    """The PostgreSQL store and workers beside DBOS on the same server (``bench_postgres``)."""
+    rows: list[list[str]] = []
+
+    def pg(*words: str) -> Any:
+        return _find(parts, "postgres", *words)
+
+    for label in ("sequential, 1 run", "50 concurrent runs"):
+        ours = pg("durable_nb: effects recorded per second", label, "median")
+        theirs = pg("dbos: effects recorded per second", label, "median")
+        rows.append(
+            [
+                f"PostgreSQL: effects recorded per second, {label} (trivial async steps)",
+                _fmt(ours, "/s"),
+                "—",
+                "",
+                f"DBOS steps, same server {_fmt(theirs, '/s')}",
+                f"vs DBOS: {_ratio(ours, theirs, higher_is_better=True)}",
+            ]
+        )
+    claim = "durable_nb claim latency"
+    dbos_fast = pg("dbos queue pick-up latency", "every 0.1 s", "median")
+    dbos_default = pg("dbos queue pick-up latency", "its default", "median")
+    for stat, target in (("median", 50.0), ("p95", None)):
+        ours = pg(claim, f": {stat}")
+        fast, default = (
+            (dbos_fast, dbos_default)
+            if stat == "median"
+            else (
+                pg("dbos queue pick-up latency", "every 0.1 s", "p95"),
+                pg("dbos queue pick-up latency", "its default", "p95"),
+            )
+        )
+        rows.append(
+            [
+                f"PostgreSQL: claim latency, `dn.start(on='worker')` to the effect's first line "
+                f"in an idle worker process, {stat}",
+                _fmt(ours, "ms"),
+                f"< {target:g} ms" if target else "—",
+                _meets(ours, "<", target) if target else "",
+                f"DBOS queue (polled, not notified): {_fmt(fast, 'ms')} at a 0.1 s poll; "
+                f"{_fmt(default, 'ms')} at its default 1 s",
+                f"vs DBOS 0.1 s poll: {_ratio(ours, fast)}; vs DBOS default: "
+                f"{_ratio(ours, default)}",
+            ]
+        )
+    for k in (1, 2, 4):
+        what = f"{k} worker process{'es' if k > 1 else ''} ("
+        ours = pg(f"durable_nb throughput, {what}", "median")
+        theirs = pg(f"dbos throughput, {what}", "median")
+        rows.append(
+            [
+                f"PostgreSQL: throughput, {k} worker process{'es' if k > 1 else ''} on this "
+                "machine, runs of 10 effects",
+                _fmt(ours, "runs/s"),
+                "—",
+                "",
+                f"DBOS, {k} process{'es' if k > 1 else ''} on a queue (0.1 s poll) "
+                f"{_fmt(theirs, 'runs/s')}",
+                f"vs DBOS: {_ratio(ours, theirs, higher_is_better=True)}",
+            ]
+        )
     return rows
 
 
@@ -528,7 +606,7 @@ def machine() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             return "not installed"
 
-    dists = ("duckdb", "pyarrow", "xxhash", "numpy", "pandas", "duron", "dbos", "joblib")
+    dists = ("duckdb", "pyarrow", "xxhash", "numpy", "pandas", "duron", "dbos", "joblib", "psycopg")
     return {
         "nproc": str(nproc),
         "cpu": cpu,
@@ -582,6 +660,7 @@ def report(parts: dict[str, Any], quick: bool, total_s: float) -> str:
         "notebook": "durable_nb in a notebook (`bench_notebook.py`)",
         "widget": "the trace widget: live-update cost in the kernel, render in chromium (`bench_widget.py`)",
         "peers": "peers (`peers.run_all`)",
+        "postgres": "PostgreSQL store and workers beside DBOS on the same server (`bench_postgres.py`)",
     }
     for part, title in titles.items():
         data = parts.get(part, {})
