@@ -515,9 +515,10 @@ def _expected(n: int) -> int:
 
 def dn_throughput(
     workers: int, n_runs: int, n_effects: int, repeats: int
-) -> list[tuple[float, float]]:
-    """(runs/s, seconds to queue the runs) per repeat, on one schema and one set of workers."""
-    out: list[tuple[float, float]] = []
+) -> list[tuple[float, float, float]]:
+    """(runs/s, seconds to queue the runs, CPU cores this process used meanwhile) per repeat,
+    on one schema and one set of workers."""
+    out: list[tuple[float, float, float]] = []
     with _fresh_schema(f"tp{workers}") as schema, _workers("dn", workers, schema):
         dn.set_store(_url(schema))
         try:
@@ -526,17 +527,18 @@ def dn_throughput(
                 job.result(timeout=60)
             for rep in range(repeats):
                 time.sleep(0.5)  # the workers (and their watchers) settle
-                t0 = time.time()
+                t0, c0 = time.time(), time.process_time()
                 jobs = [
                     dn.start(steps, n_effects, run_id=f"tp{rep}-{i}", on="worker")
                     for i in range(n_runs)
                 ]
                 queued = time.time() - t0
                 last = _wait_completed(schema, "dn_runs", f"tp{rep}-", n_runs, 600)
+                cpu = time.process_time() - c0
                 for job in jobs:  # every run's result, through its job, is right
                     if job.result(timeout=60) != _expected(n_effects):
                         raise AssertionError(f"run {job.run_id} returned a wrong result")
-                out.append((n_runs / (last - t0), queued))
+                out.append((n_runs / (last - t0), queued, cpu / (last - t0)))
         finally:
             dn.set_store(":memory:")
     return out
@@ -544,8 +546,8 @@ def dn_throughput(
 
 def dbos_throughput(
     workers: int, n_runs: int, n_effects: int, repeats: int
-) -> list[tuple[float, float]]:
-    out: list[tuple[float, float]] = []
+) -> list[tuple[float, float, float]]:
+    out: list[tuple[float, float, float]] = []
     with (
         _fresh_schema(f"dbostp{workers}") as schema,
         _workers("dbos", workers, schema),
@@ -556,23 +558,24 @@ def dbos_throughput(
             h.get_result(polling_interval_sec=0.05)
         for rep in range(repeats):
             time.sleep(0.5)
-            t0 = time.time()
+            t0, c0 = time.time(), time.process_time()
             handles = [
                 _dbos_enqueue(client, "bench_pg_steps", f"tp{rep}-{i}", n_effects)
                 for i in range(n_runs)
             ]
             queued = time.time() - t0
             last = _wait_completed(schema, "workflow_status", f"tp{rep}-", n_runs, 600)
+            cpu = time.process_time() - c0
             for h in handles:
                 if h.get_result(polling_interval_sec=0.05) != _expected(n_effects):
                     raise AssertionError(f"DBOS run {h.get_workflow_id()} returned a wrong result")
-            out.append((n_runs / (last - t0), queued))
+            out.append((n_runs / (last - t0), queued, cpu / (last - t0)))
     return out
 
 
 def _throughput_rows(
     who: str,
-    fn: Callable[[int, int, int, int], list[tuple[float, float]]],
+    fn: Callable[[int, int, int, int], list[tuple[float, float, float]]],
     k: int,
     n_runs: int,
     n_effects: int,
@@ -580,7 +583,7 @@ def _throughput_rows(
 ) -> list[dict[str, Any]]:
     what = f"{k} worker process{'es' if k > 1 else ''}"
     got = fn(k, n_runs, n_effects, repeats)
-    rates = [r for r, _ in got]
+    rates = [r for r, _, _ in got]
     rate = statistics.median(rates)
     return [
         _row(
@@ -596,8 +599,14 @@ def _throughput_rows(
         ),
         _row(
             f"{who} throughput, {what}: queueing the {n_runs} runs (one process)",
-            round(statistics.median(q for _, q in got), 2),
+            round(statistics.median(q for _, q, _ in got), 2),
             "s",
+        ),
+        _row(
+            f"{who} throughput, {what}: CPU of the starting process (queueing, following the "
+            "runs) per second of the measurement",
+            round(statistics.median(c for _, _, c in got), 2),
+            "cores",
         ),
     ]
 
