@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -220,3 +221,41 @@ def test_worker_command_serves_a_duckdb_store_until_sigterm(tmp_path: Path) -> N
         _, werr = proc.communicate(timeout=60)
     assert proc.returncode == 0, werr
     assert "serving job" in werr and "stopped after 3 run(s)" in werr
+
+
+@pytest.mark.postgres
+def test_a_run_whose_lease_is_lost_stops_executing(pg_url: str) -> None:
+    """Fencing: when this process can no longer renew a run's lease (here: another process
+    took the run over after it expired), the run stops at once instead of executing on beside
+    the new holder, and its Job says why."""
+    import psycopg
+
+    from durable_nb.store._postgres import PostgresStore
+
+    from .conftest import PG_TEST_KEY
+
+    store = PostgresStore(pg_url, key=PG_TEST_KEY, lease_seconds=0.6)
+    dn.set_store(store)
+    dn.set_clock(None)
+    gate_reached = []
+
+    @dn.durable(name="fenced")
+    async def fenced(ctx: dn.Context) -> str:
+        gate_reached.append(1)
+        await asyncio.sleep(60)  # a long step: the lease is lost meanwhile
+        return "finished"
+
+    job = dn.start(fenced, run_id="fenced-1")
+    while not gate_reached:
+        time.sleep(0.01)
+    schema = pg_url.rsplit("schema=", 1)[1]
+    with psycopg.connect(pg_url.split("?")[0], autocommit=True) as conn:  # "another holder"
+        conn.execute(
+            f"UPDATE {schema}.dn_leases SET owner = 'someone else', token = 'theirs' "
+            "WHERE run_id = 'fenced-1'"
+        )
+    with pytest.raises(dn.RunLockedError, match=r"^run 'fenced-1' lost its lease"):
+        job.result(timeout=30)
+    with psycopg.connect(pg_url.split("?")[0], autocommit=True) as conn:
+        holder = conn.execute(f"SELECT owner FROM {schema}.dn_leases").fetchall()
+    assert holder == [("someone else",)], "the lost lease must not be released over its new holder"

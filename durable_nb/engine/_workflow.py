@@ -1441,6 +1441,7 @@ class Job(Generic[R]):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._state: RunState | None = None
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
+        self._lease_lost = False
 
     def __repr__(self) -> str:
         return f"<durable_nb.Job run_id={self.run_id!r} status={self.status()!r}>"
@@ -1978,6 +1979,7 @@ async def _drive(
     try:
         if lease is None:
             lease = store.acquire_run(job.run_id, runtime.owner)
+        lease.on_lost = functools.partial(_lease_lost, job, asyncio.get_running_loop())
         rec = store.get_run(job.run_id)
         if rec is not None and restart:
             store.delete_run(job.run_id)
@@ -2069,12 +2071,20 @@ async def _drive(
                     "with restart=True to run it afresh"
                 ),
             )
-        else:  # interrupted (Ctrl-C, loop shutdown): the run stays resumable
+        else:  # interrupted (Ctrl-C, loop shutdown, lease lost): the run stays resumable
             if state is not None:
-                state.event("interrupted", _stats(state))
+                state.event("interrupted", {**_stats(state), "lease_lost": job._lease_lost})
             outcome = (
                 False,
-                KeyboardInterrupt(f"run {job.run_id!r} was interrupted; run it again to resume"),
+                RunLockedError(
+                    f"run {job.run_id!r} lost its lease (the store could not renew it in time), "
+                    "so another process may have taken it over; it stopped here and resumes "
+                    "wherever it is executed next"
+                )
+                if job._lease_lost
+                else KeyboardInterrupt(
+                    f"run {job.run_id!r} was interrupted; run it again to resume"
+                ),
             )
     except BaseException as e:
         if state is not None and state.run.status != "completed":
@@ -2254,6 +2264,19 @@ async def _cancel_children(state: RunState) -> None:
         for f in ending:  # their outcome (cancelled) is the children's own business
             if f.done() and not f.cancelled():
                 f.exception()
+
+
+def _lease_lost(job: Job[Any], loop: asyncio.AbstractEventLoop) -> None:
+    """The store says this process no longer holds the run's lease (called from the store's
+    thread): stop executing it, so two processes never go on executing one run together."""
+
+    def stop() -> None:
+        job._lease_lost = True
+        if job._task is not None and not job._task.done():
+            job._task.cancel()
+
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nothing runs any more
+        loop.call_soon_threadsafe(stop)
 
 
 def _stats(state: RunState) -> dict[str, Any]:

@@ -47,6 +47,7 @@ import re
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -285,6 +286,35 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+class _WorkSignal:
+    """Wake-ups for ``wait_for_work``, never missed: a counter each waiting thread compares
+    with the value it saw last (an Event cleared by one waiter would hide a wake-up from
+    another thread of the same process, such as a worker and a job watcher)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._seq = 0
+        self._seen = threading.local()
+
+    def set(self) -> None:
+        with self._cond:
+            self._seq += 1
+            self._cond.notify_all()
+
+    def mark(self) -> None:
+        """This thread has looked for work now: a wake-up after this ends its next wait."""
+        with self._cond:
+            self._seen.seq = self._seq
+
+    def wait(self, timeout: float) -> None:
+        with self._cond:
+            seen = getattr(self._seen, "seq", None)
+            if seen is None or seen == self._seq:
+                start = self._seq
+                self._cond.wait_for(lambda: self._seq != start, timeout)
+            self._seen.seq = self._seq
+
+
 class PostgresStore:
     """Runs and effects in a PostgreSQL schema, shared by processes and machines.
 
@@ -343,8 +373,9 @@ class PostgresStore:
         self._closed = False
         self._lock = threading.Lock()
         self._held: dict[str, str] = {}  # lease token -> run id, renewed by the heartbeat
+        self._lease_objs: dict[str, RunLease] = {}  # lease token -> the holder's RunLease
         self._stop = threading.Event()
-        self._work = threading.Event()
+        self._work = _WorkSignal()
         self._heartbeat: threading.Thread | None = None
         self._listener: threading.Thread | None = None
 
@@ -819,8 +850,10 @@ class PostgresStore:
         return json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
 
     def _lease(self, run_id: str, owner: str, token: str) -> RunLease:
+        lease = RunLease(run_id, owner)
         with self._lock:
             self._held[token] = run_id
+            self._lease_objs[token] = lease
             if self._heartbeat is None:
                 self._heartbeat = threading.Thread(
                     target=self._heartbeat_loop, name="durable_nb-pg-heartbeat", daemon=True
@@ -830,6 +863,7 @@ class PostgresStore:
 
         def release() -> None:
             with self._lock:
+                self._lease_objs.pop(token, None)
                 if self._held.pop(token, None) is None or self._closed:
                     return  # lost (taken over after it expired) or released by close()
             try:
@@ -837,7 +871,8 @@ class PostgresStore:
             except StoreError as e:  # the lease expires by itself; nothing else to undo
                 _log.warning("durable_nb: could not release the lease of run %r: %s", run_id, e)
 
-        return RunLease(run_id, owner, release)
+        lease._release = release
+        return lease
 
     def acquire_run(self, run_id: str, owner: str) -> RunLease:
         token = secrets.token_hex(16)
@@ -869,6 +904,7 @@ class PostgresStore:
         )
 
     def claim_run(self, owner: str, workflows: Sequence[str]) -> tuple[RunRecord, RunLease] | None:
+        self._work.mark()  # work arriving while we look must end the next wait_for_work
         names = list(workflows)
         if not names:
             self._check_open()
@@ -906,25 +942,42 @@ class PostgresStore:
         return {r[0] for r in rows}
 
     def _heartbeat_loop(self) -> None:
+        renewed = time.monotonic()  # when the leases were last known to be ours
         while not self._stop.wait(self._lease_seconds / 3):
             with self._lock:
                 tokens = list(self._held)
             if not tokens:
+                renewed = time.monotonic()
                 continue
             try:
                 kept = self._renew(tokens)
             except StoreError as e:  # the next beat tries again; leases outlive a short outage
-                if not self._closed:
-                    _log.warning("durable_nb: could not renew run leases: %s", e)
-                continue
+                if self._closed:
+                    continue
+                _log.warning("durable_nb: could not renew run leases: %s", e)
+                if time.monotonic() - renewed < self._lease_seconds:
+                    continue
+                kept = set()  # expired by now: another process may hold them
+            else:
+                renewed = time.monotonic()
+            lost: list[RunLease] = []
             with self._lock:
                 for token in tokens:
                     if token not in kept and (run_id := self._held.pop(token, None)):
                         _log.warning(
                             "durable_nb: the lease of run %r expired before it was renewed "
-                            "and another process may have taken the run over",
+                            "and another process may have taken the run over; this process "
+                            "stops executing it",
                             run_id,
                         )
+                        lease = self._lease_objs.pop(token, None)
+                        if lease is not None:
+                            lost.append(lease)
+            for lease in lost:  # outside the lock: the engine interrupts the run
+                try:
+                    lease.lost()
+                except Exception:
+                    _log.exception("durable_nb: interrupting run %r failed", lease.run_id)
 
     # ------------------------------------------------------------------ wake-ups
     def wait_for_work(self, timeout: float) -> None:
@@ -937,8 +990,7 @@ class PostgresStore:
                     target=self._listen_loop, name="durable_nb-pg-listen", daemon=True
                 )
                 self._listener.start()
-        if self._work.wait(timeout):
-            self._work.clear()
+        self._work.wait(timeout)
 
     def _listen_loop(self) -> None:
         listen = sql.SQL("LISTEN {}").format(sql.Identifier(self._channel))

@@ -117,15 +117,27 @@ class EventRecord:
 
 @dataclass(slots=True)
 class RunLease:
-    """Proof that this process may execute a run; ``release()`` is idempotent."""
+    """Proof that this process may execute a run; ``release()`` is idempotent.
+
+    A store whose leases can expire under a live holder (PostgreSQL: renewals failed for
+    longer than the lease) calls :meth:`lost`, which runs ``on_lost`` (set by the engine: it
+    interrupts the run, so two processes never go on executing it together)."""
 
     run_id: str
     owner: str
     _release: object = field(default=None, repr=False)
+    on_lost: object = field(default=None, repr=False)
 
     def release(self) -> None:
         fn = self._release
         self._release = None
+        if callable(fn):
+            fn()
+
+    def lost(self) -> None:
+        """Called by the store when this lease is no longer held (idempotent)."""
+        self._release = None
+        fn, self.on_lost = self.on_lost, None
         if callable(fn):
             fn()
 
