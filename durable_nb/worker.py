@@ -9,6 +9,7 @@ its history wherever it is taken over. ``durable-nb worker MODULE...`` is the co
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import importlib.util
 import logging
@@ -211,7 +212,8 @@ class Worker:
     def _done(self, run_id: str) -> None:
         self._active.pop(run_id, None)
         self.finished += 1
-        self._loop.call_soon_threadsafe(self._freed.set)
+        with contextlib.suppress(RuntimeError):  # serve() ended and closed its loop
+            self._loop.call_soon_threadsafe(self._freed.set)
 
     async def _drain(self) -> None:
         jobs = list(self._active.values())
