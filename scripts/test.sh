@@ -12,6 +12,14 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -
         || echo "test.sh: could not install chromium; the browser test will not run" >&2
 fi
 
+# The PostgreSQL tests need the server on 127.0.0.1:5432; start the local cluster if it is
+# installed but stopped. Under CI=true an unreachable server fails those tests.
+if command -v pg_isready >/dev/null 2>&1 && ! pg_isready -q -h 127.0.0.1 -p 5432 \
+    && command -v pg_ctlcluster >/dev/null 2>&1 && [ -d /etc/postgresql ]; then
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start \
+        || echo "test.sh: could not start PostgreSQL; its tests will not run" >&2
+fi
+
 .venv/bin/ruff check durable_nb tests benchmarks
 .venv/bin/ruff format --check durable_nb
 .venv/bin/mypy
