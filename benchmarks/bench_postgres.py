@@ -26,8 +26,10 @@ the bench extra (dbos 3.4.0, psycopg). Every measurement uses a fresh schema of 
 3. **throughput with 1, 2 and 4 worker processes** (``concurrency=16`` each): after a warm-up,
    this process queues R runs of 10 effects (``dn.start(..., on="worker")``) and the
    figure is R / (time of the last run's completion, read from the runs table, minus the
-   time before the first start). DBOS: 1, 2, 4 processes on a queue with
-   ``worker_concurrency=16`` and a 0.1 s poll, runs queued with ``DBOSClient.enqueue``.
+   time before the first start). Also: the seconds to queue them, and the CPU this
+   (starting) process used meanwhile, in cores (its jobs follow the runs through the
+   store). DBOS: 1, 2, 4 processes on a queue with ``worker_concurrency=16`` and a 0.1 s
+   poll, runs queued with ``DBOSClient.enqueue``.
 
 The machine is shared and small (2 cores here): worker processes, this process and the
 PostgreSQL server compete for the same cores, so the multi-worker figures say how the
