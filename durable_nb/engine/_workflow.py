@@ -902,20 +902,34 @@ class Context:
     ) -> Awaitable[R]:
         """Run a sub-workflow as a run of its own and return its result (recorded). The child
         is cancelled with its parent."""
+        child_id, key4, seq, rec = self._child_step("child", workflow, args, kwargs, run_id, "")
+        return self._child(workflow, args, kwargs, child_id, key4, seq, rec)
+
+    def _child_step(
+        self,
+        what: str,
+        workflow: Workflow[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        run_id: str | None,
+        tag: str,
+    ) -> tuple[str, Key4, int, EffectRecord | None]:
+        """The step of ``ctx.<what>(workflow, ...)`` and the child's run id (given, or derived
+        from this run, the workflow, the step's occurrence and the arguments)."""
         if not isinstance(workflow, Workflow):
             raise ArgumentTypeError(
-                f"ctx.child expects a @durable workflow, got {workflow!r}; decorate it with "
+                f"ctx.{what} expects a @durable workflow, got {workflow!r}; decorate it with "
                 "@durable"
             )
         workflow.binder.bind(args, kwargs)
         ih = workflow.binder.input_hash(args, kwargs)
-        key4, seq, rec = self._step("dn.child:" + workflow.name, ih)
+        key4, seq, rec = self._step(f"dn.{what}:" + workflow.name, ih)
         child_id = (
             _check_run_id(run_id)
             if run_id is not None
-            else (f"{self.run_id}/{workflow.name.rsplit('.', 1)[-1]}-{key4[3]}-{ih[:8]}")
+            else f"{self.run_id}/{workflow.name.rsplit('.', 1)[-1]}-{tag}{key4[3]}-{ih[:8]}"
         )
-        return self._child(workflow, args, kwargs, child_id, key4, seq, rec)
+        return child_id, key4, seq, rec
 
     async def _child(
         self,
@@ -947,18 +961,8 @@ class Context:
         resumes it if no process runs it) instead of starting another. The child's
         ``parent_id`` is this run; it is cancelled when this run is cancelled. Use
         ``await ctx.child(...)`` to wait for a child's result durably."""
-        if not isinstance(workflow, Workflow):
-            raise ArgumentTypeError(
-                f"ctx.start_child expects a @durable workflow, got {workflow!r}; decorate it "
-                "with @durable"
-            )
-        workflow.binder.bind(args, kwargs)
-        ih = workflow.binder.input_hash(args, kwargs)
-        key4, seq, rec = self._step("dn.start_child:" + workflow.name, ih)
-        child_id = (
-            _check_run_id(run_id)
-            if run_id is not None
-            else (f"{self.run_id}/{workflow.name.rsplit('.', 1)[-1]}-s{key4[3]}-{ih[:8]}")
+        child_id, key4, seq, rec = self._child_step(
+            "start_child", workflow, args, kwargs, run_id, "s"
         )
         return self._start_child(workflow, args, kwargs, child_id, key4, seq, rec)
 
