@@ -429,7 +429,8 @@ class EffectFunction(Generic[P, R]):
         else:
             failures, started, deadline, due, last = self._attempt_plan(scope, key4, retry)
         t0 = time.perf_counter()
-        scope.note_start(key4, seq, preview_args(args, kwargs))
+        if scope.listeners:  # the argument preview only for a live widget
+            scope.note_start(key4, seq, preview_args(args, kwargs))
         while True:
             if due is not None and (wait := due - clock.time()) > 0:
                 clock.sleep_sync(wait)
@@ -496,7 +497,8 @@ class EffectFunction(Generic[P, R]):
         else:
             failures, started, deadline, due, last = self._attempt_plan(scope, key4, retry)
         t0 = time.perf_counter()
-        scope.note_start(key4, seq, preview_args(args, kwargs))
+        if scope.listeners:  # the argument preview only for a live widget
+            scope.note_start(key4, seq, preview_args(args, kwargs))
         scope.inflight += 1  # while >1 effects are in flight, completions share a write
         try:
             while True:

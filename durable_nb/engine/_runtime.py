@@ -57,6 +57,7 @@ class TopScope:
     """Effects called outside any run: memoized per notebook (or script), or shared."""
 
     __slots__ = ("_counts", "inflight", "scope_id", "shared")
+    listeners: tuple[()] = ()  # nobody watches top-level calls live (runs have listeners)
 
     def __init__(self, scope_id: str, *, shared: bool = False) -> None:
         self.scope_id = scope_id
