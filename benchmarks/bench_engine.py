@@ -314,7 +314,7 @@ def resume_after_restart(n: int, tmp: Path) -> list[dict[str, Any]]:
 
 def outside_a_run(n_calls: int, large_nbytes: int, tmp: Path) -> list[dict[str, Any]]:
     """An effect called at top level (notebook/script scope) on the DuckDB store."""
-    from durable_nb.engine._runtime import runtime
+    from durable_nb.engine import runtime
 
     store = dn.set_store(str(tmp / "top.duckdb"))
     top_inc(-1)  # warm-up: connection, code hash

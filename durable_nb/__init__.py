@@ -1,8 +1,9 @@
 """durable_nb: durable execution for Python and Jupyter.
 
 Layers, lowest first (a lower layer never imports a higher one; ``tests/test_layers.py``
-holds the line): ``errors`` → ``_hashing``, ``_codecs`` → ``store`` → ``engine`` →
-``trace`` / ``client`` → ``cli`` / ``magics`` / ``widgets``. Importing this package loads
+holds the line, and finds no import cycle): ``errors``, ``_version`` → ``_journal``,
+``_hashing``, ``_codecs`` → ``store`` → ``engine`` → ``trace`` / ``client`` / ``worker`` →
+``cli`` / ``magics`` / ``widgets`` → this package. Importing this package loads
 neither DuckDB, pyarrow, numpy nor pandas; the store opens on first use.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 
 from . import errors
+from ._version import __version__
 from .client import Client
 from .engine import (
     Clock,
@@ -31,7 +33,8 @@ from .engine import (
     signal,
     start,
 )
-from .engine._runtime import runtime as _runtime
+from .engine import runtime as _runtime
+from .engine import set_widget_factory as _set_widget_factory
 from .errors import (
     DurableError,
     Interrupted,
@@ -41,8 +44,6 @@ from .errors import (
     SignalTimeoutError,
 )
 from .store import Store
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Client",
@@ -93,6 +94,17 @@ def get_store() -> Store:
 def set_clock(clock: Clock | None) -> None:
     """Use this clock for timers, deadlines and retries (``None``: the system clock)."""
     _runtime.set_clock(clock)
+
+
+def _trace_widget(job: Job[object], **options: object) -> object:
+    """``job.widget()``: the engine asks the package for its widget, so it never imports the
+    widgets layer (which needs the notebook extra, loaded only now)."""
+    from .widgets import TraceWidget
+
+    return TraceWidget(job, **options)  # type: ignore[arg-type]  # options are the widget's
+
+
+_set_widget_factory(_trace_widget)
 
 
 def load_ipython_extension(ip: object) -> None:

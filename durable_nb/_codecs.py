@@ -86,6 +86,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import importlib
+import io
 import json
 import json.scanner
 import math
@@ -109,15 +110,19 @@ from durable_nb.errors import (
 __all__ = [
     "CODECS",
     "PICKLE_PROTOCOL",
+    "TEXT_ERROR_PREFIX",
     "TRACEBACK_ATTR",
     "Payload",
     "RecordedError",
     "Signer",
     "decode",
     "decode_error",
+    "describe_error",
     "encode",
     "encode_error",
+    "ipc_bytes",
     "is_table_codec",
+    "read_ipc",
 ]
 
 CODECS: Final = frozenset(
@@ -582,7 +587,7 @@ def _unpack_table_data(codec: str, data: bytes) -> tuple[dict[str, Any], list[me
     return header, sections
 
 
-def _ipc_bytes(table: Any) -> bytes:
+def ipc_bytes(table: Any) -> bytes:
     import pyarrow as pa
 
     sink = pa.BufferOutputStream()
@@ -591,7 +596,7 @@ def _ipc_bytes(table: Any) -> bytes:
     return cast(bytes, sink.getvalue().to_pybytes())
 
 
-def _read_ipc(section: memoryview) -> Any:
+def read_ipc(section: memoryview) -> Any:
     import pyarrow as pa
 
     return pa.ipc.open_stream(pa.py_buffer(section)).read_all()
@@ -754,11 +759,11 @@ def _table_payload(codec: str, table: Any, header: dict[str, Any]) -> Payload:
 
     stored = _storage_table(table)
     if stored is None:
-        return Payload("arrow_ipc", _pack_table_data(header, [_ipc_bytes(table)]))
+        return Payload("arrow_ipc", _pack_table_data(header, [ipc_bytes(table)]))
     storage, dictionaries = stored
     sections = [table.schema.serialize().to_pybytes()]
     header["dictionaries"] = list(dictionaries)
-    sections.extend(_ipc_bytes(pa.table({"d": d})) for d in dictionaries.values())
+    sections.extend(ipc_bytes(pa.table({"d": d})) for d in dictionaries.values())
     return Payload(codec, _pack_table_data(header, sections), table=storage)
 
 
@@ -938,7 +943,7 @@ def _decode_table(payload: Payload) -> object:
     codec = payload.codec
     header, sections = _unpack_table_data(codec, payload.data)
     if codec == "arrow_ipc":
-        table = _read_ipc(sections[0])
+        table = read_ipc(sections[0])
     else:
         import pyarrow as pa
 
@@ -946,7 +951,7 @@ def _decode_table(payload: Payload) -> object:
             raise _damaged(codec, "the payload has no table")
         schema = pa.ipc.read_schema(pa.py_buffer(sections[0]))
         dictionaries = {
-            int(i): _read_ipc(s).column(0).combine_chunks()
+            int(i): read_ipc(s).column(0).combine_chunks()
             for i, s in zip(header["dictionaries"], sections[1:], strict=True)
         }
         table = _restore_table(payload.table, schema, dictionaries)
@@ -1030,7 +1035,7 @@ class RecordedError(DurableError):
 
 _ERROR_FORMAT: Final = 1
 #: starts an error recorded by a store without a signing key: JSON text, no pickle
-_TEXT_ERROR: Final = b"durable_nb-error-text-1\n"
+TEXT_ERROR_PREFIX: Final = b"durable_nb-error-text-1\n"
 
 
 def _safe_str(exc: BaseException) -> str:
@@ -1079,13 +1084,13 @@ def encode_error(exc: BaseException, signer: Signer) -> Payload:
             k: record[k] for k in ("module", "qualname", "message", "traceback")
         }
         text["args"] = list(exc.args) if _json_ok(list(exc.args)) else None
-        return Payload("error", _TEXT_ERROR + json.dumps(text).encode())
+        return Payload("error", TEXT_ERROR_PREFIX + json.dumps(text).encode())
     return Payload("error", signer.sign(pickle.dumps(record, protocol=PICKLE_PROTOCOL)))
 
 
 def _text_error_record(data: bytes) -> dict[str, Any]:
     try:
-        text = json.loads(data[len(_TEXT_ERROR) :])
+        text = json.loads(data[len(TEXT_ERROR_PREFIX) :])
         fields = {k: text[k] for k in ("module", "qualname", "message", "traceback")}
         json_args = text.get("args")
     except (ValueError, TypeError, KeyError, AttributeError) as e:
@@ -1116,7 +1121,7 @@ def decode_error(payload: Payload, signer: Signer) -> BaseException:
             f"decode_error() takes an 'error' payload, got codec {payload.codec!r}; "
             "use decode() for results"
         )
-    if payload.data.startswith(_TEXT_ERROR):
+    if payload.data.startswith(TEXT_ERROR_PREFIX):
         record = _text_error_record(payload.data)
     else:
         record = pickle.loads(signer.verify(payload.data, what="a stored error"))
@@ -1140,6 +1145,33 @@ def decode_error(payload: Payload, signer: Signer) -> BaseException:
     except Exception:  # an exception class that refuses attributes still replays
         pass
     return exc
+
+
+class _NoImports(pickle.Unpickler):
+    """Unpickles plain containers only: an error record is a dict of str, bytes and None, and
+    reading it to describe it must never import (let alone run) the code that raised."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"{module}.{name} is not plain data")
+
+
+def describe_error(payload: Payload, signer: Signer) -> str:
+    """``Type('message')`` of a recorded error, read without rebuilding the exception (so
+    without importing its module): for traces, which must never run user code."""
+    data = payload.data
+    if payload.codec != "error":
+        return "error"
+    try:
+        if data.startswith(TEXT_ERROR_PREFIX):
+            record = json.loads(data[len(TEXT_ERROR_PREFIX) :])
+        else:
+            signed = signer.verify(data, what="a stored error")
+            record = _NoImports(io.BytesIO(signed)).load()
+        return f"{record['qualname']}({record['message']!r})"
+    except PayloadIntegrityError:
+        return "error (its record is signed by another key and was not read)"
+    except Exception as e:  # a damaged or newer record: the trace still shows the rest
+        return f"error (its record cannot be read: {type(e).__name__})"
 
 
 def _rebuild_error(record: dict[str, Any]) -> BaseException:

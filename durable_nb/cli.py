@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import click
 
 from . import errors
+from ._journal import RUN_STATUSES
 from .trace import format_run, format_runs, format_trace
 
 __all__ = ["cli", "main"]
@@ -30,7 +31,6 @@ _STORE_HELP = (
     "Store to use: a DuckDB file path, :memory: or postgresql://... "
     "(default: $DURABLE_NB_STORE, else .durable_nb/store.duckdb)."
 )
-_STATUSES = ("queued", "running", "waiting", "completed", "failed", "cancelled")
 
 
 def _remember_store(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
@@ -52,8 +52,8 @@ def store_option(fn: F) -> F:
 def _client(ctx: click.Context, *, create: bool = False) -> Any:
     """The Client on the chosen store. A DuckDB path that does not exist is an error unless
     the command writes (``create``): a typo must not leave an empty store behind."""
-    import durable_nb as dn
-
+    from .client import Client
+    from .engine import runtime
     from .store import default_store_url
 
     url = (ctx.find_root().obj or {}).get("store") or default_store_url()
@@ -63,8 +63,8 @@ def _client(ctx: click.Context, *, create: bool = False) -> Any:
             f"no store at {url!r}; run the command in the folder of the notebook that uses it, "
             "or pass --store PATH (or set DURABLE_NB_STORE)"
         )
-    dn.set_store(os.path.expanduser(url) if local else url)
-    return dn.Client()
+    runtime.set_store(os.path.expanduser(url) if local else url)
+    return Client()
 
 
 def _echo_json(value: Any) -> None:
@@ -90,7 +90,7 @@ def cli(ctx: click.Context, store: str | None) -> None:
 
 
 @cli.command()
-@click.option("--status", type=click.Choice(_STATUSES), help="Only runs in this status.")
+@click.option("--status", type=click.Choice(RUN_STATUSES), help="Only runs in this status.")
 @click.option("--workflow", metavar="NAME", help="Only runs of this workflow.")
 @click.option(
     "--since",
@@ -256,7 +256,7 @@ def forget(ctx: click.Context, run_id: str, keep_children: bool) -> None:
 @click.option(
     "--status",
     "statuses",
-    type=click.Choice(_STATUSES),
+    type=click.Choice(RUN_STATUSES),
     multiple=True,
     help="Prune runs in this status (repeatable; default: completed, failed and cancelled).",
 )

@@ -30,6 +30,17 @@ from dataclasses import fields
 from datetime import datetime, timedelta
 from typing import IO, TYPE_CHECKING, Any
 
+from . import _codecs
+from ._journal import (
+    CANCEL_SIGNAL,
+    CLOSING_EVENTS,
+    SHARED_SCOPE,
+    TOP_SCOPE_PREFIX,
+    check_name,
+    check_run_id,
+    json_text,
+    run_of_scope,
+)
 from .errors import (
     ArgumentError,
     ArgumentTypeError,
@@ -63,7 +74,6 @@ EXPORT_FORMAT = "durable_nb-export"
 _EXPORT_VERSION = 1
 _ALL = 1 << 62  # "no limit" for list_runs
 _SIGNED_CODECS = ("pickle", "error")  # payloads whose bytes carry the store key's MAC
-_STAT_EVENTS = ("completed", "failed", "cancelled", "interrupted", "continued_as_new")
 _OWNER = f"durable_nb admin pid {os.getpid()}"
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -113,12 +123,6 @@ def parse_time(value: str | float | datetime | timedelta, *, now: float | None =
         f"a time must be epoch seconds, a datetime, an ISO date like '2024-05-01' or "
         f"'2024-05-01T12:00', or a duration ago like '2h' or '7d', got {value!r}"
     )
-
-
-def _check_run_id(run_id: object) -> str:
-    if not isinstance(run_id, str) or not run_id:
-        raise ArgumentTypeError(f"run_id must be a non-empty str, got {run_id!r}")
-    return run_id
 
 
 def _b64(data: bytes) -> str:
@@ -172,7 +176,7 @@ class Client:
         return f"<durable_nb.Client {where}>"
 
     def _get(self, run_id: str) -> RunRecord:
-        rec = self.store.get_run(_check_run_id(run_id))
+        rec = self.store.get_run(check_run_id(run_id))
         if rec is None:
             raise RunNotFoundError(
                 f"no run {run_id!r} in the store {self.store.url!r}; list runs with "
@@ -214,11 +218,11 @@ class Client:
 
     def run(self, run_id: str) -> dict[str, Any]:
         """A run's record with its steps, waits, pending signals, children and totals."""
-        return run_info(self.store, _check_run_id(run_id))
+        return run_info(self.store, check_run_id(run_id))
 
     def trace(self, run_id: str) -> dict[str, Any]:
         """The run's trace (:func:`durable_nb.trace.run_trace`)."""
-        return run_trace(self.store, _check_run_id(run_id))
+        return run_trace(self.store, check_run_id(run_id))
 
     def history(self, run_id: str) -> list[dict[str, Any]]:
         """Every step and event of the run in time order (``"type": "step"`` or ``"event"``)."""
@@ -267,7 +271,7 @@ class Client:
             by_status[r.status] = by_status.get(r.status, 0) + 1
             by_workflow[r.workflow] = by_workflow.get(r.workflow, 0) + 1
             for ev in self.store.load_events(r.run_id):
-                if ev.kind not in _STAT_EVENTS or not ev.data:
+                if ev.kind not in CLOSING_EVENTS or not ev.data:
                     continue
                 try:
                     data = json.loads(ev.data)
@@ -299,11 +303,11 @@ class Client:
         if self.store is runtime.store:
             signal(run_id, name, payload)  # also reaches a run executing in this process
             return
-        from .engine._workflow import _check_name, _json_text, _send_time
+        from .engine import send_time
 
-        _check_name(name)
-        text = _json_text(payload, "payload")
-        self.store.add_signal(SignalRecord(run_id, uuid.uuid4().hex, name, text, _send_time()))
+        check_name(name)
+        text = json_text(payload, "payload")
+        self.store.add_signal(SignalRecord(run_id, uuid.uuid4().hex, name, text, send_time()))
 
     def cancel(self, run_id: str, reason: str = "cancelled") -> None:
         """Cancel the run wherever it executes; a run no process executes ends at once."""
@@ -317,10 +321,10 @@ class Client:
             return
         if rec.status in FINAL_STATUSES:
             return
-        from .engine._workflow import CANCEL_SIGNAL, _send_time
+        from .engine import send_time
 
         self.store.add_signal(
-            SignalRecord(run_id, uuid.uuid4().hex, CANCEL_SIGNAL, json.dumps(reason), _send_time())
+            SignalRecord(run_id, uuid.uuid4().hex, CANCEL_SIGNAL, json.dumps(reason), send_time())
         )
         try:
             lease = self.store.acquire_run(run_id, _OWNER)
@@ -414,7 +418,7 @@ class Client:
             out["runs"] = len(doomed)
             out["top_effects"] = None if effects else 0
             out["shared_effects"] = (
-                sum(r.started_at < cutoff for r in self.store.load_effects("shared"))
+                sum(r.started_at < cutoff for r in self.store.load_effects(SHARED_SCOPE))
                 if effects
                 else 0
             )
@@ -430,8 +434,8 @@ class Client:
             finally:
                 lease.release()
         out["runs"] = deleted
-        out["top_effects"] = self.store.prune_effects("top/", cutoff) if effects else 0
-        out["shared_effects"] = self.store.prune_effects("shared", cutoff) if effects else 0
+        out["top_effects"] = self.store.prune_effects(TOP_SCOPE_PREFIX, cutoff) if effects else 0
+        out["shared_effects"] = self.store.prune_effects(SHARED_SCOPE, cutoff) if effects else 0
         return out
 
     # export and import ---------------------------------------------------------------------
@@ -460,9 +464,9 @@ class Client:
                 self._get(rid)
                 ids += [rid, *(self._descendants(rid) if children else [])]
             recs = [self._get(rid) for rid in dict.fromkeys(ids)]
-        cached = list(dict.fromkeys(["shared", *scopes])) if include_effects else []
+        cached = list(dict.fromkeys([SHARED_SCOPE, *scopes])) if include_effects else []
         for s in cached:
-            if not isinstance(s, str) or not (s == "shared" or s.startswith("top/")):
+            if not isinstance(s, str) or not (s == SHARED_SCOPE or s.startswith(TOP_SCOPE_PREFIX)):
                 raise ArgumentError(
                     f"scopes must name cached-effect scopes like 'top/<notebook path>', "
                     f"got {s!r}; a run's own scopes are exported with the run"
@@ -573,9 +577,7 @@ def _payload_out(p: Payload | None) -> dict[str, Any] | None:
         return None
     out: dict[str, Any] = {"codec": p.codec, "data": _b64(p.data)}
     if p.table is not None:
-        from ._codecs import _ipc_bytes
-
-        out["table"] = _b64(_ipc_bytes(p.table))
+        out["table"] = _b64(_codecs.ipc_bytes(p.table))
     return out
 
 
@@ -611,7 +613,7 @@ def _bad(where: str, problem: str) -> ExportFormatError:
 def _read_export(
     source: str | os.PathLike[str] | IO[str], signer: Signer, src_signer: Signer | None
 ) -> _Parsed:
-    from ._codecs import _TEXT_ERROR, CODECS, Payload  # text errors carry no pickle
+    from ._codecs import CODECS, TEXT_ERROR_PREFIX, Payload  # text errors carry no pickle
 
     name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the export"
     out = _Parsed()
@@ -628,7 +630,7 @@ def _read_export(
             table_b = base64.b64decode(d["table"], validate=True) if d.get("table") else None
         except (KeyError, TypeError, binascii.Error) as e:
             raise _bad(where, f"a payload's bytes are not base64 ({e})") from None
-        if d["codec"] in _SIGNED_CODECS and not data.startswith(_TEXT_ERROR):
+        if d["codec"] in _SIGNED_CODECS and not data.startswith(TEXT_ERROR_PREFIX):
             try:
                 signer.verify(data)
             except PayloadIntegrityError:
@@ -646,10 +648,8 @@ def _read_export(
                     resigned += 1
         table = None
         if table_b is not None:
-            from ._codecs import _read_ipc
-
             try:
-                table = _read_ipc(memoryview(table_b))
+                table = _codecs.read_ipc(memoryview(table_b))
             except Exception as e:
                 raise _bad(where, f"a table payload is not an Arrow IPC stream ({e})") from None
         return Payload(d["codec"], data, table)
@@ -698,7 +698,7 @@ def _read_export(
                 eff = build(EffectRecord, d, where, payload=payload(d.get("payload"), where))
                 if eff.payload is None:
                     raise _bad(where, "an effect record has no payload")
-                rid = _scope_run(eff.scope)
+                rid = run_of_scope(eff.scope)
                 if rid is not None:
                     out.run_effects.setdefault(rid, []).append(eff)
                 else:
@@ -732,13 +732,6 @@ def _read_export(
             "imported"
         )
     return out
-
-
-def _scope_run(scope: str) -> str | None:
-    for prefix in ("run/", "kv/", "stream/"):
-        if scope.startswith(prefix):
-            return scope[len(prefix) :]
-    return None
 
 
 @contextmanager

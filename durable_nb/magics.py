@@ -27,8 +27,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from . import _codecs, _hashing
-from .engine import runtime
-from .engine._workflow import Workflow, _start
+from .engine import Workflow, runtime, start_run
 from .errors import (
     DurableError,
     RunNotFoundError,
@@ -473,13 +472,13 @@ class DurableMagics(Magics):
         wf.replay_completed = True
         widget = self._trace_widget(run_id, new=True)
         if args.background:
-            job = _start(wf, (), {}, run_id=run_id, restart=args.restart)
+            job = start_run(wf, (), {}, run_id=run_id, restart=args.restart)
             if widget is not None:  # the task has not begun: the widget sees every step
                 widget.attach(job)
             return job
         try:
             if widget is None:
-                return _start(
+                return start_run(
                     wf, (), {}, run_id=run_id, restart=args.restart, blocking=True
                 ).result()
             return self._start_followed(wf, run_id, args.restart, widget).result()
@@ -489,10 +488,10 @@ class DurableMagics(Magics):
     @staticmethod
     def _start_followed(wf: Workflow[..., Any], run_id: str, restart: bool, widget: Any) -> Any:
         """Start the run on the engine's loop with the widget subscribed before its first step
-        (subscribing after `_start` returned would race with the loop thread)."""
+        (subscribing after `start_run` returned would race with the loop thread)."""
 
         async def begin() -> Any:
-            job = _start(wf, (), {}, run_id=run_id, restart=restart)
+            job = start_run(wf, (), {}, run_id=run_id, restart=restart)
             widget.attach(job)
             return job
 

@@ -2,22 +2,33 @@
 :class:`~durable_nb.client.Client`, the notebook magics and the widgets.
 
 :func:`run_trace` is the contract the widgets code against; everything in it is JSON data.
-It reads only through the :class:`~durable_nb.store.Store` protocol, so it works on any store,
-and it never imports user code: a recorded error is described from its signed record
-without rebuilding the exception.
+:func:`step_label` is the one way a step is named (the CLI's tables, the widget's timeline)
+and :func:`waiting_of` the one rule for what a waiting run waits on (a run's record, or a
+live status message). It reads only through the :class:`~durable_nb.store.Store` protocol,
+so it works on any store, and it never imports user code: a recorded error is described from
+its signed record without rebuilding the exception. The vocabulary it reads — step kinds,
+their details, statuses, events — is ``_journal``'s.
 """
 
 from __future__ import annotations
 
-import io
 import json
-import pickle
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .engine._workflow import CANCEL_SIGNAL, QUEUE_PREFIX, SIGNAL_STEP_KINDS
-from .errors import PayloadIntegrityError, RunNotFoundError
+from . import _codecs
+from ._journal import (
+    AUX_KINDS,
+    CANCEL_SIGNAL,
+    CLOSING_EVENTS,
+    EXECUTION_EVENTS,
+    read_detail,
+    run_scope,
+    signal_id_of,
+    signal_label,
+)
+from .errors import RunNotFoundError
 from .store import EffectRecord, EventRecord, RunRecord, Store
 
 __all__ = [
@@ -32,25 +43,11 @@ __all__ = [
     "run_summary",
     "run_trace",
     "step_label",
+    "waiting_of",
 ]
 
-#: events that open an execution of a run; the last one opens the latest execution
-EXECUTION_EVENTS = ("started", "resumed")
-_EVENT_RANK = {k: 0 for k in EXECUTION_EVENTS} | {
-    k: 2 for k in ("completed", "failed", "cancelled", "interrupted", "continued_as_new")
-}
-_NOISE = (
-    "signal_id",
-)  # ids that make a timeline line long and say nothing to a reader  # the engine's reserved signal, shown as the run's status instead
-_ERROR_CODECS = ("error",)
-#: the engine's bookkeeping records (a retry schedule, a generation's key/value base, stream
-#: chunks, which live in a run's stream scope): not steps
-_AUX_KINDS = ("retry", "kv_base", "chunk", "stream_end")
-
-
-def _signal_label(name: str) -> str:
-    """A queue message travels as a signal named after its queue; it shows as ``queue:NAME``."""
-    return "queue:" + name[len(QUEUE_PREFIX) :] if name.startswith(QUEUE_PREFIX) else name
+_EVENT_RANK = {k: 0 for k in EXECUTION_EVENTS} | {k: 2 for k in CLOSING_EVENTS}
+_NOISE = ("signal_id",)  # ids that make a timeline line long and say nothing to a reader
 
 
 def _when(ts: float) -> str:
@@ -72,32 +69,9 @@ def _not_found(store: Store, run_id: str) -> RunNotFoundError:
     )
 
 
-class _NoImports(pickle.Unpickler):
-    """Unpickles plain containers only: an error record is a dict of str, bytes and None, and
-    reading it for a trace must never import (let alone run) the code that raised."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError(f"{module}.{name} is not plain data")
-
-
 def describe_error(rec: EffectRecord, store: Store) -> str:
     """``Type('message')`` of a recorded error, read without rebuilding the exception."""
-    from ._codecs import _TEXT_ERROR  # errors a store without a key keeps as JSON text
-
-    data = rec.payload.data
-    if rec.payload.codec not in _ERROR_CODECS:
-        return "error"
-    try:
-        if data.startswith(_TEXT_ERROR):
-            record = json.loads(data[len(_TEXT_ERROR) :])
-        else:
-            signed = store.signer.verify(data, what="a stored error")
-            record = _NoImports(io.BytesIO(signed)).load()
-        return f"{record['qualname']}({record['message']!r})"
-    except PayloadIntegrityError:
-        return "error (its record is signed by another key and was not read)"
-    except Exception as e:  # a damaged or newer record: the trace still shows the rest
-        return f"error (its record cannot be read: {type(e).__name__})"
+    return _codecs.describe_error(rec.payload, store.signer)
 
 
 def run_summary(rec: RunRecord) -> dict[str, Any]:
@@ -118,12 +92,14 @@ def run_summary(rec: RunRecord) -> dict[str, Any]:
     }
 
 
-def _waiting(status: str, detail: Any) -> list[dict[str, Any]]:
-    """What a waiting run waits on, from its record's detail.
+def waiting_of(status: str, detail: Any) -> list[dict[str, Any]]:
+    """What a waiting run waits on, from its record's detail (or a live ``status`` message):
+    a list of ``{"kind": "signal", "name": ...}``, ``{"kind": "timer", "until": ...}`` and,
+    for a run waiting on several things at once (``ctx.all``), the engine's own entries
+    (``queue``, ``retry``) too.
 
-    The engine writes ``{"signal": name}`` or ``{"timer_until": iso}``; lists under
-    ``signals`` / ``timers`` or a ready-made ``waiting`` list are read too, so a run waiting
-    on several things at once (``ctx.all``) shows all of them."""
+    The engine writes ``{"signal": name}``, ``{"timer_until": iso}`` or a ready-made
+    ``waiting`` list; lists under ``signals`` / ``timers`` are read too."""
     if status != "waiting" or not isinstance(detail, dict):
         return []
     out: list[dict[str, Any]] = []
@@ -141,14 +117,6 @@ def _waiting(status: str, detail: Any) -> list[dict[str, Any]]:
         untils = [detail["timer_until"], *untils]
     out += [{"kind": "timer", "until": u} for u in untils if isinstance(u, str)]
     return out
-
-
-def _consumed_signal(rec: EffectRecord) -> str | None:
-    if rec.kind not in SIGNAL_STEP_KINDS:
-        return None
-    detail = _json(rec.detail)
-    sid = detail.get("signal_id") if isinstance(detail, dict) else None
-    return sid if isinstance(sid, str) else None
 
 
 def _event_dict(ev: EventRecord) -> dict[str, Any]:
@@ -184,7 +152,7 @@ def run_trace(store: Store, run_id: str) -> dict[str, Any]:
     rec = store.get_run(run_id)
     if rec is None:
         raise _not_found(store, run_id)
-    records = store.load_effects("run/" + run_id)
+    records = store.load_effects(run_scope(run_id))
     events = [_event_dict(e) for e in store.load_events(run_id)]
     # events of one instant come back in event-id order, which says nothing about their order
     # (the clock's resolution, or a fake clock, gives them one timestamp): an execution's
@@ -202,7 +170,7 @@ def run_trace(store: Store, run_id: str) -> dict[str, Any]:
     steps: list[dict[str, Any]] = []
     recorded: set[tuple[int, str]] = set()
     for r in records:
-        if r.kind in _AUX_KINDS:
+        if r.kind in AUX_KINDS:
             continue
         recorded.add((r.seq, r.identity))
         if r.is_error:
@@ -242,9 +210,9 @@ def run_trace(store: Store, run_id: str) -> dict[str, Any]:
             )
     steps.sort(key=lambda s: (s["seq"], s["started_at"]))
 
-    consumed = {sid for r in records if (sid := _consumed_signal(r)) is not None}
+    consumed = {sid for r in records if (sid := signal_id_of(r.kind, r.detail)) is not None}
     pending = [
-        _signal_label(s.name)
+        signal_label(s.name)
         for s in store.list_signals(run_id)
         if s.signal_id not in consumed and s.name != CANCEL_SIGNAL
     ]
@@ -256,7 +224,7 @@ def run_trace(store: Store, run_id: str) -> dict[str, Any]:
     return {
         "run": run,
         "steps": steps,
-        "waiting": _waiting(rec.status, run["detail"]),
+        "waiting": waiting_of(rec.status, run["detail"]),
         "pending_signals": pending,
         "children": [c.run_id for c in children],
         "events": events,
@@ -341,14 +309,17 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms" if seconds < 10 else f"{seconds:.1f} s"
 
 
-def step_label(step: dict[str, Any]) -> str:
+def step_label(step: dict[str, Any], *, compact: bool = False) -> str:
     """A step as a person reads it: ``module.fetch('a', 2)``, ``wait_signal('go')``,
-    ``sleep 10s``, ``child parent/child-0-ab12``."""
-    kind, detail = step["kind"], step["args"]
+    ``sleep 10s until ...``, ``child parent/child-0-ab12``.
+
+    ``step`` has the keys of a trace step (``kind``, ``name``, ``args``: the stored detail).
+    ``compact`` (the widget's timeline, which shows arguments on click) names an effect by
+    its function's name alone; every other step reads the same either way."""
+    kind, name, detail = step["kind"], str(step["name"]), str(step.get("args") or "")
     if kind == "effect":
-        return f"{step['name']}{detail}"
-    d = _json(detail) if detail else None
-    d = d if isinstance(d, dict) else {}
+        return name.rsplit(".", 1)[-1] if compact else f"{name}{detail}"
+    d = read_detail(detail)
     if kind == "signal":
         return f"wait_signal({d.get('name', '?')!r})"
     if kind == "dequeue":
@@ -360,8 +331,7 @@ def step_label(step: dict[str, Any]) -> str:
             return f"deadline of wait_signal({d['signal']!r})"
         return "deadline" + (f" of dequeue({d['queue']!r})" if "queue" in d else "")
     if kind in ("child", "start_child"):
-        verb = "child" if kind == "child" else "start_child"
-        return f"{verb} {d.get('run_id', step['name'].removeprefix('dn.child:'))}"
+        return f"{kind} {d.get('run_id', name.removeprefix('dn.child:'))}"
     if kind == "sleep":
         if "seconds" in d:
             return f"sleep {d['seconds']:g}s until {d.get('until', '?')}"
@@ -370,7 +340,8 @@ def step_label(step: dict[str, Any]) -> str:
         return f"set_status({d.get('value', '')})"
     if kind == "stream":  # a streaming effect's result, a write to a stream, or its close
         if "args" in d:
-            return f"{step['name']}{d['args']} ({d.get('chunks', '?')} chunks)"
+            fn = name.rsplit(".", 1)[-1] if compact else f"{name}{d['args']}"
+            return f"{fn} ({d.get('chunks', '?')} chunks)"
         if d.get("closed"):
             return f"close stream {d.get('stream', '?')!r} ({d.get('chunks', '?')} chunks)"
         return f"write stream {d.get('stream', '?')!r} #{d.get('index', '?')}: {d.get('chunk', '')}"
@@ -380,7 +351,11 @@ def step_label(step: dict[str, Any]) -> str:
         return f"log {d.get('level', '')}: {d.get('message', '')}"
     if kind in ("now", "random", "uuid"):
         return f"ctx.{kind}()"
-    return str(step["name"]) + (f" {detail}" if detail else "")
+    if kind in ("kv_set", "kv_delete"):
+        verb = "kv.set" if kind == "kv_set" else "kv.delete"
+        value = f", {d['value']}" if "value" in d else ""
+        return f"{verb}({d.get('key', '?')!r}{value})"
+    return name + (f" {detail}" if detail else "")
 
 
 def _waits(waiting: list[dict[str, Any]]) -> str:

@@ -1,4 +1,5 @@
-"""Workers: processes that execute the runs started for them in a shared store (SPEC 5).
+"""Workers: processes that execute the runs started for them in a shared store (README,
+"Workers and the PostgreSQL store").
 
 ``dn.start(workflow, ..., on="worker")`` writes the run as ``queued``; any worker that knows
 the workflow claims it (the store guarantees one executor per run: leases that expire when
@@ -24,9 +25,7 @@ from types import ModuleType
 from typing import Any
 
 from . import _codecs
-from .engine import Job, Workflow
-from .engine._runtime import runtime
-from .engine._workflow import _call_of, _fail_unstarted, _start
+from .engine import Job, Workflow, call_of, fail_unstarted, runtime, start_run
 from .errors import (
     ArgumentError,
     ArgumentTypeError,
@@ -190,14 +189,14 @@ class Worker:
                     f"claimed run {rec.run_id!r} of unknown workflow {rec.workflow!r}"
                 )
             bound = _codecs.decode(rec.args, self.store.signer) if rec.args is not None else {}
-            args, kwargs = _call_of(wf, bound)
-            job = _start(wf, args, kwargs, run_id=rec.run_id, lease=lease)
+            args, kwargs = call_of(wf, bound)
+            job = start_run(wf, args, kwargs, run_id=rec.run_id, lease=lease)
         except Exception as e:
             # a run this worker cannot start (damaged or no longer binding arguments) fails,
             # so whoever waits on it learns why, instead of taking the worker down with it
             _log.error("%s: cannot start run %r: %s", self.name, rec.run_id, e)
             try:
-                _fail_unstarted(rec.run_id, e)
+                fail_unstarted(rec.run_id, e)
             finally:
                 lease.release()
             return

@@ -183,7 +183,7 @@ def test_approval_notebook_in_jupyterlab(lab: dict[str, Any]) -> None:
             labels = page.eval_on_selector_all(
                 ".dn-trace .dn-row .dn-label code", "c => c.map(e => e.textContent)"
             )
-            assert labels == ["fetch_sales", "summarize", "signal approve"]
+            assert labels == ["fetch_sales", "summarize", "wait_signal('approve')"]
             _shot(page, "1-waiting")
 
             # click a step: its output (a DataFrame) shows as a table
@@ -202,7 +202,7 @@ def test_approval_notebook_in_jupyterlab(lab: dict[str, Any]) -> None:
             labels = page.eval_on_selector_all(
                 ".dn-trace .dn-row .dn-label code", "c => c.map(e => e.textContent)"
             )
-            assert labels == ["fetch_sales", "summarize", "signal approve", "publish"]
+            assert labels == ["fetch_sales", "summarize", "wait_signal('approve')", "publish"]
             assert page.locator('.dn-trace button[data-signal="approve"]').count() == 0
             _shot(page, "2-completed")
 

@@ -1,4 +1,4 @@
-"""Input hashing: what identifies an effect call (SPEC section 2, "effect key")."""
+"""Input hashing: what identifies an effect call (README, "How it works": effect keys)."""
 
 from __future__ import annotations
 

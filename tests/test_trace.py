@@ -231,7 +231,7 @@ def test_missing_run(store: Store) -> None:
 
 
 def test_the_workflow_features_show_as_readable_steps(store: Store) -> None:
-    from durable_nb.engine._workflow import enqueue
+    from durable_nb.engine import enqueue
     from durable_nb.trace import step_label
 
     @dn.durable(name="features")

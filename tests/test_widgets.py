@@ -117,7 +117,7 @@ async def test_rows_follow_a_live_run_and_the_approve_button_resumes_it() -> Non
     sent = capture(w)
     await settle()
     w.flush()
-    assert states(w) == [("fetch", "executed"), ("signal approve", "waiting")]
+    assert states(w) == [("fetch", "executed"), ("wait_signal('approve')", "waiting")]
     assert w.run["status"] == "waiting" and w.run["live"] and w.run["can_cancel"]
     assert w.run["detail"] == "waiting for signal 'approve'"
     assert w.waiting == [{"kind": "signal", "name": "approve", "until": ""}]
@@ -130,7 +130,7 @@ async def test_rows_follow_a_live_run_and_the_approve_button_resumes_it() -> Non
     w.flush()
     assert states(w) == [
         ("fetch", "executed"),
-        ("signal approve", "executed"),
+        ("wait_signal('approve')", "executed"),
         ("publish", "executed"),
     ]
     assert w.run["status"] == "completed" and not w.run["live"] and w.waiting == []

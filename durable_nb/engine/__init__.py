@@ -1,24 +1,39 @@
-"""The engine: effects, workflows, replay. Imports no IPython, widgets or CLI framework."""
+"""The engine: effects, workflows, replay. Imports no IPython, widgets or CLI framework.
+
+One concern per file, lowest first (a file imports only files above it in this list;
+``tests/test_layers.py`` holds the order):
+
+``_clock``       time as the engine sees it (system clock, virtual clock for tests)
+``_runtime``     process state: the store, the clock, the notebook/shared scopes, cancel
+                 scopes, the engine's loop, the jobs of this process, ``start_run``
+``_state``       the live state of one executing run (its scope, inbox, waits, status)
+``_retry``       how an effect call is attempted: ``Retry``, timeouts
+``_streams``     run streams: ``ctx.stream`` writers, ``job.stream`` readers
+``_streaming``   streaming effects (async generator ``@effect`` functions)
+``_effects``     ``@effect``: keyed, recorded calls, inside runs and out
+``_kv``          a run's key/value state (``ctx.kv``)
+``_interrupts``  ``ctx.interrupt_on`` blocks
+``_jobs``        ``Job`` and steering from outside: signal, enqueue, cancel, get_job
+``_workflow``    ``@durable``: what a workflow is, and its versions
+``_log``         ``ctx.log``
+``_context``     ``Context``: the workflow API
+``_driver``      executing a run: ``start_run`` and the run's coroutine
+``_api``         ``start`` and ``run``, here or queued for a worker
+"""
 
 from __future__ import annotations
 
+from ._api import run, start
 from ._clock import Clock, FakeClock, SystemClock
-from ._effects import EffectFunction, Retry, effect
+from ._context import Context
+from ._driver import call_of, fail_unstarted, start_run
+from ._effects import EffectFunction, effect
+from ._jobs import Job, cancel, enqueue, get_job, send_time, set_widget_factory, signal
 from ._kv import RunKV
+from ._log import RunLog
+from ._retry import Retry
 from ._runtime import cancelled, runtime
-from ._workflow import (
-    Context,
-    Job,
-    RunLog,
-    Workflow,
-    cancel,
-    durable,
-    enqueue,
-    get_job,
-    run,
-    signal,
-    start,
-)
+from ._workflow import Workflow, durable
 
 __all__ = [
     "Clock",
@@ -31,14 +46,19 @@ __all__ = [
     "RunLog",
     "SystemClock",
     "Workflow",
+    "call_of",
     "cancel",
     "cancelled",
     "durable",
     "effect",
     "enqueue",
+    "fail_unstarted",
     "get_job",
     "run",
     "runtime",
+    "send_time",
+    "set_widget_factory",
     "signal",
     "start",
+    "start_run",
 ]

@@ -2,182 +2,51 @@
 
 The key is decided synchronously when the function is *called* (not when its coroutine is
 first awaited), so occurrence numbers follow call order and ``asyncio.gather`` replays
-deterministically.
+deterministically. A call goes down the layers once: its key (``_hashing``), its record
+(``_codecs``), its scope (a run's :class:`~._state.RunState` or a notebook's
+:class:`~._runtime.TopScope`), which writes it to the store. Async generator functions are
+streaming effects (``_streaming.py``); how attempts are retried and timed out is
+``_retry.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextvars
 import functools
 import inspect
-import math
-import reprlib
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast, overload
 
 from .. import _codecs, _hashing
-from ..errors import ArgumentError, ArgumentTypeError, EffectTimeoutError
+from .._journal import iso_time
+from ..errors import ArgumentError, ArgumentTypeError
 from ..store import EffectRecord
+from ._retry import (
+    Retry,
+    attempt_timeout,
+    call_with_timeout,
+    check_retry,
+    check_timeout,
+    preview_args,
+    total_timeout,
+)
 from ._runtime import CancelScope, Key4, TopScope, cancel_scope, current_scope, runtime
+from ._state import RunState, replay
+from ._streaming import StreamingSpec
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-    from ._streams import EffectDecorator, StreamingCall, StreamingSpec
-    from ._workflow import RunState
+    from ._streaming import EffectDecorator, StreamingCall
 
-__all__ = ["EffectFunction", "Retry", "effect"]
+__all__ = ["EffectFunction", "effect"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
 
-_preview = reprlib.Repr()
-_preview.maxstring = 80
-_preview.maxother = 80
-_preview.maxlist = _preview.maxtuple = _preview.maxdict = _preview.maxset = 6
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
-
-
-def preview_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-    """A short, human-readable preview of a call's arguments for traces."""
-    try:
-        parts = [_preview.repr(a) for a in args]
-        parts += [f"{k}={_preview.repr(v)}" for k, v in kwargs.items()]
-    except Exception:  # a broken __repr__ must not break the effect
-        return "(...)"
-    text = "(" + ", ".join(parts) + ")"
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
-@dataclass(frozen=True)
-class Retry:
-    """How an effect is retried: ``attempts`` in all, waiting ``initial_delay * backoff**n``
-    (at most ``max_delay``) between them, for exceptions matching ``retry_on``.
-
-    ``total_timeout`` (seconds) bounds all attempts and the waits between them together,
-    counted from the first attempt's start: an attempt is cut short when it would run past
-    it, and no retry is scheduled that could not start before it; then the call raises
-    :class:`~durable_nb.errors.EffectTimeoutError`. (The per-attempt limit is the effect's
-    ``timeout=``.) Inside a run the retry schedule is durable: each failed attempt is
-    recorded, so a process that restarts between two attempts waits only what is left of
-    the delay and goes on with the next attempt instead of starting over.
-    """
-
-    attempts: int = 3
-    backoff: float = 2.0
-    initial_delay: float = 1.0
-    max_delay: float = 60.0
-    retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,)
-    total_timeout: float | None = None
-
-    def __post_init__(self) -> None:
-        if (
-            not isinstance(self.attempts, int)
-            or isinstance(self.attempts, bool)
-            or self.attempts < 1
-        ):
-            raise ArgumentError(f"attempts must be an int >= 1, got {self.attempts!r}")
-        for name in ("backoff", "initial_delay", "max_delay"):
-            v = getattr(self, name)
-            if (
-                not isinstance(v, (int, float))
-                or isinstance(v, bool)
-                or not math.isfinite(v)
-                or v < 0
-            ):
-                raise ArgumentError(f"{name} must be a finite number >= 0, got {v!r}")
-        _check_timeout(self.total_timeout, "total_timeout")
-        on = self.retry_on
-        if isinstance(on, type):
-            object.__setattr__(self, "retry_on", (on,))
-            on = (on,)
-        if not isinstance(on, tuple) or not all(
-            isinstance(t, type) and issubclass(t, BaseException) for t in on
-        ):
-            raise ArgumentTypeError(
-                f"retry_on must be an exception class or a tuple of them, got {on!r}"
-            )
-
-    def delay(self, failures: int) -> float:
-        """Seconds to wait after the ``failures``-th failed attempt."""
-        return float(min(self.initial_delay * self.backoff ** (failures - 1), self.max_delay))
-
-
-def _check_timeout(timeout: float | None, name: str = "timeout") -> float | None:
-    if timeout is None:
-        return None
-    if (
-        not isinstance(timeout, (int, float))
-        or isinstance(timeout, bool)
-        or not math.isfinite(timeout)
-        or timeout <= 0
-    ):
-        raise ArgumentError(f"{name} must be a number of seconds > 0 or None, got {timeout!r}")
-    return float(timeout)
-
-
-def _check_retry(retry: Retry | int | None) -> Retry | None:
-    if retry is None:
-        return None
-    if isinstance(retry, int) and not isinstance(retry, bool):
-        return Retry(attempts=retry)
-    if not isinstance(retry, Retry):
-        raise ArgumentTypeError(
-            f"retry must be a durable_nb.Retry or an int (attempts), got {retry!r}"
-        )
-    return retry
-
-
 _CLAIM_SECONDS = 60.0  # how long a shared effect's claim keeps others waiting, at least
-
-_timeout_pool: concurrent.futures.ThreadPoolExecutor | None = None
-
-
-def _call_with_timeout(
-    fn: Callable[[], R], timeout: float, what: str, scope: CancelScope | None = None
-) -> R:
-    """Run a sync function in a worker thread, giving up after ``timeout`` seconds.
-
-    Python cannot stop a thread: on timeout the call is abandoned (its result is dropped)
-    and its cancel scope is set, so the function can notice with ``dn.cancelled()``.
-    """
-    global _timeout_pool
-    if _timeout_pool is None:
-        _timeout_pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=32, thread_name_prefix="durable_nb-effect"
-        )
-    ctx = contextvars.copy_context()
-    fut = _timeout_pool.submit(ctx.run, fn)
-    try:
-        return fut.result(timeout)
-    except concurrent.futures.TimeoutError:
-        if scope is not None:
-            scope.cancel()
-        raise _attempt_timeout(what, timeout) from None
-
-
-def _attempt_timeout(what: str, timeout: float) -> EffectTimeoutError:
-    return EffectTimeoutError(
-        f"effect {what} did not finish within timeout={timeout:g}s; raise the timeout "
-        "or make the work smaller (the attempt was abandoned; dn.cancelled() tells it so)"
-    )
-
-
-def _total_timeout(what: str, retry: Retry, failures: int, last: str) -> EffectTimeoutError:
-    return EffectTimeoutError(
-        f"effect {what} did not succeed within total_timeout={retry.total_timeout:g}s "
-        f"({failures} failed attempt{'s' if failures != 1 else ''}, the last with {last[:300]}); "
-        "raise total_timeout or make the work more reliable"
-    )
 
 
 class EffectFunction(Generic[P, R]):
@@ -206,16 +75,14 @@ class EffectFunction(Generic[P, R]):
         self.fn = fn
         self.identity = name if name is not None else _hashing.effect_identity(fn)
         self.version = "v:" + str(version) if version is not None else _hashing.code_version(fn)
-        self.retry = _check_retry(retry)
-        self.timeout = _check_timeout(timeout)
+        self.retry = check_retry(retry)
+        self.timeout = check_timeout(timeout)
         self.cache_errors = bool(cache_errors)
         self.shared = bool(shared)
         self.is_async = inspect.iscoroutinefunction(fn)
-        # an async generator is a streaming effect (engine/_streams.py)
+        # an async generator is a streaming effect (_streaming.py)
         self.streaming: StreamingSpec | None = None
         if reducer is not None or stream is not None or inspect.isasyncgenfunction(fn):
-            from ._streams import StreamingSpec  # here: _streams imports this module
-
             self.streaming = StreamingSpec(fn, reducer, stream)
         self._binder = _hashing.ArgBinder(fn)
         functools.update_wrapper(self, fn)  # __name__, __doc__, __wrapped__ for introspection
@@ -229,7 +96,7 @@ class EffectFunction(Generic[P, R]):
         return functools.partial(cast(Any, self), obj)
 
     # -------------------------------------------------------------- the call
-    def _locate(
+    def locate(
         self, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[RunState | TopScope, Key4, int, EffectRecord | None]:
         """Decide the call's key now, at call time (so occurrences follow call order), and
@@ -246,7 +113,7 @@ class EffectFunction(Generic[P, R]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         if self.streaming is not None:
             return cast(R, self.streaming.call(self, args, kwargs))
-        scope, key4, seq, rec = self._locate(args, kwargs)
+        scope, key4, seq, rec = self.locate(args, kwargs)
         if self.is_async:
             if rec is not None:
                 return cast(R, _replayed(scope, rec))
@@ -270,7 +137,7 @@ class EffectFunction(Generic[P, R]):
         """The ``ctx.run`` form: an awaitable; a sync function runs in a worker thread."""
         if self.streaming is not None:
             return self.streaming.call(self, args, kwargs, retry=retry, timeout=timeout)
-        scope, key4, seq, rec = self._locate(args, kwargs)
+        scope, key4, seq, rec = self.locate(args, kwargs)
         if rec is not None:
             return _replayed(scope, rec)
         if isinstance(scope, TopScope) and scope.shared:
@@ -285,7 +152,8 @@ class EffectFunction(Generic[P, R]):
     # Concurrent first calls of one shared key, in any process on the store, claim it: one
     # executes, the others wait for its record and replay it. A claim lasts at most
     # _CLAIM_SECONDS (or the effect's timeout, if longer): a holder that dies or runs longer
-    # lets the others execute too, and the key's last record wins (SPEC: "at worst one result").
+    # lets the others execute too, and the key's last record wins (README, "Workers and the
+    # PostgreSQL store", shared cache).
     def _claim_seconds(self, timeout: float | None) -> float:
         return max(_CLAIM_SECONDS, timeout or self.timeout or 0.0)
 
@@ -405,7 +273,7 @@ class EffectFunction(Generic[P, R]):
         delay = retry.delay(failures)
         next_at = runtime.clock.time() + delay
         if deadline is not None and next_at >= deadline:
-            return None, _total_timeout(self.identity, retry, failures, repr(exc))
+            return None, total_timeout(self.identity, retry, failures, repr(exc))
         scope.note_failure(key4, seq, exc, first, attempt=failures, retry_in=delay)
         scope.record_retry(
             key4,
@@ -436,7 +304,7 @@ class EffectFunction(Generic[P, R]):
                 clock.sleep_sync(wait)
             if retry is not None and deadline is not None and failures and clock.time() >= deadline:
                 # resumed after the total timeout ran out while no process ran the run
-                late = _total_timeout(self.identity, retry, failures, last)
+                late = total_timeout(self.identity, retry, failures, last)
                 self._fail(scope, key4, seq, late, started, t0, args, kwargs, failures)
                 raise late
             limit = self.timeout
@@ -451,7 +319,7 @@ class EffectFunction(Generic[P, R]):
                     attempt = CancelScope(cancel_scope.get())
                     token = cancel_scope.set(attempt)
                     try:
-                        result = _call_with_timeout(
+                        result = call_with_timeout(
                             functools.partial(self.fn, *args, **kwargs),
                             limit,
                             self.identity,
@@ -503,7 +371,7 @@ class EffectFunction(Generic[P, R]):
         try:
             while True:
                 if due is not None and (wait := due - clock.time()) > 0:
-                    what = {"kind": "retry", "name": self.identity, "until": _iso(due)}
+                    what = {"kind": "retry", "name": self.identity, "until": iso_time(due)}
                     scope.begin_wait(what)
                     try:
                         await clock.sleep(wait)
@@ -515,7 +383,7 @@ class EffectFunction(Generic[P, R]):
                     and failures
                     and clock.time() >= deadline
                 ):
-                    late = _total_timeout(self.identity, retry, failures, last)
+                    late = total_timeout(self.identity, retry, failures, last)
                     self._fail(scope, key4, seq, late, started, t0, args, kwargs, failures)
                     raise late
                 limit = timeout
@@ -540,7 +408,7 @@ class EffectFunction(Generic[P, R]):
                         except asyncio.TimeoutError:
                             if attempt is not None:
                                 attempt.cancel()
-                            raise _attempt_timeout(self.identity, limit) from None
+                            raise attempt_timeout(self.identity, limit) from None
                     else:
                         result = await aw
                     break
@@ -587,15 +455,6 @@ class EffectFunction(Generic[P, R]):
             scope.note_failure(key4, seq, exc, started, attempt=attempt)
 
 
-def replay(scope: RunState | TopScope, rec: EffectRecord) -> Any:
-    """The recorded outcome of a step: its value, or its error raised again."""
-    scope.note_replay(rec)
-    signer = runtime.store.signer
-    if rec.is_error:
-        raise _codecs.decode_error(rec.payload, signer)
-    return _codecs.decode(rec.payload, signer)
-
-
 async def _replayed(scope: RunState | TopScope, rec: EffectRecord) -> Any:
     return replay(scope, rec)
 
@@ -637,7 +496,8 @@ def effect(
     reducer: Callable[[list[Any]], Any] | None = None,
     stream: str | None = None,
 ) -> Any:  # the overloads above say what; a streaming effect's calls are not R
-    """Record a function's results, keyed by a content hash of its inputs (SPEC 2).
+    """Record a function's results, keyed by a content hash of its inputs (README, "How it
+    works").
 
     ``name`` replaces ``module.qualname`` as its identity; ``version`` pins the code version
     (otherwise any real edit of the source starts a new cache); ``retry`` and ``timeout``
@@ -648,7 +508,7 @@ def effect(
     is both async-iterable (its chunks, journaled as they arrive) and awaitable (the final
     value, ``reducer(chunks)``; by default ``str`` or ``bytes`` chunks joined, else the
     list). After a crash it resumes from the chunks received — see
-    :class:`~durable_nb.engine._streams.StreamingSpec` for the ``resume_from`` convention.
+    :class:`~durable_nb.engine._streaming.StreamingSpec` for the ``resume_from`` convention.
     ``stream`` also appends the chunks to the run's stream of that name, for
     ``job.stream(name)`` readers.
     """

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, MutableMapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .. import _codecs, _hashing
+from .._journal import KvDeleteDetail, KvSetDetail, detail_text, kv_scope
 from ..errors import ArgumentError, ArgumentTypeError, UnstorableValueError
 from ..store import EffectRecord, Store
-from ._effects import replay
 from ._runtime import runtime
-
-if TYPE_CHECKING:
-    from ._workflow import Context
+from ._state import RunState, replay
 
 __all__ = ["MAX_KEYS", "MAX_KEY_CHARS", "MAX_VALUE_BYTES", "RunKV", "kv_base_texts", "kv_snapshot"]
 
@@ -70,17 +68,17 @@ class RunKV(MutableMapping[str, Any]):
     a journaled step. Limits: keys of 1-200 characters, values of at most 64 KiB as JSON, at
     most 1000 keys per run."""
 
-    __slots__ = ("_ctx",)
+    __slots__ = ("_state",)
 
-    def __init__(self, ctx: Context) -> None:
-        self._ctx = ctx
+    def __init__(self, state: RunState) -> None:
+        self._state = state
 
     def __repr__(self) -> str:
-        return f"<durable_nb kv of run {self._ctx.run_id!r}: {len(self)} keys>"
+        return f"<durable_nb kv of run {self._state.run_id!r}: {len(self)} keys>"
 
     @property
     def _view(self) -> dict[str, str]:
-        return self._ctx._state.kv
+        return self._state.kv
 
     def __getitem__(self, key: str) -> Any:
         text = self._view[key]  # a KeyError for a missing key, like a dict
@@ -108,13 +106,13 @@ class RunKV(MutableMapping[str, Any]):
         key = _check_key(key)
         text = _value_text(key, value)
         view = self._view
-        st = self._ctx._state
+        st = self._state
         if key not in view and len(view) >= MAX_KEYS:
             raise ArgumentError(
                 f"run {st.run_id!r} already holds {MAX_KEYS} kv keys, the limit; delete keys it "
                 f"no longer needs before setting {key!r}"
             )
-        key4, seq, rec = self._ctx._step("dn.kv.set", _hashing.hash_value((key, text)).hex())
+        key4, seq, rec = st.step("dn.kv.set", _hashing.hash_value((key, text)).hex())
         if rec is not None:
             replay(st, rec)
         else:
@@ -128,10 +126,10 @@ class RunKV(MutableMapping[str, Any]):
                 kind="kv_set",
                 seq=seq,
                 started_at=now,
-                detail=json.dumps({"key": key, "value": preview}),
+                detail=detail_text(KvSetDetail(key=key, value=preview)),
             )
             current = EffectRecord(
-                "kv/" + st.run_id,
+                kv_scope(st.run_id),
                 key,
                 "",
                 "",
@@ -150,8 +148,8 @@ class RunKV(MutableMapping[str, Any]):
         view = self._view
         if key not in view:
             return False
-        st = self._ctx._state
-        key4, seq, rec = self._ctx._step("dn.kv.delete", _hashing.hash_value(key).hex())
+        st = self._state
+        key4, seq, rec = st.step("dn.kv.delete", _hashing.hash_value(key).hex())
         if rec is not None:
             replay(st, rec)
         else:
@@ -164,10 +162,10 @@ class RunKV(MutableMapping[str, Any]):
                 kind="kv_delete",
                 seq=seq,
                 started_at=now,
-                detail=json.dumps({"key": key}),
+                detail=detail_text(KvDeleteDetail(key=key)),
             )
             tombstone = EffectRecord(
-                "kv/" + st.run_id,
+                kv_scope(st.run_id),
                 key,
                 "",
                 "",
@@ -185,7 +183,7 @@ class RunKV(MutableMapping[str, Any]):
 def kv_base_texts(store: Store, run_id: str) -> dict[str, str]:
     """The run's current key/value state as key -> JSON text (where a generation starts)."""
     out: dict[str, str] = {}
-    for rec in store.load_effects("kv/" + run_id):
+    for rec in store.load_effects(kv_scope(run_id)):
         if rec.kind == "kv":
             value = _codecs.decode(rec.payload, store.signer)
             out[rec.identity] = json.dumps(value, separators=(",", ":"))
@@ -196,6 +194,6 @@ def kv_snapshot(store: Store, run_id: str) -> dict[str, Any]:
     """The run's current key/value state (what ``job.kv()`` shows)."""
     return {
         rec.identity: _codecs.decode(rec.payload, store.signer)
-        for rec in sorted(store.load_effects("kv/" + run_id), key=lambda r: r.identity)
+        for rec in sorted(store.load_effects(kv_scope(run_id)), key=lambda r: r.identity)
         if rec.kind == "kv"
     }

@@ -1,9 +1,15 @@
 """Process-wide engine state: the store in use, the clock, scopes, and the engine's loop.
 
-A *scope* is where effect records live and how occurrences are counted (SPEC 2): a run's
-history (``run/<id>``), the notebook or script (``top/<name>``), or everything
-(``shared``). The current scope travels in a context variable, so tasks created under a run
+A *scope* is where effect records live and how occurrences are counted (README, "How
+it works"): a run's history (``run/<id>``, a ``_state.RunState``), the notebook or script
+(``top/<name>``), or everything (``shared``) — the last two are :class:`TopScope`. The
+current scope travels in a context variable, so tasks created under a run
 (``asyncio.gather``) and worker threads (``asyncio.to_thread``) inherit it.
+
+The runtime also holds the jobs of the runs executing in this process, and
+:meth:`Runtime.start_run`: the run driver (``_driver.py``) installs itself there when the
+engine is imported, so the rooms below it (workflows, the ``Context``) start runs without
+importing it.
 """
 
 from __future__ import annotations
@@ -19,14 +25,17 @@ import sys
 import threading
 import time
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar
 
-from ..errors import ArgumentTypeError
+from .._journal import SHARED_SCOPE, TOP_SCOPE_PREFIX
+from ..errors import ArgumentTypeError, DurableError
 from ._clock import Clock, SystemClock
 
 if TYPE_CHECKING:
-    from ..store import EffectRecord, Store
-    from ._workflow import Job, RunState
+    from ..store import EffectRecord, RunLease, Store
+    from ._jobs import Job
+    from ._state import RunState
+    from ._workflow import Workflow
 
 __all__ = [
     "CancelScope",
@@ -42,6 +51,31 @@ T = TypeVar("T")
 
 #: four of the five parts of an effect key; the scope is the fifth
 Key4 = tuple[str, str, str, int]
+
+
+class Launcher(Protocol):
+    """Starts (or resumes) a run on a loop of this process and returns its job: the run
+    driver's ``start_run`` (see :meth:`Runtime.start_run`)."""
+
+    def __call__(
+        self,
+        workflow: Workflow[..., T],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        run_id: str | None = None,
+        restart: bool = False,
+        parent_id: str | None = None,
+        blocking: bool = False,
+        lease: RunLease | None = None,
+    ) -> Job[T]: ...
+
+
+def _no_driver(*args: Any, **kwargs: Any) -> NoReturn:
+    raise DurableError(
+        "the run driver (durable_nb.engine._driver) is not loaded; import durable_nb.engine "
+        "before starting runs"
+    )
 
 
 def _claimer() -> str:
@@ -235,8 +269,10 @@ class Runtime:
         self._store: Store | None = None
         self._store_lock = threading.Lock()
         self.clock: Clock = SystemClock()
-        self.top = TopScope("top/" + _default_top_name())
-        self.shared = TopScope("shared", shared=True)
+        self.top = TopScope(TOP_SCOPE_PREFIX + _default_top_name())
+        self.shared = TopScope(SHARED_SCOPE, shared=True)
+        #: starts a run here (``start_run(workflow, args, kwargs, run_id=..., ...)``)
+        self.start_run: Launcher = _no_driver
         self.jobs: dict[str, Job[Any]] = {}
         self.jobs_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -279,7 +315,7 @@ class Runtime:
     def set_top_scope(self, name: str) -> None:
         if not isinstance(name, str) or not name:
             raise ArgumentTypeError(f"scope name must be a non-empty str, got {name!r}")
-        self.top = TopScope("top/" + name)
+        self.top = TopScope(TOP_SCOPE_PREFIX + name)
 
     # loops -------------------------------------------------------------------------
     def engine_loop(self) -> asyncio.AbstractEventLoop:

@@ -49,6 +49,8 @@ from typing import TYPE_CHECKING, Any
 
 import duckdb
 
+from .._journal import run_scope
+from .._version import __version__
 from ..errors import (
     ArgumentError,
     ArgumentTypeError,
@@ -417,7 +419,6 @@ class DuckDBStore:
                 )
         if current == SCHEMA_VERSION:
             return
-        from .. import __version__
 
         con.execute("BEGIN")
         try:
@@ -642,7 +643,7 @@ class DuckDBStore:
     ) -> str:
         """One ``reset_run`` inside the caller's transaction; returns the scope it forgot."""
         run_id: str = row[0]
-        scope = "run/" + run_id
+        scope = run_scope(run_id)
         old = con.execute(
             "SELECT args_table, result_table, error_table FROM dn_runs WHERE run_id = ?",
             [run_id],
@@ -690,7 +691,7 @@ class DuckDBStore:
                             del self._unmerged[op.row[:5]]
                         continue
                     if op.kind == "X":
-                        scope = "run/" + op.row[0][0]
+                        scope = run_scope(op.row[0][0])
                         if self._dropped.get(scope) is op:
                             del self._dropped[scope]
                     work = work or _makes_work(op.kind, op.row)
@@ -1135,7 +1136,7 @@ class DuckDBStore:
             )
         row = self._run_row(run)
         # one journal record, merged in one transaction: after a crash all of it or none
-        self._append([("X", (row, tuple(consumed_signals)))], drops="run/" + run.run_id)
+        self._append([("X", (row, tuple(consumed_signals)))], drops=run_scope(run.run_id))
 
     def acquire_run(self, run_id: str, owner: str) -> RunLease:
         import xxhash

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from .._journal import run_scope
 from ..errors import RunLockedError
 from ._protocol import (
     FINAL_STATUSES,
@@ -127,7 +128,7 @@ class MemoryStore:
     def reset_run(self, run: RunRecord, consumed_signals: Sequence[str]) -> None:
         with self._lock:
             self._runs[run.run_id] = replace(run)
-            self.delete_effects("run/" + run.run_id)
+            self.delete_effects(run_scope(run.run_id))
             sigs = self._signals.get(run.run_id, {})
             for sid in consumed_signals:
                 sigs.pop(sid, None)

@@ -56,6 +56,8 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from .._journal import run_scope
+from .._version import __version__
 from ..errors import (
     ArgumentError,
     ArgumentTypeError,
@@ -535,7 +537,6 @@ class PostgresStore:
         self._check_version(current, written_by)
         if current == SCHEMA_VERSION:
             return
-        from .. import __version__
 
         s = sql.Identifier(self._schema)
         with conn.transaction():
@@ -839,7 +840,7 @@ class PostgresStore:
         def reset(conn: _Conn) -> None:
             with conn.transaction():
                 conn.execute(q["put_run"], params)
-                conn.execute(q["delete_effects"], ["run/" + run.run_id])
+                conn.execute(q["delete_effects"], [run_scope(run.run_id)])
                 if consumed:
                     conn.execute(q["delete_some_signals"], [run.run_id, consumed])
 

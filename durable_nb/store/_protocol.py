@@ -8,7 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from .._journal import (
+    FINAL_STATUSES,
+    RUN_STATUSES,
+    EventKind,
+    RecordKind,
+    RunStatus,
+    run_scopes,
+)
 
 if TYPE_CHECKING:
     from .._codecs import Payload, Signer
@@ -27,12 +36,8 @@ __all__ = [
     "run_scopes",
 ]
 
-RunStatus = Literal["queued", "running", "waiting", "completed", "failed", "cancelled"]
-RUN_STATUSES: tuple[str, ...] = ("queued", "running", "waiting", "completed", "failed", "cancelled")
-#: a run in one of these statuses will not progress again (unless restarted)
-FINAL_STATUSES: tuple[str, ...] = ("completed", "failed", "cancelled")
-
-#: ``(scope, identity, version, input_hash, occurrence)`` — SPEC 2, "effect key".
+#: ``(scope, identity, version, input_hash, occurrence)``: the effect key (README, "How
+#: it works").
 EffectKey = tuple[str, str, str, str, int]
 
 
@@ -54,11 +59,11 @@ class EffectRecord:
     occurrence: int
     payload: Payload
     is_error: bool = False
-    kind: str = "effect"  # effect | sleep | signal | child | now | random | uuid | ...
+    kind: RecordKind = "effect"  # a step kind, or a record of a run's kv/stream scopes
     seq: int = -1  # call position within the execution that first recorded it (-1: top level)
     started_at: float = 0.0  # epoch seconds
     duration: float = 0.0  # seconds the original execution took
-    detail: str = ""  # short JSON for traces (argument preview, signal name, deadline...)
+    detail: str = ""  # for traces: the kind's detail as JSON (see _journal), or an argument preview
 
     @property
     def key(self) -> EffectKey:
@@ -88,11 +93,6 @@ class RunRecord:
     version: str = ""  # the workflow version it started on (@durable(version=...))
 
 
-def run_scopes(run_id: str) -> tuple[str, str, str]:
-    """The effect scopes a run owns: its history, its key/value state and its streams."""
-    return ("run/" + run_id, "kv/" + run_id, "stream/" + run_id)
-
-
 @dataclass(slots=True)
 class SignalRecord:
     """A signal sent to a run. Signals are delivered in ``(sent_at, signal_id)`` order, once."""
@@ -111,7 +111,7 @@ class EventRecord:
     run_id: str
     event_id: str
     ts: float
-    kind: str
+    kind: EventKind
     data: str = ""  # JSON text
 
 

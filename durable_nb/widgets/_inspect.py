@@ -10,6 +10,7 @@ import pprint
 from typing import Any
 
 from .. import _codecs
+from .._journal import run_scope
 from ..store import EffectRecord, Store
 from ._messages import DetailMessage
 
@@ -87,7 +88,7 @@ def step_detail(
         "output_text": "",
         "error": "",
     }
-    rec = _find(store.load_effects("run/" + run_id), seq, name) if seq >= 0 else None
+    rec = _find(store.load_effects(run_scope(run_id)), seq, name) if seq >= 0 else None
     if rec is None:
         msg["output_text"] = "" if error else "(nothing recorded for this step yet)"
         if error:  # an uncached failure leaves no record; the run's traceback says the rest

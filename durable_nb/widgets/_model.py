@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 from typing import Any, cast
 
+from .._journal import EXECUTION_EVENTS, FINAL_STATUSES
+from ..trace import step_label, waiting_of
 from ._messages import RunInfo, StepRow, StepState, Totals, Waiting
 
-__all__ = ["FINAL", "TraceModel", "step_label"]
+__all__ = ["FINAL", "TraceModel", "label_of", "waits_of"]
 
-FINAL = ("completed", "failed", "cancelled")
+FINAL = FINAL_STATUSES
 _STATES: tuple[StepState, ...] = ("running", "executed", "replayed", "failed", "waiting")
 _Key = tuple[Any, ...]
 
@@ -29,44 +31,20 @@ def _json(text: object) -> Any:
         return None
 
 
-def _seconds(s: float) -> str:
-    if s >= 3600:
-        return f"{s / 3600:g} h"
-    if s >= 60:
-        return f"{s / 60:g} min"
-    return f"{s:g} s"
+def label_of(kind: str, name: str, args: object) -> str:
+    """What the timeline shows for a step: the trace's label (``durable_nb.trace.step_label``),
+    compact — an effect by its function's name; the arguments show on click."""
+    return step_label({"kind": kind, "name": name, "args": args or ""}, compact=True)
 
 
-def step_label(kind: str, name: str, args: str) -> str:
-    """What the timeline shows for a step: the effect's own name, or what the engine step did."""
-    detail = _json(args)
-    d = detail if isinstance(detail, dict) else {}
-    if kind == "signal":
-        return f"signal {d['name']}" if "name" in d else "signal"
-    if kind == "deadline":
-        return f"deadline for signal {d['signal']}" if "signal" in d else "signal deadline"
-    if kind == "sleep":
-        if isinstance(d.get("seconds"), (int, float)):
-            return f"sleep {_seconds(float(d['seconds']))}"
-        return f"sleep until {d['until']}" if "until" in d else "sleep"
-    if kind == "child":
-        return f"child run {d['run_id']}" if "run_id" in d else f"child {name}"
-    if kind in ("now", "random", "uuid"):
-        return f"ctx.{kind}()"
-    short = name.rsplit(".", 1)[-1] if name else kind
-    return short or name
-
-
-def waiting_of(status: str, detail: object) -> list[Waiting]:
-    """What a waiting run waits on, from the status detail the engine publishes."""
-    if status != "waiting" or not isinstance(detail, dict):
-        return []
-    out: list[Waiting] = []
-    if isinstance(detail.get("signal"), str):
-        out.append({"kind": "signal", "name": detail["signal"], "until": ""})
-    if isinstance(detail.get("timer_until"), str):
-        out.append({"kind": "timer", "name": "", "until": detail["timer_until"]})
-    return out
+def waits_of(status: str, detail: object) -> list[Waiting]:
+    """What a waiting run waits on (``durable_nb.trace.waiting_of``), as the widget shows it:
+    the signals it waits for and its timer."""
+    return [
+        {"kind": w["kind"], "name": str(w.get("name", "")), "until": str(w.get("until", ""))}
+        for w in waiting_of(status, detail)
+        if w["kind"] in ("signal", "timer")
+    ]
 
 
 def _detail_text(status: str, waiting: list[Waiting], error: str) -> str:
@@ -159,7 +137,7 @@ class TraceModel:
             "seq": -1,
             "kind": "signal",
             "name": "dn.signal",
-            "label": f"signal {name}",
+            "label": label_of("signal", "dn.signal", json.dumps({"name": name})),
             "state": "waiting",
             "duration": 0.0,
             "args": json.dumps({"name": name}),
@@ -187,7 +165,7 @@ class TraceModel:
                 "seq": int(s.get("seq", -1)),
                 "kind": str(s.get("kind", "effect")),
                 "name": str(s.get("name", "")),
-                "label": step_label(str(s.get("kind", "")), str(s.get("name", "")), s.get("args")),
+                "label": label_of(str(s.get("kind", "")), str(s.get("name", "")), s.get("args")),
                 "state": cast(StepState, state if state in _STATES else "executed"),
                 "duration": float(s.get("duration") or 0.0),
                 "args": str(s.get("args") or ""),
@@ -205,11 +183,7 @@ class TraceModel:
         self.run["error"] = error if status == "failed" else ""
         self._set_status(status, detail, live=False)
         # waits known from the record (a run waiting while no process executes it)
-        self.waiting = [
-            {"kind": w["kind"], "name": str(w.get("name", "")), "until": str(w.get("until", ""))}
-            for w in trace.get("waiting", [])
-            if w.get("kind") in ("signal", "timer")
-        ]
+        self.waiting = waits_of(status, detail)
         self._show_waits()
         self._refresh_run()
 
@@ -240,7 +214,7 @@ class TraceModel:
             "seq": seq,
             "kind": kind,
             "name": name,
-            "label": step_label(kind, name, str(args)),
+            "label": label_of(kind, name, str(args)),
             "state": state if state in _STATES else "executed",
             "duration": float(m.get("duration") or 0.0),
             "args": str(args),
@@ -258,7 +232,7 @@ class TraceModel:
             self._last_sleep = i
 
     def _event(self, event: str, data: dict[str, Any]) -> None:
-        if event in ("started", "resumed"):
+        if event in EXECUTION_EVENTS:
             self._reset()  # a new execution: its own timeline
             self.run["live"] = True
             self.run["executions"] = int(data.get("execution", 0))
@@ -280,7 +254,7 @@ class TraceModel:
     def _set_status(self, status: str, detail: Any, *, live: bool) -> None:
         before = self.run["status"]
         self.run["status"] = status
-        self.waiting = waiting_of(status, detail)
+        self.waiting = waits_of(status, detail)
         if status == "failed" and isinstance(detail, dict) and detail.get("error"):
             self.run["error"] = str(detail["error"])
         if live and status != "waiting" and before == "waiting":

@@ -22,8 +22,7 @@ from typing import Any
 import anywidget
 import traitlets
 
-from ..engine import runtime
-from ..engine._workflow import Job, Workflow, _start, get_job
+from ..engine import Job, Workflow, get_job, runtime, start_run
 from ..errors import (
     ArgumentError,
     ArgumentTypeError,
@@ -342,7 +341,7 @@ class TraceWidget(anywidget.AnyWidget):
         if not job.done():
             raise DurableError(f"run {self.run_id!r} is executing already; nothing to resume")
         args, kwargs = _call_args(wf, self.run_id)
-        new = _start(wf, args, kwargs, run_id=self.run_id)
+        new = start_run(wf, args, kwargs, run_id=self.run_id)
         self.attach(new)
         self._notice("info", f"resumed {self.run_id}")
         return new

@@ -1,0 +1,409 @@
+"""The journal's vocabulary, written once: what the records of a store may say.
+
+Everything durable is a record: a *step* of a run's journal (an ``EffectRecord`` whose
+``kind`` is a :data:`StepKind`, with a short ``detail`` for traces), a run's record (its
+``status`` a :data:`RunStatus`), a trace *event* (:data:`EventKind`) and a signal. This
+module names them all — step kinds and the ``detail`` each carries, the bookkeeping records
+that are not steps, reserved signal names and identities, scopes, run statuses, event kinds
+— and holds the validators of run ids and names (one rule each, one error class each).
+
+The engine writes with it; the stores, the trace, the client, the CLI and the widgets read
+with it, so nothing else retypes a kind, a status or a reserved name. It imports nothing of
+durable_nb but :mod:`durable_nb.errors`.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Any, Final, Literal, TypedDict, Union, get_args
+
+from .errors import ArgumentError, ArgumentTypeError, UnstorableValueError
+
+__all__ = [
+    "AUX_KINDS",
+    "CANCEL_SIGNAL",
+    "CHUNK_PREFIX",
+    "CLOSING_EVENTS",
+    "EXECUTION_EVENTS",
+    "FINAL_STATUSES",
+    "QUEUE_PREFIX",
+    "RETRY_PREFIX",
+    "RUN_STATUSES",
+    "SHARED_SCOPE",
+    "SIGNAL_STEP_KINDS",
+    "STEP_KINDS",
+    "TOP_SCOPE_PREFIX",
+    "ChildDetail",
+    "DeadlineDetail",
+    "DequeueDetail",
+    "EndStatus",
+    "EventKind",
+    "InterruptDetail",
+    "KvBaseDetail",
+    "KvDeleteDetail",
+    "KvSetDetail",
+    "LiveKind",
+    "LogDetail",
+    "RaceDetail",
+    "RecordKind",
+    "RetryDetail",
+    "RunStatus",
+    "SignalDetail",
+    "SleepDetail",
+    "StartChildDetail",
+    "StatusDetail",
+    "StepDetail",
+    "StepKind",
+    "StreamDetail",
+    "check_name",
+    "check_queue",
+    "check_run_id",
+    "check_stream_name",
+    "check_user_signal",
+    "detail_text",
+    "iso_time",
+    "json_text",
+    "kv_scope",
+    "queue_signal",
+    "read_detail",
+    "run_of_scope",
+    "run_scope",
+    "run_scopes",
+    "signal_id_of",
+    "signal_label",
+    "stream_scope",
+]
+
+# ------------------------------------------------------------------------- step kinds
+#: What a step of a run's journal is. ``effect``: an ``@effect`` or ``ctx.run`` call (its
+#: ``detail`` is the argument preview, plain text); ``stream``: a write to a run stream, its
+#: close, or a streaming effect's final value; the others are the ``ctx`` operations of the
+#: same name (``deadline``: the deadline of a timed ``wait_signal``/``dequeue``). ``retry``
+#: and ``kv_base`` are bookkeeping kept in the journal (see :data:`AUX_KINDS`).
+StepKind = Literal[
+    "effect",
+    "stream",
+    "now",
+    "random",
+    "uuid",
+    "sleep",
+    "deadline",
+    "signal",
+    "dequeue",
+    "interrupt",
+    "race",
+    "child",
+    "start_child",
+    "status",
+    "log",
+    "kv_set",
+    "kv_delete",
+    "retry",
+    "kv_base",
+]
+#: Records of a run's other scopes: a stream's chunk and end marker (``stream/<run>``), a
+#: key's current value (``kv/<run>``; a deleted key leaves a ``kv_delete`` tombstone); and of
+#: a notebook's scope: a cached ``%%effect`` cell (``cell``) and a variable it assigned
+#: (``cell-var``).
+RecordKind = Union[StepKind, Literal["chunk", "stream_end", "kv", "cell", "cell-var"]]
+STEP_KINDS: Final[tuple[str, ...]] = get_args(StepKind)
+#: bookkeeping records: not calls of the workflow, so they have no place in the recorded
+#: order and a trace does not show them as steps
+AUX_KINDS: Final[tuple[str, ...]] = ("retry", "kv_base", "chunk", "stream_end", "kv")
+#: step kinds that consume a signal (their detail names its ``signal_id``)
+SIGNAL_STEP_KINDS: Final[tuple[str, ...]] = ("signal", "dequeue", "interrupt")
+
+
+# What each kind's ``detail`` holds (JSON text of one of these; ``effect`` steps keep their
+# argument preview as plain text). Written by the engine, read by the trace.
+class SleepDetail(TypedDict, total=False):
+    seconds: float  # ctx.sleep; absent for ctx.sleep_until
+    until: str  # the deadline, ISO 8601 UTC
+
+
+class DeadlineDetail(TypedDict, total=False):
+    signal: str  # of wait_signal(signal, timeout=...)
+    queue: str  # of dequeue(queue, timeout=...)
+
+
+class SignalDetail(TypedDict):
+    name: str
+    signal_id: str
+
+
+class DequeueDetail(TypedDict):
+    queue: str
+    signal_id: str
+
+
+class InterruptDetail(TypedDict):
+    name: str
+    signal_id: str
+
+
+class RaceDetail(TypedDict):
+    winner: int
+    of: int
+
+
+class ChildDetail(TypedDict):
+    run_id: str
+
+
+class StartChildDetail(TypedDict):
+    run_id: str
+    workflow: str
+
+
+class StatusDetail(TypedDict):
+    value: str  # the custom status as JSON text, cut to 200 characters
+
+
+class LogDetail(TypedDict):
+    level: str
+    message: str
+
+
+class KvSetDetail(TypedDict):
+    key: str
+    value: str  # JSON text, cut to 200 characters
+
+
+class KvDeleteDetail(TypedDict):
+    key: str
+
+
+class StreamDetail(TypedDict, total=False):
+    stream: str  # a write or a close: the stream's name
+    index: int  # a write: the chunk's position
+    chunk: str  # a write: a preview of the chunk
+    closed: bool  # a close
+    chunks: int  # a close, or a streaming effect's result: how many chunks
+    args: str  # a streaming effect's result: its argument preview
+
+
+class RetryDetail(TypedDict, total=False):
+    identity: str
+    attempt: int  # failed attempts so far
+    next_at: str  # when the next attempt is due, ISO 8601 UTC
+
+
+class KvBaseDetail(TypedDict):
+    keys: int
+
+
+StepDetail = Union[
+    SleepDetail,
+    DeadlineDetail,
+    SignalDetail,
+    DequeueDetail,
+    InterruptDetail,
+    RaceDetail,
+    ChildDetail,
+    StartChildDetail,
+    StatusDetail,
+    LogDetail,
+    KvSetDetail,
+    KvDeleteDetail,
+    StreamDetail,
+    RetryDetail,
+    KvBaseDetail,
+]
+
+
+def detail_text(detail: StepDetail) -> str:
+    """A step's ``detail`` as stored."""
+    return json.dumps(detail)
+
+
+def read_detail(text: str) -> dict[str, Any]:
+    """A stored ``detail`` as a dict: ``{}`` for an ``effect`` step's argument preview, an
+    empty detail, or one a newer version wrote in another shape."""
+    if not text or text[0] != "{":
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def signal_id_of(kind: str, detail: str) -> str | None:
+    """The signal a step consumed (steps of :data:`SIGNAL_STEP_KINDS`), else None."""
+    if kind not in SIGNAL_STEP_KINDS:
+        return None
+    sid = read_detail(detail).get("signal_id")
+    return sid if isinstance(sid, str) and sid else None
+
+
+def iso_time(ts: float) -> str:
+    """Epoch seconds as the ISO 8601 UTC text of details (``until``, ``next_at``)."""
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------- identities and scopes
+#: an effect call's retry schedule: identity ``RETRY_PREFIX + the effect's identity``
+RETRY_PREFIX: Final = "dn.retry:"
+#: a streaming effect's chunks: identity ``CHUNK_PREFIX + the effect's identity``
+CHUNK_PREFIX: Final = "dn.chunk:"
+#: notebook and script scopes are ``TOP_SCOPE_PREFIX + name``
+TOP_SCOPE_PREFIX: Final = "top/"
+#: the scope of ``@effect(shared=True)``: every notebook, script and run on the store
+SHARED_SCOPE: Final = "shared"
+
+
+def run_scope(run_id: str) -> str:
+    """A run's journal: its steps."""
+    return "run/" + run_id
+
+
+def kv_scope(run_id: str) -> str:
+    """A run's key/value state: one record per key, ``identity`` = the key."""
+    return "kv/" + run_id
+
+
+def stream_scope(run_id: str) -> str:
+    """A run's streams (``identity`` = the stream, ``occurrence`` = the chunk's position) and
+    its streaming effects' chunks."""
+    return "stream/" + run_id
+
+
+def run_scopes(run_id: str) -> tuple[str, str, str]:
+    """The effect scopes a run owns: its journal, its key/value state and its streams."""
+    return (run_scope(run_id), kv_scope(run_id), stream_scope(run_id))
+
+
+def run_of_scope(scope: str) -> str | None:
+    """The run that owns ``scope`` (one of :func:`run_scopes`), or None for a notebook's,
+    a script's or the shared scope."""
+    for prefix in ("run/", "kv/", "stream/"):
+        if scope.startswith(prefix):
+            return scope[len(prefix) :]
+    return None
+
+
+# -------------------------------------------------------------------- reserved signals
+#: the signal ``job.cancel()`` sends
+CANCEL_SIGNAL: Final = "__cancel__"
+#: queue messages are signals named ``QUEUE_PREFIX + queue``: ordered, stored, delivered once
+QUEUE_PREFIX: Final = "__queue__:"
+
+
+def queue_signal(queue: str) -> str:
+    """The signal name that carries messages of queue ``queue``."""
+    return QUEUE_PREFIX + queue
+
+
+def signal_label(name: str) -> str:
+    """A signal's name as a person reads it: a queue's messages show as ``queue:NAME``."""
+    return "queue:" + name[len(QUEUE_PREFIX) :] if name.startswith(QUEUE_PREFIX) else name
+
+
+def check_user_signal(name: str) -> None:
+    """Refuse the reserved signal names for a user's own signals."""
+    if name == CANCEL_SIGNAL or name.startswith(QUEUE_PREFIX):
+        raise ArgumentError(
+            f"signal name {name!r} is reserved (cancellation, queues); use job.cancel(), "
+            "ctx.dequeue() or another name"
+        )
+
+
+# ------------------------------------------------------------------ statuses and events
+RunStatus = Literal["queued", "running", "waiting", "completed", "failed", "cancelled"]
+RUN_STATUSES: Final[tuple[str, ...]] = get_args(RunStatus)
+#: a run in one of these statuses will not progress again (unless resumed or restarted)
+FINAL_STATUSES: Final[tuple[str, ...]] = ("completed", "failed", "cancelled")
+
+#: how a run's execution can end: both a run status and the event that records it
+EndStatus = Literal["completed", "failed", "cancelled"]
+#: what a run's trace events say happened
+EventKind = Literal[
+    "started",
+    "resumed",
+    "completed",
+    "failed",
+    "cancelled",
+    "interrupted",
+    "continued_as_new",
+    "step_failed",
+    "signal_received",
+]
+#: events that open an execution of a run; the last one opens the latest execution
+EXECUTION_EVENTS: Final[tuple[str, ...]] = ("started", "resumed")
+#: events that close an execution (with its replayed/executed/saved totals)
+CLOSING_EVENTS: Final[tuple[str, ...]] = (
+    "completed",
+    "failed",
+    "cancelled",
+    "interrupted",
+    "continued_as_new",
+)
+#: what a running run tells its live listeners (``Job.subscribe``): a step's state, the
+#: run's status, a trace event, or a new custom status
+LiveKind = Literal["step", "status", "event", "custom_status"]
+
+
+# --------------------------------------------------------------------------- validators
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates cannot be stored
+        return False
+    return True
+
+
+def check_run_id(run_id: object) -> str:
+    """A run id: 1-200 printable characters."""
+    if not isinstance(run_id, str):
+        raise ArgumentTypeError(f"run_id must be a non-empty str, got {run_id!r}")
+    if not run_id or len(run_id) > 200 or any(ord(c) < 32 for c in run_id) or not _utf8(run_id):
+        raise ArgumentError(
+            f"run_id must be 1-200 printable characters, got {run_id!r}; pick a short name"
+        )
+    return run_id
+
+
+def check_name(name: object, what: str = "name") -> str:
+    """A signal's or a workflow's name: a non-empty str of at most 200 characters."""
+    if not isinstance(name, str) or not name or len(name) > 200 or not _utf8(name):
+        raise ArgumentError(
+            f"{what} must be a non-empty str of at most 200 characters, got {name!r}"
+        )
+    return name
+
+
+def check_queue(queue: object) -> str:
+    """A queue's name: it travels inside a signal name, so it may be a little shorter."""
+    limit = 200 - len(QUEUE_PREFIX)
+    if not isinstance(queue, str) or not queue or len(queue) > limit or not _utf8(queue):
+        raise ArgumentError(
+            f"queue must be a non-empty str of at most {limit} characters, got {queue!r}"
+        )
+    return queue
+
+
+def check_stream_name(name: object, what: str = "name") -> str:
+    """A stream's name: 1-200 printable characters."""
+    if not isinstance(name, str):
+        raise ArgumentTypeError(
+            f"{what} must be a str naming the stream, got {name!r}; use a short name such as "
+            "'tokens'"
+        )
+    if not name or len(name) > 200 or any(ord(c) < 32 for c in name) or not _utf8(name):
+        raise ArgumentError(
+            f"{what} must be 1-200 printable characters, got {name!r}; use a short name such "
+            "as 'tokens'"
+        )
+    return name
+
+
+def json_text(value: object, what: str) -> str:
+    """``value`` as JSON text (signal payloads, custom statuses), or a clear error."""
+    try:
+        return json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise UnstorableValueError(
+            f"{what} must be JSON data (None, bool, int, float, str, list, dict), got {value!r}; "
+            f"convert it first ({e})"
+        ) from None

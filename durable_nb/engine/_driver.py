@@ -1,0 +1,432 @@
+"""The run driver: executes (or resumes) one run, generation after generation.
+
+:func:`start_run` puts a run on a loop of this process (the caller's, or the engine's own
+thread when there is none or the caller blocks) and returns its :class:`~._jobs.Job`; the
+run's coroutine (``_drive``) takes the run's lease, loads its history and signals, builds
+its :class:`~._state.RunState` and :class:`~._context.Context`, calls the workflow, and
+settles the job — completed, failed, cancelled, or interrupted and resumable. Around it:
+the inbox poller that picks up what other processes send the run, continue-as-new, the
+key/value base of a new generation, cancelling children, and a lost lease.
+
+The driver installs :func:`start_run` as ``runtime.start_run`` when it is imported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import inspect
+import json
+import time
+from dataclasses import replace as _replace
+from typing import Any, TypeVar, cast
+
+from .. import _codecs
+from .._journal import (
+    CANCEL_SIGNAL,
+    FINAL_STATUSES,
+    EndStatus,
+    KvBaseDetail,
+    check_run_id,
+    detail_text,
+    run_scope,
+    signal_id_of,
+)
+from ..errors import (
+    ArgumentTypeError,
+    DurableError,
+    RunCancelledError,
+    RunLockedError,
+    StoreLockedError,
+    StoreUnavailableError,
+    UnstorableValueError,
+)
+from ..store import EffectRecord, RunLease, RunRecord
+from ._context import Context, ContinueAsNew
+from ._jobs import Job, cancel, outcome_of_record, reject, resolve
+from ._kv import kv_base_texts
+from ._runtime import cancel_scope, current_scope, running_loop, runtime
+from ._state import INBOX_POLL, RunState
+from ._workflow import Workflow, for_run, newest
+
+__all__ = ["call_of", "fail_unstarted", "start_run"]
+
+R = TypeVar("R")
+
+
+def start_run(
+    workflow: Workflow[..., R],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    run_id: str | None = None,
+    restart: bool = False,
+    parent_id: str | None = None,
+    blocking: bool = False,
+    lease: RunLease | None = None,
+) -> Job[R]:
+    """Start a run on this thread's loop, or on the engine's loop when there is none or the
+    caller will block on the result (``blocking``). ``lease``: the run's lease, already taken
+    (a worker's claim_run); otherwise the run takes it when it starts."""
+    if not isinstance(workflow, Workflow):
+        raise ArgumentTypeError(
+            f"expected a @durable workflow, got {workflow!r}; decorate it with @durable"
+        )
+    workflow.binder.bind(args, kwargs)  # a missing argument fails here, before anything runs
+    rid = check_run_id(run_id) if run_id is not None else workflow.run_id_for(*args, **kwargs)
+    with runtime.jobs_lock:
+        live = runtime.jobs.get(rid)
+        if live is not None and not live.done():
+            if restart:
+                raise DurableError(
+                    f"run {rid!r} is executing in this process; cancel it before restarting it"
+                )
+            return cast(Job[R], live)
+        job: Job[R] = Job(rid, workflow)
+        runtime.jobs[rid] = job
+    here = running_loop()
+    loop = here if here is not None and not blocking else runtime.engine_loop()
+    job._loop = loop
+    coro = _drive(job, workflow, args, kwargs, restart, parent_id, lease)
+    if loop is here:
+        job._task = loop.create_task(coro)
+    else:
+
+        def create() -> None:
+            job._task = loop.create_task(coro)
+
+        loop.call_soon_threadsafe(create)
+    return job
+
+
+async def _drive(
+    job: Job[R],
+    wf: Workflow[..., R],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    restart: bool,
+    parent_id: str | None,
+    lease: RunLease | None = None,
+) -> None:
+    """Execute (or resume) one run, generation after generation when it continues as new.
+    The job's future is settled only after the run's lease is released and its records
+    merged, so whoever sees the result can start the run again."""
+    store, clock = runtime.store, runtime.clock
+    state: RunState | None = None
+    poller: asyncio.Future[None] | None = None
+    outcome: tuple[bool, Any] | None = None  # (ok, value or exception)
+    claimed = lease is not None  # a worker's claim: nobody waits here to fix a failed start
+    try:
+        if lease is None:
+            lease = store.acquire_run(job.run_id, runtime.owner)
+        lease.on_lost = functools.partial(_lease_lost, job, asyncio.get_running_loop())
+        rec = store.get_run(job.run_id)
+        if rec is not None and restart:
+            store.delete_run(job.run_id)
+            rec = None
+        if rec is None:
+            wf = newest(wf)
+        else:
+            wf = for_run(wf, rec)
+            if rec.generation > 0 and rec.args is not None:
+                # a later generation runs on the arguments continue_as_new gave it
+                args, kwargs = call_of(wf, _codecs.decode(rec.args, store.signer))
+        input_hash = wf.binder.input_hash(args, kwargs)
+        code_version = wf.code_version
+        if rec is not None and (
+            rec.status == "cancelled"
+            or (
+                not wf.replay_completed
+                and (rec.input_hash, rec.code_version) == (input_hash, code_version)
+            )
+        ):
+            outcome = outcome_of_record(rec)
+            if outcome is not None:
+                return  # ended with these arguments and this code: its recorded outcome
+        poller = asyncio.ensure_future(_poll_inbox(job))
+        new_generation = False
+        while True:
+            history = store.load_effects(run_scope(job.run_id))
+            token = store.inbox_token(job.run_id)  # before reading: a signal sent meanwhile shows
+            signals = store.list_signals(job.run_id)
+            now = clock.time()
+            resumed = rec is not None and not new_generation
+            if rec is None:
+                try:
+                    args_payload = _codecs.encode(
+                        wf.binder.bind(args, kwargs), store.signer, what="the workflow's arguments"
+                    )
+                except UnstorableValueError:
+                    args_payload = None
+                rec = RunRecord(
+                    job.run_id,
+                    wf.name,
+                    "running",
+                    now,
+                    now,
+                    args=args_payload,
+                    parent_id=parent_id,
+                    version=wf.version or "",
+                )
+            rec.status, rec.updated_at, rec.detail = "running", now, ""
+            rec.input_hash, rec.code_version = input_hash, code_version
+            rec.executions += 1
+            rec.error = None
+            state = RunState(job, rec, history, signals, wf.strict, token)
+            state.workflow = wf
+            job._state = state
+            store.put_run(rec)
+            opened: dict[str, Any] = {"execution": rec.executions, "history": len(history)}
+            if rec.generation:
+                opened["generation"] = rec.generation
+            state.event("resumed" if resumed else "started", opened)
+            _start_kv(state, history)
+            current_scope.set(state)
+            cancel_scope.set(state.root_scope)
+            cancel_sig = next((s for s in state.inbox if s.name == CANCEL_SIGNAL), None)
+            if cancel_sig is not None:
+                state.cancel_reason = json.loads(cancel_sig.payload) or "cancelled"
+                raise asyncio.CancelledError
+            try:
+                result: Any = await wf.fn(Context(state), *args, **kwargs)
+            except ContinueAsNew as nxt:
+                wf, args, kwargs, rec = _next_generation(state, wf, nxt)
+                input_hash, code_version = rec.input_hash, rec.code_version
+                new_generation = True
+                continue
+            break
+        state.run.result = _codecs.encode(
+            result, store.signer, what=f"the result of workflow {wf.name}"
+        )
+        _finish(state, "completed")
+        outcome = (True, result)
+    except asyncio.CancelledError:
+        if state is not None and state.cancel_reason is not None:
+            _finish(state, "cancelled", detail={"reason": state.cancel_reason})
+            await _cancel_children(state)
+            outcome = (
+                False,
+                RunCancelledError(
+                    f"run {job.run_id!r} was cancelled ({state.cancel_reason}); start it again "
+                    "with restart=True to run it afresh"
+                ),
+            )
+        else:  # interrupted (Ctrl-C, loop shutdown, lease lost): the run stays resumable
+            if state is not None:
+                state.event("interrupted", {**_stats(state), "lease_lost": job._lease_lost})
+            outcome = (
+                False,
+                RunLockedError(
+                    f"run {job.run_id!r} lost its lease (the store could not renew it in time), "
+                    "so another process may have taken it over; it stopped here and resumes "
+                    "wherever it is executed next"
+                )
+                if job._lease_lost
+                else KeyboardInterrupt(
+                    f"run {job.run_id!r} was interrupted; run it again to resume"
+                ),
+            )
+    except BaseException as e:
+        if state is not None and state.run.status != "completed":
+            try:
+                state.run.error = _codecs.encode_error(e, store.signer)
+                _finish(state, "failed", detail={"error": repr(e)[:500]})
+            except Exception:  # the store failed too: the error we report is the run's
+                pass
+        elif state is None and claimed and isinstance(e, Exception):
+            # it could not even start (arguments that no longer bind, a version this worker
+            # lacks): left queued it would be claimed again at once, forever
+            fail_unstarted(job.run_id, e)
+        outcome = (False, e)
+        if not isinstance(e, Exception):
+            raise
+    finally:
+        if poller is not None:
+            poller.cancel()
+        try:
+            if lease is not None:
+                lease.release()
+        finally:
+            with runtime.jobs_lock:
+                if runtime.jobs.get(job.run_id) is job:
+                    del runtime.jobs[job.run_id]
+            if outcome is None:
+                outcome = (False, DurableError(f"run {job.run_id!r} ended without an outcome"))
+            if outcome[0]:
+                resolve(job._future, outcome[1])
+            else:
+                reject(job._future, outcome[1])
+
+
+def fail_unstarted(run_id: str, e: Exception) -> None:
+    """Mark a claimed run that failed before it executed as failed (its lease still held),
+    unless the store itself was the trouble: then it stays claimable for a later try."""
+    if isinstance(e, (StoreLockedError, StoreUnavailableError)):
+        return
+    store = runtime.store
+    with contextlib.suppress(Exception):
+        rec = store.get_run(run_id)
+        if rec is not None and rec.status not in FINAL_STATUSES:
+            rec.status, rec.updated_at = "failed", runtime.clock.time()
+            rec.error = _codecs.encode_error(e, store.signer)
+            rec.detail = json.dumps({"error": repr(e)[:500]})
+            store.put_run(rec)
+
+
+async def _poll_inbox(job: Job[Any]) -> None:
+    """While a run executes, pick up what other processes send it (signals, queue messages,
+    a cancel) even when it is busy in a long effect: a cheap check of the store's inbox
+    token every half second."""
+    while True:
+        await asyncio.sleep(INBOX_POLL)
+        state = job._state
+        if state is None or time.monotonic() - state.last_poll < INBOX_POLL:
+            continue
+        state.last_poll = time.monotonic()
+        try:
+            token = runtime.store.inbox_token(state.run_id)
+            if token == state.inbox_token:
+                continue
+            # off the loop: reading may wait while another process holds a DuckDB file
+            signals = await asyncio.to_thread(runtime.store.list_signals, state.run_id)
+        except Exception:  # a store hiccup (a busy file): the next round tries again
+            continue
+        if job._state is state:
+            state.inbox_token = token
+            for sig in signals:
+                state.deliver(sig)
+
+
+def call_of(wf: Workflow[..., Any], bound: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Stored bound arguments (name -> value) back into a call of ``wf``."""
+    if not isinstance(bound, dict):
+        raise DurableError(
+            f"the stored arguments of workflow {wf.name} are damaged: {bound!r:.200}"
+        )
+    ba = inspect.BoundArguments(wf.binder.signature, bound)
+    return ba.args, ba.kwargs
+
+
+def _start_kv(state: RunState, history: list[EffectRecord]) -> None:
+    """Where the run's key/value state starts in this execution: empty for a new run; for a
+    new generation, what the previous one left (recorded as the generation's first step, so
+    its replays start from the same state)."""
+    base = next((r for r in history if r.kind == "kv_base"), None)
+    store = runtime.store
+    if base is not None:
+        value = _codecs.decode(base.payload, store.signer)
+        state.kv = dict(value) if isinstance(value, dict) else {}
+        return
+    if history or state.run.generation == 0:
+        return
+    texts = kv_base_texts(store, state.run_id)
+    if texts:
+        rec = EffectRecord(
+            state.scope_id,
+            "dn.kv.base",
+            "",
+            "",
+            0,
+            payload=_codecs.encode(texts, store.signer),
+            kind="kv_base",
+            seq=-1,
+            started_at=runtime.clock.time(),
+            detail=detail_text(KvBaseDetail(keys=len(texts))),
+        )
+        store.put_effects([rec])
+        state.index[(rec.identity, rec.version, rec.input_hash, rec.occurrence)] = rec
+    state.kv = texts
+
+
+def _next_generation(
+    state: RunState, wf: Workflow[..., R], nxt: ContinueAsNew
+) -> tuple[Workflow[..., R], tuple[Any, ...], dict[str, Any], RunRecord]:
+    """Continue the run as new: one atomic reset of its record and history that also drops
+    the signals its history consumed (unconsumed ones and queue messages stay)."""
+    store = runtime.store
+    new_wf = newest(wf)  # a new generation runs on the newest version
+    args, kwargs = nxt.call
+    payload = _codecs.encode(
+        new_wf.binder.bind(args, kwargs),
+        store.signer,
+        what="the arguments given to ctx.continue_as_new",
+    )
+    consumed = sorted(
+        {sid for r in state.index.values() if (sid := signal_id_of(r.kind, r.detail))}
+    )
+    old = state.run
+    state.event(
+        "continued_as_new",
+        {"generation": old.generation + 1, "history": len(state.index), **_stats(state)},
+    )
+    new = _replace(
+        old,
+        status="running",
+        args=payload,
+        result=None,
+        error=None,
+        detail="",
+        input_hash=new_wf.binder.input_hash(args, kwargs),
+        code_version=new_wf.code_version,
+        generation=old.generation + 1,
+        version=new_wf.version or "",
+        updated_at=runtime.clock.time(),
+    )
+    store.reset_run(new, consumed)
+    return new_wf, args, kwargs, new
+
+
+async def _cancel_children(state: RunState) -> None:
+    """A cancelled run's children (started with ctx.start_child) are cancelled too; those
+    executing in this process have ended when this returns (so has the parent, for whoever
+    waits on it)."""
+    ids = set(state.children)
+    for r in state.index.values():
+        if r.kind == "start_child":
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                ids.add(str(json.loads(r.detail)["run_id"]))
+    ending: list[asyncio.Future[Any]] = []
+    for child_id in sorted(ids):
+        with contextlib.suppress(DurableError):
+            rec = runtime.store.get_run(child_id)
+            if rec is not None and rec.status not in FINAL_STATUSES:
+                cancel(child_id, f"parent {state.run_id!r} was cancelled")
+                with runtime.jobs_lock:
+                    live = runtime.jobs.get(child_id)
+                if live is not None:
+                    ending.append(asyncio.wrap_future(live._future))
+    if ending:
+        await asyncio.wait(ending, timeout=30)
+        for f in ending:  # their outcome (cancelled) is the children's own business
+            if f.done() and not f.cancelled():
+                f.exception()
+
+
+def _lease_lost(job: Job[Any], loop: asyncio.AbstractEventLoop) -> None:
+    """The store says this process no longer holds the run's lease (called from the store's
+    thread): stop executing it, so two processes never go on executing one run together."""
+
+    def stop() -> None:
+        job._lease_lost = True
+        if job._task is not None and not job._task.done():
+            job._task.cancel()
+
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nothing runs any more
+        loop.call_soon_threadsafe(stop)
+
+
+def _stats(state: RunState) -> dict[str, Any]:
+    return {
+        "replayed": state.replayed,
+        "executed": state.executed,
+        "saved_seconds": round(state.saved, 6),
+    }
+
+
+def _finish(state: RunState, status: EndStatus, detail: dict[str, Any] | None = None) -> None:
+    state.event(status, {**_stats(state), **(detail or {})})
+    state.set_run_status(status, detail)
+
+
+runtime.start_run = start_run

@@ -1,0 +1,166 @@
+"""How an effect call is attempted: the retry policy, per-attempt and total timeouts.
+
+:class:`Retry` and the timeout rules are shared by plain and streaming effects; each
+failed attempt's error and the schedule's deadlines are described here once.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextvars
+import math
+import reprlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ..errors import ArgumentError, ArgumentTypeError, EffectTimeoutError
+from ._runtime import CancelScope
+
+__all__ = [
+    "Retry",
+    "attempt_timeout",
+    "call_with_timeout",
+    "check_retry",
+    "check_timeout",
+    "preview_args",
+    "total_timeout",
+]
+
+R = TypeVar("R")
+
+_preview = reprlib.Repr()
+_preview.maxstring = 80
+_preview.maxother = 80
+_preview.maxlist = _preview.maxtuple = _preview.maxdict = _preview.maxset = 6
+
+
+def preview_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """A short, human-readable preview of a call's arguments for traces."""
+    try:
+        parts = [_preview.repr(a) for a in args]
+        parts += [f"{k}={_preview.repr(v)}" for k, v in kwargs.items()]
+    except Exception:  # a broken __repr__ must not break the effect
+        return "(...)"
+    text = "(" + ", ".join(parts) + ")"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How an effect is retried: ``attempts`` in all, waiting ``initial_delay * backoff**n``
+    (at most ``max_delay``) between them, for exceptions matching ``retry_on``.
+
+    ``total_timeout`` (seconds) bounds all attempts and the waits between them together,
+    counted from the first attempt's start: an attempt is cut short when it would run past
+    it, and no retry is scheduled that could not start before it; then the call raises
+    :class:`~durable_nb.errors.EffectTimeoutError`. (The per-attempt limit is the effect's
+    ``timeout=``.) Inside a run the retry schedule is durable: each failed attempt is
+    recorded, so a process that restarts between two attempts waits only what is left of
+    the delay and goes on with the next attempt instead of starting over.
+    """
+
+    attempts: int = 3
+    backoff: float = 2.0
+    initial_delay: float = 1.0
+    max_delay: float = 60.0
+    retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,)
+    total_timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        if (
+            not isinstance(self.attempts, int)
+            or isinstance(self.attempts, bool)
+            or self.attempts < 1
+        ):
+            raise ArgumentError(f"attempts must be an int >= 1, got {self.attempts!r}")
+        for name in ("backoff", "initial_delay", "max_delay"):
+            v = getattr(self, name)
+            if (
+                not isinstance(v, (int, float))
+                or isinstance(v, bool)
+                or not math.isfinite(v)
+                or v < 0
+            ):
+                raise ArgumentError(f"{name} must be a finite number >= 0, got {v!r}")
+        check_timeout(self.total_timeout, "total_timeout")
+        on = self.retry_on
+        if isinstance(on, type):
+            object.__setattr__(self, "retry_on", (on,))
+            on = (on,)
+        if not isinstance(on, tuple) or not all(
+            isinstance(t, type) and issubclass(t, BaseException) for t in on
+        ):
+            raise ArgumentTypeError(
+                f"retry_on must be an exception class or a tuple of them, got {on!r}"
+            )
+
+    def delay(self, failures: int) -> float:
+        """Seconds to wait after the ``failures``-th failed attempt."""
+        return float(min(self.initial_delay * self.backoff ** (failures - 1), self.max_delay))
+
+
+def check_timeout(timeout: float | None, name: str = "timeout") -> float | None:
+    if timeout is None:
+        return None
+    if (
+        not isinstance(timeout, (int, float))
+        or isinstance(timeout, bool)
+        or not math.isfinite(timeout)
+        or timeout <= 0
+    ):
+        raise ArgumentError(f"{name} must be a number of seconds > 0 or None, got {timeout!r}")
+    return float(timeout)
+
+
+def check_retry(retry: Retry | int | None) -> Retry | None:
+    if retry is None:
+        return None
+    if isinstance(retry, int) and not isinstance(retry, bool):
+        return Retry(attempts=retry)
+    if not isinstance(retry, Retry):
+        raise ArgumentTypeError(
+            f"retry must be a durable_nb.Retry or an int (attempts), got {retry!r}"
+        )
+    return retry
+
+
+_timeout_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def call_with_timeout(
+    fn: Callable[[], R], timeout: float, what: str, scope: CancelScope | None = None
+) -> R:
+    """Run a sync function in a worker thread, giving up after ``timeout`` seconds.
+
+    Python cannot stop a thread: on timeout the call is abandoned (its result is dropped)
+    and its cancel scope is set, so the function can notice with ``dn.cancelled()``.
+    """
+    global _timeout_pool
+    if _timeout_pool is None:
+        _timeout_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=32, thread_name_prefix="durable_nb-effect"
+        )
+    ctx = contextvars.copy_context()
+    fut = _timeout_pool.submit(ctx.run, fn)
+    try:
+        return fut.result(timeout)
+    except concurrent.futures.TimeoutError:
+        if scope is not None:
+            scope.cancel()
+        raise attempt_timeout(what, timeout) from None
+
+
+def attempt_timeout(what: str, timeout: float) -> EffectTimeoutError:
+    return EffectTimeoutError(
+        f"effect {what} did not finish within timeout={timeout:g}s; raise the timeout "
+        "or make the work smaller (the attempt was abandoned; dn.cancelled() tells it so)"
+    )
+
+
+def total_timeout(what: str, retry: Retry, failures: int, last: str) -> EffectTimeoutError:
+    return EffectTimeoutError(
+        f"effect {what} did not succeed within total_timeout={retry.total_timeout:g}s "
+        f"({failures} failed attempt{'s' if failures != 1 else ''}, the last with {last[:300]}); "
+        "raise total_timeout or make the work more reliable"
+    )

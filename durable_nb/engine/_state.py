@@ -1,0 +1,436 @@
+"""The live state of one executing run: its history index, its step counter, its inbox.
+
+:class:`RunState` is also the run's effect *scope* (the same interface as
+``_runtime.TopScope``): effects and ``ctx`` operations take their step from it (key,
+occurrence, position), look their record up in it, and record through it — effects that
+complete in the same loop iteration share one store write. It publishes what happens to
+the run's live listeners (widgets) and its status to the store, and holds what the run
+waits on, the signals delivered to it and its cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import json
+import time
+import uuid as _uuid
+from typing import TYPE_CHECKING, Any
+
+from .. import _codecs
+from .._journal import (
+    AUX_KINDS,
+    CANCEL_SIGNAL,
+    RETRY_PREFIX,
+    EventKind,
+    LiveKind,
+    RecordKind,
+    RetryDetail,
+    RunStatus,
+    detail_text,
+    iso_time,
+    run_scope,
+    signal_id_of,
+)
+from ..errors import NonDeterminismError
+from ..store import EffectRecord, EventRecord, RunRecord, SignalRecord
+from ._runtime import CancelScope, Key4, TopScope, runtime
+
+if TYPE_CHECKING:
+    from ._interrupts import InterruptBlock
+    from ._jobs import Job
+    from ._workflow import Workflow
+
+__all__ = ["INBOX_POLL", "RunState", "active_interrupt", "replay"]
+
+INBOX_POLL = 0.5  # seconds between checks for signals sent by other processes
+
+#: the innermost ``ctx.interrupt_on`` block the current task is in (see ``_interrupts``)
+active_interrupt: contextvars.ContextVar[InterruptBlock | None] = contextvars.ContextVar(
+    "durable_nb_interrupt", default=None
+)
+
+
+def replay(scope: RunState | TopScope, rec: EffectRecord) -> Any:
+    """The recorded outcome of a step: its value, or its error raised again."""
+    scope.note_replay(rec)
+    signer = runtime.store.signer
+    if rec.is_error:
+        raise _codecs.decode_error(rec.payload, signer)
+    return _codecs.decode(rec.payload, signer)
+
+
+class RunState:
+    """The live state of one executing run; also its effect scope."""
+
+    def __init__(
+        self,
+        job: Job[Any],
+        record: RunRecord,
+        history: list[EffectRecord],
+        signals: list[SignalRecord],
+        strict: bool,
+        inbox_token: object,
+    ) -> None:
+        self.job = job
+        self.run_id = record.run_id
+        self.run = record
+        self.scope_id = run_scope(record.run_id)
+        self.strict = strict
+        self.index: dict[Key4, EffectRecord] = {
+            (r.identity, r.version, r.input_hash, r.occurrence): r for r in history
+        }
+        self.by_seq: dict[int, EffectRecord] = {}
+        for r in history:
+            if r.kind in AUX_KINDS:
+                continue
+            old = self.by_seq.get(r.seq)
+            if old is None or old.started_at <= r.started_at:
+                self.by_seq[r.seq] = r
+        self._counts: dict[tuple[str, str], int] = {}
+        self._seq = 0
+        self.replayed = 0
+        self.executed = 0
+        self.saved = 0.0
+        self.inflight = 0
+        self._batch: list[EffectRecord] = []
+        self._batch_waiters: list[asyncio.Future[None]] = []
+        consumed = {signal_id_of(r.kind, r.detail) for r in history} - {None}
+        self.inbox: list[SignalRecord] = [s for s in signals if s.signal_id not in consumed]
+        self.seen_signals = {s.signal_id for s in signals}
+        self.wakeup = asyncio.Event()
+        self.inbox_token = inbox_token
+        self.last_poll = time.monotonic()
+        self.cancel_reason: str | None = None
+        self.listeners = job._listeners  # shared: subscribing before the run starts works
+        self.workflow: Workflow[..., Any] | None = job.workflow
+        self.root_scope = CancelScope()  # cancelled with the run: effects see dn.cancelled()
+        self.waits: list[dict[str, Any]] = []  # what the run waits on now (timers, signals...)
+        self.interrupts: list[InterruptBlock] = []  # active ``ctx.interrupt_on`` blocks
+        self.children: set[str] = set()  # runs started by ctx.start_child
+        self.kv: dict[str, str] = {}  # the run's key/value state as it replays: key -> JSON
+
+    # live observers (widgets) -----------------------------------------------------------
+    def emit(self, kind: LiveKind, data: dict[str, Any]) -> None:
+        """Tell the job's listeners what just happened (``kind``: step, status, event, or
+        custom_status with ``version`` and ``value`` when ``ctx.set_status`` publishes).
+
+        Listeners run on the run's loop and must be quick (a widget batches what it gets);
+        one that raises is dropped so it cannot break the run."""
+        if not self.listeners:
+            return
+        msg = {"kind": kind, "run_id": self.run_id, "ts": runtime.clock.time(), **data}
+        for fn in list(self.listeners):
+            try:
+                fn(msg)
+            except Exception:
+                with contextlib.suppress(ValueError):
+                    self.listeners.remove(fn)
+
+    def _emit_step(self, rec: EffectRecord, state: str) -> None:
+        self.emit(
+            "step",
+            {
+                "seq": rec.seq,
+                "step": rec.kind,
+                "name": rec.identity,
+                "state": state,
+                "duration": rec.duration,
+                "args": rec.detail,
+                "error": rec.is_error,
+            },
+        )
+
+    # scope interface -------------------------------------------------------------
+    def next_occurrence(self, identity: str, input_hash: str) -> int:
+        k = (identity, input_hash)
+        n = self._counts.get(k, 0)
+        self._counts[k] = n + 1
+        return n
+
+    def next_seq(self) -> int:
+        s = self._seq
+        self._seq = s + 1
+        return s
+
+    def lookup(self, key4: Key4, seq: int) -> EffectRecord | None:
+        if self.strict:
+            self._check_order(key4, seq)
+        rec = self.index.get(key4)
+        if rec is None:
+            # inside an interrupt_on block that an earlier execution saw interrupted, the
+            # first step that execution did not complete is where the interrupt struck
+            block = active_interrupt.get()
+            while block is not None:
+                if block.replay is not None and block.state is self:
+                    err, block.replay = block.replay, None
+                    raise err
+                block = block.parent
+        return rec
+
+    def _check_order(self, key4: Key4, seq: int) -> None:
+        expected = self.by_seq.get(seq)
+        if expected is None:
+            return
+        exp4 = (expected.identity, expected.version, expected.input_hash, expected.occurrence)
+        if exp4 == key4:
+            return
+        rows = [
+            ("step", str(seq), str(seq)),
+            ("identity", expected.identity, key4[0]),
+            ("code version", expected.version, key4[1]),
+            ("input hash", expected.input_hash, key4[2]),
+            ("occurrence", str(expected.occurrence), str(key4[3])),
+            ("arguments", expected.detail or "?", "(see the call)"),
+        ]
+        width = max(len(r[1]) for r in rows) + 2
+        table = "\n".join(f"  {a:<13}{b:<{width}}{c}" for a, b, c in rows)
+        raise NonDeterminismError(
+            f"run {self.run_id!r} diverged from its history at step {seq} (strict=True):\n"
+            f"  {'':<13}{'recorded':<{width}}actual\n{table}\n"
+            "restore the workflow's earlier order, or rerun without strict=True to replay by "
+            "key, or start the run afresh with restart=True"
+        )
+
+    # engine steps (everything in a run's journal that is not an effect call) ---------------
+    def step(self, identity: str, input_hash: str = "") -> tuple[Key4, int, EffectRecord | None]:
+        """Take an engine step now, at call time: ``(key, seq, its record or None)``."""
+        key4 = (identity, "", input_hash, self.next_occurrence(identity, input_hash))
+        seq = self.next_seq()
+        return key4, seq, self.lookup(key4, seq)
+
+    def record_value(
+        self, key4: Key4, seq: int, value: object, kind: RecordKind, detail: str = ""
+    ) -> None:
+        """Record an engine step's outcome (``value``, stored by type like an effect's)."""
+        payload = _codecs.encode(value, runtime.store.signer, what=kind)
+        self.record(
+            EffectRecord(
+                self.scope_id,
+                *key4,
+                payload=payload,
+                kind=kind,
+                seq=seq,
+                started_at=runtime.clock.time(),
+                detail=detail,
+            )
+        )
+
+    def record(self, rec: EffectRecord) -> None:
+        runtime.store.put_effects([rec])
+        self._recorded(rec)
+
+    def record_together(self, rec: EffectRecord, others: list[EffectRecord]) -> None:
+        """Record a step with records of the run's other scopes in one atomic write."""
+        runtime.store.put_effects([rec, *others])
+        self._recorded(rec)
+
+    async def record_async(self, rec: EffectRecord) -> None:
+        if self.inflight <= 1 and not self._batch:
+            self.record(rec)
+            return
+        # effects completing in the same loop iteration share one journal write
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not self._batch:
+            asyncio.get_running_loop().call_soon(self._flush_batch)
+        self._batch.append(rec)
+        self._batch_waiters.append(fut)
+        await fut
+
+    def _flush_batch(self) -> None:
+        batch, self._batch = self._batch, []
+        waiters, self._batch_waiters = self._batch_waiters, []
+        try:
+            runtime.store.put_effects(batch)
+        except BaseException as e:
+            for w in waiters:
+                if not w.done():
+                    w.set_exception(e)
+            return
+        for rec in batch:
+            self._recorded(rec)
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    def _recorded(self, rec: EffectRecord) -> None:
+        self.index[(rec.identity, rec.version, rec.input_hash, rec.occurrence)] = rec
+        self.executed += 1
+        if self.listeners:
+            self._emit_step(rec, "failed" if rec.is_error else "executed")
+        if time.monotonic() - self.last_poll > INBOX_POLL:
+            self.poll_inbox()
+
+    def note_replay(self, rec: EffectRecord) -> None:
+        self.replayed += 1
+        self.saved += rec.duration
+        if self.listeners:
+            self._emit_step(rec, "replayed")
+
+    def note_failure(
+        self,
+        key4: Key4,
+        seq: int,
+        exc: BaseException,
+        started: float,
+        *,
+        attempt: int = 1,
+        retry_in: float | None = None,
+    ) -> None:
+        """An attempt failed: a ``step_failed`` event (with its attempt number and, when it
+        will be retried, the delay) so the trace shows every attempt."""
+        data: dict[str, Any] = {
+            "identity": key4[0],
+            "seq": seq,
+            "error": repr(exc)[:500],
+            "attempt": attempt,
+        }
+        if retry_in is not None:
+            data["retry_in"] = retry_in
+        self.event("step_failed", data)
+        if self.listeners:
+            self.emit(
+                "step",
+                {
+                    "seq": seq,
+                    "step": "effect",
+                    "name": key4[0],
+                    "state": "failed",
+                    "duration": runtime.clock.time() - started,
+                    "error": repr(exc)[:500],
+                    "attempt": attempt,
+                    "retry_in": retry_in,
+                },
+            )
+
+    # durable retry schedules ---------------------------------------------------------
+    @staticmethod
+    def _retry_key(key4: Key4) -> Key4:
+        return (RETRY_PREFIX + key4[0], key4[1], key4[2], key4[3])
+
+    def retry_state(self, key4: Key4) -> dict[str, Any] | None:
+        """Where an effect call's retries stood when an earlier execution stopped."""
+        rec = self.index.get(self._retry_key(key4))
+        if rec is None:
+            return None
+        value = _codecs.decode(rec.payload, runtime.store.signer)
+        return value if isinstance(value, dict) else None
+
+    def record_retry(self, key4: Key4, seq: int, state: dict[str, Any]) -> None:
+        """Record an effect call's retry schedule (failed attempts, next attempt's time), so
+        a restart between two attempts resumes the schedule instead of starting over."""
+        rkey = self._retry_key(key4)
+        detail: RetryDetail = {"identity": key4[0], "attempt": state["failures"]}
+        if state.get("next_at") is not None:
+            detail["next_at"] = iso_time(state["next_at"])
+        rec = EffectRecord(
+            self.scope_id,
+            *rkey,
+            payload=_codecs.encode(state, runtime.store.signer),
+            kind="retry",
+            seq=seq,
+            started_at=runtime.clock.time(),
+            detail=detail_text(detail),
+        )
+        runtime.store.put_effects([rec])
+        self.index[rkey] = rec
+
+    # waits -------------------------------------------------------------------------
+    def begin_wait(self, what: dict[str, Any]) -> None:
+        """The run waits on ``what`` (a timer, a signal, a retry delay): status ``waiting``,
+        with every wait under way in its detail (several with ``ctx.all``)."""
+        self.waits.append(what)
+        self._publish_waits()
+
+    def end_wait(self, what: dict[str, Any]) -> None:
+        with contextlib.suppress(ValueError):
+            self.waits.remove(what)
+        self._publish_waits()
+
+    def _publish_waits(self) -> None:
+        if not self.waits:
+            self.set_run_status("running")
+            return
+        if len(self.waits) == 1:
+            w = self.waits[0]
+            if w["kind"] == "signal":
+                self.set_run_status("waiting", {"signal": w["name"]})
+                return
+            if w["kind"] == "timer":
+                self.set_run_status("waiting", {"timer_until": w["until"]})
+                return
+        self.set_run_status("waiting", {"waiting": list(self.waits)})
+
+    def note_start(self, key4: Key4, seq: int, detail: str) -> None:
+        if self.listeners:
+            self.emit(
+                "step",
+                {"seq": seq, "step": "effect", "name": key4[0], "state": "running", "args": detail},
+            )
+
+    # signals -----------------------------------------------------------------------
+    def deliver(self, sig: SignalRecord) -> None:
+        """A signal arrived (called on the run's loop)."""
+        if sig.signal_id in self.seen_signals:
+            return
+        self.seen_signals.add(sig.signal_id)
+        self.inbox.append(sig)
+        self.inbox.sort(key=lambda s: (s.sent_at, s.signal_id))
+        if sig.name == CANCEL_SIGNAL and self.cancel_reason is None:
+            self.request_cancel(json.loads(sig.payload) or "cancelled")
+        for block in reversed(self.interrupts):  # the innermost block takes it
+            if block.name == sig.name and block.fired is None:
+                block.fire(self.inbox.pop(self.inbox.index(sig)))
+                break
+        self.wakeup.set()
+
+    def poll_inbox(self) -> None:
+        """Pick up signals other processes sent, if the store says there may be some."""
+        self.last_poll = time.monotonic()
+        token = runtime.store.inbox_token(self.run_id)
+        if token == self.inbox_token:
+            return
+        self.inbox_token = token
+        for sig in runtime.store.list_signals(self.run_id):
+            self.deliver(sig)
+
+    def request_cancel(self, reason: str) -> None:
+        self.cancel_reason = str(reason)
+        self.root_scope.cancel()
+        task = self.job._task
+        if task is not None and not task.done():
+            task.cancel()
+
+    def take_signal(self, name: str, deadline: float | None) -> SignalRecord | None:
+        for i, sig in enumerate(self.inbox):
+            if sig.name == name and (
+                deadline is None or sig.sent_at <= deadline or runtime.clock.time() <= deadline
+            ):
+                return self.inbox.pop(i)
+        return None
+
+    # status and events ---------------------------------------------------------------
+    def set_run_status(self, status: RunStatus, detail: dict[str, Any] | None = None) -> None:
+        rec = self.run
+        rec.status = status
+        rec.detail = json.dumps(detail) if detail else ""
+        rec.updated_at = runtime.clock.time()
+        runtime.store.put_run(rec)
+        if self.listeners:
+            self.emit("status", {"status": status, "detail": detail or {}})
+
+    def event(self, kind: EventKind, data: dict[str, Any] | None = None) -> None:
+        if self.listeners:
+            self.emit("event", {"event": kind, "data": data or {}})
+        runtime.store.append_events(
+            [
+                EventRecord(
+                    self.run_id,
+                    _uuid.uuid4().hex,
+                    runtime.clock.time(),
+                    kind,
+                    json.dumps(data, default=str) if data else "",
+                )
+            ]
+        )
