@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal, TypedDict
 
 from . import _codecs
 from ._journal import (
@@ -33,6 +33,7 @@ from .store import EffectRecord, EventRecord, RunRecord, Store
 
 __all__ = [
     "EXECUTION_EVENTS",
+    "TraceStep",
     "describe_error",
     "format_history",
     "format_run",
@@ -45,6 +46,21 @@ __all__ = [
     "step_label",
     "waiting_of",
 ]
+
+
+class TraceStep(TypedDict):
+    """One step of a trace (see :func:`run_trace`)."""
+
+    seq: int  # its position in the execution that recorded it
+    kind: str  # a _journal.StepKind (a store a newer version wrote may hold others)
+    name: str  # the effect's identity, or the engine step's (``dn.sleep``...)
+    state: Literal["executed", "replayed", "failed"]
+    started_at: float
+    duration: float
+    args: str  # the stored detail: an effect's argument preview, else the kind's JSON detail
+    error: str | None  # ``Type('message')`` of a failure
+    attempts: int
+
 
 _EVENT_RANK = {k: 0 for k in EXECUTION_EVENTS} | {k: 2 for k in CLOSING_EVENTS}
 _NOISE = ("signal_id",)  # ids that make a timeline line long and say nothing to a reader
@@ -167,12 +183,14 @@ def run_trace(store: Store, run_id: str) -> dict[str, Any]:
         if e["kind"] == "step_failed" and isinstance(d, dict) and isinstance(d.get("seq"), int):
             failures.setdefault((d["seq"], str(d.get("identity", ""))), []).append(e)
 
-    steps: list[dict[str, Any]] = []
+    steps: list[TraceStep] = []
     recorded: set[tuple[int, str]] = set()
     for r in records:
         if r.kind in AUX_KINDS:
             continue
         recorded.add((r.seq, r.identity))
+        state: Literal["executed", "replayed", "failed"]
+        error: str | None
         if r.is_error:
             state, error = "failed", describe_error(r, store)
         else:
@@ -309,7 +327,7 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms" if seconds < 10 else f"{seconds:.1f} s"
 
 
-def step_label(step: dict[str, Any], *, compact: bool = False) -> str:
+def step_label(step: Mapping[str, Any], *, compact: bool = False) -> str:
     """A step as a person reads it: ``module.fetch('a', 2)``, ``wait_signal('go')``,
     ``sleep 10s until ...``, ``child parent/child-0-ab12``.
 

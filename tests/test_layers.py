@@ -336,3 +336,27 @@ def test_only_the_duckdb_store_imports_duckdb() -> None:
         if path.name != "_duckdb.py":
             assert "import duckdb" not in text, path
     assert Path(ROOT / "durable_nb" / "store" / "_duckdb.py").exists()
+
+
+# The journal's vocabulary is written once (durable_nb/_journal.py): no other file retypes a
+# reserved signal, the final statuses, the execution events or the bookkeeping kinds.
+RETYPED = [
+    '"__cancel__"',
+    '"__queue__:"',
+    '"completed", "failed", "cancelled"',
+    '"started", "resumed"',
+    '"retry", "kv_base"',
+    '"signal", "dequeue", "interrupt"',
+    '"queued", "running", "waiting"',
+    '"dn.retry:"',
+    '"dn.chunk:"',
+]
+
+
+def test_the_journal_vocabulary_is_written_once() -> None:
+    for path in (ROOT / PACKAGE).rglob("*.py"):
+        if path.name == "_journal.py":
+            continue
+        text = path.read_text()
+        for literal in RETYPED:
+            assert literal not in text, f"{path.relative_to(ROOT)} retypes {literal}"
