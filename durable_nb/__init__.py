@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import os
 
-from . import errors
+from . import (
+    _provenance,  # noqa: F401  # installs the provenance keyer in _hashing
+    errors,
+)
 from ._version import __version__
 from .client import Client
 from .engine import (

@@ -213,12 +213,18 @@ def test_unload_leaves_no_trace_and_reload_is_idempotent(ip: InteractiveShell) -
 
 
 def test_an_input_without_a_content_hash_warns_and_runs_uncached(ip: InteractiveShell) -> None:
-    run(ip, "import threading\nguard = threading.Lock()")
+    # put there by no cell, so it has no provenance either (tests/test_provenance.py: a lock
+    # a cell made is keyed by that cell)
+    import threading
+
+    ip.user_ns["guard"] = threading.Lock()
     cell = "%%effect\nwith guard:\n    tick(1)\n"
     for _ in range(2):
         with pytest.warns(
             UserWarning,
-            match=r"^%%effect: variable 'guard' has no content hash, so this cell is not cached",
+            match=r"^%%effect: variable 'guard' has no content hash and no provenance \(no cell "
+            r"of this kernel assigned it since durable_nb was loaded\), so this cell is not "
+            r"cached; assign it in a cell of this notebook",
         ):
             run(ip, cell)
     assert ip.user_ns["calls"] == [1, 1]
