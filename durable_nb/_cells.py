@@ -29,6 +29,8 @@ class _Names(ast.NodeVisitor):
         self.imports: list[str] = []  # top-level packages the cell imports
         self._bound: set[str] = set()
         self._local: list[set[str]] = []
+        self._in_function = 0  # > 0 inside a def or lambda body: reads happen when called
+        self.immediate: set[str] = set()  # reads made while the cell runs
 
     def _target(self, node: ast.expr) -> None:
         """An assignment target: a name is written; `a.b[c] = ...` changes `a` in place."""
@@ -49,8 +51,11 @@ class _Names(ast.NodeVisitor):
     def _read(self, name: str) -> None:
         if any(name in scope for scope in self._local):
             return
-        if name not in self._bound and name not in self.reads:
-            self.reads.append(name)
+        if name not in self._bound:
+            if name not in self.reads:
+                self.reads.append(name)
+            if not self._in_function:
+                self.immediate.add(name)
 
     def _write(self, name: str) -> None:
         if self._local:
@@ -149,9 +154,11 @@ class _Names(ast.NodeVisitor):
         params = {a.arg for a in [*args.posonlyargs, *args.args, *args.kwonlyargs]}
         params |= {a.arg for a in (args.vararg, args.kwarg) if a is not None}
         self._local.append(params)
+        self._in_function += 1
         body = [node.body] if isinstance(node, ast.Lambda) else node.body
         for stmt in body:
             self.visit(stmt)
+        self._in_function -= 1
         self._local.pop()
 
     visit_FunctionDef = visit_AsyncFunctionDef = visit_Lambda = _function
@@ -219,6 +226,7 @@ class Cell:
 
     tree_dump: str
     reads: tuple[str, ...]
+    deferred: tuple[str, ...]  # reads only inside function bodies: made when called
     writes: tuple[str, ...]
     mutates: tuple[str, ...]
     env: tuple[str, ...]
@@ -238,6 +246,7 @@ def analyse(source: str) -> Cell | None:
     return Cell(
         normalized(tree),
         tuple(names.reads),
+        tuple(n for n in names.reads if n not in names.immediate),
         tuple(names.writes),
         tuple(names.mutates),
         tuple(names.env),

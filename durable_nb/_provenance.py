@@ -8,7 +8,8 @@ where it came from:
   not count), the name, and the keys of everything that cell read, recursively — the
   provenance keys of the variables it read, modules by name and version, environment
   variables it read by a literal name (``os.environ["X"]``) by their value, and the
-  versions of the packages it imports. Changing the defining cell (another ``base_url``,
+  versions of the packages it imports (names read only inside a function body count when
+  they have a key and are skipped when not). Changing the defining cell (another ``base_url``,
   another model, another database path) therefore re-keys every cell that uses the value;
 - a variable changed in place by a later cell (``client.base_url = ...``, ``cfg["k"] = v``,
   ``del obj.attr``): its key becomes the old key combined with that cell's key. Changes
@@ -185,6 +186,10 @@ class Tracker:
         parts = [_cell_hash(cell)]
         for name in cell.reads:
             k = self.input_key(name)
+            if k is None and name in cell.deferred:
+                # a function's globals are looked up when it is called; one that has no
+                # key yet (a list the function appends to) does not stop keying the function
+                k = "?"
             if k is None:
                 origin = self.origins.get(name)
                 why = (origin.reason if origin and origin.key is None else "") or (
