@@ -35,6 +35,7 @@ from .engine import (
     run,
     signal,
     start,
+    wrap,
 )
 from .engine import runtime as _runtime
 from .engine import set_widget_factory as _set_widget_factory
@@ -79,6 +80,7 @@ __all__ = [
     "set_store",
     "signal",
     "start",
+    "wrap",
 ]
 
 

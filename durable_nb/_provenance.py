@@ -87,7 +87,9 @@ class Tracker:
         self.hidden: Mapping[str, Any] = {}  # IPython's own names (In, Out, get_ipython)
         self.origins: dict[str, Origin] = {}
         self._by_id: dict[int, str] = {}  # id(value) -> a name holding it, for @effect args
-        self._module_globals: dict[int, tuple[object, str]] = {}
+        # id -> (object, its key as a module global or None); holds the object, so an id
+        # is never taken for another object's
+        self._module_globals: dict[int, tuple[object, str | None]] = {}
 
     def attach(self, ns: Mapping[str, Any], hidden: Mapping[str, Any]) -> None:
         """Track this namespace from now on (forgetting any other)."""
@@ -147,7 +149,9 @@ class Tracker:
     def _module_global(self, obj: object) -> str | None:
         hit = self._module_globals.get(id(obj))
         if hit is not None and hit[0] is obj:
-            return hit[1]
+            return hit[1]  # a global, or None: not one when last looked for
+        if len(self._module_globals) > 1024:
+            self._module_globals.clear()
         ns = self.ns
         for mod_name, mod in list(sys.modules.items()):
             if mod_name == "__main__" or mod is None:
@@ -160,6 +164,7 @@ class Tracker:
                     key = _h("global", mod_name, module_version(mod_name), attr)
                     self._module_globals[id(obj)] = (obj, key)
                     return key
+        self._module_globals[id(obj)] = (obj, None)
         return None
 
     # ------------------------------------------------------------------ recording keys

@@ -6,6 +6,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from IPython.core.interactiveshell import InteractiveShell
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,3 +27,19 @@ def run_python(
         timeout=timeout,
         cwd=cwd,
     )
+
+
+def run(ip: InteractiveShell, cell: str) -> Any:
+    res = ip.run_cell(cell, store_history=True)
+    if res.error_before_exec is not None:
+        raise res.error_before_exec
+    if res.error_in_exec is not None:
+        raise res.error_in_exec
+    return res.result
+
+
+def restart(ip: InteractiveShell) -> None:
+    """What a kernel restart leaves: the store, nothing in memory."""
+    keep = {"In", "Out", "exit", "quit", "get_ipython", "calls", "tick"}
+    for name in [n for n in ip.user_ns if not n.startswith("_") and n not in keep]:
+        del ip.user_ns[name]

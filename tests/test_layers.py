@@ -61,6 +61,7 @@ def test_public_surface_is_pinned() -> None:
             "set_store",
             "signal",
             "start",
+            "wrap",
         ]
     )
     for name in dn.__all__:
@@ -111,6 +112,7 @@ ORDER = {
         "_streams",
         "_streaming",
         "_effects",
+        "_wrap",
         "_kv",
         "_interrupts",
         "_jobs",

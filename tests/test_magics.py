@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -13,36 +12,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from durable_nb.engine import runtime
 from durable_nb.store import MemoryStore
 
-
-@pytest.fixture
-def ip() -> Iterator[InteractiveShell]:
-    shell = InteractiveShell.instance()
-    shell.run_cell("%load_ext durable_nb", store_history=False)
-    shell.user_ns["calls"] = []
-    # counts executions without being an input whose content changes (a function hashes by code)
-    shell.run_cell("def tick(v):\n    calls.append(v)\n", store_history=False)
-    yield shell
-    shell.run_cell("%unload_ext durable_nb", store_history=False)
-    for name in [n for n in shell.user_ns if not n.startswith("_")]:
-        if name not in ("In", "Out", "exit", "quit", "get_ipython"):
-            del shell.user_ns[name]
-
-
-def run(ip: InteractiveShell, cell: str) -> Any:
-    res = ip.run_cell(cell, store_history=True)
-    if res.error_before_exec is not None:
-        raise res.error_before_exec
-    if res.error_in_exec is not None:
-        raise res.error_in_exec
-    return res.result
-
-
-def restart(ip: InteractiveShell) -> None:
-    """What a kernel restart leaves: the store, nothing in memory."""
-    keep = {"In", "Out", "exit", "quit", "get_ipython", "calls", "tick"}
-    for name in [n for n in ip.user_ns if not n.startswith("_") and n not in keep]:
-        del ip.user_ns[name]
-
+from .helpers import restart, run
 
 EFFECT_CELL = """%%effect
 import math

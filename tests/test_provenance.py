@@ -15,7 +15,7 @@ from durable_nb import _hashing
 from durable_nb.engine import runtime
 from durable_nb.errors import UnhashableInputError
 
-from .test_magics import ip, restart, run  # noqa: F401  # the shell fixture and helpers
+from .helpers import restart, run
 
 # A client in the way an SDK builds one: it holds a lock, so it has no content hash.
 CLIENT_CLASS = """
@@ -213,7 +213,9 @@ def test_durable_why_explains_cells_after_a_restart(
     assert capsys.readouterr().out.endswith("executed: first run of this cell\n")
     run(ip, cell)
     run(ip, "%durable why double")
-    assert re.search(r"replayed the run of .*: nothing it reads changed\n$", capsys.readouterr().out)
+    assert re.search(
+        r"replayed the run of .*: nothing it reads changed\n$", capsys.readouterr().out
+    )
     run(ip, "x = 5")
     run(ip, cell)
     # a restart: the explanation comes from the store

@@ -11,6 +11,7 @@ One concern per file, lowest first (a file imports only files above it in this l
 ``_streams``     run streams: ``ctx.stream`` writers, ``job.stream`` readers
 ``_streaming``   streaming effects (async generator ``@effect`` functions)
 ``_effects``     ``@effect``: keyed, recorded calls, inside runs and out
+``_wrap``        ``wrap(obj)``: an object whose method calls are effects
 ``_kv``          a run's key/value state (``ctx.kv``)
 ``_interrupts``  ``ctx.interrupt_on`` blocks
 ``_jobs``        ``Job`` and steering from outside: signal, enqueue, cancel, get_job
@@ -34,6 +35,7 @@ from ._log import RunLog
 from ._retry import Retry
 from ._runtime import cancelled, runtime
 from ._workflow import Workflow, durable
+from ._wrap import wrap
 
 __all__ = [
     "Clock",
@@ -61,4 +63,5 @@ __all__ = [
     "signal",
     "start",
     "start_run",
+    "wrap",
 ]
