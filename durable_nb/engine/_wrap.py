@@ -230,10 +230,8 @@ def wrap(
     passes for ``obj`` (attributes, ``dir``); ``wrapped.__wrapped__`` is ``obj`` itself."""
     if isinstance(obj, Wrapped):
         raise ArgumentError(f"{obj!r} is wrapped already; wrap the object once")
-    if (
-        isinstance(obj, (*_DATA, type, types.ModuleType))
-        or (not hasattr(obj, "__dict__")
-        and (not hasattr(type(obj), "__slots__")))
+    if isinstance(obj, (*_DATA, type, types.ModuleType)) or (
+        not hasattr(obj, "__dict__") and (not hasattr(type(obj), "__slots__"))
     ):
         raise ArgumentTypeError(
             f"dn.wrap needs an object with methods (an API client, a session), got {obj!r}; "
