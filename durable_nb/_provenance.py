@@ -36,7 +36,7 @@ from __future__ import annotations
 import importlib.metadata
 import sys
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import xxhash
@@ -90,6 +90,9 @@ class Tracker:
         # id -> (object, its key as a module global or None); holds the object, so an id
         # is never taken for another object's
         self._module_globals: dict[int, tuple[object, str | None]] = {}
+        # the source of the cell being run (a thunk: transformed only when asked), so a
+        # value is keyed already in the cell that assigns it: `llm = dn.wrap(...); llm.f()`
+        self._running: Callable[[], str | None] | None = None
 
     def attach(self, ns: Mapping[str, Any], hidden: Mapping[str, Any]) -> None:
         """Track this namespace from now on (forgetting any other)."""
@@ -99,6 +102,10 @@ class Tracker:
 
     def detach(self) -> None:
         self.attach({}, {})
+
+    def begin_cell(self, source: Callable[[], str | None] | None) -> None:
+        """A cell starts (``source`` gives its Python source, or None for a magic's)."""
+        self._running = source
 
     # ------------------------------------------------------------------ reading keys
     def key_of(self, name: str, value: object) -> str | None:
@@ -144,7 +151,21 @@ class Tracker:
             key = self.key_of(name, obj)
             if key is not None:
                 return key
-        return self._module_global(obj)
+        return self._in_running_cell(obj) or self._module_global(obj)
+
+    def _in_running_cell(self, obj: object) -> str | None:
+        """The key the running cell gives ``obj`` if one of the names it assigns holds it
+        (what :meth:`after_cell` will record when the cell ends)."""
+        running = self._running
+        source = running() if running is not None else None
+        cell = _cells.analyse(source) if source is not None else None
+        if cell is None:
+            return None
+        for name in cell.writes:
+            if self.ns.get(name) is obj:
+                base = self._cell_key(cell)
+                return None if base is None else _h(base, name)
+        return None
 
     def _module_global(self, obj: object) -> str | None:
         hit = self._module_globals.get(id(obj))
@@ -185,9 +206,38 @@ class Tracker:
 
     def after_cell(self, source: str) -> None:
         """Key what an ordinary cell (transformed source) assigned and changed in place."""
+        self._running = None
         cell = _cells.analyse(source)
         if cell is None:
             return
+        base = self._cell_key(cell)
+        if base is None:
+            name = self._unkeyed_read(cell) or "?"
+            origin = self.origins.get(name)
+            why = (origin.reason if origin and origin.key is None else "") or (
+                "no cell of this kernel assigned it since durable_nb was loaded"
+            )
+            reason = f"the cell that assigned it read {name!r}, which has none: {why}"
+            self.forget(cell.writes, reason)
+            self.forget([m for m in cell.mutates if m not in cell.writes], reason)
+            return
+        self.assign(cell.writes, base)
+        for name in cell.mutates:
+            if name in cell.writes or name not in self.ns:
+                continue
+            old = self.key_of(name, self.ns[name])
+            if old is not None:
+                self.assign([name], _h("changed", old, base))
+
+    def _unkeyed_read(self, cell: _cells.Cell) -> str | None:
+        for name in cell.reads:
+            if name not in cell.deferred and self.input_key(name) is None:
+                return name
+        return None
+
+    def _cell_key(self, cell: _cells.Cell) -> str | None:
+        """The key of a cell's run: its normalized source and the keys of what it read; None
+        when something it read has no key."""
         parts = [_cell_hash(cell)]
         for name in cell.reads:
             k = self.input_key(name)
@@ -196,26 +246,12 @@ class Tracker:
                 # key yet (a list the function appends to) does not stop keying the function
                 k = "?"
             if k is None:
-                origin = self.origins.get(name)
-                why = (origin.reason if origin and origin.key is None else "") or (
-                    "no cell of this kernel assigned it since durable_nb was loaded"
-                )
-                reason = f"the cell that assigned it read {name!r}, which has none: {why}"
-                self.forget(cell.writes, reason)
-                self.forget([m for m in cell.mutates if m not in cell.writes], reason)
-                return
+                return None
             parts.append(f"{name}={k}")
         environ = _environ()
         parts += [f"${e}={environ.get(e)!r}" for e in cell.env]
         parts += [f"import {m}={module_version(m)}" for m in cell.imports]
-        base = _h("cell", *parts)
-        self.assign(cell.writes, base)
-        for name in cell.mutates:
-            if name in cell.writes or name not in self.ns:
-                continue
-            old = self.key_of(name, self.ns[name])
-            if old is not None:
-                self.assign([name], _h("changed", old, base))
+        return _h("cell", *parts)
 
 
 def _cell_hash(cell: _cells.Cell) -> str:

@@ -763,6 +763,8 @@ def load_ipython_extension(ip: InteractiveShell) -> None:
     def pre_run_cell(info: Any = None) -> None:
         runtime.top.reset()
         magics.cell_id = getattr(info, "cell_id", None)
+        raw = getattr(info, "raw_cell", None)
+        tracker.begin_cell((lambda: magics.plain_source(raw)) if isinstance(raw, str) else None)
 
     def post_run_cell(result: Any = None) -> None:
         raw = getattr(getattr(result, "info", None), "raw_cell", None)

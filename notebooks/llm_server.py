@@ -99,7 +99,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: LLMServer
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002  # quiet
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
         return None
 
     def _count(self) -> None:
@@ -114,14 +114,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def do_GET(self) -> None:  # noqa: N802  # http.server's naming
+    def do_GET(self) -> None:  # http.server's naming
         self._count()
         if self.path.rstrip("/") == "/v1/models":
             self._json(200, {"object": "list", "data": [{"id": MODEL, "object": "model"}]})
         else:
             self._json(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self._count()
         length = int(self.headers.get("Content-Length") or 0)
         try:

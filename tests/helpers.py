@@ -43,3 +43,18 @@ def restart(ip: InteractiveShell) -> None:
     keep = {"In", "Out", "exit", "quit", "get_ipython", "calls", "tick"}
     for name in [n for n in ip.user_ns if not n.startswith("_") and n not in keep]:
         del ip.user_ns[name]
+
+
+def llm_server() -> Any:
+    """``notebooks/llm_server.py``, the deterministic OpenAI-compatible server, as a module."""
+    import importlib.util
+
+    name = "llm_server"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "notebooks" / "llm_server.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses and pickles resolve the module by name
+    spec.loader.exec_module(module)
+    return module

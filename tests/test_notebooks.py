@@ -17,6 +17,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from . import helpers
 from .helpers import ROOT
 
 NOTEBOOKS = ROOT / "notebooks"
@@ -108,7 +109,7 @@ def cell_text(nb: nbformat.NotebookNode, starts: str) -> str:
     return "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in outs)
 
 
-@pytest.mark.parametrize("name", ["pipeline", "agent"])
+@pytest.mark.parametrize("name", ["pipeline", "agent", "llm"])
 def test_committed_notebooks_are_valid_and_have_no_outputs(name: str) -> None:
     nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     nbformat.validate(nb)
@@ -151,3 +152,30 @@ def test_agent_notebook_waits_for_approval_and_replays_after_a_restart(
         "last status: {'stage': 'done', 'approved_by': 'notebook'}\n{'answer': "
     )
     assert "'turns': 3,\n 'approved_by': 'notebook'}" in final
+
+
+def test_llm_notebook_sends_no_request_the_second_time(
+    tmp_path: Path, kernel_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real openai package against the local server, counted at the server: a %%effect
+    cell using a client made by another cell, a wrapped client, a streamed answer and a
+    background agent approved by a later cell."""
+    llm_server = helpers.llm_server()
+    with llm_server.LLMServer() as server:
+        monkeypatch.setenv("DURABLE_NB_LLM_URL", server.url)
+        workdir = tmp_path / "work"
+        workdir.mkdir()
+        nb = nbformat.read(NOTEBOOKS / "llm.ipynb", as_version=4)
+        first = execute(nb, workdir)
+        # 1 cached cell + 1 wrapped call + 1 stream + 4 agent turns
+        assert server.paths == {"/v1/chat/completions": 7}
+        second = execute(nb, workdir)
+        assert server.paths == {"/v1/chat/completions": 7}, "the second run sent requests"
+    assert outputs(second) == outputs(first)
+    cached = cell_text(first, "%%effect")
+    assert cached.startswith(llm_server.REPLIES[0][:0]) and "tokens: " in cached
+    assert "warning" not in cached.lower()
+    assert "[durable_nb] replayed this cell (recorded " in cell_text(second, "%%effect")
+    streamed = cell_text(first, "stream = llm.")
+    assert re.fullmatch(r"[^\n]+\n\(\d+ completion tokens\)\n", streamed)
+    assert cell_text(first, 'job = dn.get_job("llm-agent")').startswith("agent: ")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -266,16 +269,11 @@ class AnyMatch(str):
     __hash__ = str.__hash__
 
 
-class _no_warnings:
-    def __enter__(self) -> None:
-        import warnings
-
-        self._cm = warnings.catch_warnings()
-        self._cm.__enter__()
+@contextlib.contextmanager
+def _no_warnings() -> Iterator[None]:
+    with warnings.catch_warnings():
         warnings.simplefilter("error")
-
-    def __exit__(self, *exc: object) -> None:
-        self._cm.__exit__(*exc)
+        yield
 
 
 _ = (dn, runtime)

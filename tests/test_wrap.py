@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,8 @@ from IPython.core.interactiveshell import InteractiveShell
 import durable_nb as dn
 from durable_nb.errors import ArgumentError, ArgumentTypeError, UnhashableInputError
 
-from .helpers import ROOT, restart, run
+from . import helpers
+from .helpers import restart, run
 
 SDK = """
 import threading
@@ -141,11 +141,7 @@ def test_wrap_misuse_is_a_clear_error() -> None:
 def test_the_real_openai_package_against_the_local_server(
     ip: InteractiveShell, tmp_path: Path
 ) -> None:
-    sys.path.insert(0, str(ROOT / "notebooks"))
-    try:
-        import llm_server
-    finally:
-        sys.path.pop(0)
+    llm_server = helpers.llm_server()
     with llm_server.LLMServer() as server:
         ip.user_ns["URL"] = server.url  # pushed: a str has a content hash
         make = "from openai import OpenAI\nllm = dn.wrap(OpenAI(base_url=URL, api_key='x'))"
@@ -179,3 +175,15 @@ def test_the_real_openai_package_against_the_local_server(
         assert ns["text"] == llm_server.reply_for([{"role": "user", "content": "go"}])
         assert ns["usage"].completion_tokens == len(ns["text"].split())
         assert ns["e"].choices[0].message.content
+
+
+def test_a_client_wrapped_and_used_in_one_cell_is_keyed_by_that_cell(
+    ip: InteractiveShell,
+) -> None:
+    run(ip, SDK)
+    cell = "c = dn.wrap(Client('http://a'))\nr = c.chat.completions.create('m', ['one'])"
+    run(ip, cell)
+    restart(ip)
+    run(ip, SDK)
+    run(ip, cell)
+    assert ip.user_ns["calls"] == ["one"]
