@@ -62,14 +62,20 @@ def _split_last_expression(tree: ast.Module) -> ast.Module:
 
 
 class _Tee:
-    """A stream that writes through and remembers what was written."""
+    """A stream that writes through and remembers what was written, in order with the
+    other stream and the displays (``events``)."""
 
-    def __init__(self, target: Any) -> None:
+    def __init__(self, target: Any, name: str, events: list[list[Any]]) -> None:
         self.target = target
-        self.parts: list[str] = []
+        self.name = name
+        self.events = events
 
     def write(self, text: str) -> int:
-        self.parts.append(text)
+        events = self.events
+        if events and events[-1][0] == self.name:
+            events[-1][1] += text
+        else:
+            events.append([self.name, text])
         return int(self.target.write(text) or 0)
 
     def flush(self) -> None:
@@ -79,16 +85,60 @@ class _Tee:
         return getattr(self.target, name)
 
 
+_WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def _final_state(data: dict[str, Any]) -> dict[str, Any]:
+    """A display as it should replay: a widget (a tqdm.auto bar) as the text of its final
+    state, since its model dies with the kernel; anything else as it was."""
+    view = data.get(_WIDGET_VIEW)
+    if not isinstance(view, dict):
+        return data
+    from IPython.lib.pretty import pretty
+
+    from .widgets._snapshot import find_widget
+
+    widget = find_widget(str(view.get("model_id")))
+    text = str(data.get("text/plain", ""))
+    if widget is not None:
+        try:
+            text = pretty(widget)
+        except Exception:  # tqdm's repr needs its bar object, which may be gone by now
+            text = _widget_text(widget) or text
+    return {"text/plain": text}
+
+
+def _widget_text(widget: Any) -> str:
+    """A widget's state as text, from its parts: labels and HTML as their text, a progress
+    bar as ``|█████     |`` (a tqdm.auto bar reads ``100%|██████████| 20/20 [...]``)."""
+    import html
+    import re
+
+    children = getattr(widget, "children", None)
+    if isinstance(children, (list, tuple)):
+        return "|".join(t for t in (_widget_text(c) for c in children) if t)
+    value, top = getattr(widget, "value", None), getattr(widget, "max", None)
+    if isinstance(value, (int, float)) and isinstance(top, (int, float)) and top > 0:
+        filled = max(0, min(10, round(10 * value / top)))
+        return "█" * filled + " " * (10 - filled)
+    if isinstance(value, str):
+        text = html.unescape(re.sub(r"<[^>]*>", "", value))
+        return text.replace("\u2007", " ").replace("\xa0", " ")  # HTML's fixed-width spaces
+    return ""
+
+
 @contextmanager
 def _capture(ip: InteractiveShell) -> Iterator[dict[str, Any]]:
-    """Show the cell's output live and keep a copy: stdout, stderr and rich displays."""
-    out, err = _Tee(sys.stdout), _Tee(sys.stderr)
-    displays: list[list[Any]] = []
+    """Show the cell's output live and keep a copy: stdout, stderr and rich displays, in the
+    order they came (``events``: ``["stdout", text]``, ``["display", data, metadata]``)."""
+    events: list[list[Any]] = []
+    out, err = _Tee(sys.stdout, "stdout", events), _Tee(sys.stderr, "stderr", events)
     pub = ip.display_pub
     original_publish = pub.publish
 
     def publish(data: dict[str, Any], metadata: dict[str, Any] | None = None, **kw: Any) -> None:
-        displays.append([data, metadata or {}])
+        if not kw.get("update"):  # an update of a live display (a bar) is in its final state
+            events.append(["display", data, metadata or {}])
         original_publish(data, metadata, **kw)
 
     got: dict[str, Any] = {}
@@ -102,9 +152,10 @@ def _capture(ip: InteractiveShell) -> Iterator[dict[str, Any]]:
     finally:
         sys.stdout, sys.stderr = out.target, err.target
         pub.publish = original_publish  # type: ignore[method-assign]
-        got["stdout"] = "".join(out.parts)
-        got["stderr"] = "".join(err.parts)
-        got["displays"] = displays
+        for event in events:
+            if event[0] == "display":
+                event[1] = _final_state(event[1])
+        got["events"] = events
 
 
 # ---------------------------------------------------------------------------- magics
@@ -366,9 +417,7 @@ class DurableMagics(Magics):
         summary = {
             "vars": [n for n in stored if n != _RESULT],
             "modules": modules,
-            "stdout": out["stdout"],
-            "stderr": out["stderr"],
-            "displays": out["displays"],
+            "events": out["events"],
             "duration": duration,
         }
         try:
@@ -400,10 +449,21 @@ class DurableMagics(Magics):
             values[name] = importlib.import_module(module)
         result = values.pop(_RESULT, None)
         self.ns.update(values)
-        sys.stdout.write(summary["stdout"])
-        sys.stderr.write(summary["stderr"])
-        for data, metadata in summary["displays"]:
-            self.shell.display_pub.publish(data, metadata)
+        events = summary.get("events")
+        if events is None:  # recorded before outputs kept their order
+            events = [["stdout", summary["stdout"]], ["stderr", summary["stderr"]]]
+            events += [["display", d, m] for d, m in summary["displays"]]
+        for event in events:
+            # each stream is buffered on its own: flush before switching, so what came
+            # first shows first
+            sys.stdout.flush()
+            sys.stderr.flush()
+            if event[0] == "display":
+                self.shell.display_pub.publish(event[1], event[2])
+            else:
+                (sys.stdout if event[0] == "stdout" else sys.stderr).write(event[1])
+        sys.stdout.flush()
+        sys.stderr.flush()
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(rec.started_at))
         print(
             f"[durable_nb] replayed this cell (recorded {when}); skipped "

@@ -123,7 +123,7 @@ ORDER = {
         "_api",
     ],
     "store": ["_protocol", "_memory", "_duckdb", "_postgres"],
-    "widgets": ["_messages", "_model", "_static", "_inspect", "_widget"],
+    "widgets": ["_messages", "_snapshot", "_model", "_static", "_inspect", "_widget"],
 }
 
 

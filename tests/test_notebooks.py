@@ -179,3 +179,56 @@ def test_llm_notebook_sends_no_request_the_second_time(
     streamed = cell_text(first, "stream = llm.")
     assert re.fullmatch(r"[^\n]+\n\(\d+ completion tokens\)\n", streamed)
     assert cell_text(first, 'job = dn.get_job("llm-agent")').startswith("agent: ")
+
+
+def test_cached_cells_replay_outputs_in_order_and_in_their_final_state(
+    tmp_path: Path, kernel_env: Path
+) -> None:
+    """stdout, stderr and displays interleaved as they came; a tqdm.auto bar (an ipywidget)
+    as the text of its final state, not a dead widget; a matplotlib figure."""
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    nb = new_notebook(
+        cells=[
+            new_code_cell("%load_ext durable_nb"),
+            new_code_cell(
+                "%%effect\nimport sys\nfrom tqdm.auto import tqdm\nprint('before')\n"
+                "for i in tqdm(range(20)):\n    pass\nprint('warn', file=sys.stderr)\n"
+                "print('after')\n"
+            ),
+            new_code_cell(
+                "%%effect\nimport matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.show()\n"
+            ),
+        ],
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3"}},
+    )
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    first = execute(nb, workdir)
+    second = execute(nb, workdir)
+    assert [o.output_type for o in first.cells[1].outputs][0] == "stream"
+    assert any(WIDGET_VIEW in o.get("data", {}) for o in first.cells[1].outputs)  # live bar
+    shown = []
+    for o in second.cells[1].outputs:
+        if o.output_type == "stream":
+            shown.append((o.name, REPLAY_NOTE.sub("", o.text)))
+        else:
+            assert WIDGET_VIEW not in o.data
+            shown.append((o.output_type, o.data["text/plain"]))
+    assert shown[:4] == [
+        ("stdout", "before\n"),
+        ("display_data", AnyText(r"^100%\|█+\| 20/20 \[")),
+        ("stderr", "warn\n"),
+        ("stdout", "after\n"),
+    ]
+    (figure,) = [o for o in second.cells[2].outputs if o.output_type == "display_data"]
+    assert figure.data["image/png"] and "Figure" in figure.data["text/plain"]
+
+
+class AnyText(str):
+    """Equal to any string the pattern matches."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and re.search(str(self), other) is not None
+
+    __hash__ = str.__hash__
