@@ -206,7 +206,7 @@ def test_cached_cells_replay_outputs_in_order_and_in_their_final_state(
     workdir.mkdir()
     first = execute(nb, workdir)
     second = execute(nb, workdir)
-    assert [o.output_type for o in first.cells[1].outputs][0] == "stream"
+    assert first.cells[1].outputs[0].output_type == "stream"
     assert any(WIDGET_VIEW in o.get("data", {}) for o in first.cells[1].outputs)  # live bar
     shown = []
     for o in second.cells[1].outputs:
