@@ -236,7 +236,7 @@ def test_durable_why_explains_cells_after_a_restart(
 
 
 def test_durable_why_explains_effects_and_run_steps(
-    ip: InteractiveShell, capsys: pytest.CaptureFixture[str]
+    ip: InteractiveShell, capsys: pytest.CaptureFixture[str], clock: dn.FakeClock
 ) -> None:
     run(ip, "import durable_nb as dn\n@dn.effect\ndef double(v):\n    return v * 2\n")
     run(ip, "double(1)")
@@ -248,9 +248,23 @@ def test_durable_why_explains_effects_and_run_steps(
         r": its arguments changed \(input [0-9a-f]{8} → [0-9a-f]{8}\): before \(1\), now \(2\)\n$",
         capsys.readouterr().out,
     )
-    run(ip, "%%durable r1\na = await ctx.run(double, 3)\n")
+    run(ip, "n = 3")  # read by the run, not part of its code: the same run id when it changes
+    run(ip, "%%durable r1\na = await ctx.run(double, n)\n")
     run(ip, "%durable why r1 0")
-    assert "step 0 (" in capsys.readouterr().out
+    assert re.search(
+        r"^step 0 \(__main__\.double\) of r1: executed: first call with this key in this run",
+        capsys.readouterr().out,
+        re.M,
+    )
+    run(ip, "n = 4")
+    clock.advance(60)  # the explanation compares with the step recorded before it
+    run(ip, "%%durable r1\na = await ctx.run(double, n)\n")
+    run(ip, "%durable why r1 double")
+    assert re.search(
+        r"of r1: executed: its arguments changed \(input [0-9a-f]{8} → [0-9a-f]{8}\): "
+        r"before \(3\), now \(4\)\n$",
+        capsys.readouterr().out,
+    )
     with pytest.raises(UsageError, match=r"^'r1' is a run; name one of its steps"):
         run(ip, "%durable why r1")
     with pytest.raises(UsageError, match=r"^run 'r1' has no step '9'"):
