@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import base64
 import builtins
 import importlib
 import io
@@ -45,6 +46,7 @@ __all__ = ["load_ipython_extension", "unload_ipython_extension"]
 
 _RESULT = "__durable_nb_result__"
 _LAST = "cell-last:"  # identity prefix of a cell's `cell-last` record (see _explain.py)
+_INLINE_BYTES = 64 * 1024  # variables up to this size are kept in the cell's own record
 _SOURCE_KEPT = 20_000  # characters of a cell's source kept to show what an edit changed
 
 
@@ -387,6 +389,7 @@ class DurableMagics(Magics):
         store, scope = runtime.store, runtime.top.scope_id
         recs: list[EffectRecord] = []
         stored: list[str] = []
+        inline: dict[str, list[str]] = {}
         modules: dict[str, str] = {}
         for name in [*writes, _RESULT]:
             value = result if name == _RESULT else self.ns.get(name)
@@ -408,14 +411,21 @@ class DurableMagics(Magics):
                     "assign it in another cell"
                 )
                 return f"variable {name!r} cannot be stored"
+            stored.append(name)
+            if payload.table is None and len(payload.data) <= _INLINE_BYTES:
+                # small values travel in the cell's record: a hit is one lookup, not one
+                # per variable (a pickle keeps its signature, checked when decoded)
+                inline[name] = [payload.codec, base64.b64encode(payload.data).decode()]
+                continue
             recs.append(
                 EffectRecord(
                     scope, key4[0] + "#" + name, *key4[1:], payload=payload, kind="cell-var"
                 )
             )
-            stored.append(name)
         summary = {
             "vars": [n for n in stored if n != _RESULT],
+            "result": _RESULT in stored,
+            "inline": inline,
             "modules": modules,
             "events": out["events"],
             "duration": duration,
@@ -438,7 +448,15 @@ class DurableMagics(Magics):
         summary = _codecs.decode(rec.payload, store.signer)
         assert isinstance(summary, dict)
         values: dict[str, Any] = {}
-        for name in [*summary["vars"], _RESULT]:
+        inline = summary.get("inline", {})
+        names = summary["vars"] + ([_RESULT] if summary.get("result", True) else [])
+        for name in names:
+            if name in inline:
+                codec, data = inline[name]
+                values[name] = _codecs.decode(
+                    _codecs.Payload(codec, base64.b64decode(data)), store.signer
+                )
+                continue
             var = store.get_effect((runtime.top.scope_id, key4[0] + "#" + name, *key4[1:]))
             if var is None:
                 if name == _RESULT:
