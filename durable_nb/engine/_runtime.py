@@ -68,6 +68,7 @@ class Launcher(Protocol):
         parent_id: str | None = None,
         blocking: bool = False,
         lease: RunLease | None = None,
+        version: str | None = None,
     ) -> Job[T]: ...
 
 
@@ -166,6 +167,15 @@ class TopScope:
         runtime.store.put_effects([rec])
 
     def note_replay(self, rec: EffectRecord) -> None:
+        return None
+
+    def note_error(self, exc: BaseException, rec: EffectRecord) -> None:
+        return None
+
+    def check_cut(self) -> None:
+        return None
+
+    def note_cancelled(self, identity: str) -> None:
         return None
 
     def note_failure(
