@@ -48,14 +48,8 @@ calls: Counter[str] = Counter()
 
 
 @pytest.fixture(autouse=True)
-def _reset_calls() -> Iterator[None]:
-    from durable_nb.engine import _workflow
-
+def _reset_calls() -> None:
     calls.clear()
-    versions = {k: dict(v) for k, v in _workflow._versions.items()}
-    yield
-    _workflow._versions.clear()  # each test defines its own versions of a workflow
-    _workflow._versions.update(versions)
 
 
 @dn.effect
@@ -645,8 +639,9 @@ def test_status_wait_status_change_in_process_and_replay_does_not_publish_again(
 
     async def after_end() -> None:
         with pytest.raises(
-            dn.DurableError,
-            match=r"^run 'st' ended \(completed\) at status version 2 without a status newer than 2$",
+            dn.errors.RunEndedError,
+            match=r"^run 'st' ended \(completed\) at status version 2 without a status newer than 2; "
+            r"read its last status with job\.custom_status\(\)$",
         ):
             await dn.get_job("st").wait_status_change(2, timeout=30)
 
@@ -896,7 +891,9 @@ def test_effects_start_a_run_and_wait_for_it_from_a_worker_thread(store: Store) 
     async def wrong(ctx: dn.Context) -> str:
         return await run_target_on_the_loop()
 
-    with pytest.raises(dn.DurableError, match=r"^dn\.run\(\) inside a run would block it"):
+    with pytest.raises(
+        dn.errors.BlockingCallError, match=r"^dn\.run\(\) inside a run would block it"
+    ):
         dn.run(wrong, run_id="wrong")
 
 

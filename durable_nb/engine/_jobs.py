@@ -35,8 +35,9 @@ from .._journal import (
 )
 from ..errors import (
     ArgumentTypeError,
-    DurableError,
+    BlockingCallError,
     RunCancelledError,
+    RunEndedError,
     RunLockedError,
     RunNotFoundError,
     WidgetUnavailableError,
@@ -132,7 +133,7 @@ class Job(Generic[R]):
         timeout = check_timeout(timeout)
         self._watch()
         if self._loop is not None and running_loop() is self._loop and not self._future.done():
-            raise DurableError(
+            raise BlockingCallError(
                 f"job.result() would block the event loop that runs {self.run_id!r}; "
                 "use `await job.wait()` here"
             )
@@ -227,9 +228,10 @@ class Job(Generic[R]):
                 elif version > after_version:
                     return version, value
                 if status in FINAL_STATUSES and (self._state is None or self.done()):
-                    raise DurableError(
+                    raise RunEndedError(
                         f"run {self.run_id!r} ended ({status}) at status version {version} "
-                        f"without a status newer than {after_version}"
+                        f"without a status newer than {after_version}; read its last status "
+                        "with job.custom_status()"
                     )
                 wait = 1.0
                 if deadline is not None:
