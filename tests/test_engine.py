@@ -394,7 +394,9 @@ def test_run_works_inside_a_running_event_loop(store: Store) -> None:
 def test_job_result_on_its_own_loop_says_to_await(store: Store) -> None:
     async def main() -> None:
         job = dn.start(pipeline, ["a"])
-        with pytest.raises(dn.DurableError, match=r"^job.result\(\) would block the event loop"):
+        with pytest.raises(
+            dn.errors.BlockingCallError, match=r"^job.result\(\) would block the event loop"
+        ):
             job.result()
         assert await job == 2
 
@@ -471,7 +473,7 @@ def test_calling_a_workflow_inside_a_run_says_use_child(store: Store) -> None:
         return inner()
 
     with pytest.raises(
-        dn.DurableError,
+        dn.errors.BlockingCallError,
         match=r"^calling workflow .*inner inside a run would block it; use `await ctx.child\(inner, \.\.\.\)`",
     ):
         dn.run(outer)
@@ -531,9 +533,13 @@ def test_signal_sent_before_the_run_starts_is_delivered(store: Store) -> None:
     async def wf(ctx: dn.Context) -> Any:
         return await ctx.wait_signal("go")
 
-    store.put_run(RunRecord("early", "wf", "waiting", 1.0, 1.0))
-    dn.signal("early", "go", [1, 2])
+    # pre-delivery to a run that does not exist yet is an explicit opt-in
+    dn.signal("early", "go", [1, 2], missing_ok=True)
     assert dn.run(wf, run_id="early") == [1, 2]
+    # and to a run that exists but no process executes
+    store.put_run(RunRecord("waits", wf.name, "waiting", 1.0, 1.0))
+    dn.signal("waits", "go", [3])
+    assert dn.run(wf, run_id="waits") == [3]
 
 
 def test_signal_timeout_is_durable(store: Store, clock: dn.FakeClock) -> None:

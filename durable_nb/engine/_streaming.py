@@ -23,7 +23,12 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, ca
 
 from .. import _codecs
 from .._journal import CHUNK_PREFIX, StreamDetail, check_stream_name, detail_text, stream_scope
-from ..errors import ArgumentError, ArgumentTypeError, DurableError, EffectTimeoutError
+from ..errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    BlockingCallError,
+    EffectTimeoutError,
+)
 from ..store import EffectRecord
 from ._retry import Retry, preview_args, total_timeout
 from ._runtime import Key4, TopScope, runtime
@@ -194,9 +199,10 @@ class StreamingCall(Generic[T]):
         return self._iterate()
 
     def __iter__(self) -> Iterator[Any]:
-        raise DurableError(
+        raise BlockingCallError(
             f"a call of streaming effect {self._eff.identity} is read with `async for` (or "
-            "`await`ed for its final value), in async code or a notebook cell"
+            "`await`ed for its final value), in async code or a notebook cell; a plain `for` "
+            "would block the loop that produces its chunks"
         )
 
     async def _result(self) -> Any:
@@ -508,7 +514,7 @@ class StreamingCall(Generic[T]):
 
     def _fail(self, exc: Exception, started: float, t0: float, preview: str, attempt: int) -> None:
         scope = self._scope
-        if not self._eff.cache_errors:
+        if not self._eff.cache_errors and not isinstance(scope, RunState):
             scope.note_failure(self._key4, self._seq, exc, started, attempt=attempt)
             return
         rec = EffectRecord(
@@ -523,6 +529,7 @@ class StreamingCall(Generic[T]):
             detail=self._detail(preview),
         )
         scope.record(rec)
+        scope.note_error(exc, rec)
 
 
 class EffectDecorator(Protocol):
