@@ -195,6 +195,9 @@ class Tracker:
         for name in names:
             if name in ns:
                 value = ns[name]
+                old = self.origins.get(name)
+                if old is not None and self._by_id.get(old.value_id) == name:
+                    del self._by_id[old.value_id]  # that value is no longer this name's
                 self.origins[name] = Origin(_h(base, name), id(value))
                 self._by_id[id(value)] = name
 
