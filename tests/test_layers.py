@@ -123,7 +123,7 @@ ORDER = {
         "_driver",
         "_api",
     ],
-    "store": ["_protocol", "_memory", "_duckdb", "_postgres"],
+    "store": ["_protocol", "_memory", "_keyfilter", "_duckdb", "_postgres"],
     "widgets": ["_messages", "_snapshot", "_model", "_static", "_inspect", "_widget"],
 }
 
