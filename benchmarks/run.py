@@ -46,7 +46,13 @@ PARTS: dict[str, tuple[str, int, dict[str, Any], dict[str, Any]]] = {
         "bench_engine",
         300,
         {},
-        {"n_steps": 1000, "repeats": 1, "top_calls": 300, "large_nbytes": 10_000_000},
+        {
+            "n_steps": 1000,
+            "repeats": 1,
+            "top_calls": 300,
+            "large_nbytes": 10_000_000,
+            "large_scope": 50_000,
+        },
     ),
     "hashing": ("bench_hashing", 240, {}, {"nbytes": 10_000_000}),
     "codecs": ("bench_codecs", 300, {}, {"n_rows": 1_000_000, "repeats": 1}),
@@ -336,6 +342,28 @@ def summary(parts: dict[str, Any], quick: bool = False) -> list[list[str]]:
     p99 = eng(name, "miss p99")
     p99_ms = p99 / 1000 if isinstance(p99, (int, float)) else None
     rows.append([f"{name}: miss, p99", _fmt(p99, us), "≤ 2 ms", _meets(p99_ms, "<=", 2.0), "", ""])
+    # ... and on a notebook scope that already holds a million effects
+    large = next(
+        (
+            str(r["name"]).split(": miss")[0]
+            for r in _rows(parts, "engine")
+            if "notebook scope of" in str(r.get("name", ""))
+        ),
+        None,
+    )
+    if large is not None:
+        for stat, target_txt, target_us in (("median", "≤ 100 µs", 100.0), ("p99", "≤ 2 ms", 2e3)):
+            ours = eng("notebook scope of", f"miss {stat}")
+            rows.append(
+                [
+                    f"{large}: miss, {stat}",
+                    _fmt(ours, us),
+                    target_txt,
+                    _meets(ours, "<=", target_us),
+                    "",
+                    "",
+                ]
+            )
     for what, key in (("hit", "large_arg_hit_ms"), ("miss", "large_arg_miss_ms")):
         ours = eng("effect outside a run", "numpy argument", what)
         theirs = _peer(parts, "joblib_memory_call", key)
