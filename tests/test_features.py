@@ -16,11 +16,9 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import re
 import signal
 import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -42,7 +40,7 @@ from durable_nb.errors import (
 )
 from durable_nb.store import Store
 
-from .helpers import ROOT
+from .helpers import spawn_python
 
 calls: Counter[str] = Counter()
 
@@ -1037,6 +1035,21 @@ async def retry(ctx):
     return await ctx.run(flaky)
 
 
+@dn.effect(retry=dn.Retry(attempts=3, initial_delay=600, max_delay=600, backoff=1, retry_on=OSError))
+async def flaky_stream():
+    n = executed("fstream") + 1
+    note(f"exec fstream {n}")
+    yield "a"
+    if n < 3:
+        raise OSError(f"attempt {n}")
+    yield "b"
+
+
+@dn.durable
+async def stream_retry(ctx):
+    return await flaky_stream()
+
+
 @dn.durable
 async def queue(ctx):
     got = []
@@ -1184,7 +1197,8 @@ async def spawner(ctx):
 
 
 SCENARIOS = {
-    "timer": (timer, ()), "retry": (retry, ()), "queue": (queue, ()),
+    "timer": (timer, ()), "retry": (retry, ()), "stream_retry": (stream_retry, ()),
+    "queue": (queue, ()),
     "forever": (forever, (0, 0)), "race": (race, ()), "interrupt": (interrupt, ()),
     "status": (status, ()), "parent": (parent, ()), "logged": (logged, ()), "fan": (fan, ()),
     "doomed": (doomed, ()), "spawner": (spawner, ()),
@@ -1206,19 +1220,11 @@ def _worker(tmp: Path, scenario: str, **env: str) -> subprocess.Popen[str]:
     script = tmp / "worker.py"
     if not script.exists():
         script.write_text(WORKER)
-    return subprocess.Popen(
-        [sys.executable, str(script), scenario],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    return spawn_python(
+        str(script),
+        scenario,
+        env={"DURABLE_NB_STORE": str(tmp / "s.duckdb"), "EXEC_LOG": str(tmp / "exec.log"), **env},
         cwd=tmp,
-        env={
-            **os.environ,
-            "PYTHONPATH": str(ROOT),
-            "DURABLE_NB_STORE": str(tmp / "s.duckdb"),
-            "EXEC_LOG": str(tmp / "exec.log"),
-            **env,
-        },
     )
 
 
@@ -1297,6 +1303,19 @@ def test_retry_schedule_survives_a_kill_between_attempts(tmp_path: Path) -> None
     with _here(tmp_path) as store:
         failed = [json.loads(e.data) for e in store.load_events("retry") if e.kind == "step_failed"]
     assert [(f["attempt"], f["retry_in"]) for f in failed] == [(1, 600.0), (2, 600.0)]
+
+
+def test_streaming_retry_schedule_survives_a_kill_between_attempts(tmp_path: Path) -> None:
+    p = _worker(tmp_path, "stream_retry")
+    _wait_status(tmp_path, "stream_retry", "waiting")  # attempt 1 failed; 600 s until the next
+    _kill(p)
+    assert _log(tmp_path) == ["exec fstream 1"]
+    result, out = _finish(tmp_path, "stream_retry", CLOCK_AHEAD="300")
+    assert result == "ab"  # the chunk received before the failure is kept, not repeated
+    slept = json.loads(next(x for x in out.splitlines() if x.startswith("SLEPT "))[6:])
+    # only what was left of the first delay, then the second delay in full
+    assert len(slept) == 2 and 280 < slept[0] <= 300 and slept[1] == pytest.approx(600)
+    assert _log(tmp_path) == ["exec fstream 1", "exec fstream 2", "exec fstream 3"]
 
 
 def test_queue_survives_a_kill_while_waiting_for_messages(tmp_path: Path) -> None:

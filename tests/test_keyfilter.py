@@ -14,7 +14,7 @@ from durable_nb.store import EffectRecord
 from durable_nb.store._duckdb import DuckDBStore
 from durable_nb.store._keyfilter import KeyFilter
 
-from .helpers import run_python
+from .helpers import spawn_python
 
 SCOPE = "top/nb.ipynb"
 
@@ -83,12 +83,9 @@ def test_records_another_process_wrote_are_found_even_after_the_filter_grew(
         store.put_effects([rec(0)])
         assert store.get_effect(rec(1).key) is None  # the filter is open and complete here
         # another process writes 40,000 keys: more than the first two generations hold
-        out = run_python(
-            f"import runpy, sys; sys.argv = ['w', {str(path)!r}, '1', '40001']; "
-            f"runpy.run_path({str(script)!r})",
-            timeout=120,
-        )
-        assert out.returncode == 0, out.stderr
+        proc = spawn_python(str(script), str(path), "1", "40001")
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
         assert len(list((tmp_path / "s.duckdb.d" / "keys").iterdir())) == 3  # it grew twice
         store._recent.clear()
         # every slot written in every generation (a sample: each found key is a query)
