@@ -187,3 +187,14 @@ def test_a_client_wrapped_and_used_in_one_cell_is_keyed_by_that_cell(
     run(ip, SDK)
     run(ip, cell)
     assert ip.user_ns["calls"] == ["one"]
+
+
+def test_an_httpx_style_client_replays_its_responses(ip: InteractiveShell) -> None:
+    llm_server = helpers.llm_server()
+    with llm_server.LLMServer() as server:
+        ip.user_ns["URL"] = server.url
+        run(ip, "import httpx, durable_nb as dn\nhttp = dn.wrap(httpx.Client())")
+        for _ in range(2):
+            run(ip, "r = http.get(URL + '/models')")
+        assert ip.user_ns["r"].json()["data"][0]["id"] == llm_server.MODEL
+        assert server.requests == 1
