@@ -198,3 +198,4 @@ def test_an_httpx_style_client_replays_its_responses(ip: InteractiveShell) -> No
             run(ip, "r = http.get(URL + '/models')")
         assert ip.user_ns["r"].json()["data"][0]["id"] == llm_server.MODEL
         assert server.requests == 1
+        run(ip, "http.__wrapped__.close()")  # the object itself: closing is no effect
