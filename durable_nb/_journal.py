@@ -27,6 +27,7 @@ __all__ = [
     "CLOSING_EVENTS",
     "EXECUTION_EVENTS",
     "FINAL_STATUSES",
+    "HIDDEN_KINDS",
     "QUEUE_PREFIX",
     "RETRY_PREFIX",
     "RUN_STATUSES",
@@ -34,6 +35,7 @@ __all__ = [
     "SIGNAL_STEP_KINDS",
     "STEP_KINDS",
     "TOP_SCOPE_PREFIX",
+    "USAGE_PREFIX",
     "ChildDetail",
     "DeadlineDetail",
     "DequeueDetail",
@@ -57,6 +59,7 @@ __all__ = [
     "StepKind",
     "StreamDetail",
     "TimeoutDetail",
+    "UsageDetail",
     "check_name",
     "check_queue",
     "check_run_id",
@@ -84,8 +87,9 @@ __all__ = [
 #: or of a ``ctx.timeout``/``ctx.wait_for``; ``timeout``: such a block ran out of time; the
 #: others are the ``ctx`` operations of the same name. ``cleared`` replaces the record of an
 #: effect's error that failed its run: the step still shows as failed, but resuming the run
-#: calls that effect again. ``retry`` and ``kv_base`` are bookkeeping kept in the journal
-#: (see :data:`AUX_KINDS`).
+#: calls that effect again. ``retry``, ``kv_base`` and ``usage`` (the tokens an effect's
+#: result reported, written in the same write as the result) are bookkeeping kept in the
+#: journal (see :data:`AUX_KINDS`).
 StepKind = Literal[
     "effect",
     "stream",
@@ -108,6 +112,7 @@ StepKind = Literal[
     "retry",
     "kv_base",
     "cleared",
+    "usage",
 ]
 #: Records of a run's other scopes: a stream's chunk and end marker (``stream/<run>``), a
 #: key's current value (``kv/<run>``; a deleted key leaves a ``kv_delete`` tombstone); and of
@@ -118,7 +123,10 @@ RecordKind = Union[StepKind, Literal["chunk", "stream_end", "kv", "cell", "cell-
 STEP_KINDS: Final[tuple[str, ...]] = get_args(StepKind)
 #: bookkeeping records: not calls of the workflow, so they have no place in the recorded
 #: order and a trace does not show them as steps
-AUX_KINDS: Final[tuple[str, ...]] = ("retry", "kv_base", "chunk", "stream_end", "kv")
+AUX_KINDS: Final[tuple[str, ...]] = ("retry", "kv_base", "usage", "chunk", "stream_end", "kv")
+#: steps the engine writes for itself: shown by no timeline, numbered in none (a timed
+#: wait's deadline is part of the wait, not something the workflow did)
+HIDDEN_KINDS: Final[tuple[str, ...]] = ("deadline",)
 #: step kinds that consume a signal (their detail names its ``signal_id``)
 SIGNAL_STEP_KINDS: Final[tuple[str, ...]] = ("signal", "dequeue", "interrupt")
 
@@ -208,6 +216,15 @@ class KvBaseDetail(TypedDict):
     keys: int
 
 
+class UsageDetail(TypedDict, total=False):
+    """What an LLM call's result reported it used (``usage`` records): counted once, when
+    the result is recorded, never again by a replay."""
+
+    prompt_tokens: int  # OpenAI ``prompt_tokens``, Anthropic ``input_tokens``
+    completion_tokens: int  # OpenAI ``completion_tokens``, Anthropic ``output_tokens``
+    model: str  # the response's ``model``, when it says
+
+
 StepDetail = Union[
     SleepDetail,
     DeadlineDetail,
@@ -225,6 +242,7 @@ StepDetail = Union[
     StreamDetail,
     RetryDetail,
     KvBaseDetail,
+    UsageDetail,
 ]
 
 
@@ -261,6 +279,9 @@ def iso_time(ts: float) -> str:
 # --------------------------------------------------------------- identities and scopes
 #: an effect call's retry schedule: identity ``RETRY_PREFIX + the effect's identity``
 RETRY_PREFIX: Final = "dn.retry:"
+#: the tokens an effect call used: identity ``USAGE_PREFIX + the effect's identity``, the
+#: rest of the key the call's own
+USAGE_PREFIX: Final = "dn.usage:"
 #: a streaming effect's chunks: identity ``CHUNK_PREFIX + the effect's identity``
 CHUNK_PREFIX: Final = "dn.chunk:"
 #: notebook and script scopes are ``TOP_SCOPE_PREFIX + name``

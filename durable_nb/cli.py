@@ -403,8 +403,8 @@ def import_(
 @store_option
 @click.pass_context
 def metrics(ctx: click.Context, as_json: bool) -> None:
-    """Count runs by status and workflow, and the steps executed and replayed with the time
-    replay saved."""
+    """Count runs by status and workflow, the steps executed and replayed with the time
+    replay saved, and the tokens LLM calls spent (per model)."""
     m = _client(ctx).metrics()
     if as_json:
         _echo_json(m)
@@ -418,6 +418,13 @@ def metrics(ctx: click.Context, as_json: bool) -> None:
         f"steps       {m['steps_executed']} executed, {m['steps_replayed']} replayed",
         f"time saved  {m['saved_seconds']:.3f} s",
     ]
+    t = m["tokens"]
+    if t["prompt"] or t["completion"]:
+        lines.append(f"tokens      {t['prompt']} prompt + {t['completion']} completion spent")
+        lines += [
+            f"  {model}  {v['prompt']} + {v['completion']}"
+            for model, v in m["tokens_by_model"].items()
+        ]
     click.echo("\n".join(lines))
 
 

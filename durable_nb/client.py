@@ -39,7 +39,9 @@ from ._journal import (
     check_name,
     check_run_id,
     json_text,
+    read_detail,
     run_of_scope,
+    run_scope,
 )
 from .errors import (
     ArgumentError,
@@ -267,9 +269,25 @@ class Client:
         by_workflow: dict[str, int] = {}
         executed = replayed = ended = 0
         saved = 0.0
+        tokens = {"prompt": 0, "completion": 0}
+        by_model: dict[str, dict[str, int]] = {}
+        by_run: dict[str, dict[str, int]] = {}
         for r in recs:
             by_status[r.status] = by_status.get(r.status, 0) + 1
             by_workflow[r.workflow] = by_workflow.get(r.workflow, 0) + 1
+            # tokens: the usage records, one per recorded call (replays write none)
+            for u in self.store.load_effects(run_scope(r.run_id)):
+                if u.kind != "usage":
+                    continue
+                d = read_detail(u.detail)
+                p, c = int(d.get("prompt_tokens", 0) or 0), int(d.get("completion_tokens", 0) or 0)
+                for acc in (
+                    tokens,
+                    by_model.setdefault(str(d.get("model") or "?"), {"prompt": 0, "completion": 0}),
+                    by_run.setdefault(r.run_id, {"prompt": 0, "completion": 0}),
+                ):
+                    acc["prompt"] += p
+                    acc["completion"] += c
             for ev in self.store.load_events(r.run_id):
                 if ev.kind not in CLOSING_EVENTS or not ev.data:
                     continue
@@ -292,6 +310,9 @@ class Client:
             "steps_executed": executed,
             "steps_replayed": replayed,
             "saved_seconds": round(saved, 6),
+            "tokens": tokens,
+            "tokens_by_model": dict(sorted(by_model.items())),
+            "tokens_by_run": dict(sorted(by_run.items())),
         }
 
     # steering ----------------------------------------------------------------------------

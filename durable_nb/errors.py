@@ -18,6 +18,7 @@ __all__ = [
     "ExportFormatError",
     "Interrupted",
     "KernelSpecError",
+    "LimitConflictError",
     "NonDeterminismError",
     "PayloadIntegrityError",
     "RunCancelledError",
@@ -57,6 +58,10 @@ class ArgumentTypeError(DurableError, TypeError):
 class BlockingCallError(DurableError, RuntimeError):
     """A blocking call was made where it would block the event loop a run needs (the
     ``await`` form works there), or a run would wait on itself."""
+
+
+class LimitConflictError(ArgumentError):
+    """Two effects define one named rate/concurrency limit with different figures."""
 
 
 class UnhashableInputError(DurableError, TypeError):

@@ -23,6 +23,8 @@ from ._journal import (
     CANCEL_SIGNAL,
     CLOSING_EVENTS,
     EXECUTION_EVENTS,
+    HIDDEN_KINDS,
+    USAGE_PREFIX,
     read_detail,
     run_scope,
     signal_id_of,
@@ -33,6 +35,7 @@ from .store import EffectRecord, EventRecord, RunRecord, Store
 
 __all__ = [
     "EXECUTION_EVENTS",
+    "Tokens",
     "TraceStep",
     "describe_error",
     "format_history",
@@ -44,6 +47,7 @@ __all__ = [
     "run_summary",
     "run_trace",
     "step_label",
+    "token_totals",
     "waiting_of",
 ]
 
@@ -52,6 +56,7 @@ class TraceStep(TypedDict):
     """One step of a trace (see :func:`run_trace`)."""
 
     seq: int  # its position in the execution that recorded it
+    step: int  # the number a person sees: its position among the shown steps, 0, 1, 2...
     kind: str  # a _journal.StepKind (a store a newer version wrote may hold others)
     name: str  # the effect's identity, or the engine step's (``dn.sleep``...)
     state: Literal["executed", "replayed", "failed"]
@@ -60,6 +65,15 @@ class TraceStep(TypedDict):
     args: str  # the stored detail: an effect's argument preview, else the kind's JSON detail
     error: str | None  # ``Type('message')`` of a failure
     attempts: int
+    tokens: Tokens | None  # what an LLM call's result reported it used
+
+
+class Tokens(TypedDict):
+    """Tokens an LLM call used (``prompt`` = input, ``completion`` = output)."""
+
+    prompt: int
+    completion: int
+    model: str
 
 
 _EVENT_RANK = {k: 0 for k in EXECUTION_EVENTS} | {k: 2 for k in CLOSING_EVENTS}
@@ -147,12 +161,14 @@ def run_trace(store: Store, run_id: str) -> dict[str, Any]:
 
         {"run": {run_id, workflow, status, custom_status, status_version, parent_id,
                  executions, created_at, updated_at, detail, generation, version},
-         "steps": [{seq, kind, name, state, started_at, duration, args, error, attempts}],
+         "steps": [{seq, step, kind, name, state, started_at, duration, args, error,
+                    attempts, tokens}],
          "waiting": [{"kind": "signal", "name": ...} | {"kind": "timer", "until": ...}],
          "pending_signals": [name, ...],
          "children": [run_id, ...],
          "events": [{ts, kind, data}],
-         "totals": {steps, executed, replayed, failed, saved_seconds}}
+         "totals": {steps, executed, replayed, failed, saved_seconds, tokens,
+                    tokens_saved, tokens_by_model}}
 
     ``steps`` are in ``seq`` order. A step's ``state`` is ``"executed"`` when it was recorded
     by the latest execution (the one opened by the last ``started``/``resumed`` event),
@@ -162,6 +178,12 @@ def run_trace(store: Store, run_id: str) -> dict[str, Any]:
     that is not cached leaves no record). ``attempts`` is the number of ``step_failed``
     events of the step plus one. ``error`` is ``"Type('message')"`` or ``None``.
     ``totals.saved_seconds`` is the time the replayed steps took when they executed.
+
+    ``step`` numbers the shown steps without gaps (``seq`` counts engine bookkeeping too,
+    such as a timed wait's deadline, which no timeline shows). ``tokens`` is what an LLM
+    call's result reported (``{prompt, completion, model}``), else ``None``; the totals
+    count each recorded call once (``tokens``) and what replayed steps had cost
+    (``tokens_saved``).
 
     Raises :class:`~durable_nb.errors.RunNotFoundError` if the store has no such run.
     """
@@ -185,8 +207,17 @@ def run_trace(store: Store, run_id: str) -> dict[str, Any]:
 
     steps: list[TraceStep] = []
     recorded: set[tuple[int, str]] = set()
+    usage: dict[tuple[int, str], Tokens] = {}
     for r in records:
-        if r.kind in AUX_KINDS:
+        if r.kind == "usage":
+            d = read_detail(r.detail)
+            usage[(r.seq, r.identity.removeprefix(USAGE_PREFIX))] = {
+                "prompt": int(d.get("prompt_tokens", 0) or 0),
+                "completion": int(d.get("completion_tokens", 0) or 0),
+                "model": str(d.get("model", "") or ""),
+            }
+    for r in records:
+        if r.kind in AUX_KINDS or r.kind in HIDDEN_KINDS:
             continue
         recorded.add((r.seq, r.identity))
         state: Literal["executed", "replayed", "failed"]
@@ -209,6 +240,8 @@ def run_trace(store: Store, run_id: str) -> dict[str, Any]:
                 "args": r.detail,
                 "error": error,
                 "attempts": len(failures.get((r.seq, r.identity), ())) + 1,
+                "step": 0,
+                "tokens": usage.get((r.seq, r.identity)),
             }
         )
     if rec.status != "running":
@@ -227,9 +260,13 @@ def run_trace(store: Store, run_id: str) -> dict[str, Any]:
                     "args": "",
                     "error": str(last["data"].get("error", "")) or None,
                     "attempts": len(evs),
+                    "step": 0,
+                    "tokens": None,
                 }
             )
     steps.sort(key=lambda s: (s["seq"], s["started_at"]))
+    for i, s in enumerate(steps):  # numbers without gaps (hidden steps take a seq too)
+        s["step"] = i
 
     consumed = {sid for r in records if (sid := signal_id_of(r.kind, r.detail)) is not None}
     pending = [
@@ -255,8 +292,30 @@ def run_trace(store: Store, run_id: str) -> dict[str, Any]:
             "saved_seconds": round(
                 sum(s["duration"] for s in steps if s["state"] == "replayed"), 6
             ),
+            **token_totals(steps),
         },
     }
+
+
+def token_totals(steps: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Tokens of a trace's steps: ``tokens`` (prompt, completion) spent by every recorded
+    execution, ``tokens_saved`` by the replayed steps (recorded by an earlier execution), and
+    spent per model (``tokens_by_model``)."""
+    spent = {"prompt": 0, "completion": 0}
+    saved = {"prompt": 0, "completion": 0}
+    by_model: dict[str, dict[str, int]] = {}
+    for s in steps:
+        t = s.get("tokens")
+        if not t:
+            continue
+        for k in ("prompt", "completion"):
+            spent[k] += t[k]
+            if s["state"] == "replayed":
+                saved[k] += t[k]
+        m = by_model.setdefault(t["model"] or "?", {"prompt": 0, "completion": 0})
+        m["prompt"] += t["prompt"]
+        m["completion"] += t["completion"]
+    return {"tokens": spent, "tokens_saved": saved, "tokens_by_model": by_model}
 
 
 _STATES = ("executed", "replayed", "failed")
@@ -379,6 +438,22 @@ def step_label(step: Mapping[str, Any], *, compact: bool = False) -> str:
     return name + (f" {detail}" if detail else "")
 
 
+def _tokens_note(step: Mapping[str, Any]) -> str:
+    t = step.get("tokens")
+    return f"  {t['prompt']}+{t['completion']} tokens" if t else ""
+
+
+def _tokens_total(totals: Mapping[str, Any]) -> str:
+    """``; tokens 1200 prompt + 300 completion spent, 400 + 100 saved by replay`` or ''."""
+    spent, saved = totals.get("tokens"), totals.get("tokens_saved")
+    if not spent or not (spent["prompt"] or spent["completion"]):
+        return ""
+    text = f"; tokens {spent['prompt']} prompt + {spent['completion']} completion spent"
+    if saved and (saved["prompt"] or saved["completion"]):
+        text += f", {saved['prompt']} + {saved['completion']} saved by replay"
+    return text
+
+
 def _waits(waiting: list[dict[str, Any]]) -> str:
     return ", ".join(
         f"signal {w.get('name')!r}"
@@ -412,6 +487,8 @@ def format_run(info: dict[str, Any]) -> str:
         lines.append(f"children  {', '.join(info['children'])}")
     t = info["totals"]
     gen = f", continued as new {info['generation']} time(s)" if info["generation"] else ""
+    if tokens := _tokens_total(t):
+        lines.append(f"tokens    {tokens.removeprefix('; tokens ')}")
     lines.append(
         f"steps     {t['steps']} recorded ({t['executed']} executed, {t['replayed']} replayed, "
         f"{t['failed']} failed), {info['executions']} execution(s){gen}"
@@ -419,8 +496,8 @@ def format_run(info: dict[str, Any]) -> str:
     for s in info["steps"]:
         flag = f"  {s['error']}" if s["error"] else ""
         lines.append(
-            f"  {s['seq']:>5}  {s['kind']:<8} {s['state']:<8}  {step_label(s)}  "
-            f"{_ms(s['duration'])}{flag}"
+            f"  {s['step']:>5}  {s['kind']:<8} {s['state']:<8}  {step_label(s)}  "
+            f"{_ms(s['duration'])}{_tokens_note(s)}{flag}"
         )
     return "\n".join(lines)
 
@@ -445,12 +522,14 @@ def format_trace(trace: dict[str, Any]) -> str:
         if item["type"] == "step":
             what = step_label(item)
             note = item["error"] or ""
+            if item.get("tokens"):
+                note = _tokens_note(item).strip() + (f"; {note}" if note else "")
             if item["attempts"] > 1:
                 note = f"{item['attempts']} attempts" + (f"; {note}" if note else "")
             rows.append(
                 [
                     at,
-                    str(item["seq"]),
+                    str(item["step"]),
                     item["kind"],
                     item["state"],
                     _ms(item["duration"]),
@@ -469,7 +548,7 @@ def format_trace(trace: dict[str, Any]) -> str:
     t = trace["totals"]
     foot = (
         f"{t['steps']} step(s): {t['executed']} executed, {t['replayed']} replayed, "
-        f"{t['failed']} failed; replay saved {t['saved_seconds']:.3f} s"
+        f"{t['failed']} failed; replay saved {t['saved_seconds']:.3f} s" + _tokens_total(t)
     )
     table = _table(["AT", "SEQ", "KIND", "STATE", "TOOK", "STEP", "NOTE"], rows, right=(0, 1, 4))
     return "\n".join([*head, *table, foot])

@@ -109,6 +109,8 @@ ORDER = {
         "_runtime",
         "_state",
         "_retry",
+        "_usage",
+        "_limits",
         "_streams",
         "_streaming",
         "_effects",

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast, overlo
 from .. import _codecs, _hashing
 from ..errors import ArgumentError, ArgumentTypeError
 from ..store import EffectRecord
+from ._limits import Limiter, check_limit, limiter
 from ._retry import (
     Attempts,
     Retry,
@@ -33,6 +34,7 @@ from ._retry import (
 from ._runtime import CancelScope, Key4, TopScope, cancel_scope, current_scope, runtime
 from ._state import RunState, replay
 from ._streaming import StreamingSpec
+from ._usage import usage_records
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -64,6 +66,9 @@ class EffectFunction(Generic[P, R]):
         shared: bool = False,
         reducer: Callable[[list[Any]], Any] | None = None,
         stream: str | None = None,
+        limit: str | None = None,
+        concurrency: int | None = None,
+        rate: str | None = None,
     ) -> None:
         if not callable(fn):
             raise ArgumentTypeError(f"@effect needs a function, got {fn!r}")
@@ -78,6 +83,8 @@ class EffectFunction(Generic[P, R]):
         self.timeout = check_timeout(timeout)
         self.cache_errors = bool(cache_errors)
         self.shared = bool(shared)
+        named = check_limit(limit, concurrency, rate)
+        self.limiter: Limiter | None = limiter(*named) if named is not None else None
         self.is_async = inspect.iscoroutinefunction(fn)
         # an async generator is a streaming effect (_streaming.py)
         self.streaming: StreamingSpec | None = None
@@ -243,6 +250,8 @@ class EffectFunction(Generic[P, R]):
                 self._fail(att, late, t0, args, kwargs)
                 raise late
             limit = att.limit()
+            if self.limiter is not None:  # each attempt is a request the API sees
+                self.limiter.acquire_sync()
             try:
                 if limit is not None:  # in a worker thread, with a cancel scope of its own
                     attempt = CancelScope(cancel_scope.get())
@@ -262,8 +271,11 @@ class EffectFunction(Generic[P, R]):
                 if err is e:
                     raise
                 raise err from e
+            finally:
+                if self.limiter is not None:
+                    self.limiter.release()
         rec, _ = self._make_record(scope, key4, seq, result, False, att.first, t0, args, kwargs)
-        scope.record(rec)
+        scope.record(rec, *usage_records(rec, result))  # its tokens are counted now, once
         return result
 
     async def _execute_async(
@@ -297,6 +309,8 @@ class EffectFunction(Generic[P, R]):
                 # (which copies the context when the attempt starts) or under a timeout; a
                 # plain async function learns of a cancellation from the CancelledError itself
                 attempt = token = None
+                if self.limiter is not None:  # each attempt is a request the API sees
+                    await self.limiter.acquire()
                 if in_thread or limit is not None:
                     attempt = CancelScope(cancel_scope.get())
                     token = cancel_scope.set(attempt)
@@ -330,8 +344,11 @@ class EffectFunction(Generic[P, R]):
                 finally:
                     if token is not None:
                         cancel_scope.reset(token)
+                    if self.limiter is not None:
+                        self.limiter.release()
             rec, _ = self._make_record(scope, key4, seq, result, False, att.first, t0, args, kwargs)
-            await scope.record_async(rec)
+            # the tokens it reports are written with the result: counted once, now
+            await scope.record_async(rec, *usage_records(rec, result))
             return result
         finally:
             scope.inflight -= 1
@@ -381,6 +398,9 @@ def effect(
     shared: bool = False,
     reducer: Callable[[list[Any]], Any] | None = None,
     stream: str | None = None,
+    limit: str | None = None,
+    concurrency: int | None = None,
+    rate: str | None = None,
 ) -> EffectDecorator: ...
 
 
@@ -396,6 +416,9 @@ def effect(
     shared: bool = False,
     reducer: Callable[[list[Any]], Any] | None = None,
     stream: str | None = None,
+    limit: str | None = None,
+    concurrency: int | None = None,
+    rate: str | None = None,
 ) -> Any:  # the overloads above say what; a streaming effect's calls are not R
     """Record a function's results, keyed by a content hash of its inputs (README, "How it
     works").
@@ -412,6 +435,10 @@ def effect(
     :class:`~durable_nb.engine._streaming.StreamingSpec` for the ``resume_from`` convention.
     ``stream`` also appends the chunks to the run's stream of that name, for
     ``job.stream(name)`` readers.
+
+    ``limit`` names a rate/concurrency limit shared by every effect that names it:
+    ``concurrency`` attempts at once at most, ``rate`` (``"500/min"``) attempt starts in any
+    sliding window of that length at most (``engine/_limits.py``). Replays never wait.
     """
 
     def wrap(f: Callable[P, R]) -> EffectFunction[P, R]:
@@ -425,6 +452,9 @@ def effect(
             shared=shared,
             reducer=reducer,
             stream=stream,
+            limit=limit,
+            concurrency=concurrency,
+            rate=rate,
         )
 
     if fn is None:

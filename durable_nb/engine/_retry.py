@@ -30,6 +30,7 @@ __all__ = [
     "check_retry",
     "check_timeout",
     "preview_args",
+    "retry_after",
     "total_timeout",
 ]
 
@@ -157,6 +158,28 @@ def call_with_timeout(
         raise attempt_timeout(what, timeout) from None
 
 
+_MAX_RETRY_AFTER = 3600.0  # a hint longer than an hour is a server's mistake, not a plan
+
+
+def retry_after(exc: BaseException) -> float | None:
+    """Seconds an error says to wait before retrying: its ``retry_after`` attribute, or the
+    ``retry-after-ms`` / ``retry-after`` (seconds) header of its HTTP ``response`` (what the
+    ``openai`` and ``anthropic`` SDKs' errors carry); None when it says nothing."""
+    value = getattr(exc, "retry_after", None)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        value = None
+        headers = getattr(getattr(exc, "response", None), "headers", None)
+        if headers is not None:
+            try:
+                ms, sec = headers.get("retry-after-ms"), headers.get("retry-after")
+                value = float(ms) / 1000 if ms is not None else float(sec)
+            except (TypeError, ValueError, AttributeError):  # absent, or an HTTP date
+                value = None
+    if value is None or not math.isfinite(value) or value < 0:
+        return None
+    return min(float(value), _MAX_RETRY_AFTER)
+
+
 def attempt_timeout(what: str, timeout: float) -> EffectTimeoutError:
     return EffectTimeoutError(
         f"effect {what} did not finish within timeout={timeout:g}s; raise the timeout "
@@ -260,7 +283,8 @@ class Attempts:
                 done = {"failures": self.failures, "first": self.first, "next_at": None}
                 scope.record_retry(self.key4, self.seq, {**done, "exhausted": True})
             return exc
-        delay = retry.delay(self.failures)
+        # an API that says when to come back (HTTP 429/503 Retry-After) is obeyed, at least
+        delay = max(retry.delay(self.failures), retry_after(exc) or 0.0)
         next_at = runtime.clock.time() + delay
         if self.deadline is not None and next_at >= self.deadline:
             return total_timeout(self.identity, retry, self.failures, repr(exc))

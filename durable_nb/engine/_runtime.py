@@ -163,11 +163,11 @@ class TopScope:
             store.flush()
         store.release_effect((self.scope_id, *key4), claimer)
 
-    def record(self, rec: EffectRecord) -> None:
-        runtime.store.put_effects([rec])
+    def record(self, rec: EffectRecord, *also: EffectRecord) -> None:
+        runtime.store.put_effects([rec, *also])
 
-    async def record_async(self, rec: EffectRecord) -> None:
-        runtime.store.put_effects([rec])
+    async def record_async(self, rec: EffectRecord, *also: EffectRecord) -> None:
+        runtime.store.put_effects([rec, *also])
 
     def note_replay(self, rec: EffectRecord) -> None:
         return None

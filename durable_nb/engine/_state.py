@@ -298,8 +298,9 @@ class RunState:
             )
         )
 
-    def record(self, rec: EffectRecord) -> None:
-        runtime.store.put_effects([rec])
+    def record(self, rec: EffectRecord, *also: EffectRecord) -> None:
+        """Record a step (with its bookkeeping records ``also``, in the same write)."""
+        runtime.store.put_effects([rec, *also])
         self._recorded(rec)
 
     def record_together(self, rec: EffectRecord, others: list[EffectRecord]) -> None:
@@ -307,15 +308,16 @@ class RunState:
         runtime.store.put_effects([rec, *others])
         self._recorded(rec)
 
-    async def record_async(self, rec: EffectRecord) -> None:
+    async def record_async(self, rec: EffectRecord, *also: EffectRecord) -> None:
         if self.inflight <= 1 and not self._batch:
-            self.record(rec)
+            self.record(rec, *also)
             return
         # effects completing in the same loop iteration share one journal write
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if not self._batch:
             asyncio.get_running_loop().call_soon(self._flush_batch)
         self._batch.append(rec)
+        self._batch += also
         self._batch_waiters.append(fut)
         await fut
 
@@ -330,7 +332,8 @@ class RunState:
                     w.set_exception(e)
             return
         for rec in batch:
-            self._recorded(rec)
+            if rec.kind not in AUX_KINDS:
+                self._recorded(rec)
         for w in waiters:
             if not w.done():
                 w.set_result(None)

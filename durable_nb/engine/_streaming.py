@@ -34,6 +34,7 @@ from ._retry import Attempts, Retry, preview_args
 from ._runtime import Key4, TopScope, runtime
 from ._state import RunState, replay
 from ._streams import bell, closed_error, position
+from ._usage import usage_records
 
 if TYPE_CHECKING:
     from ._effects import EffectFunction
@@ -323,6 +324,9 @@ class StreamingCall(Generic[T]):
                 await att.pause()
                 if (late := att.expired()) is not None:
                     raise late
+                lim = eff.limiter
+                if lim is not None:  # each attempt is a request the API sees
+                    await lim.acquire()
                 try:
                     await self._attempt(att.limit())
                     break
@@ -335,6 +339,9 @@ class StreamingCall(Generic[T]):
                     if err is e:
                         raise
                     raise err from e
+                finally:
+                    if lim is not None:
+                        lim.release()
             self._flush()
             value = self._spec.reducer(list(self._chunks))
             rec = EffectRecord(
@@ -349,7 +356,9 @@ class StreamingCall(Generic[T]):
                 duration=time.perf_counter() - t0,
                 detail=self._detail(preview),
             )
-            await scope.record_async(rec)
+            # tokens reported by the final value or by the chunks, written with the result
+            usage = usage_records(rec, value) or usage_records(rec, list(self._chunks))
+            await scope.record_async(rec, *usage)
             self._value = value
         except asyncio.CancelledError:
             cancelled = True

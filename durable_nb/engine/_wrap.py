@@ -188,6 +188,9 @@ class Wrapped(Generic[T]):
             "timeout": opts.get("timeout"),
             "cache_errors": opts.get("cache_errors", False),
             "shared": opts.get("shared", False),
+            "limit": opts.get("limit"),
+            "concurrency": opts.get("concurrency"),
+            "rate": opts.get("rate"),
         }
         return (
             EffectFunction(invoke, **common),
@@ -225,6 +228,9 @@ def wrap(
     timeout: float | None = None,
     cache_errors: bool = False,
     shared: bool = False,
+    limit: str | None = None,
+    concurrency: int | None = None,
+    rate: str | None = None,
 ) -> T:
     """Wrap ``obj`` so its method calls are effects (see the module docstring). The result
     passes for ``obj`` (attributes, ``dir``); ``wrapped.__wrapped__`` is ``obj`` itself."""
@@ -247,6 +253,9 @@ def wrap(
         "timeout": timeout,
         "cache_errors": cache_errors,
         "shared": shared,
+        "limit": limit,
+        "concurrency": concurrency,
+        "rate": rate,
     }
     w: Wrapped[T] = Wrapped(obj, None, (), options)
     # check the options now, naming them, rather than at the first call
