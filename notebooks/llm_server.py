@@ -6,7 +6,11 @@ events when ``stream`` is true, with a last ``usage`` chunk when
 list by a hash of the conversation, so the same request always gets the same answer, and
 ``usage`` counts words. ``GET /v1/models`` lists the one model. Every request is counted
 (:attr:`LLMServer.requests`), which is how the tests prove that a second run of a notebook
-sends none. It binds 127.0.0.1 only and loads nothing from the network.
+sends none; :attr:`LLMServer.starts` keeps each chat request's arrival time and
+:attr:`LLMServer.max_inflight` the most requests it ever served at once, which is how they
+prove a rate or concurrency limit held. ``latency`` makes each chat answer take that long;
+``reject_next`` answers that many chat requests with HTTP 429 and a ``Retry-After``. It
+binds 127.0.0.1 only and loads nothing from the network.
 
     server = start()                 # a daemon thread on a free port
     OpenAI(base_url=server.url, api_key="unused")
@@ -22,6 +26,7 @@ import hashlib
 import json
 import sys
 import threading
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -68,6 +73,13 @@ class LLMServer(ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.paths: Counter[str] = Counter()
         self._thread: threading.Thread | None = None
+        self.latency = 0.0  # seconds each chat answer takes
+        self.reject_next = 0  # chat requests still to answer with 429
+        self.retry_after = 0.0  # the Retry-After (seconds) of those answers
+        self.rejected = 0
+        self.inflight = 0
+        self.max_inflight = 0
+        self.starts: list[float] = []  # time.monotonic() of each chat request's arrival
 
     @property
     def requests(self) -> int:
@@ -133,6 +145,38 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path.rstrip("/") != "/v1/chat/completions":
             self._json(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
             return
+        srv = self.server
+        with srv.lock:
+            srv.starts.append(time.monotonic())
+            srv.inflight += 1
+            srv.max_inflight = max(srv.max_inflight, srv.inflight)
+            reject = srv.reject_next > 0
+            if reject:
+                srv.reject_next -= 1
+                srv.rejected += 1
+        try:
+            if reject:
+                self._too_many(srv.retry_after)
+                return
+            if srv.latency:
+                time.sleep(srv.latency)
+            self._answer(body, messages)
+        finally:
+            with srv.lock:
+                srv.inflight -= 1
+
+    def _too_many(self, retry_after: float) -> None:
+        data = json.dumps(
+            {"error": {"message": "rate limit reached", "type": "rate_limit_exceeded"}}
+        ).encode()
+        self.send_response(429)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Retry-After", f"{retry_after:g}")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _answer(self, body: dict[str, Any], messages: list[dict[str, Any]]) -> None:
         answer = reply_for(messages)
         usage = _usage(messages, answer)
         model = str(body.get("model") or MODEL)

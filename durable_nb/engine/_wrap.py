@@ -152,8 +152,13 @@ class Wrapped(Generic[T]):
             target: Any = self.__wrapped__
             for part in path:
                 target = getattr(target, part)
-            is_async = inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(
-                getattr(target, "__call__", None)  # noqa: B004  # a callable object's method
+            is_async = (
+                inspect.iscoroutinefunction(target)
+                or inspect.iscoroutinefunction(
+                    getattr(target, "__call__", None)  # noqa: B004  # a callable object's method
+                )
+                # a sync decorator over an async method (openai's AsyncCompletions.create)
+                or inspect.iscoroutinefunction(inspect.unwrap(target))
             )
             ef = async_call if is_async else sync_call
             return ef(self._root_key(), _Target(target), *args, **kwargs)
