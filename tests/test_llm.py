@@ -91,11 +91,11 @@ def test_tokens_are_counted_once_across_a_sigkill_a_resume_and_a_replay(tmp_path
     steps = [s for s in t["steps"] if s["kind"] == "effect"]
     assert len(steps) == 6
     assert all(s["tokens"] is not None for s in steps)
-    assert all(s["tokens"]["model"] == "m" for s in steps)  # type: ignore[index]
+    assert all(s["tokens"]["model"] == "m" for s in steps)
     # spent: each recorded call once, although calls 0-2 replayed in two later executions
     assert t["totals"]["tokens"] == {"prompt": prompt, "completion": completion}
     assert t["totals"]["tokens_by_model"] == {"m": {"prompt": prompt, "completion": completion}}
-    assert [(s["tokens"]["prompt"], s["tokens"]["completion"]) for s in steps] == bills  # type: ignore[index]
+    assert [(s["tokens"]["prompt"], s["tokens"]["completion"]) for s in steps] == bills
     # the first execution recorded three calls, which the resumed one replayed (the third
     # start found the run completed and executed nothing)
     assert [s["state"] for s in steps] == ["replayed"] * 3 + ["executed"] * 3
@@ -239,7 +239,8 @@ def test_gather_over_1000_prompts_never_exceeds_the_limits_at_the_server() -> No
 
         @dn.durable
         async def close(ctx: dn.Context) -> None:
-            await llm.__wrapped__.close()  # its connections belong to the engine's loop
+            # the client's connections belong to the engine's loop: close them there
+            await llm.__wrapped__.close()  # type: ignore[attr-defined]  # the proxy's
 
         assert dn.run(prompts, run_id="thousand") == 1000
         assert server.requests == 1000
