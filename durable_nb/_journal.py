@@ -377,8 +377,9 @@ CLOSING_EVENTS: Final[tuple[str, ...]] = (
     "continued_as_new",
 )
 #: what a running run tells its live listeners (``Job.subscribe``): a step's state, the
-#: run's status, a trace event, or a new custom status
-LiveKind = Literal["step", "status", "event", "custom_status"]
+#: run's status, a trace event, a new custom status, or how far an executing effect got
+#: (``progress``: its ``seq``, ``name``, ``done``, ``total`` or None, ``desc``)
+LiveKind = Literal["step", "status", "event", "custom_status", "progress"]
 
 
 # --------------------------------------------------------------------------- validators

@@ -141,6 +141,9 @@ async def test_rows_follow_a_live_run_and_the_approve_button_resumes_it() -> Non
         "failed": 0,
         "running": 0,
         "saved_seconds": 0.0,
+        "prompt_tokens": 0,  # no step reported token usage
+        "completion_tokens": 0,
+        "tokens_saved": 0,
     }
     assert customs(sent, "notice") == [
         {"kind": "notice", "level": "info", "text": "sent 'approve' to a1"}

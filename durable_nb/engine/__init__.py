@@ -7,7 +7,10 @@ One concern per file, lowest first (a file imports only files above it in this l
 ``_runtime``     process state: the store, the clock, the notebook/shared scopes, cancel
                  scopes, the engine's loop, the jobs of this process, ``start_run``
 ``_state``       the live state of one executing run (its scope, inbox, waits, status)
-``_retry``       how an effect call is attempted: ``Retry``, timeouts
+``_retry``       how an effect call is attempted: ``Retry``, timeouts, Retry-After hints
+``_usage``       token usage an effect's result reports, recorded once with the result
+``_limits``      named rate and concurrency limits of effects (``limit=``, ``rate=``)
+``_progress``    ``progress(iterable)``: how far an executing effect got, live
 ``_streams``     run streams: ``ctx.stream`` writers, ``job.stream`` readers
 ``_streaming``   streaming effects (async generator ``@effect`` functions)
 ``_effects``     ``@effect``: keyed, recorded calls, inside runs and out
@@ -34,6 +37,7 @@ from ._effects import EffectFunction, effect
 from ._jobs import Job, cancel, enqueue, get_job, send_time, set_widget_factory, signal
 from ._kv import RunKV
 from ._log import RunLog
+from ._progress import progress
 from ._retry import Retry
 from ._runtime import cancelled, runtime
 from ._workflow import Workflow, durable
@@ -58,6 +62,7 @@ __all__ = [
     "enqueue",
     "fail_unstarted",
     "get_job",
+    "progress",
     "run",
     "runtime",
     "send_time",

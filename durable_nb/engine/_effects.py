@@ -22,6 +22,7 @@ from .. import _codecs, _hashing
 from ..errors import ArgumentError, ArgumentTypeError
 from ..store import EffectRecord
 from ._limits import Limiter, check_limit, limiter
+from ._progress import current_step
 from ._retry import (
     Attempts,
     Retry,
@@ -241,6 +242,7 @@ class EffectFunction(Generic[P, R]):
         kwargs: dict[str, Any],
     ) -> R:
         att = Attempts(scope, key4, seq, self.identity, self.retry, self.timeout)
+        in_run = scope if isinstance(scope, RunState) else None
         t0 = time.perf_counter()
         if scope.listeners:  # the argument preview only for a live widget
             scope.note_start(key4, seq, preview_args(args, kwargs))
@@ -252,6 +254,8 @@ class EffectFunction(Generic[P, R]):
             limit = att.limit()
             if self.limiter is not None:  # each attempt is a request the API sees
                 self.limiter.acquire_sync()
+            # dn.progress inside the function reports to this step's row
+            here = current_step.set((in_run, seq, self.identity)) if in_run is not None else None
             try:
                 if limit is not None:  # in a worker thread, with a cancel scope of its own
                     attempt = CancelScope(cancel_scope.get())
@@ -272,6 +276,8 @@ class EffectFunction(Generic[P, R]):
                     raise
                 raise err from e
             finally:
+                if here is not None:
+                    current_step.reset(here)
                 if self.limiter is not None:
                     self.limiter.release()
         rec, _ = self._make_record(scope, key4, seq, result, False, att.first, t0, args, kwargs)
@@ -294,6 +300,7 @@ class EffectFunction(Generic[P, R]):
         att = Attempts(
             scope, key4, seq, self.identity, retry or self.retry, timeout or self.timeout
         )
+        in_run = scope if isinstance(scope, RunState) else None
         t0 = time.perf_counter()
         if scope.listeners:  # the argument preview only for a live widget
             scope.note_start(key4, seq, preview_args(args, kwargs))
@@ -311,6 +318,11 @@ class EffectFunction(Generic[P, R]):
                 attempt = token = None
                 if self.limiter is not None:  # each attempt is a request the API sees
                     await self.limiter.acquire()
+                # dn.progress inside the function reports to this step's row (a worker
+                # thread copies the context when the attempt starts)
+                here = (
+                    current_step.set((in_run, seq, self.identity)) if in_run is not None else None
+                )
                 if in_thread or limit is not None:
                     attempt = CancelScope(cancel_scope.get())
                     token = cancel_scope.set(attempt)
@@ -344,6 +356,8 @@ class EffectFunction(Generic[P, R]):
                 finally:
                     if token is not None:
                         cancel_scope.reset(token)
+                    if here is not None:
+                        current_step.reset(here)
                     if self.limiter is not None:
                         self.limiter.release()
             rec, _ = self._make_record(scope, key4, seq, result, False, att.first, t0, args, kwargs)

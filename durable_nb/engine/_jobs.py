@@ -98,6 +98,13 @@ class Job(Generic[R]):
     def done(self) -> bool:
         return self._future.done()
 
+    def add_done_callback(self, fn: Callable[[Job[R]], None]) -> None:
+        """Call ``fn(job)`` once the run ends here (at once if it has): on the thread that
+        ends it, so keep it quick; ``job.result()`` no longer blocks there."""
+        if not callable(fn):
+            raise ArgumentTypeError(f"fn must be callable, got {fn!r}")
+        self._future.add_done_callback(lambda _f: fn(self))
+
     def subscribe(self, listener: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
         """Call ``listener(message)`` for each step, status change and event of this run
         while it executes in this process (on the run's loop; keep it quick). Returns a

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import contextvars
 import json
+import threading
 import time
 import uuid as _uuid
 import warnings
@@ -25,6 +26,7 @@ from .._journal import (
     AUX_KINDS,
     CANCEL_SIGNAL,
     RETRY_PREFIX,
+    USAGE_PREFIX,
     EventKind,
     LiveKind,
     RecordKind,
@@ -32,6 +34,7 @@ from .._journal import (
     RunStatus,
     detail_text,
     iso_time,
+    read_detail,
     run_scope,
     signal_id_of,
 )
@@ -122,6 +125,10 @@ class RunState:
         self.inbox: list[SignalRecord] = [s for s in signals if s.signal_id not in consumed]
         self.seen_signals = {s.signal_id for s in signals}
         self.wakeup = asyncio.Event()
+        # the loop the run executes on, and its thread: progress reported from an effect's
+        # worker thread reaches the listeners there
+        self.loop = asyncio.get_running_loop()
+        self.loop_thread = threading.current_thread()
         self.inbox_token = inbox_token
         self.last_poll = time.monotonic()
         self.cancel_reason: str | None = None
@@ -154,18 +161,28 @@ class RunState:
                     self.listeners.remove(fn)
 
     def _emit_step(self, rec: EffectRecord, state: str) -> None:
-        self.emit(
-            "step",
-            {
-                "seq": rec.seq,
-                "step": rec.kind,
-                "name": rec.identity,
-                "state": state,
-                "duration": rec.duration,
-                "args": rec.detail,
-                "error": rec.is_error,
-            },
-        )
+        data: dict[str, Any] = {
+            "seq": rec.seq,
+            "step": rec.kind,
+            "name": rec.identity,
+            "state": state,
+            "duration": rec.duration,
+            "args": rec.detail,
+            "error": rec.is_error,
+        }
+        usage = self.index.get((USAGE_PREFIX + rec.identity, *self._key_rest(rec)))
+        if usage is not None:  # what the LLM call used, as the trace says it (trace.Tokens)
+            d = read_detail(usage.detail)
+            data["tokens"] = {
+                "prompt": d.get("prompt_tokens", 0),
+                "completion": d.get("completion_tokens", 0),
+                "model": d.get("model", ""),
+            }
+        self.emit("step", data)
+
+    @staticmethod
+    def _key_rest(rec: EffectRecord) -> tuple[str, str, int]:
+        return (rec.version, rec.input_hash, rec.occurrence)
 
     # scope interface -------------------------------------------------------------
     def next_occurrence(self, identity: str, input_hash: str) -> int:
@@ -301,6 +318,8 @@ class RunState:
     def record(self, rec: EffectRecord, *also: EffectRecord) -> None:
         """Record a step (with its bookkeeping records ``also``, in the same write)."""
         runtime.store.put_effects([rec, *also])
+        for r in also:
+            self.index[(r.identity, r.version, r.input_hash, r.occurrence)] = r
         self._recorded(rec)
 
     def record_together(self, rec: EffectRecord, others: list[EffectRecord]) -> None:
@@ -331,6 +350,9 @@ class RunState:
                 if not w.done():
                     w.set_exception(e)
             return
+        for rec in batch:  # bookkeeping first: a step's listeners read its usage record
+            if rec.kind in AUX_KINDS:
+                self.index[(rec.identity, rec.version, rec.input_hash, rec.occurrence)] = rec
         for rec in batch:
             if rec.kind not in AUX_KINDS:
                 self._recorded(rec)

@@ -432,7 +432,7 @@ class DurableMagics(Magics):
         if args.background:
             job = start_run(wf, (), {}, run_id=run_id, restart=args.restart)
             if widget is not None:  # the task has not begun: the widget sees every step
-                widget.attach(job)
+                widget.attach(job, show_result=True)  # and its value when it completes
             return job
         try:
             if widget is None:

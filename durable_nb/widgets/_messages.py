@@ -48,6 +48,10 @@ class StepRow(TypedDict):
     duration: float  # seconds (0 while running or waiting)
     args: str  # the recorded argument preview (short JSON text), "" if none
     error: str  # "Type('message')" of a failed step, "" otherwise
+    started: float  # epoch seconds a running step started (its elapsed time ticks); 0 else
+    progress: str  # how far a running effect got (dn.progress): "37/100 pages", "" if unknown
+    prompt_tokens: int  # what an LLM call's result reported it used (0 when it says nothing)
+    completion_tokens: int
 
 
 class RunInfo(TypedDict):
@@ -62,6 +66,7 @@ class RunInfo(TypedDict):
     can_cancel: bool
     can_resume: bool
     error: str  # the run's error, "" unless it failed
+    result: str  # a completed run's value followed in this kernel (short repr), "" otherwise
 
 
 class Totals(TypedDict):
@@ -71,6 +76,9 @@ class Totals(TypedDict):
     failed: int
     running: int
     saved_seconds: float  # what the replayed steps took when they executed
+    prompt_tokens: int  # spent by the recorded LLM calls (each once, replays add nothing)
+    completion_tokens: int
+    tokens_saved: int  # prompt+completion tokens of the replayed steps
 
 
 class Waiting(TypedDict):

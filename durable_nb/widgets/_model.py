@@ -9,9 +9,9 @@ little per step; the widget decides when to ship the changes.
 from __future__ import annotations
 
 import json
-from typing import Any, cast
+from typing import Any, TypedDict, cast
 
-from .._journal import EXECUTION_EVENTS, FINAL_STATUSES
+from .._journal import EXECUTION_EVENTS, FINAL_STATUSES, HIDDEN_KINDS
 from ..trace import step_label, waiting_of
 from ._messages import RunInfo, StepRow, StepState, Totals, Waiting
 
@@ -47,6 +47,21 @@ def waits_of(status: str, detail: object) -> list[Waiting]:
     ]
 
 
+class _Tokens(TypedDict):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def _tokens_of(tokens: object) -> _Tokens:
+    """A trace step's or a live step message's ``tokens`` as a row's fields."""
+    if not isinstance(tokens, dict):
+        return {"prompt_tokens": 0, "completion_tokens": 0}
+    return {
+        "prompt_tokens": int(tokens.get("prompt", 0) or 0),
+        "completion_tokens": int(tokens.get("completion", 0) or 0),
+    }
+
+
 def _detail_text(status: str, waiting: list[Waiting], error: str) -> str:
     if waiting:
         return "; ".join(
@@ -77,6 +92,7 @@ class TraceModel:
         self._full = True
         self._counts: dict[str, int] = dict.fromkeys(_STATES, 0)
         self._saved = 0.0
+        self._tokens = [0, 0, 0]  # prompt, completion spent; prompt+completion replayed
         self.waiting: list[Waiting] = []
         self.run: RunInfo = {
             "run_id": run_id,
@@ -88,6 +104,7 @@ class TraceModel:
             "can_cancel": False,
             "can_resume": False,
             "error": "",
+            "result": "",
         }
 
     # rows ---------------------------------------------------------------------------------
@@ -100,12 +117,19 @@ class TraceModel:
         self._dirty.clear()
         self._counts = dict.fromkeys(_STATES, 0)
         self._saved = 0.0
+        self._tokens = [0, 0, 0]
         self._full = True
 
     def _count(self, row: StepRow, sign: int) -> None:
         self._counts[row["state"]] += sign
         if row["state"] == "replayed":
             self._saved += sign * row["duration"]
+        p, c = row["prompt_tokens"], row["completion_tokens"]
+        if p or c:
+            self._tokens[0] += sign * p
+            self._tokens[1] += sign * c
+            if row["state"] == "replayed":
+                self._tokens[2] += sign * (p + c)
 
     def _put(self, key: _Key, row: StepRow) -> int:
         i = self._index.get(key)
@@ -142,6 +166,10 @@ class TraceModel:
             "duration": 0.0,
             "args": json.dumps({"name": name}),
             "error": "",
+            "started": 0.0,
+            "progress": "",
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
         }
         self._waits[name] = self._put(("wait", name), row)
 
@@ -161,6 +189,8 @@ class TraceModel:
         self._reset()
         for s in trace.get("steps", []):
             state = s.get("state")
+            if s.get("kind") in HIDDEN_KINDS:
+                continue
             row: StepRow = {
                 "seq": int(s.get("seq", -1)),
                 "kind": str(s.get("kind", "effect")),
@@ -170,6 +200,9 @@ class TraceModel:
                 "duration": float(s.get("duration") or 0.0),
                 "args": str(s.get("args") or ""),
                 "error": str(s.get("error") or ""),
+                "started": 0.0,
+                "progress": "",
+                **_tokens_of(s.get("tokens")),
             }
             i = self._put((row["seq"], row["name"]), row)
             if row["kind"] == "sleep":
@@ -193,6 +226,10 @@ class TraceModel:
         kind = msg.get("kind")
         if kind == "step":
             self._step(msg)
+        elif kind == "progress":
+            self._progress(msg)
+        elif kind == "result":  # the widget's own message: the run's value, when it completed
+            self.set_result(str(msg.get("text", "")))
         elif kind == "status":
             self._set_status(str(msg.get("status")), msg.get("detail") or {}, live=True)
             self._show_waits()
@@ -200,8 +237,21 @@ class TraceModel:
         elif kind == "event":
             self._event(str(msg.get("event")), msg.get("data") or {})
 
+    def _progress(self, m: dict[str, Any]) -> None:
+        """How far an executing effect got: shown on its row while it runs, and after."""
+        i = self._index.get((int(m.get("seq", -1)), str(m.get("name", ""))))
+        if i is None:
+            return
+        done, total, desc = m.get("done", 0), m.get("total"), str(m.get("desc") or "")
+        text = f"{done}/{total}" if total is not None else f"{done}"
+        row = self.rows[i]
+        self.rows[i] = {**row, "progress": f"{text} {desc}".strip()}
+        self._dirty[i] = None
+
     def _step(self, m: dict[str, Any]) -> None:
         kind = str(m.get("step") or "effect")
+        if kind in HIDDEN_KINDS:
+            return
         name = str(m.get("name", ""))
         seq = int(m.get("seq", -1))
         args = m.get("args") or ""
@@ -219,6 +269,9 @@ class TraceModel:
             "duration": float(m.get("duration") or 0.0),
             "args": str(args),
             "error": error,
+            "started": float(m.get("ts") or 0.0) if state == "running" else 0.0,
+            "progress": "",
+            **_tokens_of(m.get("tokens")),
         }
         key: _Key = (seq, name)
         if kind == "signal" and key not in self._index:
@@ -227,6 +280,9 @@ class TraceModel:
             if i is not None:  # the open wait becomes the received signal
                 del self._index[("wait", str(signal_name))]
                 self._index[key] = i
+        old = self._index.get(key)
+        if old is not None and self.rows[old]["progress"]:
+            row["progress"] = self.rows[old]["progress"]  # its final progress stays shown
         i = self._put(key, row)
         if kind == "sleep":
             self._last_sleep = i
@@ -306,7 +362,14 @@ class TraceModel:
             "failed": c["failed"],
             "running": c["running"] + c["waiting"],
             "saved_seconds": round(self._saved, 6),
+            "prompt_tokens": self._tokens[0],
+            "completion_tokens": self._tokens[1],
+            "tokens_saved": self._tokens[2],
         }
+
+    def set_result(self, text: str) -> None:
+        """A completed run's value, as the widget shows it under the header."""
+        self.run["result"] = text
 
     def take_patch(self) -> tuple[bool, list[tuple[int, StepRow]]]:
         """``(full, updates)`` since the last call; ``rev`` moves on when anything changed.

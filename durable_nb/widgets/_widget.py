@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import reprlib
 import threading
 import time
 from pathlib import Path
@@ -44,6 +45,10 @@ __all__ = ["BUNDLE", "TraceWidget"]
 #: the front-end, built from extension/widget by `npm run build` (the wheel build runs it)
 BUNDLE = Path(__file__).resolve().parent.parent / "static" / "trace_widget.js"
 _bundle_cache: tuple[float, str] | None = None
+
+
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = 200
 
 
 def _bundle() -> str:
@@ -177,8 +182,10 @@ class TraceWidget(anywidget.AnyWidget):
         return f"TraceWidget({self.run_id!r})"
 
     # following a job ------------------------------------------------------------------------
-    def attach(self, job: Job[Any]) -> None:
-        """Follow ``job`` (a run of this kernel) live from now on."""
+    def attach(self, job: Job[Any], *, show_result: bool = False) -> None:
+        """Follow ``job`` (a run of this kernel) live from now on; with ``show_result`` its
+        value shows under the header when it completes (a ``%%durable --background`` cell
+        returned before it existed)."""
         if not isinstance(job, Job):
             raise ArgumentTypeError(f"job must be a durable_nb Job, got {job!r}")
         if job.run_id != self.run_id:
@@ -198,7 +205,16 @@ class TraceWidget(anywidget.AnyWidget):
                 self._model.run["live"] = True
                 self._model.apply({"kind": "status", "status": status, "detail": {}})
             self._unsubscribe = job.subscribe(self._on_message)
+        if show_result:
+            job.add_done_callback(self._on_done)
         self.flush()
+
+    def _on_done(self, job: Job[Any]) -> None:
+        try:
+            value = job.result()
+        except BaseException:  # a failed or cancelled run shows its status, not a value
+            return
+        self._on_message({"kind": "result", "text": _short.repr(value)})
 
     def close(self) -> None:
         unsubscribe = getattr(self, "_unsubscribe", None)  # None: __init__ refused its arguments

@@ -12,6 +12,10 @@ export type StepRow = {
   duration: number;
   args: string;
   error: string;
+  started: number;
+  progress: string;
+  prompt_tokens: number;
+  completion_tokens: number;
 };
 
 export type RunInfo = {
@@ -24,6 +28,7 @@ export type RunInfo = {
   can_cancel: boolean;
   can_resume: boolean;
   error: string;
+  result: string;
 };
 
 export type Totals = {
@@ -33,6 +38,9 @@ export type Totals = {
   failed: number;
   running: number;
   saved_seconds: number;
+  prompt_tokens: number;
+  completion_tokens: number;
+  tokens_saved: number;
 };
 
 export type Waiting = {

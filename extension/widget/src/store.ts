@@ -97,3 +97,32 @@ export function checkPayload(text: string): string | null {
     return `not JSON (${(e as Error).message}); quote text: "yes", or use true, 42, {"ok": true}`;
   }
 }
+
+/** The numbers a person sees: each row with a step (seq >= 0) numbered 0, 1, 2... in seq
+ * order, without the gaps that engine bookkeeping leaves in seq; the same numbers as
+ * `durable-nb trace` (trace.py's `step`). Keyed by "seq:name". */
+export function stepNumbers(rows: StepRow[]): Map<string, number> {
+  const keyed: [number, number, string][] = [];
+  rows.forEach((r, i) => {
+    if (r.seq >= 0) keyed.push([r.seq, i, `${r.seq}:${r.name}`]);
+  });
+  keyed.sort((a, b) => a[0] - b[0] || a[1] - b[1]);
+  const out = new Map<string, number>();
+  keyed.forEach(([, , key], n) => out.set(key, n));
+  return out;
+}
+
+/** What the duration cell of a row says: a running step's elapsed time, ticking (`nowSeconds`
+ * is the epoch time now); a waiting one's "…"; a finished one's duration. */
+export function durationText(row: StepRow, nowSeconds: number): string {
+  if (row.state === "running") {
+    return row.started > 0 ? formatDuration(Math.max(0, nowSeconds - row.started)) : "…";
+  }
+  if (row.state === "waiting") return "…";
+  return formatDuration(row.duration);
+}
+
+/** "120+35 tokens" for an LLM call that reported its usage, "" otherwise. */
+export function tokensText(prompt: number, completion: number): string {
+  return prompt || completion ? `${prompt.toLocaleString()}+${completion.toLocaleString()} tokens` : "";
+}

@@ -11,7 +11,17 @@ import type {
   Waiting,
   WidgetState,
 } from "./messages";
-import { type Item, type RowStore, checkPayload, foldRows, formatDuration, visibleRange } from "./store";
+import {
+  type Item,
+  type RowStore,
+  checkPayload,
+  durationText,
+  foldRows,
+  formatDuration,
+  stepNumbers,
+  tokensText,
+  visibleRange,
+} from "./store";
 
 export const LINE = 22; // px per timeline line (matches .dn-row's height)
 
@@ -54,6 +64,9 @@ export class TraceView {
   private actionsKey = "";
   private readonly payloads = new Map<string, string>();
   private frame = 0;
+  private ticker = 0; // repaints once a second while a step runs: its elapsed time ticks
+  private numbers = new Map<string, number>();
+  private numbered = -1; // the store revision `numbers` was made for
   private follow = true;
   private readonly onChange = (): void => this.schedule();
 
@@ -80,6 +93,7 @@ export class TraceView {
     this.shared.views.delete(this.onChange);
     for (const key of ["run", "totals", "waiting"] as const) this.model.off(`change:${key}`, this.onChange);
     if (this.frame) cancelAnimationFrame(this.frame);
+    if (this.ticker) clearInterval(this.ticker);
   }
 
   private schedule(): void {
@@ -107,13 +121,18 @@ export class TraceView {
       badge(run.status),
       h("span", { class: "dn-detail-text" }, run.detail),
     );
+    if (run.result) this.head.append(h("span", { class: "dn-result", title: "the run's value" }, `→ ${run.result}`));
     this.root.dataset.status = run.status;
     if (totals) {
       this.totals.textContent =
         `${totals.steps} steps · ${totals.executed} executed · ${totals.replayed} replayed · ` +
         `${totals.failed} failed` +
         (totals.running ? ` · ${totals.running} in progress` : "") +
-        ` · saved ${formatDuration(totals.saved_seconds)}`;
+        ` · saved ${formatDuration(totals.saved_seconds)}` +
+        (totals.prompt_tokens || totals.completion_tokens
+          ? ` · ${tokensText(totals.prompt_tokens, totals.completion_tokens)} spent` +
+            (totals.tokens_saved ? `, ${totals.tokens_saved.toLocaleString()} saved by replay` : "")
+          : "");
     }
   }
 
@@ -164,6 +183,16 @@ export class TraceView {
 
   private renderTimeline(run: RunInfo | undefined): void {
     const rows = this.shared.store.rows;
+    if (this.numbered !== this.shared.store.rev) {
+      this.numbers = stepNumbers(rows);
+      this.numbered = this.shared.store.rev;
+    }
+    const running = rows.some((r) => r.state === "running" && r.started > 0);
+    if (running && !this.ticker) this.ticker = window.setInterval(() => this.schedule(), 1000);
+    else if (!running && this.ticker) {
+      clearInterval(this.ticker);
+      this.ticker = 0;
+    }
     this.items = foldRows(rows, this.shared.expanded);
     const total = this.items.length * LINE;
     this.spacer.style.height = `${total}px`;
@@ -207,17 +236,22 @@ export class TraceView {
     e.setAttribute("aria-selected", String(this.shared.selected === key));
     e.title = r.name;
     const label = h("span", { class: "dn-label" });
-    label.append(h("code", {}, r.label), h("span", { class: "dn-args" }, (r.error || r.args).slice(0, 200)));
+    label.append(h("code", {}, r.label));
+    if (r.progress) label.append(h("span", { class: "dn-progress" }, r.progress));
+    const tokens = tokensText(r.prompt_tokens, r.completion_tokens);
+    if (tokens) label.append(h("span", { class: "dn-tokens" }, tokens));
+    label.append(h("span", { class: "dn-args" }, (r.error || r.args).slice(0, 200)));
+    const number = this.numbers.get(key);
     const bar = h("div", { class: "dn-bar" });
     bar.style.width = longest > 0 ? `${Math.max(1, (100 * r.duration) / longest)}%` : "1px";
     const barCell = h("span");
     barCell.append(bar);
     e.append(
-      h("span", { class: "dn-seq" }, r.seq >= 0 ? String(r.seq) : ""),
+      h("span", { class: "dn-seq" }, number !== undefined ? String(number) : ""),
       badge(r.state),
       label,
       barCell,
-      h("span", { class: "dn-dur" }, r.state === "running" || r.state === "waiting" ? "…" : formatDuration(r.duration)),
+      h("span", { class: "dn-dur" }, durationText(r, Date.now() / 1000)),
     );
     e.addEventListener("click", () => {
       this.shared.selected = key;
@@ -243,7 +277,8 @@ export class TraceView {
       this.detail.replaceChildren();
       return;
     }
-    const parts: HTMLElement[] = [h("h4", {}, `step ${d.seq >= 0 ? d.seq : ""} · ${d.label}`)];
+    const number = this.numbers.get(`${d.seq}:${d.name}`);
+    const parts: HTMLElement[] = [h("h4", {}, `step ${number ?? ""} · ${d.label}`)];
     if (d.why) parts.push(h("h4", {}, "why"), h("p", { class: "dn-why" }, d.why));
     if (d.args) parts.push(h("h4", {}, "inputs"), h("pre", {}, d.args));
     if (d.output_html) {

@@ -1,9 +1,32 @@
 import { describe, expect, it } from "vitest";
 import type { StepRow, StepState } from "../src/messages";
-import { FOLD_AT, RowStore, checkPayload, foldRows, formatDuration, visibleRange } from "../src/store";
+import {
+  FOLD_AT,
+  RowStore,
+  checkPayload,
+  durationText,
+  foldRows,
+  formatDuration,
+  stepNumbers,
+  tokensText,
+  visibleRange,
+} from "../src/store";
 
 function row(seq: number, state: StepState = "executed", duration = 0.001): StepRow {
-  return { seq, kind: "effect", name: `m.f${seq}`, label: `f${seq}`, state, duration, args: "()", error: "" };
+  return {
+    seq,
+    kind: "effect",
+    name: `m.f${seq}`,
+    label: `f${seq}`,
+    state,
+    duration,
+    args: "()",
+    error: "",
+    started: 0,
+    progress: "",
+    prompt_tokens: 0,
+    completion_tokens: 0,
+  };
 }
 
 describe("RowStore", () => {
@@ -84,5 +107,28 @@ describe("formatting and payloads", () => {
     expect(checkPayload("")).toBeNull();
     expect(checkPayload(' {"ok": true} ')).toBeNull();
     expect(checkPayload("yes")).toMatch(/^not JSON \(.*\); quote text/);
+  });
+});
+
+describe("what a row shows", () => {
+  it("numbers steps without the gaps bookkeeping leaves in seq, in seq order", () => {
+    const rows = [row(3), row(0), row(1), { ...row(-1, "waiting"), name: "dn.signal" }];
+    const n = stepNumbers(rows);
+    expect([n.get("0:m.f0"), n.get("1:m.f1"), n.get("3:m.f3")]).toEqual([0, 1, 2]);
+    expect(n.has("-1:dn.signal")).toBe(false);
+  });
+
+  it("ticks a running step's elapsed time and keeps a finished one's duration", () => {
+    const running = { ...row(0, "running"), started: 1000 };
+    expect(durationText(running, 1003)).toBe("3.00 s");
+    expect(durationText(running, 1006)).toBe("6.00 s");
+    expect(durationText(row(1, "running"), 1006)).toBe("…"); // no start known
+    expect(durationText(row(2, "waiting"), 1006)).toBe("…");
+    expect(durationText(row(3, "executed", 12), 1006)).toBe("12.0 s");
+  });
+
+  it("shows tokens only when a call reported them", () => {
+    expect(tokensText(0, 0)).toBe("");
+    expect(tokensText(1200, 35)).toBe(`${(1200).toLocaleString()}+35 tokens`);
   });
 });
