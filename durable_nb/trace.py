@@ -46,6 +46,7 @@ __all__ = [
     "run_info",
     "run_summary",
     "run_trace",
+    "shown_detail",
     "step_label",
     "token_totals",
     "waiting_of",
@@ -452,6 +453,18 @@ def _tokens_total(totals: Mapping[str, Any]) -> str:
     if saved and (saved["prompt"] or saved["completion"]):
         text += f", {saved['prompt']} + {saved['completion']} saved by replay"
     return text
+
+
+def shown_detail(kind: str, detail: str) -> str:
+    """A step's stored detail as a person is shown it (the widget's rows and detail panel):
+    an effect's argument preview as is; an engine step's JSON detail without the internal
+    ids (``signal_id``) that say nothing to a reader."""
+    if kind == "effect":
+        return detail
+    d = read_detail(detail)
+    if not d or not any(k in d for k in _NOISE):
+        return detail
+    return json.dumps({k: v for k, v in d.items() if k not in _NOISE})
 
 
 def _waits(waiting: list[dict[str, Any]]) -> str:

@@ -3,7 +3,10 @@ Debian's chromium (Playwright cannot download its own browsers here).
 
 Opens ``notebooks/approval.ipynb``, runs it, sees the timeline render with the right step
 states, clicks the approval button, sees the run complete and the timeline update; then
-restarts the kernel, runs it again and sees every step replayed. Screenshots go to
+restarts the kernel, runs it again and sees every step replayed. A second notebook runs a
+long effect that reports progress: its elapsed time ticks and its progress advances, a timed
+signal wait shows no deadline row, step numbers have no gaps, and the ``--background``
+cell's value shows when the run completes. Screenshots go to
 ``tests/artifacts/`` (git-ignored; CI keeps them as artifacts).
 
 Skipped when chromium is missing, except under ``CI=true``, where that is a failure.
@@ -71,6 +74,7 @@ def lab(tmp_path: Path) -> Iterator[dict[str, Any]]:
     root = tmp_path / "lab"
     root.mkdir()
     shutil.copy(ROOT / "notebooks" / "approval.ipynb", root / "approval.ipynb")
+    _progress_notebook(root / "progress.ipynb")
     port, token = _free_port(), secrets.token_hex(16)
     env = {k: v for k, v in os.environ.items() if k not in ("DURABLE_NB_STORE", "JPY_SESSION_NAME")}
     for var, sub in [
@@ -124,6 +128,40 @@ def lab(tmp_path: Path) -> Iterator[dict[str, Any]]:
             server.kill()
             server.wait()
         log.close()
+
+
+PROGRESS_CELLS = [
+    "%load_ext durable_nb",
+    "import time\n"
+    "import durable_nb as dn\n\n\n"
+    "def slow(n: int) -> int:\n"
+    "    pages = 0\n"
+    "    for _ in dn.progress(range(n), desc='pages'):\n"
+    "        time.sleep(0.5)  # a slow page\n"
+    "        pages += 1\n"
+    "    return pages\n\n\n"
+    "def publish(pages: int, who: object) -> str:\n"
+    "    return f'{pages} pages, approved by {who}'",
+    "%%durable slow --background\n"
+    "pages = await ctx.run(slow, 12)\n"
+    "who = await ctx.wait_signal('approve', timeout=3600)\n"
+    "await ctx.run(publish, pages, who)",
+]
+
+
+def _progress_notebook(path: Path) -> None:
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell(src, id=f"progress-{i}") for i, src in enumerate(PROGRESS_CELLS)
+    ]
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    nbformat.write(nb, str(path))
 
 
 def _shot(page: Any, name: str) -> None:
@@ -228,5 +266,76 @@ def test_approval_notebook_in_jupyterlab(lab: dict[str, Any]) -> None:
             why = page.inner_text(".dn-trace .dn-detail .dn-why")
             assert why.startswith("replayed: recorded at ") and "nothing in its key changed" in why
             _shot(page, "3-replayed")
+        finally:
+            browser.close()
+
+
+def test_progress_ticks_and_the_timeline_is_clean_in_jupyterlab(lab: dict[str, Any]) -> None:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"]
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(f"{lab['base']}/lab/tree/progress.ipynb?token={lab['token']}")
+            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=TIMEOUT_MS)
+            _wait_idle(page)
+            _run_all(page)
+
+            # the 6-second effect runs: its progress advances and its elapsed time ticks
+            running = '.dn-trace .dn-row[data-state="running"]'
+            page.wait_for_selector(f"{running} .dn-progress")
+            first_progress = page.inner_text(f"{running} .dn-progress")
+            first_elapsed = page.inner_text(f"{running} .dn-dur")
+            assert first_progress.endswith("/12 pages"), first_progress
+            page.wait_for_function(
+                "([sel, before]) => { const e = document.querySelector(sel);"
+                " return e && e.textContent !== before; }",
+                arg=[f"{running} .dn-dur", first_elapsed],
+            )
+            page.wait_for_function(
+                "([sel, before]) => { const e = document.querySelector(sel);"
+                " return e && e.textContent !== before; }",
+                arg=[f"{running} .dn-progress", first_progress],
+            )
+            assert page.inner_text(f"{running} .dn-dur") != "…"
+            _shot(page, "4-progress")
+
+            # the effect finished: its final progress stays, nothing spins; the timed wait
+            # shows as the wait, without a "deadline" row
+            page.wait_for_selector('.dn-trace[data-status="waiting"]')
+            page.wait_for_selector('.dn-trace .dn-row[data-state="executed"] .dn-progress')
+            assert (
+                page.inner_text('.dn-trace .dn-row[data-state="executed"] .dn-progress')
+                == "12/12 pages"
+            )
+            kinds = page.eval_on_selector_all(
+                ".dn-trace .dn-row[data-kind]", "rows => rows.map(r => r.dataset.kind)"
+            )
+            assert "deadline" not in kinds
+            page.fill('.dn-trace input[data-payload="approve"]', '"alice"')
+            page.click('.dn-trace button[data-signal="approve"]')
+            page.wait_for_selector('.dn-trace[data-status="completed"]')
+
+            # contiguous numbers (the deadline took a seq of its own), and the cell's value
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('.dn-trace .dn-row[data-state]')]"
+                ".map(r => r.dataset.state).join() === 'executed,executed,executed'"
+            )
+            numbers = page.eval_on_selector_all(
+                ".dn-trace .dn-row .dn-seq", "c => c.map(e => e.textContent)"
+            )
+            assert numbers == ["0", "1", "2"]
+            assert "signal_id" not in page.inner_text(".dn-trace .dn-timeline")
+            page.click('.dn-trace .dn-row[data-kind="signal"]')
+            page.wait_for_selector(".dn-trace .dn-detail .dn-why")
+            assert "signal_id" not in page.inner_text(".dn-trace .dn-detail")
+            assert page.inner_text(".dn-trace .dn-detail h4").startswith("step 1 · ")
+            page.wait_for_selector(".dn-trace .dn-result")
+            assert page.inner_text(".dn-trace .dn-result") == "→ '12 pages, approved by alice'"
+            _shot(page, "5-progress-completed")
         finally:
             browser.close()

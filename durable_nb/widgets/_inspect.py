@@ -12,6 +12,7 @@ from typing import Any
 from .. import _codecs, _explain
 from .._journal import run_scope
 from ..store import EffectRecord, Store
+from ..trace import shown_detail
 from ._messages import DetailMessage
 
 __all__ = ["step_detail"]
@@ -98,7 +99,7 @@ def step_detail(
             tb = _run_error(store, run_id)
             msg["error"] = f"{error}\n\n{tb}" if tb else error
         return msg
-    msg["args"] = rec.detail
+    msg["args"] = shown_detail(rec.kind, rec.detail)
     if state in ("executed", "replayed", "failed"):
         msg["why"] = _explain.step_why(records, rec, replayed=state == "replayed")
     if rec.is_error:

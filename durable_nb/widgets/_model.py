@@ -12,7 +12,7 @@ import json
 from typing import Any, TypedDict, cast
 
 from .._journal import EXECUTION_EVENTS, FINAL_STATUSES, HIDDEN_KINDS
-from ..trace import step_label, waiting_of
+from ..trace import shown_detail, step_label, waiting_of
 from ._messages import RunInfo, StepRow, StepState, Totals, Waiting
 
 __all__ = ["FINAL", "TraceModel", "label_of", "waits_of"]
@@ -198,7 +198,7 @@ class TraceModel:
                 "label": label_of(str(s.get("kind", "")), str(s.get("name", "")), s.get("args")),
                 "state": cast(StepState, state if state in _STATES else "executed"),
                 "duration": float(s.get("duration") or 0.0),
-                "args": str(s.get("args") or ""),
+                "args": shown_detail(str(s.get("kind", "")), str(s.get("args") or "")),
                 "error": str(s.get("error") or ""),
                 "started": 0.0,
                 "progress": "",
@@ -267,7 +267,7 @@ class TraceModel:
             "label": label_of(kind, name, str(args)),
             "state": state if state in _STATES else "executed",
             "duration": float(m.get("duration") or 0.0),
-            "args": str(args),
+            "args": shown_detail(kind, str(args)),
             "error": error,
             "started": float(m.get("ts") or 0.0) if state == "running" else 0.0,
             "progress": "",
