@@ -226,6 +226,35 @@ def test_cached_cells_replay_outputs_in_order_and_in_their_final_state(
     assert figure.data["image/png"] and "Figure" in figure.data["text/plain"]
 
 
+def test_dn_progress_in_a_cached_cell_is_a_bar_that_replays_in_its_final_state(
+    tmp_path: Path, kernel_env: Path
+) -> None:
+    """Outside a run dn.progress is a tqdm.auto bar; a replay shows its final text."""
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    nb = new_notebook(
+        cells=[
+            new_code_cell("%load_ext durable_nb"),
+            new_code_cell(
+                "%%effect\nimport durable_nb as dn\n"
+                "pages = [p for p in dn.progress(range(12), desc='pages')]\nlen(pages)"
+            ),
+        ],
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3"}},
+    )
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    first = execute(nb, workdir)
+    second = execute(nb, workdir)
+    assert any(WIDGET_VIEW in o.get("data", {}) for o in first.cells[1].outputs)  # a live bar
+    shown = [
+        o.data["text/plain"] for o in second.cells[1].outputs if o.output_type != "stream"
+    ]
+    assert shown[0] == AnyText(r"^pages: 100%\|█+\| 12/12 \[")  # the final state, no widget
+    assert shown[-1] == "12"
+    assert not any(WIDGET_VIEW in o.get("data", {}) for o in second.cells[1].outputs)
+
+
 class AnyText(str):
     """Equal to any string the pattern matches."""
 

@@ -1,0 +1,155 @@
+"""``dn.progress``: how far an executing effect got reaches the run's live listeners (from the
+loop or a worker thread), a replay reports nothing, and the widget's model shows it; the
+trace hides engine bookkeeping and numbers its steps without gaps."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+
+import durable_nb as dn
+from durable_nb import trace
+from durable_nb.errors import ArgumentError, ArgumentTypeError
+
+
+def _run_following(wf: dn.Workflow[..., int], run_id: str) -> tuple[int, list[Any], set[str]]:
+    """Run ``wf`` on this thread's own loop with a listener: its result, the progress
+    messages, and the threads they arrived on (besides the loop's own)."""
+    seen: list[tuple[dict[str, Any], str]] = []
+
+    async def go() -> tuple[int, str]:
+        job = dn.start(wf, run_id=run_id)
+        job.subscribe(lambda m: seen.append((m, threading.current_thread().name)))
+        result: int = await job.wait()
+        return result, threading.current_thread().name
+
+    result, loop_thread = asyncio.run(go())
+    progress = [m for m, _ in seen if m["kind"] == "progress"]
+    others = {t for m, t in seen if m["kind"] == "progress"} - {loop_thread}
+    return result, progress, others
+
+
+def test_progress_reaches_the_listeners_on_the_runs_loop_and_a_replay_reports_nothing() -> None:
+    def pages(n: int) -> int:  # a sync effect: ctx.run runs it in a worker thread
+        return sum(1 for _ in dn.progress(range(n), desc="pages"))
+
+    @dn.effect
+    async def chunks(n: int) -> int:
+        done = 0
+        for _ in dn.progress(iter(range(n)), total=n):
+            done += 1
+            await asyncio.sleep(0)
+        return done
+
+    @dn.durable
+    async def wf(ctx: dn.Context) -> int:
+        return await ctx.run(pages, 30) + await chunks(5)
+
+    result, progress, other_threads = _run_following(wf, "p")
+    assert result == 35
+    assert other_threads == set()  # the worker thread's reports reached the loop's thread
+    by_step: dict[int, list[Any]] = {}
+    for m in progress:
+        by_step.setdefault(m["seq"], []).append(m)
+    assert sorted(by_step) == [0, 1]
+    first, last = by_step[0][0], by_step[0][-1]
+    assert (first["done"], first["total"], first["desc"]) == (0, 30, "pages")
+    assert (last["done"], last["total"], last["desc"]) == (30, 30, "pages")
+    assert [m["done"] for m in by_step[0]] == sorted(m["done"] for m in by_step[0])
+    assert (by_step[1][-1]["done"], by_step[1][-1]["total"]) == (5, 5)
+
+    result, progress, _ = _run_following(wf, "p")
+    assert result == 35
+    assert progress == []  # replayed: nothing ran, nothing to report, nothing spins
+
+
+def test_progress_outside_a_run_passes_the_items_through() -> None:
+    assert list(dn.progress(["a", "b"])) == ["a", "b"]
+
+
+def test_progress_refuses_bad_arguments() -> None:
+    with pytest.raises(ArgumentTypeError, match=r"^progress needs an iterable .* got 5$"):
+        dn.progress(5)  # type: ignore[arg-type]
+    with pytest.raises(ArgumentError, match=r"^total must be an int >= 0 or None, got -1$"):
+        dn.progress([], total=-1)
+    with pytest.raises(ArgumentTypeError, match=r"^desc must be a str or None, got 3$"):
+        dn.progress([], desc=3)  # type: ignore[arg-type]
+
+
+def test_the_widget_model_shows_progress_and_keeps_the_final_state() -> None:
+    from durable_nb.widgets._model import TraceModel
+
+    m = TraceModel("r")
+    m.apply({"kind": "event", "event": "started", "data": {"execution": 1}})
+    m.apply(
+        {
+            "kind": "step",
+            "seq": 0,
+            "step": "effect",
+            "name": "m.slow",
+            "state": "running",
+            "args": "(12)",
+            "ts": 1000.0,
+        }
+    )
+    assert m.rows[0]["started"] == 1000.0 and m.rows[0]["progress"] == ""
+    m.apply(
+        {"kind": "progress", "seq": 0, "name": "m.slow", "done": 3, "total": 12, "desc": "pages"}
+    )
+    assert m.rows[0]["progress"] == "3/12 pages"
+    m.apply(
+        {
+            "kind": "step",
+            "seq": 0,
+            "step": "effect",
+            "name": "m.slow",
+            "state": "executed",
+            "args": "(12)",
+            "duration": 6.0,
+            "tokens": {"prompt": 10, "completion": 4, "model": "m"},
+        }
+    )
+    row = m.rows[0]
+    assert (row["state"], row["started"], row["progress"]) == ("executed", 0.0, "3/12 pages")
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (10, 4)
+    totals = m.totals()
+    assert (totals["prompt_tokens"], totals["completion_tokens"], totals["tokens_saved"]) == (
+        10,
+        4,
+        0,
+    )
+
+
+def test_the_trace_hides_deadlines_numbers_steps_without_gaps_and_shows_no_ids(
+    clock: dn.FakeClock,
+) -> None:
+    @dn.effect
+    def note(x: str) -> str:
+        return x
+
+    @dn.durable
+    async def wf(ctx: dn.Context) -> str:
+        note("a")
+        who = await ctx.wait_signal("approve", timeout=3600)
+        return note(str(who))
+
+    job = dn.start(wf, run_id="clean")
+    job.signal("approve", "bob")
+    assert job.result(timeout=30) == "bob"
+    t = trace.run_trace(dn.get_store(), "clean")
+    assert [s["kind"] for s in t["steps"]] == ["effect", "signal", "effect"]
+    assert [s["seq"] for s in t["steps"]] == [0, 1, 3]  # the deadline took seq 2
+    assert [s["step"] for s in t["steps"]] == [0, 1, 2]
+    text = trace.format_trace(t)
+    assert "deadline of" not in text and "signal_id" not in text
+    assert trace.shown_detail("signal", t["steps"][1]["args"]) == '{"name": "approve"}'
+
+    from durable_nb.widgets._model import TraceModel
+
+    m = TraceModel("clean")
+    m.load_trace(t)
+    assert [r["kind"] for r in m.rows] == ["effect", "signal", "effect"]
+    assert all("signal_id" not in r["args"] for r in m.rows)
