@@ -247,9 +247,7 @@ def test_dn_progress_in_a_cached_cell_is_a_bar_that_replays_in_its_final_state(
     first = execute(nb, workdir)
     second = execute(nb, workdir)
     assert any(WIDGET_VIEW in o.get("data", {}) for o in first.cells[1].outputs)  # a live bar
-    shown = [
-        o.data["text/plain"] for o in second.cells[1].outputs if o.output_type != "stream"
-    ]
+    shown = [o.data["text/plain"] for o in second.cells[1].outputs if o.output_type != "stream"]
     assert shown[0] == AnyText(r"^pages: 100%\|█+\| 12/12 \[")  # the final state, no widget
     assert shown[-1] == "12"
     assert not any(WIDGET_VIEW in o.get("data", {}) for o in second.cells[1].outputs)
