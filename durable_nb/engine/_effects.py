@@ -242,7 +242,8 @@ class EffectFunction(Generic[P, R]):
         kwargs: dict[str, Any],
     ) -> R:
         att = Attempts(scope, key4, seq, self.identity, self.retry, self.timeout)
-        in_run = scope if isinstance(scope, RunState) else None
+        # dn.progress reports only to a run's live listeners: without any, it needs no step
+        in_run = scope if isinstance(scope, RunState) and scope.listeners else None
         t0 = time.perf_counter()
         if scope.listeners:  # the argument preview only for a live widget
             scope.note_start(key4, seq, preview_args(args, kwargs))
@@ -300,7 +301,8 @@ class EffectFunction(Generic[P, R]):
         att = Attempts(
             scope, key4, seq, self.identity, retry or self.retry, timeout or self.timeout
         )
-        in_run = scope if isinstance(scope, RunState) else None
+        # dn.progress reports only to a run's live listeners: without any, it needs no step
+        in_run = scope if isinstance(scope, RunState) and scope.listeners else None
         t0 = time.perf_counter()
         if scope.listeners:  # the argument preview only for a live widget
             scope.note_start(key4, seq, preview_args(args, kwargs))

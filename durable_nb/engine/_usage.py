@@ -97,9 +97,14 @@ def usage_of(value: object) -> UsageDetail | None:
 _NONE_PAYLOAD: Any = None
 
 
+_PLAIN = frozenset({type(None), bool, int, float, str, bytes})
+
+
 def usage_records(rec: EffectRecord, value: object) -> tuple[EffectRecord, ...]:
     """The ``usage`` record to write with the effect record ``rec`` of result ``value``
     (same scope, key and step; the identity prefixed): one, or none when it reports none."""
+    if type(value) in _PLAIN:  # most effects: nothing to look at, on every recorded call
+        return ()
     usage = usage_of(value)
     if usage is None:
         return ()
