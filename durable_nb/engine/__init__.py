@@ -18,6 +18,8 @@ One concern per file, lowest first (a file imports only files above it in this l
 ``_log``         ``ctx.log``
 ``_context``     ``Context``: the workflow API
 ``_driver``      executing a run: ``start_run`` and the run's coroutine
+``_resume``      resuming a stopped run by its id: ``resume``
+``_fork``        forking a run from a step: ``fork``
 ``_api``         ``start`` and ``run``, here or queued for a worker
 """
 
@@ -28,9 +30,11 @@ from ._clock import Clock, FakeClock, SystemClock
 from ._context import Context
 from ._driver import call_of, fail_unstarted, start_run
 from ._effects import EffectFunction, effect
+from ._fork import fork
 from ._jobs import Job, cancel, enqueue, get_job, send_time, set_widget_factory, signal
 from ._kv import RunKV
 from ._log import RunLog
+from ._resume import resume
 from ._retry import Retry
 from ._runtime import cancelled, runtime
 from ._workflow import Workflow, durable
@@ -53,7 +57,9 @@ __all__ = [
     "effect",
     "enqueue",
     "fail_unstarted",
+    "fork",
     "get_job",
+    "resume",
     "run",
     "runtime",
     "send_time",

@@ -71,6 +71,13 @@ class Launcher(Protocol):
     ) -> Job[T]: ...
 
 
+class Resumer(Protocol):
+    """Resumes a stopped run by its id and returns its job: ``_resume.resume`` (see
+    :meth:`Job.resume <durable_nb.engine._jobs.Job.resume>`)."""
+
+    def __call__(self, run_id: str, *, on: str = "here") -> Job[Any]: ...
+
+
 def _no_driver(*args: Any, **kwargs: Any) -> NoReturn:
     raise DurableError(
         "the run driver (durable_nb.engine._driver) is not loaded; import durable_nb.engine "
@@ -273,6 +280,8 @@ class Runtime:
         self.shared = TopScope(SHARED_SCOPE, shared=True)
         #: starts a run here (``start_run(workflow, args, kwargs, run_id=..., ...)``)
         self.start_run: Launcher = _no_driver
+        #: resumes a stopped run by its id (``resume_run(run_id, on=...)``; ``_resume.py``)
+        self.resume_run: Resumer = _no_driver
         self.jobs: dict[str, Job[Any]] = {}
         self.jobs_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -110,6 +110,9 @@ class RunState:
         self.interrupts: list[InterruptBlock] = []  # active ``ctx.interrupt_on`` blocks
         self.children: set[str] = set()  # runs started by ctx.start_child
         self.kv: dict[str, str] = {}  # the run's key/value state as it replays: key -> JSON
+        # when each key was last set, as the run saw it (ctx.kv.prune's clock): the time its
+        # kv_set step was recorded, or the generation's start for keys it inherited
+        self.kv_times: dict[str, float] = {}
 
     # live observers (widgets) -----------------------------------------------------------
     def emit(self, kind: LiveKind, data: dict[str, Any]) -> None:

@@ -62,7 +62,7 @@ from ..errors import (
     StoreVersionError,
 )
 from ._protocol import (
-    FINAL_STATUSES,
+    CLAIMABLE_STATUSES,
     EffectKey,
     EffectRecord,
     EventRecord,
@@ -1214,9 +1214,9 @@ class DuckDBStore:
                 r[0]
                 for r in con.execute(
                     "SELECT run_id FROM dn_runs "
-                    "WHERE list_contains(?, workflow) AND NOT list_contains(?, status) "
+                    "WHERE list_contains(?, workflow) AND list_contains(?, status) "
                     "ORDER BY created_at, run_id",
-                    [wanted, list(FINAL_STATUSES)],
+                    [wanted, list(CLAIMABLE_STATUSES)],
                 ).fetchall()
             ]
         for run_id in ids:
@@ -1228,7 +1228,7 @@ class DuckDBStore:
                 continue
             # the holder we just missed may have finished (or forgotten) it before letting go
             run = self.get_run(run_id)
-            if run is None or run.status in FINAL_STATUSES or run.workflow not in wanted:
+            if run is None or run.status not in CLAIMABLE_STATUSES or run.workflow not in wanted:
                 lease.release()
                 continue
             return run, lease
