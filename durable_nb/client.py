@@ -44,6 +44,7 @@ from ._journal import (
 from .errors import (
     ArgumentError,
     ArgumentTypeError,
+    DurableError,
     ExportFormatError,
     PayloadIntegrityError,
     RunLockedError,
@@ -233,6 +234,36 @@ class Client:
         rec = self._get(run_id)
         return json.loads(rec.custom_status) if rec.custom_status else None
 
+    def wait_kv(self, run_id: str, key: str, *, timeout: float | None = None) -> Any:
+        """Block until run ``run_id`` holds ``key`` in its key/value state and return the
+        value (at once if it does). Reads the store a few times a second at first, then once
+        a second. Raises ``TimeoutError`` after ``timeout`` seconds, and
+        :class:`~durable_nb.errors.DurableError` when the run ended without the key."""
+        from .engine._kv import check_kv_key, kv_value
+        from .engine._retry import check_timeout
+
+        check_kv_key(key)
+        timeout = check_timeout(timeout)
+        self._get(run_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.05
+        while True:
+            found, value = kv_value(self.store, run_id, key)
+            if found:
+                return value
+            rec = self._get(run_id)
+            if rec.status in FINAL_STATUSES:
+                raise DurableError(
+                    f"run {run_id!r} ended ({rec.status}) without setting kv key {key!r}"
+                )
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"run {run_id!r} did not set kv key {key!r} within timeout={timeout:g}s"
+                )
+            left = 1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 1.0)
+
     def tree(self, run_id: str) -> dict[str, Any]:
         """The run and its child runs, nested: ``{run_id, workflow, status, parent_id,
         created_at, updated_at, children: [...]}``."""
@@ -339,6 +370,37 @@ class Client:
                 self.store.put_run(now)
         finally:
             lease.release()
+
+    def resume(self, run_id: str) -> dict[str, Any]:
+        """Queue a stopped run (cancelled, failed, interrupted) for a worker, which resumes it
+        from its history (``dn.resume(run_id, on="worker")``; a completed run stays as it is).
+        Returns the run as :meth:`run` does. Works on the engine's store."""
+        from .engine import resume
+
+        self._engine_store("resume")
+        resume(check_run_id(run_id), on="worker")
+        return self.run(run_id)
+
+    def fork(
+        self, run_id: str, from_step: int, *, new_id: str | None = None, signals: bool = True
+    ) -> dict[str, Any]:
+        """Fork run ``run_id`` from step ``from_step`` and queue the fork for a worker
+        (``dn.fork(..., on="worker")``); returns the fork as :meth:`run` does. Works on the
+        engine's store."""
+        from .engine import fork
+
+        self._engine_store("fork")
+        job = fork(run_id, from_step=from_step, run_id=new_id, on="worker", signals=signals)
+        return self.run(job.run_id)
+
+    def _engine_store(self, what: str) -> None:
+        from .engine import runtime
+
+        if self.store is not runtime.store:
+            raise ArgumentError(
+                f"Client.{what} works on the engine's store, and this client's store is "
+                f"{self.store.url!r}; call dn.set_store({self.store.url!r}) and use dn.Client()"
+            )
 
     # deleting ----------------------------------------------------------------------------
     def delete(self, run_id: str, *, children: bool = True) -> int:
