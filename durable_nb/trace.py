@@ -62,7 +62,8 @@ class TraceStep(TypedDict):
     attempts: int
 
 
-_EVENT_RANK = {k: 0 for k in EXECUTION_EVENTS} | {k: 2 for k in CLOSING_EVENTS}
+# within one instant: a fork's origin, then an execution's opening, ..., its closing event
+_EVENT_RANK = {"forked": -1} | {k: 0 for k in EXECUTION_EVENTS} | {k: 2 for k in CLOSING_EVENTS}
 _NOISE = ("signal_id",)  # ids that make a timeline line long and say nothing to a reader
 
 

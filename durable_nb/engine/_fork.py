@@ -217,15 +217,25 @@ def _streams(
     run_id: str, new_id: str, kept: list[EffectRecord], later: list[EffectRecord]
 ) -> list[EffectRecord]:
     """The stream records a fork starts with: the chunks of the copied streaming effects,
-    and of each run stream its leading chunks (and end) written before the first record of
-    the steps not copied."""
+    and of each run stream its leading chunks (and end) written by copied steps — a chunk a
+    streaming effect mirrored into a stream has no step of its own: it counts as copied when
+    it was written before the first record of the steps not copied."""
     store = runtime.store
     cut = min((r.started_at for r in later), default=float("inf"))
-    chunk_keys = {
-        (CHUNK_PREFIX + r.identity, r.version, r.input_hash + f"#{r.occurrence}")
-        for r in kept
-        if r.kind == "stream" and "args" in read_detail(r.detail)
-    }
+    chunk_keys = set()
+    written: set[tuple[str, int]] = set()  # (stream, index) of copied writes and closes
+    stepped: set[tuple[str, int]] = set()  # ... of every write and close in the journal
+    for r in (*kept, *later):
+        d = read_detail(r.detail) if r.kind == "stream" else {}
+        if "args" in d and r in kept:
+            chunk_keys.add(
+                (CHUNK_PREFIX + r.identity, r.version, r.input_hash + f"#{r.occurrence}")
+            )
+        position = d.get("index", d.get("chunks")) if "stream" in d else None
+        if isinstance(position, int):
+            stepped.add((d["stream"], position))
+            if r.seq >= 0 and any(r is k for k in kept):
+                written.add((d["stream"], position))
     out: list[EffectRecord] = []
     by_stream: dict[str, list[EffectRecord]] = {}
     for c in store.load_effects(stream_scope(run_id)):
@@ -235,10 +245,12 @@ def _streams(
                 out.append(_moved(c, stream_scope(new_id)))
         else:
             by_stream.setdefault(c.identity, []).append(c)
-    for chunks in by_stream.values():
+    for name, chunks in by_stream.items():
         chunks.sort(key=lambda c: c.occurrence)
         for i, c in enumerate(chunks):
-            if c.occurrence != i or c.started_at >= cut:
+            at = (name, c.occurrence)
+            copied = at in written if at in stepped else c.started_at < cut
+            if c.occurrence != i or not copied:
                 break
             out.append(_moved(c, stream_scope(new_id)))
             if c.kind == "stream_end":

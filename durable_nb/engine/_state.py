@@ -81,6 +81,7 @@ class RunState:
         self.index: dict[Key4, EffectRecord] = {
             (r.identity, r.version, r.input_hash, r.occurrence): r for r in history
         }
+        self.loaded = len(history)  # records it started with (a fork's first execution has some)
         self.by_seq: dict[int, EffectRecord] = {}
         for r in history:
             if r.kind in AUX_KINDS:

@@ -159,7 +159,7 @@ class InspectMessage(TypedDict):
 
 
 class ForkMessage(TypedDict):
-    """"Re-run from here" on step ``seq``: fork the run from that step (``dn.fork``)."""
+    """ "Re-run from here" on step ``seq``: fork the run from that step (``dn.fork``)."""
 
     kind: Literal["fork"]
     seq: int

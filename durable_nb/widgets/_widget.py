@@ -318,7 +318,7 @@ class TraceWidget(anywidget.AnyWidget):
         return new
 
     def fork(self, seq: int) -> Job[Any]:
-        """"Re-run from here": fork the run from step ``seq`` (``dn.fork``: the steps before it
+        """ "Re-run from here": fork the run from step ``seq`` (``dn.fork``: the steps before it
         replay from this run's records, the rest execute) and follow the fork from now on;
         this run is not changed."""
         if not isinstance(seq, int) or isinstance(seq, bool):
