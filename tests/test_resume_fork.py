@@ -805,3 +805,77 @@ def test_fork_from_a_step_survives_a_kill_and_never_changes_the_original(
     assert forked_kid == "f" + kid_id[1:] and forked_kid != kid_id
     chunks = [r for r in fork["records"] if r[1] == "chunk"]
     assert [r[0][4] for r in chunks] == [0, 1]  # chunk-a (copied) and chunk-c (the fork's)
+
+
+# ======================================================================== the command line
+
+APP = r'''
+import os
+import durable_nb as dn
+
+LOG = os.environ["EXEC_LOG"]
+
+
+@dn.effect(name="cli_work")
+def cli_work(tag):
+    with open(LOG, "a") as f:
+        f.write(tag + "\n")
+    if tag == "second" and not os.path.exists(LOG + ".ok"):
+        raise OSError("not yet")
+    return tag.upper()
+
+
+@dn.durable(name="cli_flow")
+async def cli_flow(ctx):
+    return [await ctx.run(cli_work, "first"), await ctx.run(cli_work, "second")]
+'''
+
+
+def test_cli_resume_and_fork_execute_with_app_or_queue_for_a_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from durable_nb.cli import main
+    from durable_nb.worker import load_workflows
+
+    monkeypatch.delenv("DURABLE_NB_STORE", raising=False)
+    log = tmp_path / "log.txt"
+    monkeypatch.setenv("EXEC_LOG", str(log))
+    app = tmp_path / "app.py"
+    app.write_text(APP)
+    path = tmp_path / "s.duckdb"
+    dn.set_store(str(path))
+    flow = load_workflows([str(app)])["cli_flow"]
+    for rid in ("f1", "f2"):
+        with pytest.raises(OSError, match=r"^not yet$"):
+            dn.run(flow, run_id=rid)
+    dn.get_store().close()
+    (tmp_path / "log.txt.ok").touch()
+
+    def cli(*args: str) -> tuple[int, str, str]:
+        code = main(["--store", str(path), *args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    assert cli("resume", "f1", "--app", str(app)) == (0, 'f1 completed: ["FIRST", "SECOND"]\n', "")
+    # f1 and f2 each ran "first" and failed in "second"; f1 resumed at "second"
+    assert log.read_text().split() == ["first", "second", "first", "second", "second"]
+    code, out, _ = cli("resume", "f2")
+    assert code == 0 and out.startswith("queued f2 for a worker; `durable-nb worker MODULE`")
+    assert json.loads(cli("show", "f2", "--json")[1])["status"] == "queued"
+    code, out, _ = cli("fork", "f1", "--from-step", "1", "--run-id", "f1b", "--app", str(app))
+    assert (code, out) == (0, 'f1b completed: ["FIRST", "SECOND"]\n')
+    assert log.read_text().split()[-1] == "second"  # the fork executed step 1 only
+    code, out, _ = cli("fork", "f1", "--from-step", "0", "--json")
+    assert code == 0 and json.loads(out)["status"] == "queued"
+    assert json.loads(out)["forked_from"] == {"run_id": "f1", "step": 0}
+    code, _, err = cli("fork", "f1", "--from-step", "9")
+    assert code == 1 and err.startswith(
+        "error: from_step must be a step number of run 'f1', 0 to 2 (one past its last step"
+    )
+    code, _, err = cli("resume", "nope")
+    assert (code, err) == (
+        1,
+        f"error: no run 'nope' in the store {str(path)!r}; list runs with `durable-nb runs`\n",
+    )
+    code, _, err = cli("fork", "f1")
+    assert code == 2 and "Missing option '--from-step'" in err
