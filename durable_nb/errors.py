@@ -11,15 +11,18 @@ __all__ = [
     "ArgumentError",
     "ArgumentTypeError",
     "DurableError",
+    "DurableWarning",
     "EffectTimeoutError",
     "ExportFormatError",
     "Interrupted",
     "NonDeterminismError",
     "PayloadIntegrityError",
     "RunCancelledError",
+    "RunConflictError",
     "RunLockedError",
     "RunNotFoundError",
     "SignalTimeoutError",
+    "StepTimeoutError",
     "StoreError",
     "StoreFormatError",
     "StoreLockedError",
@@ -27,6 +30,7 @@ __all__ = [
     "StoreVersionError",
     "StreamClosedError",
     "UnhashableInputError",
+    "UnrecordedCancelWarning",
     "UnstorableValueError",
     "WidgetUnavailableError",
     "WorkflowVersionError",
@@ -65,6 +69,11 @@ class SignalTimeoutError(DurableError, TimeoutError):
     """``ctx.wait_signal(name, timeout=...)`` saw no signal before its deadline."""
 
 
+class StepTimeoutError(DurableError, TimeoutError):
+    """``ctx.wait_for(aw, timeout)`` or ``async with ctx.timeout(seconds):`` ran out of time.
+    The timeout is recorded, so a replay of the run raises it at the same point."""
+
+
 class Interrupted(DurableError):
     """An ``async with ctx.interrupt_on(name):`` block was stopped by the signal ``name``;
     ``.name`` and ``.payload`` (the signal's JSON payload) say which and with what."""
@@ -88,6 +97,10 @@ class StreamClosedError(DurableError):
 
 class RunNotFoundError(DurableError, LookupError):
     """No run with the given id exists in the store."""
+
+
+class RunConflictError(DurableError):
+    """A run id names a run of another workflow: a run id belongs to one workflow."""
 
 
 class RunCancelledError(DurableError):
@@ -128,3 +141,13 @@ class PayloadIntegrityError(StoreError):
 
 class WidgetUnavailableError(DurableError):
     """A widget cannot be shown: its front-end bundle or the notebook extra is missing."""
+
+
+class DurableWarning(UserWarning):
+    """Base class of the warnings durable_nb gives."""
+
+
+class UnrecordedCancelWarning(DurableWarning):
+    """An effect inside a run was cancelled by something whose outcome is not recorded (a
+    plain ``asyncio.wait_for``/``asyncio.timeout``, a task cancelled by hand): after a restart
+    the run may take another branch. ``ctx.wait_for``/``ctx.timeout`` record theirs."""

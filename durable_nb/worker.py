@@ -222,6 +222,5 @@ class Worker:
         _, pending = await asyncio.wait(waits, timeout=self.grace)
         if pending:
             for job in list(self._active.values()):
-                if job._task is not None and not job._task.done():
-                    job._task.cancel()  # interrupted, not cancelled: the run stays resumable
+                job.interrupt_task()  # interrupted, not cancelled: the run stays resumable
             await asyncio.wait(waits, timeout=10)

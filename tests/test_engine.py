@@ -531,9 +531,13 @@ def test_signal_sent_before_the_run_starts_is_delivered(store: Store) -> None:
     async def wf(ctx: dn.Context) -> Any:
         return await ctx.wait_signal("go")
 
-    store.put_run(RunRecord("early", "wf", "waiting", 1.0, 1.0))
-    dn.signal("early", "go", [1, 2])
+    # pre-delivery to a run that does not exist yet is an explicit opt-in
+    dn.signal("early", "go", [1, 2], missing_ok=True)
     assert dn.run(wf, run_id="early") == [1, 2]
+    # and to a run that exists but no process executes
+    store.put_run(RunRecord("waits", wf.name, "waiting", 1.0, 1.0))
+    dn.signal("waits", "go", [3])
+    assert dn.run(wf, run_id="waits") == [3]
 
 
 def test_signal_timeout_is_durable(store: Store, clock: dn.FakeClock) -> None:

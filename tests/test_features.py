@@ -332,7 +332,7 @@ def test_interrupt_signal_already_waiting_interrupts_at_once_and_is_consumed_onc
                 out.append(e.payload)
         return out
 
-    dn.signal("early", "stop", 7)
+    dn.signal("early", "stop", 7, missing_ok=True)
     assert dn.run(wf, run_id="early") == [7, "INSIDE"]
     assert calls == {"inside": 1}
 
@@ -379,7 +379,7 @@ def test_queue_messages_in_order_once_and_they_survive_continue_as_new(store: St
         ctx.continue_as_new(seen)
 
     for m in ["a", "b", "c", "stop", "extra"]:
-        dn.enqueue("consumer", "jobs", m)
+        dn.enqueue("consumer", "jobs", m, missing_ok=True)
     assert dn.run(consumer, [], run_id="consumer") == ["A", "B", "C", "STOP"]
     assert dict(calls) == {"a": 1, "b": 1, "c": 1, "stop": 1}
     rec = store.get_run("consumer")
@@ -468,7 +468,7 @@ def test_continue_as_new_keeps_kv_and_signals_and_returns_the_last_generation(
             ctx.continue_as_new(n + 1)
         return {"n": n, "count": ctx.kv["count"], "note": await ctx.wait_signal("note")}
 
-    dn.signal("loop", "note", "kept across generations")
+    dn.signal("loop", "note", "kept across generations", missing_ok=True)
     job = dn.start(counter, 0, run_id="loop")
     assert job.result(timeout=30) == {"n": 4, "count": 5, "note": "kept across generations"}
     assert dict(calls) == {f"gen{i}": 1 for i in range(5)}
@@ -933,7 +933,7 @@ def test_strict_replay_accepts_every_new_step_kind(store: Store, clock: dn.FakeC
             raise RuntimeError("x")
         return [*out, dict(ctx.kv)]
 
-    dn.enqueue("strict", "q", "m")
+    dn.enqueue("strict", "q", "m", missing_ok=True)
     with pytest.raises(RuntimeError):
         dn.run(wf, 0, run_id="strict")
     crash[0] = False
@@ -951,7 +951,7 @@ def test_features_inside_a_durable_cell() -> None:
     shell = InteractiveShell.instance()
     shell.run_cell("%load_ext durable_nb", store_history=False)
     try:
-        dn.enqueue("cell", "jobs", "msg")
+        dn.enqueue("cell", "jobs", "msg", missing_ok=True)
         cell = textwrap.dedent(
             """\
             %%durable cell
@@ -1304,7 +1304,7 @@ def test_retry_schedule_survives_a_kill_between_attempts(tmp_path: Path) -> None
 
 def test_queue_survives_a_kill_while_waiting_for_messages(tmp_path: Path) -> None:
     with _here(tmp_path):
-        dn.enqueue("queue", "jobs", "a")
+        dn.enqueue("queue", "jobs", "a", missing_ok=True)
     p = _worker(tmp_path, "queue")
     _wait_status(tmp_path, "queue", "waiting")  # "a" done, waiting for the next message
     _kill(p)
@@ -1455,8 +1455,8 @@ def test_effects_start_runs_that_survive_a_kill_and_are_not_started_twice(
     result, _ = _finish(tmp_path, "spawner")
     assert result == ["t-x", "t-y"]
     with _here(tmp_path):  # the started runs wait for this before they work
-        dn.signal("t-x", "go")
-        dn.signal("t-y", "go")
+        dn.signal("t-x", "go", missing_ok=True)
+        dn.signal("t-y", "go", missing_ok=True)
     _finish(tmp_path, "target-x", RUN_ID="t-x")  # finish what the killed process left
     _finish(tmp_path, "target-y", RUN_ID="t-y")
     log = _log(tmp_path)

@@ -112,6 +112,7 @@ ORDER = {
         "_effects",
         "_kv",
         "_interrupts",
+        "_branches",
         "_jobs",
         "_workflow",
         "_log",

@@ -123,7 +123,7 @@ def test_a_timed_signal_wait_keeps_its_own_deadline_after_resume(clock: dn.FakeC
         b = await ctx.wait_signal("go", timeout=1000)
         return [a, b]
 
-    dn.signal("r1", "go", 1)
+    dn.signal("r1", "go", 1, missing_ok=True)
     with pytest.raises(RuntimeError):
         dn.run(wf, run_id="r1")
     crash["on"] = False

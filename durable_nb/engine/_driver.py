@@ -37,10 +37,12 @@ from ..errors import (
     ArgumentTypeError,
     DurableError,
     RunCancelledError,
+    RunConflictError,
     RunLockedError,
     StoreLockedError,
     StoreUnavailableError,
     UnstorableValueError,
+    WorkflowVersionError,
 )
 from ..store import EffectRecord, RunLease, RunRecord
 from ._context import Context, ContinueAsNew
@@ -48,9 +50,9 @@ from ._jobs import Job, cancel, outcome_of_record, reject, resolve
 from ._kv import kv_base_texts
 from ._runtime import cancel_scope, current_scope, running_loop, runtime
 from ._state import INBOX_POLL, RunState
-from ._workflow import Workflow, for_run, newest
+from ._workflow import Workflow, for_run, newest, version_of
 
-__all__ = ["call_of", "fail_unstarted", "start_run"]
+__all__ = ["call_of", "check_same_workflow", "fail_unstarted", "start_run"]
 
 R = TypeVar("R")
 
@@ -65,16 +67,20 @@ def start_run(
     parent_id: str | None = None,
     blocking: bool = False,
     lease: RunLease | None = None,
+    version: str | None = None,
 ) -> Job[R]:
     """Start a run on this thread's loop, or on the engine's loop when there is none or the
     caller will block on the result (``blocking``). ``lease``: the run's lease, already taken
-    (a worker's claim_run); otherwise the run takes it when it starts."""
+    (a worker's claim_run); otherwise the run takes it when it starts. ``version``: a new run
+    starts on this version of the workflow instead of the newest."""
     if not isinstance(workflow, Workflow):
         raise ArgumentTypeError(
             f"expected a @durable workflow, got {workflow!r}; decorate it with @durable"
         )
     workflow.binder.bind(args, kwargs)  # a missing argument fails here, before anything runs
     rid = check_run_id(run_id) if run_id is not None else workflow.run_id_for(*args, **kwargs)
+    if version is not None:
+        version_of(workflow, version)  # an unknown version fails here, before anything runs
     with runtime.jobs_lock:
         live = runtime.jobs.get(rid)
         if live is not None and not live.done():
@@ -88,7 +94,7 @@ def start_run(
     here = running_loop()
     loop = here if here is not None and not blocking else runtime.engine_loop()
     job._loop = loop
-    coro = _drive(job, workflow, args, kwargs, restart, parent_id, lease)
+    coro = _drive(job, workflow, args, kwargs, restart, parent_id, lease, version)
     if loop is here:
         job._task = loop.create_task(coro)
     else:
@@ -108,6 +114,7 @@ async def _drive(
     restart: bool,
     parent_id: str | None,
     lease: RunLease | None = None,
+    version: str | None = None,
 ) -> None:
     """Execute (or resume) one run, generation after generation when it continues as new.
     The job's future is settled only after the run's lease is released and its records
@@ -125,9 +132,17 @@ async def _drive(
         if rec is not None and restart:
             store.delete_run(job.run_id)
             rec = None
+        if rec is not None:
+            check_same_workflow(rec, wf)
         if rec is None:
-            wf = newest(wf)
+            wf = newest(wf) if version is None else version_of(wf, version)
         else:
+            if version is not None and rec.version != version:
+                raise WorkflowVersionError(
+                    f"run {rec.run_id!r} runs on version {rec.version or '(none)'!r} of "
+                    f"workflow {wf.name!r}, not {version!r}; a run finishes on the version it "
+                    "started on: start it without version=, or afresh with restart=True"
+                )
             wf = for_run(wf, rec)
             if rec.generation > 0 and rec.args is not None:
                 # a later generation runs on the arguments continue_as_new gave it
@@ -237,6 +252,8 @@ async def _drive(
     except BaseException as e:
         if state is not None and state.run.status != "completed":
             try:
+                if isinstance(e, Exception):  # resuming it calls what failed it again
+                    state.clear_failure(e)
                 state.run.error = _codecs.encode_error(e, store.signer)
                 _finish(state, "failed", detail={"error": repr(e)[:500]})
             except Exception:  # the store failed too: the error we report is the run's
@@ -264,6 +281,18 @@ async def _drive(
                 resolve(job._future, outcome[1])
             else:
                 reject(job._future, outcome[1])
+
+
+def check_same_workflow(rec: RunRecord, wf: Workflow[..., Any]) -> None:
+    """A run id belongs to one workflow: starting (or queueing) ``wf`` under the id of a run
+    of another workflow is refused, naming both, and changes nothing."""
+    if rec.workflow != wf.name:
+        raise RunConflictError(
+            f"run {rec.run_id!r} is a run of workflow {rec.workflow!r}, not of {wf.name!r}: a "
+            "run id belongs to one workflow; pick another run_id, or start "
+            f"{rec.workflow!r} to resume it (restart=True replaces it with a run of "
+            f"{wf.name!r})"
+        )
 
 
 def fail_unstarted(run_id: str, e: Exception) -> None:
@@ -354,7 +383,8 @@ def _next_generation(
     """Continue the run as new: one atomic reset of its record and history that also drops
     the signals its history consumed (unconsumed ones and queue messages stay)."""
     store = runtime.store
-    new_wf = newest(wf)  # a new generation runs on the newest version
+    # a new generation runs on the newest version, or the one continue_as_new named
+    new_wf = newest(wf) if nxt.version is None else version_of(wf, nxt.version)
     args, kwargs = nxt.call
     payload = _codecs.encode(
         new_wf.binder.bind(args, kwargs),
@@ -418,8 +448,7 @@ def _lease_lost(job: Job[Any], loop: asyncio.AbstractEventLoop) -> None:
 
     def stop() -> None:
         job._lease_lost = True
-        if job._task is not None and not job._task.done():
-            job._task.cancel()
+        job.interrupt_task()
 
     with contextlib.suppress(RuntimeError):  # the loop is closed: nothing runs any more
         loop.call_soon_threadsafe(stop)

@@ -357,6 +357,7 @@ class EffectFunction(Generic[P, R]):
         retry: Retry | None = None,
         timeout: float | None = None,
     ) -> Any:
+        scope.check_cut()  # awaited inside a block an earlier execution saw cut: cut here
         clock = runtime.clock
         retry = retry or self.retry
         timeout = timeout or self.timeout
@@ -415,6 +416,7 @@ class EffectFunction(Generic[P, R]):
                 except asyncio.CancelledError:
                     if attempt is not None:
                         attempt.cancel()
+                    scope.note_cancelled(self.identity)
                     raise
                 except BaseException as e:
                     failures, last = failures + 1, repr(e)
@@ -448,9 +450,12 @@ class EffectFunction(Generic[P, R]):
         kwargs: dict[str, Any],
         attempt: int = 1,
     ) -> None:
-        if self.cache_errors and isinstance(exc, Exception):
+        # inside a run the error is part of its history (the workflow may take another
+        # branch on it, and a replay must take the same one); outside, only if asked
+        if isinstance(exc, Exception) and (self.cache_errors or isinstance(scope, RunState)):
             rec, _ = self._make_record(scope, key4, seq, exc, True, started, t0, args, kwargs)
             scope.record(rec)
+            scope.note_error(exc, rec)
         else:
             scope.note_failure(key4, seq, exc, started, attempt=attempt)
 

@@ -68,6 +68,7 @@ class Launcher(Protocol):
         parent_id: str | None = None,
         blocking: bool = False,
         lease: RunLease | None = None,
+        version: str | None = None,
     ) -> Job[T]: ...
 
 
@@ -173,6 +174,15 @@ class TopScope:
         runtime.store.put_effects([rec])
 
     def note_replay(self, rec: EffectRecord) -> None:
+        return None
+
+    def note_error(self, exc: BaseException, rec: EffectRecord) -> None:
+        return None
+
+    def check_cut(self) -> None:
+        return None
+
+    def note_cancelled(self, identity: str) -> None:
         return None
 
     def note_failure(
@@ -365,6 +375,31 @@ class Runtime:
 
 runtime = Runtime()
 atexit.register(runtime.shutdown)
+
+
+def _interrupt_engine_runs(timeout: float = 5.0) -> None:
+    """At exit, before the store closes (atexit runs this first): interrupt the runs still
+    executing on the engine's loop thread (a child run left waiting, a background run), so
+    they end as ``interrupted`` with their leases released, and no daemon thread is inside
+    the store's native code while the interpreter finalizes (DuckDB aborts the process
+    then)."""
+    loop, thread = runtime._loop, runtime._loop_thread
+    if loop is None or thread is None or not thread.is_alive():
+        return
+    with runtime.jobs_lock:
+        jobs = [j for j in runtime.jobs.values() if j._loop is loop and not j.done()]
+    for job in jobs:
+        task = job._task
+        if task is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(task.cancel)
+    deadline = time.monotonic() + timeout
+    for job in jobs:
+        with contextlib.suppress(BaseException):
+            job._future.exception(timeout=max(0.0, deadline - time.monotonic()))
+
+
+atexit.register(_interrupt_engine_runs)
 
 
 def running_loop() -> asyncio.AbstractEventLoop | None:

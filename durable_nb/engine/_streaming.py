@@ -508,7 +508,7 @@ class StreamingCall(Generic[T]):
 
     def _fail(self, exc: Exception, started: float, t0: float, preview: str, attempt: int) -> None:
         scope = self._scope
-        if not self._eff.cache_errors:
+        if not self._eff.cache_errors and not isinstance(scope, RunState):
             scope.note_failure(self._key4, self._seq, exc, started, attempt=attempt)
             return
         rec = EffectRecord(
@@ -523,6 +523,7 @@ class StreamingCall(Generic[T]):
             detail=self._detail(preview),
         )
         scope.record(rec)
+        scope.note_error(exc, rec)
 
 
 class EffectDecorator(Protocol):

@@ -25,7 +25,7 @@ from ..store import RunRecord
 from ._runtime import current_scope, running_loop, runtime
 from ._state import RunState
 
-__all__ = ["Workflow", "defined", "durable", "for_run", "newest"]
+__all__ = ["Workflow", "defined", "durable", "for_run", "newest", "version_of"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -181,5 +181,27 @@ def for_run(wf: Workflow[..., R], rec: RunRecord) -> Workflow[..., R]:
             f"which is not defined in this process (defined versions: {defined}); define it "
             f"again with @durable(name={wf.name!r}, version={rec.version!r}) to let the run "
             "finish, or start the run afresh with restart=True"
+        )
+    return cast(Workflow[..., R], found)
+
+
+def version_of(wf: Workflow[..., R], version: object) -> Workflow[..., R]:
+    """Version ``version`` of ``wf``'s workflow, chosen explicitly (``dn.start(...,
+    version=)``, ``ctx.continue_as_new(..., version=)``); it must be defined here."""
+    if not isinstance(version, str) or not version or len(version) > 100:
+        raise ArgumentError(
+            f"version must be a non-empty str of at most 100 characters, got {version!r}"
+        )
+    if wf.version == version:
+        return wf
+    with _versions_lock:
+        known = dict(_versions.get(wf.name, {}))
+    found = known.get(version)
+    if found is None:
+        defined = ", ".join(repr(v) for v in sorted(known, key=_version_order)) or "none"
+        raise WorkflowVersionError(
+            f"version {version!r} of workflow {wf.name!r} is not defined in this process "
+            f"(defined versions: {defined}); define it with @durable(name={wf.name!r}, "
+            f"version={version!r}), or pick a defined one"
         )
     return cast(Workflow[..., R], found)
