@@ -44,9 +44,9 @@ from ._journal import (
 from .errors import (
     ArgumentError,
     ArgumentTypeError,
-    DurableError,
     ExportFormatError,
     PayloadIntegrityError,
+    RunEndedError,
     RunLockedError,
     RunNotFoundError,
     UnstorableValueError,
@@ -238,7 +238,7 @@ class Client:
         """Block until run ``run_id`` holds ``key`` in its key/value state and return the
         value (at once if it does). Reads the store a few times a second at first, then once
         a second. Raises ``TimeoutError`` after ``timeout`` seconds, and
-        :class:`~durable_nb.errors.DurableError` when the run ended without the key."""
+        :class:`~durable_nb.errors.RunEndedError` when the run ended without the key."""
         from .engine._kv import check_kv_key, kv_value
         from .engine._retry import check_timeout
 
@@ -253,7 +253,7 @@ class Client:
                 return value
             rec = self._get(run_id)
             if rec.status in FINAL_STATUSES:
-                raise DurableError(
+                raise RunEndedError(
                     f"run {run_id!r} ended ({rec.status}) without setting kv key {key!r}"
                 )
             if deadline is not None and time.monotonic() >= deadline:

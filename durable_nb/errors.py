@@ -10,15 +10,19 @@ from __future__ import annotations
 __all__ = [
     "ArgumentError",
     "ArgumentTypeError",
+    "BlockingCallError",
     "DurableError",
     "DurableWarning",
     "EffectTimeoutError",
+    "EngineError",
     "ExportFormatError",
     "Interrupted",
+    "KernelSpecError",
     "NonDeterminismError",
     "PayloadIntegrityError",
     "RunCancelledError",
     "RunConflictError",
+    "RunEndedError",
     "RunLockedError",
     "RunNotFoundError",
     "SignalTimeoutError",
@@ -33,6 +37,7 @@ __all__ = [
     "UnrecordedCancelWarning",
     "UnstorableValueError",
     "WidgetUnavailableError",
+    "WorkflowNotFoundError",
     "WorkflowVersionError",
 ]
 
@@ -47,6 +52,11 @@ class ArgumentError(DurableError, ValueError):
 
 class ArgumentTypeError(DurableError, TypeError):
     """A public entry point got an argument of the wrong type."""
+
+
+class BlockingCallError(DurableError, RuntimeError):
+    """A blocking call was made where it would block the event loop a run needs (the
+    ``await`` form works there), or a run would wait on itself."""
 
 
 class UnhashableInputError(DurableError, TypeError):
@@ -87,6 +97,10 @@ class Interrupted(DurableError):
         return (type(self), (self.name, self.payload, str(self)))
 
 
+class WorkflowNotFoundError(DurableError, LookupError):
+    """The workflow a run belongs to is not defined (or not known) in this process."""
+
+
 class WorkflowVersionError(DurableError):
     """A run started on a version of its workflow that is not defined in this process."""
 
@@ -101,6 +115,10 @@ class RunNotFoundError(DurableError, LookupError):
 
 class RunConflictError(DurableError):
     """A run id names a run of another workflow: a run id belongs to one workflow."""
+
+
+class RunEndedError(DurableError):
+    """The run ended before what was being waited for happened."""
 
 
 class RunCancelledError(DurableError):
@@ -137,6 +155,15 @@ class ExportFormatError(DurableError, ValueError):
 
 class PayloadIntegrityError(StoreError):
     """A pickled payload is unsigned or its signature does not match: it is never unpickled."""
+
+
+class KernelSpecError(DurableError):
+    """The "Python 3 (durable)" kernel spec cannot be built or installed."""
+
+
+class EngineError(DurableError):
+    """The engine reached a state it never should: a bug in durable_nb — please report it
+    with the traceback."""
 
 
 class WidgetUnavailableError(DurableError):

@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(autouse=True)
 def _isolated_runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Every test gets a fresh in-memory store, a fake clock and its own working directory,
-    and the workflows (and versions) it defines are forgotten after it."""
+    """Every test gets a fresh in-memory store, a fake clock, its own working directory, the
+    workflow versions defined before it (each test defines its own versions), and forgets the
+    workflows it defines (what dn.resume and dn.fork find by name)."""
     from durable_nb.engine import _workflow
 
     monkeypatch.chdir(tmp_path)

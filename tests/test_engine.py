@@ -394,7 +394,9 @@ def test_run_works_inside_a_running_event_loop(store: Store) -> None:
 def test_job_result_on_its_own_loop_says_to_await(store: Store) -> None:
     async def main() -> None:
         job = dn.start(pipeline, ["a"])
-        with pytest.raises(dn.DurableError, match=r"^job.result\(\) would block the event loop"):
+        with pytest.raises(
+            dn.errors.BlockingCallError, match=r"^job.result\(\) would block the event loop"
+        ):
             job.result()
         assert await job == 2
 
@@ -471,7 +473,7 @@ def test_calling_a_workflow_inside_a_run_says_use_child(store: Store) -> None:
         return inner()
 
     with pytest.raises(
-        dn.DurableError,
+        dn.errors.BlockingCallError,
         match=r"^calling workflow .*inner inside a run would block it; use `await ctx.child\(inner, \.\.\.\)`",
     ):
         dn.run(outer)

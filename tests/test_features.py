@@ -48,14 +48,8 @@ calls: Counter[str] = Counter()
 
 
 @pytest.fixture(autouse=True)
-def _reset_calls() -> Iterator[None]:
-    from durable_nb.engine import _workflow
-
+def _reset_calls() -> None:
     calls.clear()
-    versions = {k: dict(v) for k, v in _workflow._versions.items()}
-    yield
-    _workflow._versions.clear()  # each test defines its own versions of a workflow
-    _workflow._versions.update(versions)
 
 
 @dn.effect
@@ -645,8 +639,9 @@ def test_status_wait_status_change_in_process_and_replay_does_not_publish_again(
 
     async def after_end() -> None:
         with pytest.raises(
-            dn.DurableError,
-            match=r"^run 'st' ended \(completed\) at status version 2 without a status newer than 2$",
+            dn.errors.RunEndedError,
+            match=r"^run 'st' ended \(completed\) at status version 2 without a status newer than 2; "
+            r"read its last status with job\.custom_status\(\)$",
         ):
             await dn.get_job("st").wait_status_change(2, timeout=30)
 
@@ -896,7 +891,9 @@ def test_effects_start_a_run_and_wait_for_it_from_a_worker_thread(store: Store) 
     async def wrong(ctx: dn.Context) -> str:
         return await run_target_on_the_loop()
 
-    with pytest.raises(dn.DurableError, match=r"^dn\.run\(\) inside a run would block it"):
+    with pytest.raises(
+        dn.errors.BlockingCallError, match=r"^dn\.run\(\) inside a run would block it"
+    ):
         dn.run(wrong, run_id="wrong")
 
 
@@ -1038,6 +1035,21 @@ def flaky():
 @dn.durable
 async def retry(ctx):
     return await ctx.run(flaky)
+
+
+@dn.effect(retry=dn.Retry(attempts=3, initial_delay=600, max_delay=600, backoff=1, retry_on=OSError))
+async def flaky_stream():
+    n = executed("fstream") + 1
+    note(f"exec fstream {n}")
+    yield "a"
+    if n < 3:
+        raise OSError(f"attempt {n}")
+    yield "b"
+
+
+@dn.durable
+async def stream_retry(ctx):
+    return await flaky_stream()
 
 
 @dn.durable
@@ -1187,7 +1199,8 @@ async def spawner(ctx):
 
 
 SCENARIOS = {
-    "timer": (timer, ()), "retry": (retry, ()), "queue": (queue, ()),
+    "timer": (timer, ()), "retry": (retry, ()), "stream_retry": (stream_retry, ()),
+    "queue": (queue, ()),
     "forever": (forever, (0, 0)), "race": (race, ()), "interrupt": (interrupt, ()),
     "status": (status, ()), "parent": (parent, ()), "logged": (logged, ()), "fan": (fan, ()),
     "doomed": (doomed, ()), "spawner": (spawner, ()),
@@ -1300,6 +1313,19 @@ def test_retry_schedule_survives_a_kill_between_attempts(tmp_path: Path) -> None
     with _here(tmp_path) as store:
         failed = [json.loads(e.data) for e in store.load_events("retry") if e.kind == "step_failed"]
     assert [(f["attempt"], f["retry_in"]) for f in failed] == [(1, 600.0), (2, 600.0)]
+
+
+def test_streaming_retry_schedule_survives_a_kill_between_attempts(tmp_path: Path) -> None:
+    p = _worker(tmp_path, "stream_retry")
+    _wait_status(tmp_path, "stream_retry", "waiting")  # attempt 1 failed; 600 s until the next
+    _kill(p)
+    assert _log(tmp_path) == ["exec fstream 1"]
+    result, out = _finish(tmp_path, "stream_retry", CLOCK_AHEAD="300")
+    assert result == "ab"  # the chunk received before the failure is kept, not repeated
+    slept = json.loads(next(x for x in out.splitlines() if x.startswith("SLEPT "))[6:])
+    # only what was left of the first delay, then the second delay in full
+    assert len(slept) == 2 and 280 < slept[0] <= 300 and slept[1] == pytest.approx(600)
+    assert _log(tmp_path) == ["exec fstream 1", "exec fstream 2", "exec fstream 3"]
 
 
 def test_queue_survives_a_kill_while_waiting_for_messages(tmp_path: Path) -> None:

@@ -29,10 +29,10 @@ from durable_nb.engine import runtime
 from durable_nb.errors import (
     ArgumentError,
     ArgumentTypeError,
-    DurableError,
+    RunEndedError,
     RunLockedError,
     RunNotFoundError,
-    WorkflowVersionError,
+    WorkflowNotFoundError,
 )
 
 from .conftest import PG_TEST_KEY
@@ -133,7 +133,7 @@ def test_resume_of_a_run_whose_workflow_is_not_defined_here_says_what_to_do() ->
 
     store.put_run(RunRecord("orphan", "gone.module.flow", "interrupted", 1.0, 1.0))
     with pytest.raises(
-        WorkflowVersionError,
+        WorkflowNotFoundError,
         match=r"^run 'orphan' is a run of workflow 'gone.module.flow', which is not defined in "
         r"this process; import the module",
     ):
@@ -448,14 +448,14 @@ def test_wait_kv_from_a_job_and_from_the_client() -> None:
             await job.wait_kv("nope", timeout=0.05)
         job.signal("done")
         await job.wait()
-        with pytest.raises(DurableError, match=r"^run 'wk' ended \(completed\) without setting"):
+        with pytest.raises(RunEndedError, match=r"^run 'wk' ended \(completed\) without setting"):
             await job.wait_kv("nope")
         return value
 
     assert asyncio.run(main()) == {"n": 1}
     client = dn.Client()
     assert client.wait_kv("wk", "ready", timeout=1) == {"n": 1}
-    with pytest.raises(DurableError, match=r"^run 'wk' ended \(completed\) without setting kv"):
+    with pytest.raises(RunEndedError, match=r"^run 'wk' ended \(completed\) without setting kv"):
         client.wait_kv("wk", "nope", timeout=1)
     with pytest.raises(RunNotFoundError, match=r"^no run 'zz' in the store"):
         client.wait_kv("zz", "ready")

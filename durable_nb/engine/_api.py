@@ -12,7 +12,7 @@ from .._journal import check_run_id
 from ..errors import (
     ArgumentError,
     ArgumentTypeError,
-    DurableError,
+    BlockingCallError,
     RunLockedError,
     UnstorableValueError,
     WorkflowVersionError,
@@ -150,7 +150,7 @@ def run(
     notebook cell whose thread already runs an event loop, and a sync effect running in a
     worker thread. ``run_id``, ``restart`` and ``version`` as for :func:`start`."""
     if isinstance(current_scope.get(), RunState) and running_loop() is not None:
-        raise DurableError(
+        raise BlockingCallError(
             "dn.run() inside a run would block it; use `await ctx.child(workflow, ...)`"
         )
     return start_run(

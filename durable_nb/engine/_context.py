@@ -43,7 +43,12 @@ from .._journal import (
     json_text,
     queue_signal,
 )
-from ..errors import ArgumentError, ArgumentTypeError, DurableError, SignalTimeoutError
+from ..errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    EngineError,
+    SignalTimeoutError,
+)
 from ..store import EffectRecord
 from ._branches import awaitables, cancel_branches, discard, retrieve, spawn
 from ._clock import wait_event
@@ -628,7 +633,7 @@ class Context:
         Does not return."""
         wf = self._state.workflow
         if wf is None:
-            raise DurableError(f"run {self.run_id!r} has no workflow to continue with")
+            raise EngineError(f"run {self.run_id!r} has no workflow to continue with")
         if version is not None:
             wf = version_of(wf, version)  # an unknown version fails here, in this generation
         wf.binder.bind(args, kwargs)  # a wrong call fails here, in this generation

@@ -36,9 +36,11 @@ from .._journal import (
 from ..errors import (
     ArgumentTypeError,
     DurableError,
+    EngineError,
     RunCancelledError,
     RunConflictError,
     RunLockedError,
+    StoreFormatError,
     StoreLockedError,
     StoreUnavailableError,
     UnstorableValueError,
@@ -85,8 +87,9 @@ def start_run(
         live = runtime.jobs.get(rid)
         if live is not None and not live.done():
             if restart:
-                raise DurableError(
-                    f"run {rid!r} is executing in this process; cancel it before restarting it"
+                raise RunLockedError(
+                    f"run {rid!r} is executing in this process; cancel it (job.cancel()) "
+                    "before restarting it"
                 )
             return cast(Job[R], live)
         job: Job[R] = Job(rid, workflow)
@@ -276,7 +279,7 @@ async def _drive(
                 if runtime.jobs.get(job.run_id) is job:
                     del runtime.jobs[job.run_id]
             if outcome is None:
-                outcome = (False, DurableError(f"run {job.run_id!r} ended without an outcome"))
+                outcome = (False, EngineError(f"run {job.run_id!r} ended without an outcome"))
             if outcome[0]:
                 resolve(job._future, outcome[1])
             else:
@@ -337,8 +340,9 @@ async def _poll_inbox(job: Job[Any]) -> None:
 def call_of(wf: Workflow[..., Any], bound: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Stored bound arguments (name -> value) back into a call of ``wf``."""
     if not isinstance(bound, dict):
-        raise DurableError(
-            f"the stored arguments of workflow {wf.name} are damaged: {bound!r:.200}"
+        raise StoreFormatError(
+            f"the stored arguments of workflow {wf.name} are damaged: {bound!r:.200}; start "
+            "the run afresh with restart=True (and its arguments)"
         )
     ba = inspect.BoundArguments(wf.binder.signature, bound)
     return ba.args, ba.kwargs

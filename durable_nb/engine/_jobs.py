@@ -35,8 +35,9 @@ from .._journal import (
 )
 from ..errors import (
     ArgumentTypeError,
-    DurableError,
+    BlockingCallError,
     RunCancelledError,
+    RunEndedError,
     RunLockedError,
     RunNotFoundError,
     WidgetUnavailableError,
@@ -132,7 +133,7 @@ class Job(Generic[R]):
         timeout = check_timeout(timeout)
         self._watch()
         if self._loop is not None and running_loop() is self._loop and not self._future.done():
-            raise DurableError(
+            raise BlockingCallError(
                 f"job.result() would block the event loop that runs {self.run_id!r}; "
                 "use `await job.wait()` here"
             )
@@ -196,7 +197,7 @@ class Job(Generic[R]):
         """Wait until the run's key/value state holds ``key`` and return its value (at once
         if it does already). A run executing in this process wakes the waiter when it sets a
         key; for a run elsewhere the store is read once a second. Raises ``TimeoutError``
-        after ``timeout`` seconds, and :class:`DurableError` if the run ended without it."""
+        after ``timeout`` seconds, and :class:`RunEndedError` if the run ended without it."""
         check_kv_key(key)
         timeout = check_timeout(timeout)
         loop = asyncio.get_running_loop()
@@ -229,7 +230,7 @@ class Job(Generic[R]):
                     and rec.status in FINAL_STATUSES
                     and (self._state is None or self.done())
                 ):
-                    raise DurableError(
+                    raise RunEndedError(
                         f"run {self.run_id!r} ended ({rec.status}) without setting kv key {key!r}"
                     )
                 wait = 1.0
@@ -286,9 +287,10 @@ class Job(Generic[R]):
                 elif version > after_version:
                     return version, value
                 if status in FINAL_STATUSES and (self._state is None or self.done()):
-                    raise DurableError(
+                    raise RunEndedError(
                         f"run {self.run_id!r} ended ({status}) at status version {version} "
-                        f"without a status newer than {after_version}"
+                        f"without a status newer than {after_version}; read its last status "
+                        "with job.custom_status()"
                     )
                 wait = 1.0
                 if deadline is not None:

@@ -27,7 +27,13 @@ from .._journal import (
     run_scope,
     signal_id_of,
 )
-from ..errors import ArgumentError, RunLockedError, RunNotFoundError, WorkflowVersionError
+from ..errors import (
+    ArgumentError,
+    RunLockedError,
+    RunNotFoundError,
+    UnstorableValueError,
+    WorkflowNotFoundError,
+)
 from ..store import EffectRecord, RunRecord
 from ._driver import call_of, start_run
 from ._jobs import Job, get_job
@@ -94,7 +100,7 @@ def workflow_of(rec: RunRecord) -> Workflow[..., Any]:
     """The workflow this process defines for ``rec`` (by the name its record holds)."""
     wf = defined(rec.workflow)
     if wf is None:
-        raise WorkflowVersionError(
+        raise WorkflowNotFoundError(
             f"run {rec.run_id!r} is a run of workflow {rec.workflow!r}, which is not defined "
             "in this process; import the module that defines it (or run its %%durable cell "
             "again), or resume it on a worker that serves it (on='worker', `durable-nb resume "
@@ -136,7 +142,7 @@ def _arguments(wf: Workflow[..., Any], rec: RunRecord) -> tuple[tuple[Any, ...],
     if rec.args is None:
         if not wf.binder.signature.parameters:
             return (), {}
-        raise ArgumentError(
+        raise UnstorableValueError(
             f"run {rec.run_id!r} has no stored arguments (they could not be stored when it "
             "started), so it cannot be resumed by its id; start it again with "
             f"dn.start(workflow, ..., run_id={rec.run_id!r})"

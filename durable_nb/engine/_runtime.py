@@ -28,7 +28,10 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar
 
 from .._journal import SHARED_SCOPE, TOP_SCOPE_PREFIX
-from ..errors import ArgumentTypeError, DurableError
+from ..errors import (
+    ArgumentTypeError,
+    EngineError,
+)
 from ._clock import Clock, SystemClock
 
 if TYPE_CHECKING:
@@ -80,7 +83,7 @@ class Resumer(Protocol):
 
 
 def _no_driver(*args: Any, **kwargs: Any) -> NoReturn:
-    raise DurableError(
+    raise EngineError(
         "the run driver (durable_nb.engine._driver) is not loaded; import durable_nb.engine "
         "before starting runs"
     )

@@ -20,7 +20,12 @@ from typing import Any, Generic, ParamSpec, TypeVar, cast, overload
 
 from .. import _hashing
 from .._journal import check_name
-from ..errors import ArgumentError, ArgumentTypeError, DurableError, WorkflowVersionError
+from ..errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    BlockingCallError,
+    WorkflowVersionError,
+)
 from ..store import RunRecord
 from ._runtime import current_scope, running_loop, runtime
 from ._state import RunState
@@ -95,7 +100,7 @@ class Workflow(Generic[P, R]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         # (a sync effect in a worker thread may block: the run's loop goes on meanwhile)
         if isinstance(current_scope.get(), RunState) and running_loop() is not None:
-            raise DurableError(
+            raise BlockingCallError(
                 f"calling workflow {self.name} inside a run would block it; use "
                 f"`await ctx.child({self.fn.__name__}, ...)` instead"
             )

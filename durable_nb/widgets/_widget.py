@@ -27,6 +27,7 @@ from ..errors import (
     ArgumentError,
     ArgumentTypeError,
     DurableError,
+    RunLockedError,
     RunNotFoundError,
     WidgetUnavailableError,
 )
@@ -311,7 +312,7 @@ class TraceWidget(anywidget.AnyWidget):
         cancellation is cleared) and follow it."""
         job = self._job
         if job is not None and not job.done():
-            raise DurableError(f"run {self.run_id!r} is executing already; nothing to resume")
+            raise RunLockedError(f"run {self.run_id!r} is executing already; nothing to resume")
         new = resume(self.run_id)
         self.attach(new)
         self._notice("info", f"resumed {self.run_id}")
