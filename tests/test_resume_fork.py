@@ -252,6 +252,26 @@ def test_fork_state_at_the_step_kv_status_stream_and_signals_not_resent_on_reque
     assert calls == {"s-a": 1, "s-b": 1, "s-c-7": 1, "s-c-8": 1}
 
 
+@dn.effect
+async def tokens(n: int) -> Any:
+    calls["tokens"] += 1
+    for i in range(n):
+        yield f"t{i}"
+
+
+@dn.durable
+async def streamer(ctx: dn.Context) -> list[Any]:
+    got = [t async for t in tokens(3)]  # 0: a streaming effect, its chunks journaled
+    return [got, await ctx.run(work, "after-stream")]  # 1
+
+
+def test_fork_copies_the_chunks_of_a_streaming_effect_before_the_step() -> None:
+    assert dn.run(streamer, run_id="st") == [["t0", "t1", "t2"], "AFTER-STREAM"]
+    fork = dn.fork("st", from_step=1)
+    assert fork.result(10) == [["t0", "t1", "t2"], "AFTER-STREAM"]  # iterated from the copies
+    assert calls == {"tokens": 1, "after-stream": 2}
+
+
 def test_fork_bad_input_is_refused_and_writes_nothing() -> None:
     _story_done()
     n_runs = len(runtime.store.list_runs())

@@ -222,20 +222,21 @@ def _streams(
     it was written before the first record of the steps not copied."""
     store = runtime.store
     cut = min((r.started_at for r in later), default=float("inf"))
-    chunk_keys = set()
+    chunk_keys: set[tuple[str, str, str]] = set()  # of the copied streaming effects' chunks
     written: set[tuple[str, int]] = set()  # (stream, index) of copied writes and closes
     stepped: set[tuple[str, int]] = set()  # ... of every write and close in the journal
-    for r in (*kept, *later):
-        d = read_detail(r.detail) if r.kind == "stream" else {}
-        if "args" in d and r in kept:
-            chunk_keys.add(
-                (CHUNK_PREFIX + r.identity, r.version, r.input_hash + f"#{r.occurrence}")
-            )
-        position = d.get("index", d.get("chunks")) if "stream" in d else None
-        if isinstance(position, int):
-            stepped.add((d["stream"], position))
-            if r.seq >= 0 and any(r is k for k in kept):
-                written.add((d["stream"], position))
+    for copied, records in ((True, kept), (False, later)):
+        for r in records:
+            d = read_detail(r.detail) if r.kind == "stream" else {}
+            if "args" in d and copied:
+                chunk_keys.add(
+                    (CHUNK_PREFIX + r.identity, r.version, r.input_hash + f"#{r.occurrence}")
+                )
+            position = d.get("index", d.get("chunks")) if "stream" in d else None
+            if isinstance(position, int):
+                stepped.add((d["stream"], position))
+                if copied:
+                    written.add((d["stream"], position))
     out: list[EffectRecord] = []
     by_stream: dict[str, list[EffectRecord]] = {}
     for c in store.load_effects(stream_scope(run_id)):
