@@ -239,8 +239,7 @@ class Client:
         value (at once if it does). Reads the store a few times a second at first, then once
         a second. Raises ``TimeoutError`` after ``timeout`` seconds, and
         :class:`~durable_nb.errors.RunEndedError` when the run ended without the key."""
-        from .engine._kv import check_kv_key, kv_value
-        from .engine._retry import check_timeout
+        from .engine import check_kv_key, check_timeout, kv_value
 
         check_kv_key(key)
         timeout = check_timeout(timeout)

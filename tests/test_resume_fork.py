@@ -337,7 +337,8 @@ def test_fork_works_for_a_durable_cell() -> None:
         assert res.error_in_exec is None and res.result == ["CELL-A", "CELL-B"]
         res = shell.run_cell("import durable_nb as dn; dn.fork('story-cell', from_step=1).result()")
         assert res.error_in_exec is None and res.result == ["CELL-A", "CELL-B"]
-        assert calls == {"cell-a": 1, "cell-b": 2}
+        traces = {r.run_id: dn.Client().trace(r.run_id) for r in runtime.store.list_runs()}
+        assert calls == {"cell-a": 1, "cell-b": 2}, (runtime.store, traces)
         assert shell.user_ns["second"] == "CELL-B"  # the fork's cell body ran in the namespace
     finally:
         shell.run_cell("%unload_ext durable_nb", store_history=False)

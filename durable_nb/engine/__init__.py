@@ -34,12 +34,12 @@ from ._driver import call_of, fail_unstarted, start_run
 from ._effects import EffectFunction, effect
 from ._fork import fork
 from ._jobs import Job, cancel, enqueue, get_job, send_time, set_widget_factory, signal
-from ._kv import RunKV
+from ._kv import RunKV, check_kv_key, kv_value
 from ._log import RunLog
 from ._resume import resume
-from ._retry import Retry
+from ._retry import Retry, check_timeout
 from ._runtime import cancelled, runtime
-from ._workflow import Workflow, durable
+from ._workflow import Workflow, defined, durable
 
 __all__ = [
     "Clock",
@@ -55,12 +55,16 @@ __all__ = [
     "call_of",
     "cancel",
     "cancelled",
+    "check_kv_key",
+    "check_timeout",
+    "defined",
     "durable",
     "effect",
     "enqueue",
     "fail_unstarted",
     "fork",
     "get_job",
+    "kv_value",
     "resume",
     "run",
     "runtime",

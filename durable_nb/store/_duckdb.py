@@ -327,12 +327,20 @@ class DuckDBStore:
         except FileNotFoundError:
             pass
         key = secrets.token_bytes(32)
+        # written whole under a private name, then linked into place: a process opening the
+        # store at the same moment reads either no key file or the whole key, never an empty
+        # one; of two processes creating it, the first link wins and the other reads it
+        tmp = self._aux / f"key.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            fd = os.open(kpath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return kpath.read_bytes()
-        with os.fdopen(fd, "wb") as f:
-            f.write(key)
+            with os.fdopen(fd, "wb") as f:
+                f.write(key)
+            try:
+                os.link(tmp, kpath)
+            except FileExistsError:
+                return kpath.read_bytes()
+        finally:
+            tmp.unlink(missing_ok=True)
         return key
 
     # ------------------------------------------------------------------ connection

@@ -21,8 +21,7 @@ from typing import Any
 import anywidget
 import traitlets
 
-from ..engine import Job, fork, get_job, resume, runtime
-from ..engine._workflow import defined
+from ..engine import Job, defined, fork, get_job, resume, runtime
 from ..errors import (
     ArgumentError,
     ArgumentTypeError,
