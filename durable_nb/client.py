@@ -372,25 +372,26 @@ class Client:
 
     def resume(self, run_id: str) -> dict[str, Any]:
         """Queue a stopped run (cancelled, failed, interrupted) for a worker, which resumes it
-        from its history (``dn.resume(run_id, on="worker")``; a completed run stays as it is).
-        Returns the run as :meth:`run` does. Works on the engine's store."""
-        from .engine import resume
+        from its history (as ``dn.resume(run_id, on="worker")``; a completed run stays as it
+        is). Returns the run as :meth:`run` does. Works on the engine's store."""
+        from .engine import requeue
 
         self._engine_store("resume")
-        resume(check_run_id(run_id), on="worker")
+        requeue(check_run_id(run_id))
         return self.run(run_id)
 
     def fork(
         self, run_id: str, from_step: int, *, new_id: str | None = None, signals: bool = True
     ) -> dict[str, Any]:
-        """Fork run ``run_id`` from step ``from_step`` and queue the fork for a worker
-        (``dn.fork(..., on="worker")``); returns the fork as :meth:`run` does. Works on the
+        """Fork run ``run_id`` from step ``from_step`` and queue the fork for a worker (as
+        ``dn.fork(..., on="worker")``); returns the fork as :meth:`run` does. Works on the
         engine's store."""
-        from .engine import fork
+        from .engine import fork_records, requeue
 
         self._engine_store("fork")
-        job = fork(run_id, from_step=from_step, run_id=new_id, on="worker", signals=signals)
-        return self.run(job.run_id)
+        fork_id = fork_records(run_id, from_step=from_step, run_id=new_id, signals=signals)
+        requeue(fork_id)
+        return self.run(fork_id)
 
     def _engine_store(self, what: str) -> None:
         from .engine import runtime

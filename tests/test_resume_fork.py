@@ -141,9 +141,12 @@ def test_resume_of_a_run_whose_workflow_is_not_defined_here_says_what_to_do() ->
     ):
         dn.resume("orphan")
     assert store.get_run("orphan").status == "interrupted"  # type: ignore[union-attr]
-    # on a worker: only queued
+    # on a worker: only queued, and the job follows it through the store
     job = dn.resume("orphan", on="worker")
     assert job.status() == "queued"
+    store.delete_run("orphan")
+    with pytest.raises(RunNotFoundError, match=r"^run 'orphan' was deleted from the store$"):
+        job.result(30)  # the job's watcher let go of it
 
 
 @dn.durable
@@ -161,7 +164,7 @@ def test_resume_an_interrupted_run_is_marked_interrupted_and_no_worker_claims_it
     job._interrupt()  # what Ctrl-C in job.result() does
     assert runtime.store.get_run("int").status == "interrupted"  # type: ignore[union-attr]
     assert runtime.store.claim_run("a worker", [hangs.name]) is None
-    dn.resume("int", on="worker")  # queued on request: now a worker takes it
+    dn.Client().resume("int")  # queued on request: now a worker takes it
     got = runtime.store.claim_run("a worker", [hangs.name])
     assert got is not None and got[0].run_id == "int"
     got[1].release()
@@ -315,6 +318,8 @@ def test_fork_forks_an_open_child_with_the_parent_and_leaves_the_original_child(
     assert _records(child.run_id) == kid_before
     assert runtime.store.get_run(child.run_id).status == "waiting"  # type: ignore[union-attr]
     dn.cancel(child.run_id)
+    with pytest.raises(dn.RunCancelledError):  # ended before the test does
+        dn.get_job(child.run_id).result(10)
 
 
 def test_fork_works_for_a_durable_cell() -> None:

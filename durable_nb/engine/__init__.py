@@ -32,11 +32,11 @@ from ._clock import Clock, FakeClock, SystemClock
 from ._context import Context
 from ._driver import call_of, fail_unstarted, start_run
 from ._effects import EffectFunction, effect
-from ._fork import fork
+from ._fork import fork, fork_records
 from ._jobs import Job, cancel, enqueue, get_job, send_time, set_widget_factory, signal
 from ._kv import RunKV, check_kv_key, kv_value
 from ._log import RunLog
-from ._resume import resume
+from ._resume import requeue, resume
 from ._retry import Retry, check_timeout
 from ._runtime import cancelled, runtime
 from ._workflow import Workflow, defined, durable
@@ -63,8 +63,10 @@ __all__ = [
     "enqueue",
     "fail_unstarted",
     "fork",
+    "fork_records",
     "get_job",
     "kv_value",
+    "requeue",
     "resume",
     "run",
     "runtime",

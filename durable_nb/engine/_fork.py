@@ -54,7 +54,7 @@ from ._kv import kv_at
 from ._resume import resume, workflow_of
 from ._runtime import runtime
 
-__all__ = ["fork"]
+__all__ = ["fork", "fork_records"]
 
 # kinds a fork leaves out: a resume's consumption of the original's cancel signals
 _NOT_COPIED = ("cancel_cleared",)
@@ -73,15 +73,33 @@ def fork(
     ``<original>@<step>-<8 hex digits>``) and start it: ``on="here"`` executes it in this
     process (its workflow must be defined here), ``on="worker"`` queues it for a worker.
     Returns the fork's job. See the module docstring for what is copied."""
-    rid = check_run_id(original)
-    if not isinstance(from_step, int) or isinstance(from_step, bool):
-        raise ArgumentTypeError(
-            f"from_step must be an int (a step number from `durable-nb trace`), got {from_step!r}"
-        )
     if on not in ("here", "worker"):
         raise ArgumentError(
             f"on must be 'here' (execute in this process) or 'worker' (queue it for a worker), "
             f"got {on!r}"
+        )
+    new_id = fork_records(
+        original, from_step=from_step, run_id=run_id, signals=signals, here=on == "here"
+    )
+    return resume(new_id, on=on)
+
+
+def fork_records(
+    original: str,
+    /,
+    *,
+    from_step: int,
+    run_id: str | None = None,
+    signals: bool = True,
+    here: bool = False,
+) -> str:
+    """Write the fork of ``original`` from ``from_step`` (an ``interrupted`` run, ready to
+    resume) and return its run id; ``here``: refuse first if this process cannot execute
+    it."""
+    rid = check_run_id(original)
+    if not isinstance(from_step, int) or isinstance(from_step, bool):
+        raise ArgumentTypeError(
+            f"from_step must be an int (a step number from `durable-nb trace`), got {from_step!r}"
         )
     store = runtime.store
     rec = store.get_run(rid)
@@ -96,7 +114,7 @@ def fork(
             f"from_step must be a step number of run {rid!r}, 0 to {last + 1} (one past its "
             f"last step copies every step), got {from_step!r}; see `durable-nb trace {rid}`"
         )
-    if on == "here":
+    if here:
         workflow_of(rec)  # refused before anything is written if it cannot execute here
     new_id = check_run_id(run_id) if run_id is not None else _fork_id(rid, from_step)
     if store.get_run(new_id) is not None:
@@ -109,7 +127,7 @@ def fork(
         _copy(rec, journal, from_step, new_id, None, signals)
     finally:
         lease.release()
-    return resume(new_id, on=on)
+    return new_id
 
 
 def _fork_id(run_id: str, step: int) -> str:

@@ -40,19 +40,41 @@ from ._jobs import Job, get_job
 from ._runtime import runtime
 from ._workflow import Workflow, defined
 
-__all__ = ["resume", "workflow_of"]
+__all__ = ["requeue", "resume", "workflow_of"]
 
 
 def resume(run_id: str, *, on: str = "here") -> Job[Any]:
     """Resume the run ``run_id`` from its history and return its :class:`Job` (see the module
     docstring). ``on="here"`` executes it in this process; ``on="worker"`` queues it for a
-    worker."""
+    worker (the job follows it through the store)."""
     rid = check_run_id(run_id)
     if on not in ("here", "worker"):
         raise ArgumentError(
             f"on must be 'here' (execute in this process) or 'worker' (queue it for a worker), "
             f"got {on!r}"
         )
+    rec = _reopen(rid, here=on == "here")
+    if rec.status == "completed":
+        return get_job(rid)
+    if on == "worker":
+        job: Job[Any] = Job(rid, None)
+        job._watch()
+        return job
+    wf = workflow_of(rec)
+    args, kwargs = _arguments(wf, rec)
+    return start_run(wf, args, kwargs, run_id=rid, parent_id=rec.parent_id)
+
+
+def requeue(run_id: str) -> RunRecord:
+    """Queue a stopped run for a worker (``resume(run_id, on="worker")`` without a job that
+    follows it: the admin client's and the command line's form). Returns its record."""
+    return _reopen(check_run_id(run_id), here=False)
+
+
+def _reopen(rid: str, *, here: bool) -> RunRecord:
+    """Make a stopped run resumable: its cancellation cleared, and ``queued`` for a worker
+    (``here`` False) or left for this process to execute. A completed run is returned as it
+    is; one executing anywhere is refused."""
     with runtime.jobs_lock:
         live = runtime.jobs.get(rid)
     if live is not None and not live.done():
@@ -67,33 +89,29 @@ def resume(run_id: str, *, on: str = "here") -> Job[Any]:
             f"no run {rid!r} in the store {store.url!r}; list runs with `durable-nb runs`"
         )
     if rec.status == "completed":
-        return get_job(rid)
-    wf = workflow_of(rec) if on == "here" else None
+        return rec
+    if here:
+        workflow_of(rec)  # refused before anything changes if it cannot execute here
     try:
         lease = store.acquire_run(rid, runtime.owner)
     except RunLockedError as e:
         raise RunLockedError(f"run {rid!r} cannot be resumed while it executes: {e}") from None
     try:
-        rec = store.get_run(rid)  # as it is now that nobody else may change it
-        if rec is None:
+        now = store.get_run(rid)  # as it is now that nobody else may change it
+        if now is None:
             raise RunNotFoundError(f"run {rid!r} was deleted from the store {store.url!r}")
-        if rec.status == "completed":
-            return get_job(rid)
-        clear_cancel(rec)
-        if on == "worker":
-            rec.status = "queued"
-        elif rec.status == "cancelled":
-            rec.status = "interrupted"  # resumable here; the driver takes it from there
-        rec.detail, rec.updated_at = "", runtime.clock.time()
-        store.put_run(rec)
+        if now.status == "completed":
+            return now
+        clear_cancel(now)
+        if not here:
+            now.status = "queued"
+        elif now.status == "cancelled":
+            now.status = "interrupted"  # resumable here; the driver takes it from there
+        now.detail, now.updated_at = "", runtime.clock.time()
+        store.put_run(now)
+        return now
     finally:
         lease.release()
-    if wf is None:  # queued: the job follows it through the store
-        job: Job[Any] = Job(rid, None)
-        job._watch()
-        return job
-    args, kwargs = _arguments(wf, rec)
-    return start_run(wf, args, kwargs, run_id=rid, parent_id=rec.parent_id)
 
 
 def workflow_of(rec: RunRecord) -> Workflow[..., Any]:
