@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -35,7 +32,8 @@ from durable_nb.errors import (
 )
 from durable_nb.store import RunRecord, Store, open_store
 
-from .conftest import PG_TEST_KEY, ROOT
+from .conftest import PG_TEST_KEY
+from .helpers import spawn_python
 
 # ======================================================================= in one process
 
@@ -445,22 +443,19 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 def _worker(tmp: Path, url: str, scenario: str, **env: str) -> tuple[int, str]:
     script = tmp / "worker.py"
     script.write_text(WORKER)
-    p = subprocess.run(
-        [sys.executable, str(script), scenario],
-        capture_output=True,
-        text=True,
-        cwd=tmp,
-        timeout=120,
+    p = spawn_python(
+        str(script),
+        scenario,
         env={
-            **os.environ,
-            "PYTHONPATH": str(ROOT),
             "DURABLE_NB_STORE": url,
             "DURABLE_NB_KEY": PG_TEST_KEY.decode(),
             "EXEC_LOG": str(tmp / "exec.log"),
             **env,
         },
+        cwd=tmp,
     )
-    return p.returncode, p.stdout + p.stderr
+    out, err = p.communicate(timeout=120)
+    return p.returncode, out + err
 
 
 def _killed_then_finished(tmp: Path, url: str, scenario: str, label: str) -> Any:

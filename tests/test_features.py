@@ -16,11 +16,9 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import re
 import signal
 import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -42,7 +40,7 @@ from durable_nb.errors import (
 )
 from durable_nb.store import Store
 
-from .helpers import ROOT
+from .helpers import spawn_python
 
 calls: Counter[str] = Counter()
 
@@ -1222,19 +1220,11 @@ def _worker(tmp: Path, scenario: str, **env: str) -> subprocess.Popen[str]:
     script = tmp / "worker.py"
     if not script.exists():
         script.write_text(WORKER)
-    return subprocess.Popen(
-        [sys.executable, str(script), scenario],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    return spawn_python(
+        str(script),
+        scenario,
+        env={"DURABLE_NB_STORE": str(tmp / "s.duckdb"), "EXEC_LOG": str(tmp / "exec.log"), **env},
         cwd=tmp,
-        env={
-            **os.environ,
-            "PYTHONPATH": str(ROOT),
-            "DURABLE_NB_STORE": str(tmp / "s.duckdb"),
-            "EXEC_LOG": str(tmp / "exec.log"),
-            **env,
-        },
     )
 
 

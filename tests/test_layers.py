@@ -63,6 +63,7 @@ def test_public_surface_is_pinned() -> None:
             "set_store",
             "signal",
             "start",
+            "wrap",
         ]
     )
     for name in dn.__all__:
@@ -87,9 +88,12 @@ LAYERS = {  # a module may import only from its own layer or lower ones
     "_journal": 1,
     "_hashing": 1,
     "_codecs": 1,
+    "_cells": 1,
+    "_provenance": 1,
     "store": 2,
     "engine": 3,
     "trace": 4,
+    "_explain": 4,
     "client": 4,
     "worker": 4,
     "_kernelspec": 4,
@@ -110,6 +114,7 @@ ORDER = {
         "_streams",
         "_streaming",
         "_effects",
+        "_wrap",
         "_kv",
         "_interrupts",
         "_branches",
@@ -122,8 +127,8 @@ ORDER = {
         "_fork",
         "_api",
     ],
-    "store": ["_protocol", "_memory", "_duckdb", "_postgres"],
-    "widgets": ["_messages", "_model", "_static", "_inspect", "_widget"],
+    "store": ["_protocol", "_memory", "_keyfilter", "_duckdb", "_postgres"],
+    "widgets": ["_messages", "_snapshot", "_model", "_static", "_inspect", "_widget"],
 }
 
 

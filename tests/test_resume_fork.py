@@ -15,7 +15,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from collections import Counter
@@ -37,7 +36,7 @@ from durable_nb.errors import (
 )
 
 from .conftest import PG_TEST_KEY
-from .helpers import ROOT
+from .helpers import ROOT, spawn_python
 
 calls: Counter[str] = Counter()
 
@@ -656,14 +655,7 @@ def procs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, 
 
 
 def _spawn(env: dict[str, str], *args: str, **extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=env["EXEC_LOG"].rsplit(os.sep, 1)[0],
-        env={**env, **extra},
-    )
+    return spawn_python(*args, env={**env, **extra}, cwd=Path(env["EXEC_LOG"]).parent)
 
 
 def _main(env: dict[str, str], *args: str, rc: int = 0, **extra: str) -> Any:
@@ -770,16 +762,10 @@ def test_resume_an_interrupted_kernel_run_on_a_worker_survives_a_kill_of_the_wor
         assert _main(procs, "queue", "1", "ping1") == "PING-1"
         assert _dump(procs, "k")["k"]["status"] == "interrupted"
         assert _log(procs) == {"exec p-a": 1, "exec p-b": 1, "hang p-b": 1, "exec ping-1": 1}
-        cli = subprocess.run(
-            [sys.executable, "-m", "durable_nb", "resume", "k"],
-            capture_output=True,
-            text=True,
-            env=procs,
-            cwd=Path(procs["EXEC_LOG"]).parent,
-            timeout=120,
-        )
-        assert cli.returncode == 0, cli.stderr
-        assert cli.stdout.startswith("queued k for a worker; `durable-nb worker MODULE` serves")
+        cli = _spawn(procs, "-m", "durable_nb", "resume", "k")
+        out, err = cli.communicate(timeout=120)
+        assert cli.returncode == 0, err
+        assert out.startswith("queued k for a worker; `durable-nb worker MODULE` serves")
         worker.communicate(timeout=120)  # killed right after p-c was recorded
         assert worker.returncode == -signal.SIGKILL
         second = _spawn(procs, "-m", "durable_nb", "worker", "flows.py")

@@ -231,6 +231,7 @@ export class TraceView {
         output_html: "",
         output_text: "loading…",
         error: r.error,
+        why: "",
       };
       this.shared.send({ kind: "inspect", seq: r.seq, name: r.name });
       for (const v of this.shared.views) v();
@@ -250,6 +251,7 @@ export class TraceView {
       b.addEventListener("click", () => this.shared.send({ kind: "fork", seq: d.seq }));
       parts.push(b);
     }
+    if (d.why) parts.push(h("h4", {}, "why"), h("p", { class: "dn-why" }, d.why));
     if (d.args) parts.push(h("h4", {}, "inputs"), h("pre", {}, d.args));
     if (d.output_html) {
       const out = h("div", { class: "dn-output" });
