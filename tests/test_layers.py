@@ -128,6 +128,7 @@ ORDER = {
         "_api",
     ],
     "store": ["_protocol", "_memory", "_keyfilter", "_duckdb", "_postgres"],
+    "magics": ["_outputs", "_magics"],
     "widgets": ["_messages", "_snapshot", "_model", "_static", "_inspect", "_widget"],
 }
 

@@ -1,8 +1,5 @@
-"""The IPython extension: ``%%effect``, ``%%durable`` and ``%durable``.
-
-``%load_ext durable_nb`` registers the magics and a ``pre_run_cell`` hook (occurrences of
-top-level effects are counted afresh for each cell); ``%unload_ext durable_nb`` removes
-both, so ``%reload_ext`` is idempotent. This is the only module that imports IPython.
+"""The magics themselves: ``%%effect`` (a cached cell), ``%%durable`` (a resumable workflow
+cell) and ``%durable`` (runs, signals, the cache, why a cell executed).
 """
 
 from __future__ import annotations
@@ -18,149 +15,33 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Any, cast
+from collections.abc import Callable
+from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from . import _cells, _codecs, _explain, _hashing
-from ._cells import analyse_cell, normalized
-from ._journal import STEP_KINDS, run_scope
-from ._provenance import tracker
-from .engine import Workflow, runtime, start_run
-from .errors import (
+from .. import _cells, _codecs, _explain, _hashing
+from .._cells import analyse_cell, normalized
+from .._journal import STEP_KINDS, run_scope
+from .._provenance import tracker
+from ..engine import Workflow, runtime, start_run
+from ..errors import (
     DurableError,
     RunNotFoundError,
     UnhashableInputError,
     UnstorableValueError,
     WidgetUnavailableError,
 )
-from .store import EffectRecord
-from .trace import format_run, format_runs, run_info
+from ..store import EffectRecord
+from ..trace import format_run, format_runs, run_info
+from ._outputs import RESULT_NAME, capture, split_last_expression
 
-__all__ = ["load_ipython_extension", "unload_ipython_extension"]
-
-_RESULT = "__durable_nb_result__"
 _LAST = "cell-last:"  # identity prefix of a cell's `cell-last` record (see _explain.py)
 _INLINE_BYTES = 64 * 1024  # variables up to this size are kept in the cell's own record
 _SOURCE_KEPT = 20_000  # characters of a cell's source kept to show what an edit changed
-
-
-def _split_last_expression(tree: ast.Module) -> ast.Module:
-    """Make the value of a trailing expression land in ``__durable_nb_result__``."""
-    if tree.body and isinstance(tree.body[-1], ast.Expr):
-        last = tree.body[-1]
-        assign = ast.Assign(targets=[ast.Name(_RESULT, ast.Store())], value=last.value)
-        tree.body[-1] = ast.copy_location(assign, last)
-        ast.fix_missing_locations(tree)
-    return tree
-
-
-# ---------------------------------------------------------------------------- output capture
-
-
-class _Tee:
-    """A stream that writes through and remembers what was written, in order with the
-    other stream and the displays (``events``)."""
-
-    def __init__(self, target: Any, name: str, events: list[list[Any]]) -> None:
-        self.target = target
-        self.name = name
-        self.events = events
-
-    def write(self, text: str) -> int:
-        events = self.events
-        if events and events[-1][0] == self.name:
-            events[-1][1] += text
-        else:
-            events.append([self.name, text])
-        return int(self.target.write(text) or 0)
-
-    def flush(self) -> None:
-        self.target.flush()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.target, name)
-
-
-_WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
-
-
-def _final_state(data: dict[str, Any]) -> dict[str, Any]:
-    """A display as it should replay: a widget (a tqdm.auto bar) as the text of its final
-    state, since its model dies with the kernel; anything else as it was."""
-    view = data.get(_WIDGET_VIEW)
-    if not isinstance(view, dict):
-        return data
-    from IPython.lib.pretty import pretty
-
-    from .widgets._snapshot import find_widget
-
-    widget = find_widget(str(view.get("model_id")))
-    text = str(data.get("text/plain", ""))
-    if widget is not None:
-        try:
-            text = pretty(widget)
-        except Exception:  # tqdm's repr needs its bar object, which may be gone by now
-            text = _widget_text(widget) or text
-    return {"text/plain": text}
-
-
-def _widget_text(widget: Any) -> str:
-    """A widget's state as text, from its parts: labels and HTML as their text, a progress
-    bar as ``|█████     |`` (a tqdm.auto bar reads ``100%|██████████| 20/20 [...]``)."""
-    import html
-    import re
-
-    children = getattr(widget, "children", None)
-    if isinstance(children, (list, tuple)):
-        return "|".join(t for t in (_widget_text(c) for c in children) if t)
-    value, top = getattr(widget, "value", None), getattr(widget, "max", None)
-    if isinstance(value, (int, float)) and isinstance(top, (int, float)) and top > 0:
-        filled = max(0, min(10, round(10 * value / top)))
-        return "█" * filled + " " * (10 - filled)
-    if isinstance(value, str):
-        text = html.unescape(re.sub(r"<[^>]*>", "", value))
-        return text.replace("\u2007", " ").replace("\xa0", " ")  # HTML's fixed-width spaces
-    return ""
-
-
-@contextmanager
-def _capture(ip: InteractiveShell) -> Iterator[dict[str, Any]]:
-    """Show the cell's output live and keep a copy: stdout, stderr and rich displays, in the
-    order they came (``events``: ``["stdout", text]``, ``["display", data, metadata]``)."""
-    events: list[list[Any]] = []
-    out, err = _Tee(sys.stdout, "stdout", events), _Tee(sys.stderr, "stderr", events)
-    pub = ip.display_pub
-    original_publish = pub.publish
-
-    def publish(data: dict[str, Any], metadata: dict[str, Any] | None = None, **kw: Any) -> None:
-        if not kw.get("update"):  # an update of a live display (a bar) is in its final state
-            events.append(["display", data, metadata or {}])
-        original_publish(data, metadata, **kw)
-
-    got: dict[str, Any] = {}
-    sys.stdout, sys.stderr = cast(Any, out), cast(Any, err)  # tees, duck-typed streams
-    pub.publish = publish  # type: ignore[method-assign,assignment]  # restored below
-    try:
-        yield got
-        inline = sys.modules.get("matplotlib_inline.backend_inline")
-        if inline is not None:  # figures are shown at the end of a cell: show them now
-            inline.flush_figures()
-    finally:
-        sys.stdout, sys.stderr = out.target, err.target
-        pub.publish = original_publish  # type: ignore[method-assign]
-        for event in events:
-            if event[0] == "display":
-                event[1] = _final_state(event[1])
-        got["events"] = events
-
-
-# ---------------------------------------------------------------------------- magics
 
 
 def _hash_inputs(
@@ -317,7 +198,7 @@ class DurableMagics(Magics):
         self._why[cellref] = "executed: " + "; ".join(reasons)
         t0, started = time.perf_counter(), runtime.clock.time()
         try:
-            with _capture(self.shell) as out:  # type: ignore[arg-type]
+            with capture(self.shell) as out:  # type: ignore[arg-type]
                 result = self._run(tree)
         except BaseException as e:
             self._remember(cellref, now, started, f"it raised {type(e).__name__}")
@@ -371,10 +252,10 @@ class DurableMagics(Magics):
         warnings.warn_explicit(message, UserWarning, self._filename(), 1, registry={})
 
     def _run(self, tree: ast.Module) -> Any:
-        tree = _split_last_expression(tree)
-        self.ns.pop(_RESULT, None)
+        tree = split_last_expression(tree)
+        self.ns.pop(RESULT_NAME, None)
         exec(compile(tree, self._filename(), "exec"), self.ns)
-        return self.ns.pop(_RESULT, None)
+        return self.ns.pop(RESULT_NAME, None)
 
     def _record(
         self,
@@ -391,9 +272,9 @@ class DurableMagics(Magics):
         stored: list[str] = []
         inline: dict[str, list[str]] = {}
         modules: dict[str, str] = {}
-        for name in [*writes, _RESULT]:
-            value = result if name == _RESULT else self.ns.get(name)
-            if name != _RESULT and name not in self.ns:
+        for name in [*writes, RESULT_NAME]:
+            value = result if name == RESULT_NAME else self.ns.get(name)
+            if name != RESULT_NAME and name not in self.ns:
                 continue
             if isinstance(value, type(sys)):
                 modules[name] = value.__name__
@@ -423,8 +304,8 @@ class DurableMagics(Magics):
                 )
             )
         summary = {
-            "vars": [n for n in stored if n != _RESULT],
-            "result": _RESULT in stored,
+            "vars": [n for n in stored if n != RESULT_NAME],
+            "result": RESULT_NAME in stored,
             "inline": inline,
             "modules": modules,
             "events": out["events"],
@@ -449,7 +330,7 @@ class DurableMagics(Magics):
         assert isinstance(summary, dict)
         values: dict[str, Any] = {}
         inline = summary.get("inline", {})
-        names = summary["vars"] + ([_RESULT] if summary.get("result", True) else [])
+        names = summary["vars"] + ([RESULT_NAME] if summary.get("result", True) else [])
         for name in names:
             if name in inline:
                 codec, data = inline[name]
@@ -459,13 +340,13 @@ class DurableMagics(Magics):
                 continue
             var = store.get_effect((runtime.top.scope_id, key4[0] + "#" + name, *key4[1:]))
             if var is None:
-                if name == _RESULT:
+                if name == RESULT_NAME:
                     continue
                 return self._run(ast.parse(""))  # pragma: no cover - a half-deleted record
             values[name] = _codecs.decode(var.payload, store.signer)
         for name, module in summary["modules"].items():
             values[name] = importlib.import_module(module)
-        result = values.pop(_RESULT, None)
+        result = values.pop(RESULT_NAME, None)
         self.ns.update(values)
         events = summary.get("events")
         if events is None:  # recorded before outputs kept their order
@@ -518,7 +399,7 @@ class DurableMagics(Magics):
             raise UsageError(
                 "the %%durable cell assigns `ctx`, which is the run's Context; rename your variable"
             )
-        tree = _split_last_expression(tree)
+        tree = split_last_expression(tree)
         try:
             code = compile(tree, self._filename(), "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
         except SyntaxError as e:
@@ -530,12 +411,12 @@ class DurableMagics(Magics):
         async def body(ctx: Any) -> Any:
             previous = ns.get("ctx", _MISSING)
             ns["ctx"] = ctx
-            ns.pop(_RESULT, None)
+            ns.pop(RESULT_NAME, None)
             try:
                 coro = eval(code, ns)
                 if asyncio.iscoroutine(coro):
                     await coro
-                return ns.pop(_RESULT, None)
+                return ns.pop(RESULT_NAME, None)
             finally:
                 if previous is _MISSING:
                     ns.pop("ctx", None)
@@ -583,7 +464,7 @@ class DurableMagics(Magics):
         if self.shell is None or getattr(self.shell, "kernel", None) is None:
             return None
         try:
-            from .widgets import TraceWidget
+            from ..widgets import TraceWidget
 
             widget = TraceWidget(run_id, _missing_ok=new)
         except ImportError as e:
@@ -702,13 +583,13 @@ class DurableMagics(Magics):
                 f"the payload {payload!r} is not JSON ({e}); quote strings: "
                 f"%durable signal {run_id} {name} '\"yes\"'"
             ) from None
-        from .engine import get_job
+        from ..engine import get_job
 
         get_job(run_id).signal(name, value)
         print(f"sent {name!r} to {run_id}")
 
     def _cancel(self, run_id: str) -> None:
-        from .engine import cancel
+        from ..engine import cancel
 
         cancel(run_id, "cancelled with %durable cancel")
         print(f"cancel requested for {run_id}")
@@ -820,53 +701,3 @@ def _in_function(tree: ast.Module, node: ast.AST) -> bool:
         ):
             return True
     return False
-
-
-# ---------------------------------------------------------------------------- load / unload
-
-_loaded: dict[int, tuple[DurableMagics, Callable[..., None], Callable[..., None]]] = {}
-
-
-def _notebook_name(ip: InteractiveShell) -> str:
-    path = ip.user_ns.get("__vsc_ipynb_file__") or os.environ.get("JPY_SESSION_NAME")
-    return str(path) if path else "interactive"
-
-
-def load_ipython_extension(ip: InteractiveShell) -> None:
-    if id(ip) in _loaded:
-        return
-    magics = DurableMagics(ip)
-    ip.register_magics(magics)
-
-    def pre_run_cell(info: Any = None) -> None:
-        runtime.top.reset()
-        magics.cell_id = getattr(info, "cell_id", None)
-        raw = getattr(info, "raw_cell", None)
-        tracker.begin_cell((lambda: magics.plain_source(raw)) if isinstance(raw, str) else None)
-
-    def post_run_cell(result: Any = None) -> None:
-        raw = getattr(getattr(result, "info", None), "raw_cell", None)
-        if isinstance(raw, str):
-            source = magics.plain_source(raw)
-            if source is not None:
-                tracker.after_cell(source)
-
-    ip.events.register("pre_run_cell", pre_run_cell)
-    ip.events.register("post_run_cell", post_run_cell)
-    tracker.attach(ip.user_ns, ip.user_ns_hidden)
-    runtime.set_top_scope(_notebook_name(ip))
-    _loaded[id(ip)] = (magics, pre_run_cell, post_run_cell)
-
-
-def unload_ipython_extension(ip: InteractiveShell) -> None:
-    entry = _loaded.pop(id(ip), None)
-    if entry is None:
-        return
-    magics, pre, post = entry
-    ip.events.unregister("pre_run_cell", pre)
-    ip.events.unregister("post_run_cell", post)
-    tracker.detach()
-    for kind in ("cell", "line"):
-        for name in list(magics.magics[kind]):
-            ip.magics_manager.magics[kind].pop(name, None)
-    ip.magics_manager.registry.pop(type(magics).__name__, None)
