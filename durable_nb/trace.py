@@ -77,7 +77,8 @@ class Tokens(TypedDict):
     model: str
 
 
-_EVENT_RANK = {k: 0 for k in EXECUTION_EVENTS} | {k: 2 for k in CLOSING_EVENTS}
+# within one instant: a fork's origin, then an execution's opening, ..., its closing event
+_EVENT_RANK = {"forked": -1} | {k: 0 for k in EXECUTION_EVENTS} | {k: 2 for k in CLOSING_EVENTS}
 _NOISE = ("signal_id",)  # ids that make a timeline line long and say nothing to a reader
 
 
@@ -161,7 +162,8 @@ def run_trace(store: Store, run_id: str) -> dict[str, Any]:
     The shape (the widgets code against it; keep it stable)::
 
         {"run": {run_id, workflow, status, custom_status, status_version, parent_id,
-                 executions, created_at, updated_at, detail, generation, version},
+                 executions, created_at, updated_at, detail, generation, version,
+                 forked_from: {run_id, step} | None},
          "steps": [{seq, step, kind, name, state, started_at, duration, args, error,
                     attempts, tokens}],
          "waiting": [{"kind": "signal", "name": ...} | {"kind": "timer", "until": ...}],
@@ -266,8 +268,10 @@ def run_trace(store: Store, run_id: str) -> dict[str, Any]:
                 }
             )
     steps.sort(key=lambda s: (s["seq"], s["started_at"]))
-    for i, s in enumerate(steps):  # numbers without gaps (hidden steps take a seq too)
-        s["step"] = i
+    # numbers without gaps, the ones dn.fork(from_step=) takes (_journal.shown_seqs)
+    number = {seq: i for i, seq in enumerate(sorted({s["seq"] for s in steps}))}
+    for s in steps:
+        s["step"] = number[s["seq"]]
 
     consumed = {sid for r in records if (sid := signal_id_of(r.kind, r.detail)) is not None}
     pending = [
@@ -279,6 +283,7 @@ def run_trace(store: Store, run_id: str) -> dict[str, Any]:
         store.list_runs(parent_id=run_id, limit=1_000_000), key=lambda c: (c.created_at, c.run_id)
     )
     run = run_summary(rec)
+    run["forked_from"] = _forked_from(events)
     counts = {state: sum(s["state"] == state for s in steps) for state in _STATES}
     return {
         "run": run,
@@ -320,6 +325,15 @@ def token_totals(steps: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 _STATES = ("executed", "replayed", "failed")
+
+
+def _forked_from(events: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """``{"run_id", "step"}`` of the run a fork was made from (its ``forked`` event)."""
+    for e in events:
+        d = e["data"]
+        if e["kind"] == "forked" and isinstance(d, dict) and isinstance(d.get("from"), str):
+            return {"run_id": d["from"], "step": d.get("step")}
+    return None
 
 
 def run_info(store: Store, run_id: str) -> dict[str, Any]:
@@ -488,6 +502,9 @@ def format_run(info: dict[str, Any]) -> str:
     ]
     if info["parent_id"]:
         lines.append(f"parent    {info['parent_id']}")
+    if info.get("forked_from"):
+        forked = info["forked_from"]
+        lines.append(f"forked    from {forked['run_id']} at step {forked['step']}")
     if info["waiting"]:
         lines.append(f"waits on  {_waits(info['waiting'])}")
     if info["pending_signals"]:
@@ -519,10 +536,14 @@ def format_trace(trace: dict[str, Any]) -> str:
     """A trace as a readable timeline: the run, then one line per step and event in time
     order, with offsets from the run's creation."""
     run = trace["run"]
-    t0 = run["created_at"]
+    # a fork's copied steps happened before the fork was created
+    t0 = min([run["created_at"], *(s["started_at"] for s in trace["steps"])])
     head = [
         f"run {run['run_id']}  workflow {run['workflow']}  status {run['status']}",
     ]
+    forked = run.get("forked_from")
+    if forked:
+        head.append(f"forked from run {forked['run_id']} at step {forked['step']}")
     if trace["waiting"]:
         head.append(f"waiting on {_waits(trace['waiting'])}")
     if trace["pending_signals"]:

@@ -147,6 +147,20 @@ def test_the_trace_hides_deadlines_numbers_steps_without_gaps_and_shows_no_ids(
     assert "deadline of" not in text and "signal_id" not in text
     assert trace.shown_detail("signal", t["steps"][1]["args"]) == '{"name": "approve"}'
 
+    # fork takes the same numbers: from step 1 (the wait) the deadline is made again with it
+    clock.advance(10)
+    fork = dn.fork("clean", from_step=1, run_id="clean-again")
+    assert fork.result(timeout=30) == "bob"  # the signal it consumed was sent to the fork again
+    f = trace.run_trace(dn.get_store(), "clean-again")
+    assert f["run"]["forked_from"] == {"run_id": "clean", "step": 1}
+    assert [(s["step"], s["kind"]) for s in f["steps"]] == [
+        (0, "effect"),
+        (1, "signal"),
+        (2, "effect"),
+    ]
+    deadlines = [r for r in dn.get_store().load_effects("run/clean-again") if r.kind == "deadline"]
+    assert len(deadlines) == 1 and deadlines[0].started_at > t["steps"][0]["started_at"]
+
     from durable_nb.widgets._model import TraceModel
 
     m = TraceModel("clean")

@@ -98,17 +98,14 @@ export function checkPayload(text: string): string | null {
   }
 }
 
-/** The numbers a person sees: each row with a step (seq >= 0) numbered 0, 1, 2... in seq
- * order, without the gaps that engine bookkeeping leaves in seq; the same numbers as
- * `durable-nb trace` (trace.py's `step`). Keyed by "seq:name". */
+/** The numbers a person sees: each step (seq >= 0) numbered 0, 1, 2... in seq order, without
+ * the gaps that engine bookkeeping leaves in seq; the same numbers as `durable-nb trace`
+ * (trace.py's `step`) and `dn.fork(from_step=)`. Keyed by "seq:name". */
 export function stepNumbers(rows: StepRow[]): Map<string, number> {
-  const keyed: [number, number, string][] = [];
-  rows.forEach((r, i) => {
-    if (r.seq >= 0) keyed.push([r.seq, i, `${r.seq}:${r.name}`]);
-  });
-  keyed.sort((a, b) => a[0] - b[0] || a[1] - b[1]);
+  const seqs = [...new Set(rows.filter((r) => r.seq >= 0).map((r) => r.seq))].sort((a, b) => a - b);
+  const rank = new Map(seqs.map((seq, n) => [seq, n] as const));
   const out = new Map<string, number>();
-  keyed.forEach(([, , key], n) => out.set(key, n));
+  for (const r of rows) if (r.seq >= 0) out.set(`${r.seq}:${r.name}`, rank.get(r.seq)!);
   return out;
 }
 
