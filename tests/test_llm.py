@@ -300,3 +300,59 @@ def test_bad_limits_are_clear_errors_and_change_nothing() -> None:
     assert parse_rate("500/min") == (500, 60.0)
     assert parse_rate("10/5s") == (10, 5.0)
     assert parse_rate("2 / hour") == (2, 3600.0)
+
+
+TWO_PROCESS_CALLER = """
+import asyncio, os, sys, time
+from openai import AsyncOpenAI
+import durable_nb as dn
+
+llm = dn.wrap(
+    AsyncOpenAI(base_url=sys.argv[1], api_key="x", max_retries=0),
+    key="pg-llm",
+    limit="pg-shared",
+    concurrency=4,
+    rate="100/s",
+)
+
+@dn.durable
+async def prompts(ctx, who):
+    answers = await asyncio.gather(
+        *(
+            llm.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": f"{who} {i}"}]
+            )
+            for i in range(300)
+        )
+    )
+    await llm.__wrapped__.close()
+    return len(answers)
+
+while not os.path.exists(sys.argv[3]):  # start together
+    time.sleep(0.005)
+print("RESULT", dn.run(prompts, sys.argv[2], run_id="many-" + sys.argv[2]), flush=True)
+"""
+
+
+def test_a_limit_holds_across_two_processes_on_the_postgresql_store(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """Two processes, 300 gathered calls each, one limit on the shared store: the server
+    sees at most 4 at once and at most 100 start in any second, counted at the server."""
+    llm_server = helpers.llm_server()
+    go = tmp_path / "go"
+    env = {"DURABLE_NB_STORE": pg_url, "DURABLE_NB_KEY": "limits-test-key-0123456789"}
+    with llm_server.LLMServer() as server:
+        server.latency = 0.005
+        procs = [
+            spawn_python("-c", TWO_PROCESS_CALLER, server.url, who, str(go), env=env)
+            for who in ("a", "b")
+        ]
+        go.touch()
+        outs = [p.communicate(timeout=180) for p in procs]
+        for p, (out, err) in zip(procs, outs, strict=True):
+            assert p.returncode == 0, err
+            assert out.strip() == "RESULT 300", err
+        assert server.requests == 600
+        assert server.max_inflight <= 4
+        assert _max_in_window(server.starts, 0.9) <= 100  # 100 ms of slack, as above

@@ -254,7 +254,7 @@ class EffectFunction(Generic[P, R]):
                 raise late
             limit = att.limit()
             if self.limiter is not None:  # each attempt is a request the API sees
-                self.limiter.acquire_sync()
+                held = self.limiter.acquire_sync()
             # dn.progress inside the function reports to this step's row
             here = current_step.set((in_run, seq, self.identity)) if in_run is not None else None
             try:
@@ -280,7 +280,7 @@ class EffectFunction(Generic[P, R]):
                 if here is not None:
                     current_step.reset(here)
                 if self.limiter is not None:
-                    self.limiter.release()
+                    self.limiter.release(held)
         rec, _ = self._make_record(scope, key4, seq, result, False, att.first, t0, args, kwargs)
         scope.record(rec, *usage_records(rec, result))  # its tokens are counted now, once
         return result
@@ -319,7 +319,7 @@ class EffectFunction(Generic[P, R]):
                 # plain async function learns of a cancellation from the CancelledError itself
                 attempt = token = None
                 if self.limiter is not None:  # each attempt is a request the API sees
-                    await self.limiter.acquire()
+                    held = await self.limiter.acquire()
                 # dn.progress inside the function reports to this step's row (a worker
                 # thread copies the context when the attempt starts)
                 here = (
@@ -361,7 +361,7 @@ class EffectFunction(Generic[P, R]):
                     if here is not None:
                         current_step.reset(here)
                     if self.limiter is not None:
-                        self.limiter.release()
+                        self.limiter.release(held)
             rec, _ = self._make_record(scope, key4, seq, result, False, att.first, t0, args, kwargs)
             # the tokens it reports are written with the result: counted once, now
             await scope.record_async(rec, *usage_records(rec, result))

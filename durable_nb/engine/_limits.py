@@ -6,8 +6,9 @@ it in this process: at most ``concurrency`` attempts run at once, and at most N 
 *start* in any sliding window of the rate's length. Each attempt counts (a retry is a
 request the API sees too); a replay is no attempt, so it never waits. Waiting uses the
 engine's clock, so tests run on a virtual one. The limiter holds within one process (every
-thread and event loop in it); README "Rate and concurrency limits" says what holds across
-processes.
+thread and event loop in it), and on a store that shares limits (PostgreSQL,
+:class:`~durable_nb.store.SharedLimits`) across every process using the store: a place is
+taken here first, then in the store, in one transaction that uses the database's clock.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
+import uuid
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ArgumentError, ArgumentTypeError, LimitConflictError
+from ..store import SharedLimits
 from ._runtime import runtime
 
 __all__ = ["Limiter", "check_limit", "limiter", "parse_rate"]
@@ -86,7 +89,45 @@ class Limiter:
         self.active += 1
         return None
 
-    async def acquire(self) -> None:
+    async def acquire(self) -> str | None:
+        """Wait for a place: this process's, then the store's when it shares limits across
+        processes (PostgreSQL). Returns what :meth:`release` gives back."""
+        await self._acquire_here()
+        shared = _shared()
+        if shared is None:
+            return None
+        slot = uuid.uuid4().hex
+        s = self.spec
+        try:
+            while True:
+                wait = await asyncio.to_thread(
+                    shared.limit_take, self.name, slot, s.concurrency, s.calls, s.window, _HOLD
+                )
+                if wait is None:
+                    return slot
+                await runtime.clock.sleep(wait or _POLL)
+        except BaseException:
+            self.release(None)
+            raise
+
+    def acquire_sync(self) -> str | None:
+        self._acquire_sync_here()
+        shared = _shared()
+        if shared is None:
+            return None
+        slot = uuid.uuid4().hex
+        s = self.spec
+        try:
+            while True:
+                wait = shared.limit_take(self.name, slot, s.concurrency, s.calls, s.window, _HOLD)
+                if wait is None:
+                    return slot
+                runtime.clock.sleep_sync(wait or _POLL)
+        except BaseException:
+            self.release(None)
+            raise
+
+    async def _acquire_here(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             with self._lock:
@@ -109,7 +150,7 @@ class Limiter:
                         self._wake_one()  # it was woken: pass the wake on
                 raise
 
-    def acquire_sync(self) -> None:
+    def _acquire_sync_here(self) -> None:
         while True:
             with self._lock:
                 wait = self._try()
@@ -123,10 +164,15 @@ class Limiter:
             else:
                 event.wait()
 
-    def release(self) -> None:
+    def release(self, slot: str | None) -> None:
+        """Give the place back (``slot``: what :meth:`acquire` returned)."""
         with self._lock:
             self.active -= 1
             self._wake_one()
+        if slot is not None and self.spec.concurrency is not None:
+            shared = _shared()
+            if shared is not None:  # a call: about a millisecond, next to an API call's
+                shared.limit_give(self.name, slot)
 
     def _wake_one(self) -> None:  # under the lock
         while self._waiters:
@@ -145,6 +191,16 @@ class Limiter:
             return
         with self._lock:  # its waiter was cancelled meanwhile: wake the next one
             self._wake_one()
+
+
+_HOLD = 600.0  # seconds a slot of a shared limit lasts at most (its holder may have died)
+_POLL = 0.05  # seconds between two asks for a slot of a shared limit that is full
+
+
+def _shared() -> SharedLimits | None:
+    """The store, when limits hold across the processes that share it (PostgreSQL)."""
+    store = runtime.store
+    return store if isinstance(store, SharedLimits) else None
 
 
 _limiters: dict[str, Limiter] = {}

@@ -326,7 +326,7 @@ class StreamingCall(Generic[T]):
                     raise late
                 lim = eff.limiter
                 if lim is not None:  # each attempt is a request the API sees
-                    await lim.acquire()
+                    held = await lim.acquire()
                 try:
                     await self._attempt(att.limit())
                     break
@@ -341,7 +341,7 @@ class StreamingCall(Generic[T]):
                     raise err from e
                 finally:
                     if lim is not None:
-                        lim.release()
+                        lim.release(held)
             self._flush()
             value = self._spec.reducer(list(self._chunks))
             rec = EffectRecord(

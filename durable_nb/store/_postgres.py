@@ -156,6 +156,18 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             "PRIMARY KEY (scope, identity, version, input_hash, occurrence))",
         ),
     ),
+    (
+        2,
+        "named rate and concurrency limits shared by every process on the store",
+        (
+            'CREATE TABLE {s}.dn_limit_slots (name text COLLATE "C" NOT NULL, '
+            'slot text COLLATE "C" NOT NULL, expires_at timestamptz NOT NULL, '
+            "PRIMARY KEY (name, slot))",
+            'CREATE TABLE {s}.dn_limit_starts (name text COLLATE "C" NOT NULL, '
+            "at double precision NOT NULL)",
+            "CREATE INDEX dn_limit_starts_name_at ON {s}.dn_limit_starts (name, at)",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -728,6 +740,78 @@ class PostgresStore:
         q = self._q["claim_effect"]
         params = (*key, owner, float(seconds))
         return self._call(lambda conn: conn.execute(q, params).fetchone() is not None)
+
+    # ------------------------------------------------------------------ shared limits
+    def limit_take(
+        self,
+        name: str,
+        slot: str,
+        concurrency: int | None,
+        calls: int | None,
+        window: float | None,
+        hold: float,
+    ) -> float | None:
+        s = sql.Identifier(self._schema)
+
+        def take(conn: _Conn) -> float | None:
+            with conn.transaction():
+                # one taker per limit name at a time, in every process: count, then insert
+                conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtextextended(%s, 1))",
+                    ["durable_nb limit " + name],
+                )
+                row = conn.execute("SELECT extract(epoch FROM clock_timestamp())").fetchone()
+                now = float(row[0]) if row else 0.0
+                if concurrency is not None:
+                    conn.execute(
+                        sql.SQL(
+                            "DELETE FROM {}.dn_limit_slots WHERE name = %s "
+                            "AND expires_at <= clock_timestamp()"
+                        ).format(s),
+                        [name],
+                    )
+                    held = conn.execute(
+                        sql.SQL("SELECT count(*) FROM {}.dn_limit_slots WHERE name = %s").format(s),
+                        [name],
+                    ).fetchone()
+                    if held is not None and int(held[0]) >= concurrency:
+                        return 0.0
+                if calls is not None and window is not None:
+                    conn.execute(
+                        sql.SQL(
+                            "DELETE FROM {}.dn_limit_starts WHERE name = %s AND at <= %s"
+                        ).format(s),
+                        [name, now - window],
+                    )
+                    got = conn.execute(
+                        sql.SQL(
+                            "SELECT count(*), min(at) FROM {}.dn_limit_starts WHERE name = %s"
+                        ).format(s),
+                        [name],
+                    ).fetchone()
+                    if got is not None and int(got[0]) >= calls:
+                        return max(float(got[1]) + window - now, 1e-3)
+                    conn.execute(
+                        sql.SQL("INSERT INTO {}.dn_limit_starts VALUES (%s, %s)").format(s),
+                        [name, now],
+                    )
+                if concurrency is not None:
+                    conn.execute(
+                        sql.SQL(
+                            "INSERT INTO {}.dn_limit_slots VALUES "
+                            "(%s, %s, clock_timestamp() + make_interval(secs => %s))"
+                        ).format(s),
+                        [name, slot, float(hold)],
+                    )
+                return None
+
+        return self._call(take)
+
+    def limit_give(self, name: str, slot: str) -> None:
+        q = sql.SQL("DELETE FROM {}.dn_limit_slots WHERE name = %s AND slot = %s").format(
+            sql.Identifier(self._schema)
+        )
+        self._call(lambda conn: conn.execute(q, [name, slot]))
 
     def release_effect(self, key: EffectKey, owner: str) -> None:
         q = self._q["release_effect"]

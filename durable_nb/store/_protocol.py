@@ -33,6 +33,7 @@ __all__ = [
     "RunLease",
     "RunRecord",
     "RunStatus",
+    "SharedLimits",
     "SignalRecord",
     "Store",
     "run_scopes",
@@ -142,6 +143,33 @@ class RunLease:
         fn, self.on_lost = self.on_lost, None
         if callable(fn):
             fn()
+
+
+@runtime_checkable
+class SharedLimits(Protocol):
+    """A store on which named rate/concurrency limits hold across processes (PostgreSQL).
+
+    ``limit_take`` is atomic (one transaction under a lock of the limit's name) and uses the
+    store's own clock, so every process agrees on the sliding window."""
+
+    def limit_take(
+        self,
+        name: str,
+        slot: str,
+        concurrency: int | None,
+        calls: int | None,
+        window: float | None,
+        hold: float,
+    ) -> float | None:
+        """Take a place under limit ``name`` (None), or say how long to wait before asking
+        again: fewer than ``concurrency`` slots held (a slot, ``slot``, lasts ``hold`` seconds
+        at most: a holder that died frees it then) and fewer than ``calls`` starts in the
+        last ``window`` seconds; a place taken records a start and holds a slot."""
+        ...
+
+    def limit_give(self, name: str, slot: str) -> None:
+        """Give slot ``slot`` of limit ``name`` back."""
+        ...
 
 
 @runtime_checkable
