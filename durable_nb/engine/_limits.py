@@ -17,11 +17,18 @@ import asyncio
 import re
 import threading
 import uuid
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ArgumentError, ArgumentTypeError, LimitConflictError
+from ..errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    DurableWarning,
+    LimitConflictError,
+    StoreError,
+)
 from ..store import SharedLimits
 from ._runtime import runtime
 
@@ -107,7 +114,9 @@ class Limiter:
                     return slot
                 await runtime.clock.sleep(wait or _POLL)
         except BaseException:
-            self.release(None)
+            # cancelled while the store may have given the slot: give it back, not leave it
+            # held until it expires
+            self.release(slot if s.concurrency is not None else None)
             raise
 
     def acquire_sync(self) -> str | None:
@@ -124,7 +133,7 @@ class Limiter:
                     return slot
                 runtime.clock.sleep_sync(wait or _POLL)
         except BaseException:
-            self.release(None)
+            self.release(slot if s.concurrency is not None else None)
             raise
 
     async def _acquire_here(self) -> None:
@@ -172,7 +181,15 @@ class Limiter:
         if slot is not None and self.spec.concurrency is not None:
             shared = _shared()
             if shared is not None:  # a call: about a millisecond, next to an API call's
-                shared.limit_give(self.name, slot)
+                try:
+                    shared.limit_give(self.name, slot)
+                except StoreError as e:  # the slot expires on its own; the call's outcome stands
+                    warnings.warn(
+                        f"could not give back a slot of limit {self.name!r} ({e}); it frees "
+                        f"itself within {_HOLD:g} s",
+                        DurableWarning,
+                        stacklevel=2,
+                    )
 
     def _wake_one(self) -> None:  # under the lock
         while self._waiters:
@@ -197,10 +214,17 @@ _HOLD = 600.0  # seconds a slot of a shared limit lasts at most (its holder may 
 _POLL = 0.05  # seconds between two asks for a slot of a shared limit that is full
 
 
+_last: tuple[object, SharedLimits | None] = (None, None)
+
+
 def _shared() -> SharedLimits | None:
-    """The store, when limits hold across the processes that share it (PostgreSQL)."""
+    """The store, when limits hold across the processes that share it (PostgreSQL). Asked
+    on every attempt, so the answer is kept per store (a Protocol check costs microseconds)."""
+    global _last
     store = runtime.store
-    return store if isinstance(store, SharedLimits) else None
+    if _last[0] is not store:
+        _last = (store, store if isinstance(store, SharedLimits) else None)
+    return _last[1]
 
 
 _limiters: dict[str, Limiter] = {}
