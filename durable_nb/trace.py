@@ -57,7 +57,8 @@ class TraceStep(TypedDict):
     """One step of a trace (see :func:`run_trace`)."""
 
     seq: int  # its position in the execution that recorded it
-    step: int  # the number a person sees: its position among the shown steps, 0, 1, 2...
+    step: int | None  # the number a person sees (0, 1, 2... without gaps); None: not shown
+    # (the engine's own steps, such as a timed wait's deadline: ``_journal.HIDDEN_KINDS``)
     kind: str  # a _journal.StepKind (a store a newer version wrote may hold others)
     name: str  # the effect's identity, or the engine step's (``dn.sleep``...)
     state: Literal["executed", "replayed", "failed"]
@@ -183,7 +184,8 @@ def run_trace(store: Store, run_id: str) -> dict[str, Any]:
     ``totals.saved_seconds`` is the time the replayed steps took when they executed.
 
     ``step`` numbers the shown steps without gaps (``seq`` counts engine bookkeeping too,
-    such as a timed wait's deadline, which no timeline shows). ``tokens`` is what an LLM
+    such as a timed wait's deadline, which is in ``steps`` with ``step`` None and which no
+    timeline shows nor the totals count). ``tokens`` is what an LLM
     call's result reported (``{prompt, completion, model}``), else ``None``; the totals
     count each recorded call once (``tokens``) and what replayed steps had cost
     (``tokens_saved``).
@@ -220,7 +222,7 @@ def run_trace(store: Store, run_id: str) -> dict[str, Any]:
                 "model": str(d.get("model", "") or ""),
             }
     for r in records:
-        if r.kind in AUX_KINDS or r.kind in HIDDEN_KINDS:
+        if r.kind in AUX_KINDS:
             continue
         recorded.add((r.seq, r.identity))
         state: Literal["executed", "replayed", "failed"]
@@ -268,10 +270,12 @@ def run_trace(store: Store, run_id: str) -> dict[str, Any]:
                 }
             )
     steps.sort(key=lambda s: (s["seq"], s["started_at"]))
-    # numbers without gaps, the ones dn.fork(from_step=) takes (_journal.shown_seqs)
-    number = {seq: i for i, seq in enumerate(sorted({s["seq"] for s in steps}))}
+    # numbers without gaps, the ones dn.fork(from_step=) takes (_journal.shown_seqs); the
+    # engine's own steps (a timed wait's deadline) stay in the data, unnumbered and unshown
+    shown = [s for s in steps if s["kind"] not in HIDDEN_KINDS]
+    number = {seq: i for i, seq in enumerate(sorted({s["seq"] for s in shown}))}
     for s in steps:
-        s["step"] = number[s["seq"]]
+        s["step"] = number.get(s["seq"]) if s["kind"] not in HIDDEN_KINDS else None
 
     consumed = {sid for r in records if (sid := signal_id_of(r.kind, r.detail)) is not None}
     pending = [
@@ -284,7 +288,7 @@ def run_trace(store: Store, run_id: str) -> dict[str, Any]:
     )
     run = run_summary(rec)
     run["forked_from"] = _forked_from(events)
-    counts = {state: sum(s["state"] == state for s in steps) for state in _STATES}
+    counts = {state: sum(s["state"] == state for s in shown) for state in _STATES}
     return {
         "run": run,
         "steps": steps,
@@ -293,12 +297,12 @@ def run_trace(store: Store, run_id: str) -> dict[str, Any]:
         "children": [c.run_id for c in children],
         "events": events,
         "totals": {
-            "steps": len(steps),
+            "steps": len(shown),
             **counts,
             "saved_seconds": round(
-                sum(s["duration"] for s in steps if s["state"] == "replayed"), 6
+                sum(s["duration"] for s in shown if s["state"] == "replayed"), 6
             ),
-            **token_totals(steps),
+            **token_totals(shown),
         },
     }
 
@@ -524,6 +528,8 @@ def format_run(info: dict[str, Any]) -> str:
         f"{t['failed']} failed), {info['executions']} execution(s){gen}"
     )
     for s in info["steps"]:
+        if s["step"] is None:  # the engine's own step: part of the wait it belongs to
+            continue
         flag = f"  {s['error']}" if s["error"] else ""
         lines.append(
             f"  {s['step']:>5}  {s['kind']:<8} {s['state']:<8}  {step_label(s)}  "
@@ -553,6 +559,8 @@ def format_trace(trace: dict[str, Any]) -> str:
     rows: list[list[str]] = []
     for item in run_history(trace):
         at = f"+{item['ts'] - t0:.3f}s"
+        if item["type"] == "step" and item["step"] is None:
+            continue  # the engine's own step: part of the wait it belongs to
         if item["type"] == "step":
             what = step_label(item)
             note = item["error"] or ""

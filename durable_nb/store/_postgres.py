@@ -158,7 +158,7 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     ),
     (
         2,
-        "named rate and concurrency limits shared by every process on the store",
+        "limits: named rate and concurrency limits shared by every process on the store",
         (
             'CREATE TABLE {s}.dn_limit_slots (name text COLLATE "C" NOT NULL, '
             'slot text COLLATE "C" NOT NULL, expires_at timestamptz NOT NULL, '
