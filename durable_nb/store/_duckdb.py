@@ -69,7 +69,9 @@ from ._protocol import (
     RunLease,
     RunRecord,
     SignalRecord,
+    WriteDone,
     run_scopes,
+    submit_now,
 )
 
 if TYPE_CHECKING:
@@ -867,6 +869,18 @@ class DuckDBStore:
             duration=row[12],
             detail=row[13],
         )
+
+    def submit(
+        self,
+        done: WriteDone,
+        *,
+        effects: Sequence[EffectRecord] = (),
+        runs: Sequence[RunRecord] = (),
+        events: Sequence[EventRecord] = (),
+    ) -> None:
+        submit_now(
+            self, done, effects, runs, events
+        )  # a journal append: quick enough to do at once
 
     def put_effects(self, records: Sequence[EffectRecord]) -> None:
         ops: list[tuple[str, tuple[Any, ...]]] = []

@@ -20,7 +20,9 @@ from ._protocol import (
     RunLease,
     RunRecord,
     SignalRecord,
+    WriteDone,
     run_scopes,
+    submit_now,
 )
 
 if TYPE_CHECKING:
@@ -58,6 +60,16 @@ class MemoryStore:
     @property
     def signer(self) -> Signer:
         return self._signer
+
+    def submit(
+        self,
+        done: WriteDone,
+        *,
+        effects: Sequence[EffectRecord] = (),
+        runs: Sequence[RunRecord] = (),
+        events: Sequence[EventRecord] = (),
+    ) -> None:
+        submit_now(self, done, effects, runs, events)  # writes are dict updates: done at once
 
     def put_effects(self, records: Sequence[EffectRecord]) -> None:
         with self._lock:

@@ -11,11 +11,21 @@ What the Store protocol asks, and how this store keeps it:
 * **Durable on return, atomic per call.** Every call is one autocommit statement or one
   transaction (a batch of effects, a reset, a delete), committed before it returns.
 * **Last write wins.** ``INSERT ... ON CONFLICT DO UPDATE`` on each record's key.
+* **Durable on return, shared round trips.** Effect, run and event records go through one
+  writer thread per store (``_pg_commit``): writes that arrive while it commits share the
+  next transaction (group commit), and each caller is answered once its transaction
+  committed. ``submit`` is the same without waiting (the engine's loop awaits the answer).
 * **One executor per run.** A lease row ``(run_id, token, owner, expires_at)``, taken with
   one upsert that succeeds only if there is no row or it expired by the database's clock; a
-  background thread renews every lease this store holds each ``lease_seconds / 3``. A holder
-  that dies (even SIGKILLed, or cut off from the network) stops renewing, and its runs can
-  be taken over ``lease_seconds`` later. Releasing deletes the row and notifies workers.
+  background thread renews every lease this store holds each ``lease_seconds / 3``. The
+  token starts with the key of this store's *session* (``_pg_session``), an advisory lock
+  the server drops when the holder's connection ends: a holder that died (even SIGKILLed)
+  is found gone by the next process that wants its run, which cuts the lease short to
+  ``TAKEOVER_GRACE`` and takes the run then. A holder cut off from the server, or on a dead
+  host (a half-open connection), is taken over when the server gives up on its connection
+  (about 2 minutes) or its lease expires, whichever is first. A holder whose session ends
+  gives up its leases at once (fencing: the runs stop). Releasing deletes the row and
+  notifies workers. Shared-effect claims carry the session key the same way.
 * **Workers.** ``claim_run`` picks the oldest run that needs an executor with
   ``SELECT ... FOR UPDATE SKIP LOCKED`` (competing workers skip each other's candidates
   instead of queueing) and takes its lease in the same transaction. ``wait_for_work``
@@ -67,6 +77,8 @@ from ..errors import (
     StoreUnavailableError,
     StoreVersionError,
 )
+from ._pg_commit import Done, GroupCommit, Statement
+from ._pg_session import TAKEOVER_GRACE, Session, gone, session_key_of
 from ._protocol import (
     EffectKey,
     EffectRecord,
@@ -97,6 +109,10 @@ _EFFECT_COLS = (
     "is_error", "kind", "seq", "started_at", "duration", "detail",
 )
 _EFFECT_KEY_COLS = _EFFECT_COLS[:5]
+_EFFECT_TYPES = (
+    "text", "text", "text", "text", "bigint", "text", "bytea", "bytea", "boolean", "text",
+    "bigint", "float8", "float8", "text",
+)
 _RUN_COLS = (
     "run_id", "workflow", "status", "created_at", "updated_at", "args_codec", "args_data",
     "args_ipc", "result_codec", "result_data", "result_ipc", "error_codec", "error_data",
@@ -380,6 +396,15 @@ class PostgresStore:
         self._work = _WorkSignal()
         self._heartbeat: threading.Thread | None = None
         self._listener: threading.Thread | None = None
+        name = f"durable_nb-pg-{self._schema}"
+        self._session = Session(self._conninfo, self._connect_kwargs, self._session_lost, name)
+        self._writer = GroupCommit(
+            lambda: psycopg.connect(self._conninfo, **self._connect_kwargs),
+            self._q["put_effect"],
+            self._q["put_effects"],
+            self._translate,
+            name,
+        )
 
         try:
             with psycopg.connect(self._conninfo, **self._connect_kwargs) as conn:
@@ -436,6 +461,13 @@ class PostgresStore:
             )
 
         key_where = " AND ".join(f"{c} = %s" for c in _EFFECT_KEY_COLS)
+        # a claim's owner as the engine named it: without the session key in front
+        claim_owner = "substr({0}.owner, strpos({0}.owner, '.') + 1)"
+        # a lease (or claim) whose holder's session ended expires after the grace
+        condemn = (
+            "SET expires_at = now() + make_interval(secs => %(grace)s) "
+            "WHERE expires_at > now() + make_interval(secs => %(grace)s) AND "
+        )
         lease_upsert = (
             f"INSERT INTO {s}.dn_leases AS l (run_id, token, owner, holder, acquired_at, "
             "expires_at) VALUES (%s, %s, %s, %s, now(), now() + make_interval(secs => %s)) "
@@ -446,6 +478,10 @@ class PostgresStore:
         )
         return {
             "put_effect": upsert("dn_effects", _EFFECT_COLS, _EFFECT_KEY_COLS),
+            "put_effects": f"INSERT INTO {s}.dn_effects ({', '.join(_EFFECT_COLS)}) "
+            f"SELECT * FROM unnest({', '.join(f'%s::{t}[]' for t in _EFFECT_TYPES)}) "
+            f"ON CONFLICT ({', '.join(_EFFECT_KEY_COLS)}) DO UPDATE SET "
+            + ", ".join(f"{c} = EXCLUDED.{c}" for c in _EFFECT_COLS if c not in _EFFECT_KEY_COLS),
             "get_effect": f"SELECT {', '.join(_EFFECT_COLS)} FROM {s}.dn_effects WHERE {key_where}",
             "load_effects": f"SELECT {', '.join(_EFFECT_COLS)} FROM {s}.dn_effects "
             "WHERE scope = %s ORDER BY seq, started_at",
@@ -468,6 +504,9 @@ class PostgresStore:
             "acquire": lease_upsert,
             "holder": f"SELECT owner, holder, EXTRACT(EPOCH FROM expires_at - now())::float8 "
             f"FROM {s}.dn_leases WHERE run_id = %s",
+            "condemn": f"UPDATE {s}.dn_leases {condemn} run_id = %(run_id)s AND "
+            f"{gone('token')} RETURNING run_id",
+            "condemn_all": f"UPDATE {s}.dn_leases {condemn} {gone('token')} RETURNING run_id",
             "renew": f"UPDATE {s}.dn_leases SET expires_at = now() + make_interval(secs => %s) "
             "WHERE token = ANY(%s) RETURNING token",
             "release": f"WITH d AS (DELETE FROM {s}.dn_leases WHERE run_id = %s AND token = %s "
@@ -484,8 +523,13 @@ class PostgresStore:
             "VALUES (%s, %s, %s, %s, %s, %s, now() + make_interval(secs => %s)) "
             f"ON CONFLICT ({', '.join(_EFFECT_KEY_COLS)}) DO UPDATE "
             "SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at "
-            "WHERE c.owner = EXCLUDED.owner OR c.expires_at <= now() RETURNING 1",
-            "release_effect": f"DELETE FROM {s}.dn_effect_claims WHERE {key_where} AND owner = %s",
+            f"WHERE {claim_owner.format('c')} = {claim_owner.format('EXCLUDED')} "
+            "OR c.expires_at <= now() RETURNING 1",
+            "condemn_claim": f"UPDATE {s}.dn_effect_claims {condemn} "
+            + " AND ".join(f"{c} = %({c})s" for c in _EFFECT_KEY_COLS)
+            + f" AND {gone('owner')} RETURNING 1",
+            "release_effect": f"DELETE FROM {s}.dn_effect_claims c WHERE {key_where} "
+            f"AND {claim_owner.format('c')} = %s",
             # one statement: the signal, its run's inbox token and the wake-up
             "add_signal": "WITH g AS ("
             + upsert(
@@ -622,15 +666,26 @@ class PostgresStore:
                             self._pool.check()
                     continue
                 raise self._unavailable(e) from e
-            except psycopg.Error as e:
-                raise StoreError(
-                    f"the PostgreSQL store {self._url!r} refused a request: {_first_line(e)}"
-                ) from e
-            except UnicodeEncodeError as e:  # raised by psycopg before anything is sent
-                raise StoreError(
-                    f"the PostgreSQL store {self._url!r} cannot keep text that is not UTF-8 "
-                    f"({e}); use names and ids without lone surrogates"
-                ) from e
+            except (psycopg.Error, UnicodeEncodeError) as e:
+                raise self._translate(e) from e
+
+    def _translate(self, e: BaseException) -> BaseException:
+        """The store's error for what psycopg raised (or passed on, if it is not psycopg's)."""
+        if isinstance(e, psycopg.OperationalError):
+            error: BaseException = self._unavailable(e)
+        elif isinstance(e, psycopg.Error):
+            error = StoreError(
+                f"the PostgreSQL store {self._url!r} refused a request: {_first_line(e)}"
+            )
+        elif isinstance(e, UnicodeEncodeError):  # raised by psycopg before anything is sent
+            error = StoreError(
+                f"the PostgreSQL store {self._url!r} cannot keep text that is not UTF-8 "
+                f"({e}); use names and ids without lone surrogates"
+            )
+        else:
+            return e
+        error.__cause__ = e
+        return error
 
     def _pool_timeout(self, e: BaseException) -> StoreError:
         try:
@@ -683,20 +738,33 @@ class PostgresStore:
         )
 
     def put_effects(self, records: Sequence[EffectRecord]) -> None:
-        rows = [self._effect_row(rec) for rec in records]
-        if not rows:
+        self._check_open()
+        if records:
+            self._write([self._effect_row(rec) for rec in records], [])
+
+    def submit(
+        self,
+        done: Done,
+        *,
+        effects: Sequence[EffectRecord] = (),
+        runs: Sequence[RunRecord] = (),
+        events: Sequence[EventRecord] = (),
+    ) -> None:
+        self._check_open()
+        rows = [self._effect_row(rec) for rec in effects]  # encoding errors raise here
+        statements = self._run_statements(runs) + self._event_statements(events)
+        try:
+            self._writer.submit(rows, statements, done)
+        except psycopg.Error:
+            self._check_open()  # closed meanwhile: say so
+            raise
+
+    def _write(self, rows: list[tuple[Any, ...]], statements: list[Statement]) -> None:
+        try:
+            self._writer.write(rows, statements)
+        except psycopg.InterfaceError:
             self._check_open()
-            return
-        q = self._q["put_effect"]
-
-        def put(conn: _Conn) -> None:
-            if len(rows) == 1:
-                conn.execute(q, rows[0])
-                return
-            with conn.transaction(), conn.cursor() as cur:
-                cur.executemany(q, rows)
-
-        self._call(put)
+            raise
 
     def get_effect(self, key: EffectKey) -> EffectRecord | None:
         q = self._q["get_effect"]
@@ -725,9 +793,18 @@ class PostgresStore:
         return self._call(prune)
 
     def claim_effect(self, key: EffectKey, owner: str, seconds: float) -> bool:
-        q = self._q["claim_effect"]
-        params = (*key, owner, float(seconds))
-        return self._call(lambda conn: conn.execute(q, params).fetchone() is not None)
+        # the owner is stored after the session key, so a claimer that died is found gone
+        q, qc = self._q["claim_effect"], self._q["condemn_claim"]
+        params = (*key, f"{self._session_key()}.{owner}", float(seconds))
+        condemn = {"grace": TAKEOVER_GRACE, **dict(zip(_EFFECT_KEY_COLS, key, strict=True))}
+
+        def claim(conn: _Conn) -> bool:
+            if conn.execute(q, params).fetchone() is not None:
+                return True
+            conn.execute(qc, condemn)  # its claimer is gone: the claim ends after the grace
+            return False
+
+        return self._call(claim)
 
     def release_effect(self, key: EffectKey, owner: str) -> None:
         q = self._q["release_effect"]
@@ -779,9 +856,13 @@ class PostgresStore:
             version=r[22],
         )
 
+    def _run_statements(self, runs: Sequence[RunRecord]) -> list[Statement]:
+        q = self._q["put_run"]
+        return [(q, (*self._run_row(run), self._channel)) for run in runs]
+
     def put_run(self, run: RunRecord) -> None:
-        q, params = self._q["put_run"], (*self._run_row(run), self._channel)
-        self._call(lambda conn: conn.execute(q, params))
+        self._check_open()
+        self._write([], self._run_statements([run]))
 
     def get_run(self, run_id: str) -> RunRecord | None:
         q = self._q["get_run"]
@@ -850,16 +931,57 @@ class PostgresStore:
     def _holder_info(self) -> str:
         return json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
 
-    def _lease(self, run_id: str, owner: str, token: str) -> RunLease:
-        lease = RunLease(run_id, owner)
+    def _session_key(self) -> int:
+        """This store's session key, opening the session if needed."""
+        self._check_open()
+        try:
+            return self._session.key()
+        except psycopg.OperationalError as e:
+            raise self._unavailable(e) from None
+        except psycopg.Error as e:
+            self._check_open()
+            raise self._translate(e) from e
+
+    def _token(self) -> str:
+        """A fresh lease token, starting with this store's session key: the lease lives as
+        long as the session does, or until it expires."""
+        return f"{self._session_key()}.{secrets.token_hex(12)}"
+
+    def _session_lost(self, key: int) -> None:
+        """This store's session ended (its connection failed): every lease taken under it
+        may be taken over by others after the grace, so their runs stop now (fencing)."""
+        lost: list[RunLease] = []
         with self._lock:
-            self._held[token] = run_id
-            self._lease_objs[token] = lease
-            if self._heartbeat is None:
-                self._heartbeat = threading.Thread(
-                    target=self._heartbeat_loop, name="durable_nb-pg-heartbeat", daemon=True
-                )
-                self._heartbeat.start()
+            for token in [t for t in self._held if session_key_of(t) == key]:
+                del self._held[token]
+                lease = self._lease_objs.pop(token, None)
+                if lease is not None:
+                    lost.append(lease)
+        self._fence(lost)
+
+    @staticmethod
+    def _fence(lost: list[RunLease]) -> None:
+        for lease in lost:  # outside the lock: the engine interrupts the run
+            try:
+                lease.lost()
+            except Exception:
+                _log.exception("durable_nb: interrupting run %r failed", lease.run_id)
+
+    def _lease(self, run_id: str, owner: str, token: str) -> RunLease | None:
+        """Hand out the lease just written, or ``None`` if its session ended meanwhile (the
+        row is then deleted again, best effort: it is free for the taking anyway)."""
+        lease = RunLease(run_id, owner)
+        key = session_key_of(token)
+        with self._lock:
+            live = key is not None and self._session.is_live(key)
+            if live:
+                self._held[token] = run_id
+                self._lease_objs[token] = lease
+                if self._heartbeat is None:
+                    self._heartbeat = threading.Thread(
+                        target=self._heartbeat_loop, name="durable_nb-pg-heartbeat", daemon=True
+                    )
+                    self._heartbeat.start()
         q = self._q["release"]
 
         def release() -> None:
@@ -872,26 +994,44 @@ class PostgresStore:
             except StoreError as e:  # the lease expires by itself; nothing else to undo
                 _log.warning("durable_nb: could not release the lease of run %r: %s", run_id, e)
 
+        if not live:
+            with contextlib.suppress(StoreError):
+                self._call(lambda conn: conn.execute(q, [run_id, token, self._channel]))
+            return None
         lease._release = release
         return lease
 
     def acquire_run(self, run_id: str, owner: str) -> RunLease:
-        token = secrets.token_hex(16)
-        params = (run_id, token, owner, self._holder_info(), self._lease_seconds)
-        qa, qh = self._q["acquire"], self._q["holder"]
+        qa, qh, qc = self._q["acquire"], self._q["holder"], self._q["condemn"]
+        grace = {"grace": TAKEOVER_GRACE, "run_id": run_id}
+        while True:
+            token = self._token()
+            params = (run_id, token, owner, self._holder_info(), self._lease_seconds)
 
-        def acquire(conn: _Conn) -> tuple[str, str, float] | None:
-            while True:
-                if conn.execute(qa, params).fetchone() is not None:
-                    return None
-                row = conn.execute(qh, [run_id]).fetchone()
-                if row is not None:  # else released meanwhile: try again
-                    return (row[0], row[1], row[2])
+            def acquire(
+                conn: _Conn, params: tuple[Any, ...] = params
+            ) -> tuple[str, str, float] | None:
+                while True:
+                    if conn.execute(qa, params).fetchone() is not None:
+                        return None
+                    # a holder whose session ended keeps the run only for the grace
+                    conn.execute(qc, grace)
+                    row = conn.execute(qh, [run_id]).fetchone()
+                    if row is not None:  # else released meanwhile: try again
+                        return (row[0], row[1], row[2])
 
-        held = self._call(acquire)
-        if held is None:
-            return self._lease(run_id, owner, token)
-        holder_owner, holder_json, remaining = held
+            held = self._call(acquire)
+            if held is None:
+                lease = self._lease(run_id, owner, token)
+                if lease is None:
+                    continue  # our own session ended meanwhile: take it under the next one
+                return lease
+            holder_owner, holder_json, remaining = held
+            if remaining <= TAKEOVER_GRACE:
+                # ending now (expired, or its holder is gone): wait for it rather than refuse
+                time.sleep(max(remaining, 0.0) + 0.01)
+                continue
+            break
         try:
             info = json.loads(holder_json)
         except ValueError:
@@ -900,8 +1040,8 @@ class PostgresStore:
             f"run {run_id!r} is being executed by {holder_owner} (process "
             f"{info.get('pid', '?')} on {info.get('host', '?')}); its lease has "
             f"{max(remaining, 0.0):.1f}s left and is renewed while that process lives — wait "
-            "for it to finish, or stop that process: the run can be taken over once its lease "
-            "expires"
+            "for it to finish, or stop that process: the run is taken over within a second of "
+            "that process ending (or when its lease expires, if its host died)"
         )
 
     def claim_run(self, owner: str, workflows: Sequence[str]) -> tuple[RunRecord, RunLease] | None:
@@ -910,31 +1050,44 @@ class PostgresStore:
         if not names:
             self._check_open()
             return None
-        token = secrets.token_hex(16)
         holder = self._holder_info()
         q = self._q
+        for attempt in range(2):
+            token = self._token()
 
-        def claim(conn: _Conn) -> RunRecord | None:
-            with conn.transaction():
-                ids = [
-                    r[0] for r in conn.execute(q["candidates"], [names, _CLAIM_BATCH]).fetchall()
-                ]
-                for run_id in ids:
-                    # the row lock keeps other claimers off this run; the lease upsert also
-                    # refuses a lease taken by acquire_run since this statement's snapshot
-                    got = conn.execute(
-                        q["acquire"], [run_id, token, owner, holder, self._lease_seconds]
-                    ).fetchone()
-                    if got is not None:
-                        row = conn.execute(q["get_run"], [run_id], binary=True).fetchone()
-                        assert row is not None  # locked by us: it cannot have gone
-                        return self._run_from_row(row)
-            return None
+            def claim(conn: _Conn, token: str = token) -> RunRecord | None:
+                with conn.transaction():
+                    ids = [
+                        r[0]
+                        for r in conn.execute(q["candidates"], [names, _CLAIM_BATCH]).fetchall()
+                    ]
+                    for run_id in ids:
+                        # the row lock keeps other claimers off this run; the lease upsert
+                        # also refuses a lease taken by acquire_run since this snapshot
+                        got = conn.execute(
+                            q["acquire"], [run_id, token, owner, holder, self._lease_seconds]
+                        ).fetchone()
+                        if got is not None:
+                            row = conn.execute(q["get_run"], [run_id], binary=True).fetchone()
+                            assert row is not None  # locked by us: it cannot have gone
+                            return self._run_from_row(row)
+                return None
 
-        run = self._call(claim)
-        if run is None:
-            return None
-        return run, self._lease(run.run_id, owner, token)
+            run = self._call(claim)
+            if run is not None:
+                lease = self._lease(run.run_id, owner, token)
+                return None if lease is None else (run, lease)
+            if attempt:
+                return None
+            # nothing to claim: are runs held by processes that died? Their leases end after
+            # the grace; wait for it once and look again
+            condemned = self._call(
+                lambda conn: conn.execute(q["condemn_all"], {"grace": TAKEOVER_GRACE}).fetchall()
+            )
+            if not condemned:
+                return None
+            time.sleep(TAKEOVER_GRACE + 0.01)
+        return None
 
     def _renew(self, tokens: list[str]) -> set[str]:
         """Renew the leases of ``tokens``; returns the ones still ours."""
@@ -1040,21 +1193,14 @@ class PostgresStore:
         row = self._call(lambda conn: conn.execute(q, [run_id]).fetchone())
         return row[0] if row is not None else None
 
-    def append_events(self, events: Sequence[EventRecord]) -> None:
-        rows = [(e.run_id, e.event_id, e.ts, e.kind, e.data) for e in events]
-        if not rows:
-            self._check_open()
-            return
+    def _event_statements(self, events: Sequence[EventRecord]) -> list[Statement]:
         q = self._q["put_event"]
+        return [(q, (e.run_id, e.event_id, e.ts, e.kind, e.data)) for e in events]
 
-        def put(conn: _Conn) -> None:
-            if len(rows) == 1:
-                conn.execute(q, rows[0])
-                return
-            with conn.transaction(), conn.cursor() as cur:
-                cur.executemany(q, rows)
-
-        self._call(put)
+    def append_events(self, events: Sequence[EventRecord]) -> None:
+        self._check_open()
+        if events:
+            self._write([], self._event_statements(events))
 
     def load_events(self, run_id: str) -> list[EventRecord]:
         q = self._q["load_events"]
@@ -1092,6 +1238,8 @@ class PostgresStore:
         for thread in (self._heartbeat, self._listener):
             if thread is not None and thread is not threading.current_thread():
                 thread.join(timeout=5)
+        self._writer.close()
+        self._session.close()  # after the leases' rows went: nobody needs to find us gone
         self._pool.close()
 
     def __enter__(self) -> PostgresStore:

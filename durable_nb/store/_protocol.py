@@ -6,7 +6,7 @@ DuckDB, PostgreSQL) passes the same conformance suite (``tests/test_store_confor
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -33,8 +33,13 @@ __all__ = [
     "RunStatus",
     "SignalRecord",
     "Store",
+    "WriteDone",
     "run_scopes",
+    "submit_now",
 ]
+
+#: told how a :meth:`Store.submit` ended: ``None`` once every record is durable, else the error
+WriteDone = Callable[[BaseException | None], None]
 
 #: ``(scope, identity, version, input_hash, occurrence)``: the effect key (README, "How
 #: it works").
@@ -182,6 +187,24 @@ class Store(Protocol):
         """Record effects; durable on return, atomic for the whole batch."""
         ...
 
+    def submit(
+        self,
+        done: WriteDone,
+        *,
+        effects: Sequence[EffectRecord] = (),
+        runs: Sequence[RunRecord] = (),
+        events: Sequence[EventRecord] = (),
+    ) -> None:
+        """Write records without waiting for them: as ``put_effects``, ``put_run`` (each run)
+        and ``append_events`` would, then ``done(None)`` once every one is durable, or
+        ``done(error)`` if they were not all written. ``done`` runs on any thread, possibly
+        before ``submit`` returns (a store that writes at once: see :func:`submit_now`); it
+        must be quick and must not call the store. A store may write records of concurrent
+        ``submit`` calls in one transaction (PostgreSQL: group commit). An error found
+        before anything was written (a closed store, a value it cannot keep) may be raised
+        by ``submit`` itself. The engine awaits ``done`` instead of blocking its loop."""
+        ...
+
     def get_effect(self, key: EffectKey) -> EffectRecord | None:
         """The record for one key, or ``None``."""
         ...
@@ -293,3 +316,24 @@ class Store(Protocol):
     def close(self) -> None:
         """Flush and release every resource; the store may not be used afterwards."""
         ...
+
+
+def submit_now(
+    store: Store,
+    done: WriteDone,
+    effects: Sequence[EffectRecord] = (),
+    runs: Sequence[RunRecord] = (),
+    events: Sequence[EventRecord] = (),
+) -> None:
+    """:meth:`Store.submit` for a store whose writes are quick: write now, then tell ``done``."""
+    try:
+        if effects:
+            store.put_effects(effects)
+        for run in runs:
+            store.put_run(run)
+        if events:
+            store.append_events(events)
+    except Exception as e:
+        done(e)
+        return
+    done(None)

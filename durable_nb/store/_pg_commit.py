@@ -1,0 +1,190 @@
+"""Group commit for the PostgreSQL store: writes that arrive together share one transaction.
+
+A commit costs a WAL flush (about 0.27 ms on the benchmark machine with
+``synchronous_commit=on``) whatever the transaction holds, and every run executing in a
+process records its effects through the same store. So the store funnels its record writes
+(effects, run records, events) through one writer thread with a connection of its own: while
+it commits one group, the next one gathers, and 50 runs whose effects complete at the same
+moment share one round trip and one flush. A writer learns its outcome only once the
+transaction holding its writes committed — durable — never before. A group that fails for
+a reason other than the connection is retried write by write, so one bad record fails only
+the caller that sent it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import psycopg
+
+from ._protocol import WriteDone
+
+__all__ = ["Done", "GroupCommit"]
+
+_log = logging.getLogger(__name__)
+
+#: told the outcome of a write: None once it is durable, else the error (already translated)
+Done = WriteDone
+_Conn = psycopg.Connection[tuple[Any, ...]]
+Statement = tuple[str, Sequence[Any]]
+
+
+class _Write:
+    __slots__ = ("done", "effects", "statements")
+
+    def __init__(
+        self, effects: Sequence[tuple[Any, ...]], statements: Sequence[Statement], done: Done
+    ) -> None:
+        self.effects = effects
+        self.statements = statements
+        self.done = done
+
+
+class GroupCommit:
+    """The writer thread. ``effect_one`` upserts one effect row; ``effect_many`` upserts the
+    rows given as one array per column (``unnest``); rows are tuples whose first 5 values are
+    the effect key. ``translate`` turns a psycopg error into the store's error."""
+
+    def __init__(
+        self,
+        connect: Callable[[], _Conn],
+        effect_one: str,
+        effect_many: str,
+        translate: Callable[[BaseException], BaseException],
+        name: str,
+    ) -> None:
+        self._connect = connect
+        self._one = effect_one
+        self._many = effect_many
+        self._translate = translate
+        self._name = name
+        self._cond = threading.Condition()
+        self._queue: list[_Write] = []
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._conn: _Conn | None = None
+        self.groups = 0  # transactions committed (for tests and benchmarks)
+
+    # ----------------------------------------------------------------- callers
+    def submit(
+        self, effects: Sequence[tuple[Any, ...]], statements: Sequence[Statement], done: Done
+    ) -> None:
+        """Queue a write; ``done`` is called on the writer thread once it committed or failed."""
+        write = _Write(effects, statements, done)
+        with self._cond:
+            if self._closing:
+                raise psycopg.InterfaceError("the store's writer is closed")
+            self._queue.append(write)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._serve, name=f"{self._name}-writer", daemon=True
+                )
+                self._thread.start()
+            else:
+                self._cond.notify()
+
+    def write(self, effects: Sequence[tuple[Any, ...]], statements: Sequence[Statement]) -> None:
+        """Write and wait until it is durable; raises the store's error if it failed."""
+        finished = threading.Event()
+        outcome: list[BaseException | None] = []
+
+        def done(error: BaseException | None) -> None:
+            outcome.append(error)
+            finished.set()
+
+        self.submit(effects, statements, done)
+        finished.wait()
+        if outcome[0] is not None:
+            raise outcome[0]
+
+    def close(self) -> None:
+        """Commit what is queued, then stop the thread and close the connection."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=30)
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
+
+    # ----------------------------------------------------------------- the thread
+    def _serve(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                group, self._queue = self._queue, []
+            self._commit(group)
+
+    def _commit(self, group: list[_Write]) -> None:
+        try:
+            self._write_group(group)
+        except Exception as e:
+            if len(group) > 1 and not isinstance(e, psycopg.OperationalError):
+                for write in group:  # find the culprit: each write alone
+                    try:
+                        self._write_group([write])
+                    except Exception as e1:
+                        _tell(write, self._translate(e1))
+                    else:
+                        _tell(write, None)
+                return
+            error = self._translate(e)
+            for write in group:
+                _tell(write, error)
+            return
+        self.groups += 1
+        for write in group:
+            _tell(write, None)
+
+    def _write_group(self, group: list[_Write]) -> None:
+        """One transaction for the group; once more on a fresh connection if the server
+        dropped this one (every write here is an upsert, so repeating it is harmless)."""
+        for attempt in range(2):
+            conn = self._conn
+            if conn is None or conn.closed:
+                conn = self._conn = self._connect()
+            try:
+                self._execute(conn, group)
+                return
+            except psycopg.OperationalError:
+                if attempt == 0 and (conn.closed or conn.broken):
+                    self._conn = None
+                    continue
+                raise
+
+    def _execute(self, conn: _Conn, group: list[_Write]) -> None:
+        rows: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        for write in group:
+            for row in write.effects:
+                rows[row[:5]] = row  # one row per key (the last), as ON CONFLICT requires
+        statements = [s for write in group for s in write.statements]
+        if len(rows) == 1 and not statements:  # the common case: one round trip, autocommit
+            conn.execute(self._one, next(iter(rows.values())))
+            return
+        if len(statements) == 1 and not rows:
+            conn.execute(*statements[0])
+            return
+        with conn.pipeline(), conn.transaction():
+            if len(rows) == 1:
+                conn.execute(self._one, next(iter(rows.values())))
+            elif rows:
+                conn.execute(self._many, [list(col) for col in zip(*rows.values(), strict=True)])
+            for query, params in statements:
+                conn.execute(query, params)
+
+
+def _tell(write: _Write, error: BaseException | None) -> None:
+    try:
+        write.done(error)
+    except Exception:  # a caller's callback must not stop the writer
+        _log.exception("durable_nb: a write's completion callback failed")
