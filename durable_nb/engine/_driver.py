@@ -42,11 +42,18 @@ from ..errors import (
     StoreUnavailableError,
     UnstorableValueError,
 )
-from ..store import EffectRecord, RunLease, RunRecord
+from ..store import EffectRecord, RunLease, RunRecord, SignalRecord
 from ._context import Context, ContinueAsNew
 from ._jobs import Job, cancel, outcome_of_record, reject, resolve
 from ._kv import kv_base_texts
-from ._runtime import cancel_scope, current_scope, running_loop, runtime
+from ._runtime import (
+    cancel_scope,
+    current_scope,
+    durable_write,
+    running_loop,
+    runtime,
+    wait_written,
+)
 from ._state import INBOX_POLL, RunState
 from ._workflow import Workflow, for_run, newest
 
@@ -119,12 +126,9 @@ async def _drive(
     claimed = lease is not None  # a worker's claim: nobody waits here to fix a failed start
     try:
         if lease is None:
-            lease = store.acquire_run(job.run_id, runtime.owner)
+            lease = await _acquire(job.run_id)
         lease.on_lost = functools.partial(_lease_lost, job, asyncio.get_running_loop())
-        rec = store.get_run(job.run_id)
-        if rec is not None and restart:
-            store.delete_run(job.run_id)
-            rec = None
+        rec = await asyncio.to_thread(_read_record, job.run_id, restart)
         if rec is None:
             wf = newest(wf)
         else:
@@ -147,9 +151,8 @@ async def _drive(
         poller = asyncio.ensure_future(_poll_inbox(job))
         new_generation = False
         while True:
-            history = store.load_effects(run_scope(job.run_id))
-            token = store.inbox_token(job.run_id)  # before reading: a signal sent meanwhile shows
-            signals = store.list_signals(job.run_id)
+            # reads and writes off the loop: the other runs on it go on meanwhile
+            history, token, signals = await asyncio.to_thread(_read_history, job.run_id)
             now = clock.time()
             resumed = rec is not None and not new_generation
             if rec is None:
@@ -176,11 +179,11 @@ async def _drive(
             state = RunState(job, rec, history, signals, wf.strict, token)
             state.workflow = wf
             job._state = state
-            store.put_run(rec)
             opened: dict[str, Any] = {"execution": rec.executions, "history": len(history)}
             if rec.generation:
                 opened["generation"] = rec.generation
-            state.event("resumed" if resumed else "started", opened)
+            started = state.event_record("resumed" if resumed else "started", opened)
+            await wait_written(durable_write(store, runs=[rec], events=[started]))
             _start_kv(state, history)
             current_scope.set(state)
             cancel_scope.set(state.root_scope)
@@ -199,11 +202,11 @@ async def _drive(
         state.run.result = _codecs.encode(
             result, store.signer, what=f"the result of workflow {wf.name}"
         )
-        _finish(state, "completed")
+        await _finish(state, "completed")
         outcome = (True, result)
     except asyncio.CancelledError:
         if state is not None and state.cancel_reason is not None:
-            _finish(state, "cancelled", detail={"reason": state.cancel_reason})
+            await _finish(state, "cancelled", detail={"reason": state.cancel_reason})
             await _cancel_children(state)
             outcome = (
                 False,
@@ -231,7 +234,7 @@ async def _drive(
         if state is not None and state.run.status != "completed":
             try:
                 state.run.error = _codecs.encode_error(e, store.signer)
-                _finish(state, "failed", detail={"error": repr(e)[:500]})
+                await _finish(state, "failed", detail={"error": repr(e)[:500]})
             except Exception:  # the store failed too: the error we report is the run's
                 pass
         elif state is None and claimed and isinstance(e, Exception):
@@ -389,11 +392,15 @@ async def _cancel_children(state: RunState) -> None:
     ending: list[asyncio.Future[Any]] = []
     for child_id in sorted(ids):
         with contextlib.suppress(DurableError):
+            with runtime.jobs_lock:
+                live = runtime.jobs.get(child_id)
             rec = runtime.store.get_run(child_id)
-            if rec is not None and rec.status not in FINAL_STATUSES:
+            # a child starting here may not have stored its record yet: it reads the
+            # cancel signal when it does
+            if (live is not None and not live.done()) or (
+                rec is not None and rec.status not in FINAL_STATUSES
+            ):
                 cancel(child_id, f"parent {state.run_id!r} was cancelled")
-                with runtime.jobs_lock:
-                    live = runtime.jobs.get(child_id)
                 if live is not None:
                     ending.append(asyncio.wrap_future(live._future))
     if ending:
@@ -424,9 +431,49 @@ def _stats(state: RunState) -> dict[str, Any]:
     }
 
 
-def _finish(state: RunState, status: EndStatus, detail: dict[str, Any] | None = None) -> None:
-    state.event(status, {**_stats(state), **(detail or {})})
-    state.set_run_status(status, detail)
+async def _finish(state: RunState, status: EndStatus, detail: dict[str, Any] | None = None) -> None:
+    """Store the run's end (its event and its record, one write) without blocking the loop;
+    an interruption meanwhile waits for the write, so the job is never settled before it."""
+    event = state.event_record(status, {**_stats(state), **(detail or {})})
+    run = state.status_record(status, detail)
+    await wait_written(durable_write(runtime.store, runs=[run], events=[event]))
+    state.status_stored(status, detail)
+
+
+async def _acquire(run_id: str) -> RunLease:
+    """Take the run's lease in a thread (it may wait for a dead holder's grace); if the run
+    is interrupted meanwhile, the lease taken after all is released, not leaked."""
+    taking = asyncio.ensure_future(
+        asyncio.to_thread(runtime.store.acquire_run, run_id, runtime.owner)
+    )
+    try:
+        return await asyncio.shield(taking)
+    except asyncio.CancelledError:
+
+        def let_go(f: asyncio.Future[RunLease]) -> None:
+            if not f.cancelled() and f.exception() is None:
+                f.result().release()
+
+        taking.add_done_callback(let_go)
+        raise
+
+
+def _read_record(run_id: str, restart: bool) -> RunRecord | None:
+    """The run's record, or None for a new run (``restart`` forgets an old one first)."""
+    store = runtime.store
+    rec = store.get_run(run_id)
+    if rec is not None and restart:
+        store.delete_run(run_id)
+        rec = None
+    return rec
+
+
+def _read_history(run_id: str) -> tuple[list[EffectRecord], object, list[SignalRecord]]:
+    """What a run's execution starts from: its history, its inbox token and its signals."""
+    store = runtime.store
+    history = store.load_effects(run_scope(run_id))
+    token = store.inbox_token(run_id)  # before reading: a signal sent meanwhile shows
+    return history, token, store.list_signals(run_id)
 
 
 runtime.start_run = start_run

@@ -29,10 +29,12 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar
 
 from .._journal import SHARED_SCOPE, TOP_SCOPE_PREFIX
 from ..errors import ArgumentTypeError, DurableError
-from ._clock import Clock, SystemClock
+from ._clock import Clock, SystemClock, writes
 
 if TYPE_CHECKING:
-    from ..store import EffectRecord, RunLease, Store
+    from collections.abc import Sequence
+
+    from ..store import EffectRecord, EventRecord, RunLease, RunRecord, Store
     from ._jobs import Job
     from ._state import RunState
     from ._workflow import Workflow
@@ -44,7 +46,9 @@ __all__ = [
     "cancel_scope",
     "cancelled",
     "current_scope",
+    "durable_write",
     "runtime",
+    "wait_written",
 ]
 
 T = TypeVar("T")
@@ -163,7 +167,7 @@ class TopScope:
         runtime.store.put_effects([rec])
 
     async def record_async(self, rec: EffectRecord) -> None:
-        runtime.store.put_effects([rec])
+        await wait_written(durable_write(runtime.store, effects=[rec]))
 
     def note_replay(self, rec: EffectRecord) -> None:
         return None
@@ -363,3 +367,65 @@ def running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
+
+
+def durable_write(
+    store: Store,
+    *,
+    effects: Sequence[EffectRecord] = (),
+    runs: Sequence[RunRecord] = (),
+    events: Sequence[EventRecord] = (),
+) -> asyncio.Future[None]:
+    """Hand records to the store (:meth:`~durable_nb.store.Store.submit`) and return a future
+    of this loop that is settled once they are durable: the loop serves other runs while a
+    PostgreSQL store commits them (together with what other runs wrote meanwhile). A store
+    that writes at once settles it before this returns, so awaiting it does not suspend."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+    here = threading.get_ident()
+
+    def done(error: BaseException | None) -> None:
+        if threading.get_ident() == here:
+            _settle(fut, error)
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody awaits it
+                loop.call_soon_threadsafe(_settle, fut, error)
+
+    store.submit(done, effects=effects, runs=runs, events=events)
+    return fut
+
+
+def _settle(fut: asyncio.Future[None], error: BaseException | None) -> None:
+    if fut.done():
+        return
+    if error is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(error)
+
+
+async def wait_written(written: asyncio.Future[None]) -> None:
+    """Await a record's write as if it were synchronous. A cancellation that arrives
+    meanwhile (an interrupt, a cancel, a lost race) waits for the write and is delivered again
+    at the task's next await: the workflow sees the result whose record it waited for, as it
+    would have had the write not suspended, so a replay takes the same branch."""
+    if written.done():
+        return written.result()
+    task = asyncio.current_task()
+    deferred = False
+    writes.started()  # a fake clock's time stands still until this task goes on
+    try:
+        while True:
+            try:
+                return await asyncio.shield(written)
+            except asyncio.CancelledError:
+                if written.cancelled():
+                    raise
+                deferred = True
+                uncancel = getattr(task, "uncancel", None)  # Python 3.11+: keep the count
+                if uncancel is not None:
+                    uncancel()
+    finally:
+        writes.ended()
+        if deferred and task is not None:
+            task.cancel()

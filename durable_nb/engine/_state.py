@@ -35,7 +35,7 @@ from .._journal import (
 )
 from ..errors import NonDeterminismError
 from ..store import EffectRecord, EventRecord, RunRecord, SignalRecord
-from ._runtime import CancelScope, Key4, TopScope, runtime
+from ._runtime import CancelScope, Key4, TopScope, durable_write, runtime, wait_written
 
 if TYPE_CHECKING:
     from ._interrupts import InterruptBlock
@@ -227,32 +227,52 @@ class RunState:
         self._recorded(rec)
 
     async def record_async(self, rec: EffectRecord) -> None:
+        """Record an effect's outcome; returns once it is durable, without blocking the loop
+        while the store writes (other runs go on, and their records share the write)."""
         if self.inflight <= 1 and not self._batch:
-            self.record(rec)
+            await wait_written(durable_write(runtime.store, effects=[rec]))
+            self._recorded(rec)
             return
-        # effects completing in the same loop iteration share one journal write
+        # effects of this run completing in the same loop iteration share one write
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if not self._batch:
             asyncio.get_running_loop().call_soon(self._flush_batch)
         self._batch.append(rec)
         self._batch_waiters.append(fut)
-        await fut
+        await wait_written(fut)
 
     def _flush_batch(self) -> None:
         batch, self._batch = self._batch, []
         waiters, self._batch_waiters = self._batch_waiters, []
         try:
-            runtime.store.put_effects(batch)
+            written = durable_write(runtime.store, effects=batch)
         except BaseException as e:
-            for w in waiters:
-                if not w.done():
-                    w.set_exception(e)
+            self._batch_done(batch, waiters, e)
             return
-        for rec in batch:
-            self._recorded(rec)
+        if written.done():  # a store that writes at once: no extra loop iteration
+            self._batch_done(batch, waiters, written.exception())
+        else:
+            written.add_done_callback(
+                lambda f: self._batch_done(
+                    batch, waiters, f.exception() if not f.cancelled() else None
+                )
+            )
+
+    def _batch_done(
+        self,
+        batch: list[EffectRecord],
+        waiters: list[asyncio.Future[None]],
+        error: BaseException | None,
+    ) -> None:
+        if error is None:
+            for rec in batch:
+                self._recorded(rec)
         for w in waiters:
             if not w.done():
-                w.set_result(None)
+                if error is None:
+                    w.set_result(None)
+                else:
+                    w.set_exception(error)
 
     def _recorded(self, rec: EffectRecord) -> None:
         self.index[(rec.identity, rec.version, rec.input_hash, rec.occurrence)] = rec
@@ -412,25 +432,33 @@ class RunState:
 
     # status and events ---------------------------------------------------------------
     def set_run_status(self, status: RunStatus, detail: dict[str, Any] | None = None) -> None:
+        runtime.store.put_run(self.status_record(status, detail))
+        self.status_stored(status, detail)
+
+    def event(self, kind: EventKind, data: dict[str, Any] | None = None) -> None:
+        runtime.store.append_events([self.event_record(kind, data)])
+
+    def event_record(self, kind: EventKind, data: dict[str, Any] | None = None) -> EventRecord:
+        """A trace event of this run, told to the live listeners; the caller stores it."""
+        if self.listeners:
+            self.emit("event", {"event": kind, "data": data or {}})
+        return EventRecord(
+            self.run_id,
+            _uuid.uuid4().hex,
+            runtime.clock.time(),
+            kind,
+            json.dumps(data, default=str) if data else "",
+        )
+
+    def status_record(self, status: RunStatus, detail: dict[str, Any] | None = None) -> RunRecord:
+        """The run's record with a new status; the caller stores it, then tells the live
+        listeners (:meth:`status_stored`)."""
         rec = self.run
         rec.status = status
         rec.detail = json.dumps(detail) if detail else ""
         rec.updated_at = runtime.clock.time()
-        runtime.store.put_run(rec)
+        return rec
+
+    def status_stored(self, status: RunStatus, detail: dict[str, Any] | None = None) -> None:
         if self.listeners:
             self.emit("status", {"status": status, "detail": detail or {}})
-
-    def event(self, kind: EventKind, data: dict[str, Any] | None = None) -> None:
-        if self.listeners:
-            self.emit("event", {"event": kind, "data": data or {}})
-        runtime.store.append_events(
-            [
-                EventRecord(
-                    self.run_id,
-                    _uuid.uuid4().hex,
-                    runtime.clock.time(),
-                    kind,
-                    json.dumps(data, default=str) if data else "",
-                )
-            ]
-        )
