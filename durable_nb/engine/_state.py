@@ -150,6 +150,10 @@ class RunState:
         return n
 
     def next_seq(self) -> int:
+        if self.job._lease_lost:
+            # fencing: once another process may hold the run, no new step starts here (a
+            # cancellation deferred by a record's write would otherwise let one begin)
+            raise asyncio.CancelledError
         s = self._seq
         self._seq = s + 1
         return s

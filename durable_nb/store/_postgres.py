@@ -47,6 +47,7 @@ the only identifier that varies, is validated and quoted.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
 import json
@@ -1096,42 +1097,54 @@ class PostgresStore:
         return {r[0] for r in rows}
 
     def _heartbeat_loop(self) -> None:
-        renewed = time.monotonic()  # when the leases were last known to be ours
-        while not self._stop.wait(self._lease_seconds / 3):
-            with self._lock:
-                tokens = list(self._held)
-            if not tokens:
-                renewed = time.monotonic()
-                continue
-            try:
-                kept = self._renew(tokens)
-            except StoreError as e:  # the next beat tries again; leases outlive a short outage
-                if self._closed:
+        renewed = time.monotonic()  # the leases are ours until at least this + lease_seconds
+        # renewals run on a thread of their own: one that hangs (a server that stopped
+        # answering on a connection that stays open) must not keep this loop from fencing
+        beats = concurrent.futures.ThreadPoolExecutor(1, "durable_nb-pg-renew")
+        try:
+            while not self._stop.wait(self._lease_seconds / 3):
+                with self._lock:
+                    tokens = list(self._held)
+                sent = time.monotonic()
+                if not tokens:
+                    renewed = sent
                     continue
-                _log.warning("durable_nb: could not renew run leases: %s", e)
-                if time.monotonic() - renewed < self._lease_seconds:
-                    continue
-                kept = set()  # expired by now: another process may hold them
-            else:
-                renewed = time.monotonic()
-            lost: list[RunLease] = []
-            with self._lock:
-                for token in tokens:
-                    if token not in kept and (run_id := self._held.pop(token, None)):
-                        _log.warning(
-                            "durable_nb: the lease of run %r expired before it was renewed "
-                            "and another process may have taken the run over; this process "
-                            "stops executing it",
-                            run_id,
-                        )
-                        lease = self._lease_objs.pop(token, None)
-                        if lease is not None:
-                            lost.append(lease)
-            for lease in lost:  # outside the lock: the engine interrupts the run
+                left = renewed + self._lease_seconds - sent
                 try:
-                    lease.lost()
-                except Exception:
-                    _log.exception("durable_nb: interrupting run %r failed", lease.run_id)
+                    kept = beats.submit(self._renew, tokens).result(timeout=max(left, 0.001))
+                except (StoreError, concurrent.futures.TimeoutError) as e:
+                    # the next beat tries again: leases outlive an outage shorter than them
+                    if self._closed:
+                        continue
+                    _log.warning(
+                        "durable_nb: could not renew run leases: %s",
+                        e if str(e) else "no answer from the server",
+                    )
+                    if time.monotonic() - renewed < self._lease_seconds:
+                        continue
+                    kept = set()  # expired by now: another process may hold them
+                else:
+                    renewed = sent
+                self._expire([t for t in tokens if t not in kept])
+        finally:
+            beats.shutdown(wait=False)
+
+    def _expire(self, tokens: list[str]) -> None:
+        """These leases were not renewed in time: another process may hold them now."""
+        lost: list[RunLease] = []
+        with self._lock:
+            for token in tokens:
+                if run_id := self._held.pop(token, None):
+                    _log.warning(
+                        "durable_nb: the lease of run %r expired before it was renewed and "
+                        "another process may have taken the run over; this process stops "
+                        "executing it",
+                        run_id,
+                    )
+                    lease = self._lease_objs.pop(token, None)
+                    if lease is not None:
+                        lost.append(lease)
+        self._fence(lost)
 
     # ------------------------------------------------------------------ wake-ups
     def wait_for_work(self, timeout: float) -> None:
