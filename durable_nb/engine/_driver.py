@@ -249,7 +249,7 @@ async def _drive(
             poller.cancel()
         try:
             if lease is not None:
-                lease.release()
+                await _release(lease)
         finally:
             with runtime.jobs_lock:
                 if runtime.jobs.get(job.run_id) is job:
@@ -288,10 +288,11 @@ async def _poll_inbox(job: Job[Any]) -> None:
             continue
         state.last_poll = time.monotonic()
         try:
-            token = runtime.store.inbox_token(state.run_id)
+            # off the loop: a read is a round trip (PostgreSQL), or may wait while another
+            # process holds a DuckDB file
+            token = await asyncio.to_thread(runtime.store.inbox_token, state.run_id)
             if token == state.inbox_token:
                 continue
-            # off the loop: reading may wait while another process holds a DuckDB file
             signals = await asyncio.to_thread(runtime.store.list_signals, state.run_id)
         except Exception:  # a store hiccup (a busy file): the next round tries again
             continue
@@ -456,6 +457,21 @@ async def _acquire(run_id: str) -> RunLease:
 
         taking.add_done_callback(let_go)
         raise
+
+
+async def _release(lease: RunLease) -> None:
+    """Release the run's lease off the loop (a round trip on PostgreSQL); the run's job is
+    settled only after it, so whoever sees the result can start the run again. The run is
+    over: a cancellation arriving meanwhile does not cut this short."""
+    letting_go = asyncio.ensure_future(asyncio.to_thread(lease.release))
+    while True:
+        try:
+            await asyncio.shield(letting_go)
+            return
+        except asyncio.CancelledError:
+            if letting_go.done():
+                letting_go.result()
+                return
 
 
 def _read_record(run_id: str, restart: bool) -> RunRecord | None:

@@ -391,7 +391,9 @@ def durable_write(
             with contextlib.suppress(RuntimeError):  # the loop closed: nobody awaits it
                 loop.call_soon_threadsafe(_settle, fut, error)
 
-    store.submit(done, effects=effects, runs=runs, events=events)
+    # the engine's own loop lives as long as the process: the store may write on it directly
+    mine = loop if runtime.in_engine_thread() else None
+    store.submit(done, effects=effects, runs=runs, events=events, loop=mine)
     return fut
 
 

@@ -224,11 +224,13 @@ class RunState:
     def record(self, rec: EffectRecord) -> None:
         runtime.store.put_effects([rec])
         self._recorded(rec)
+        self._maybe_poll()
 
     def record_together(self, rec: EffectRecord, others: list[EffectRecord]) -> None:
         """Record a step with records of the run's other scopes in one atomic write."""
         runtime.store.put_effects([rec, *others])
         self._recorded(rec)
+        self._maybe_poll()
 
     async def record_async(self, rec: EffectRecord) -> None:
         """Record an effect's outcome; returns once it is durable, without blocking the loop
@@ -283,6 +285,11 @@ class RunState:
         self.executed += 1
         if self.listeners:
             self._emit_step(rec, "failed" if rec.is_error else "executed")
+
+    def _maybe_poll(self) -> None:
+        """After a step recorded synchronously (the caller blocks anyway): look for signals
+        other processes sent, if it is time. Awaited records leave that to the run's poller,
+        which reads off the loop."""
         if time.monotonic() - self.last_poll > INBOX_POLL:
             self.poll_inbox()
 

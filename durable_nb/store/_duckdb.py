@@ -75,6 +75,8 @@ from ._protocol import (
 )
 
 if TYPE_CHECKING:
+    import asyncio
+
     from .._codecs import Payload, Signer
 
 __all__ = ["SCHEMA_VERSION", "DuckDBStore"]
@@ -877,10 +879,10 @@ class DuckDBStore:
         effects: Sequence[EffectRecord] = (),
         runs: Sequence[RunRecord] = (),
         events: Sequence[EventRecord] = (),
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
-        submit_now(
-            self, done, effects, runs, events
-        )  # a journal append: quick enough to do at once
+        # a journal append: quick enough to do at once, on the caller's thread
+        submit_now(self, done, effects, runs, events)
 
     def put_effects(self, records: Sequence[EffectRecord]) -> None:
         ops: list[tuple[str, tuple[Any, ...]]] = []

@@ -26,6 +26,8 @@ from ._protocol import (
 )
 
 if TYPE_CHECKING:
+    import asyncio
+
     from .._codecs import Signer
 
 __all__ = ["MemoryStore"]
@@ -68,8 +70,9 @@ class MemoryStore:
         effects: Sequence[EffectRecord] = (),
         runs: Sequence[RunRecord] = (),
         events: Sequence[EventRecord] = (),
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
-        submit_now(self, done, effects, runs, events)  # writes are dict updates: done at once
+        submit_now(self, done, effects, runs, events)  # dict updates: done at once
 
     def put_effects(self, records: Sequence[EffectRecord]) -> None:
         with self._lock:

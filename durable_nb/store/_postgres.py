@@ -47,6 +47,7 @@ the only identifier that varies, is validated and quoted.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import hashlib
@@ -78,7 +79,7 @@ from ..errors import (
     StoreUnavailableError,
     StoreVersionError,
 )
-from ._pg_commit import Done, GroupCommit, Statement
+from ._pg_commit import Done, GroupCommit, LoopCommit, Statement
 from ._pg_session import TAKEOVER_GRACE, Session, gone, session_key_of
 from ._protocol import (
     EffectKey,
@@ -300,6 +301,13 @@ def _payload_cols(p: Payload | None) -> tuple[Any, Any, Any]:
     return (p.codec, p.data, _ipc(p.table))
 
 
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
@@ -406,6 +414,7 @@ class PostgresStore:
             self._translate,
             name,
         )
+        self._loop_writers: dict[asyncio.AbstractEventLoop, LoopCommit] = {}
 
         try:
             with psycopg.connect(self._conninfo, **self._connect_kwargs) as conn:
@@ -480,7 +489,8 @@ class PostgresStore:
         return {
             "put_effect": upsert("dn_effects", _EFFECT_COLS, _EFFECT_KEY_COLS),
             "put_effects": f"INSERT INTO {s}.dn_effects ({', '.join(_EFFECT_COLS)}) "
-            f"SELECT * FROM unnest({', '.join(f'%s::{t}[]' for t in _EFFECT_TYPES)}) "
+            # binary arrays: dumping text arrays quotes every element in Python
+            f"SELECT * FROM unnest({', '.join(f'%b::{t}[]' for t in _EFFECT_TYPES)}) "
             f"ON CONFLICT ({', '.join(_EFFECT_KEY_COLS)}) DO UPDATE SET "
             + ", ".join(f"{c} = EXCLUDED.{c}" for c in _EFFECT_COLS if c not in _EFFECT_KEY_COLS),
             "get_effect": f"SELECT {', '.join(_EFFECT_COLS)} FROM {s}.dn_effects WHERE {key_where}",
@@ -750,10 +760,27 @@ class PostgresStore:
         effects: Sequence[EffectRecord] = (),
         runs: Sequence[RunRecord] = (),
         events: Sequence[EventRecord] = (),
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self._check_open()
         rows = [self._effect_row(rec) for rec in effects]  # encoding errors raise here
         statements = self._run_statements(runs) + self._event_statements(events)
+        if not rows and not statements:
+            done(None)
+            return
+        if loop is not None:  # written by the loop itself, on a connection of its own
+            writer = self._loop_writers.get(loop)
+            if writer is None:
+                writer = self._loop_writers[loop] = LoopCommit(
+                    self._conninfo,
+                    self._connect_kwargs,
+                    self._q["put_effect"],
+                    self._q["put_effects"],
+                    self._translate,
+                    loop,
+                )
+            writer.submit(rows, statements, done)
+            return
         try:
             self._writer.submit(rows, statements, done)
         except psycopg.Error:
@@ -1252,6 +1279,14 @@ class PostgresStore:
             if thread is not None and thread is not threading.current_thread():
                 thread.join(timeout=5)
         self._writer.close()
+        for writer in list(self._loop_writers.values()):
+            # what its loop has under way finishes first (unless we are on that loop)
+            deadline = time.monotonic() + 5
+            while writer.busy and not writer.loop.is_closed() and time.monotonic() < deadline:
+                if _on_loop(writer.loop):
+                    break
+                time.sleep(0.005)
+            writer.close_now()
         self._session.close()  # after the leases' rows went: nobody needs to find us gone
         self._pool.close()
 

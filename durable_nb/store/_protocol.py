@@ -20,6 +20,8 @@ from .._journal import (
 )
 
 if TYPE_CHECKING:
+    import asyncio
+
     from .._codecs import Payload, Signer
 
 __all__ = [
@@ -194,6 +196,7 @@ class Store(Protocol):
         effects: Sequence[EffectRecord] = (),
         runs: Sequence[RunRecord] = (),
         events: Sequence[EventRecord] = (),
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         """Write records without waiting for them: as ``put_effects``, ``put_run`` (each run)
         and ``append_events`` would, then ``done(None)`` once every one is durable, or
@@ -202,7 +205,10 @@ class Store(Protocol):
         must be quick and must not call the store. A store may write records of concurrent
         ``submit`` calls in one transaction (PostgreSQL: group commit). An error found
         before anything was written (a closed store, a value it cannot keep) may be raised
-        by ``submit`` itself. The engine awaits ``done`` instead of blocking its loop."""
+        by ``submit`` itself. The engine awaits ``done`` instead of blocking its loop.
+
+        ``loop``: a long-lived event loop the caller is running on, which the store may use
+        to write without a thread in between (``done`` is then called on that loop)."""
         ...
 
     def get_effect(self, key: EffectKey) -> EffectRecord | None:
