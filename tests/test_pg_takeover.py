@@ -36,6 +36,7 @@ from psycopg import sql
 import durable_nb as dn
 from durable_nb import _codecs
 from durable_nb.errors import RunLockedError, StoreUnavailableError
+from durable_nb.store._pg_commit import GroupCommit, LoopCommit
 from durable_nb.store._pg_session import TAKEOVER_GRACE
 from durable_nb.store._postgres import PostgresStore
 
@@ -372,25 +373,35 @@ def test_a_holder_cut_off_but_connected_is_taken_over_at_lease_expiry_and_stops(
 
 
 class _Flaky:
-    """Makes the store's writer fail its n-th transaction (as a dropped connection would)."""
+    """Makes the store's writers fail their n-th group write (as a dropped connection would),
+    whichever writes it: the engine loop's or the writer thread's."""
 
-    def __init__(self, store: PostgresStore, n: int) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, n: int) -> None:
         self.n = n
         self.calls = 0
-        writer = store._writer
-        real = writer._execute
+        on_thread, on_loop = GroupCommit._write_group, LoopCommit._write_group
 
-        def execute(conn: Any, group: Any) -> None:
-            self.calls += 1
-            if self.calls == self.n:
-                raise psycopg.OperationalError(f"injected failure of write {self.n}")
-            real(conn, group)
+        def thread_write(writer: GroupCommit, group: Any) -> None:
+            self._count()
+            on_thread(writer, group)
 
-        writer._execute = execute  # type: ignore[method-assign]
+        async def loop_write(writer: LoopCommit, group: Any) -> None:
+            self._count()
+            await on_loop(writer, group)
+
+        monkeypatch.setattr(GroupCommit, "_write_group", thread_write)
+        monkeypatch.setattr(LoopCommit, "_write_group", loop_write)
+
+    def _count(self) -> None:
+        self.calls += 1
+        if self.calls == self.n:
+            raise psycopg.OperationalError(f"injected failure of write {self.n}")
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 8])
-def test_fifty_runs_with_a_failing_batch_lose_nothing_a_workflow_saw(pg_url: str, n: int) -> None:
+def test_fifty_runs_with_a_failing_batch_lose_nothing_a_workflow_saw(
+    pg_url: str, n: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = PostgresStore(pg_url, key=PG_TEST_KEY)
     dn.set_store(store)
     dn.set_clock(None)
@@ -412,7 +423,7 @@ def test_fifty_runs_with_a_failing_batch_lose_nothing_a_workflow_saw(pg_url: str
         return total
 
     ids = [f"g{k}" for k in range(50)]
-    flaky = _Flaky(store, n)
+    flaky = _Flaky(monkeypatch, n)
     try:
         jobs = [dn.start(wf, run_id=r) for r in ids]
         failed = []

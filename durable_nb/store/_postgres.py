@@ -712,6 +712,14 @@ class PostgresStore:
     # ------------------------------------------------------------------ effects
     def _effect_row(self, rec: EffectRecord) -> tuple[Any, ...]:
         p = rec.payload
+        for name in ("scope", "identity", "version", "input_hash", "kind", "detail"):
+            text = getattr(rec, name)
+            if "\x00" in text:  # checked here: grouped rows go as binary arrays, refused late
+                raise StoreError(
+                    f"the PostgreSQL store {self._url!r} refused a request: PostgreSQL text "
+                    f"fields cannot contain NUL (0x00) characters, and the effect's {name} "
+                    f"{text!r} has one; remove it"
+                )
         return (
             rec.scope,
             rec.identity,
