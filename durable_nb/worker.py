@@ -2,9 +2,9 @@
 "Workers and the PostgreSQL store").
 
 ``dn.start(workflow, ..., on="worker")`` writes the run as ``queued``; any worker that knows
-the workflow claims it (the store guarantees one executor per run: leases that expire when
-their holder stops renewing them) and executes it like a local run, so a run resumes from
-its history wherever it is taken over. ``durable-nb worker MODULE...`` is the command form.
+the workflow claims it (the store guarantees one executor per run: leases that end with
+their holder's process, or expire when it stops renewing them) and executes it like a local
+run, so a run resumes from its history wherever it is taken over. ``durable-nb worker MODULE...`` is the command form.
 """
 
 from __future__ import annotations

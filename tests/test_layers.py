@@ -117,7 +117,15 @@ ORDER = {
         "_driver",
         "_api",
     ],
-    "store": ["_protocol", "_memory", "_duckdb", "_pg_session", "_pg_commit", "_postgres"],
+    "store": [
+        "_protocol",
+        "_memory",
+        "_duckdb",
+        "_pg_session",
+        "_pg_schema",
+        "_pg_commit",
+        "_postgres",
+    ],
     "widgets": ["_messages", "_model", "_static", "_inspect", "_widget"],
 }
 
