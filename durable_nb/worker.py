@@ -155,6 +155,13 @@ class Worker:
         names = sorted(self.workflows)
         loop = asyncio.get_running_loop()
         self._loop = loop
+        runtime.serving_loops.add(loop)  # its runs' records may be written on it directly
+        try:
+            await self._serve(names, loop)
+        finally:
+            runtime.serving_loops.discard(loop)
+
+    async def _serve(self, names: list[str], loop: asyncio.AbstractEventLoop) -> None:
         self._freed = asyncio.Event()
         waiter: asyncio.Future[None] | None = None  # one wait_for_work call at a time
         while not self._stopping.is_set():

@@ -158,7 +158,10 @@ class Job(Generic[R]):
 
     def status(self) -> str:
         if self._state is not None and not self._future.done():
-            return self._state.run.status
+            status = self._state.run.status
+            # its end is being stored, or its lease released: final once the job is settled
+            # (so that ``result()`` then returns at once, also on the run's own loop)
+            return "running" if status in FINAL_STATUSES else status
         if self._task is not None and not self._future.done():
             return "pending"  # started in this process, not yet executing
         rec = runtime.store.get_run(self.run_id)

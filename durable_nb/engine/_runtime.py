@@ -281,6 +281,9 @@ class Runtime:
         self.jobs_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
+        #: loops besides the engine's that serve runs for a long time (a worker's): a store
+        #: may keep a connection on them (see ``durable_write``)
+        self.serving_loops: set[asyncio.AbstractEventLoop] = set()
         self.owner = f"pid {os.getpid()}"
 
     # store -------------------------------------------------------------------------
@@ -391,8 +394,9 @@ def durable_write(
             with contextlib.suppress(RuntimeError):  # the loop closed: nobody awaits it
                 loop.call_soon_threadsafe(_settle, fut, error)
 
-    # the engine's own loop lives as long as the process: the store may write on it directly
-    mine = loop if runtime.in_engine_thread() else None
+    # the engine's own loop lives as long as the process, a worker's as long as it serves:
+    # the store may write on them directly
+    mine = loop if runtime.in_engine_thread() or loop in runtime.serving_loops else None
     store.submit(done, effects=effects, runs=runs, events=events, loop=mine)
     return fut
 

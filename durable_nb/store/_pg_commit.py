@@ -70,16 +70,23 @@ class GroupCommit:
         self._name = name
         self._cond = threading.Condition()
         self._queue: list[_Write] = []
+        self._committing = False  # a thread (the writer or a caller) is committing a group
         self._closing = False
         self._thread: threading.Thread | None = None
         self._conn: _Conn | None = None
         self.groups = 0  # transactions committed (for tests and benchmarks)
 
     # ----------------------------------------------------------------- callers
+    # Leader and followers: a caller that blocks anyway (:meth:`write`) commits the queue
+    # itself when nobody is committing, and otherwise waits for the committer, which takes its
+    # write along; callers that cannot block (:meth:`submit`) leave it to the writer thread.
+    # So an uncontended write costs no thread hand-off, and concurrent ones share commits.
+
     def submit(
         self, effects: Sequence[tuple[Any, ...]], statements: Sequence[Statement], done: Done
     ) -> None:
-        """Queue a write; ``done`` is called on the writer thread once it committed or failed."""
+        """Queue a write; ``done`` is called (on the thread that commits it) once it
+        committed or failed."""
         write = _Write(effects, statements, done)
         with self._cond:
             if self._closing:
@@ -90,20 +97,21 @@ class GroupCommit:
                     target=self._serve, name=f"{self._name}-writer", daemon=True
                 )
                 self._thread.start()
-            else:
-                self._cond.notify()
+            self._cond.notify_all()
 
     def write(self, effects: Sequence[tuple[Any, ...]], statements: Sequence[Statement]) -> None:
         """Write and wait until it is durable; raises the store's error if it failed."""
-        finished = threading.Event()
         outcome: list[BaseException | None] = []
-
-        def done(error: BaseException | None) -> None:
-            outcome.append(error)
-            finished.set()
-
-        self.submit(effects, statements, done)
-        finished.wait()
+        write = _Write(effects, statements, outcome.append)
+        with self._cond:
+            if self._closing:
+                raise psycopg.InterfaceError("the store's writer is closed")
+            self._queue.append(write)
+            while not outcome:
+                if self._committing:
+                    self._cond.wait()
+                else:
+                    self._lead()
         if outcome[0] is not None:
             raise outcome[0]
 
@@ -111,25 +119,42 @@ class GroupCommit:
         """Commit what is queued, then stop the thread and close the connection."""
         with self._cond:
             self._closing = True
-            self._cond.notify()
+            self._cond.notify_all()
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=30)
+        with self._cond:
+            while self._committing:  # a caller leading a commit
+                self._cond.wait()
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(psycopg.Error):
                 conn.close()
 
-    # ----------------------------------------------------------------- the thread
+    # ----------------------------------------------------------------- committing
+    def _lead(self) -> None:
+        """Commit everything queued (called holding the lock, nobody committing)."""
+        self._committing = True
+        group, self._queue = self._queue, []
+        self._cond.release()
+        try:
+            self._commit(group)
+        finally:
+            self._cond.acquire()
+            self._committing = False
+            self._cond.notify_all()
+
     def _serve(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._closing:
+        with self._cond:
+            while True:
+                while (not self._queue or self._committing) and not self._closing:
                     self._cond.wait()
+                if self._committing:  # closing: let the caller that leads finish
+                    self._cond.wait()
+                    continue
                 if not self._queue:
                     return
-                group, self._queue = self._queue, []
-            self._commit(group)
+                self._lead()
 
     def _commit(self, group: list[_Write]) -> None:
         try:

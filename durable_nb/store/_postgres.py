@@ -610,6 +610,8 @@ class PostgresStore:
         if loop is not None:  # written by the loop itself, on a connection of its own
             writer = self._loop_writers.get(loop)
             if writer is None:
+                for gone_loop in [lp for lp in self._loop_writers if lp.is_closed()]:
+                    self._loop_writers.pop(gone_loop).close_now()  # a worker's that ended
                 writer = self._loop_writers[loop] = LoopCommit(
                     self._conninfo,
                     self._connect_kwargs,
