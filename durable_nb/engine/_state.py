@@ -35,7 +35,15 @@ from .._journal import (
 )
 from ..errors import NonDeterminismError
 from ..store import EffectRecord, EventRecord, RunRecord, SignalRecord
-from ._runtime import CancelScope, Key4, TopScope, durable_write, runtime, wait_written
+from ._runtime import (
+    CancelScope,
+    Key4,
+    TopScope,
+    Written,
+    durable_write,
+    runtime,
+    wait_written,
+)
 
 if TYPE_CHECKING:
     from ._interrupts import InterruptBlock
@@ -95,7 +103,7 @@ class RunState:
         self.saved = 0.0
         self.inflight = 0
         self._batch: list[EffectRecord] = []
-        self._batch_waiters: list[asyncio.Future[None]] = []
+        self._batch_waiters: list[Written] = []
         consumed = {signal_id_of(r.kind, r.detail) for r in history} - {None}
         self.inbox: list[SignalRecord] = [s for s in signals if s.signal_id not in consumed]
         self.seen_signals = {s.signal_id for s in signals}
@@ -240,12 +248,13 @@ class RunState:
             self._recorded(rec)
             return
         # effects of this run completing in the same loop iteration share one write
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        mine = Written(loop)
         if not self._batch:
-            asyncio.get_running_loop().call_soon(self._flush_batch)
+            loop.call_soon(self._flush_batch)
         self._batch.append(rec)
-        self._batch_waiters.append(fut)
-        await wait_written(fut)
+        self._batch_waiters.append(mine)
+        await wait_written(mine)
 
     def _flush_batch(self) -> None:
         batch, self._batch = self._batch, []
@@ -255,30 +264,21 @@ class RunState:
         except BaseException as e:
             self._batch_done(batch, waiters, e)
             return
-        if written.done():  # a store that writes at once: no extra loop iteration
-            self._batch_done(batch, waiters, written.exception())
-        else:
-            written.add_done_callback(
-                lambda f: self._batch_done(
-                    batch, waiters, f.exception() if not f.cancelled() else None
-                )
+        if written.finished:  # a store that writes at once: no extra loop iteration
+            self._batch_done(batch, waiters, written.error)
+        else:  # nobody awaits this write's own future: it is never cancelled
+            written.wake.add_done_callback(
+                lambda _: self._batch_done(batch, waiters, written.error)
             )
 
     def _batch_done(
-        self,
-        batch: list[EffectRecord],
-        waiters: list[asyncio.Future[None]],
-        error: BaseException | None,
+        self, batch: list[EffectRecord], waiters: list[Written], error: BaseException | None
     ) -> None:
         if error is None:
             for rec in batch:
                 self._recorded(rec)
         for w in waiters:
-            if not w.done():
-                if error is None:
-                    w.set_result(None)
-                else:
-                    w.set_exception(error)
+            w.settle(error)
 
     def _recorded(self, rec: EffectRecord) -> None:
         self.index[(rec.identity, rec.version, rec.input_hash, rec.occurrence)] = rec
