@@ -56,6 +56,7 @@ __all__ = [
     "StepDetail",
     "StepKind",
     "StreamDetail",
+    "TimeoutDetail",
     "check_name",
     "check_queue",
     "check_run_id",
@@ -77,10 +78,14 @@ __all__ = [
 
 # ------------------------------------------------------------------------- step kinds
 #: What a step of a run's journal is. ``effect``: an ``@effect`` or ``ctx.run`` call (its
-#: ``detail`` is the argument preview, plain text); ``stream``: a write to a run stream, its
-#: close, or a streaming effect's final value; the others are the ``ctx`` operations of the
-#: same name (``deadline``: the deadline of a timed ``wait_signal``/``dequeue``). ``retry``
-#: and ``kv_base`` are bookkeeping kept in the journal (see :data:`AUX_KINDS`).
+#: ``detail`` is the argument preview, plain text; an error it raised that the run saw is
+#: recorded too, ``is_error``); ``stream``: a write to a run stream, its close, or a streaming
+#: effect's final value; ``deadline``: the deadline of a timed ``wait_signal``/``dequeue``
+#: or of a ``ctx.timeout``/``ctx.wait_for``; ``timeout``: such a block ran out of time; the
+#: others are the ``ctx`` operations of the same name. ``cleared`` replaces the record of an
+#: effect's error that failed its run: the step still shows as failed, but resuming the run
+#: calls that effect again. ``retry`` and ``kv_base`` are bookkeeping kept in the journal
+#: (see :data:`AUX_KINDS`).
 StepKind = Literal[
     "effect",
     "stream",
@@ -99,8 +104,10 @@ StepKind = Literal[
     "log",
     "kv_set",
     "kv_delete",
+    "timeout",
     "retry",
     "kv_base",
+    "cleared",
 ]
 #: Records of a run's other scopes: a stream's chunk and end marker (``stream/<run>``), a
 #: key's current value (``kv/<run>``; a deleted key leaves a ``kv_delete`` tombstone); and of
@@ -125,6 +132,13 @@ class SleepDetail(TypedDict, total=False):
 class DeadlineDetail(TypedDict, total=False):
     signal: str  # of wait_signal(signal, timeout=...)
     queue: str  # of dequeue(queue, timeout=...)
+    timeout: float  # of ctx.timeout(seconds) / ctx.wait_for(aw, seconds): the seconds
+    until: str  # of ctx.timeout / ctx.wait_for: the deadline, ISO 8601 UTC
+
+
+class TimeoutDetail(TypedDict):
+    timeout: float  # the block's seconds
+    at: str  # when it ran out, ISO 8601 UTC
 
 
 class SignalDetail(TypedDict):
@@ -200,6 +214,7 @@ StepDetail = Union[
     DequeueDetail,
     InterruptDetail,
     RaceDetail,
+    TimeoutDetail,
     ChildDetail,
     StartChildDetail,
     StatusDetail,

@@ -22,7 +22,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import DurableError
+from .errors import (
+    KernelSpecError,
+)
 
 __all__ = ["DEFAULT_NAME", "DISPLAY_NAME", "PYTHON", "install", "interpreter", "kernel_json"]
 
@@ -66,7 +68,7 @@ def install(
         from ipykernel.kernelspec import RESOURCES, get_kernel_dict
         from jupyter_client.kernelspec import KernelSpecManager
     except ImportError as e:
-        raise DurableError(f"{e.name} is not installed in {python}; {_MISSING_EXTRA}") from None
+        raise KernelSpecError(f"{e.name} is not installed in {python}; {_MISSING_EXTRA}") from None
     if user and prefix is not None:
         raise ValueError("choose one of user and prefix")
     spec = kernel_json(python)
@@ -84,7 +86,7 @@ def install(
         try:
             dest = str(ksm.install_kernel_spec(source, name, user=user, prefix=prefix))
         except OSError as e:  # most often: system-wide, without the permission
-            raise DurableError(
+            raise KernelSpecError(
                 f"cannot write the kernel spec to {e.filename} ({e.strerror}); install it for "
                 "yourself with --user, or into this environment with --sys-prefix"
             ) from None

@@ -10,16 +10,23 @@ from __future__ import annotations
 __all__ = [
     "ArgumentError",
     "ArgumentTypeError",
+    "BlockingCallError",
     "DurableError",
+    "DurableWarning",
     "EffectTimeoutError",
+    "EngineError",
     "ExportFormatError",
     "Interrupted",
+    "KernelSpecError",
     "NonDeterminismError",
     "PayloadIntegrityError",
     "RunCancelledError",
+    "RunConflictError",
+    "RunEndedError",
     "RunLockedError",
     "RunNotFoundError",
     "SignalTimeoutError",
+    "StepTimeoutError",
     "StoreError",
     "StoreFormatError",
     "StoreLockedError",
@@ -27,8 +34,10 @@ __all__ = [
     "StoreVersionError",
     "StreamClosedError",
     "UnhashableInputError",
+    "UnrecordedCancelWarning",
     "UnstorableValueError",
     "WidgetUnavailableError",
+    "WorkflowNotFoundError",
     "WorkflowVersionError",
 ]
 
@@ -43,6 +52,11 @@ class ArgumentError(DurableError, ValueError):
 
 class ArgumentTypeError(DurableError, TypeError):
     """A public entry point got an argument of the wrong type."""
+
+
+class BlockingCallError(DurableError, RuntimeError):
+    """A blocking call was made where it would block the event loop a run needs (the
+    ``await`` form works there), or a run would wait on itself."""
 
 
 class UnhashableInputError(DurableError, TypeError):
@@ -65,6 +79,11 @@ class SignalTimeoutError(DurableError, TimeoutError):
     """``ctx.wait_signal(name, timeout=...)`` saw no signal before its deadline."""
 
 
+class StepTimeoutError(DurableError, TimeoutError):
+    """``ctx.wait_for(aw, timeout)`` or ``async with ctx.timeout(seconds):`` ran out of time.
+    The timeout is recorded, so a replay of the run raises it at the same point."""
+
+
 class Interrupted(DurableError):
     """An ``async with ctx.interrupt_on(name):`` block was stopped by the signal ``name``;
     ``.name`` and ``.payload`` (the signal's JSON payload) say which and with what."""
@@ -78,6 +97,10 @@ class Interrupted(DurableError):
         return (type(self), (self.name, self.payload, str(self)))
 
 
+class WorkflowNotFoundError(DurableError, LookupError):
+    """The workflow a run belongs to is not defined (or not known) in this process."""
+
+
 class WorkflowVersionError(DurableError):
     """A run started on a version of its workflow that is not defined in this process."""
 
@@ -88,6 +111,14 @@ class StreamClosedError(DurableError):
 
 class RunNotFoundError(DurableError, LookupError):
     """No run with the given id exists in the store."""
+
+
+class RunConflictError(DurableError):
+    """A run id names a run of another workflow: a run id belongs to one workflow."""
+
+
+class RunEndedError(DurableError):
+    """The run ended before what was being waited for happened."""
 
 
 class RunCancelledError(DurableError):
@@ -126,5 +157,24 @@ class PayloadIntegrityError(StoreError):
     """A pickled payload is unsigned or its signature does not match: it is never unpickled."""
 
 
+class KernelSpecError(DurableError):
+    """The "Python 3 (durable)" kernel spec cannot be built or installed."""
+
+
+class EngineError(DurableError):
+    """The engine reached a state it never should: a bug in durable_nb — please report it
+    with the traceback."""
+
+
 class WidgetUnavailableError(DurableError):
     """A widget cannot be shown: its front-end bundle or the notebook extra is missing."""
+
+
+class DurableWarning(UserWarning):
+    """Base class of the warnings durable_nb gives."""
+
+
+class UnrecordedCancelWarning(DurableWarning):
+    """An effect inside a run was cancelled by something whose outcome is not recorded (a
+    plain ``asyncio.wait_for``/``asyncio.timeout``, a task cancelled by hand): after a restart
+    the run may take another branch. ``ctx.wait_for``/``ctx.timeout`` record theirs."""

@@ -195,10 +195,13 @@ def run_trace(store: Store, run_id: str) -> dict[str, Any]:
             state, error = "failed", describe_error(r, store)
         else:
             state, error = ("executed" if r.started_at >= latest else "replayed"), None
+        kind = r.kind
+        if kind == "cleared":  # an error that failed the run, shown as the call it was
+            kind = "stream" if "chunks" in read_detail(r.detail) else "effect"
         steps.append(
             {
                 "seq": r.seq,
-                "kind": r.kind,
+                "kind": kind,
                 "name": r.identity,
                 "state": state,
                 "started_at": r.started_at,

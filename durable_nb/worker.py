@@ -29,9 +29,9 @@ from .engine import Job, Workflow, call_of, fail_unstarted, runtime, start_run
 from .errors import (
     ArgumentError,
     ArgumentTypeError,
-    DurableError,
     StoreLockedError,
     StoreUnavailableError,
+    WorkflowNotFoundError,
 )
 from .store import RunLease, RunRecord, Store
 
@@ -52,7 +52,10 @@ def _import_target(target: str) -> ModuleType:
         name = "durable_nb_worker_" + path.stem
         spec = importlib.util.spec_from_file_location(name, path)
         if spec is None or spec.loader is None:
-            raise ArgumentError(f"cannot import {target!r} as a Python file")
+            raise ArgumentError(
+                f"cannot import {target!r} as a Python file; give the path of a .py file, or "
+                "a module name on PYTHONPATH"
+            )
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
@@ -192,8 +195,10 @@ class Worker:
         wf = self.workflows.get(rec.workflow)
         try:
             if wf is None:  # claim_run only returns our workflows; a store bug if not
-                raise DurableError(
-                    f"claimed run {rec.run_id!r} of unknown workflow {rec.workflow!r}"
+                raise WorkflowNotFoundError(
+                    f"claimed run {rec.run_id!r} of workflow {rec.workflow!r}, which this "
+                    f"worker does not serve (it serves {', '.join(sorted(self.workflows))}); "
+                    "this is a store bug: claim_run must return only the workflows asked for"
                 )
             bound = _codecs.decode(rec.args, self.store.signer) if rec.args is not None else {}
             args, kwargs = call_of(wf, bound)
@@ -229,6 +234,5 @@ class Worker:
         _, pending = await asyncio.wait(waits, timeout=self.grace)
         if pending:
             for job in list(self._active.values()):
-                if job._task is not None and not job._task.done():
-                    job._task.cancel()  # interrupted, not cancelled: the run stays resumable
+                job.interrupt_task()  # interrupted, not cancelled: the run stays resumable
             await asyncio.wait(waits, timeout=10)

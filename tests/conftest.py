@@ -21,13 +21,19 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(autouse=True)
 def _isolated_runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Every test gets a fresh in-memory store, a fake clock and its own working directory."""
+    """Every test gets a fresh in-memory store, a fake clock, its own working directory and
+    the workflow versions defined before it (each test defines its own versions)."""
+    from durable_nb.engine import _workflow
+
     monkeypatch.chdir(tmp_path)
     old_store, old_clock, old_top = runtime._store, runtime.clock, runtime.top
+    versions = {k: dict(v) for k, v in _workflow._versions.items()}
     runtime._store = MemoryStore()
     runtime.clock = dn.FakeClock()
     runtime.set_top_scope("test")
     yield
+    _workflow._versions.clear()
+    _workflow._versions.update(versions)
     store = runtime._store
     runtime._store, runtime.clock, runtime.top = old_store, old_clock, old_top
     if store is not None:

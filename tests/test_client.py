@@ -25,6 +25,8 @@ from durable_nb.errors import (
 )
 from durable_nb.store import EffectRecord, MemoryStore, RunRecord, Store
 
+from .helpers import wait_until
+
 calls: Counter[str] = Counter()
 
 
@@ -183,11 +185,10 @@ def test_delete_refuses_a_run_that_executes(store: Store) -> None:
         return await ctx.wait_signal("go")
 
     job = dn.start(waits, run_id="w")
-    for _ in range(1000):
-        rec = store.get_run("w")
-        if rec is not None and rec.status == "waiting":
-            break
-        time.sleep(0.005)
+    wait_until(
+        lambda: (rec := store.get_run("w")) is not None and rec.status == "waiting",
+        "the run waiting for its signal",
+    )
     c = dn.Client()
     with pytest.raises(RunLockedError, match=r"^cannot delete run 'w' while it executes \("):
         c.delete("w")

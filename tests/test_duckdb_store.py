@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,9 @@ from pathlib import Path
 import duckdb
 import pytest
 
+import durable_nb as dn
 from durable_nb import _codecs
+from durable_nb.engine import runtime
 from durable_nb.errors import (
     StoreFormatError,
     StoreUnavailableError,
@@ -22,7 +25,7 @@ from durable_nb.errors import (
 from durable_nb.store import EffectRecord, RunRecord, open_store
 from durable_nb.store._duckdb import SCHEMA_VERSION, DuckDBStore
 
-from .helpers import ROOT, run_python
+from .helpers import ROOT, run_python, spawn_python
 
 
 def _rec(store: DuckDBStore, n: int) -> EffectRecord:
@@ -326,14 +329,7 @@ def test_cached_records_deleted_by_another_process_are_not_served(tmp_path: Path
 
 
 def _child(code: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    proc = spawn_python("-c", textwrap.dedent(code), stdin=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if line.strip() != "ready":
@@ -434,3 +430,66 @@ def test_effect_claims_across_processes(tmp_path: Path) -> None:
         child.kill()
         child.communicate()
         store.close()
+
+
+# -------------------------------------------- regressions found in review (each failed before its fix)
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys, time
+    from durable_nb.store._duckdb import DuckDBStore
+    from durable_nb.store import EffectRecord
+    from durable_nb._codecs import Payload
+    s = DuckDBStore(sys.argv[1], merge_interval=3600, idle_close=0.05)
+    lease = s.acquire_run("R", "child")
+    s.put_effects([EffectRecord("run/R", "eff", "v", "h", 0, Payload("json", b"42"), seq=0)])
+    s._close_connection()  # what the idle close does: the record is only in the journal
+    print("ready", flush=True)
+    time.sleep(60)  # still executing run R when it is killed
+    """
+)
+
+
+def test_a_busy_process_taking_over_a_run_sees_the_dead_holders_journal(tmp_path: Path) -> None:
+    path = tmp_path / "store.duckdb"
+    DuckDBStore(path).close()
+    p = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    parent = DuckDBStore(path, idle_close=3600)  # holds the file while the child lives
+    try:
+        p.send_signal(signal.SIGKILL)
+        p.communicate()
+        lease = parent.acquire_run("R", "parent")
+        assert parent.get_effect(("run/R", "eff", "v", "h", 0)) is not None
+        lease.release()
+    finally:
+        parent.close()
+
+
+def test_the_run_is_merged_and_released_before_its_result_is_seen(tmp_path: Path) -> None:
+    @dn.effect
+    def side(x: int) -> int:
+        return x
+
+    @dn.durable
+    async def wf(ctx: dn.Context) -> int:
+        return side(1)
+
+    path = tmp_path / "s.duckdb"
+    a = DuckDBStore(path, merge_interval=3600, idle_close=3600)
+    b = DuckDBStore(path)  # another user of the same store
+    runtime._store = a
+    try:
+        assert dn.run(wf, run_id="R") == 1
+        lease = b.acquire_run("R", "B")
+        rec = b.get_run("R")
+        assert rec is not None and rec.status == "completed"
+        lease.release()
+    finally:
+        b.close()

@@ -20,7 +20,7 @@ from durable_nb.engine import runtime
 from durable_nb.errors import StoreLockedError
 from durable_nb.store._duckdb import DuckDBStore
 
-ROOT = Path(__file__).resolve().parent.parent
+from .helpers import ROOT, spawn_python
 
 WORKER = textwrap.dedent(
     """
@@ -78,25 +78,14 @@ def _expected(n: int) -> int:
 def _launch(tmp: Path, n: int, kill_seen: int = -1, kill_inside: int = -1, pace: float = 0.0):
     script = tmp / "worker.py"
     script.write_text(WORKER)
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "DURABLE_NB_STORE": str(tmp / "store.duckdb"),
-    }
-    return subprocess.Popen(
-        [
-            sys.executable,
-            str(script),
-            str(tmp / "exec.log"),
-            str(n),
-            str(kill_seen),
-            str(kill_inside),
-            str(pace),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
+    return spawn_python(
+        str(script),
+        str(tmp / "exec.log"),
+        str(n),
+        str(kill_seen),
+        str(kill_inside),
+        str(pace),
+        env={"DURABLE_NB_STORE": str(tmp / "store.duckdb")},
         cwd=tmp,
     )
 
@@ -165,18 +154,8 @@ def test_random_sigkills_from_outside(tmp_path: Path) -> None:
 
 
 def _child(tmp: Path, code: str, **env: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=tmp,
-        env={
-            **os.environ,
-            "PYTHONPATH": str(ROOT),
-            "DURABLE_NB_STORE": str(tmp / "s.duckdb"),
-            **env,
-        },
+    return spawn_python(
+        "-c", textwrap.dedent(code), env={"DURABLE_NB_STORE": str(tmp / "s.duckdb"), **env}, cwd=tmp
     )
 
 

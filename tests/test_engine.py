@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
+import uuid
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +22,10 @@ from durable_nb.errors import (
     UnhashableInputError,
     UnstorableValueError,
 )
-from durable_nb.store import RunRecord, Store
+from durable_nb.store import RunRecord, SignalRecord, Store
+from durable_nb.store._duckdb import DuckDBStore
+
+from .helpers import wait_until
 
 calls: Counter[str] = Counter()
 
@@ -394,7 +400,9 @@ def test_run_works_inside_a_running_event_loop(store: Store) -> None:
 def test_job_result_on_its_own_loop_says_to_await(store: Store) -> None:
     async def main() -> None:
         job = dn.start(pipeline, ["a"])
-        with pytest.raises(dn.DurableError, match=r"^job.result\(\) would block the event loop"):
+        with pytest.raises(
+            dn.errors.BlockingCallError, match=r"^job.result\(\) would block the event loop"
+        ):
             job.result()
         assert await job == 2
 
@@ -471,7 +479,7 @@ def test_calling_a_workflow_inside_a_run_says_use_child(store: Store) -> None:
         return inner()
 
     with pytest.raises(
-        dn.DurableError,
+        dn.errors.BlockingCallError,
         match=r"^calling workflow .*inner inside a run would block it; use `await ctx.child\(inner, \.\.\.\)`",
     ):
         dn.run(outer)
@@ -531,9 +539,13 @@ def test_signal_sent_before_the_run_starts_is_delivered(store: Store) -> None:
     async def wf(ctx: dn.Context) -> Any:
         return await ctx.wait_signal("go")
 
-    store.put_run(RunRecord("early", "wf", "waiting", 1.0, 1.0))
-    dn.signal("early", "go", [1, 2])
+    # pre-delivery to a run that does not exist yet is an explicit opt-in
+    dn.signal("early", "go", [1, 2], missing_ok=True)
     assert dn.run(wf, run_id="early") == [1, 2]
+    # and to a run that exists but no process executes
+    store.put_run(RunRecord("waits", wf.name, "waiting", 1.0, 1.0))
+    dn.signal("waits", "go", [3])
+    assert dn.run(wf, run_id="waits") == [3]
 
 
 def test_signal_timeout_is_durable(store: Store, clock: dn.FakeClock) -> None:
@@ -561,12 +573,7 @@ def test_cancel_runs_finally_blocks_and_ends_cancelled(store: Store) -> None:
             cleaned.append(True)
 
     job = dn.start(wf, run_id="c")
-    for _ in range(200):
-        if job.status() == "waiting":
-            break
-        import time
-
-        time.sleep(0.01)
+    wait_until(lambda: job.status() == "waiting", "the run waiting for its signal")
     job.cancel("no longer needed")
     with pytest.raises(dn.RunCancelledError, match=r"^run 'c' was cancelled \(no longer needed\)"):
         job.result(timeout=30)
@@ -637,3 +644,92 @@ def test_rerun_on_a_truncated_history_executes_only_the_lost_steps(store: Store)
     store.put_effects(kept)
     assert dn.run(wf, False, run_id="tr") == 90
     assert [calls[f"double({i})"] for i in range(10)] == [1] * 5 + [2] * 5
+
+
+# -------------------------------------------- regressions found in review (each failed before its fix)
+
+
+def test_a_signal_sent_while_the_run_starts_is_not_missed() -> None:
+    @dn.durable
+    async def wf(ctx: dn.Context) -> object:
+        return await ctx.wait_signal("go", timeout=60)
+
+    store = runtime.store
+    orig = store.list_signals
+    sent: list[int] = []
+
+    def list_signals(run_id: str) -> list[SignalRecord]:
+        out = orig(run_id)
+        if not sent:  # another process sends right after the run read its signals
+            sent.append(1)
+            store.add_signal(SignalRecord(run_id, uuid.uuid4().hex, "go", "7", time.time()))
+        return out
+
+    store.list_signals = list_signals  # type: ignore[method-assign]
+    assert dn.run(wf, run_id="R") == 7
+
+
+def test_names_that_cannot_be_stored_are_refused_before_writing(tmp_path: Path) -> None:
+    path = tmp_path / "s.duckdb"
+    runtime._store = DuckDBStore(path)
+    with pytest.raises(ArgumentError, match=r"^name must be a non-empty str of at most 200"):
+        dn.signal("r", "\ud800", 1)
+    with pytest.raises(ArgumentError, match=r"^run_id must be 1-200 printable characters"):
+        dn.signal("\udc00", "go", 1)
+    runtime._store.close()
+    DuckDBStore(path).close()  # the store still opens
+
+
+def test_a_timed_signal_wait_keeps_its_own_deadline_after_resume(clock: dn.FakeClock) -> None:
+    crash = {"on": True}
+
+    @dn.durable
+    async def wf(ctx: dn.Context) -> list[object]:
+        a = await ctx.wait_signal("go", timeout=10)
+        if crash["on"]:
+            raise RuntimeError("crash after the first signal")
+        b = await ctx.wait_signal("go", timeout=1000)
+        return [a, b]
+
+    dn.signal("r1", "go", 1, missing_ok=True)
+    with pytest.raises(RuntimeError):
+        dn.run(wf, run_id="r1")
+    crash["on"] = False
+    clock.advance(50)  # past the first wait's deadline, well within the second's
+    dn.signal("r1", "go", 2)
+    assert dn.run(wf, run_id="r1") == [1, 2]
+
+
+def test_a_waiter_giving_up_does_not_cancel_the_result() -> None:
+    @dn.durable
+    async def wf(ctx: dn.Context) -> int:
+        await asyncio.sleep(0.05)
+        return 5
+
+    async def body() -> None:
+        job = dn.start(wf, run_id="R")
+        with pytest.raises((asyncio.TimeoutError, TimeoutError)):
+            await asyncio.wait_for(job.wait(), 0.01)
+        assert await job.wait() == 5
+
+    asyncio.run(body())
+
+
+def test_rerunning_a_completed_run_with_new_arguments_does_not_return_a_stale_result() -> None:
+    seen: list[str] = []
+
+    @dn.effect
+    def fetch(arg: str) -> str:
+        seen.append(arg)
+        return arg.upper()
+
+    @dn.durable
+    async def wf(ctx: dn.Context, arg: str) -> str:
+        return fetch(arg)
+
+    assert dn.run(wf, "a", run_id="same") == "A"
+    assert dn.run(wf, "b", run_id="same") == "B"
+    assert dn.run(wf, "a", run_id="same") == "A"  # replayed, not executed again
+    assert seen == ["a", "b"]
+    assert dn.run(wf, "a", run_id="same") == "A"
+    assert seen == ["a", "b"]

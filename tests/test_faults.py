@@ -77,7 +77,28 @@ def _recorded(store: MemoryStore) -> set[int]:
     }
 
 
-@pytest.mark.parametrize("fail_at", range(1, 30))
+def _writes_of_a_clean_run() -> int:
+    """How many writes a healthy run of ``flow`` makes: every one of them is failed once."""
+    old_store, old_clock = runtime._store, runtime.clock
+    counting = FailingStore(MemoryStore(), fail_at=0)  # never fails, only counts
+    runtime._store, runtime.clock = counting, dn.FakeClock()
+    try:
+        dn.run(flow, 6, run_id="f")
+    finally:
+        runtime._store, runtime.clock = old_store, old_clock
+        executions.clear()
+    return counting.writes
+
+
+WRITES = _writes_of_a_clean_run()
+
+
+def test_the_clean_run_makes_the_writes_the_fault_tests_fail() -> None:
+    assert WRITES >= 10, WRITES  # its steps, status changes and events: each failed below
+
+
+# every write of the run fails once; the last case fails none (the run completes)
+@pytest.mark.parametrize("fail_at", range(1, WRITES + 2))
 def test_a_failing_write_never_loses_a_recorded_step(fail_at: int) -> None:
     executions.clear()
     base = MemoryStore()

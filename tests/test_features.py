@@ -16,11 +16,9 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import re
 import signal
 import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -42,20 +40,14 @@ from durable_nb.errors import (
 )
 from durable_nb.store import Store
 
-from .helpers import ROOT
+from .helpers import spawn_python
 
 calls: Counter[str] = Counter()
 
 
 @pytest.fixture(autouse=True)
-def _reset_calls() -> Iterator[None]:
-    from durable_nb.engine import _workflow
-
+def _reset_calls() -> None:
     calls.clear()
-    versions = {k: dict(v) for k, v in _workflow._versions.items()}
-    yield
-    _workflow._versions.clear()  # each test defines its own versions of a workflow
-    _workflow._versions.update(versions)
 
 
 @dn.effect
@@ -332,7 +324,7 @@ def test_interrupt_signal_already_waiting_interrupts_at_once_and_is_consumed_onc
                 out.append(e.payload)
         return out
 
-    dn.signal("early", "stop", 7)
+    dn.signal("early", "stop", 7, missing_ok=True)
     assert dn.run(wf, run_id="early") == [7, "INSIDE"]
     assert calls == {"inside": 1}
 
@@ -379,7 +371,7 @@ def test_queue_messages_in_order_once_and_they_survive_continue_as_new(store: St
         ctx.continue_as_new(seen)
 
     for m in ["a", "b", "c", "stop", "extra"]:
-        dn.enqueue("consumer", "jobs", m)
+        dn.enqueue("consumer", "jobs", m, missing_ok=True)
     assert dn.run(consumer, [], run_id="consumer") == ["A", "B", "C", "STOP"]
     assert dict(calls) == {"a": 1, "b": 1, "c": 1, "stop": 1}
     rec = store.get_run("consumer")
@@ -468,7 +460,7 @@ def test_continue_as_new_keeps_kv_and_signals_and_returns_the_last_generation(
             ctx.continue_as_new(n + 1)
         return {"n": n, "count": ctx.kv["count"], "note": await ctx.wait_signal("note")}
 
-    dn.signal("loop", "note", "kept across generations")
+    dn.signal("loop", "note", "kept across generations", missing_ok=True)
     job = dn.start(counter, 0, run_id="loop")
     assert job.result(timeout=30) == {"n": 4, "count": 5, "note": "kept across generations"}
     assert dict(calls) == {f"gen{i}": 1 for i in range(5)}
@@ -645,8 +637,9 @@ def test_status_wait_status_change_in_process_and_replay_does_not_publish_again(
 
     async def after_end() -> None:
         with pytest.raises(
-            dn.DurableError,
-            match=r"^run 'st' ended \(completed\) at status version 2 without a status newer than 2$",
+            dn.errors.RunEndedError,
+            match=r"^run 'st' ended \(completed\) at status version 2 without a status newer than 2; "
+            r"read its last status with job\.custom_status\(\)$",
         ):
             await dn.get_job("st").wait_status_change(2, timeout=30)
 
@@ -896,7 +889,9 @@ def test_effects_start_a_run_and_wait_for_it_from_a_worker_thread(store: Store) 
     async def wrong(ctx: dn.Context) -> str:
         return await run_target_on_the_loop()
 
-    with pytest.raises(dn.DurableError, match=r"^dn\.run\(\) inside a run would block it"):
+    with pytest.raises(
+        dn.errors.BlockingCallError, match=r"^dn\.run\(\) inside a run would block it"
+    ):
         dn.run(wrong, run_id="wrong")
 
 
@@ -933,7 +928,7 @@ def test_strict_replay_accepts_every_new_step_kind(store: Store, clock: dn.FakeC
             raise RuntimeError("x")
         return [*out, dict(ctx.kv)]
 
-    dn.enqueue("strict", "q", "m")
+    dn.enqueue("strict", "q", "m", missing_ok=True)
     with pytest.raises(RuntimeError):
         dn.run(wf, 0, run_id="strict")
     crash[0] = False
@@ -951,7 +946,7 @@ def test_features_inside_a_durable_cell() -> None:
     shell = InteractiveShell.instance()
     shell.run_cell("%load_ext durable_nb", store_history=False)
     try:
-        dn.enqueue("cell", "jobs", "msg")
+        dn.enqueue("cell", "jobs", "msg", missing_ok=True)
         cell = textwrap.dedent(
             """\
             %%durable cell
@@ -1038,6 +1033,21 @@ def flaky():
 @dn.durable
 async def retry(ctx):
     return await ctx.run(flaky)
+
+
+@dn.effect(retry=dn.Retry(attempts=3, initial_delay=600, max_delay=600, backoff=1, retry_on=OSError))
+async def flaky_stream():
+    n = executed("fstream") + 1
+    note(f"exec fstream {n}")
+    yield "a"
+    if n < 3:
+        raise OSError(f"attempt {n}")
+    yield "b"
+
+
+@dn.durable
+async def stream_retry(ctx):
+    return await flaky_stream()
 
 
 @dn.durable
@@ -1187,7 +1197,8 @@ async def spawner(ctx):
 
 
 SCENARIOS = {
-    "timer": (timer, ()), "retry": (retry, ()), "queue": (queue, ()),
+    "timer": (timer, ()), "retry": (retry, ()), "stream_retry": (stream_retry, ()),
+    "queue": (queue, ()),
     "forever": (forever, (0, 0)), "race": (race, ()), "interrupt": (interrupt, ()),
     "status": (status, ()), "parent": (parent, ()), "logged": (logged, ()), "fan": (fan, ()),
     "doomed": (doomed, ()), "spawner": (spawner, ()),
@@ -1209,19 +1220,11 @@ def _worker(tmp: Path, scenario: str, **env: str) -> subprocess.Popen[str]:
     script = tmp / "worker.py"
     if not script.exists():
         script.write_text(WORKER)
-    return subprocess.Popen(
-        [sys.executable, str(script), scenario],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    return spawn_python(
+        str(script),
+        scenario,
+        env={"DURABLE_NB_STORE": str(tmp / "s.duckdb"), "EXEC_LOG": str(tmp / "exec.log"), **env},
         cwd=tmp,
-        env={
-            **os.environ,
-            "PYTHONPATH": str(ROOT),
-            "DURABLE_NB_STORE": str(tmp / "s.duckdb"),
-            "EXEC_LOG": str(tmp / "exec.log"),
-            **env,
-        },
     )
 
 
@@ -1302,9 +1305,22 @@ def test_retry_schedule_survives_a_kill_between_attempts(tmp_path: Path) -> None
     assert [(f["attempt"], f["retry_in"]) for f in failed] == [(1, 600.0), (2, 600.0)]
 
 
+def test_streaming_retry_schedule_survives_a_kill_between_attempts(tmp_path: Path) -> None:
+    p = _worker(tmp_path, "stream_retry")
+    _wait_status(tmp_path, "stream_retry", "waiting")  # attempt 1 failed; 600 s until the next
+    _kill(p)
+    assert _log(tmp_path) == ["exec fstream 1"]
+    result, out = _finish(tmp_path, "stream_retry", CLOCK_AHEAD="300")
+    assert result == "ab"  # the chunk received before the failure is kept, not repeated
+    slept = json.loads(next(x for x in out.splitlines() if x.startswith("SLEPT "))[6:])
+    # only what was left of the first delay, then the second delay in full
+    assert len(slept) == 2 and 280 < slept[0] <= 300 and slept[1] == pytest.approx(600)
+    assert _log(tmp_path) == ["exec fstream 1", "exec fstream 2", "exec fstream 3"]
+
+
 def test_queue_survives_a_kill_while_waiting_for_messages(tmp_path: Path) -> None:
     with _here(tmp_path):
-        dn.enqueue("queue", "jobs", "a")
+        dn.enqueue("queue", "jobs", "a", missing_ok=True)
     p = _worker(tmp_path, "queue")
     _wait_status(tmp_path, "queue", "waiting")  # "a" done, waiting for the next message
     _kill(p)
@@ -1455,8 +1471,8 @@ def test_effects_start_runs_that_survive_a_kill_and_are_not_started_twice(
     result, _ = _finish(tmp_path, "spawner")
     assert result == ["t-x", "t-y"]
     with _here(tmp_path):  # the started runs wait for this before they work
-        dn.signal("t-x", "go")
-        dn.signal("t-y", "go")
+        dn.signal("t-x", "go", missing_ok=True)
+        dn.signal("t-y", "go", missing_ok=True)
     _finish(tmp_path, "target-x", RUN_ID="t-x")  # finish what the killed process left
     _finish(tmp_path, "target-y", RUN_ID="t-y")
     log = _log(tmp_path)

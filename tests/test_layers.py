@@ -110,6 +110,7 @@ ORDER = {
         "_effects",
         "_kv",
         "_interrupts",
+        "_branches",
         "_jobs",
         "_workflow",
         "_log",
@@ -368,3 +369,16 @@ def test_the_journal_vocabulary_is_written_once() -> None:
         text = path.read_text()
         for literal in RETYPED:
             assert literal not in text, f"{path.relative_to(ROOT)} retypes {literal}"
+
+
+def test_no_error_raised_is_the_bare_base_class() -> None:
+    """Callers catch the specific case: every error is a subclass of DurableError."""
+    for path in (ROOT / PACKAGE).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                f = node.func
+                name = f.id if isinstance(f, ast.Name) else getattr(f, "attr", None)
+                assert name != "DurableError", (
+                    f"{path.relative_to(ROOT)}:{node.lineno} raises the bare DurableError; "
+                    "raise (or add) a subclass in durable_nb/errors.py"
+                )

@@ -3,13 +3,17 @@ of one key execute once (a claim), the others replay what it recorded."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
+
+import durable_nb as dn
 
 from .helpers import ROOT
 
@@ -69,3 +73,37 @@ def test_concurrent_first_calls_in_three_processes_execute_once(
         assert out.strip() == "[104, 101, 108, 108, 111] [104, 101, 108, 108, 111]", err
     executions = (tmp_path / "log").read_text().splitlines()
     assert len(executions) == 1, executions
+
+
+# -------------------------------------------- regressions found in review (each failed before its fix)
+
+
+def test_concurrent_calls_of_a_shared_effect_in_one_process_execute_once() -> None:
+    """Two runs of a worker (one process, one owner) call one shared key at once."""
+    calls: list[int] = []
+
+    @dn.effect(shared=True)
+    async def fetch(x: int) -> int:
+        calls.append(x)
+        await asyncio.sleep(0.05)
+        return x * 2
+
+    @dn.effect(shared=True)
+    def fetch_sync(x: int) -> int:
+        calls.append(x)
+        time.sleep(0.05)
+        return x * 3
+
+    async def body() -> list[int]:
+        return list(await asyncio.gather(fetch(1), fetch(1)))
+
+    assert asyncio.run(body()) == [2, 2]
+    assert calls == [1]
+
+    async def threads() -> list[int]:
+        return list(
+            await asyncio.gather(asyncio.to_thread(fetch_sync, 2), asyncio.to_thread(fetch_sync, 2))
+        )
+
+    assert asyncio.run(threads()) == [6, 6]
+    assert calls == [1, 2]

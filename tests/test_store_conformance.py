@@ -484,7 +484,11 @@ def test_work_that_came_between_claim_and_wait_is_not_missed(store: Store) -> No
 
 
 def test_wait_for_work_with_zero_timeout_returns(store: Store) -> None:
-    store.wait_for_work(0)
+    # with nothing to claim, a zero timeout returns at once instead of waiting for work
+    waiter = threading.Thread(target=store.wait_for_work, args=(0,), daemon=True)
+    waiter.start()
+    waiter.join(20)  # a bound on a wait that must not happen, not a measurement
+    assert not waiter.is_alive(), "wait_for_work(0) blocked"
 
 
 # ---------------------------------------------------------------------- effect maintenance

@@ -25,7 +25,7 @@ from durable_nb.engine import runtime
 from durable_nb.errors import (
     ArgumentError,
     ArgumentTypeError,
-    DurableError,
+    BlockingCallError,
     EffectTimeoutError,
     StoreUnavailableError,
     StreamClosedError,
@@ -765,7 +765,7 @@ def test_streams_replay_in_recorded_order_under_strict() -> None:
 
 def test_a_streaming_call_is_not_a_plain_iterable() -> None:
     with pytest.raises(
-        DurableError,
+        BlockingCallError,
         match=r"^a call of streaming effect .*llm is read with `async for` \(or `await`ed",
     ):
         list(llm("sync"))
@@ -1035,7 +1035,7 @@ def test_a_plain_for_on_the_runs_own_loop_is_refused() -> None:
     async def main() -> None:
         job = dn.start(gated, 1, run_id="own")
         with pytest.raises(
-            DurableError,
+            BlockingCallError,
             match=re.escape(
                 "a plain `for` over stream 's' would block the event loop that runs 'own'; "
                 "use `async for chunk in job.stream('s')` here"

@@ -242,8 +242,8 @@ def test_the_workflow_features_show_as_readable_steps(store: Store) -> None:
         first = await ctx.dequeue("inbox")
         return [idx, first, ctx.random() < 1]
 
-    enqueue("f", "inbox", {"n": 1})
-    enqueue("f", "inbox", {"n": 2})  # stays on the queue
+    enqueue("f", "inbox", {"n": 1}, missing_ok=True)
+    enqueue("f", "inbox", {"n": 2}, missing_ok=True)  # stays on the queue
     assert dn.run(features, run_id="f") == [0, {"n": 1}, True]
     t = run_trace(store, "f")
     labels = [step_label(s) for s in t["steps"]]

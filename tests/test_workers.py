@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 import durable_nb as dn
+from durable_nb.engine import runtime
 from durable_nb.errors import ArgumentError
 from durable_nb.worker import Worker, load_workflows
 
@@ -259,3 +260,168 @@ def test_a_run_whose_lease_is_lost_stops_executing(pg_url: str) -> None:
     with psycopg.connect(pg_url.split("?")[0], autocommit=True) as conn:
         holder = conn.execute(f"SELECT owner FROM {schema}.dn_leases").fetchall()
     assert holder == [("someone else",)], "the lost lease must not be released over its new holder"
+
+
+# -------------------------------------------- regressions found in review (each failed before its fix)
+
+
+def _serve_until(worker: object, jobs: list[dn.Job[object]]) -> list[object]:
+    """Serve ``worker`` until every job settled (or 10 s); their outcomes (value or error)."""
+    from durable_nb.worker import Worker
+
+    assert isinstance(worker, Worker)
+
+    async def body() -> list[object]:
+        task = asyncio.ensure_future(worker.serve())
+        out: list[object] = []
+        try:
+            for job in jobs:
+                try:
+                    out.append(await asyncio.wait_for(job.wait(), 10))
+                except Exception as e:
+                    out.append(e)
+        finally:
+            worker.stop()
+            await task
+        return out
+
+    return asyncio.run(body())
+
+
+def test_a_queued_run_whose_arguments_do_not_bind_fails_without_killing_the_worker() -> None:
+    from durable_nb._codecs import encode
+    from durable_nb.store import RunRecord
+    from durable_nb.worker import Worker
+
+    @dn.durable(name="poison")
+    async def wf(ctx: dn.Context, n: int) -> int:
+        return n
+
+    store = runtime.store
+    # stored by a kernel whose workflow took other arguments (a list, not name -> value)
+    store.put_run(RunRecord("bad", "poison", "queued", 1.0, 1.0, args=encode([1], store.signer)))
+    good = dn.start(wf, 7, run_id="good", on="worker")
+    worker = Worker([wf], concurrency=1, grace=5)
+    bad_job = dn.get_job("bad")
+    bad_out, good_out = _serve_until(worker, [bad_job, good])
+    assert good_out == 7
+    assert isinstance(bad_out, dn.DurableError), bad_out
+    assert "damaged" in str(bad_out)
+    rec = store.get_run("bad")
+    assert rec is not None and rec.status == "failed"
+
+
+def test_a_queued_run_of_a_version_the_worker_lacks_fails_instead_of_being_claimed_forever() -> (
+    None
+):
+    from durable_nb._codecs import encode
+    from durable_nb.errors import WorkflowVersionError
+    from durable_nb.store import RunRecord
+    from durable_nb.worker import Worker
+
+    @dn.durable(name="versioned_poison", version="1")
+    async def wf(ctx: dn.Context, n: int) -> int:
+        return n
+
+    store = runtime.store
+    args = encode({"n": 3}, store.signer)
+    store.put_run(RunRecord("v9", "versioned_poison", "queued", 1.0, 1.0, args=args, version="9"))
+    worker = Worker([wf], concurrency=1, grace=5)
+    (out,) = _serve_until(worker, [dn.get_job("v9")])
+    assert isinstance(out, WorkflowVersionError), out
+    assert worker.claimed == 1
+    rec = store.get_run("v9")
+    assert rec is not None and rec.status == "failed"
+
+
+def test_a_watched_run_whose_result_cannot_be_read_here_raises_instead_of_hanging() -> None:
+    from durable_nb._codecs import Payload
+    from durable_nb.errors import StoreFormatError
+    from durable_nb.store import RunRecord
+
+    store = runtime.store
+    store.put_run(RunRecord("elsewhere", "wf", "queued", 1.0, 1.0))
+    job: dn.Job[object] = dn.Job("elsewhere", None)  # a run another process executes
+    job._watch()
+    # it completes there with a result this process cannot decode (say, a pickle signed
+    # with another DURABLE_NB_KEY, or written by a newer durable_nb)
+    done = RunRecord("elsewhere", "wf", "completed", 1.0, 2.0, result=Payload("zzz", b""))
+    store.put_run(done)
+    with pytest.raises(StoreFormatError, match=r"^unknown payload codec 'zzz'"):
+        job.result(timeout=10)
+
+
+def test_restarting_a_run_on_a_worker_leaves_a_run_executing_elsewhere_alone() -> None:
+    from durable_nb.errors import RunLockedError
+
+    @dn.durable(name="busy_elsewhere")
+    async def wf(ctx: dn.Context, n: int) -> int:
+        return n
+
+    store = runtime.store
+    dn.start(wf, 1, run_id="busy", on="worker")
+    lease = store.acquire_run("busy", "a worker in another process")  # executing there
+    try:
+        with pytest.raises(RunLockedError, match=r"^run 'busy' is already being executed"):
+            dn.start(wf, 1, run_id="busy", restart=True, on="worker")
+        assert store.get_run("busy") is not None  # its history is not pulled from under it
+    finally:
+        lease.release()
+    job = dn.start(wf, 1, run_id="busy", restart=True, on="worker")  # free now: restarts
+    assert job.status() == "queued"
+
+
+def test_starting_a_continued_as_new_run_on_a_worker_again_executes_nothing() -> None:
+    from durable_nb.worker import Worker
+
+    executed: list[int] = []
+
+    @dn.effect
+    def step(n: int) -> int:
+        executed.append(n)
+        return n
+
+    @dn.durable(name="can_loop")
+    async def loop(ctx: dn.Context, n: int) -> int:
+        step(n)
+        if n < 2:
+            ctx.continue_as_new(n + 1)
+        return n
+
+    assert dn.run(loop, 0, run_id="L") == 2
+    assert executed == [0, 1, 2]
+    assert dn.run(loop, 0, run_id="L") == 2  # here: its recorded outcome
+    assert executed == [0, 1, 2]
+    job = dn.start(loop, 0, run_id="L", on="worker")  # on a worker: the same
+    (out,) = _serve_until(Worker([loop], concurrency=1, grace=5), [job])
+    assert out == 2
+    assert executed == [0, 1, 2]
+
+
+def test_a_failed_later_generation_requeued_on_a_worker_resumes_on_its_own_arguments() -> None:
+    from durable_nb.worker import Worker
+
+    executed: list[int] = []
+    fail = {"at": 2}
+
+    @dn.effect
+    def step(n: int) -> int:
+        executed.append(n)
+        if n == fail["at"]:
+            raise RuntimeError("boom")
+        return n
+
+    @dn.durable(name="can_loop_fail")
+    async def loop(ctx: dn.Context, n: int) -> int:
+        await ctx.run(step, n, retry=dn.Retry(attempts=1))
+        if n < 2:
+            ctx.continue_as_new(n + 1)
+        return n
+
+    with pytest.raises(RuntimeError, match=r"^boom$"):
+        dn.run(loop, 0, run_id="F")
+    fail["at"] = -1
+    job = dn.start(loop, 0, run_id="F", on="worker")
+    (out,) = _serve_until(Worker([loop], concurrency=1, grace=5), [job])
+    assert out == 2
+    assert executed == [0, 1, 2, 2]  # generation 2 again, not the run from generation 0

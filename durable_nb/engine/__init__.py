@@ -12,7 +12,9 @@ One concern per file, lowest first (a file imports only files above it in this l
 ``_streaming``   streaming effects (async generator ``@effect`` functions)
 ``_effects``     ``@effect``: keyed, recorded calls, inside runs and out
 ``_kv``          a run's key/value state (``ctx.kv``)
-``_interrupts``  ``ctx.interrupt_on`` blocks
+``_interrupts``  blocks a signal or a durable timeout cuts short (``ctx.interrupt_on``,
+                 ``ctx.timeout``, ``ctx.wait_for``)
+``_branches``    concurrent branches of a run (``ctx.all``, ``ctx.race``)
 ``_jobs``        ``Job`` and steering from outside: signal, enqueue, cancel, get_job
 ``_workflow``    ``@durable``: what a workflow is, and its versions
 ``_log``         ``ctx.log``

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import json
 import math
 import random as _random
@@ -44,19 +43,25 @@ from .._journal import (
     json_text,
     queue_signal,
 )
-from ..errors import ArgumentError, ArgumentTypeError, DurableError, SignalTimeoutError
+from ..errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    EngineError,
+    SignalTimeoutError,
+)
 from ..store import EffectRecord
+from ._branches import awaitables, cancel_branches, discard, retrieve, spawn
 from ._clock import wait_event
 from ._effects import EffectFunction
-from ._interrupts import InterruptBlock
+from ._interrupts import InterruptBlock, TimeoutBlock
 from ._jobs import Job, get_job
 from ._kv import RunKV
 from ._log import RunLog
 from ._retry import Retry, check_retry, check_timeout
-from ._runtime import CancelScope, Key4, cancel_scope, cancelled, runtime
+from ._runtime import Key4, cancel_scope, cancelled, runtime
 from ._state import RunState, replay
 from ._streams import StreamWriter
-from ._workflow import Workflow
+from ._workflow import Workflow, version_of
 
 __all__ = ["Context", "ContinueAsNew"]
 
@@ -338,26 +343,26 @@ class Context:
         fails, the others are cancelled (effects in flight see ``dn.cancelled()``) and its
         error is raised. Replays deterministically: each step's key was taken when it was
         called."""
-        items = _awaitables(aws, "ctx.all")
+        items = awaitables(aws, "ctx.all")
         return self._all(items)
 
     async def _all(self, items: list[Awaitable[Any]]) -> list[Any]:
         if not items:
             return []
-        branches = _spawn(items)
+        branches = spawn(items)
         futs = [f for f, _ in branches]
         try:
             await asyncio.wait(futs, return_when=asyncio.FIRST_EXCEPTION)
         except asyncio.CancelledError:
-            await _cancel_branches(branches)
+            await cancel_branches(branches)
             raise
         failed = next(
             (f for f in futs if f.done() and not f.cancelled() and f.exception() is not None),
             None,
         )
         if failed is not None:
-            await _cancel_branches(branches)
-            _retrieve(futs)
+            await cancel_branches(branches)
+            retrieve(futs)
             raise cast(BaseException, failed.exception())
         return [f.result() for f in futs]
 
@@ -373,7 +378,7 @@ class Context:
         works too."""
         if len(aws) == 1 and isinstance(aws[0], (list, tuple)):
             aws = tuple(aws[0])
-        items = _awaitables(aws, "ctx.race")
+        items = awaitables(aws, "ctx.race")
         if not items:
             raise ArgumentError("ctx.race needs at least one awaitable, got none")
         key4, seq, rec = self._state.step("dn.race", _hashing.hash_value(len(items)).hex())
@@ -386,14 +391,14 @@ class Context:
         if rec is not None and 0 <= (idx := int(replay(st, rec))) < len(items):
             for j, aw in enumerate(items):
                 if j != idx:
-                    _discard(aw)
+                    discard(aw)
             return idx, await items[idx]
-        branches = _spawn(items)
+        branches = spawn(items)
         futs = [f for f, _ in branches]
         try:
             done, _ = await asyncio.wait(futs, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
-            await _cancel_branches(branches)
+            await cancel_branches(branches)
             raise
         idx = min(i for i, f in enumerate(futs) if f in done)
         winner = futs[idx]
@@ -402,9 +407,43 @@ class Context:
             self._state.record_value(
                 key4, seq, idx, "race", detail_text(RaceDetail(winner=idx, of=len(futs)))
             )
-        await _cancel_branches(branches)
-        _retrieve(futs)
+        await cancel_branches(branches)
+        retrieve(futs)
         return idx, winner.result()  # the winner's error, if it failed
+
+    # durable timeouts ----------------------------------------------------------------------
+    def timeout(self, seconds: float) -> TimeoutBlock:
+        """``async with ctx.timeout(seconds): ...`` — the durable ``asyncio.timeout``: when
+        the block runs past ``seconds`` its task is cancelled (effects in flight see
+        ``dn.cancelled()``) and :class:`~durable_nb.errors.StepTimeoutError` is raised out of
+        the ``async with``. Its deadline is recorded when the block is first entered (a
+        restart waits only what is left), and a timeout is recorded when it strikes, so a
+        replay times out at the same point — never finishing the block when the first
+        execution did not, nor the other way round."""
+        secs = check_timeout(seconds, "seconds")
+        if secs is None:
+            raise ArgumentError("seconds must be a number of seconds > 0, got None")
+        return TimeoutBlock(self._state, secs, f"ctx.timeout({secs:g})")
+
+    def wait_for(self, aw: Awaitable[T], timeout: float | None) -> Awaitable[T]:
+        """``await ctx.wait_for(aw, seconds)`` — the durable ``asyncio.wait_for``: ``aw``'s
+        result, or :class:`~durable_nb.errors.StepTimeoutError` when it takes longer than
+        ``timeout`` seconds (``aw`` is then cancelled). The deadline and the outcome are
+        recorded like :meth:`timeout`'s; ``timeout=None`` just awaits ``aw``."""
+        item = awaitables([aw], "ctx.wait_for")[0]
+        secs = check_timeout(timeout)
+        if secs is None:
+            return item
+        block = TimeoutBlock(self._state, secs, f"ctx.wait_for(..., {secs:g})")
+        block.prepare()  # its steps now, at call time, like an effect call's
+        return self._wait_for(item, block)
+
+    async def _wait_for(self, aw: Awaitable[T], block: TimeoutBlock) -> T:
+        try:
+            async with block:
+                return await aw
+        finally:
+            discard(aw)  # cut before it was awaited (a replayed timeout): never run it
 
     def cancelled(self) -> bool:
         """True once the run is being cancelled (in the workflow body), or — called from an
@@ -503,13 +542,29 @@ class Context:
         try:
             result = await job.wait()
         except asyncio.CancelledError:
-            if self._state.cancel_reason is not None:  # cancelled, not interrupted: so is the child
-                job.cancel(f"parent {self.run_id!r} was cancelled")
+            await self._cancel_child(job)
             raise
         self._state.record_value(
             key4, seq, result, "child", detail_text(ChildDetail(run_id=child_id))
         )
         return result
+
+    async def _cancel_child(self, job: Job[Any]) -> None:
+        """This branch is cancelled while its child runs. When the run is cancelled, or the
+        branch lost a ``ctx.race`` or a sibling in ``ctx.all`` failed, the child is cancelled
+        too (the run's cancellation waits for it elsewhere; a lost branch waits here, so the
+        child's finally blocks have run when the race returns). An interrupted run (Ctrl-C,
+        a worker stopping) leaves its child running: both resume."""
+        scope = cancel_scope.get()
+        lost = scope is not None and scope.cancelled() and self._state.cancel_reason is None
+        if self._state.cancel_reason is not None:
+            job.cancel(f"parent {self.run_id!r} was cancelled")
+        elif lost and not job.done():
+            job.cancel(f"it lost a ctx.race (or a ctx.all sibling failed) in run {self.run_id!r}")
+            ended = asyncio.wrap_future(job._future)
+            await asyncio.wait([ended], timeout=30)
+            if ended.done() and not ended.cancelled():
+                ended.exception()  # its outcome (cancelled) is the child's own business
 
     def start_child(
         self, workflow: Workflow[..., R], /, *args: Any, run_id: str | None = None, **kwargs: Any
@@ -551,90 +606,32 @@ class Context:
         st.children.add(child_id)
         return runtime.start_run(workflow, args, kwargs, run_id=child_id, parent_id=self.run_id)
 
-    def continue_as_new(self, *args: Any, **kwargs: Any) -> NoReturn:
+    def continue_as_new(self, *args: Any, version: str | None = None, **kwargs: Any) -> NoReturn:
         """End this generation of the run and start the next with new arguments, in the same
         process: its history starts empty (bounded history for eternal loops), its key/value
         state, unconsumed signals and queue messages stay, its custom status stays, and it
-        runs on the newest version of the workflow. ``job.wait()`` returns the result of the
-        last generation. Does not return."""
+        runs on the newest version of the workflow — or on ``version``, which must be
+        defined in this process. ``job.wait()`` returns the result of the last generation.
+        Does not return."""
         wf = self._state.workflow
         if wf is None:
-            raise DurableError(f"run {self.run_id!r} has no workflow to continue with")
+            raise EngineError(f"run {self.run_id!r} has no workflow to continue with")
+        if version is not None:
+            wf = version_of(wf, version)  # an unknown version fails here, in this generation
         wf.binder.bind(args, kwargs)  # a wrong call fails here, in this generation
-        raise ContinueAsNew(args, kwargs)
+        raise ContinueAsNew(args, kwargs, version)
 
 
 class ContinueAsNew(BaseException):
     """Raised by ``ctx.continue_as_new`` and caught by the run's driver. A BaseException, so
     a workflow's ``except Exception`` does not swallow it."""
 
-    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def __init__(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], version: str | None = None
+    ) -> None:
         super().__init__("continue as new")
         self.call = (args, kwargs)
-
-
-def _awaitables(aws: Iterable[Awaitable[T]], what: str) -> list[Awaitable[T]]:
-    try:
-        items = list(aws)
-    except TypeError:
-        raise ArgumentTypeError(
-            f"{what} expects awaitables (effect calls, ctx.sleep(...), ctx.wait_signal(...), "
-            f"ctx.child(...), coroutines), got {aws!r}"
-        ) from None
-    for i, aw in enumerate(items):
-        if not inspect.isawaitable(aw):
-            for other in items:  # nothing runs, and no "never awaited" warning follows
-                _discard(other)
-            raise ArgumentTypeError(
-                f"{what} expects awaitables (effect calls, ctx.sleep(...), ctx.wait_signal(...), "
-                f"ctx.child(...), coroutines), got {aw!r} at position {i}; pass the call, not "
-                "its function"
-            )
-    return items
-
-
-def _discard(aw: object) -> None:
-    """Drop an awaitable that will not be awaited (a race's recorded loser)."""
-    if inspect.iscoroutine(aw):
-        aw.close()
-    elif isinstance(aw, asyncio.Future):
-        aw.cancel()
-
-
-def _spawn(items: list[Awaitable[T]]) -> list[tuple[asyncio.Future[T], CancelScope]]:
-    """One task per awaitable, each with its own cancel scope (inside the caller's), created
-    in order so their steps keep the order of the calls."""
-    parent = cancel_scope.get()
-    out: list[tuple[asyncio.Future[T], CancelScope]] = []
-    for aw in items:
-        scope = CancelScope(parent)
-        token = cancel_scope.set(scope)  # the task copies the context as it is now
-        try:
-            fut = asyncio.ensure_future(aw)
-        finally:
-            cancel_scope.reset(token)
-        out.append((fut, scope))
-    return out
-
-
-async def _cancel_branches(branches: list[tuple[asyncio.Future[Any], CancelScope]]) -> None:
-    """Cancel the branches still running (their effects see dn.cancelled() first) and wait
-    until their finally blocks ran."""
-    pending = []
-    for fut, scope in branches:
-        if not fut.done():
-            scope.cancel()
-            fut.cancel()
-            pending.append(fut)
-    if pending:
-        await asyncio.wait(pending)
-
-
-def _retrieve(futs: list[asyncio.Future[Any]]) -> None:
-    """Mark every branch's error as seen (asyncio would log the ones nobody asked for)."""
-    for f in futs:
-        if f.done() and not f.cancelled():
-            f.exception()
+        self.version = version
 
 
 def _child_handle(

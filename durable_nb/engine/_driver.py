@@ -36,11 +36,15 @@ from .._journal import (
 from ..errors import (
     ArgumentTypeError,
     DurableError,
+    EngineError,
     RunCancelledError,
+    RunConflictError,
     RunLockedError,
+    StoreFormatError,
     StoreLockedError,
     StoreUnavailableError,
     UnstorableValueError,
+    WorkflowVersionError,
 )
 from ..store import EffectRecord, RunLease, RunRecord, SignalRecord
 from ._context import Context, ContinueAsNew
@@ -55,9 +59,9 @@ from ._runtime import (
     wait_written,
 )
 from ._state import INBOX_POLL, RunState
-from ._workflow import Workflow, for_run, newest
+from ._workflow import Workflow, for_run, newest, version_of
 
-__all__ = ["call_of", "fail_unstarted", "start_run"]
+__all__ = ["call_of", "check_same_workflow", "fail_unstarted", "start_run"]
 
 R = TypeVar("R")
 
@@ -72,22 +76,27 @@ def start_run(
     parent_id: str | None = None,
     blocking: bool = False,
     lease: RunLease | None = None,
+    version: str | None = None,
 ) -> Job[R]:
     """Start a run on this thread's loop, or on the engine's loop when there is none or the
     caller will block on the result (``blocking``). ``lease``: the run's lease, already taken
-    (a worker's claim_run); otherwise the run takes it when it starts."""
+    (a worker's claim_run); otherwise the run takes it when it starts. ``version``: a new run
+    starts on this version of the workflow instead of the newest."""
     if not isinstance(workflow, Workflow):
         raise ArgumentTypeError(
             f"expected a @durable workflow, got {workflow!r}; decorate it with @durable"
         )
     workflow.binder.bind(args, kwargs)  # a missing argument fails here, before anything runs
     rid = check_run_id(run_id) if run_id is not None else workflow.run_id_for(*args, **kwargs)
+    if version is not None:
+        version_of(workflow, version)  # an unknown version fails here, before anything runs
     with runtime.jobs_lock:
         live = runtime.jobs.get(rid)
         if live is not None and not live.done():
             if restart:
-                raise DurableError(
-                    f"run {rid!r} is executing in this process; cancel it before restarting it"
+                raise RunLockedError(
+                    f"run {rid!r} is executing in this process; cancel it (job.cancel()) "
+                    "before restarting it"
                 )
             return cast(Job[R], live)
         job: Job[R] = Job(rid, workflow)
@@ -95,7 +104,7 @@ def start_run(
     here = running_loop()
     loop = here if here is not None and not blocking else runtime.engine_loop()
     job._loop = loop
-    coro = _drive(job, workflow, args, kwargs, restart, parent_id, lease)
+    coro = _drive(job, workflow, args, kwargs, restart, parent_id, lease, version)
     if loop is here:
         job._task = loop.create_task(coro)
     else:
@@ -115,6 +124,7 @@ async def _drive(
     restart: bool,
     parent_id: str | None,
     lease: RunLease | None = None,
+    version: str | None = None,
 ) -> None:
     """Execute (or resume) one run, generation after generation when it continues as new.
     The job's future is settled only after the run's lease is released and its records
@@ -129,9 +139,17 @@ async def _drive(
             lease = await _acquire(job.run_id)
         lease.on_lost = functools.partial(_lease_lost, job, asyncio.get_running_loop())
         rec = await asyncio.to_thread(_read_record, job.run_id, restart)
+        if rec is not None:
+            check_same_workflow(rec, wf)
         if rec is None:
-            wf = newest(wf)
+            wf = newest(wf) if version is None else version_of(wf, version)
         else:
+            if version is not None and rec.version != version:
+                raise WorkflowVersionError(
+                    f"run {rec.run_id!r} runs on version {rec.version or '(none)'!r} of "
+                    f"workflow {wf.name!r}, not {version!r}; a run finishes on the version it "
+                    "started on: start it without version=, or afresh with restart=True"
+                )
             wf = for_run(wf, rec)
             if rec.generation > 0 and rec.args is not None:
                 # a later generation runs on the arguments continue_as_new gave it
@@ -233,6 +251,8 @@ async def _drive(
     except BaseException as e:
         if state is not None and state.run.status != "completed":
             try:
+                if isinstance(e, Exception):  # resuming it calls what failed it again
+                    state.clear_failure(e)
                 state.run.error = _codecs.encode_error(e, store.signer)
                 await _finish(state, "failed", detail={"error": repr(e)[:500]})
             except Exception:  # the store failed too: the error we report is the run's
@@ -255,11 +275,23 @@ async def _drive(
                 if runtime.jobs.get(job.run_id) is job:
                     del runtime.jobs[job.run_id]
             if outcome is None:
-                outcome = (False, DurableError(f"run {job.run_id!r} ended without an outcome"))
+                outcome = (False, EngineError(f"run {job.run_id!r} ended without an outcome"))
             if outcome[0]:
                 resolve(job._future, outcome[1])
             else:
                 reject(job._future, outcome[1])
+
+
+def check_same_workflow(rec: RunRecord, wf: Workflow[..., Any]) -> None:
+    """A run id belongs to one workflow: starting (or queueing) ``wf`` under the id of a run
+    of another workflow is refused, naming both, and changes nothing."""
+    if rec.workflow != wf.name:
+        raise RunConflictError(
+            f"run {rec.run_id!r} is a run of workflow {rec.workflow!r}, not of {wf.name!r}: a "
+            "run id belongs to one workflow; pick another run_id, or start "
+            f"{rec.workflow!r} to resume it (restart=True replaces it with a run of "
+            f"{wf.name!r})"
+        )
 
 
 def fail_unstarted(run_id: str, e: Exception) -> None:
@@ -305,8 +337,9 @@ async def _poll_inbox(job: Job[Any]) -> None:
 def call_of(wf: Workflow[..., Any], bound: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Stored bound arguments (name -> value) back into a call of ``wf``."""
     if not isinstance(bound, dict):
-        raise DurableError(
-            f"the stored arguments of workflow {wf.name} are damaged: {bound!r:.200}"
+        raise StoreFormatError(
+            f"the stored arguments of workflow {wf.name} are damaged: {bound!r:.200}; start "
+            "the run afresh with restart=True (and its arguments)"
         )
     ba = inspect.BoundArguments(wf.binder.signature, bound)
     return ba.args, ba.kwargs
@@ -349,7 +382,8 @@ def _next_generation(
     """Continue the run as new: one atomic reset of its record and history that also drops
     the signals its history consumed (unconsumed ones and queue messages stay)."""
     store = runtime.store
-    new_wf = newest(wf)  # a new generation runs on the newest version
+    # a new generation runs on the newest version, or the one continue_as_new named
+    new_wf = newest(wf) if nxt.version is None else version_of(wf, nxt.version)
     args, kwargs = nxt.call
     payload = _codecs.encode(
         new_wf.binder.bind(args, kwargs),
@@ -417,8 +451,7 @@ def _lease_lost(job: Job[Any], loop: asyncio.AbstractEventLoop) -> None:
 
     def stop() -> None:
         job._lease_lost = True
-        if job._task is not None and not job._task.done():
-            job._task.cancel()
+        job.interrupt_task()
 
     with contextlib.suppress(RuntimeError):  # the loop is closed: nothing runs any more
         loop.call_soon_threadsafe(stop)

@@ -19,17 +19,16 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast, overload
 
 from .. import _codecs, _hashing
-from .._journal import iso_time
 from ..errors import ArgumentError, ArgumentTypeError
 from ..store import EffectRecord
 from ._retry import (
+    Attempts,
     Retry,
     attempt_timeout,
     call_with_timeout,
     check_retry,
     check_timeout,
     preview_args,
-    total_timeout,
 )
 from ._runtime import CancelScope, Key4, TopScope, cancel_scope, current_scope, runtime
 from ._state import RunState, replay
@@ -226,62 +225,6 @@ class EffectFunction(Generic[P, R]):
         )
         return rec, value
 
-    def _attempt_plan(
-        self, scope: RunState | TopScope, key4: Key4, retry: Retry | None
-    ) -> tuple[int, float, float | None, float | None, str]:
-        """Where a call's retry schedule stands: ``(failures so far, first start, deadline
-        of total_timeout, when the next attempt is due, the last error)``; durable inside a
-        run."""
-        clock = runtime.clock
-        prior = scope.retry_state(key4) if retry is not None else None
-        if prior is not None and not prior.get("exhausted"):
-            failures, first, due = int(prior["failures"]), float(prior["first"]), prior["next_at"]
-            last = str(prior.get("error", "?"))
-        else:
-            failures, first, due, last = 0, clock.time(), None, ""
-        deadline = (
-            first + retry.total_timeout
-            if retry is not None and retry.total_timeout is not None
-            else None
-        )
-        return failures, first, deadline, due, last
-
-    def _after_failure(
-        self,
-        scope: RunState | TopScope,
-        key4: Key4,
-        seq: int,
-        exc: BaseException,
-        retry: Retry | None,
-        failures: int,
-        first: float,
-        deadline: float | None,
-    ) -> tuple[float | None, BaseException]:
-        """Decide what a failed attempt leads to: ``(when to try again, None)`` for a retry
-        (recorded first, so a restart resumes the schedule), else ``(None, the error to
-        raise)``."""
-        attempts = retry.attempts if retry else 1
-        if retry is None or failures >= attempts or not isinstance(exc, retry.retry_on):
-            if retry is not None and failures > 1:
-                # a later execution of the run starts a fresh schedule for this call
-                scope.record_retry(
-                    key4,
-                    seq,
-                    {"failures": failures, "first": first, "next_at": None, "exhausted": True},
-                )
-            return None, exc
-        delay = retry.delay(failures)
-        next_at = runtime.clock.time() + delay
-        if deadline is not None and next_at >= deadline:
-            return None, total_timeout(self.identity, retry, failures, repr(exc))
-        scope.note_failure(key4, seq, exc, first, attempt=failures, retry_in=delay)
-        scope.record_retry(
-            key4,
-            seq,
-            {"failures": failures, "first": first, "next_at": next_at, "error": repr(exc)[:300]},
-        )
-        return next_at, exc
-
     def _execute_sync(
         self,
         scope: RunState | TopScope,
@@ -290,58 +233,36 @@ class EffectFunction(Generic[P, R]):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> R:
-        clock = runtime.clock
-        retry = self.retry
-        if retry is None:  # the common case, kept cheap
-            failures, started, deadline, due, last = 0, clock.time(), None, None, ""
-        else:
-            failures, started, deadline, due, last = self._attempt_plan(scope, key4, retry)
+        att = Attempts(scope, key4, seq, self.identity, self.retry, self.timeout)
         t0 = time.perf_counter()
         if scope.listeners:  # the argument preview only for a live widget
             scope.note_start(key4, seq, preview_args(args, kwargs))
         while True:
-            if due is not None and (wait := due - clock.time()) > 0:
-                clock.sleep_sync(wait)
-            if retry is not None and deadline is not None and failures and clock.time() >= deadline:
-                # resumed after the total timeout ran out while no process ran the run
-                late = total_timeout(self.identity, retry, failures, last)
-                self._fail(scope, key4, seq, late, started, t0, args, kwargs, failures)
+            att.pause_sync()
+            if (late := att.expired()) is not None:  # ran out while no process ran the run
+                self._fail(att, late, t0, args, kwargs)
                 raise late
-            limit = self.timeout
-            if deadline is not None:
-                limit = (
-                    max(0.0, deadline - clock.time())
-                    if limit is None
-                    else min(limit, max(0.0, deadline - clock.time()))
-                )
+            limit = att.limit()
             try:
                 if limit is not None:  # in a worker thread, with a cancel scope of its own
                     attempt = CancelScope(cancel_scope.get())
                     token = cancel_scope.set(attempt)
                     try:
-                        result = call_with_timeout(
-                            functools.partial(self.fn, *args, **kwargs),
-                            limit,
-                            self.identity,
-                            attempt,
-                        )
+                        call = functools.partial(self.fn, *args, **kwargs)
+                        result = call_with_timeout(call, limit, self.identity, attempt)
                     finally:
                         cancel_scope.reset(token)
                 else:
                     result = self.fn(*args, **kwargs)
                 break
             except BaseException as e:
-                failures, last = failures + 1, repr(e)
-                due, err = self._after_failure(
-                    scope, key4, seq, e, retry, failures, started, deadline
-                )
-                if due is not None:
+                if (err := att.failed(e)) is None:
                     continue
-                self._fail(scope, key4, seq, err, started, t0, args, kwargs, failures)
+                self._fail(att, err, t0, args, kwargs)
                 if err is e:
                     raise
                 raise err from e
-        rec, _ = self._make_record(scope, key4, seq, result, False, started, t0, args, kwargs)
+        rec, _ = self._make_record(scope, key4, seq, result, False, att.first, t0, args, kwargs)
         scope.record(rec)
         return result
 
@@ -357,39 +278,21 @@ class EffectFunction(Generic[P, R]):
         retry: Retry | None = None,
         timeout: float | None = None,
     ) -> Any:
-        clock = runtime.clock
-        retry = retry or self.retry
-        timeout = timeout or self.timeout
-        if retry is None:  # the common case, kept cheap
-            failures, started, deadline, due, last = 0, clock.time(), None, None, ""
-        else:
-            failures, started, deadline, due, last = self._attempt_plan(scope, key4, retry)
+        scope.check_cut()  # awaited inside a block an earlier execution saw cut: cut here
+        att = Attempts(
+            scope, key4, seq, self.identity, retry or self.retry, timeout or self.timeout
+        )
         t0 = time.perf_counter()
         if scope.listeners:  # the argument preview only for a live widget
             scope.note_start(key4, seq, preview_args(args, kwargs))
         scope.inflight += 1  # while >1 effects are in flight, completions share a write
         try:
             while True:
-                if due is not None and (wait := due - clock.time()) > 0:
-                    what = {"kind": "retry", "name": self.identity, "until": iso_time(due)}
-                    scope.begin_wait(what)
-                    try:
-                        await clock.sleep(wait)
-                    finally:
-                        scope.end_wait(what)
-                if (
-                    retry is not None
-                    and deadline is not None
-                    and failures
-                    and clock.time() >= deadline
-                ):
-                    late = total_timeout(self.identity, retry, failures, last)
-                    self._fail(scope, key4, seq, late, started, t0, args, kwargs, failures)
+                await att.pause()
+                if (late := att.expired()) is not None:
+                    self._fail(att, late, t0, args, kwargs)
                     raise late
-                limit = timeout
-                if deadline is not None:
-                    left = max(0.0, deadline - clock.time())
-                    limit = left if limit is None else min(limit, left)
+                limit = att.limit()
                 # the attempt's own cancel scope, seen by the function in its worker thread
                 # (which copies the context when the attempt starts) or under a timeout; a
                 # plain async function learns of a cancellation from the CancelledError itself
@@ -415,22 +318,19 @@ class EffectFunction(Generic[P, R]):
                 except asyncio.CancelledError:
                     if attempt is not None:
                         attempt.cancel()
+                    scope.note_cancelled(self.identity)
                     raise
                 except BaseException as e:
-                    failures, last = failures + 1, repr(e)
-                    due, err = self._after_failure(
-                        scope, key4, seq, e, retry, failures, started, deadline
-                    )
-                    if due is not None:
+                    if (err := att.failed(e)) is None:
                         continue
-                    self._fail(scope, key4, seq, err, started, t0, args, kwargs, failures)
+                    self._fail(att, err, t0, args, kwargs)
                     if err is e:
                         raise
                     raise err from e
                 finally:
                     if token is not None:
                         cancel_scope.reset(token)
-            rec, _ = self._make_record(scope, key4, seq, result, False, started, t0, args, kwargs)
+            rec, _ = self._make_record(scope, key4, seq, result, False, att.first, t0, args, kwargs)
             await scope.record_async(rec)
             return result
         finally:
@@ -438,21 +338,22 @@ class EffectFunction(Generic[P, R]):
 
     def _fail(
         self,
-        scope: RunState | TopScope,
-        key4: Key4,
-        seq: int,
+        att: Attempts,
         exc: BaseException,
-        started: float,
         t0: float,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        attempt: int = 1,
     ) -> None:
-        if self.cache_errors and isinstance(exc, Exception):
-            rec, _ = self._make_record(scope, key4, seq, exc, True, started, t0, args, kwargs)
+        """The call gives up with ``exc``. Inside a run the error is part of its history (the
+        workflow may take another branch on it, and a replay must take the same one);
+        outside a run only with ``cache_errors``."""
+        scope, key4, seq = att.scope, att.key4, att.seq
+        if isinstance(exc, Exception) and (self.cache_errors or isinstance(scope, RunState)):
+            rec, _ = self._make_record(scope, key4, seq, exc, True, att.first, t0, args, kwargs)
             scope.record(rec)
+            scope.note_error(exc, rec)
         else:
-            scope.note_failure(key4, seq, exc, started, attempt=attempt)
+            scope.note_failure(key4, seq, exc, att.first, attempt=max(att.failures, 1))
 
 
 async def _replayed(scope: RunState | TopScope, rec: EffectRecord) -> Any:

@@ -14,6 +14,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
+import difflib
 import json
 import threading
 import time
@@ -34,8 +35,9 @@ from .._journal import (
 )
 from ..errors import (
     ArgumentTypeError,
-    DurableError,
+    BlockingCallError,
     RunCancelledError,
+    RunEndedError,
     RunLockedError,
     RunNotFoundError,
     WidgetUnavailableError,
@@ -88,6 +90,7 @@ class Job(Generic[R]):
         self._state: RunState | None = None
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
         self._lease_lost = False
+        self._stopping = False  # interrupted here on purpose (not by a cancel of the run)
 
     def __repr__(self) -> str:
         return f"<durable_nb.Job run_id={self.run_id!r} status={self.status()!r}>"
@@ -130,7 +133,7 @@ class Job(Generic[R]):
         timeout = check_timeout(timeout)
         self._watch()
         if self._loop is not None and running_loop() is self._loop and not self._future.done():
-            raise DurableError(
+            raise BlockingCallError(
                 f"job.result() would block the event loop that runs {self.run_id!r}; "
                 "use `await job.wait()` here"
             )
@@ -146,11 +149,18 @@ class Job(Generic[R]):
             self._interrupt()
             raise
 
+    def interrupt_task(self) -> None:
+        """Stop executing the run here, leaving it resumable (Ctrl-C, a worker stopping, a
+        lost lease). Call on the run's loop."""
+        self._stopping = True
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
     def _interrupt(self) -> None:
         loop, task = self._loop, self._task
         if loop is None or task is None or task.done():
             return
-        loop.call_soon_threadsafe(task.cancel)
+        loop.call_soon_threadsafe(self.interrupt_task)
         try:
             self._future.exception(timeout=5)
         except BaseException:
@@ -221,9 +231,10 @@ class Job(Generic[R]):
                 elif version > after_version:
                     return version, value
                 if status in FINAL_STATUSES and (self._state is None or self.done()):
-                    raise DurableError(
+                    raise RunEndedError(
                         f"run {self.run_id!r} ended ({status}) at status version {version} "
-                        f"without a status newer than {after_version}"
+                        f"without a status newer than {after_version}; read its last status "
+                        "with job.custom_status()"
                     )
                 wait = 1.0
                 if deadline is not None:
@@ -405,11 +416,17 @@ def send_time() -> float:
         return _last_sent
 
 
-def signal(run_id: str, name: str, payload: Any = None) -> None:
-    """Send a signal to a run (see :meth:`Job.signal`)."""
+def signal(run_id: str, name: str, payload: Any = None, *, missing_ok: bool = False) -> None:
+    """Send a signal to a run (see :meth:`Job.signal`). A run id that names no run raises
+    :class:`~durable_nb.errors.RunNotFoundError` (a typo would otherwise wait forever);
+    ``missing_ok=True`` stores the signal for a run that will start later with that id."""
     check_run_id(run_id)
     check_name(name)
     text = json_text(payload, "payload")
+    with runtime.jobs_lock:
+        job = runtime.jobs.get(run_id)
+    if job is None and not missing_ok and runtime.store.get_run(run_id) is None:
+        raise _no_run_to_signal(run_id)
     sig = SignalRecord(run_id, _uuid.uuid4().hex, name, text, send_time())
     runtime.store.add_signal(sig)
     with runtime.jobs_lock:
@@ -419,11 +436,27 @@ def signal(run_id: str, name: str, payload: Any = None) -> None:
         job._loop.call_soon_threadsafe(state.deliver, sig)
 
 
-def enqueue(run_id: str, queue: str, message: Any = None) -> None:
+def enqueue(run_id: str, queue: str, message: Any = None, *, missing_ok: bool = False) -> None:
     """Put ``message`` (JSON data) on queue ``queue`` of run ``run_id`` (see
-    :meth:`Context.dequeue`); the run need not be executing."""
+    :meth:`Context.dequeue`); the run need not be executing, but must exist unless
+    ``missing_ok=True`` (as for :func:`signal`)."""
     check_queue(queue)
-    signal(run_id, queue_signal(queue), message)
+    signal(run_id, queue_signal(queue), message, missing_ok=missing_ok)
+
+
+def _no_run_to_signal(run_id: str) -> RunNotFoundError:
+    store = runtime.store
+    try:
+        ids = [r.run_id for r in store.list_runs(limit=2000)]
+    except Exception:  # the error is about the run id; a store hiccup must not hide it
+        ids = []
+    close = difflib.get_close_matches(run_id, ids, n=3, cutoff=0.6)
+    hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+    return RunNotFoundError(
+        f"no run {run_id!r} in the store {store.url!r} to signal{hint}; check the run id "
+        "(`durable-nb runs` lists them), or pass missing_ok=True to keep the signal for a run "
+        "that starts later with this id"
+    )
 
 
 def cancel(run_id: str, reason: str = "cancelled") -> None:

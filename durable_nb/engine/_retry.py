@@ -1,7 +1,8 @@
 """How an effect call is attempted: the retry policy, per-attempt and total timeouts.
 
-:class:`Retry` and the timeout rules are shared by plain and streaming effects; each
-failed attempt's error and the schedule's deadlines are described here once.
+:class:`Retry` says how a call is retried; :class:`Attempts` carries one call through its
+attempts — the one attempt policy of sync, async and streaming effects, durable inside a
+run; each failed attempt's error and the schedule's deadlines are described here once.
 """
 
 from __future__ import annotations
@@ -12,12 +13,17 @@ import math
 import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from .._journal import iso_time
 from ..errors import ArgumentError, ArgumentTypeError, EffectTimeoutError
-from ._runtime import CancelScope
+from ._runtime import CancelScope, Key4, TopScope, runtime
+
+if TYPE_CHECKING:
+    from ._state import RunState
 
 __all__ = [
+    "Attempts",
     "Retry",
     "attempt_timeout",
     "call_with_timeout",
@@ -164,3 +170,104 @@ def total_timeout(what: str, retry: Retry, failures: int, last: str) -> EffectTi
         f"({failures} failed attempt{'s' if failures != 1 else ''}, the last with {last[:300]}); "
         "raise total_timeout or make the work more reliable"
     )
+
+
+class Attempts:
+    """One call's attempts under its :class:`Retry` policy — the one attempt policy of sync,
+    async and streaming effects: where the call's retry schedule stands (recorded inside a
+    run, so a restart between two attempts waits only what is left of the delay), how long
+    the next attempt may take, and what a failed attempt leads to."""
+
+    __slots__ = (
+        "deadline",
+        "due",
+        "failures",
+        "first",
+        "identity",
+        "key4",
+        "last",
+        "retry",
+        "scope",
+        "seq",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        scope: RunState | TopScope,
+        key4: Key4,
+        seq: int,
+        identity: str,
+        retry: Retry | None,
+        timeout: float | None,
+    ) -> None:
+        self.scope, self.key4, self.seq, self.identity = scope, key4, seq, identity
+        self.retry, self.timeout = retry, timeout
+        self.failures, self.due, self.last, self.deadline = 0, None, "", None
+        self.first = runtime.clock.time()
+        if retry is None:  # the common case, kept cheap: no schedule to look up
+            return
+        prior = scope.retry_state(key4)
+        if prior is not None and not prior.get("exhausted"):
+            self.failures, self.first = int(prior["failures"]), float(prior["first"])
+            self.due, self.last = prior["next_at"], str(prior.get("error", "?"))
+        if retry.total_timeout is not None:
+            self.deadline = self.first + retry.total_timeout
+
+    def _wait(self) -> float:
+        return max(0.0, self.due - runtime.clock.time()) if self.due is not None else 0.0
+
+    def pause_sync(self) -> None:
+        """Wait (blocking) until the next attempt is due."""
+        if (wait := self._wait()) > 0:
+            runtime.clock.sleep_sync(wait)
+
+    async def pause(self) -> None:
+        """Wait until the next attempt is due; the run shows it waits on a retry."""
+        if (wait := self._wait()) > 0 and self.due is not None:
+            what = {"kind": "retry", "name": self.identity, "until": iso_time(self.due)}
+            self.scope.begin_wait(what)
+            try:
+                await runtime.clock.sleep(wait)
+            finally:
+                self.scope.end_wait(what)
+
+    def expired(self) -> EffectTimeoutError | None:
+        """The total timeout ran out between attempts (say while no process ran the run)."""
+        if self.deadline is None or not self.failures or self.retry is None:
+            return None
+        if runtime.clock.time() < self.deadline:
+            return None
+        return total_timeout(self.identity, self.retry, self.failures, self.last)
+
+    def limit(self) -> float | None:
+        """How long this attempt may take: its ``timeout``, cut to the total timeout."""
+        limit = self.timeout
+        if self.deadline is not None:
+            left = max(0.0, self.deadline - runtime.clock.time())
+            limit = left if limit is None else min(limit, left)
+        return limit
+
+    def failed(self, exc: BaseException) -> BaseException | None:
+        """An attempt failed with ``exc``: ``None`` to try again (the schedule is recorded
+        first, so a restart resumes it), else the error to raise."""
+        scope, retry = self.scope, self.retry
+        self.failures += 1
+        self.last = repr(exc)
+        if retry is None or self.failures >= retry.attempts or not isinstance(exc, retry.retry_on):
+            if retry is not None and self.failures > 1:
+                # a later execution of the run starts a fresh schedule for this call
+                done = {"failures": self.failures, "first": self.first, "next_at": None}
+                scope.record_retry(self.key4, self.seq, {**done, "exhausted": True})
+            return exc
+        delay = retry.delay(self.failures)
+        next_at = runtime.clock.time() + delay
+        if self.deadline is not None and next_at >= self.deadline:
+            return total_timeout(self.identity, retry, self.failures, repr(exc))
+        scope.note_failure(
+            self.key4, self.seq, exc, self.first, attempt=self.failures, retry_in=delay
+        )
+        state = {"failures": self.failures, "first": self.first, "next_at": next_at}
+        scope.record_retry(self.key4, self.seq, {**state, "error": repr(exc)[:300]})
+        self.due = next_at
+        return None

@@ -28,7 +28,10 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar
 
 from .._journal import SHARED_SCOPE, TOP_SCOPE_PREFIX
-from ..errors import ArgumentTypeError, DurableError
+from ..errors import (
+    ArgumentTypeError,
+    EngineError,
+)
 from ._clock import Clock, SystemClock, writes
 
 if TYPE_CHECKING:
@@ -73,11 +76,12 @@ class Launcher(Protocol):
         parent_id: str | None = None,
         blocking: bool = False,
         lease: RunLease | None = None,
+        version: str | None = None,
     ) -> Job[T]: ...
 
 
 def _no_driver(*args: Any, **kwargs: Any) -> NoReturn:
-    raise DurableError(
+    raise EngineError(
         "the run driver (durable_nb.engine._driver) is not loaded; import durable_nb.engine "
         "before starting runs"
     )
@@ -171,6 +175,15 @@ class TopScope:
         await wait_written(durable_write(runtime.store, effects=[rec]))
 
     def note_replay(self, rec: EffectRecord) -> None:
+        return None
+
+    def note_error(self, exc: BaseException, rec: EffectRecord) -> None:
+        return None
+
+    def check_cut(self) -> None:
+        return None
+
+    def note_cancelled(self, identity: str) -> None:
         return None
 
     def note_failure(

@@ -16,6 +16,8 @@ import contextvars
 import json
 import time
 import uuid as _uuid
+import warnings
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from .. import _codecs
@@ -33,29 +35,31 @@ from .._journal import (
     run_scope,
     signal_id_of,
 )
-from ..errors import NonDeterminismError
+from ..errors import NonDeterminismError, UnrecordedCancelWarning
 from ..store import EffectRecord, EventRecord, RunRecord, SignalRecord
 from ._runtime import (
     CancelScope,
     Key4,
     TopScope,
     Written,
+    cancel_scope,
     durable_write,
     runtime,
     wait_written,
 )
 
 if TYPE_CHECKING:
-    from ._interrupts import InterruptBlock
+    from ._interrupts import CutBlock, InterruptBlock
     from ._jobs import Job
     from ._workflow import Workflow
 
 __all__ = ["INBOX_POLL", "RunState", "active_interrupt", "replay"]
 
 INBOX_POLL = 0.5  # seconds between checks for signals sent by other processes
+_warned_cancel: set[str] = set()  # workflows warned about an unrecorded cancellation
 
-#: the innermost ``ctx.interrupt_on`` block the current task is in (see ``_interrupts``)
-active_interrupt: contextvars.ContextVar[InterruptBlock | None] = contextvars.ContextVar(
+#: the innermost interrupt or timeout block the current task is in (see ``_interrupts``)
+active_interrupt: contextvars.ContextVar[CutBlock | None] = contextvars.ContextVar(
     "durable_nb_interrupt", default=None
 )
 
@@ -65,8 +69,25 @@ def replay(scope: RunState | TopScope, rec: EffectRecord) -> Any:
     scope.note_replay(rec)
     signer = runtime.store.signer
     if rec.is_error:
-        raise _codecs.decode_error(rec.payload, signer)
+        exc = _codecs.decode_error(rec.payload, signer)
+        scope.note_error(exc, rec)
+        raise exc
     return _codecs.decode(rec.payload, signer)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and every exception it carries: causes, contexts, a group's members."""
+    out: list[BaseException] = []
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        out.append(e)
+        todo += [x for x in (e.__cause__, e.__context__) if x is not None]
+        todo += list(getattr(e, "exceptions", ()) or ())
+    return out
 
 
 class RunState:
@@ -87,7 +108,9 @@ class RunState:
         self.scope_id = run_scope(record.run_id)
         self.strict = strict
         self.index: dict[Key4, EffectRecord] = {
-            (r.identity, r.version, r.input_hash, r.occurrence): r for r in history
+            (r.identity, r.version, r.input_hash, r.occurrence): r
+            for r in history
+            if r.kind != "cleared"  # an error that failed the run: its call runs again
         }
         self.by_seq: dict[int, EffectRecord] = {}
         for r in history:
@@ -118,6 +141,9 @@ class RunState:
         self.interrupts: list[InterruptBlock] = []  # active ``ctx.interrupt_on`` blocks
         self.children: set[str] = set()  # runs started by ctx.start_child
         self.kv: dict[str, str] = {}  # the run's key/value state as it replays: key -> JSON
+        # the recorded errors the workflow has seen in this execution (raised or replayed),
+        # so the ones that end up failing the run can be cleared (see clear_failure)
+        self.errors: list[tuple[BaseException, EffectRecord]] = []
 
     # live observers (widgets) -----------------------------------------------------------
     def emit(self, kind: LiveKind, data: dict[str, Any]) -> None:
@@ -173,13 +199,69 @@ class RunState:
         if rec is None:
             # inside an interrupt_on block that an earlier execution saw interrupted, the
             # first step that execution did not complete is where the interrupt struck
-            block = active_interrupt.get()
-            while block is not None:
-                if block.replay is not None and block.state is self:
-                    err, block.replay = block.replay, None
-                    raise err
-                block = block.parent
+            self.check_cut()
         return rec
+
+    def check_cut(self) -> None:
+        """Inside a block (``interrupt_on``, ``timeout``) that an earlier execution saw cut,
+        the first step that execution did not complete is where the cut struck: raise the
+        block's error instead of executing it."""
+        block = active_interrupt.get()
+        while block is not None:
+            if block.replay is not None and block.state is self:
+                err, block.replay = block.replay, None
+                raise err
+            block = block.parent
+
+    def note_cancelled(self, identity: str) -> None:
+        """An effect of this run was cancelled. When nothing that records its outcome did it
+        (a run cancel, a lost race or ``ctx.all`` branch, an interrupt or timeout block, the
+        run interrupted here on purpose), it was a plain ``asyncio.wait_for``/``timeout`` or
+        a task cancelled by hand: after a restart the run may take another branch. Warn,
+        once per workflow, naming the durable forms."""
+        if self.cancel_reason is not None or self.job._stopping or self.job._lease_lost:
+            return
+        scope = cancel_scope.get()
+        if scope is not None and scope.cancelled():
+            return
+        block = active_interrupt.get()
+        while block is not None:
+            if block.fired is not None:
+                return
+            block = block.parent
+        name = self.workflow.name if self.workflow is not None else self.run_id
+        if name in _warned_cancel:
+            return
+        _warned_cancel.add(name)
+        warnings.warn(
+            UnrecordedCancelWarning(
+                f"effect {identity} in run {self.run_id!r} was cancelled by something whose "
+                "outcome is not recorded (asyncio.wait_for, asyncio.timeout, a task cancelled "
+                "by hand): after a restart the effect may finish and the run take another "
+                "branch; use `await ctx.wait_for(aw, seconds)` or `async with "
+                "ctx.timeout(seconds):`, whose timeouts are recorded"
+            ),
+            stacklevel=2,
+        )
+
+    # observed errors ---------------------------------------------------------------------
+    def note_error(self, exc: BaseException, rec: EffectRecord) -> None:
+        """The workflow sees ``exc``, recorded as ``rec`` (or replayed from it)."""
+        self.errors.append((exc, rec))
+
+    def clear_failure(self, exc: BaseException) -> None:
+        """The run fails with ``exc``: the recorded errors in its chain are cleared, so that
+        resuming the run calls those effects again (what resuming a failed run is for); the
+        errors the workflow caught and handled stay recorded and replay as they were."""
+        chain = {id(e) for e in _chain(exc)}
+        now = runtime.clock.time()
+        cleared = [
+            replace(rec, kind="cleared", started_at=now)
+            for e, rec in self.errors
+            if id(e) in chain and rec.scope == self.scope_id
+        ]
+        if cleared:
+            runtime.store.put_effects(cleared)
 
     def _check_order(self, key4: Key4, seq: int) -> None:
         expected = self.by_seq.get(seq)

@@ -23,9 +23,14 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, ca
 
 from .. import _codecs
 from .._journal import CHUNK_PREFIX, StreamDetail, check_stream_name, detail_text, stream_scope
-from ..errors import ArgumentError, ArgumentTypeError, DurableError, EffectTimeoutError
+from ..errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    BlockingCallError,
+    EffectTimeoutError,
+)
 from ..store import EffectRecord
-from ._retry import Retry, preview_args, total_timeout
+from ._retry import Attempts, Retry, preview_args
 from ._runtime import Key4, TopScope, runtime
 from ._state import RunState, replay
 from ._streams import bell, closed_error, position
@@ -194,9 +199,10 @@ class StreamingCall(Generic[T]):
         return self._iterate()
 
     def __iter__(self) -> Iterator[Any]:
-        raise DurableError(
+        raise BlockingCallError(
             f"a call of streaming effect {self._eff.identity} is read with `async for` (or "
-            "`await`ed for its final value), in async code or a notebook cell"
+            "`await`ed for its final value), in async code or a notebook cell; a plain `for` "
+            "would block the loop that produces its chunks"
         )
 
     async def _result(self) -> Any:
@@ -298,50 +304,37 @@ class StreamingCall(Generic[T]):
     # ------------------------------------------------------------------ producing
     async def _pump(self) -> None:
         """Run the generator (resuming from what was received) to the final value."""
-        scope, eff, clock = self._scope, self._eff, runtime.clock
+        scope, eff = self._scope, self._eff
         if not self._loaded:
             self._chunks = self._load_chunks(None)  # received before a crash: replayed first
             self._loaded = True
             if self._chunks:
                 self._notify()
-        started, t0 = clock.time(), time.perf_counter()
+        # retries resume from what was received, on the one attempt policy (_retry.Attempts):
+        # inside a run the schedule is recorded, so a restart between attempts resumes it
+        att = Attempts(scope, self._key4, self._seq, eff.identity, self._retry, self._timeout)
+        started, t0 = att.first, time.perf_counter()
         preview = self._preview = preview_args(self._args, self._kwargs)
         scope.note_start(self._key4, self._seq, preview)
         scope.inflight += 1
         cancelled = False
-        retry, failures = self._retry, 0
-        # retries resume from what was received; unlike a plain effect's, their schedule is
-        # not recorded: a restarted process counts attempts afresh
-        total = (
-            started + retry.total_timeout
-            if retry is not None and retry.total_timeout is not None
-            else None
-        )
         try:
             while True:
-                limit = self._timeout
-                if total is not None:
-                    left = max(0.0, total - clock.time())
-                    limit = left if limit is None else min(limit, left)
+                await att.pause()
+                if (late := att.expired()) is not None:
+                    raise late
                 try:
-                    await self._attempt(limit)
+                    await self._attempt(att.limit())
                     break
                 except asyncio.CancelledError:
                     raise
                 except Exception as e:
                     self._flush()  # what arrived before the failure counts as received
-                    failures += 1
-                    if retry is None or failures >= retry.attempts:
+                    if (err := att.failed(e)) is None:
+                        continue
+                    if err is e:
                         raise
-                    if not isinstance(e, retry.retry_on):
-                        raise
-                    delay = retry.delay(failures)
-                    if total is not None and clock.time() + delay >= total:
-                        raise total_timeout(eff.identity, retry, failures, repr(e)) from e
-                    scope.note_failure(
-                        self._key4, self._seq, e, started, attempt=failures, retry_in=delay
-                    )
-                    await clock.sleep(delay)
+                    raise err from e
             self._flush()
             value = self._spec.reducer(list(self._chunks))
             rec = EffectRecord(
@@ -366,7 +359,7 @@ class StreamingCall(Generic[T]):
         except Exception as e:
             self._error = e
             try:
-                self._fail(e, started, t0, preview, max(failures, 1))
+                self._fail(e, started, t0, preview, max(att.failures, 1))
             except Exception as store_error:  # the store failed too
                 self._error = store_error
         finally:
@@ -508,7 +501,7 @@ class StreamingCall(Generic[T]):
 
     def _fail(self, exc: Exception, started: float, t0: float, preview: str, attempt: int) -> None:
         scope = self._scope
-        if not self._eff.cache_errors:
+        if not self._eff.cache_errors and not isinstance(scope, RunState):
             scope.note_failure(self._key4, self._seq, exc, started, attempt=attempt)
             return
         rec = EffectRecord(
@@ -523,6 +516,7 @@ class StreamingCall(Generic[T]):
             detail=self._detail(preview),
         )
         scope.record(rec)
+        scope.note_error(exc, rec)
 
 
 class EffectDecorator(Protocol):

@@ -25,7 +25,12 @@ from typing import TYPE_CHECKING, Any, cast
 
 from .. import _codecs
 from .._journal import FINAL_STATUSES, StreamDetail, check_stream_name, detail_text, stream_scope
-from ..errors import DurableError, StoreLockedError, StreamClosedError, UnstorableValueError
+from ..errors import (
+    BlockingCallError,
+    StoreLockedError,
+    StreamClosedError,
+    UnstorableValueError,
+)
 from ..store import EffectRecord
 from ._runtime import running_loop, runtime
 from ._state import RunState, replay
@@ -315,7 +320,7 @@ class StreamReader:
     def __iter__(self) -> Iterator[Any]:
         job = self._job
         if job._loop is not None and running_loop() is job._loop and not job.done():
-            raise DurableError(
+            raise BlockingCallError(
                 f"a plain `for` over stream {self.name!r} would block the event loop that runs "
                 f"{job.run_id!r}; use `async for chunk in job.stream({self.name!r})` here"
             )

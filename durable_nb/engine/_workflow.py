@@ -20,12 +20,17 @@ from typing import Any, Generic, ParamSpec, TypeVar, cast, overload
 
 from .. import _hashing
 from .._journal import check_name
-from ..errors import ArgumentError, ArgumentTypeError, DurableError, WorkflowVersionError
+from ..errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    BlockingCallError,
+    WorkflowVersionError,
+)
 from ..store import RunRecord
 from ._runtime import current_scope, running_loop, runtime
 from ._state import RunState
 
-__all__ = ["Workflow", "durable", "for_run", "newest"]
+__all__ = ["Workflow", "durable", "for_run", "newest", "version_of"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -93,7 +98,7 @@ class Workflow(Generic[P, R]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         # (a sync effect in a worker thread may block: the run's loop goes on meanwhile)
         if isinstance(current_scope.get(), RunState) and running_loop() is not None:
-            raise DurableError(
+            raise BlockingCallError(
                 f"calling workflow {self.name} inside a run would block it; use "
                 f"`await ctx.child({self.fn.__name__}, ...)` instead"
             )
@@ -170,5 +175,27 @@ def for_run(wf: Workflow[..., R], rec: RunRecord) -> Workflow[..., R]:
             f"which is not defined in this process (defined versions: {defined}); define it "
             f"again with @durable(name={wf.name!r}, version={rec.version!r}) to let the run "
             "finish, or start the run afresh with restart=True"
+        )
+    return cast(Workflow[..., R], found)
+
+
+def version_of(wf: Workflow[..., R], version: object) -> Workflow[..., R]:
+    """Version ``version`` of ``wf``'s workflow, chosen explicitly (``dn.start(...,
+    version=)``, ``ctx.continue_as_new(..., version=)``); it must be defined here."""
+    if not isinstance(version, str) or not version or len(version) > 100:
+        raise ArgumentError(
+            f"version must be a non-empty str of at most 100 characters, got {version!r}"
+        )
+    if wf.version == version:
+        return wf
+    with _versions_lock:
+        known = dict(_versions.get(wf.name, {}))
+    found = known.get(version)
+    if found is None:
+        defined = ", ".join(repr(v) for v in sorted(known, key=_version_order)) or "none"
+        raise WorkflowVersionError(
+            f"version {version!r} of workflow {wf.name!r} is not defined in this process "
+            f"(defined versions: {defined}); define it with @durable(name={wf.name!r}, "
+            f"version={version!r}), or pick a defined one"
         )
     return cast(Workflow[..., R], found)

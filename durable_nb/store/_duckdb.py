@@ -495,7 +495,9 @@ class DuckDBStore:
             if self._merge_error is not None:
                 raise StoreError(
                     f"the store {str(self._path)!r} could not merge its journal: "
-                    f"{self._merge_error!r}"
+                    f"{self._merge_error!r}; what was written before is safe in the journal "
+                    f"{str(self._wal_path)!r} — free disk space (or fix the error above) and "
+                    "open the store again: the journal is merged then"
                 ) from self._merge_error
             n = os.write(self._wal_fd, buf)
             if n != len(buf):  # a short write on a regular file means the disk is full

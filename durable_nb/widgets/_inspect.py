@@ -60,7 +60,7 @@ def _error_text(rec: EffectRecord, store: Store) -> str:
     except Exception as e:
         return f"the error record cannot be read ({type(e).__name__}: {e})"
     tb = getattr(exc, _codecs.TRACEBACK_ATTR, "")
-    return str(tb) or repr(exc)
+    return f"{exc!r}\n\n{tb}" if tb else repr(exc)
 
 
 def _run_error(store: Store, run_id: str) -> str:

@@ -27,8 +27,11 @@ from ..errors import (
     ArgumentError,
     ArgumentTypeError,
     DurableError,
+    RunLockedError,
     RunNotFoundError,
+    UnstorableValueError,
     WidgetUnavailableError,
+    WorkflowNotFoundError,
 )
 from ..trace import run_trace
 from ._inspect import step_detail
@@ -68,7 +71,7 @@ def _call_args(wf: Workflow[..., Any], run_id: str) -> tuple[tuple[Any, ...], di
     if not params:
         return (), {}
     if rec is None or rec.args is None:
-        raise DurableError(
+        raise UnstorableValueError(
             f"run {run_id!r} has no stored arguments to resume with; start it again with "
             "dn.start(workflow, ..., run_id=...)"
         )
@@ -333,13 +336,13 @@ class TraceWidget(anywidget.AnyWidget):
         job = self._job
         wf = job.workflow if job is not None else None
         if job is None or wf is None:
-            raise DurableError(
+            raise WorkflowNotFoundError(
                 f"run {self.run_id!r} was not started in this kernel, so its workflow is not "
                 "known here; run its cell (or dn.start(workflow, ..., run_id=...)) again to "
                 "resume it"
             )
         if not job.done():
-            raise DurableError(f"run {self.run_id!r} is executing already; nothing to resume")
+            raise RunLockedError(f"run {self.run_id!r} is executing already; nothing to resume")
         args, kwargs = _call_args(wf, self.run_id)
         new = start_run(wf, args, kwargs, run_id=self.run_id)
         self.attach(new)
