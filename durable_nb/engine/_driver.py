@@ -19,6 +19,7 @@ import functools
 import inspect
 import json
 import time
+from collections.abc import Callable
 from dataclasses import replace as _replace
 from typing import Any, TypeVar, cast
 
@@ -138,7 +139,7 @@ async def _drive(
         if lease is None:
             lease = await _acquire(job.run_id)
         lease.on_lost = functools.partial(_lease_lost, job, asyncio.get_running_loop())
-        rec = await asyncio.to_thread(_read_record, job.run_id, restart)
+        rec = await _off_loop(_read_record, job.run_id, restart)
         if rec is not None:
             check_same_workflow(rec, wf)
         if rec is None:
@@ -170,7 +171,7 @@ async def _drive(
         new_generation = False
         while True:
             # reads and writes off the loop: the other runs on it go on meanwhile
-            history, token, signals = await asyncio.to_thread(_read_history, job.run_id)
+            history, token, signals = await _off_loop(_read_history, job.run_id)
             now = clock.time()
             resumed = rec is not None and not new_generation
             if rec is None:
@@ -322,7 +323,7 @@ async def _poll_inbox(job: Job[Any]) -> None:
         try:
             # off the loop: a read is a round trip (PostgreSQL), or may wait while another
             # process holds a DuckDB file
-            token = await asyncio.to_thread(runtime.store.inbox_token, state.run_id)
+            token = await _off_loop(runtime.store.inbox_token, state.run_id)
             if token == state.inbox_token:
                 continue
             signals = await asyncio.to_thread(runtime.store.list_signals, state.run_id)
@@ -477,6 +478,8 @@ async def _finish(state: RunState, status: EndStatus, detail: dict[str, Any] | N
 async def _acquire(run_id: str) -> RunLease:
     """Take the run's lease in a thread (it may wait for a dead holder's grace); if the run
     is interrupted meanwhile, the lease taken after all is released, not leaked."""
+    if not runtime.store.remote:
+        return runtime.store.acquire_run(run_id, runtime.owner)
     taking = asyncio.ensure_future(
         asyncio.to_thread(runtime.store.acquire_run, run_id, runtime.owner)
     )
@@ -496,6 +499,9 @@ async def _release(lease: RunLease) -> None:
     """Release the run's lease off the loop (a round trip on PostgreSQL); the run's job is
     settled only after it, so whoever sees the result can start the run again. The run is
     over: a cancellation arriving meanwhile does not cut this short."""
+    if not runtime.store.remote:
+        lease.release()
+        return
     letting_go = asyncio.ensure_future(asyncio.to_thread(lease.release))
     while True:
         try:
@@ -505,6 +511,14 @@ async def _release(lease: RunLease) -> None:
             if letting_go.done():
                 letting_go.result()
                 return
+
+
+async def _off_loop(fn: Callable[..., R], *args: Any) -> R:
+    """Call the store off the loop when a call is a round trip (``Store.remote``), so the
+    other runs on the loop go on meanwhile; a local store is called right here."""
+    if runtime.store.remote:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
 
 
 def _read_record(run_id: str, restart: bool) -> RunRecord | None:

@@ -317,6 +317,10 @@ class DuckDBStore:
     def signer(self) -> Signer:
         return self._signer
 
+    @property
+    def remote(self) -> bool:
+        return False
+
     def __repr__(self) -> str:
         return f"DuckDBStore({str(self._path)!r})"
 

@@ -63,6 +63,10 @@ class MemoryStore:
     def signer(self) -> Signer:
         return self._signer
 
+    @property
+    def remote(self) -> bool:
+        return False
+
     def submit(
         self,
         done: WriteDone,

@@ -40,7 +40,7 @@ Statement = tuple[str, Sequence[Any]]
 
 
 class _Write:
-    __slots__ = ("done", "effects", "statements")
+    __slots__ = ("done", "effects", "statements", "told")
 
     def __init__(
         self, effects: Sequence[tuple[Any, ...]], statements: Sequence[Statement], done: Done
@@ -48,6 +48,7 @@ class _Write:
         self.effects = effects
         self.statements = statements
         self.done = done
+        self.told = False
 
 
 class GroupCommit:
@@ -139,6 +140,12 @@ class GroupCommit:
         self._cond.release()
         try:
             self._commit(group)
+        except BaseException:  # the leading caller was interrupted (Ctrl-C): tell the others
+            cut = self._translate(psycopg.InterfaceError("the write was interrupted"))
+            for write in group:
+                if not write.told:
+                    _tell(write, cut)
+            raise
         finally:
             self._cond.acquire()
             self._committing = False
@@ -236,10 +243,17 @@ class LoopCommit:
             self.loop.create_task(self._serve())
 
     async def _serve(self) -> None:
+        group: list[_Write] = []
         try:
             while self._queue:
                 group, self._queue = self._queue, []
                 await self._commit(group)
+        except BaseException:  # cancelled with its loop: nobody is told twice or never
+            cut = self._translate(psycopg.InterfaceError("the write was interrupted"))
+            for write in group:
+                if not write.told:
+                    _tell(write, cut)
+            raise
         finally:
             self._serving = False
             left, self._queue = self._queue, []
@@ -318,6 +332,7 @@ def _plan(group: list[_Write], one: str, many: str) -> list[Statement]:
 
 
 def _tell(write: _Write, error: BaseException | None) -> None:
+    write.told = True
     try:
         write.done(error)
     except Exception:  # a caller's callback must not stop the writer

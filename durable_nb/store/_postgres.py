@@ -382,6 +382,10 @@ class PostgresStore:
         return self._signer
 
     @property
+    def remote(self) -> bool:
+        return True
+
+    @property
     def lease_seconds(self) -> float:
         return self._lease_seconds
 

@@ -184,6 +184,13 @@ class Store(Protocol):
         """Signs and verifies pickled payloads with this store's key."""
         ...
 
+    @property
+    def remote(self) -> bool:
+        """Whether a call is a network round trip (PostgreSQL): the engine then makes its
+        calls in a thread or awaits :meth:`submit`, so its loop goes on serving other runs.
+        A local store's calls (memory, DuckDB) are made on the loop, as they are quick."""
+        ...
+
     # effects -------------------------------------------------------------------------
     def put_effects(self, records: Sequence[EffectRecord]) -> None:
         """Record effects; durable on return, atomic for the whole batch."""
