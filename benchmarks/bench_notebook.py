@@ -142,6 +142,103 @@ def effect_overhead(repeats: int, tmp: Path) -> list[dict[str, Any]]:
     ]
 
 
+# --------------------------------------------------------------------------- provenance
+
+CLIENT = """
+import threading
+class Client:  # like an SDK client: it holds a lock, so it has no content hash
+    def __init__(self, base_url):
+        self.base_url = base_url
+        self._lock = threading.Lock()
+    def ask(self, q):
+        return f"{self.base_url}: {q}"
+client = Client("http://127.0.0.1:1/v1")
+"""
+ASK = 'answer = client.ask("hi")\nanswer\n'
+
+
+def provenance_costs(repeats: int, tmp: Path) -> list[dict[str, Any]]:
+    """What provenance tracking adds to an ordinary cell (small inputs, and 50 MB ones: no
+    data is hashed), and a ``%%effect`` hit on a cell that uses a provenance-keyed client."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    import durable_nb as dn
+    from durable_nb import _provenance
+
+    dn.set_store(str(tmp / "prov.duckdb"))
+    shell = InteractiveShell.instance(cache_size=20 * repeats + 100)
+    sink = io.StringIO()
+    cells = {
+        "small inputs": "b = a + 1\nc = [b, a]\n",
+        "50 MB inputs": "n = len(big) + len(rows)\nhead = big[:4]\n",
+    }
+
+    def run_cell(cell: str) -> int:
+        t0 = time.perf_counter_ns()
+        res = shell.run_cell(cell, store_history=True)
+        elapsed = time.perf_counter_ns() - t0
+        if not res.success:
+            raise RuntimeError(f"cell failed: {res.error_before_exec or res.error_in_exec!r}")
+        return elapsed
+
+    rows: list[dict[str, Any]] = []
+    with contextlib.redirect_stdout(sink):
+        shell.run_cell("a = 1\nbig = bytes(50_000_000)\nrows = list(range(1_000_000))")
+        for what, cell in cells.items():
+            unloaded, loaded, hooks = [], [], []
+            for _ in range(max(1, repeats // 20)):  # blocks, so load/unload is not timed
+                for _ in range(20):
+                    unloaded.append(run_cell(cell))
+                run_cell("%load_ext durable_nb")
+                shell.run_cell("a = 1\nbig = bytes(50_000_000)\nrows = list(range(1_000_000))")
+                for _ in range(20):
+                    loaded.append(run_cell(cell))
+                    source = shell.transform_cell(cell)
+                    t0 = time.perf_counter_ns()  # the post-cell hook's own work
+                    _provenance.tracker.after_cell(source)
+                    hooks.append(time.perf_counter_ns() - t0)
+                run_cell("%unload_ext durable_nb")
+            rows += [
+                _row(
+                    f"provenance tracking, ordinary cell, {what}: added to run_cell "
+                    "(loaded minus not loaded), median",
+                    round(_ms(loaded) - _ms(unloaded), 3),
+                    "ms",
+                ),
+                _row(
+                    f"provenance tracking, ordinary cell, {what}: the post-cell hook alone, median",
+                    round(statistics.median(hooks) / 1e3, 1),
+                    "us",
+                ),
+            ]
+        run_cell("%load_ext durable_nb")
+        run_cell(CLIENT)
+        plain, hit = [], []
+        replayed = 0
+        for _ in range(3):
+            run_cell(ASK)
+            run_cell("%%effect\n" + ASK)
+        for _ in range(repeats):
+            plain.append(run_cell(ASK))
+            before = sink.tell()
+            hit.append(run_cell("%%effect\n" + ASK))
+            replayed += REPLAY_NOTE in sink.getvalue()[before:]
+        run_cell("%unload_ext durable_nb")
+    dn.set_store(":memory:")
+    return [
+        *rows,
+        _row(
+            "%%effect hit on a cell using a provenance-keyed client (hit minus plain cell): median",
+            round(_ms(hit) - _ms(plain), 3),
+            "ms",
+        ),
+        _row("%%effect hit, provenance-keyed client: run_cell median", _ms(hit), "ms"),
+        _row(
+            "%%effect hits on the client cell that replayed (of runs)", f"{replayed}/{repeats}", ""
+        ),
+    ]
+
+
 # --------------------------------------------------------------------------- fresh interpreters
 
 _IMPORT = """
@@ -240,6 +337,7 @@ def run(repeats: int = 200, fresh_runs: int = 5) -> list[dict[str, Any]]:
     tmp = Path(tempfile.mkdtemp(prefix="dnb-bench-notebook-"))
     try:
         rows = effect_overhead(repeats, tmp)
+        rows += provenance_costs(repeats, tmp)
         rows += fresh_interpreters(fresh_runs, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

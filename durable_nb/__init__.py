@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import os
 
-from . import errors
+from . import (
+    _provenance,  # noqa: F401  # installs the provenance keyer in _hashing
+    errors,
+)
 from ._version import __version__
 from .client import Client
 from .engine import (
@@ -32,6 +35,7 @@ from .engine import (
     run,
     signal,
     start,
+    wrap,
 )
 from .engine import runtime as _runtime
 from .engine import set_widget_factory as _set_widget_factory
@@ -76,6 +80,7 @@ __all__ = [
     "set_store",
     "signal",
     "start",
+    "wrap",
 ]
 
 

@@ -19,7 +19,7 @@ without a copy. Tags::
     D datetime  a date  h time  g timedelta  P path  U uuid  q Decimal  Q Fraction
     C class  M module  L function  B builtin  R reduce-protocol object  G global name
     @ back-reference  n/o numpy array (plain / object dtype)  x numpy scalar  X numpy dtype
-    w Arrow column  Y code object  A bound arguments
+    w Arrow column  Y code object  A bound arguments  p provenance key (``_provenance``)
     K<kind> a class-tagged composite: e enum, n namedtuple, d dataclass, p pydantic model,
             s builtin subclass, m masked array, pandas x index / r series / f frame /
             c extension array / T timestamp / D timedelta / N NaT, polars L frame /
@@ -40,7 +40,8 @@ Promises
 - Anything else is hashed through the pickle reduce protocol (``copyreg`` table, then
   ``__reduce_ex__(5)``) with this encoding applied recursively, so sets and dicts inside an
   object's state are still order-independent. Objects that cannot be pickled, and cycles
-  through lists, tuples, dicts and sets, raise :class:`UnhashableInputError` naming where.
+  through lists, tuples, dicts and sets, raise :class:`UnhashableInputError` naming where,
+  unless a provenance key stands for them (:func:`set_opaque_keyer`, ``_provenance.py``).
 """
 
 from __future__ import annotations
@@ -65,7 +66,15 @@ if TYPE_CHECKING:
 
     from numpy.typing import NDArray
 
-__all__ = ["HASH_FORMAT", "ArgBinder", "code_version", "effect_identity", "hash_value"]
+__all__ = [
+    "HASH_FORMAT",
+    "ArgBinder",
+    "code_version",
+    "effect_identity",
+    "hash_value",
+    "is_opaque",
+    "set_opaque_keyer",
+]
 
 HASH_FORMAT = 1
 """Version of the encoding. Bump it whenever a change alters any digest."""
@@ -142,11 +151,12 @@ _SCALAR_GET = _SCALAR.get
 class _State:
     """Bytes not yet hashed, the streaming hasher once one is needed, and the open objects."""
 
-    __slots__ = ("buf", "hasher", "stack")
+    __slots__ = ("buf", "hasher", "stack", "streamed")
 
     def __init__(self, stack: dict[int, int] | None = None) -> None:
         self.buf = bytearray()
         self.hasher: Any = None
+        self.streamed = 0  # buffers fed to the hasher: past them nothing can be taken back
         # id() of every container or object being encoded -> its depth; only for cycles.
         self.stack: dict[int, int] = {} if stack is None else stack
 
@@ -159,6 +169,7 @@ class _State:
             h.update(self.buf)
             self.buf.clear()
         h.update(data)
+        self.streamed += 1
 
     def digest(self) -> bytes:
         h = self.hasher
@@ -519,7 +530,53 @@ def _h_builtin(v: types.BuiltinFunctionType, st: _State) -> None:
 # --- everything else: the pickle reduce protocol, encoded canonically ------------------
 
 
+#: keys an object with no content hash by where it came from (``_provenance`` installs it:
+#: a notebook variable's defining cell, a module global's module); returns None if unknown
+_opaque_keyer: list[Callable[[object], str | None]] = []
+#: types an instance of which had no content hash: the next one asks the keyer first
+_OPAQUE_TYPES: set[type] = set()
+
+
+def set_opaque_keyer(keyer: Callable[[object], str | None] | None) -> None:
+    """Install (or, with None, remove) the fallback for objects that cannot be pickled.
+
+    Such an object, anywhere in a value, is then encoded as ``p`` + the key the keyer gives
+    it, and only when that key is None does hashing fail. Content comes first: an object
+    is keyed this way only once its content hash failed (then its type is remembered, so
+    later instances skip the failing walk)."""
+    _opaque_keyer[:] = [] if keyer is None else [keyer]
+
+
+def is_opaque(t: type) -> bool:
+    """Whether instances of ``t`` are keyed by the opaque keyer (their content failed)."""
+    return t in _OPAQUE_TYPES
+
+
 def _h_reduce(v: Any, st: _State) -> None:
+    if not _opaque_keyer:
+        _h_reduce_content(v, st)
+        return
+    keyer = _opaque_keyer[0]
+    if type(v) in _OPAQUE_TYPES:
+        key = keyer(v)
+        if key is not None:
+            st.buf += b"p" + _enc_str(key)
+            return
+    mark, streamed = len(st.buf), st.streamed
+    try:
+        _h_reduce_content(v, st)
+    except _Problem:
+        if st.streamed != streamed:  # part of it already went into the hasher
+            raise
+        key = keyer(v)
+        if key is None:
+            raise
+        del st.buf[mark:]
+        _OPAQUE_TYPES.add(type(v))
+        st.buf += b"p" + _enc_str(key)
+
+
+def _h_reduce_content(v: Any, st: _State) -> None:
     key = _enter_object(v, st)
     if key is None:
         return

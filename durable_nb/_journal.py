@@ -111,9 +111,10 @@ StepKind = Literal[
 ]
 #: Records of a run's other scopes: a stream's chunk and end marker (``stream/<run>``), a
 #: key's current value (``kv/<run>``; a deleted key leaves a ``kv_delete`` tombstone); and of
-#: a notebook's scope: a cached ``%%effect`` cell (``cell``) and a variable it assigned
-#: (``cell-var``).
-RecordKind = Union[StepKind, Literal["chunk", "stream_end", "kv", "cell", "cell-var"]]
+#: a notebook's scope: a cached ``%%effect`` cell (``cell``), a variable it assigned
+#: (``cell-var``), and what a cell read when it last executed, to explain its next miss
+#: (``cell-last``, one per cell).
+RecordKind = Union[StepKind, Literal["chunk", "stream_end", "kv", "cell", "cell-var", "cell-last"]]
 STEP_KINDS: Final[tuple[str, ...]] = get_args(StepKind)
 #: bookkeeping records: not calls of the workflow, so they have no place in the recorded
 #: order and a trace does not show them as steps

@@ -15,6 +15,7 @@ from durable_nb.store import MemoryStore, Store
 
 if TYPE_CHECKING:
     import psycopg
+    from IPython.core.interactiveshell import InteractiveShell
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -125,3 +126,20 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     if schema is not None:
         s.close()
         drop_schema(schema)
+
+
+@pytest.fixture
+def ip() -> Iterator[InteractiveShell]:
+    """An IPython shell with durable_nb loaded (magics are tested through run_cell)."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    shell.run_cell("%load_ext durable_nb", store_history=False)
+    shell.user_ns["calls"] = []
+    # counts executions without being an input whose content changes (a function hashes by code)
+    shell.run_cell("def tick(v):\n    calls.append(v)\n", store_history=False)
+    yield shell
+    shell.run_cell("%unload_ext durable_nb", store_history=False)
+    for name in [n for n in shell.user_ns if not n.startswith("_")]:
+        if name not in ("In", "Out", "exit", "quit", "get_ipython"):
+            del shell.user_ns[name]

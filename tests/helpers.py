@@ -8,6 +8,10 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from IPython.core.interactiveshell import InteractiveShell
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,6 +29,37 @@ def run_python(
         timeout=timeout,
         cwd=cwd,
     )
+
+
+def run(ip: InteractiveShell, cell: str) -> Any:
+    res = ip.run_cell(cell, store_history=True)
+    if res.error_before_exec is not None:
+        raise res.error_before_exec
+    if res.error_in_exec is not None:
+        raise res.error_in_exec
+    return res.result
+
+
+def restart(ip: InteractiveShell) -> None:
+    """What a kernel restart leaves: the store, nothing in memory."""
+    keep = {"In", "Out", "exit", "quit", "get_ipython", "calls", "tick"}
+    for name in [n for n in ip.user_ns if not n.startswith("_") and n not in keep]:
+        del ip.user_ns[name]
+
+
+def llm_server() -> Any:
+    """``notebooks/llm_server.py``, the deterministic OpenAI-compatible server, as a module."""
+    import importlib.util
+
+    name = "llm_server"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "notebooks" / "llm_server.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses and pickles resolve the module by name
+    spec.loader.exec_module(module)
+    return module
 
 
 def wait_until(

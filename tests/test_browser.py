@@ -190,6 +190,10 @@ def test_approval_notebook_in_jupyterlab(lab: dict[str, Any]) -> None:
             page.click('.dn-trace .dn-row[data-seq="0"]')
             page.wait_for_selector(".dn-trace .dn-detail table")
             assert "north" in page.inner_text(".dn-trace .dn-detail")
+            # ... and why it executed instead of replaying
+            assert page.inner_text(".dn-trace .dn-detail .dn-why").startswith(
+                "executed: first call with this key in this run"
+            )
 
             # approve with a payload: the run continues and completes
             page.fill('.dn-trace input[data-payload="approve"]', '"alice"')
@@ -219,6 +223,10 @@ def test_approval_notebook_in_jupyterlab(lab: dict[str, Any]) -> None:
             )
             totals = page.inner_text(".dn-trace .dn-totals")
             assert totals.startswith("4 steps · 0 executed · 4 replayed · 0 failed")
+            page.click('.dn-trace .dn-row[data-seq="0"]')
+            page.wait_for_selector(".dn-trace .dn-detail .dn-why")
+            why = page.inner_text(".dn-trace .dn-detail .dn-why")
+            assert why.startswith("replayed: recorded at ") and "nothing in its key changed" in why
             _shot(page, "3-replayed")
         finally:
             browser.close()

@@ -61,6 +61,7 @@ def test_public_surface_is_pinned() -> None:
             "set_store",
             "signal",
             "start",
+            "wrap",
         ]
     )
     for name in dn.__all__:
@@ -85,9 +86,12 @@ LAYERS = {  # a module may import only from its own layer or lower ones
     "_journal": 1,
     "_hashing": 1,
     "_codecs": 1,
+    "_cells": 1,
+    "_provenance": 1,
     "store": 2,
     "engine": 3,
     "trace": 4,
+    "_explain": 4,
     "client": 4,
     "worker": 4,
     "_kernelspec": 4,
@@ -108,6 +112,7 @@ ORDER = {
         "_streams",
         "_streaming",
         "_effects",
+        "_wrap",
         "_kv",
         "_interrupts",
         "_branches",
@@ -121,13 +126,15 @@ ORDER = {
     "store": [
         "_protocol",
         "_memory",
+        "_keyfilter",
         "_duckdb",
         "_pg_session",
         "_pg_schema",
         "_pg_commit",
         "_postgres",
     ],
-    "widgets": ["_messages", "_model", "_static", "_inspect", "_widget"],
+    "magics": ["_outputs", "_magics"],
+    "widgets": ["_messages", "_snapshot", "_model", "_static", "_inspect", "_widget"],
 }
 
 

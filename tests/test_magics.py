@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -13,36 +12,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from durable_nb.engine import runtime
 from durable_nb.store import MemoryStore
 
-
-@pytest.fixture
-def ip() -> Iterator[InteractiveShell]:
-    shell = InteractiveShell.instance()
-    shell.run_cell("%load_ext durable_nb", store_history=False)
-    shell.user_ns["calls"] = []
-    # counts executions without being an input whose content changes (a function hashes by code)
-    shell.run_cell("def tick(v):\n    calls.append(v)\n", store_history=False)
-    yield shell
-    shell.run_cell("%unload_ext durable_nb", store_history=False)
-    for name in [n for n in shell.user_ns if not n.startswith("_")]:
-        if name not in ("In", "Out", "exit", "quit", "get_ipython"):
-            del shell.user_ns[name]
-
-
-def run(ip: InteractiveShell, cell: str) -> Any:
-    res = ip.run_cell(cell, store_history=True)
-    if res.error_before_exec is not None:
-        raise res.error_before_exec
-    if res.error_in_exec is not None:
-        raise res.error_in_exec
-    return res.result
-
-
-def restart(ip: InteractiveShell) -> None:
-    """What a kernel restart leaves: the store, nothing in memory."""
-    keep = {"In", "Out", "exit", "quit", "get_ipython", "calls", "tick"}
-    for name in [n for n in ip.user_ns if not n.startswith("_") and n not in keep]:
-        del ip.user_ns[name]
-
+from .helpers import restart, run
 
 EFFECT_CELL = """%%effect
 import math
@@ -213,12 +183,18 @@ def test_unload_leaves_no_trace_and_reload_is_idempotent(ip: InteractiveShell) -
 
 
 def test_an_input_without_a_content_hash_warns_and_runs_uncached(ip: InteractiveShell) -> None:
-    run(ip, "import threading\nguard = threading.Lock()")
+    # put there by no cell, so it has no provenance either (tests/test_provenance.py: a lock
+    # a cell made is keyed by that cell)
+    import threading
+
+    ip.user_ns["guard"] = threading.Lock()
     cell = "%%effect\nwith guard:\n    tick(1)\n"
     for _ in range(2):
         with pytest.warns(
             UserWarning,
-            match=r"^%%effect: variable 'guard' has no content hash, so this cell is not cached",
+            match=r"^%%effect: variable 'guard' has no content hash and no provenance \(no cell "
+            r"of this kernel assigned it since durable_nb was loaded\), so this cell is not "
+            r"cached; assign it in a cell of this notebook",
         ):
             run(ip, cell)
     assert ip.user_ns["calls"] == [1, 1]

@@ -17,6 +17,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from . import helpers
 from .helpers import ROOT
 
 NOTEBOOKS = ROOT / "notebooks"
@@ -108,7 +109,7 @@ def cell_text(nb: nbformat.NotebookNode, starts: str) -> str:
     return "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in outs)
 
 
-@pytest.mark.parametrize("name", ["pipeline", "agent"])
+@pytest.mark.parametrize("name", ["pipeline", "agent", "llm"])
 def test_committed_notebooks_are_valid_and_have_no_outputs(name: str) -> None:
     nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     nbformat.validate(nb)
@@ -151,3 +152,84 @@ def test_agent_notebook_waits_for_approval_and_replays_after_a_restart(
         "last status: {'stage': 'done', 'approved_by': 'notebook'}\n{'answer': "
     )
     assert "'turns': 3,\n 'approved_by': 'notebook'}" in final
+
+
+def test_llm_notebook_sends_no_request_the_second_time(
+    tmp_path: Path, kernel_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real openai package against the local server, counted at the server: a %%effect
+    cell using a client made by another cell, a wrapped client, a streamed answer and a
+    background agent approved by a later cell."""
+    llm_server = helpers.llm_server()
+    with llm_server.LLMServer() as server:
+        monkeypatch.setenv("DURABLE_NB_LLM_URL", server.url)
+        workdir = tmp_path / "work"
+        workdir.mkdir()
+        nb = nbformat.read(NOTEBOOKS / "llm.ipynb", as_version=4)
+        first = execute(nb, workdir)
+        # 1 cached cell + 1 wrapped call + 1 stream + 4 agent turns
+        assert server.paths == {"/v1/chat/completions": 7}
+        second = execute(nb, workdir)
+        assert server.paths == {"/v1/chat/completions": 7}, "the second run sent requests"
+    assert outputs(second) == outputs(first)
+    cached = cell_text(first, "%%effect")
+    answer, tokens = cached.splitlines()[:2]
+    assert answer in llm_server.REPLIES and re.fullmatch(r"tokens: \d+", tokens)
+    assert "warning" not in cached.lower()
+    assert "[durable_nb] replayed this cell (recorded " in cell_text(second, "%%effect")
+    streamed = cell_text(first, "stream = llm.")
+    assert re.fullmatch(r"[^\n]+\n\(\d+ completion tokens\)\n", streamed)
+    assert cell_text(first, 'job = dn.get_job("llm-agent")').startswith("agent: ")
+
+
+def test_cached_cells_replay_outputs_in_order_and_in_their_final_state(
+    tmp_path: Path, kernel_env: Path
+) -> None:
+    """stdout, stderr and displays interleaved as they came; a tqdm.auto bar (an ipywidget)
+    as the text of its final state, not a dead widget; a matplotlib figure."""
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    nb = new_notebook(
+        cells=[
+            new_code_cell("%load_ext durable_nb"),
+            new_code_cell(
+                "%%effect\nimport sys\nfrom tqdm.auto import tqdm\nprint('before')\n"
+                "for i in tqdm(range(20)):\n    pass\nprint('warn', file=sys.stderr)\n"
+                "print('after')\n"
+            ),
+            new_code_cell(
+                "%%effect\nimport matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.show()\n"
+            ),
+        ],
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3"}},
+    )
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    first = execute(nb, workdir)
+    second = execute(nb, workdir)
+    assert first.cells[1].outputs[0].output_type == "stream"
+    assert any(WIDGET_VIEW in o.get("data", {}) for o in first.cells[1].outputs)  # live bar
+    shown = []
+    for o in second.cells[1].outputs:
+        if o.output_type == "stream":
+            shown.append((o.name, REPLAY_NOTE.sub("", o.text)))
+        else:
+            assert WIDGET_VIEW not in o.data
+            shown.append((o.output_type, o.data["text/plain"]))
+    assert shown[:4] == [
+        ("stdout", "before\n"),
+        ("display_data", AnyText(r"^100%\|█+\| 20/20 \[")),
+        ("stderr", "warn\n"),
+        ("stdout", "after\n"),
+    ]
+    (figure,) = [o for o in second.cells[2].outputs if o.output_type == "display_data"]
+    assert figure.data["image/png"] and "Figure" in figure.data["text/plain"]
+
+
+class AnyText(str):
+    """Equal to any string the pattern matches."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and re.search(str(self), other) is not None
+
+    __hash__ = str.__hash__

@@ -218,6 +218,11 @@ async def test_a_rerun_shows_replayed_steps_and_the_resume_button_continues_a_fa
     w.flush()
     assert [r["state"] for r in w.rows] == ["replayed", "replayed", "failed"]
     assert w.totals["replayed"] == 2
+    w._on_frontend(w, {"kind": "inspect", "seq": 0, "name": w.rows[0]["name"]}, [])
+    assert re.fullmatch(
+        r"replayed: recorded at \S+ \S+, nothing in its key changed",
+        customs(sent, "detail")[-1]["why"],
+    )
     assert calls == ["fetch tue", "publish", "publish"]  # fetch did not run again
 
 
@@ -270,6 +275,9 @@ async def test_inspect_shows_a_dataframe_output_as_a_small_table() -> None:
     w._on_frontend(w, {"kind": "inspect", "seq": 0, "name": w.rows[0]["name"]}, [])
     (detail,) = customs(sent, "detail")
     assert detail["args"] == "(50)" and detail["output_text"] == ""
+    assert detail["why"] == (
+        "executed: first call with this key in this run (no earlier execution recorded it)"
+    )
     assert detail["output_html"].startswith("<div>(50, 2) · first 20 rows</div><table")
     assert detail["output_html"].count("<tr") == 21  # the header and 20 rows
 

@@ -11,6 +11,7 @@ One concern per file, lowest first (a file imports only files above it in this l
 ``_streams``     run streams: ``ctx.stream`` writers, ``job.stream`` readers
 ``_streaming``   streaming effects (async generator ``@effect`` functions)
 ``_effects``     ``@effect``: keyed, recorded calls, inside runs and out
+``_wrap``        ``wrap(obj)``: an object whose method calls are effects
 ``_kv``          a run's key/value state (``ctx.kv``)
 ``_interrupts``  blocks a signal or a durable timeout cuts short (``ctx.interrupt_on``,
                  ``ctx.timeout``, ``ctx.wait_for``)
@@ -36,6 +37,7 @@ from ._log import RunLog
 from ._retry import Retry
 from ._runtime import cancelled, runtime
 from ._workflow import Workflow, durable
+from ._wrap import wrap
 
 __all__ = [
     "Clock",
@@ -63,4 +65,5 @@ __all__ = [
     "signal",
     "start",
     "start_run",
+    "wrap",
 ]

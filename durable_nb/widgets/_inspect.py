@@ -9,7 +9,7 @@ from __future__ import annotations
 import pprint
 from typing import Any
 
-from .. import _codecs
+from .. import _codecs, _explain
 from .._journal import run_scope
 from ..store import EffectRecord, Store
 from ._messages import DetailMessage
@@ -75,9 +75,10 @@ def _run_error(store: Store, run_id: str) -> str:
 
 
 def step_detail(
-    store: Store, run_id: str, seq: int, name: str, label: str, error: str
+    store: Store, run_id: str, seq: int, name: str, label: str, error: str, state: str = ""
 ) -> DetailMessage:
-    """What the detail panel shows for step ``seq`` (identity ``name``) of run ``run_id``."""
+    """What the detail panel shows for step ``seq`` (identity ``name``) of run ``run_id``;
+    ``state`` is the row's (executed, replayed ...), for why it executed or replayed."""
     msg: DetailMessage = {
         "kind": "detail",
         "seq": seq,
@@ -87,8 +88,10 @@ def step_detail(
         "output_html": "",
         "output_text": "",
         "error": "",
+        "why": "",
     }
-    rec = _find(store.load_effects(run_scope(run_id)), seq, name) if seq >= 0 else None
+    records = store.load_effects(run_scope(run_id)) if seq >= 0 else []
+    rec = _find(records, seq, name) if seq >= 0 else None
     if rec is None:
         msg["output_text"] = "" if error else "(nothing recorded for this step yet)"
         if error:  # an uncached failure leaves no record; the run's traceback says the rest
@@ -96,6 +99,8 @@ def step_detail(
             msg["error"] = f"{error}\n\n{tb}" if tb else error
         return msg
     msg["args"] = rec.detail
+    if state in ("executed", "replayed", "failed"):
+        msg["why"] = _explain.step_why(records, rec, replayed=state == "replayed")
     if rec.is_error:
         msg["error"] = _error_text(rec, store)
         return msg

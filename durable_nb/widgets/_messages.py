@@ -113,6 +113,7 @@ class DetailMessage(TypedDict):
     output_html: str  # a DataFrame's first rows as an HTML table, else ""
     output_text: str  # any other value's repr, else ""
     error: str  # the error with its traceback, else ""
+    why: str  # why it executed instead of replaying (or that it replayed), else ""
 
 
 class NoticeMessage(TypedDict):

@@ -304,8 +304,10 @@ class TraceWidget(anywidget.AnyWidget):
             )
         with self._lock:
             row = next((r for r in self._model.rows if r["seq"] == seq and r["name"] == name), None)
-        label, error = (row["label"], row["error"]) if row is not None else (name, "")
-        self.send(step_detail(runtime.store, self.run_id, seq, name, label, error))
+        label, error, state = (
+            (row["label"], row["error"], row["state"]) if row is not None else (name, "", "")
+        )
+        self.send(step_detail(runtime.store, self.run_id, seq, name, label, error, state))
 
     # actions (the buttons; callable from Python too) ---------------------------------------
     def send_signal(self, name: str, payload: str = "") -> None:

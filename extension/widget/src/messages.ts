@@ -64,6 +64,7 @@ export type DetailMessage = {
   output_html: string;
   output_text: string;
   error: string;
+  why: string;
 };
 
 export type NoticeMessage = {

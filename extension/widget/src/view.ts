@@ -230,6 +230,7 @@ export class TraceView {
         output_html: "",
         output_text: "loading…",
         error: r.error,
+        why: "",
       };
       this.shared.send({ kind: "inspect", seq: r.seq, name: r.name });
       for (const v of this.shared.views) v();
@@ -243,6 +244,7 @@ export class TraceView {
       return;
     }
     const parts: HTMLElement[] = [h("h4", {}, `step ${d.seq >= 0 ? d.seq : ""} · ${d.label}`)];
+    if (d.why) parts.push(h("h4", {}, "why"), h("p", { class: "dn-why" }, d.why));
     if (d.args) parts.push(h("h4", {}, "inputs"), h("pre", {}, d.args));
     if (d.output_html) {
       const out = h("div", { class: "dn-output" });

@@ -1,14 +1,12 @@
-"""The IPython extension: ``%%effect``, ``%%durable`` and ``%durable``.
-
-``%load_ext durable_nb`` registers the magics and a ``pre_run_cell`` hook (occurrences of
-top-level effects are counted afresh for each cell); ``%unload_ext durable_nb`` removes
-both, so ``%reload_ext`` is idempotent. This is the only module that imports IPython.
+"""The magics themselves: ``%%effect`` (a cached cell), ``%%durable`` (a resumable workflow
+cell) and ``%durable`` (runs, signals, the cache, why a cell executed).
 """
 
 from __future__ import annotations
 
 import ast
 import asyncio
+import base64
 import builtins
 import importlib
 import io
@@ -17,236 +15,71 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Any, cast
+from collections.abc import Callable
+from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from . import _codecs, _hashing
-from .engine import Workflow, runtime, start_run
-from .errors import (
+from .. import _cells, _codecs, _explain, _hashing
+from .._cells import analyse_cell, normalized
+from .._journal import STEP_KINDS, run_scope
+from .._provenance import tracker
+from ..engine import Workflow, runtime, start_run
+from ..errors import (
     DurableError,
     RunNotFoundError,
     UnhashableInputError,
     UnstorableValueError,
     WidgetUnavailableError,
 )
-from .store import EffectRecord
-from .trace import format_run, format_runs, run_info
+from ..store import EffectRecord
+from ..trace import format_run, format_runs, run_info
+from ._outputs import RESULT_NAME, capture, split_last_expression
 
-__all__ = ["load_ipython_extension", "unload_ipython_extension"]
-
-_RESULT = "__durable_nb_result__"
-
-
-# ---------------------------------------------------------------------------- cell analysis
+_LAST = "cell-last:"  # identity prefix of a cell's `cell-last` record (see _explain.py)
+_INLINE_BYTES = 64 * 1024  # variables up to this size are kept in the cell's own record
+_SOURCE_KEPT = 20_000  # characters of a cell's source kept to show what an edit changed
 
 
-class _Names(ast.NodeVisitor):
-    """Names a cell reads before it assigns them (its inputs) and names it assigns."""
-
-    def __init__(self) -> None:
-        self.reads: list[str] = []
-        self.writes: list[str] = []
-        self._bound: set[str] = set()
-        self._local: list[set[str]] = []
-
-    def _read(self, name: str) -> None:
-        if any(name in scope for scope in self._local):
-            return
-        if name not in self._bound and name not in self.reads:
-            self.reads.append(name)
-
-    def _write(self, name: str) -> None:
-        if self._local:
-            self._local[-1].add(name)
-            return
-        self._bound.add(name)
-        if name not in self.writes:
-            self.writes.append(name)
-
-    def visit_Name(self, node: ast.Name) -> None:
-        if isinstance(node.ctx, ast.Load):
-            self._read(node.id)
-        else:
-            self._write(node.id)
-
-    def visit_Assign(self, node: ast.Assign) -> None:
-        self.visit(node.value)  # the value is read before the targets are bound
-        for t in node.targets:
-            self.visit(t)
-
-    def visit_AugAssign(self, node: ast.AugAssign) -> None:
-        self.visit(node.value)
-        if isinstance(node.target, ast.Name):
-            self._read(node.target.id)
-        self.visit(node.target)
-
-    def visit_AnnAssign(self, node: ast.AnnAssign) -> None:
-        if node.value is not None:
-            self.visit(node.value)
-        self.visit(node.target)
-
-    def visit_NamedExpr(self, node: ast.NamedExpr) -> None:
-        self.visit(node.value)
-        self.visit(node.target)
-
-    def visit_For(self, node: ast.For | ast.AsyncFor) -> None:
-        self.visit(node.iter)
-        self.visit(node.target)
-        for stmt in [*node.body, *node.orelse]:
-            self.visit(stmt)
-
-    visit_AsyncFor = visit_For
-
-    def visit_Import(self, node: ast.Import | ast.ImportFrom) -> None:
-        for alias in node.names:
-            if alias.name != "*":
-                self._write(alias.asname or alias.name.split(".")[0])
-
-    visit_ImportFrom = visit_Import
-
-    def _function(self, node: ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda) -> None:
-        for d in getattr(node, "decorator_list", []):
-            self.visit(d)
-        for default in [*node.args.defaults, *node.args.kw_defaults]:
-            if default is not None:
-                self.visit(default)
-        if not isinstance(node, ast.Lambda):
-            self._write(node.name)
-        args = node.args
-        params = {a.arg for a in [*args.posonlyargs, *args.args, *args.kwonlyargs]}
-        params |= {a.arg for a in (args.vararg, args.kwarg) if a is not None}
-        self._local.append(params)
-        body = [node.body] if isinstance(node, ast.Lambda) else node.body
-        for stmt in body:
-            self.visit(stmt)
-        self._local.pop()
-
-    visit_FunctionDef = visit_AsyncFunctionDef = visit_Lambda = _function
-
-    def visit_ClassDef(self, node: ast.ClassDef) -> None:
-        for expr in [*node.decorator_list, *node.bases, *(k.value for k in node.keywords)]:
-            self.visit(expr)
-        self._write(node.name)
-        self._local.append(set())
-        for stmt in node.body:
-            self.visit(stmt)
-        self._local.pop()
-
-    def _comprehension(
-        self, node: ast.ListComp | ast.SetComp | ast.GeneratorExp | ast.DictComp
-    ) -> None:
-        self._local.append(set())
-        for gen in node.generators:
-            self.visit(gen.iter)
-            self.visit(gen.target)
-            for cond in gen.ifs:
-                self.visit(cond)
-        if isinstance(node, ast.DictComp):
-            self.visit(node.key)
-            self.visit(node.value)
-        else:
-            self.visit(node.elt)
-        self._local.pop()
-
-    visit_ListComp = visit_SetComp = visit_GeneratorExp = visit_DictComp = _comprehension
-
-
-def analyse_cell(tree: ast.Module) -> tuple[list[str], list[str]]:
-    """``(reads, writes)``: names read before assignment, and names the cell assigns."""
-    names = _Names()
-    for stmt in tree.body:
-        names.visit(stmt)
-    return names.reads, names.writes
-
-
-def _normalized(tree: ast.Module) -> str:
-    return ast.dump(tree, annotate_fields=False, include_attributes=False)
-
-
-def _split_last_expression(tree: ast.Module) -> ast.Module:
-    """Make the value of a trailing expression land in ``__durable_nb_result__``."""
-    if tree.body and isinstance(tree.body[-1], ast.Expr):
-        last = tree.body[-1]
-        assign = ast.Assign(targets=[ast.Name(_RESULT, ast.Store())], value=last.value)
-        tree.body[-1] = ast.copy_location(assign, last)
-        ast.fix_missing_locations(tree)
-    return tree
-
-
-# ---------------------------------------------------------------------------- output capture
-
-
-class _Tee:
-    """A stream that writes through and remembers what was written."""
-
-    def __init__(self, target: Any) -> None:
-        self.target = target
-        self.parts: list[str] = []
-
-    def write(self, text: str) -> int:
-        self.parts.append(text)
-        return int(self.target.write(text) or 0)
-
-    def flush(self) -> None:
-        self.target.flush()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.target, name)
-
-
-@contextmanager
-def _capture(ip: InteractiveShell) -> Iterator[dict[str, Any]]:
-    """Show the cell's output live and keep a copy: stdout, stderr and rich displays."""
-    out, err = _Tee(sys.stdout), _Tee(sys.stderr)
-    displays: list[list[Any]] = []
-    pub = ip.display_pub
-    original_publish = pub.publish
-
-    def publish(data: dict[str, Any], metadata: dict[str, Any] | None = None, **kw: Any) -> None:
-        displays.append([data, metadata or {}])
-        original_publish(data, metadata, **kw)
-
-    got: dict[str, Any] = {}
-    sys.stdout, sys.stderr = cast(Any, out), cast(Any, err)  # tees, duck-typed streams
-    pub.publish = publish  # type: ignore[method-assign,assignment]  # restored below
-    try:
-        yield got
-        inline = sys.modules.get("matplotlib_inline.backend_inline")
-        if inline is not None:  # figures are shown at the end of a cell: show them now
-            inline.flush_figures()
-    finally:
-        sys.stdout, sys.stderr = out.target, err.target
-        pub.publish = original_publish  # type: ignore[method-assign]
-        got["stdout"] = "".join(out.parts)
-        got["stderr"] = "".join(err.parts)
-        got["displays"] = displays
-
-
-# ---------------------------------------------------------------------------- magics
-
-
-def _hash_inputs(ns: dict[str, Any], names: list[str]) -> tuple[str, list[str]]:
-    """The content hash of the cell's inputs; also which inputs could not be hashed."""
+def _hash_inputs(
+    ns: dict[str, Any], names: tuple[str, ...] | list[str], env: tuple[str, ...]
+) -> tuple[str, dict[str, list[str]], list[tuple[str, str]]]:
+    """The key part of the cell's inputs: each variable's content hash, or its provenance key
+    when it has none (``_provenance.py``), and the environment variables the cell reads by
+    name. Also each input as an explanation shows it (kind, type, short hash), and the
+    inputs that have neither key, with why."""
     values: dict[str, Any] = {}
-    bad: list[str] = []
+    shown: dict[str, list[str]] = {}
+    bad: list[tuple[str, str]] = []
     for name in names:
         if name not in ns:
             continue  # a builtin, or a NameError the cell will raise itself
         value = ns[name]
         if isinstance(value, type(sys)):
-            values[name] = ("module", value.__name__, str(getattr(value, "__version__", "")))
+            version = str(getattr(value, "__version__", ""))
+            values[name] = ("module", value.__name__, version)
+            shown[name] = ["module", value.__name__, version]
             continue
         try:
-            values[name] = _hashing.hash_value(value, name=name)  # each input hashed once
+            digest = _hashing.hash_value(value, name=name)  # each input hashed once
         except UnhashableInputError:
-            bad.append(name)
-    return _hashing.hash_value(values).hex(), bad
+            bad.append((name, tracker.why_none(name, value)))
+            continue
+        values[name] = digest
+        kind = "provenance" if _hashing.is_opaque(type(value)) else "content"
+        shown[name] = [kind, type(value).__name__, digest.hex()[:12]]
+    for var in env:  # `$` cannot start a variable's name: no clash
+        value = os.environ.get(var)
+        values["$" + var] = value
+        shown["$" + var] = [
+            "environment",
+            type(value).__name__,
+            _hashing.hash_value(value).hex()[:12],
+        ]
+    return _hashing.hash_value(values).hex(), shown, bad
 
 
 @magics_class
@@ -258,11 +91,34 @@ class DurableMagics(Magics):
         self.cell_id: str | None = None
         self._source = ""  # the transformed source of the cell being run
         self._warned: set[str] = set()
+        self._why: dict[str, str] = {}  # cell -> why it last executed or replayed
+        self._last_cell: str | None = None
+        self._transformed: dict[str, str | None] = {}  # raw cell -> source, for provenance
 
     @property
     def ns(self) -> dict[str, Any]:
         assert self.shell is not None
         return self.shell.user_ns  # type: ignore[no-any-return]
+
+    def plain_source(self, raw: str) -> str | None:
+        """The Python source of an ordinary cell, for provenance tracking; None for the
+        cells whose magic keys what they assign itself (``%%effect``, ``%%durable``).
+        Cached by the raw text, so a cell run again costs a dict lookup."""
+        if raw in self._transformed:
+            return self._transformed[raw]
+        assert self.shell is not None
+        source: str | None
+        if raw.lstrip().startswith("%%"):
+            first, _, body = raw.lstrip().partition("\n")
+            magic = first[2:].split(None, 1)[0] if first[2:].strip() else ""
+            # other cell magics (%%time, %%capture) run their body as Python
+            source = None if magic in ("effect", "durable") else self.shell.transform_cell(body)
+        else:
+            source = self.shell.transform_cell(raw)
+        if len(self._transformed) > 1024:
+            self._transformed.clear()
+        self._transformed[raw] = source
+        return source
 
     def _filename(self) -> str:
         """Register the cell's code with IPython's compiler (as run_cell does), so tracebacks
@@ -289,42 +145,117 @@ class DurableMagics(Magics):
     @cell_magic
     def effect(self, line: str, cell: str) -> Any:
         """Run the cell once per unique input: its key is its normalized source plus the
-        content of every variable it reads. On a hit the cell does not run: the variables it
-        assigns are restored and its output is shown again."""
+        content of every variable it reads (or, for a client or a connection, where it came
+        from). On a hit the cell does not run: the variables it assigns are restored and its
+        output is shown again. When it runs again, one line says why."""
         args = parse_argstring(self.effect, line)
         tree = self._parse(cell, "%%effect")
-        reads, writes = analyse_cell(tree)
-        reads = [n for n in reads if not hasattr(builtins, n) or n in self.ns]
-        input_hash, bad = _hash_inputs(self.ns, reads)
-        identity = "cell:" + (args.name or _hashing.hash_value(_normalized(tree)).hex()[:16])
-        version = _hashing.hash_value(_normalized(tree)).hex()[:16]
+        info = _cells.analyse(self._source)
+        assert info is not None  # _parse raised for a cell that does not parse
+        reads = [n for n in info.reads if not hasattr(builtins, n) or n in self.ns]
+        writes = list(info.writes)
+        input_hash, inputs, bad = _hash_inputs(self.ns, reads, info.env)
+        version = _hashing.hash_value(info.tree_dump).hex()[:16]
+        identity = "cell:" + (args.name or version)
         top = runtime.top
         key4 = (identity, version, input_hash, top.next_occurrence(identity, input_hash))
+        cellref = self.cell_id or (f"name:{args.name}" if args.name else identity)
+        self._last_cell = cellref
         if bad:
-            self._warn(
-                f"%%effect: variable {bad[0]!r} has no content hash, so this cell is not "
-                "cached; pass its content (a path, an id) instead"
+            name, why = bad[0]
+            self._why[cellref] = (
+                f"executed, not cached: variable {name!r} has no content hash and no "
+                f"provenance ({why})"
             )
-            return self._run(tree)
+            self._warn(
+                f"%%effect: variable {name!r} has no content hash and no provenance ({why}), "
+                "so this cell is not cached; assign it in a cell of this notebook, or pass "
+                "its content (a path, an id) instead"
+            )
+            result = self._run(tree)
+            tracker.after_cell(self._source)  # keyed as an ordinary cell
+            return result
+        provenance = f"effect\x1f{identity}\x1f{version}\x1f{input_hash}"
         if not args.force:
             rec = top.lookup(key4, -1)
             if rec is not None:
-                return self._replay(rec, key4, writes)
+                result = self._replay(rec, key4, writes)
+                self._why[cellref] = (
+                    f"replayed the run of {_explain.when(rec.started_at)}: nothing it reads changed"
+                )
+                tracker.assign(writes, provenance)
+                return result
+        now = {
+            "identity": identity,
+            "version": version,
+            "source": self._source[:_SOURCE_KEPT],
+            "inputs": inputs,
+        }
+        prev = self._last_run(cellref)
+        reasons = _explain.cell_reasons(prev, now, force=args.force)
+        if prev is not None:  # a first run needs no note
+            print(f"[durable_nb] running this cell again: {'; '.join(reasons)}")
+        self._why[cellref] = "executed: " + "; ".join(reasons)
         t0, started = time.perf_counter(), runtime.clock.time()
-        with _capture(self.shell) as out:  # type: ignore[arg-type]
-            result = self._run(tree)
-        self._record(key4, writes, out, result, started, time.perf_counter() - t0)
+        try:
+            with capture(self.shell) as out:  # type: ignore[arg-type]
+                result = self._run(tree)
+        except BaseException as e:
+            self._remember(cellref, now, started, f"it raised {type(e).__name__}")
+            raise
+        problem = self._record(key4, writes, out, result, started, time.perf_counter() - t0)
+        self._remember(cellref, now, started, problem)
+        tracker.assign(writes, provenance)
         return result
+
+    def _last_run(self, cellref: str) -> dict[str, Any] | None:
+        """What the cell read when it last executed (its ``cell-last`` record), if it did."""
+        store = runtime.store
+        rec = store.get_effect((runtime.top.scope_id, _LAST + cellref, "", "", 0))
+        if rec is None:
+            return None
+        try:
+            value = _codecs.decode(rec.payload, store.signer)
+        except Exception:  # an unreadable explanation is no reason to fail the cell
+            return None
+        return value if isinstance(value, dict) else None
+
+    def _remember(
+        self, cellref: str, now: dict[str, Any], started: float, problem: str | None
+    ) -> None:
+        """Keep what the cell read this time, to explain its next miss after a restart."""
+        store = runtime.store
+        summary = {
+            **now,
+            "why": self._why.get(cellref, ""),
+            "recorded": problem is None,
+            "not_recorded": problem or "",
+        }
+        try:
+            payload = _codecs.encode(json.loads(json.dumps(summary, default=str)), store.signer)
+        except (TypeError, ValueError, UnstorableValueError):
+            return
+        rec = EffectRecord(
+            runtime.top.scope_id,
+            _LAST + cellref,
+            "",
+            "",
+            0,
+            payload=payload,
+            kind="cell-last",
+            started_at=started,
+        )
+        store.put_effects([rec])
 
     def _warn(self, message: str) -> None:
         """A warning that points at the cell and shows every time the cell runs."""
         warnings.warn_explicit(message, UserWarning, self._filename(), 1, registry={})
 
     def _run(self, tree: ast.Module) -> Any:
-        tree = _split_last_expression(tree)
-        self.ns.pop(_RESULT, None)
+        tree = split_last_expression(tree)
+        self.ns.pop(RESULT_NAME, None)
         exec(compile(tree, self._filename(), "exec"), self.ns)
-        return self.ns.pop(_RESULT, None)
+        return self.ns.pop(RESULT_NAME, None)
 
     def _record(
         self,
@@ -334,14 +265,16 @@ class DurableMagics(Magics):
         result: Any,
         started: float,
         duration: float,
-    ) -> None:
+    ) -> str | None:
+        """Record the cell's variables and outputs; or say why it cannot be recorded."""
         store, scope = runtime.store, runtime.top.scope_id
         recs: list[EffectRecord] = []
         stored: list[str] = []
+        inline: dict[str, list[str]] = {}
         modules: dict[str, str] = {}
-        for name in [*writes, _RESULT]:
-            value = result if name == _RESULT else self.ns.get(name)
-            if name != _RESULT and name not in self.ns:
+        for name in [*writes, RESULT_NAME]:
+            value = result if name == RESULT_NAME else self.ns.get(name)
+            if name != RESULT_NAME and name not in self.ns:
                 continue
             if isinstance(value, type(sys)):
                 modules[name] = value.__name__
@@ -358,31 +291,37 @@ class DurableMagics(Magics):
                     f"({type(e).__name__}), so this cell will run again next time; "
                     "assign it in another cell"
                 )
-                return
+                return f"variable {name!r} cannot be stored"
+            stored.append(name)
+            if payload.table is None and len(payload.data) <= _INLINE_BYTES:
+                # small values travel in the cell's record: a hit is one lookup, not one
+                # per variable (a pickle keeps its signature, checked when decoded)
+                inline[name] = [payload.codec, base64.b64encode(payload.data).decode()]
+                continue
             recs.append(
                 EffectRecord(
                     scope, key4[0] + "#" + name, *key4[1:], payload=payload, kind="cell-var"
                 )
             )
-            stored.append(name)
         summary = {
-            "vars": [n for n in stored if n != _RESULT],
+            "vars": [n for n in stored if n != RESULT_NAME],
+            "result": RESULT_NAME in stored,
+            "inline": inline,
             "modules": modules,
-            "stdout": out["stdout"],
-            "stderr": out["stderr"],
-            "displays": out["displays"],
+            "events": out["events"],
             "duration": duration,
         }
         try:
             payload = _codecs.encode(json.loads(json.dumps(summary, default=str)), store.signer)
-        except (TypeError, ValueError, UnstorableValueError):
-            return
+        except (TypeError, ValueError, UnstorableValueError) as e:
+            return f"its outputs cannot be stored ({type(e).__name__})"
         recs.append(
             EffectRecord(
                 scope, *key4, payload=payload, kind="cell", started_at=started, duration=duration
             )
         )
         store.put_effects(recs)
+        return None
 
     def _replay(self, rec: EffectRecord, key4: tuple[str, str, str, int], writes: list[str]) -> Any:
         assert self.shell is not None
@@ -390,21 +329,40 @@ class DurableMagics(Magics):
         summary = _codecs.decode(rec.payload, store.signer)
         assert isinstance(summary, dict)
         values: dict[str, Any] = {}
-        for name in [*summary["vars"], _RESULT]:
+        inline = summary.get("inline", {})
+        names = summary["vars"] + ([RESULT_NAME] if summary.get("result", True) else [])
+        for name in names:
+            if name in inline:
+                codec, data = inline[name]
+                values[name] = _codecs.decode(
+                    _codecs.Payload(codec, base64.b64decode(data)), store.signer
+                )
+                continue
             var = store.get_effect((runtime.top.scope_id, key4[0] + "#" + name, *key4[1:]))
             if var is None:
-                if name == _RESULT:
+                if name == RESULT_NAME:
                     continue
                 return self._run(ast.parse(""))  # pragma: no cover - a half-deleted record
             values[name] = _codecs.decode(var.payload, store.signer)
         for name, module in summary["modules"].items():
             values[name] = importlib.import_module(module)
-        result = values.pop(_RESULT, None)
+        result = values.pop(RESULT_NAME, None)
         self.ns.update(values)
-        sys.stdout.write(summary["stdout"])
-        sys.stderr.write(summary["stderr"])
-        for data, metadata in summary["displays"]:
-            self.shell.display_pub.publish(data, metadata)
+        events = summary.get("events")
+        if events is None:  # recorded before outputs kept their order
+            events = [["stdout", summary["stdout"]], ["stderr", summary["stderr"]]]
+            events += [["display", d, m] for d, m in summary["displays"]]
+        for event in events:
+            # each stream is buffered on its own: flush before switching, so what came
+            # first shows first
+            sys.stdout.flush()
+            sys.stderr.flush()
+            if event[0] == "display":
+                self.shell.display_pub.publish(event[1], event[2])
+            else:
+                (sys.stdout if event[0] == "stdout" else sys.stderr).write(event[1])
+        sys.stdout.flush()
+        sys.stderr.flush()
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(rec.started_at))
         print(
             f"[durable_nb] replayed this cell (recorded {when}); skipped "
@@ -441,24 +399,24 @@ class DurableMagics(Magics):
             raise UsageError(
                 "the %%durable cell assigns `ctx`, which is the run's Context; rename your variable"
             )
-        tree = _split_last_expression(tree)
+        tree = split_last_expression(tree)
         try:
             code = compile(tree, self._filename(), "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
         except SyntaxError as e:
             raise UsageError(f"the %%durable cell cannot run: {e.msg} (line {e.lineno})") from None
         ns = self.ns
-        version = _hashing.hash_value(_normalized(tree)).hex()[:16]
+        version = _hashing.hash_value(normalized(tree)).hex()[:16]
         run_id = args.name or f"cell:{self.cell_id or version}"
 
         async def body(ctx: Any) -> Any:
             previous = ns.get("ctx", _MISSING)
             ns["ctx"] = ctx
-            ns.pop(_RESULT, None)
+            ns.pop(RESULT_NAME, None)
             try:
                 coro = eval(code, ns)
                 if asyncio.iscoroutine(coro):
                     await coro
-                return ns.pop(_RESULT, None)
+                return ns.pop(RESULT_NAME, None)
             finally:
                 if previous is _MISSING:
                     ns.pop("ctx", None)
@@ -478,12 +436,15 @@ class DurableMagics(Magics):
             return job
         try:
             if widget is None:
-                return start_run(
+                value = start_run(
                     wf, (), {}, run_id=run_id, restart=args.restart, blocking=True
                 ).result()
-            return self._start_followed(wf, run_id, args.restart, widget).result()
+            else:
+                value = self._start_followed(wf, run_id, args.restart, widget).result()
         except DurableError as e:
             raise UsageError(str(e)) from None
+        tracker.assign(writes, f"durable\x1f{run_id}\x1f{version}")
+        return value
 
     @staticmethod
     def _start_followed(wf: Workflow[..., Any], run_id: str, restart: bool, widget: Any) -> Any:
@@ -503,7 +464,7 @@ class DurableMagics(Magics):
         if self.shell is None or getattr(self.shell, "kernel", None) is None:
             return None
         try:
-            from .widgets import TraceWidget
+            from ..widgets import TraceWidget
 
             widget = TraceWidget(run_id, _missing_ok=new)
         except ImportError as e:
@@ -537,19 +498,21 @@ class DurableMagics(Magics):
     @magic_arguments()
     @argument(
         "command",
-        choices=["store", "runs", "show", "signal", "cancel", "forget", "cache"],
+        choices=["store", "runs", "show", "signal", "cancel", "forget", "cache", "why"],
         help="What to do.",
     )
     @argument(
         "args",
         nargs="*",
         help="Its arguments: store [URL] | show RUN | "
-        "signal RUN NAME [JSON] | cancel RUN | forget RUN | cache [clear]",
+        "signal RUN NAME [JSON] | cancel RUN | forget RUN | cache [clear] | "
+        "why [CELL | EFFECT | RUN STEP]",
     )
     @line_magic("durable")  # type: ignore[arg-type]  # IPython types the name argument as Never
     def durable_line(self, line: str) -> Any:
         """Inspect and steer runs: %durable store [URL] | runs | show RUN |
-        signal RUN NAME [JSON] | cancel RUN | forget RUN | cache [clear]"""
+        signal RUN NAME [JSON] | cancel RUN | forget RUN | cache [clear] |
+        why [CELL | EFFECT | RUN STEP] (why it executed instead of replaying)"""
         words = line.split(None, 3)
         if words[:1] == ["signal"] and len(words) == 4:
             # the payload is the raw rest of the line: JSON keeps its spaces and quotes
@@ -567,6 +530,7 @@ class DurableMagics(Magics):
             "cancel": (self._cancel, 1, 1),
             "forget": (self._forget, 1, 1),
             "cache": (self._cache, 0, 1),
+            "why": (self._why_cmd, 0, 2),
         }
         fn, lo, hi = handlers[cmd]
         if not lo <= len(rest) <= hi:
@@ -578,6 +542,7 @@ class DurableMagics(Magics):
                 "cancel": "%durable cancel RUN",
                 "forget": "%durable forget RUN",
                 "cache": "%durable cache [clear]",
+                "why": "%durable why [CELL | EFFECT | RUN STEP]",
             }[cmd]
             raise UsageError(
                 f"%durable {cmd} takes {lo}-{hi} arguments, got {len(rest)}; type: {usage}"
@@ -618,13 +583,13 @@ class DurableMagics(Magics):
                 f"the payload {payload!r} is not JSON ({e}); quote strings: "
                 f"%durable signal {run_id} {name} '\"yes\"'"
             ) from None
-        from .engine import get_job
+        from ..engine import get_job
 
         get_job(run_id).signal(name, value)
         print(f"sent {name!r} to {run_id}")
 
     def _cancel(self, run_id: str) -> None:
-        from .engine import cancel
+        from ..engine import cancel
 
         cancel(run_id, "cancelled with %durable cancel")
         print(f"cancel requested for {run_id}")
@@ -637,7 +602,11 @@ class DurableMagics(Magics):
     def _cache(self, action: str | None = None) -> None:
         scope = runtime.top.scope_id
         if action is None:
-            n = sum(1 for r in runtime.store.load_effects(scope) if r.kind != "cell-var")
+            n = sum(
+                1
+                for r in runtime.store.load_effects(scope)
+                if r.kind not in ("cell-var", "cell-last")
+            )
             print(f"{n} cached result(s) for this notebook ({scope})")
         elif action == "clear":
             n = runtime.store.delete_effects(scope)
@@ -646,6 +615,68 @@ class DurableMagics(Magics):
             raise UsageError(
                 f"unknown %durable cache action {action!r}; type: %durable cache clear"
             )
+
+    def _why_cmd(self, *words: str) -> None:
+        """Why the last ``%%effect`` cell, a named cell, an ``@effect`` function's latest
+        call or a run's step executed instead of replaying."""
+        store, scope = runtime.store, runtime.top.scope_id
+        if not words:
+            if self._last_cell is None:
+                raise UsageError(
+                    "no %%effect cell has run in this kernel yet; name what to explain: "
+                    "%durable why CELL | EFFECT | RUN STEP"
+                )
+            print(self._why_of(self._last_cell) or "no explanation is recorded for it")
+            return
+        if len(words) == 2:
+            print(self._step_why(*words))
+            return
+        name = words[0]
+        for ref in (f"name:{name}", name, f"cell:{name}"):
+            text = self._why_of(ref)
+            if text:
+                print(text)
+                return
+        records = [r for r in store.load_effects(scope) if r.kind == "effect"]
+        found = sorted(
+            {r.identity for r in records if r.identity == name or r.identity.endswith("." + name)}
+        )
+        if len(found) == 1:
+            print(_explain.effect_why(records, found[0]))
+            return
+        if len(found) > 1:
+            raise UsageError(f"{name!r} matches {found}; name one of them in full")
+        if store.get_run(name) is not None:
+            raise UsageError(
+                f"{name!r} is a run; name one of its steps (its number or function): "
+                f"%durable why {name} STEP"
+            )
+        raise UsageError(
+            f"nothing called {name!r} ran in this notebook: name a %%effect cell (its --name "
+            "or cell id), an @effect function, or a run and a step (%durable why RUN STEP)"
+        )
+
+    def _why_of(self, cellref: str) -> str:
+        if cellref in self._why:
+            return self._why[cellref]
+        last = self._last_run(cellref)
+        return str(last.get("why", "")) if last is not None else ""
+
+    def _step_why(self, run_id: str, step: str) -> str:
+        store = runtime.store
+        if store.get_run(run_id) is None:
+            raise UsageError(f"no run {run_id!r} in the store; list runs with %durable runs")
+        records = [r for r in store.load_effects(run_scope(run_id)) if r.kind in STEP_KINDS]
+        if step.isdigit():
+            mine = [r for r in records if r.seq == int(step)]
+        else:
+            mine = [r for r in records if r.identity == step or r.identity.endswith("." + step)]
+        if not mine:
+            raise UsageError(
+                f"run {run_id!r} has no step {step!r}; see its steps with %durable show {run_id}"
+            )
+        rec = max(mine, key=lambda r: r.started_at)
+        return f"step {rec.seq} ({rec.identity}) of {run_id}: " + _explain.step_why(records, rec)
 
 
 _MISSING = object()
@@ -670,40 +701,3 @@ def _in_function(tree: ast.Module, node: ast.AST) -> bool:
         ):
             return True
     return False
-
-
-# ---------------------------------------------------------------------------- load / unload
-
-_loaded: dict[int, tuple[DurableMagics, Callable[..., None]]] = {}
-
-
-def _notebook_name(ip: InteractiveShell) -> str:
-    path = ip.user_ns.get("__vsc_ipynb_file__") or os.environ.get("JPY_SESSION_NAME")
-    return str(path) if path else "interactive"
-
-
-def load_ipython_extension(ip: InteractiveShell) -> None:
-    if id(ip) in _loaded:
-        return
-    magics = DurableMagics(ip)
-    ip.register_magics(magics)
-
-    def pre_run_cell(info: Any = None) -> None:
-        runtime.top.reset()
-        magics.cell_id = getattr(info, "cell_id", None)
-
-    ip.events.register("pre_run_cell", pre_run_cell)
-    runtime.set_top_scope(_notebook_name(ip))
-    _loaded[id(ip)] = (magics, pre_run_cell)
-
-
-def unload_ipython_extension(ip: InteractiveShell) -> None:
-    entry = _loaded.pop(id(ip), None)
-    if entry is None:
-        return
-    magics, hook = entry
-    ip.events.unregister("pre_run_cell", hook)
-    for kind in ("cell", "line"):
-        for name in list(magics.magics[kind]):
-            ip.magics_manager.magics[kind].pop(name, None)
-    ip.magics_manager.registry.pop(type(magics).__name__, None)
