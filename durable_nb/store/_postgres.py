@@ -614,16 +614,17 @@ class PostgresStore:
         if loop is not None:  # written by the loop itself, on a connection of its own
             writer = self._loop_writers.get(loop)
             if writer is None:
-                for gone_loop in [lp for lp in self._loop_writers if lp.is_closed()]:
-                    self._loop_writers.pop(gone_loop).close_now()  # a worker's that ended
-                writer = self._loop_writers[loop] = LoopCommit(
-                    self._conninfo,
-                    self._connect_kwargs,
-                    self._q["put_effect"],
-                    self._q["put_effects"],
-                    self._translate,
-                    loop,
-                )
+                with self._lock:  # loops of several threads (the engine's, a worker's)
+                    for gone_loop in [lp for lp in self._loop_writers if lp.is_closed()]:
+                        self._loop_writers.pop(gone_loop).close_now()  # a worker's that ended
+                    writer = self._loop_writers[loop] = LoopCommit(
+                        self._conninfo,
+                        self._connect_kwargs,
+                        self._q["put_effect"],
+                        self._q["put_effects"],
+                        self._translate,
+                        loop,
+                    )
             writer.submit(rows, statements, done)
             return
         try:
@@ -1124,7 +1125,9 @@ class PostgresStore:
             if thread is not None and thread is not threading.current_thread():
                 thread.join(timeout=5)
         self._writer.close()
-        for writer in list(self._loop_writers.values()):
+        with self._lock:
+            loop_writers = list(self._loop_writers.values())
+        for writer in loop_writers:
             # what its loop has under way finishes first (unless we are on that loop)
             deadline = time.monotonic() + 5
             while writer.busy and not writer.loop.is_closed() and time.monotonic() < deadline:
