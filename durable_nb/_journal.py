@@ -24,6 +24,7 @@ __all__ = [
     "AUX_KINDS",
     "CANCEL_SIGNAL",
     "CHUNK_PREFIX",
+    "CLAIMABLE_STATUSES",
     "CLOSING_EVENTS",
     "EXECUTION_EVENTS",
     "FINAL_STATUSES",
@@ -34,6 +35,7 @@ __all__ = [
     "SIGNAL_STEP_KINDS",
     "STEP_KINDS",
     "TOP_SCOPE_PREFIX",
+    "CancelClearedDetail",
     "ChildDetail",
     "DeadlineDetail",
     "DequeueDetail",
@@ -42,6 +44,8 @@ __all__ = [
     "InterruptDetail",
     "KvBaseDetail",
     "KvDeleteDetail",
+    "KvOfDetail",
+    "KvPruneDetail",
     "KvSetDetail",
     "LiveKind",
     "LogDetail",
@@ -81,11 +85,13 @@ __all__ = [
 #: ``detail`` is the argument preview, plain text; an error it raised that the run saw is
 #: recorded too, ``is_error``); ``stream``: a write to a run stream, its close, or a streaming
 #: effect's final value; ``deadline``: the deadline of a timed ``wait_signal``/``dequeue``
-#: or of a ``ctx.timeout``/``ctx.wait_for``; ``timeout``: such a block ran out of time; the
-#: others are the ``ctx`` operations of the same name. ``cleared`` replaces the record of an
-#: effect's error that failed its run: the step still shows as failed, but resuming the run
-#: calls that effect again. ``retry`` and ``kv_base`` are bookkeeping kept in the journal
-#: (see :data:`AUX_KINDS`).
+#: or of a ``ctx.timeout``/``ctx.wait_for``; ``timeout``: such a block ran out of time;
+#: ``kv_prune``: ``ctx.kv.prune`` and ``ctx.kv.clear``; ``kv_of``: ``ctx.kv_of``, another
+#: run's key read; the others are the ``ctx`` operations of the same name. ``cleared``
+#: replaces the record of an effect's error that failed its run: the step still shows as
+#: failed, but resuming the run calls that effect again. ``retry``, ``kv_base`` and
+#: ``cancel_cleared`` (a resume of a cancelled run consumed its cancel signal) are
+#: bookkeeping kept in the journal (see :data:`AUX_KINDS`).
 StepKind = Literal[
     "effect",
     "stream",
@@ -104,10 +110,13 @@ StepKind = Literal[
     "log",
     "kv_set",
     "kv_delete",
+    "kv_prune",
+    "kv_of",
     "timeout",
     "retry",
     "kv_base",
     "cleared",
+    "cancel_cleared",
 ]
 #: Records of a run's other scopes: a stream's chunk and end marker (``stream/<run>``), a
 #: key's current value (``kv/<run>``; a deleted key leaves a ``kv_delete`` tombstone); and of
@@ -118,9 +127,16 @@ RecordKind = Union[StepKind, Literal["chunk", "stream_end", "kv", "cell", "cell-
 STEP_KINDS: Final[tuple[str, ...]] = get_args(StepKind)
 #: bookkeeping records: not calls of the workflow, so they have no place in the recorded
 #: order and a trace does not show them as steps
-AUX_KINDS: Final[tuple[str, ...]] = ("retry", "kv_base", "chunk", "stream_end", "kv")
-#: step kinds that consume a signal (their detail names its ``signal_id``)
-SIGNAL_STEP_KINDS: Final[tuple[str, ...]] = ("signal", "dequeue", "interrupt")
+AUX_KINDS: Final[tuple[str, ...]] = (
+    "retry",
+    "kv_base",
+    "cancel_cleared",
+    "chunk",
+    "stream_end",
+    "kv",
+)
+#: records that consume a signal (their detail names its ``signal_id``)
+SIGNAL_STEP_KINDS: Final[tuple[str, ...]] = ("signal", "dequeue", "interrupt", "cancel_cleared")
 
 
 # What each kind's ``detail`` holds (JSON text of one of these; ``effect`` steps keep their
@@ -189,6 +205,21 @@ class KvDeleteDetail(TypedDict):
     key: str
 
 
+class KvPruneDetail(TypedDict, total=False):
+    keys: list[str]  # the keys it removed, in order
+    updated_before: str  # ctx.kv.prune: the cut-off, ISO 8601 UTC; absent for ctx.kv.clear
+
+
+class KvOfDetail(TypedDict):
+    run_id: str  # whose state was read
+    key: str
+    found: bool
+
+
+class CancelClearedDetail(TypedDict):
+    signal_id: str  # the cancel signal a resume consumed
+
+
 class StreamDetail(TypedDict, total=False):
     stream: str  # a write or a close: the stream's name
     index: int  # a write: the chunk's position
@@ -222,6 +253,9 @@ StepDetail = Union[
     LogDetail,
     KvSetDetail,
     KvDeleteDetail,
+    KvPruneDetail,
+    KvOfDetail,
+    CancelClearedDetail,
     StreamDetail,
     RetryDetail,
     KvBaseDetail,
@@ -326,10 +360,17 @@ def check_user_signal(name: str) -> None:
 
 
 # ------------------------------------------------------------------ statuses and events
-RunStatus = Literal["queued", "running", "waiting", "completed", "failed", "cancelled"]
+#: ``interrupted``: stopped in the process that started it (Ctrl-C, "interrupt kernel", the
+#: loop shut down) and resumable there or with ``dn.resume``; no worker claims it
+RunStatus = Literal[
+    "queued", "running", "waiting", "completed", "failed", "cancelled", "interrupted"
+]
 RUN_STATUSES: Final[tuple[str, ...]] = get_args(RunStatus)
 #: a run in one of these statuses will not progress again (unless resumed or restarted)
 FINAL_STATUSES: Final[tuple[str, ...]] = ("completed", "failed", "cancelled")
+#: a worker may claim a run in one of these statuses when no process holds its lease: queued
+#: for a worker, or left executing by a holder that died
+CLAIMABLE_STATUSES: Final[tuple[str, ...]] = ("queued", "running", "waiting")
 
 #: how a run's execution can end: both a run status and the event that records it
 EndStatus = Literal["completed", "failed", "cancelled"]
@@ -344,6 +385,7 @@ EventKind = Literal[
     "continued_as_new",
     "step_failed",
     "signal_received",
+    "forked",
 ]
 #: events that open an execution of a run; the last one opens the latest execution
 EXECUTION_EVENTS: Final[tuple[str, ...]] = ("started", "resumed")

@@ -230,6 +230,109 @@ def cancel(ctx: click.Context, run_id: str, reason: str) -> None:
         click.echo(f"cancel requested for {run_id}; the process that executes it will stop it")
 
 
+_APP_HELP = (
+    "Execute it here, with the @durable workflows of MODULE (a dotted name or a .py path; "
+    "repeatable), and print its result; without --app it is queued for a worker."
+)
+
+
+def _execute_here(modules: tuple[str, ...], start: Callable[[], Any], as_json: bool) -> None:
+    """Import the workflows of ``modules`` and wait for the run ``start()`` returns; print its
+    result (an error of the run is the command's error)."""
+    from .worker import load_workflows
+
+    load_workflows(list(modules))
+    job = start()
+    result = job.result()
+    if as_json:
+        _echo_json({"run_id": job.run_id, "status": "completed", "result": result})
+    else:
+        click.echo(f"{job.run_id} completed: {json.dumps(result, default=repr)}")
+
+
+def _queued(info: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        _echo_json(info)
+    elif info["status"] == "completed":
+        click.echo(f"{info['run_id']} had already completed; nothing to resume")
+    else:
+        click.echo(
+            f"queued {info['run_id']} for a worker; `durable-nb worker MODULE` serves workflow "
+            f"{info['workflow']!r} from the module that defines it"
+        )
+
+
+@cli.command()
+@click.argument("run_id", metavar="RUN")
+@click.option("--app", "modules", metavar="MODULE", multiple=True, help=_APP_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the run (or its result) as JSON.")
+@store_option
+@click.pass_context
+def resume(ctx: click.Context, run_id: str, modules: tuple[str, ...], as_json: bool) -> None:
+    """Resume a cancelled, failed or interrupted run from its history: finished steps replay,
+    the rest execute, a cancellation is cleared. A completed run keeps its result; a run that
+    a process executes is an error naming that process."""
+    c = _client(ctx)
+    if modules:
+        from .engine import resume as resume_run
+
+        _execute_here(modules, lambda: resume_run(run_id), as_json)
+        return
+    _queued(c.resume(run_id), as_json)
+
+
+@cli.command()
+@click.argument("run_id", metavar="RUN")
+@click.option(
+    "--from-step",
+    "from_step",
+    type=click.IntRange(min=0),
+    required=True,
+    help="The first step that executes again (the SEQ column of `durable-nb trace RUN`); "
+    "the steps before it replay from RUN's records.",
+)
+@click.option("--run-id", "new_id", metavar="ID", help="The fork's run id (default: RUN@N-<hex>).")
+@click.option(
+    "--no-signals",
+    is_flag=True,
+    help="Do not send the fork the signals RUN received from step N on (or has not consumed).",
+)
+@click.option("--app", "modules", metavar="MODULE", multiple=True, help=_APP_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the fork (or its result) as JSON.")
+@store_option
+@click.pass_context
+def fork(
+    ctx: click.Context,
+    run_id: str,
+    from_step: int,
+    new_id: str | None,
+    no_signals: bool,
+    modules: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Fork a run from a step: a new run of the same workflow and arguments whose steps before
+    N replay from RUN's records and whose steps from N on execute. RUN and its child runs are
+    not changed."""
+    c = _client(ctx)
+    if modules:
+        from .engine import fork as fork_run
+
+        _execute_here(
+            modules,
+            lambda: fork_run(run_id, from_step=from_step, run_id=new_id, signals=not no_signals),
+            as_json,
+        )
+        return
+    info = c.fork(run_id, from_step, new_id=new_id, signals=not no_signals)
+    if as_json:
+        _echo_json(info)
+    else:
+        click.echo(
+            f"forked {run_id} from step {from_step} as {info['run_id']}, queued for a worker; "
+            f"`durable-nb worker MODULE` serves workflow {info['workflow']!r}"
+        )
+
+
 @cli.command()
 @click.argument("run_id", metavar="RUN")
 @click.option(

@@ -15,9 +15,6 @@ pickle into a store: importing into a store with another key needs the source st
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import json
 import math
 import os
@@ -26,11 +23,10 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import fields
 from datetime import datetime, timedelta
 from typing import IO, TYPE_CHECKING, Any
 
-from . import _codecs
+from ._export import EXPORT_FORMAT, open_text, read_export, write_export
 from ._journal import (
     CANCEL_SIGNAL,
     CLOSING_EVENTS,
@@ -39,41 +35,32 @@ from ._journal import (
     check_name,
     check_run_id,
     json_text,
-    run_of_scope,
 )
 from .errors import (
     ArgumentError,
     ArgumentTypeError,
-    ExportFormatError,
-    PayloadIntegrityError,
+    RunEndedError,
     RunLockedError,
     RunNotFoundError,
-    UnstorableValueError,
 )
 from .store import (
     FINAL_STATUSES,
     RUN_STATUSES,
-    EffectRecord,
-    EventRecord,
     RunLease,
     RunRecord,
     SignalRecord,
     Store,
     open_store,
-    run_scopes,
 )
 from .trace import run_history, run_info, run_summary, run_trace
 
 if TYPE_CHECKING:
-    from ._codecs import Payload, Signer
+    pass
 
 __all__ = ["EXPORT_FORMAT", "Client", "parse_duration", "parse_time"]
 
 #: the first line of an export file names the format and its version
-EXPORT_FORMAT = "durable_nb-export"
-_EXPORT_VERSION = 1
 _ALL = 1 << 62  # "no limit" for list_runs
-_SIGNED_CODECS = ("pickle", "error")  # payloads whose bytes carry the store key's MAC
 _OWNER = f"durable_nb admin pid {os.getpid()}"
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -123,10 +110,6 @@ def parse_time(value: str | float | datetime | timedelta, *, now: float | None =
         f"a time must be epoch seconds, a datetime, an ISO date like '2024-05-01' or "
         f"'2024-05-01T12:00', or a duration ago like '2h' or '7d', got {value!r}"
     )
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 class Client:
@@ -232,6 +215,35 @@ class Client:
         """The last value the run published with ``ctx.set_status`` (or None)."""
         rec = self._get(run_id)
         return json.loads(rec.custom_status) if rec.custom_status else None
+
+    def wait_kv(self, run_id: str, key: str, *, timeout: float | None = None) -> Any:
+        """Block until run ``run_id`` holds ``key`` in its key/value state and return the
+        value (at once if it does). Reads the store a few times a second at first, then once
+        a second. Raises ``TimeoutError`` after ``timeout`` seconds, and
+        :class:`~durable_nb.errors.RunEndedError` when the run ended without the key."""
+        from .engine import check_kv_key, check_timeout, kv_value
+
+        check_kv_key(key)
+        timeout = check_timeout(timeout)
+        self._get(run_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.05
+        while True:
+            found, value = kv_value(self.store, run_id, key)
+            if found:
+                return value
+            rec = self._get(run_id)
+            if rec.status in FINAL_STATUSES:
+                raise RunEndedError(
+                    f"run {run_id!r} ended ({rec.status}) without setting kv key {key!r}"
+                )
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"run {run_id!r} did not set kv key {key!r} within timeout={timeout:g}s"
+                )
+            left = 1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 1.0)
 
     def tree(self, run_id: str) -> dict[str, Any]:
         """The run and its child runs, nested: ``{run_id, workflow, status, parent_id,
@@ -339,6 +351,38 @@ class Client:
                 self.store.put_run(now)
         finally:
             lease.release()
+
+    def resume(self, run_id: str) -> dict[str, Any]:
+        """Queue a stopped run (cancelled, failed, interrupted) for a worker, which resumes it
+        from its history (as ``dn.resume(run_id, on="worker")``; a completed run stays as it
+        is). Returns the run as :meth:`run` does. Works on the engine's store."""
+        from .engine import requeue
+
+        self._engine_store("resume")
+        requeue(check_run_id(run_id))
+        return self.run(run_id)
+
+    def fork(
+        self, run_id: str, from_step: int, *, new_id: str | None = None, signals: bool = True
+    ) -> dict[str, Any]:
+        """Fork run ``run_id`` from step ``from_step`` and queue the fork for a worker (as
+        ``dn.fork(..., on="worker")``); returns the fork as :meth:`run` does. Works on the
+        engine's store."""
+        from .engine import fork_records, requeue
+
+        self._engine_store("fork")
+        fork_id = fork_records(run_id, from_step=from_step, run_id=new_id, signals=signals)
+        requeue(fork_id)
+        return self.run(fork_id)
+
+    def _engine_store(self, what: str) -> None:
+        from .engine import runtime
+
+        if self.store is not runtime.store:
+            raise ArgumentError(
+                f"Client.{what} works on the engine's store, and this client's store is "
+                f"{self.store.url!r}; call dn.set_store({self.store.url!r}) and use dn.Client()"
+            )
 
     # deleting ----------------------------------------------------------------------------
     def delete(self, run_id: str, *, children: bool = True) -> int:
@@ -471,38 +515,8 @@ class Client:
                     f"scopes must name cached-effect scopes like 'top/<notebook path>', "
                     f"got {s!r}; a run's own scopes are exported with the run"
                 )
-        counts = {"runs": 0, "effects": 0, "signals": 0, "events": 0}
-        with _open_text(target, "w") as f:
-            f.write(
-                json.dumps(
-                    {
-                        "type": "header",
-                        "format": EXPORT_FORMAT,
-                        "version": _EXPORT_VERSION,
-                        "source": store.url,
-                        "exported_at": time.time(),
-                    }
-                )
-                + "\n"
-            )
-            for rec in recs:
-                f.write(json.dumps({"type": "run", **_run_out(rec)}) + "\n")
-                counts["runs"] += 1
-                for scope in run_scopes(rec.run_id):
-                    for e in store.load_effects(scope):
-                        f.write(json.dumps({"type": "effect", **_effect_out(e)}) + "\n")
-                        counts["effects"] += 1
-                for sig in store.list_signals(rec.run_id):
-                    f.write(json.dumps({"type": "signal", **_plain(sig)}) + "\n")
-                    counts["signals"] += 1
-                for ev in store.load_events(rec.run_id):
-                    f.write(json.dumps({"type": "event", **_plain(ev)}) + "\n")
-                    counts["events"] += 1
-            for scope in cached:
-                for e in store.load_effects(scope):
-                    f.write(json.dumps({"type": "effect", **_effect_out(e)}) + "\n")
-                    counts["effects"] += 1
-        return counts
+        with open_text(target, "w") as f:
+            return write_export(f, store, recs, cached)
 
     def import_records(
         self,
@@ -527,7 +541,7 @@ class Client:
         from ._codecs import Signer
 
         src_signer = Signer(bytes(source_key)) if source_key is not None else None
-        parsed = _read_export(source, store.signer, src_signer)
+        parsed = read_export(source, store.signer, src_signer)
         counts = {"runs": 0, "skipped_runs": 0, "effects": 0, "signals": 0, "events": 0}
         keep: list[RunRecord] = []
         for run in parsed.runs:
@@ -563,185 +577,3 @@ class Client:
             store.put_effects(parsed.cached)
             counts["effects"] += len(parsed.cached)
         return counts
-
-
-# ----------------------------------------------------------------------------- export records
-
-
-def _plain(obj: SignalRecord | EventRecord) -> dict[str, Any]:
-    return {f.name: getattr(obj, f.name) for f in fields(obj)}
-
-
-def _payload_out(p: Payload | None) -> dict[str, Any] | None:
-    if p is None:
-        return None
-    out: dict[str, Any] = {"codec": p.codec, "data": _b64(p.data)}
-    if p.table is not None:
-        out["table"] = _b64(_codecs.ipc_bytes(p.table))
-    return out
-
-
-def _run_out(rec: RunRecord) -> dict[str, Any]:
-    out = {f.name: getattr(rec, f.name) for f in fields(rec)}
-    for name in ("args", "result", "error"):
-        out[name] = _payload_out(getattr(rec, name))
-    return out
-
-
-def _effect_out(rec: EffectRecord) -> dict[str, Any]:
-    out = {f.name: getattr(rec, f.name) for f in fields(rec)}
-    out["payload"] = _payload_out(rec.payload)
-    return out
-
-
-class _Parsed:
-    def __init__(self) -> None:
-        self.runs: list[RunRecord] = []
-        self.run_effects: dict[str, list[EffectRecord]] = {}
-        self.cached: list[EffectRecord] = []
-        self.signals: dict[str, list[SignalRecord]] = {}
-        self.events: dict[str, list[EventRecord]] = {}
-
-
-def _bad(where: str, problem: str) -> ExportFormatError:
-    return ExportFormatError(
-        f"{where}: {problem}; the file is not a durable_nb export or is damaged — export it "
-        "again with `durable-nb export`"
-    )
-
-
-def _read_export(
-    source: str | os.PathLike[str] | IO[str], signer: Signer, src_signer: Signer | None
-) -> _Parsed:
-    from ._codecs import CODECS, TEXT_ERROR_PREFIX, Payload  # text errors carry no pickle
-
-    name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the export"
-    out = _Parsed()
-    resigned = foreign = 0
-
-    def payload(d: Any, where: str) -> Payload | None:
-        nonlocal resigned, foreign
-        if d is None:
-            return None
-        if not isinstance(d, dict) or d.get("codec") not in CODECS:
-            raise _bad(where, f"a payload must be {{codec, data[, table]}}, got {d!r:.80}")
-        try:
-            data = base64.b64decode(d["data"], validate=True)
-            table_b = base64.b64decode(d["table"], validate=True) if d.get("table") else None
-        except (KeyError, TypeError, binascii.Error) as e:
-            raise _bad(where, f"a payload's bytes are not base64 ({e})") from None
-        if d["codec"] in _SIGNED_CODECS and not data.startswith(TEXT_ERROR_PREFIX):
-            try:
-                signer.verify(data)
-            except PayloadIntegrityError:
-                if src_signer is None:
-                    foreign += 1
-                else:
-                    try:
-                        data = signer.sign(src_signer.verify(data))
-                    except PayloadIntegrityError:
-                        raise PayloadIntegrityError(
-                            f"{where}: a pickled payload is signed neither by this store's key "
-                            "nor by the source_key given: it was tampered with or the key is "
-                            "not the exporting store's; nothing was imported"
-                        ) from None
-                    resigned += 1
-        table = None
-        if table_b is not None:
-            try:
-                table = _codecs.read_ipc(memoryview(table_b))
-            except Exception as e:
-                raise _bad(where, f"a table payload is not an Arrow IPC stream ({e})") from None
-        return Payload(d["codec"], data, table)
-
-    def build(cls: type[Any], d: dict[str, Any], where: str, **extra: Any) -> Any:
-        names = {f.name for f in fields(cls)}
-        try:
-            return cls(**{k: v for k, v in d.items() if k in names and k not in extra}, **extra)
-        except TypeError as e:
-            raise _bad(where, f"a {d.get('type')} record lacks a field ({e})") from None
-
-    with _open_text(source, "r") as f:
-        header_seen = False
-        for lineno, line in enumerate(f, 1):
-            where = f"{name}, line {lineno}"
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-            except ValueError as e:
-                raise _bad(where, f"not JSON ({e})") from None
-            kind = d.get("type") if isinstance(d, dict) else None
-            if not header_seen:
-                if kind != "header" or d.get("format") != EXPORT_FORMAT:
-                    raise _bad(where, f"the first line must be the {EXPORT_FORMAT} header")
-                if d.get("version") != _EXPORT_VERSION:
-                    raise ExportFormatError(
-                        f"{where}: the export has format version {d.get('version')!r}, this "
-                        f"durable_nb reads version {_EXPORT_VERSION}; import it with the "
-                        "durable_nb version that exported it"
-                    )
-                header_seen = True
-            elif kind == "run":
-                rec = build(
-                    RunRecord,
-                    d,
-                    where,
-                    args=payload(d.get("args"), where),
-                    result=payload(d.get("result"), where),
-                    error=payload(d.get("error"), where),
-                )
-                if rec.status not in RUN_STATUSES:
-                    raise _bad(where, f"unknown run status {rec.status!r}")
-                out.runs.append(rec)
-            elif kind == "effect":
-                eff = build(EffectRecord, d, where, payload=payload(d.get("payload"), where))
-                if eff.payload is None:
-                    raise _bad(where, "an effect record has no payload")
-                rid = run_of_scope(eff.scope)
-                if rid is not None:
-                    out.run_effects.setdefault(rid, []).append(eff)
-                else:
-                    out.cached.append(eff)
-            elif kind == "signal":
-                sig = build(SignalRecord, d, where)
-                out.signals.setdefault(sig.run_id, []).append(sig)
-            elif kind == "event":
-                ev = build(EventRecord, d, where)
-                out.events.setdefault(ev.run_id, []).append(ev)
-            else:
-                raise _bad(where, f"unknown record type {kind!r}")
-        if not header_seen:
-            raise _bad(name, "it is empty")
-    known = {r.run_id for r in out.runs}
-    for rid in [*out.run_effects, *out.signals, *out.events]:
-        if rid not in known:
-            raise _bad(name, f"it has records of run {rid!r} but not the run itself")
-    if foreign and not signer.can_sign:
-        raise UnstorableValueError(
-            f"{name}: {foreign} pickled payload(s) cannot be stored: the target store has no "
-            "signing key for pickles; set DURABLE_NB_KEY (the team's key) for it, then import "
-            "again with --source-key-file / source_key=; nothing was imported"
-        )
-    if foreign:
-        raise PayloadIntegrityError(
-            f"{name}: {foreign} pickled payload(s) are signed by another key than this "
-            "store's; pass the exporting store's key (source_key=..., or `durable-nb import "
-            "--source-key-file PATH`; a DuckDB store keeps it in <store>.d/key unless "
-            "DURABLE_NB_KEY is set), or give both stores the same DURABLE_NB_KEY; nothing was "
-            "imported"
-        )
-    return out
-
-
-@contextmanager
-def _open_text(target: str | os.PathLike[str] | IO[str], mode: str) -> Iterator[IO[str]]:
-    if isinstance(target, (str, os.PathLike)):
-        with open(target, mode, encoding="utf-8") as f:
-            yield f
-    elif isinstance(target, io.TextIOBase) or hasattr(target, "write" if mode == "w" else "read"):
-        yield target
-    else:
-        raise ArgumentTypeError(
-            f"expected a path or a text file, got {target!r}; pass a path or open(path, {mode!r})"
-        )

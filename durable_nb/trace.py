@@ -62,7 +62,8 @@ class TraceStep(TypedDict):
     attempts: int
 
 
-_EVENT_RANK = {k: 0 for k in EXECUTION_EVENTS} | {k: 2 for k in CLOSING_EVENTS}
+# within one instant: a fork's origin, then an execution's opening, ..., its closing event
+_EVENT_RANK = {"forked": -1} | {k: 0 for k in EXECUTION_EVENTS} | {k: 2 for k in CLOSING_EVENTS}
 _NOISE = ("signal_id",)  # ids that make a timeline line long and say nothing to a reader
 
 
@@ -146,7 +147,8 @@ def run_trace(store: Store, run_id: str) -> dict[str, Any]:
     The shape (the widgets code against it; keep it stable)::
 
         {"run": {run_id, workflow, status, custom_status, status_version, parent_id,
-                 executions, created_at, updated_at, detail, generation, version},
+                 executions, created_at, updated_at, detail, generation, version,
+                 forked_from: {run_id, step} | None},
          "steps": [{seq, kind, name, state, started_at, duration, args, error, attempts}],
          "waiting": [{"kind": "signal", "name": ...} | {"kind": "timer", "until": ...}],
          "pending_signals": [name, ...],
@@ -241,6 +243,7 @@ def run_trace(store: Store, run_id: str) -> dict[str, Any]:
         store.list_runs(parent_id=run_id, limit=1_000_000), key=lambda c: (c.created_at, c.run_id)
     )
     run = run_summary(rec)
+    run["forked_from"] = _forked_from(events)
     counts = {state: sum(s["state"] == state for s in steps) for state in _STATES}
     return {
         "run": run,
@@ -260,6 +263,15 @@ def run_trace(store: Store, run_id: str) -> dict[str, Any]:
 
 
 _STATES = ("executed", "replayed", "failed")
+
+
+def _forked_from(events: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """``{"run_id", "step"}`` of the run a fork was made from (its ``forked`` event)."""
+    for e in events:
+        d = e["data"]
+        if e["kind"] == "forked" and isinstance(d, dict) and isinstance(d.get("from"), str):
+            return {"run_id": d["from"], "step": d.get("step")}
+    return None
 
 
 def run_info(store: Store, run_id: str) -> dict[str, Any]:
@@ -400,6 +412,9 @@ def format_run(info: dict[str, Any]) -> str:
     ]
     if info["parent_id"]:
         lines.append(f"parent    {info['parent_id']}")
+    if info.get("forked_from"):
+        forked = info["forked_from"]
+        lines.append(f"forked    from {forked['run_id']} at step {forked['step']}")
     if info["waiting"]:
         lines.append(f"waits on  {_waits(info['waiting'])}")
     if info["pending_signals"]:
@@ -429,10 +444,14 @@ def format_trace(trace: dict[str, Any]) -> str:
     """A trace as a readable timeline: the run, then one line per step and event in time
     order, with offsets from the run's creation."""
     run = trace["run"]
-    t0 = run["created_at"]
+    # a fork's copied steps happened before the fork was created
+    t0 = min([run["created_at"], *(s["started_at"] for s in trace["steps"])])
     head = [
         f"run {run['run_id']}  workflow {run['workflow']}  status {run['status']}",
     ]
+    forked = run.get("forked_from")
+    if forked:
+        head.append(f"forked from run {forked['run_id']} at step {forked['step']}")
     if trace["waiting"]:
         head.append(f"waiting on {_waits(trace['waiting'])}")
     if trace["pending_signals"]:

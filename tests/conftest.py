@@ -22,19 +22,23 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(autouse=True)
 def _isolated_runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Every test gets a fresh in-memory store, a fake clock, its own working directory and
-    the workflow versions defined before it (each test defines its own versions)."""
+    """Every test gets a fresh in-memory store, a fake clock, its own working directory, the
+    workflow versions defined before it (each test defines its own versions), and forgets the
+    workflows it defines (what dn.resume and dn.fork find by name)."""
     from durable_nb.engine import _workflow
 
     monkeypatch.chdir(tmp_path)
     old_store, old_clock, old_top = runtime._store, runtime.clock, runtime.top
     versions = {k: dict(v) for k, v in _workflow._versions.items()}
+    defined = dict(_workflow._defined)
     runtime._store = MemoryStore()
     runtime.clock = dn.FakeClock()
     runtime.set_top_scope("test")
     yield
     _workflow._versions.clear()
     _workflow._versions.update(versions)
+    _workflow._defined.clear()
+    _workflow._defined.update(defined)
     store = runtime._store
     runtime._store, runtime.clock, runtime.top = old_store, old_clock, old_top
     if store is not None:

@@ -230,3 +230,59 @@ def test_approval_notebook_in_jupyterlab(lab: dict[str, Any]) -> None:
             _shot(page, "3-replayed")
         finally:
             browser.close()
+
+
+def test_cancel_resume_and_rerun_from_here_in_jupyterlab(lab: dict[str, Any]) -> None:
+    """Cancel the waiting run, resume it (the finished steps replay, the cancellation is
+    cleared), approve it; then "Re-run from here" on its wait step: the widget follows a
+    fork whose first two steps replay and whose wait and publish execute again."""
+    from playwright.sync_api import sync_playwright
+
+    def rows_are(states: str) -> None:
+        page.wait_for_function(
+            "s => [...document.querySelectorAll('.dn-trace .dn-row[data-state]')]"
+            ".map(r => r.dataset.state).join() === s",
+            arg=states,
+        )
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"]
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(f"{lab['base']}/lab/tree/approval.ipynb?token={lab['token']}")
+            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=TIMEOUT_MS)
+            _wait_idle(page)
+            _run_all(page)
+            page.wait_for_selector('.dn-trace[data-status="waiting"]')
+            rows_are("executed,executed,waiting")
+
+            page.click('.dn-trace button[data-action="cancel"]')
+            page.wait_for_selector('.dn-trace[data-status="cancelled"]')
+            page.click('.dn-trace button[data-action="resume"]')
+            page.wait_for_selector('.dn-trace[data-status="waiting"]')
+            rows_are("replayed,replayed,waiting")
+            _shot(page, "4-resumed-after-cancel")
+
+            page.fill('.dn-trace input[data-payload="approve"]', '"bob"')
+            page.click('.dn-trace button[data-signal="approve"]')
+            page.wait_for_selector('.dn-trace[data-status="completed"]')
+            rows_are("replayed,replayed,executed,executed")
+
+            page.click('.dn-trace .dn-row[data-seq="2"]')
+            page.click('.dn-trace .dn-detail button[data-action="fork"]')
+            page.wait_for_function(
+                "() => { const t = document.querySelector('.dn-trace');"
+                " return t && t.dataset.status === 'completed'"
+                " && t.querySelector('.dn-forked')"
+                " && t.querySelector('.dn-forked').textContent === 'forked from approval at step 2'"
+                " && [...t.querySelectorAll('.dn-row[data-state]')].map(r => r.dataset.state)"
+                ".join() === 'replayed,replayed,executed,executed'; }"
+            )
+            head = page.inner_text(".dn-trace .dn-head")
+            assert "approval@2-" in head
+            _shot(page, "5-forked")
+        finally:
+            browser.close()

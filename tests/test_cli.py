@@ -510,8 +510,8 @@ def test_cancel_reaches_a_run_executing_in_another_process(tmp_path: Path) -> No
         out, err = proc.communicate(timeout=60)
         assert out.splitlines()[-2:] == [
             "CLEANUP",
-            "CANCELLED run 'live' was cancelled (from the CLI); start it again with "
-            "restart=True to run it afresh",
+            "CANCELLED run 'live' was cancelled (from the CLI); resume it from its history "
+            "with dn.resume('live'), or start it again with restart=True to run it afresh",
         ], err
     finally:
         if proc.poll() is None:

@@ -391,8 +391,32 @@ def test_an_interrupted_durable_cell_resumes_in_the_same_kernel(
             assert time.monotonic() < deadline, "the interrupted run never stopped"
         at_interrupt = lines(log)
         assert 3 <= len(at_interrupt) < 6, at_interrupt
+        # marked interrupted (no worker takes it over), resumable here
+        status = execute(kc, "runtime.store.get_run('six-steps').status")
+        assert status.text == "'interrupted'"
         resumed = execute(kc, SIX_STEPS)
         assert resumed.text == "55"
+    assert_each_step_ran_once(log, in_flight=len(at_interrupt) - 1)
+
+
+def test_an_interrupted_durable_cell_resumes_by_its_run_id(
+    kernels_dir: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "log.txt"
+    with kernel(kernels_dir, tmp_path) as (km, kc):
+        execute(kc, SETUP.format(log=str(log)))
+        msg_id = start_and_wait_for_lines(kc, SIX_STEPS, log, 3)
+        km.interrupt_kernel()
+        stopped = collect(kc, msg_id)
+        assert (stopped.status, stopped.ename) == ("error", "KeyboardInterrupt")
+        execute(kc, "from durable_nb.engine import runtime")
+        deadline = time.monotonic() + TIMEOUT
+        while execute(kc, "runtime.store.get_run('six-steps').status").text != "'interrupted'":
+            assert time.monotonic() < deadline, "the interrupted run was never marked interrupted"
+        at_interrupt = lines(log)
+        resumed = execute(kc, "import durable_nb as dn\nawait dn.resume('six-steps').wait()")
+        assert resumed.text == "55"
+        assert execute(kc, "total").text == "55"  # the cell's names landed in the namespace
     assert_each_step_ran_once(log, in_flight=len(at_interrupt) - 1)
 
 

@@ -241,6 +241,61 @@ async def test_cancel_button_cancels_a_waiting_run() -> None:
 
 
 @aio
+async def test_resume_button_resumes_a_cancelled_run_from_its_history() -> None:
+    calls.clear()
+    job = dn.start(approval, "fri", run_id="a5")
+    w = job.widget()
+    await settle()
+    w._on_frontend(w, {"kind": "cancel"}, [])
+    with pytest.raises(RunCancelledError):
+        await job.wait()
+    await settle()
+    w.flush()
+    assert w.run["status"] == "cancelled" and w.run["can_resume"]
+    sent = capture(w)
+    w._on_frontend(w, {"kind": "resume"}, [])
+    assert customs(sent, "notice")[-1]["text"] == "resumed a5"
+    await settle()
+    w.flush()
+    assert w.run["status"] == "waiting" and states(w) == [
+        ("fetch", "replayed"),
+        ("wait_signal('approve')", "waiting"),
+    ]
+    w._on_frontend(w, {"kind": "signal", "name": "approve", "payload": '"eve"'}, [])
+    assert await w._job.wait() == "fri by eve"  # type: ignore[union-attr]
+    assert calls == ["fetch fri", "publish"]  # fetch did not run again
+
+
+@aio
+async def test_rerun_from_here_forks_the_run_at_the_clicked_step_and_follows_the_fork() -> None:
+    calls.clear()
+    job = dn.start(approval, "sat", run_id="a6")
+    await settle()
+    dn.signal("a6", "approve", "ann")
+    assert await job.wait() == "sat by ann"
+    w = TraceWidget("a6")
+    assert w.run["can_fork"] and w.run["forked_from"] == ""
+    sent = capture(w)
+    w._on_frontend(w, {"kind": "fork", "seq": 2}, [])  # step 2: publish
+    fork = w._job
+    assert fork is not None and fork.run_id.startswith("a6@2-") and w.run_id == fork.run_id
+    assert customs(sent, "notice")[-1]["text"] == f"re-running a6 from step 2 as {fork.run_id}"
+    assert await fork.wait() == "sat by ann"
+    await settle()
+    w.flush()
+    assert w.run["forked_from"] == "a6 at step 2" and w.run["status"] == "completed"
+    assert [r["state"] for r in w.rows] == ["replayed", "replayed", "executed"]
+    assert calls == ["fetch sat", "publish", "publish"]
+    assert dn.Client().run("a6")["totals"]["steps"] == 3  # the original is as it was
+    w._on_frontend(w, {"kind": "fork", "seq": "x"}, [])
+    assert customs(sent, "notice")[-1] == {
+        "kind": "notice",
+        "level": "error",
+        "text": "seq must be a step number (an int), got 'x'",
+    }
+
+
+@aio
 async def test_a_payload_that_is_not_json_is_refused_with_a_notice() -> None:
     job = dn.start(approval, "thu", run_id="a4")
     w = job.widget()

@@ -21,6 +21,8 @@ One concern per file, lowest first (a file imports only files above it in this l
 ``_log``         ``ctx.log``
 ``_context``     ``Context``: the workflow API
 ``_driver``      executing a run: ``start_run`` and the run's coroutine
+``_resume``      resuming a stopped run by its id: ``resume``
+``_fork``        forking a run from a step: ``fork``
 ``_api``         ``start`` and ``run``, here or queued for a worker
 """
 
@@ -31,12 +33,14 @@ from ._clock import Clock, FakeClock, SystemClock
 from ._context import Context
 from ._driver import call_of, fail_unstarted, start_run
 from ._effects import EffectFunction, effect
+from ._fork import fork, fork_records
 from ._jobs import Job, cancel, enqueue, get_job, send_time, set_widget_factory, signal
-from ._kv import RunKV
+from ._kv import RunKV, check_kv_key, kv_value
 from ._log import RunLog
-from ._retry import Retry
+from ._resume import requeue, resume
+from ._retry import Retry, check_timeout
 from ._runtime import cancelled, runtime
-from ._workflow import Workflow, durable
+from ._workflow import Workflow, defined, durable
 from ._wrap import wrap
 
 __all__ = [
@@ -53,11 +57,19 @@ __all__ = [
     "call_of",
     "cancel",
     "cancelled",
+    "check_kv_key",
+    "check_timeout",
+    "defined",
     "durable",
     "effect",
     "enqueue",
     "fail_unstarted",
+    "fork",
+    "fork_records",
     "get_job",
+    "kv_value",
+    "requeue",
+    "resume",
     "run",
     "runtime",
     "send_time",

@@ -55,7 +55,7 @@ from ._clock import wait_event
 from ._effects import EffectFunction
 from ._interrupts import InterruptBlock, TimeoutBlock
 from ._jobs import Job, get_job
-from ._kv import RunKV
+from ._kv import RunKV, kv_of, kv_of_step
 from ._log import RunLog
 from ._retry import Retry, check_retry, check_timeout
 from ._runtime import Key4, cancel_scope, cancelled, runtime
@@ -461,7 +461,8 @@ class Context:
     def set_status(self, value: Any) -> None:
         """Publish a custom status (JSON data) readable from outside with ``job.custom_status()``
         and awaited with ``job.wait_status_change()``. Each call that is not a replay counts
-        one version (``status_version``); a replay does not publish again."""
+        one version (``status_version``); a replay does not publish again. ``None`` clears it
+        (``job.custom_status()`` is None again; see :meth:`reset_status`)."""
         text = json_text(value, "status")
         st = self._state
         key4, seq, rec = self._state.step("dn.status", _hashing.hash_value(text).hex())
@@ -474,16 +475,33 @@ class Context:
         run.updated_at = runtime.clock.time()
         runtime.store.put_run(run)
         preview = text if len(text) <= 200 else text[:197] + "..."
+        # the value too, so a fork's record starts with the status its steps published
         self._state.record_value(
-            key4, seq, run.status_version, "status", detail_text(StatusDetail(value=preview))
+            key4,
+            seq,
+            {"version": run.status_version, "value": text},
+            "status",
+            detail_text(StatusDetail(value=preview)),
         )
         st.emit("custom_status", {"version": run.status_version, "value": json.loads(text)})
+
+    def reset_status(self) -> None:
+        """Clear the custom status: ``ctx.set_status(None)``, a new version whose value is
+        None (waiters of ``job.wait_status_change()`` see it)."""
+        self.set_status(None)
 
     @property
     def kv(self) -> RunKV:
         """The run's key/value state (see :class:`RunKV`): ``ctx.kv.set(k, v)``,
         ``ctx.kv.get(k)``, ``ctx.kv.delete(k)``, ``ctx.kv.items()``, ``k in ctx.kv``."""
         return RunKV(self._state)
+
+    def kv_of(self, run_id: str, key: str, default: Any = None) -> Awaitable[Any]:
+        """The value of ``key`` in another run's key/value state (``default`` when that run
+        has no such key, or no such run exists yet), read now and recorded as a step: a
+        replay returns the same value without reading again."""
+        step = kv_of_step(self._state, run_id, key)
+        return kv_of(self._state, run_id, key, default, step)
 
     @property
     def log(self) -> RunLog:

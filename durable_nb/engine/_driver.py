@@ -230,13 +230,20 @@ async def _drive(
             outcome = (
                 False,
                 RunCancelledError(
-                    f"run {job.run_id!r} was cancelled ({state.cancel_reason}); start it again "
-                    "with restart=True to run it afresh"
+                    f"run {job.run_id!r} was cancelled ({state.cancel_reason}); resume it from "
+                    f"its history with dn.resume({job.run_id!r}), or start it again with "
+                    "restart=True to run it afresh"
                 ),
             )
         else:  # interrupted (Ctrl-C, loop shutdown, lease lost): the run stays resumable
             if state is not None:
                 state.event("interrupted", {**_stats(state), "lease_lost": job._lease_lost})
+                if not claimed and not job._lease_lost:
+                    # stopped where it was started: resumable here (or by dn.resume), and
+                    # no worker takes it over, unlike a worker's run, which stays claimable;
+                    # a lost lease means another process may hold the run: its record is theirs
+                    with contextlib.suppress(Exception):
+                        state.set_run_status("interrupted")
             outcome = (
                 False,
                 RunLockedError(
@@ -355,6 +362,7 @@ def _start_kv(state: RunState, history: list[EffectRecord]) -> None:
     if base is not None:
         value = _codecs.decode(base.payload, store.signer)
         state.kv = dict(value) if isinstance(value, dict) else {}
+        state.kv_times = dict.fromkeys(state.kv, base.started_at)
         return
     if history or state.run.generation == 0:
         return
@@ -374,6 +382,7 @@ def _start_kv(state: RunState, history: list[EffectRecord]) -> None:
         )
         store.put_effects([rec])
         state.index[(rec.identity, rec.version, rec.input_hash, rec.occurrence)] = rec
+        state.kv_times = dict.fromkeys(texts, rec.started_at)
     state.kv = texts
 
 

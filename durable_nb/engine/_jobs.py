@@ -21,7 +21,7 @@ import time
 import uuid as _uuid
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from .. import _codecs
 from .._journal import (
@@ -43,7 +43,7 @@ from ..errors import (
     WidgetUnavailableError,
 )
 from ..store import RunRecord, SignalRecord
-from ._kv import kv_snapshot
+from ._kv import check_kv_key, kv_snapshot, kv_value
 from ._retry import check_timeout
 from ._runtime import running_loop, runtime
 from ._streams import StreamReader
@@ -195,6 +195,65 @@ class Job(Generic[R]):
         """A read-only snapshot of the run's key/value state (``ctx.kv``), also while it
         runs, in this process or another."""
         return MappingProxyType(kv_snapshot(runtime.store, self.run_id))
+
+    async def wait_kv(self, key: str, *, timeout: float | None = None) -> Any:
+        """Wait until the run's key/value state holds ``key`` and return its value (at once
+        if it does already). A run executing in this process wakes the waiter when it sets a
+        key; for a run elsewhere the store is read once a second. Raises ``TimeoutError``
+        after ``timeout`` seconds, and :class:`RunEndedError` if the run ended without it."""
+        check_kv_key(key)
+        timeout = check_timeout(timeout)
+        loop = asyncio.get_running_loop()
+        changed = asyncio.Event()
+
+        def listener(msg: dict[str, Any]) -> None:
+            if msg.get("kind") == "status" or (
+                msg.get("kind") == "step" and msg.get("step") in ("kv_set", "kv_base")
+            ):
+                loop.call_soon_threadsafe(changed.set)
+
+        unsubscribe = self.subscribe(listener)
+        deadline = None if timeout is None else loop.time() + timeout
+        try:
+            while True:
+                changed.clear()
+                state = self._state
+                if state is not None and not self.done() and key in state.kv:
+                    return json.loads(state.kv[key])
+                found, value = await asyncio.to_thread(kv_value, runtime.store, self.run_id, key)
+                if found:
+                    return value
+                rec = await asyncio.to_thread(runtime.store.get_run, self.run_id)
+                if rec is None and self._task is None:
+                    raise RunNotFoundError(
+                        f"no run {self.run_id!r} in the store {runtime.store.url!r}"
+                    )
+                if (
+                    rec is not None
+                    and rec.status in FINAL_STATUSES
+                    and (self._state is None or self.done())
+                ):
+                    raise RunEndedError(
+                        f"run {self.run_id!r} ended ({rec.status}) without setting kv key {key!r}"
+                    )
+                wait = 1.0
+                if deadline is not None:
+                    wait = min(wait, deadline - loop.time())
+                    if wait <= 0:
+                        raise TimeoutError(
+                            f"run {self.run_id!r} did not set kv key {key!r} within "
+                            f"timeout={timeout:g}s"
+                        )
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(changed.wait(), wait)
+        finally:
+            unsubscribe()
+
+    def resume(self, *, on: str = "here") -> Job[R]:
+        """Resume this run from its history (see ``dn.resume``): a cancelled, failed or
+        interrupted run replays its finished steps and executes the rest; a completed one
+        returns its result. Returns the job that follows the resumed run."""
+        return cast("Job[R]", runtime.resume_run(self.run_id, on=on))
 
     async def wait_status_change(
         self, after_version: int | None = None, *, timeout: float | None = None
@@ -396,8 +455,8 @@ def outcome_of_record(rec: RunRecord) -> tuple[bool, Any] | None:
         return (
             False,
             RunCancelledError(
-                f"run {rec.run_id!r} was cancelled ({reason}); "
-                "start it again with restart=True to run it afresh"
+                f"run {rec.run_id!r} was cancelled ({reason}); resume it from its history with "
+                f"dn.resume({rec.run_id!r}), or start it again with restart=True to run it afresh"
             ),
         )
     return None

@@ -80,6 +80,13 @@ class Launcher(Protocol):
     ) -> Job[T]: ...
 
 
+class Resumer(Protocol):
+    """Resumes a stopped run by its id and returns its job: ``_resume.resume`` (see
+    :meth:`Job.resume <durable_nb.engine._jobs.Job.resume>`)."""
+
+    def __call__(self, run_id: str, *, on: str = "here") -> Job[Any]: ...
+
+
 def _no_driver(*args: Any, **kwargs: Any) -> NoReturn:
     raise EngineError(
         "the run driver (durable_nb.engine._driver) is not loaded; import durable_nb.engine "
@@ -291,6 +298,8 @@ class Runtime:
         self.shared = TopScope(SHARED_SCOPE, shared=True)
         #: starts a run here (``start_run(workflow, args, kwargs, run_id=..., ...)``)
         self.start_run: Launcher = _no_driver
+        #: resumes a stopped run by its id (``resume_run(run_id, on=...)``; ``_resume.py``)
+        self.resume_run: Resumer = _no_driver
         self.jobs: dict[str, Job[Any]] = {}
         self.jobs_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -377,6 +386,31 @@ class Runtime:
 
 runtime = Runtime()
 atexit.register(runtime.shutdown)
+
+
+def _interrupt_engine_runs(timeout: float = 5.0) -> None:
+    """At exit, before the store closes (atexit runs this first): interrupt the runs still
+    executing on the engine's loop thread (a child run left waiting, a background run), so
+    they end as ``interrupted`` with their leases released, and no daemon thread is inside
+    the store's native code while the interpreter finalizes (DuckDB aborts the process
+    then)."""
+    loop, thread = runtime._loop, runtime._loop_thread
+    if loop is None or thread is None or not thread.is_alive():
+        return
+    with runtime.jobs_lock:
+        jobs = [j for j in runtime.jobs.values() if j._loop is loop and not j.done()]
+    for job in jobs:
+        task = job._task
+        if task is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(task.cancel)
+    deadline = time.monotonic() + timeout
+    for job in jobs:
+        with contextlib.suppress(BaseException):
+            job._future.exception(timeout=max(0.0, deadline - time.monotonic()))
+
+
+atexit.register(_interrupt_engine_runs)
 
 
 def running_loop() -> asyncio.AbstractEventLoop | None:

@@ -112,6 +112,7 @@ class RunState:
             for r in history
             if r.kind != "cleared"  # an error that failed the run: its call runs again
         }
+        self.loaded = len(history)  # records it started with (a fork's first execution has some)
         self.by_seq: dict[int, EffectRecord] = {}
         for r in history:
             if r.kind in AUX_KINDS:
@@ -141,6 +142,9 @@ class RunState:
         self.interrupts: list[InterruptBlock] = []  # active ``ctx.interrupt_on`` blocks
         self.children: set[str] = set()  # runs started by ctx.start_child
         self.kv: dict[str, str] = {}  # the run's key/value state as it replays: key -> JSON
+        # when each key was last set, as the run saw it (ctx.kv.prune's clock): the time its
+        # kv_set step was recorded, or the generation's start for keys it inherited
+        self.kv_times: dict[str, float] = {}
         # the recorded errors the workflow has seen in this execution (raised or replayed),
         # so the ones that end up failing the run can be cleared (see clear_failure)
         self.errors: list[tuple[BaseException, EffectRecord]] = []

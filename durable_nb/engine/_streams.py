@@ -145,8 +145,8 @@ def position(state: RunState, name: str) -> Position:
     pos = table.get(name)
     if pos is None:
         run = state.run
-        if run.executions <= 1 and run.generation == 0:
-            pos = Position(0, False)  # a run's first execution: its streams are empty
+        if run.executions <= 1 and run.generation == 0 and not state.loaded:
+            pos = Position(0, False)  # a new run's first execution: its streams are empty
         else:
             pos = _scan(stream_scope(state.run_id), name)
         table[name] = pos

@@ -30,7 +30,7 @@ from ..store import RunRecord
 from ._runtime import current_scope, running_loop, runtime
 from ._state import RunState
 
-__all__ = ["Workflow", "durable", "for_run", "newest", "version_of"]
+__all__ = ["Workflow", "defined", "durable", "for_run", "newest", "version_of"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -77,6 +77,8 @@ class Workflow(Generic[P, R]):
         self.replay_completed = False
         self.version = version
         functools.update_wrapper(self, fn)  # __name__, __doc__, __wrapped__ for introspection
+        with _versions_lock:  # what dn.resume / dn.fork find by name (a rerun cell replaces it)
+            _defined[self.name] = self
         if version is not None:
             with _versions_lock:  # a redefinition (a rerun cell) replaces that version
                 _versions.setdefault(self.name, {})[version] = self
@@ -141,7 +143,16 @@ def durable(
 
 # every version of every versioned workflow defined in this process: name -> version -> it
 _versions: dict[str, dict[str, Workflow[..., Any]]] = {}
+# the workflow last defined under each name in this process (a %%durable cell's too)
+_defined: dict[str, Workflow[..., Any]] = {}
 _versions_lock = threading.Lock()
+
+
+def defined(name: str) -> Workflow[..., Any] | None:
+    """The workflow this process last defined as ``name`` (what a run names in its record),
+    or None: how a run is resumed or forked by its id alone."""
+    with _versions_lock:
+        return _defined.get(name)
 
 
 def _version_order(version: str) -> tuple[tuple[int, int | str], ...]:

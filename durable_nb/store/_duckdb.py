@@ -63,7 +63,7 @@ from ..errors import (
 )
 from ._keyfilter import KeyFilter
 from ._protocol import (
-    FINAL_STATUSES,
+    CLAIMABLE_STATUSES,
     EffectKey,
     EffectRecord,
     EventRecord,
@@ -338,12 +338,20 @@ class DuckDBStore:
         except FileNotFoundError:
             pass
         key = secrets.token_bytes(32)
+        # written whole under a private name, then linked into place: a process opening the
+        # store at the same moment reads either no key file or the whole key, never an empty
+        # one; of two processes creating it, the first link wins and the other reads it
+        tmp = self._aux / f"key.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            fd = os.open(kpath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return kpath.read_bytes()
-        with os.fdopen(fd, "wb") as f:
-            f.write(key)
+            with os.fdopen(fd, "wb") as f:
+                f.write(key)
+            try:
+                os.link(tmp, kpath)
+            except FileExistsError:
+                return kpath.read_bytes()
+        finally:
+            tmp.unlink(missing_ok=True)
         return key
 
     # ------------------------------------------------------------------ connection
@@ -1296,9 +1304,9 @@ class DuckDBStore:
                 r[0]
                 for r in con.execute(
                     "SELECT run_id FROM dn_runs "
-                    "WHERE list_contains(?, workflow) AND NOT list_contains(?, status) "
+                    "WHERE list_contains(?, workflow) AND list_contains(?, status) "
                     "ORDER BY created_at, run_id",
-                    [wanted, list(FINAL_STATUSES)],
+                    [wanted, list(CLAIMABLE_STATUSES)],
                 ).fetchall()
             ]
         for run_id in ids:
@@ -1310,7 +1318,7 @@ class DuckDBStore:
                 continue
             # the holder we just missed may have finished (or forgotten) it before letting go
             run = self.get_run(run_id)
-            if run is None or run.status in FINAL_STATUSES or run.workflow not in wanted:
+            if run is None or run.status not in CLAIMABLE_STATUSES or run.workflow not in wanted:
                 lease.release()
                 continue
             return run, lease

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from .._journal import run_scope
 from ..errors import RunLockedError
 from ._protocol import (
-    FINAL_STATUSES,
+    CLAIMABLE_STATUSES,
     EffectKey,
     EffectRecord,
     EventRecord,
@@ -161,7 +161,7 @@ class MemoryStore:
                     r
                     for r in self._runs.values()
                     if r.workflow in wanted
-                    and r.status not in FINAL_STATUSES
+                    and r.status in CLAIMABLE_STATUSES
                     and r.run_id not in self._leases
                 ),
                 key=lambda r: (r.created_at, r.run_id),

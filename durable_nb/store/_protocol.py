@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from .._journal import (
+    CLAIMABLE_STATUSES,
     FINAL_STATUSES,
     RUN_STATUSES,
     EventKind,
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from .._codecs import Payload, Signer
 
 __all__ = [
+    "CLAIMABLE_STATUSES",
     "FINAL_STATUSES",
     "RUN_STATUSES",
     "EffectKey",
@@ -271,7 +273,8 @@ class Store(Protocol):
 
     def claim_run(self, owner: str, workflows: Sequence[str]) -> tuple[RunRecord, RunLease] | None:
         """For workers: take a run whose workflow is one of ``workflows`` and that needs an
-        executor — ``queued``, or ``running``/``waiting`` with no live holder — acquiring its
+        executor — ``queued``, or ``running``/``waiting`` with no live holder (never
+        ``interrupted``: stopped where it was started, resumed only on request) — acquiring its
         lease; oldest first. ``None`` when there is none. Never returns a run another holder
         executes."""
         ...

@@ -17,6 +17,7 @@ __all__ = [
     "MESSAGE_TYPES",
     "CancelMessage",
     "DetailMessage",
+    "ForkMessage",
     "FrontendMessage",
     "InspectMessage",
     "KernelMessage",
@@ -61,6 +62,8 @@ class RunInfo(TypedDict):
     live: bool  # executing in this kernel now (its steps arrive as they happen)
     can_cancel: bool
     can_resume: bool
+    can_fork: bool  # "re-run from here" on a step: its workflow is defined in this kernel
+    forked_from: str  # "RUN at step N" for a fork (dn.fork), else ""
     error: str  # the run's error, "" unless it failed
 
 
@@ -156,7 +159,16 @@ class InspectMessage(TypedDict):
     name: str
 
 
-FrontendMessage = Union[SyncMessage, SignalMessage, CancelMessage, ResumeMessage, InspectMessage]
+class ForkMessage(TypedDict):
+    """ "Re-run from here" on step ``seq``: fork the run from that step (``dn.fork``)."""
+
+    kind: Literal["fork"]
+    seq: int
+
+
+FrontendMessage = Union[
+    SyncMessage, SignalMessage, CancelMessage, ResumeMessage, InspectMessage, ForkMessage
+]
 
 #: every TypedDict of the boundary, in the order the TypeScript mirror declares them
 MESSAGE_TYPES: tuple[type, ...] = (
@@ -173,6 +185,7 @@ MESSAGE_TYPES: tuple[type, ...] = (
     CancelMessage,
     ResumeMessage,
     InspectMessage,
+    ForkMessage,
 )
 _ALIASES: dict[str, Any] = {
     "StepState": StepState,

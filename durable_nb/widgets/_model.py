@@ -68,7 +68,8 @@ class TraceModel:
     def __init__(self, run_id: str, *, resumable: bool = False) -> None:
         self.rows: list[StepRow] = []
         self.rev = 0
-        self.resumable = resumable  # the workflow is known here, so it can be started again
+        # the workflow is defined in this kernel, so the run can be resumed or forked here
+        self.resumable = resumable
         self._index: dict[_Key, int] = {}
         self._waits: dict[str, int] = {}  # signal name -> row of its open wait
         self._sleeping: dict[int, StepState] = {}  # row of a timer waiting -> its state before
@@ -87,6 +88,8 @@ class TraceModel:
             "live": False,
             "can_cancel": False,
             "can_resume": False,
+            "can_fork": False,
+            "forked_from": "",
             "error": "",
         }
 
@@ -180,6 +183,9 @@ class TraceModel:
         error = str(detail.get("error", "")) if isinstance(detail, dict) else ""
         self.run["workflow"] = str(run.get("workflow", ""))
         self.run["executions"] = int(run.get("executions", 0))
+        forked = run.get("forked_from")
+        if isinstance(forked, dict):
+            self.run["forked_from"] = f"{forked.get('run_id')} at step {forked.get('step')}"
         self.run["error"] = error if status == "failed" else ""
         self._set_status(status, detail, live=False)
         # waits known from the record (a run waiting while no process executes it)
@@ -289,8 +295,9 @@ class TraceModel:
         r["can_resume"] = (
             self.resumable
             and not r["live"]
-            and status in ("failed", "interrupted", "running", "waiting")
+            and status in ("failed", "interrupted", "cancelled", "running", "waiting")
         )
+        r["can_fork"] = self.resumable and status not in ("pending", "unknown")
 
     def set_resumable(self, resumable: bool) -> None:
         self.resumable = resumable

@@ -12,7 +12,6 @@ the run ends (so the kernel-side state is whole for saving).
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import threading
 import time
@@ -22,16 +21,14 @@ from typing import Any
 import anywidget
 import traitlets
 
-from ..engine import Job, Workflow, get_job, runtime, start_run
+from ..engine import Job, defined, fork, get_job, resume, runtime
 from ..errors import (
     ArgumentError,
     ArgumentTypeError,
     DurableError,
     RunLockedError,
     RunNotFoundError,
-    UnstorableValueError,
     WidgetUnavailableError,
-    WorkflowNotFoundError,
 )
 from ..trace import run_trace
 from ._inspect import step_detail
@@ -62,42 +59,10 @@ def _bundle() -> str:
     return _bundle_cache[1]
 
 
-def _call_args(wf: Workflow[..., Any], run_id: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The arguments a run was started with, rebuilt from its record for a resume."""
-    from .. import _codecs
-
-    params = list(wf.binder.signature.parameters.values())
-    rec = runtime.store.get_run(run_id)
-    if not params:
-        return (), {}
-    if rec is None or rec.args is None:
-        raise UnstorableValueError(
-            f"run {run_id!r} has no stored arguments to resume with; start it again with "
-            "dn.start(workflow, ..., run_id=...)"
-        )
-    bound = _codecs.decode(rec.args, runtime.store.signer)
-    assert isinstance(bound, dict)
-    args: list[Any] = []
-    kwargs: dict[str, Any] = {}
-    kind = inspect.Parameter
-    for p in params:
-        if p.name not in bound:
-            continue
-        value = bound[p.name]
-        if p.kind in (kind.POSITIONAL_ONLY, kind.POSITIONAL_OR_KEYWORD):
-            args.append(value)
-        elif p.kind is kind.VAR_POSITIONAL:
-            args.extend(value)
-        elif p.kind is kind.KEYWORD_ONLY:
-            kwargs[p.name] = value
-        else:
-            kwargs.update(value)
-    return tuple(args), kwargs
-
-
 class TraceWidget(anywidget.AnyWidget):
     """A run's timeline (one row per step, colour-coded by state, with durations and
-    totals), a button per signal the run waits for, and Cancel / Resume.
+    totals), a button per signal the run waits for, Cancel / Resume, and "Re-run from here"
+    on a clicked step (a fork of the run from that step, which the widget then follows).
 
     ``TraceWidget(job)`` follows a run of this kernel live; ``TraceWidget("run-id")`` shows
     a stored run (live too if it executes here). Clicking a step shows its inputs, output
@@ -157,6 +122,7 @@ class TraceWidget(anywidget.AnyWidget):
             except RunNotFoundError:
                 if not _missing_ok:
                     raise
+        self._model.set_resumable(self._defined_here(job))
         self._model.take_patch()  # the state below is the whole list at this revision
         super().__init__(
             run=dict(self._model.run),
@@ -190,7 +156,7 @@ class TraceWidget(anywidget.AnyWidget):
             if self._unsubscribe is not None:
                 self._unsubscribe()
             self._job = job
-            self._model.set_resumable(job.workflow is not None)
+            self._model.set_resumable(self._defined_here(job))
             if job.workflow is not None:
                 self._model.run["workflow"] = job.workflow.name
             if job.workflow is not None and not job.done():
@@ -199,6 +165,13 @@ class TraceWidget(anywidget.AnyWidget):
                 self._model.apply({"kind": "status", "status": status, "detail": {}})
             self._unsubscribe = job.subscribe(self._on_message)
         self.flush()
+
+    def _defined_here(self, job: Job[Any] | None) -> bool:
+        """Whether this kernel can resume or fork the run: its workflow is defined here."""
+        if job is not None and job.workflow is not None:
+            return True
+        name = self._model.run["workflow"]
+        return bool(name) and defined(name) is not None
 
     def close(self) -> None:
         unsubscribe = getattr(self, "_unsubscribe", None)  # None: __init__ refused its arguments
@@ -274,6 +247,8 @@ class TraceWidget(anywidget.AnyWidget):
                 self.resume()
             elif kind == "inspect":
                 self._inspect(content.get("seq"), content.get("name"))
+            elif kind == "fork":
+                self.fork(content.get("seq"))  # type: ignore[arg-type]  # checked there
         except DurableError as e:
             self._notice("error", str(e))
         except Exception as e:  # a click must never kill the kernel's message handler
@@ -334,21 +309,33 @@ class TraceWidget(anywidget.AnyWidget):
         self._notice("info", f"cancel requested for {self.run_id}")
 
     def resume(self) -> Job[Any]:
-        """Start the run again (it replays its finished steps) and follow it."""
+        """Resume the run from its history (``dn.resume``: finished steps replay, a
+        cancellation is cleared) and follow it."""
         job = self._job
-        wf = job.workflow if job is not None else None
-        if job is None or wf is None:
-            raise WorkflowNotFoundError(
-                f"run {self.run_id!r} was not started in this kernel, so its workflow is not "
-                "known here; run its cell (or dn.start(workflow, ..., run_id=...)) again to "
-                "resume it"
-            )
-        if not job.done():
+        if job is not None and not job.done():
             raise RunLockedError(f"run {self.run_id!r} is executing already; nothing to resume")
-        args, kwargs = _call_args(wf, self.run_id)
-        new = start_run(wf, args, kwargs, run_id=self.run_id)
+        new = resume(self.run_id)
         self.attach(new)
         self._notice("info", f"resumed {self.run_id}")
+        return new
+
+    def fork(self, seq: int) -> Job[Any]:
+        """ "Re-run from here": fork the run from step ``seq`` (``dn.fork``: the steps before it
+        replay from this run's records, the rest execute) and follow the fork from now on;
+        this run is not changed."""
+        if not isinstance(seq, int) or isinstance(seq, bool):
+            raise ArgumentTypeError(f"seq must be a step number (an int), got {seq!r}")
+        original = self.run_id
+        new = fork(original, from_step=seq)
+        with self._lock:
+            if self._unsubscribe is not None:
+                self._unsubscribe()
+                self._unsubscribe = None
+            self._model = TraceModel(new.run_id)
+            self._model.load_trace(run_trace(runtime.store, new.run_id))
+            self._job = None
+        self.attach(new)
+        self._notice("info", f"re-running {original} from step {seq} as {new.run_id}")
         return new
 
     # pictures -----------------------------------------------------------------------------

@@ -23,6 +23,8 @@ export type RunInfo = {
   live: boolean;
   can_cancel: boolean;
   can_resume: boolean;
+  can_fork: boolean;
+  forked_from: string;
   error: string;
 };
 
@@ -98,5 +100,10 @@ export type InspectMessage = {
   name: string;
 };
 
+export type ForkMessage = {
+  kind: "fork";
+  seq: number;
+};
+
 export type KernelMessage = RowsMessage | DetailMessage | NoticeMessage;
-export type FrontendMessage = SyncMessage | SignalMessage | CancelMessage | ResumeMessage | InspectMessage;
+export type FrontendMessage = SyncMessage | SignalMessage | CancelMessage | ResumeMessage | InspectMessage | ForkMessage;

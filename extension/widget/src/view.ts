@@ -107,6 +107,7 @@ export class TraceView {
       badge(run.status),
       h("span", { class: "dn-detail-text" }, run.detail),
     );
+    if (run.forked_from) this.head.append(h("span", { class: "dn-forked" }, `forked from ${run.forked_from}`));
     this.root.dataset.status = run.status;
     if (totals) {
       this.totals.textContent =
@@ -244,6 +245,12 @@ export class TraceView {
       return;
     }
     const parts: HTMLElement[] = [h("h4", {}, `step ${d.seq >= 0 ? d.seq : ""} · ${d.label}`)];
+    if (d.seq >= 0 && this.model.get("run")?.can_fork) {
+      // a fork of the run from this step: the steps before it replay, this one and the rest run
+      const b = h("button", { "data-action": "fork", title: "fork the run from this step" }, "Re-run from here");
+      b.addEventListener("click", () => this.shared.send({ kind: "fork", seq: d.seq }));
+      parts.push(b);
+    }
     if (d.why) parts.push(h("h4", {}, "why"), h("p", { class: "dn-why" }, d.why));
     if (d.args) parts.push(h("h4", {}, "inputs"), h("pre", {}, d.args));
     if (d.output_html) {
