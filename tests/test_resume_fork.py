@@ -83,7 +83,13 @@ def test_resume_a_cancelled_run_replays_finished_steps_and_clears_the_cancellati
     assert resumed.result(10) == ["A-X", "B-1"]
     assert calls == {"a-x": 1, "b-1": 1}
     events = Counter(e["kind"] for e in dn.Client().trace("c1")["events"])  # one fake instant
-    assert events == {"started": 1, "cancelled": 1, "resumed": 1, "signal_received": 1, "completed": 1}
+    assert events == {
+        "started": 1,
+        "cancelled": 1,
+        "resumed": 1,
+        "signal_received": 1,
+        "completed": 1,
+    }
     # a completed run is not executed again: its result comes back
     assert dn.resume("c1").result(10) == ["A-X", "B-1"]
     assert calls == {"a-x": 1, "b-1": 1}
@@ -490,7 +496,7 @@ def test_wait_kv_from_a_job_and_from_the_client() -> None:
 
 # ================================================================ real processes, SIGKILLed
 
-FLOWS = r'''
+FLOWS = r"""
 import asyncio, os, signal
 import durable_nb as dn
 
@@ -571,7 +577,7 @@ async def forkable(ctx):
     await out.write("chunk-c")
     await out.close()
     return [a, b, c, dict(ctx.kv)]
-'''
+"""
 
 MAIN = r"""
 import json, sys
@@ -823,7 +829,7 @@ def test_fork_from_a_step_survives_a_kill_and_never_changes_the_original(
 
 # ======================================================================== the command line
 
-APP = r'''
+APP = r"""
 import os
 import durable_nb as dn
 
@@ -842,7 +848,7 @@ def cli_work(tag):
 @dn.durable(name="cli_flow")
 async def cli_flow(ctx):
     return [await ctx.run(cli_work, "first"), await ctx.run(cli_work, "second")]
-'''
+"""
 
 
 def test_cli_resume_and_fork_execute_with_app_or_queue_for_a_worker(
