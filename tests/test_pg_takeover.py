@@ -452,3 +452,46 @@ def test_fifty_runs_with_a_failing_batch_lose_nothing_a_workflow_saw(
         assert sorted(executed) == sorted((r, i) for r in ids for i in range(10))
     finally:
         dn.set_store(":memory:")
+
+
+def test_a_holder_whose_session_the_server_ended_stops_and_its_run_is_taken_over(
+    pg_url: str,
+) -> None:
+    """The server ends the holder's session (a restart, pg_terminate_backend, an idle
+    timeout) while the holder lives: it stops the run at once (fenced), and another process
+    may take the run over although its lease (3600 s) has not expired."""
+    store = PostgresStore(pg_url + "&lease_seconds=3600", key=PG_TEST_KEY)
+    dn.set_store(store)
+    dn.set_clock(None)
+    inside = threading.Event()
+
+    @dn.durable(name="ended")
+    async def ended(ctx: dn.Context) -> str:
+        inside.set()
+        await asyncio.sleep(3600)  # stopped long before
+        return "finished"
+
+    try:
+        job = dn.start(ended, run_id="ended-1")
+        assert inside.wait(60)
+        schema = urlsplit(pg_url).query.split("schema=")[1]
+        with psycopg.connect(PG_URL, autocommit=True) as conn:
+            [(token,)] = conn.execute(
+                sql.SQL("SELECT token FROM {}.dn_leases").format(sql.Identifier(schema))
+            ).fetchall()
+            key = int(token.split(".")[0])
+            [(pid,)] = conn.execute(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                "AND classid = %s AND objid = %s AND objsubid = 1",
+                [key >> 32, key & 0xFFFFFFFF],
+            ).fetchall()
+            assert conn.execute("SELECT pg_terminate_backend(%s)", [pid]).fetchone() == (True,)
+        with pytest.raises(RunLockedError, match=r"^run 'ended-1' lost its lease"):
+            job.result(timeout=60)
+        other = PostgresStore(pg_url, key=PG_TEST_KEY)
+        try:
+            other.acquire_run("ended-1", "taker").release()
+        finally:
+            other.close()
+    finally:
+        dn.set_store(":memory:")

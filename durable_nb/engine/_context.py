@@ -622,7 +622,12 @@ class Context:
             detail_text(StartChildDetail(run_id=child_id, workflow=workflow.name)),
         )
         st.children.add(child_id)
-        return runtime.start_run(workflow, args, kwargs, run_id=child_id, parent_id=self.run_id)
+        job = runtime.start_run(workflow, args, kwargs, run_id=child_id, parent_id=self.run_id)
+        opened = job._opened
+        if opened is not None and job._loop is asyncio.get_running_loop():
+            # its record is stored once this returns (its start-up reads may run off the loop)
+            await asyncio.shield(opened)
+        return job
 
     def continue_as_new(self, *args: Any, version: str | None = None, **kwargs: Any) -> NoReturn:
         """End this generation of the run and start the next with new arguments, in the same

@@ -105,6 +105,7 @@ def start_run(
     here = running_loop()
     loop = here if here is not None and not blocking else runtime.engine_loop()
     job._loop = loop
+    job._opened = loop.create_future()
     coro = _drive(job, workflow, args, kwargs, restart, parent_id, lease, version)
     if loop is here:
         job._task = loop.create_task(coro)
@@ -203,6 +204,7 @@ async def _drive(
                 opened["generation"] = rec.generation
             started = state.event_record("resumed" if resumed else "started", opened)
             await wait_written(durable_write(store, runs=[rec], events=[started]))
+            _opened(job)
             _start_kv(state, history)
             current_scope.set(state)
             cancel_scope.set(state.root_scope)
@@ -273,6 +275,7 @@ async def _drive(
         if not isinstance(e, Exception):
             raise
     finally:
+        _opened(job)
         if poller is not None:
             poller.cancel()
         try:
@@ -520,6 +523,11 @@ async def _release(lease: RunLease) -> None:
             if letting_go.done():
                 letting_go.result()
                 return
+
+
+def _opened(job: Job[Any]) -> None:
+    if job._opened is not None and not job._opened.done():
+        job._opened.set_result(None)
 
 
 async def _off_loop(fn: Callable[..., R], *args: Any) -> R:

@@ -90,6 +90,9 @@ class Job(Generic[R]):
         self._state: RunState | None = None
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
         self._lease_lost = False
+        #: settled once the run's execution stored its start (or ended without): what
+        #: ``ctx.start_child`` awaits, so the child's record exists when it returns
+        self._opened: asyncio.Future[None] | None = None
         self._stopping = False  # interrupted here on purpose (not by a cancel of the run)
 
     def __repr__(self) -> str:
