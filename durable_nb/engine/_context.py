@@ -51,7 +51,6 @@ from ..errors import (
 )
 from ..store import EffectRecord
 from ._branches import awaitables, cancel_branches, discard, retrieve, spawn
-from ._clock import wait_event
 from ._effects import EffectFunction
 from ._interrupts import InterruptBlock, TimeoutBlock
 from ._jobs import Job, get_job
@@ -315,10 +314,8 @@ class Context:
                 st.wakeup.clear()
                 # a signal from this process sets wakeup; the run's inbox poller sets it for
                 # signals other processes send, so an untimed wait needs no polling of its own
-                await wait_event(
-                    clock,
-                    st.wakeup,
-                    None if deadline is None else max(0.0, deadline - clock.time()),
+                await clock.wait(
+                    st.wakeup, None if deadline is None else max(0.0, deadline - clock.time())
                 )
         finally:
             if waiting:

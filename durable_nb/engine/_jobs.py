@@ -72,6 +72,11 @@ R = TypeVar("R")
 _widget_factory: Callable[..., Any] | None = None
 
 
+def _seen(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
 def set_widget_factory(factory: Callable[..., Any] | None) -> None:
     """Install what ``Job.widget(**options)`` calls as ``factory(job, **options)``."""
     global _widget_factory
@@ -118,8 +123,11 @@ class Job(Generic[R]):
     async def wait(self) -> R:
         """Wait for the run's result (re-raises its error with the original type)."""
         self._watch()
-        # shielded: a waiter that gives up must not cancel the run's result for everyone
-        return await asyncio.shield(asyncio.wrap_future(self._future))
+        # shielded: a waiter that gives up must not cancel the run's result for everyone;
+        # the outcome a waiter that gave up never reads is retrieved, so asyncio stays quiet
+        outcome = asyncio.wrap_future(self._future)
+        outcome.add_done_callback(_seen)
+        return await asyncio.shield(outcome)
 
     def _watch(self) -> None:
         """A run that executes elsewhere (a worker, another process) settles this job when
