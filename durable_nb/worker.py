@@ -2,9 +2,9 @@
 "Workers and the PostgreSQL store").
 
 ``dn.start(workflow, ..., on="worker")`` writes the run as ``queued``; any worker that knows
-the workflow claims it (the store guarantees one executor per run: leases that expire when
-their holder stops renewing them) and executes it like a local run, so a run resumes from
-its history wherever it is taken over. ``durable-nb worker MODULE...`` is the command form.
+the workflow claims it (the store guarantees one executor per run: leases that end with
+their holder's process, or expire when it stops renewing them) and executes it like a local
+run, so a run resumes from its history wherever it is taken over. ``durable-nb worker MODULE...`` is the command form.
 """
 
 from __future__ import annotations
@@ -158,6 +158,13 @@ class Worker:
         names = sorted(self.workflows)
         loop = asyncio.get_running_loop()
         self._loop = loop
+        runtime.serving_loops.add(loop)  # its runs' records may be written on it directly
+        try:
+            await self._serve(names, loop)
+        finally:
+            runtime.serving_loops.discard(loop)
+
+    async def _serve(self, names: list[str], loop: asyncio.AbstractEventLoop) -> None:
         self._freed = asyncio.Event()
         waiter: asyncio.Future[None] | None = None  # one wait_for_work call at a time
         while not self._stopping.is_set():

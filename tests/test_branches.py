@@ -212,20 +212,30 @@ def test_a_plain_asyncio_timeout_around_an_effect_warns_once_per_workflow(store:
 
 def test_race_and_all_losers_that_are_child_runs_are_cancelled(store: Store) -> None:
     ran_finally: list[str] = []
+    waiting: list[str] = []
 
     @dn.durable
     async def waits(ctx: dn.Context, tag: str) -> str:
+        waiting.append(tag)
         try:
             return str(await ctx.wait_signal("never"))
         finally:
             ran_finally.append(tag)
 
+    async def loser_waits(tag: str) -> None:
+        # children start concurrently (on PostgreSQL their start-up reads run off the loop):
+        # end the winner only once the loser executes, so it is cancelled mid-body
+        while tag not in waiting:
+            await asyncio.sleep(0.001)
+
     @dn.durable
     async def quick(ctx: dn.Context) -> str:
+        await loser_waits("race")
         return "quick"
 
     @dn.durable
     async def fails(ctx: dn.Context) -> str:
+        await loser_waits("all")
         raise LookupError("child failed")
 
     @dn.durable

@@ -132,7 +132,16 @@ ORDER = {
         "_fork",
         "_api",
     ],
-    "store": ["_protocol", "_memory", "_keyfilter", "_duckdb", "_postgres"],
+    "store": [
+        "_protocol",
+        "_memory",
+        "_keyfilter",
+        "_duckdb",
+        "_pg_session",
+        "_pg_schema",
+        "_pg_commit",
+        "_postgres",
+    ],
     "magics": ["_outputs", "_magics"],
     "widgets": ["_messages", "_snapshot", "_model", "_static", "_inspect", "_widget"],
 }

@@ -51,7 +51,6 @@ from ..errors import (
 )
 from ..store import EffectRecord
 from ._branches import awaitables, cancel_branches, discard, retrieve, spawn
-from ._clock import wait_event
 from ._effects import EffectFunction
 from ._interrupts import InterruptBlock, TimeoutBlock
 from ._jobs import Job, get_job
@@ -315,10 +314,8 @@ class Context:
                 st.wakeup.clear()
                 # a signal from this process sets wakeup; the run's inbox poller sets it for
                 # signals other processes send, so an untimed wait needs no polling of its own
-                await wait_event(
-                    clock,
-                    st.wakeup,
-                    None if deadline is None else max(0.0, deadline - clock.time()),
+                await clock.wait(
+                    st.wakeup, None if deadline is None else max(0.0, deadline - clock.time())
                 )
         finally:
             if waiting:
@@ -622,7 +619,12 @@ class Context:
             detail_text(StartChildDetail(run_id=child_id, workflow=workflow.name)),
         )
         st.children.add(child_id)
-        return runtime.start_run(workflow, args, kwargs, run_id=child_id, parent_id=self.run_id)
+        job = runtime.start_run(workflow, args, kwargs, run_id=child_id, parent_id=self.run_id)
+        opened = job._opened
+        if opened is not None and job._loop is asyncio.get_running_loop():
+            # its record is stored once this returns (its start-up reads may run off the loop)
+            await asyncio.shield(opened)
+        return job
 
     def continue_as_new(self, *args: Any, version: str | None = None, **kwargs: Any) -> NoReturn:
         """End this generation of the run and start the next with new arguments, in the same

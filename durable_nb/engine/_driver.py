@@ -19,6 +19,7 @@ import functools
 import inspect
 import json
 import time
+from collections.abc import Callable
 from dataclasses import replace as _replace
 from typing import Any, TypeVar, cast
 
@@ -46,11 +47,18 @@ from ..errors import (
     UnstorableValueError,
     WorkflowVersionError,
 )
-from ..store import EffectRecord, RunLease, RunRecord
+from ..store import EffectRecord, RunLease, RunRecord, SignalRecord
 from ._context import Context, ContinueAsNew
 from ._jobs import Job, cancel, outcome_of_record, reject, resolve
 from ._kv import kv_base_texts
-from ._runtime import cancel_scope, current_scope, running_loop, runtime
+from ._runtime import (
+    cancel_scope,
+    current_scope,
+    durable_write,
+    running_loop,
+    runtime,
+    wait_written,
+)
 from ._state import INBOX_POLL, RunState
 from ._workflow import Workflow, for_run, newest, version_of
 
@@ -97,6 +105,7 @@ def start_run(
     here = running_loop()
     loop = here if here is not None and not blocking else runtime.engine_loop()
     job._loop = loop
+    job._opened = loop.create_future()
     coro = _drive(job, workflow, args, kwargs, restart, parent_id, lease, version)
     if loop is here:
         job._task = loop.create_task(coro)
@@ -129,12 +138,9 @@ async def _drive(
     claimed = lease is not None  # a worker's claim: nobody waits here to fix a failed start
     try:
         if lease is None:
-            lease = store.acquire_run(job.run_id, runtime.owner)
+            lease = await _acquire(job.run_id)
         lease.on_lost = functools.partial(_lease_lost, job, asyncio.get_running_loop())
-        rec = store.get_run(job.run_id)
-        if rec is not None and restart:
-            store.delete_run(job.run_id)
-            rec = None
+        rec = await _off_loop(_read_record, job.run_id, restart)
         if rec is not None:
             check_same_workflow(rec, wf)
         if rec is None:
@@ -165,9 +171,8 @@ async def _drive(
         poller = asyncio.ensure_future(_poll_inbox(job))
         new_generation = False
         while True:
-            history = store.load_effects(run_scope(job.run_id))
-            token = store.inbox_token(job.run_id)  # before reading: a signal sent meanwhile shows
-            signals = store.list_signals(job.run_id)
+            # reads and writes off the loop: the other runs on it go on meanwhile
+            history, token, signals = await _off_loop(_read_history, job.run_id)
             now = clock.time()
             resumed = rec is not None and not new_generation
             if rec is None:
@@ -194,11 +199,12 @@ async def _drive(
             state = RunState(job, rec, history, signals, wf.strict, token)
             state.workflow = wf
             job._state = state
-            store.put_run(rec)
             opened: dict[str, Any] = {"execution": rec.executions, "history": len(history)}
             if rec.generation:
                 opened["generation"] = rec.generation
-            state.event("resumed" if resumed else "started", opened)
+            started = state.event_record("resumed" if resumed else "started", opened)
+            await wait_written(durable_write(store, runs=[rec], events=[started]))
+            _opened(job)
             _start_kv(state, history)
             current_scope.set(state)
             cancel_scope.set(state.root_scope)
@@ -217,11 +223,11 @@ async def _drive(
         state.run.result = _codecs.encode(
             result, store.signer, what=f"the result of workflow {wf.name}"
         )
-        _finish(state, "completed")
+        await _finish(state, "completed")
         outcome = (True, result)
     except asyncio.CancelledError:
         if state is not None and state.cancel_reason is not None:
-            _finish(state, "cancelled", detail={"reason": state.cancel_reason})
+            await _finish(state, "cancelled", detail={"reason": state.cancel_reason})
             await _cancel_children(state)
             outcome = (
                 False,
@@ -258,7 +264,7 @@ async def _drive(
                 if isinstance(e, Exception):  # resuming it calls what failed it again
                     state.clear_failure(e)
                 state.run.error = _codecs.encode_error(e, store.signer)
-                _finish(state, "failed", detail={"error": repr(e)[:500]})
+                await _finish(state, "failed", detail={"error": repr(e)[:500]})
             except Exception:  # the store failed too: the error we report is the run's
                 pass
         elif state is None and claimed and isinstance(e, Exception):
@@ -269,11 +275,12 @@ async def _drive(
         if not isinstance(e, Exception):
             raise
     finally:
+        _opened(job)
         if poller is not None:
             poller.cancel()
         try:
             if lease is not None:
-                lease.release()
+                await _release(lease)
         finally:
             with runtime.jobs_lock:
                 if runtime.jobs.get(job.run_id) is job:
@@ -324,10 +331,11 @@ async def _poll_inbox(job: Job[Any]) -> None:
             continue
         state.last_poll = time.monotonic()
         try:
-            token = runtime.store.inbox_token(state.run_id)
+            # off the loop: a read is a round trip (PostgreSQL), or may wait while another
+            # process holds a DuckDB file
+            token = await _off_loop(runtime.store.inbox_token, state.run_id)
             if token == state.inbox_token:
                 continue
-            # off the loop: reading may wait while another process holds a DuckDB file
             signals = await asyncio.to_thread(runtime.store.list_signals, state.run_id)
         except Exception:  # a store hiccup (a busy file): the next round tries again
             continue
@@ -432,11 +440,15 @@ async def _cancel_children(state: RunState) -> None:
     ending: list[asyncio.Future[Any]] = []
     for child_id in sorted(ids):
         with contextlib.suppress(DurableError):
+            with runtime.jobs_lock:
+                live = runtime.jobs.get(child_id)
             rec = runtime.store.get_run(child_id)
-            if rec is not None and rec.status not in FINAL_STATUSES:
+            # a child starting here may not have stored its record yet: it reads the
+            # cancel signal when it does
+            if (live is not None and not live.done()) or (
+                rec is not None and rec.status not in FINAL_STATUSES
+            ):
                 cancel(child_id, f"parent {state.run_id!r} was cancelled")
-                with runtime.jobs_lock:
-                    live = runtime.jobs.get(child_id)
                 if live is not None:
                     ending.append(asyncio.wrap_future(live._future))
     if ending:
@@ -466,9 +478,82 @@ def _stats(state: RunState) -> dict[str, Any]:
     }
 
 
-def _finish(state: RunState, status: EndStatus, detail: dict[str, Any] | None = None) -> None:
-    state.event(status, {**_stats(state), **(detail or {})})
-    state.set_run_status(status, detail)
+async def _finish(state: RunState, status: EndStatus, detail: dict[str, Any] | None = None) -> None:
+    """Store the run's end (its event and its record, one write) without blocking the loop;
+    an interruption meanwhile waits for the write, so the job is never settled before it."""
+    event = state.event_record(status, {**_stats(state), **(detail or {})})
+    run = state.status_record(status, detail)
+    await wait_written(durable_write(runtime.store, runs=[run], events=[event]))
+    state.status_stored(status, detail)
+
+
+async def _acquire(run_id: str) -> RunLease:
+    """Take the run's lease in a thread (it may wait for a dead holder's grace); if the run
+    is interrupted meanwhile, the lease taken after all is released, not leaked."""
+    if not runtime.store.remote:
+        return runtime.store.acquire_run(run_id, runtime.owner)
+    taking = asyncio.ensure_future(
+        asyncio.to_thread(runtime.store.acquire_run, run_id, runtime.owner)
+    )
+    try:
+        return await asyncio.shield(taking)
+    except asyncio.CancelledError:
+
+        def let_go(f: asyncio.Future[RunLease]) -> None:
+            if not f.cancelled() and f.exception() is None:
+                f.result().release()
+
+        taking.add_done_callback(let_go)
+        raise
+
+
+async def _release(lease: RunLease) -> None:
+    """Release the run's lease off the loop (a round trip on PostgreSQL); the run's job is
+    settled only after it, so whoever sees the result can start the run again. The run is
+    over: a cancellation arriving meanwhile does not cut this short."""
+    if not runtime.store.remote:
+        lease.release()
+        return
+    letting_go = asyncio.ensure_future(asyncio.to_thread(lease.release))
+    while True:
+        try:
+            await asyncio.shield(letting_go)
+            return
+        except asyncio.CancelledError:
+            if letting_go.done():
+                letting_go.result()
+                return
+
+
+def _opened(job: Job[Any]) -> None:
+    if job._opened is not None and not job._opened.done():
+        job._opened.set_result(None)
+
+
+async def _off_loop(fn: Callable[..., R], *args: Any) -> R:
+    """Call the store off the loop when a call is a round trip (``Store.remote``), so the
+    other runs on the loop go on meanwhile; a local store is called right here."""
+    if runtime.store.remote:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
+
+
+def _read_record(run_id: str, restart: bool) -> RunRecord | None:
+    """The run's record, or None for a new run (``restart`` forgets an old one first)."""
+    store = runtime.store
+    rec = store.get_run(run_id)
+    if rec is not None and restart:
+        store.delete_run(run_id)
+        rec = None
+    return rec
+
+
+def _read_history(run_id: str) -> tuple[list[EffectRecord], object, list[SignalRecord]]:
+    """What a run's execution starts from: its history, its inbox token and its signals."""
+    store = runtime.store
+    history = store.load_effects(run_scope(run_id))
+    token = store.inbox_token(run_id)  # before reading: a signal sent meanwhile shows
+    return history, token, store.list_signals(run_id)
 
 
 runtime.start_run = start_run

@@ -334,8 +334,10 @@ class EffectFunction(Generic[P, R]):
                     else:
                         aw = cast(Awaitable[Any], self.fn(*args, **kwargs))
                     if limit is not None:
+                        # a thread's progress is wall time; an async function's is the clock's
+                        timed = asyncio.wait_for if in_thread else runtime.clock.wait_for
                         try:
-                            result = await asyncio.wait_for(aw, limit)
+                            result = await timed(aw, limit)
                         except asyncio.TimeoutError:
                             if attempt is not None:
                                 attempt.cancel()

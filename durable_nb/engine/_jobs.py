@@ -72,6 +72,11 @@ R = TypeVar("R")
 _widget_factory: Callable[..., Any] | None = None
 
 
+def _seen(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
 def set_widget_factory(factory: Callable[..., Any] | None) -> None:
     """Install what ``Job.widget(**options)`` calls as ``factory(job, **options)``."""
     global _widget_factory
@@ -90,6 +95,9 @@ class Job(Generic[R]):
         self._state: RunState | None = None
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
         self._lease_lost = False
+        #: settled once the run's execution stored its start (or ended without): what
+        #: ``ctx.start_child`` awaits, so the child's record exists when it returns
+        self._opened: asyncio.Future[None] | None = None
         self._stopping = False  # interrupted here on purpose (not by a cancel of the run)
 
     def __repr__(self) -> str:
@@ -122,8 +130,11 @@ class Job(Generic[R]):
     async def wait(self) -> R:
         """Wait for the run's result (re-raises its error with the original type)."""
         self._watch()
-        # shielded: a waiter that gives up must not cancel the run's result for everyone
-        return await asyncio.shield(asyncio.wrap_future(self._future))
+        # shielded: a waiter that gives up must not cancel the run's result for everyone;
+        # the outcome a waiter that gave up never reads is retrieved, so asyncio stays quiet
+        outcome = asyncio.wrap_future(self._future)
+        outcome.add_done_callback(_seen)
+        return await asyncio.shield(outcome)
 
     def _watch(self) -> None:
         """A run that executes elsewhere (a worker, another process) settles this job when
@@ -175,7 +186,10 @@ class Job(Generic[R]):
 
     def status(self) -> str:
         if self._state is not None and not self._future.done():
-            return self._state.run.status
+            status = self._state.run.status
+            # its end is being stored, or its lease released: final once the job is settled
+            # (so that ``result()`` then returns at once, also on the run's own loop)
+            return "running" if status in FINAL_STATUSES else status
         if self._task is not None and not self._future.done():
             return "pending"  # started in this process, not yet executing
         rec = runtime.store.get_run(self.run_id)

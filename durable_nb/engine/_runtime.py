@@ -32,10 +32,12 @@ from ..errors import (
     ArgumentTypeError,
     EngineError,
 )
-from ._clock import Clock, SystemClock
+from ._clock import Clock, SystemClock, writes
 
 if TYPE_CHECKING:
-    from ..store import EffectRecord, RunLease, Store
+    from collections.abc import Sequence
+
+    from ..store import EffectRecord, EventRecord, RunLease, RunRecord, Store
     from ._jobs import Job
     from ._state import RunState
     from ._workflow import Workflow
@@ -44,10 +46,13 @@ __all__ = [
     "CancelScope",
     "Runtime",
     "TopScope",
+    "Written",
     "cancel_scope",
     "cancelled",
     "current_scope",
+    "durable_write",
     "runtime",
+    "wait_written",
 ]
 
 T = TypeVar("T")
@@ -174,7 +179,7 @@ class TopScope:
         runtime.store.put_effects([rec, *also])
 
     async def record_async(self, rec: EffectRecord, *also: EffectRecord) -> None:
-        runtime.store.put_effects([rec, *also])
+        await wait_written(durable_write(runtime.store, effects=[rec, *also]))
 
     def note_replay(self, rec: EffectRecord) -> None:
         return None
@@ -299,6 +304,9 @@ class Runtime:
         self.jobs_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
+        #: loops besides the engine's that serve runs for a long time (a worker's): a store
+        #: may keep a connection on them (see ``durable_write``)
+        self.serving_loops: set[asyncio.AbstractEventLoop] = set()
         self.owner = f"pid {os.getpid()}"
 
     # store -------------------------------------------------------------------------
@@ -410,3 +418,80 @@ def running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
+
+
+class Written:
+    """A write of records under way, settled on its loop once they are durable (or not);
+    :func:`wait_written` awaits it. Its outcome is kept apart from the future that wakes the
+    waiter, so a waiter cancelled meanwhile can wait again without losing it."""
+
+    __slots__ = ("error", "finished", "wake")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.wake: asyncio.Future[None] = loop.create_future()
+        self.finished = False
+        self.error: BaseException | None = None
+
+    def settle(self, error: BaseException | None) -> None:
+        if self.finished:
+            return
+        self.finished, self.error = True, error
+        if not self.wake.done():
+            self.wake.set_result(None)
+
+
+def durable_write(
+    store: Store,
+    *,
+    effects: Sequence[EffectRecord] = (),
+    runs: Sequence[RunRecord] = (),
+    events: Sequence[EventRecord] = (),
+) -> Written:
+    """Hand records to the store (:meth:`~durable_nb.store.Store.submit`); the returned write
+    is settled once they are durable: the loop serves other runs while a PostgreSQL store
+    commits them (together with what other runs wrote meanwhile). A store that writes at once
+    settles it before this returns, so awaiting it does not suspend."""
+    loop = asyncio.get_running_loop()
+    written = Written(loop)
+    here = threading.get_ident()
+
+    def done(error: BaseException | None) -> None:
+        if threading.get_ident() == here:
+            written.settle(error)
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody awaits it
+                loop.call_soon_threadsafe(written.settle, error)
+
+    # the engine's own loop lives as long as the process, a worker's as long as it serves:
+    # the store may write on them directly
+    mine = loop if runtime.in_engine_thread() or loop in runtime.serving_loops else None
+    store.submit(done, effects=effects, runs=runs, events=events, loop=mine)
+    return written
+
+
+async def wait_written(written: Written) -> None:
+    """Await a record's write as if it were synchronous. A cancellation that arrives
+    meanwhile (an interrupt, a cancel, a lost race) waits for the write and is delivered again
+    at the task's next await: the workflow sees the result whose record it waited for, as it
+    would have had the write not suspended, so a replay takes the same branch."""
+    if not written.finished:
+        task = asyncio.current_task()
+        deferred = False
+        writes.started()  # a fake clock's time stands still until this task goes on
+        try:
+            while not written.finished:
+                try:
+                    await written.wake
+                except asyncio.CancelledError:
+                    deferred = True
+                    uncancel = getattr(task, "uncancel", None)  # Python 3.11+: keep the count
+                    if uncancel is not None:
+                        uncancel()
+                    if written.wake.cancelled():
+                        written.wake = asyncio.get_running_loop().create_future()
+        finally:
+            writes.ended()
+            if deferred and task is not None:
+                task.cancel()
+    if written.error is not None:
+        raise written.error

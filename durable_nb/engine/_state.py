@@ -40,7 +40,16 @@ from .._journal import (
 )
 from ..errors import NonDeterminismError, UnrecordedCancelWarning
 from ..store import EffectRecord, EventRecord, RunRecord, SignalRecord
-from ._runtime import CancelScope, Key4, TopScope, cancel_scope, runtime
+from ._runtime import (
+    CancelScope,
+    Key4,
+    TopScope,
+    Written,
+    cancel_scope,
+    durable_write,
+    runtime,
+    wait_written,
+)
 
 if TYPE_CHECKING:
     from ._interrupts import CutBlock, InterruptBlock
@@ -121,7 +130,7 @@ class RunState:
         self.saved = 0.0
         self.inflight = 0
         self._batch: list[EffectRecord] = []
-        self._batch_waiters: list[asyncio.Future[None]] = []
+        self._batch_waiters: list[Written] = []
         consumed = {signal_id_of(r.kind, r.detail) for r in history} - {None}
         self.inbox: list[SignalRecord] = [s for s in signals if s.signal_id not in consumed]
         self.seen_signals = {s.signal_id for s in signals}
@@ -196,6 +205,10 @@ class RunState:
         return n
 
     def next_seq(self) -> int:
+        if self.job._lease_lost:
+            # fencing: once another process may hold the run, no new step starts here (a
+            # cancellation deferred by a record's write would otherwise let one begin)
+            raise asyncio.CancelledError
         s = self._seq
         self._seq = s + 1
         return s
@@ -325,50 +338,72 @@ class RunState:
         for r in also:
             self.index[(r.identity, r.version, r.input_hash, r.occurrence)] = r
         self._recorded(rec)
+        self._maybe_poll()
 
     def record_together(self, rec: EffectRecord, others: list[EffectRecord]) -> None:
         """Record a step with records of the run's other scopes in one atomic write."""
         runtime.store.put_effects([rec, *others])
         self._recorded(rec)
+        self._maybe_poll()
 
     async def record_async(self, rec: EffectRecord, *also: EffectRecord) -> None:
+        """Record an effect's outcome (with its bookkeeping records ``also``, in the same
+        write); returns once it is durable, without blocking the loop while the store writes
+        (other runs go on, and their records share the write)."""
         if self.inflight <= 1 and not self._batch:
-            self.record(rec, *also)
+            await wait_written(durable_write(runtime.store, effects=[rec, *also]))
+            for r in also:
+                self.index[(r.identity, r.version, r.input_hash, r.occurrence)] = r
+            self._recorded(rec)
             return
-        # effects completing in the same loop iteration share one journal write
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # effects of this run completing in the same loop iteration share one write
+        loop = asyncio.get_running_loop()
+        mine = Written(loop)
         if not self._batch:
-            asyncio.get_running_loop().call_soon(self._flush_batch)
+            loop.call_soon(self._flush_batch)
         self._batch.append(rec)
         self._batch += also
-        self._batch_waiters.append(fut)
-        await fut
+        self._batch_waiters.append(mine)
+        await wait_written(mine)
 
     def _flush_batch(self) -> None:
         batch, self._batch = self._batch, []
         waiters, self._batch_waiters = self._batch_waiters, []
         try:
-            runtime.store.put_effects(batch)
+            written = durable_write(runtime.store, effects=batch)
         except BaseException as e:
-            for w in waiters:
-                if not w.done():
-                    w.set_exception(e)
+            self._batch_done(batch, waiters, e)
             return
-        for rec in batch:  # bookkeeping first: a step's listeners read its usage record
-            if rec.kind in AUX_KINDS:
-                self.index[(rec.identity, rec.version, rec.input_hash, rec.occurrence)] = rec
-        for rec in batch:
-            if rec.kind not in AUX_KINDS:
-                self._recorded(rec)
+        if written.finished:  # a store that writes at once: no extra loop iteration
+            self._batch_done(batch, waiters, written.error)
+        else:  # nobody awaits this write's own future: it is never cancelled
+            written.wake.add_done_callback(
+                lambda _: self._batch_done(batch, waiters, written.error)
+            )
+
+    def _batch_done(
+        self, batch: list[EffectRecord], waiters: list[Written], error: BaseException | None
+    ) -> None:
+        if error is None:
+            for rec in batch:  # bookkeeping first: a step's listeners read its usage record
+                if rec.kind in AUX_KINDS:
+                    self.index[(rec.identity, rec.version, rec.input_hash, rec.occurrence)] = rec
+            for rec in batch:
+                if rec.kind not in AUX_KINDS:
+                    self._recorded(rec)
         for w in waiters:
-            if not w.done():
-                w.set_result(None)
+            w.settle(error)
 
     def _recorded(self, rec: EffectRecord) -> None:
         self.index[(rec.identity, rec.version, rec.input_hash, rec.occurrence)] = rec
         self.executed += 1
         if self.listeners:
             self._emit_step(rec, "failed" if rec.is_error else "executed")
+
+    def _maybe_poll(self) -> None:
+        """After a step recorded synchronously (the caller blocks anyway): look for signals
+        other processes sent, if it is time. Awaited records leave that to the run's poller,
+        which reads off the loop."""
         if time.monotonic() - self.last_poll > INBOX_POLL:
             self.poll_inbox()
 
@@ -522,25 +557,33 @@ class RunState:
 
     # status and events ---------------------------------------------------------------
     def set_run_status(self, status: RunStatus, detail: dict[str, Any] | None = None) -> None:
+        runtime.store.put_run(self.status_record(status, detail))
+        self.status_stored(status, detail)
+
+    def event(self, kind: EventKind, data: dict[str, Any] | None = None) -> None:
+        runtime.store.append_events([self.event_record(kind, data)])
+
+    def event_record(self, kind: EventKind, data: dict[str, Any] | None = None) -> EventRecord:
+        """A trace event of this run, told to the live listeners; the caller stores it."""
+        if self.listeners:
+            self.emit("event", {"event": kind, "data": data or {}})
+        return EventRecord(
+            self.run_id,
+            _uuid.uuid4().hex,
+            runtime.clock.time(),
+            kind,
+            json.dumps(data, default=str) if data else "",
+        )
+
+    def status_record(self, status: RunStatus, detail: dict[str, Any] | None = None) -> RunRecord:
+        """The run's record with a new status; the caller stores it, then tells the live
+        listeners (:meth:`status_stored`)."""
         rec = self.run
         rec.status = status
         rec.detail = json.dumps(detail) if detail else ""
         rec.updated_at = runtime.clock.time()
-        runtime.store.put_run(rec)
+        return rec
+
+    def status_stored(self, status: RunStatus, detail: dict[str, Any] | None = None) -> None:
         if self.listeners:
             self.emit("status", {"status": status, "detail": detail or {}})
-
-    def event(self, kind: EventKind, data: dict[str, Any] | None = None) -> None:
-        if self.listeners:
-            self.emit("event", {"event": kind, "data": data or {}})
-        runtime.store.append_events(
-            [
-                EventRecord(
-                    self.run_id,
-                    _uuid.uuid4().hex,
-                    runtime.clock.time(),
-                    kind,
-                    json.dumps(data, default=str) if data else "",
-                )
-            ]
-        )

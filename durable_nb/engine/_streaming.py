@@ -384,8 +384,8 @@ class StreamingCall(Generic[T]):
             kwargs["resume_from"] = list(self._chunks)
         else:
             skip = len(self._chunks)  # a deterministic generator yields them again
-        loop = asyncio.get_running_loop()
-        deadline = None if limit is None else loop.time() + limit
+        loop, clock = asyncio.get_running_loop(), runtime.clock
+        deadline = None if limit is None else clock.time() + limit
         agen = cast(Any, self._eff.fn)(*self._args, **kwargs)
         try:
             while True:
@@ -393,13 +393,12 @@ class StreamingCall(Generic[T]):
                     if deadline is None:
                         chunk = await agen.__anext__()
                     else:
-                        chunk = await asyncio.wait_for(
-                            agen.__anext__(), max(0.0, deadline - loop.time())
-                        )
+                        left = max(0.0, deadline - clock.time())
+                        chunk = await clock.wait_for(agen.__anext__(), left)
                 except StopAsyncIteration:
                     return
                 except asyncio.TimeoutError:
-                    if deadline is None or loop.time() < deadline:
+                    if deadline is None or clock.time() < deadline:
                         raise  # the generator's own
                     raise EffectTimeoutError(
                         f"streaming effect {self._eff.identity} did not finish within "

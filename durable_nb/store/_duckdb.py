@@ -70,10 +70,14 @@ from ._protocol import (
     RunLease,
     RunRecord,
     SignalRecord,
+    WriteDone,
     run_scopes,
+    submit_now,
 )
 
 if TYPE_CHECKING:
+    import asyncio
+
     from .._codecs import Payload, Signer
 
 __all__ = ["SCHEMA_VERSION", "DuckDBStore"]
@@ -315,6 +319,10 @@ class DuckDBStore:
     @property
     def signer(self) -> Signer:
         return self._signer
+
+    @property
+    def remote(self) -> bool:
+        return False
 
     def __repr__(self) -> str:
         return f"DuckDBStore({str(self._path)!r})"
@@ -880,6 +888,18 @@ class DuckDBStore:
             duration=row[12],
             detail=row[13],
         )
+
+    def submit(
+        self,
+        done: WriteDone,
+        *,
+        effects: Sequence[EffectRecord] = (),
+        runs: Sequence[RunRecord] = (),
+        events: Sequence[EventRecord] = (),
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        # a journal append: quick enough to do at once, on the caller's thread
+        submit_now(self, done, effects, runs, events)
 
     # the key filters of notebook and shared scopes (``_keyfilter.py``): a miss there is
     # answered without a query

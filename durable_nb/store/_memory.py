@@ -20,10 +20,14 @@ from ._protocol import (
     RunLease,
     RunRecord,
     SignalRecord,
+    WriteDone,
     run_scopes,
+    submit_now,
 )
 
 if TYPE_CHECKING:
+    import asyncio
+
     from .._codecs import Signer
 
 __all__ = ["MemoryStore"]
@@ -58,6 +62,21 @@ class MemoryStore:
     @property
     def signer(self) -> Signer:
         return self._signer
+
+    @property
+    def remote(self) -> bool:
+        return False
+
+    def submit(
+        self,
+        done: WriteDone,
+        *,
+        effects: Sequence[EffectRecord] = (),
+        runs: Sequence[RunRecord] = (),
+        events: Sequence[EventRecord] = (),
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        submit_now(self, done, effects, runs, events)  # dict updates: done at once
 
     def put_effects(self, records: Sequence[EffectRecord]) -> None:
         with self._lock:

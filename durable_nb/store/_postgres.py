@@ -11,11 +11,21 @@ What the Store protocol asks, and how this store keeps it:
 * **Durable on return, atomic per call.** Every call is one autocommit statement or one
   transaction (a batch of effects, a reset, a delete), committed before it returns.
 * **Last write wins.** ``INSERT ... ON CONFLICT DO UPDATE`` on each record's key.
+* **Durable on return, shared round trips.** Effect, run and event records go through one
+  writer thread per store (``_pg_commit``): writes that arrive while it commits share the
+  next transaction (group commit), and each caller is answered once its transaction
+  committed. ``submit`` is the same without waiting (the engine's loop awaits the answer).
 * **One executor per run.** A lease row ``(run_id, token, owner, expires_at)``, taken with
   one upsert that succeeds only if there is no row or it expired by the database's clock; a
-  background thread renews every lease this store holds each ``lease_seconds / 3``. A holder
-  that dies (even SIGKILLed, or cut off from the network) stops renewing, and its runs can
-  be taken over ``lease_seconds`` later. Releasing deletes the row and notifies workers.
+  background thread renews every lease this store holds each ``lease_seconds / 3``. The
+  token starts with the key of this store's *session* (``_pg_session``), an advisory lock
+  the server drops when the holder's connection ends: a holder that died (even SIGKILLed)
+  is found gone by the next process that wants its run, which cuts the lease short to
+  ``TAKEOVER_GRACE`` and takes the run then. A holder cut off from the server, or on a dead
+  host (a half-open connection), is taken over when the server gives up on its connection
+  (about 2 minutes) or its lease expires, whichever is first. A holder whose session ends
+  gives up its leases at once (fencing: the runs stop). Releasing deletes the row and
+  notifies workers. Shared-effect claims carry the session key the same way.
 * **Workers.** ``claim_run`` picks the oldest run that needs an executor with
   ``SELECT ... FOR UPDATE SKIP LOCKED`` (competing workers skip each other's candidates
   instead of queueing) and takes its lease in the same transaction. ``wait_for_work``
@@ -28,8 +38,9 @@ What the Store protocol asks, and how this store keeps it:
   characters). Without a key the store keeps every value that needs no pickle, records
   errors as text, and refuses to store or read pickles, saying to set the key. Nothing is
   unpickled before its signature is checked.
-* **Schema migrations** are named, ordered and recorded in ``dn_migrations``; a schema
-  written by a newer durable_nb is refused with ``StoreVersionError``.
+* **Schema migrations** (``_pg_schema``, with every statement) are named, ordered and
+  recorded in ``dn_migrations``; a schema written by a newer durable_nb is refused with
+  ``StoreVersionError``.
 
 Only this module imports psycopg. Every value reaches SQL as a parameter; the schema name,
 the only identifier that varies, is validated and quoted.
@@ -37,6 +48,8 @@ the only identifier that varies, is validated and quoted.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
 import json
@@ -67,6 +80,9 @@ from ..errors import (
     StoreUnavailableError,
     StoreVersionError,
 )
+from ._pg_commit import Done, GroupCommit, LoopCommit, Statement
+from ._pg_schema import EFFECT_KEY_COLS, MIGRATIONS, SCHEMA_VERSION, statements
+from ._pg_session import TAKEOVER_GRACE, Session, session_key_of
 from ._protocol import (
     EffectKey,
     EffectRecord,
@@ -90,86 +106,6 @@ DEFAULT_SCHEMA = "durable_nb"
 _SCHEMA_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _MIN_KEY = 16
 _CLAIM_BATCH = 8  # candidates locked per claim_run attempt
-
-# fmt: off
-_EFFECT_COLS = (
-    "scope", "identity", "version", "input_hash", "occurrence", "codec", "data", "table_ipc",
-    "is_error", "kind", "seq", "started_at", "duration", "detail",
-)
-_EFFECT_KEY_COLS = _EFFECT_COLS[:5]
-_RUN_COLS = (
-    "run_id", "workflow", "status", "created_at", "updated_at", "args_codec", "args_data",
-    "args_ipc", "result_codec", "result_data", "result_ipc", "error_codec", "error_data",
-    "error_ipc", "custom_status", "status_version", "parent_id", "executions", "detail",
-    "input_hash", "code_version", "generation", "version",
-)
-# fmt: on
-_CLAIMABLE = "('queued', 'running', 'waiting')"
-
-#: Named, ordered schema migrations (``{s}`` is the quoted schema). Append only; never edit
-#: a released one.
-MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
-    (
-        1,
-        "initial: effects, runs, signals, inbox, events, run leases, effect claims",
-        (
-            'CREATE TABLE {s}.dn_effects (scope text COLLATE "C" NOT NULL, '
-            'identity text COLLATE "C" NOT NULL, version text COLLATE "C" NOT NULL, '
-            'input_hash text COLLATE "C" NOT NULL, occurrence bigint NOT NULL, '
-            "codec text NOT NULL, data bytea NOT NULL, table_ipc bytea, "
-            "is_error boolean NOT NULL, kind text NOT NULL, seq bigint NOT NULL, "
-            "started_at double precision NOT NULL, duration double precision NOT NULL, "
-            "detail text NOT NULL, "
-            "PRIMARY KEY (scope, identity, version, input_hash, occurrence))",
-            'CREATE TABLE {s}.dn_runs (run_id text COLLATE "C" PRIMARY KEY, '
-            'workflow text COLLATE "C" NOT NULL, status text NOT NULL, '
-            "created_at double precision NOT NULL, updated_at double precision NOT NULL, "
-            "args_codec text, args_data bytea, args_ipc bytea, "
-            "result_codec text, result_data bytea, result_ipc bytea, "
-            "error_codec text, error_data bytea, error_ipc bytea, "
-            "custom_status text, status_version bigint NOT NULL, "
-            'parent_id text COLLATE "C", executions bigint NOT NULL, detail text NOT NULL, '
-            "input_hash text NOT NULL, code_version text NOT NULL, "
-            "generation bigint NOT NULL, version text NOT NULL)",
-            "CREATE INDEX dn_runs_created ON {s}.dn_runs (created_at, run_id)",
-            # what claim_run scans: only runs that may need an executor, oldest first
-            "CREATE INDEX dn_runs_claimable ON {s}.dn_runs (created_at, run_id) "
-            f"WHERE status IN {_CLAIMABLE}",
-            "CREATE INDEX dn_runs_parent ON {s}.dn_runs (parent_id) WHERE parent_id IS NOT NULL",
-            'CREATE TABLE {s}.dn_signals (run_id text COLLATE "C" NOT NULL, '
-            'signal_id text COLLATE "C" NOT NULL, name text NOT NULL, payload text NOT NULL, '
-            "sent_at double precision NOT NULL, PRIMARY KEY (run_id, signal_id))",
-            # one row per run: the id of the transaction that last sent it a signal
-            'CREATE TABLE {s}.dn_inbox (run_id text COLLATE "C" PRIMARY KEY, '
-            "token bigint NOT NULL)",
-            'CREATE TABLE {s}.dn_events (run_id text COLLATE "C" NOT NULL, '
-            'event_id text COLLATE "C" NOT NULL, ts double precision NOT NULL, '
-            "kind text NOT NULL, data text NOT NULL, PRIMARY KEY (run_id, event_id))",
-            'CREATE TABLE {s}.dn_leases (run_id text COLLATE "C" PRIMARY KEY, '
-            "token text NOT NULL, owner text NOT NULL, holder text NOT NULL, "
-            "acquired_at timestamptz NOT NULL, expires_at timestamptz NOT NULL)",
-            "CREATE INDEX dn_leases_token ON {s}.dn_leases (token)",
-            'CREATE TABLE {s}.dn_effect_claims (scope text COLLATE "C" NOT NULL, '
-            'identity text COLLATE "C" NOT NULL, version text COLLATE "C" NOT NULL, '
-            'input_hash text COLLATE "C" NOT NULL, occurrence bigint NOT NULL, '
-            "owner text NOT NULL, expires_at timestamptz NOT NULL, "
-            "PRIMARY KEY (scope, identity, version, input_hash, occurrence))",
-        ),
-    ),
-    (
-        2,
-        "limits: named rate and concurrency limits shared by every process on the store",
-        (
-            'CREATE TABLE {s}.dn_limit_slots (name text COLLATE "C" NOT NULL, '
-            'slot text COLLATE "C" NOT NULL, expires_at timestamptz NOT NULL, '
-            "PRIMARY KEY (name, slot))",
-            'CREATE TABLE {s}.dn_limit_starts (name text COLLATE "C" NOT NULL, '
-            "at double precision NOT NULL)",
-            "CREATE INDEX dn_limit_starts_name_at ON {s}.dn_limit_starts (name, at)",
-        ),
-    ),
-)
-SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
 def _check_schema(schema: object) -> str:
@@ -295,6 +231,13 @@ def _payload_cols(p: Payload | None) -> tuple[Any, Any, Any]:
     return (p.codec, p.data, _ipc(p.table))
 
 
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
@@ -392,6 +335,16 @@ class PostgresStore:
         self._work = _WorkSignal()
         self._heartbeat: threading.Thread | None = None
         self._listener: threading.Thread | None = None
+        name = f"durable_nb-pg-{self._schema}"
+        self._session = Session(self._conninfo, self._connect_kwargs, self._session_lost, name)
+        self._writer = GroupCommit(
+            lambda: psycopg.connect(self._conninfo, **self._connect_kwargs),
+            self._q["put_effect"],
+            self._q["put_effects"],
+            self._translate,
+            name,
+        )
+        self._loop_writers: dict[asyncio.AbstractEventLoop, LoopCommit] = {}
 
         try:
             with psycopg.connect(self._conninfo, **self._connect_kwargs) as conn:
@@ -429,6 +382,10 @@ class PostgresStore:
         return self._signer
 
     @property
+    def remote(self) -> bool:
+        return True
+
+    @property
     def lease_seconds(self) -> float:
         return self._lease_seconds
 
@@ -437,86 +394,7 @@ class PostgresStore:
 
     # ------------------------------------------------------------------ SQL
     def _statements(self) -> dict[str, str]:
-        s = sql.Identifier(self._schema).as_string()
-
-        def upsert(table: str, cols: Sequence[str], key: Sequence[str]) -> str:
-            updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in cols if c not in key)
-            return (
-                f"INSERT INTO {s}.{table} ({', '.join(cols)}) "
-                f"VALUES ({', '.join(['%s'] * len(cols))}) "
-                f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {updates}"
-            )
-
-        key_where = " AND ".join(f"{c} = %s" for c in _EFFECT_KEY_COLS)
-        lease_upsert = (
-            f"INSERT INTO {s}.dn_leases AS l (run_id, token, owner, holder, acquired_at, "
-            "expires_at) VALUES (%s, %s, %s, %s, now(), now() + make_interval(secs => %s)) "
-            "ON CONFLICT (run_id) DO UPDATE SET token = EXCLUDED.token, owner = EXCLUDED.owner, "
-            "holder = EXCLUDED.holder, acquired_at = now(), expires_at = EXCLUDED.expires_at "
-            # our own token: a retry after a lost reply finds the lease it already took
-            "WHERE l.expires_at <= now() OR l.token = EXCLUDED.token RETURNING run_id"
-        )
-        return {
-            "put_effect": upsert("dn_effects", _EFFECT_COLS, _EFFECT_KEY_COLS),
-            "get_effect": f"SELECT {', '.join(_EFFECT_COLS)} FROM {s}.dn_effects WHERE {key_where}",
-            "load_effects": f"SELECT {', '.join(_EFFECT_COLS)} FROM {s}.dn_effects "
-            "WHERE scope = %s ORDER BY seq, started_at",
-            "delete_effects": f"DELETE FROM {s}.dn_effects WHERE scope = %s",
-            "delete_scopes": f"DELETE FROM {s}.dn_effects WHERE scope = ANY(%s)",
-            "prune_effects": f"DELETE FROM {s}.dn_effects "
-            "WHERE starts_with(scope, %s) AND started_at < %s",
-            "prune_claims": f"DELETE FROM {s}.dn_effect_claims WHERE expires_at <= now()",
-            # one statement: the run and, if it is queued, the wake-up for idle workers
-            "put_run": f"WITH r AS ({upsert('dn_runs', _RUN_COLS, ('run_id',))} "
-            "RETURNING status) SELECT pg_notify(%s, 'queued') FROM r WHERE r.status = 'queued'",
-            "get_run": f"SELECT {', '.join(_RUN_COLS)} FROM {s}.dn_runs WHERE run_id = %s",
-            "list_runs": f"SELECT {', '.join(_RUN_COLS)} FROM {s}.dn_runs",
-            "delete_run": f"DELETE FROM {s}.dn_runs WHERE run_id = %s",
-            "delete_signals": f"DELETE FROM {s}.dn_signals WHERE run_id = %s",
-            "delete_some_signals": f"DELETE FROM {s}.dn_signals "
-            "WHERE run_id = %s AND signal_id = ANY(%s)",
-            "delete_inbox": f"DELETE FROM {s}.dn_inbox WHERE run_id = %s",
-            "delete_events": f"DELETE FROM {s}.dn_events WHERE run_id = %s",
-            "acquire": lease_upsert,
-            "holder": f"SELECT owner, holder, EXTRACT(EPOCH FROM expires_at - now())::float8 "
-            f"FROM {s}.dn_leases WHERE run_id = %s",
-            "renew": f"UPDATE {s}.dn_leases SET expires_at = now() + make_interval(secs => %s) "
-            "WHERE token = ANY(%s) RETURNING token",
-            "release": f"WITH d AS (DELETE FROM {s}.dn_leases WHERE run_id = %s AND token = %s "
-            "RETURNING run_id) SELECT pg_notify(%s, 'released') FROM d",
-            "release_all": f"DELETE FROM {s}.dn_leases WHERE token = ANY(%s) RETURNING run_id",
-            "notify": "SELECT pg_notify(%s, %s)",
-            "candidates": f"SELECT r.run_id FROM {s}.dn_runs r "
-            f"WHERE r.status IN {_CLAIMABLE} AND r.workflow = ANY(%s) "
-            f"AND NOT EXISTS (SELECT 1 FROM {s}.dn_leases l "
-            "WHERE l.run_id = r.run_id AND l.expires_at > now()) "
-            "ORDER BY r.created_at, r.run_id LIMIT %s FOR UPDATE OF r SKIP LOCKED",
-            "claim_effect": f"INSERT INTO {s}.dn_effect_claims AS c "
-            f"({', '.join(_EFFECT_KEY_COLS)}, owner, expires_at) "
-            "VALUES (%s, %s, %s, %s, %s, %s, now() + make_interval(secs => %s)) "
-            f"ON CONFLICT ({', '.join(_EFFECT_KEY_COLS)}) DO UPDATE "
-            "SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at "
-            "WHERE c.owner = EXCLUDED.owner OR c.expires_at <= now() RETURNING 1",
-            "release_effect": f"DELETE FROM {s}.dn_effect_claims WHERE {key_where} AND owner = %s",
-            # one statement: the signal, its run's inbox token and the wake-up
-            "add_signal": "WITH g AS ("
-            + upsert(
-                "dn_signals",
-                ("run_id", "signal_id", "name", "payload", "sent_at"),
-                ("run_id", "signal_id"),
-            )
-            + f" RETURNING run_id), i AS (INSERT INTO {s}.dn_inbox AS i (run_id, token) "
-            "SELECT run_id, txid_current() FROM g ON CONFLICT (run_id) DO UPDATE "
-            "SET token = EXCLUDED.token RETURNING 1) SELECT pg_notify(%s, 'signal') FROM i",
-            "list_signals": f"SELECT run_id, signal_id, name, payload, sent_at FROM {s}.dn_signals "
-            "WHERE run_id = %s ORDER BY sent_at, signal_id",
-            "inbox_token": f"SELECT token FROM {s}.dn_inbox WHERE run_id = %s",
-            "put_event": upsert(
-                "dn_events", ("run_id", "event_id", "ts", "kind", "data"), ("run_id", "event_id")
-            ),
-            "load_events": f"SELECT run_id, event_id, ts, kind, data FROM {s}.dn_events "
-            "WHERE run_id = %s ORDER BY ts, event_id",
-        }
+        return statements(self._schema)
 
     # ------------------------------------------------------------------ migrations
     def _read_version(self, conn: _Conn) -> tuple[int, str, list[str]]:
@@ -634,15 +512,26 @@ class PostgresStore:
                             self._pool.check()
                     continue
                 raise self._unavailable(e) from e
-            except psycopg.Error as e:
-                raise StoreError(
-                    f"the PostgreSQL store {self._url!r} refused a request: {_first_line(e)}"
-                ) from e
-            except UnicodeEncodeError as e:  # raised by psycopg before anything is sent
-                raise StoreError(
-                    f"the PostgreSQL store {self._url!r} cannot keep text that is not UTF-8 "
-                    f"({e}); use names and ids without lone surrogates"
-                ) from e
+            except (psycopg.Error, UnicodeEncodeError) as e:
+                raise self._translate(e) from e
+
+    def _translate(self, e: BaseException) -> BaseException:
+        """The store's error for what psycopg raised (or passed on, if it is not psycopg's)."""
+        if isinstance(e, psycopg.OperationalError):
+            error: BaseException = self._unavailable(e)
+        elif isinstance(e, psycopg.Error):
+            error = StoreError(
+                f"the PostgreSQL store {self._url!r} refused a request: {_first_line(e)}"
+            )
+        elif isinstance(e, UnicodeEncodeError):  # raised by psycopg before anything is sent
+            error = StoreError(
+                f"the PostgreSQL store {self._url!r} cannot keep text that is not UTF-8 "
+                f"({e}); use names and ids without lone surrogates"
+            )
+        else:
+            return e
+        error.__cause__ = e
+        return error
 
     def _pool_timeout(self, e: BaseException) -> StoreError:
         try:
@@ -658,6 +547,14 @@ class PostgresStore:
     # ------------------------------------------------------------------ effects
     def _effect_row(self, rec: EffectRecord) -> tuple[Any, ...]:
         p = rec.payload
+        for name in ("scope", "identity", "version", "input_hash", "kind", "detail"):
+            text = getattr(rec, name)
+            if "\x00" in text:  # checked here: grouped rows go as binary arrays, refused late
+                raise StoreError(
+                    f"the PostgreSQL store {self._url!r} refused a request: PostgreSQL text "
+                    f"fields cannot contain NUL (0x00) characters, and the effect's {name} "
+                    f"{text!r} has one; remove it"
+                )
         return (
             rec.scope,
             rec.identity,
@@ -695,20 +592,53 @@ class PostgresStore:
         )
 
     def put_effects(self, records: Sequence[EffectRecord]) -> None:
-        rows = [self._effect_row(rec) for rec in records]
-        if not rows:
-            self._check_open()
+        self._check_open()
+        if records:
+            self._write([self._effect_row(rec) for rec in records], [])
+
+    def submit(
+        self,
+        done: Done,
+        *,
+        effects: Sequence[EffectRecord] = (),
+        runs: Sequence[RunRecord] = (),
+        events: Sequence[EventRecord] = (),
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self._check_open()
+        rows = [self._effect_row(rec) for rec in effects]  # encoding errors raise here
+        statements = self._run_statements(runs) + self._event_statements(events)
+        if not rows and not statements:
+            done(None)
             return
-        q = self._q["put_effect"]
+        if loop is not None:  # written by the loop itself, on a connection of its own
+            writer = self._loop_writers.get(loop)
+            if writer is None:
+                with self._lock:  # loops of several threads (the engine's, a worker's)
+                    for gone_loop in [lp for lp in self._loop_writers if lp.is_closed()]:
+                        self._loop_writers.pop(gone_loop).close_now()  # a worker's that ended
+                    writer = self._loop_writers[loop] = LoopCommit(
+                        self._conninfo,
+                        self._connect_kwargs,
+                        self._q["put_effect"],
+                        self._q["put_effects"],
+                        self._translate,
+                        loop,
+                    )
+            writer.submit(rows, statements, done)
+            return
+        try:
+            self._writer.submit(rows, statements, done)
+        except psycopg.Error:
+            self._check_open()  # closed meanwhile: say so
+            raise
 
-        def put(conn: _Conn) -> None:
-            if len(rows) == 1:
-                conn.execute(q, rows[0])
-                return
-            with conn.transaction(), conn.cursor() as cur:
-                cur.executemany(q, rows)
-
-        self._call(put)
+    def _write(self, rows: list[tuple[Any, ...]], statements: list[Statement]) -> None:
+        try:
+            self._writer.write(rows, statements)
+        except psycopg.InterfaceError:
+            self._check_open()
+            raise
 
     def get_effect(self, key: EffectKey) -> EffectRecord | None:
         q = self._q["get_effect"]
@@ -737,9 +667,18 @@ class PostgresStore:
         return self._call(prune)
 
     def claim_effect(self, key: EffectKey, owner: str, seconds: float) -> bool:
-        q = self._q["claim_effect"]
-        params = (*key, owner, float(seconds))
-        return self._call(lambda conn: conn.execute(q, params).fetchone() is not None)
+        # the owner is stored after the session key, so a claimer that died is found gone
+        q, qc = self._q["claim_effect"], self._q["condemn_claim"]
+        params = (*key, f"{self._session_key()}.{owner}", float(seconds))
+        condemn = {"grace": TAKEOVER_GRACE, **dict(zip(EFFECT_KEY_COLS, key, strict=True))}
+
+        def claim(conn: _Conn) -> bool:
+            if conn.execute(q, params).fetchone() is not None:
+                return True
+            conn.execute(qc, condemn)  # its claimer is gone: the claim ends after the grace
+            return False
+
+        return self._call(claim)
 
     # ------------------------------------------------------------------ shared limits
     def limit_take(
@@ -863,9 +802,13 @@ class PostgresStore:
             version=r[22],
         )
 
+    def _run_statements(self, runs: Sequence[RunRecord]) -> list[Statement]:
+        q = self._q["put_run"]
+        return [(q, (*self._run_row(run), self._channel)) for run in runs]
+
     def put_run(self, run: RunRecord) -> None:
-        q, params = self._q["put_run"], (*self._run_row(run), self._channel)
-        self._call(lambda conn: conn.execute(q, params))
+        self._check_open()
+        self._write([], self._run_statements([run]))
 
     def get_run(self, run_id: str) -> RunRecord | None:
         q = self._q["get_run"]
@@ -934,16 +877,57 @@ class PostgresStore:
     def _holder_info(self) -> str:
         return json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
 
-    def _lease(self, run_id: str, owner: str, token: str) -> RunLease:
-        lease = RunLease(run_id, owner)
+    def _session_key(self) -> int:
+        """This store's session key, opening the session if needed."""
+        self._check_open()
+        try:
+            return self._session.key()
+        except psycopg.OperationalError as e:
+            raise self._unavailable(e) from None
+        except psycopg.Error as e:
+            self._check_open()
+            raise self._translate(e) from e
+
+    def _token(self) -> str:
+        """A fresh lease token, starting with this store's session key: the lease lives as
+        long as the session does, or until it expires."""
+        return f"{self._session_key()}.{secrets.token_hex(12)}"
+
+    def _session_lost(self, key: int) -> None:
+        """This store's session ended (its connection failed): every lease taken under it
+        may be taken over by others after the grace, so their runs stop now (fencing)."""
+        lost: list[RunLease] = []
         with self._lock:
-            self._held[token] = run_id
-            self._lease_objs[token] = lease
-            if self._heartbeat is None:
-                self._heartbeat = threading.Thread(
-                    target=self._heartbeat_loop, name="durable_nb-pg-heartbeat", daemon=True
-                )
-                self._heartbeat.start()
+            for token in [t for t in self._held if session_key_of(t) == key]:
+                del self._held[token]
+                lease = self._lease_objs.pop(token, None)
+                if lease is not None:
+                    lost.append(lease)
+        self._fence(lost)
+
+    @staticmethod
+    def _fence(lost: list[RunLease]) -> None:
+        for lease in lost:  # outside the lock: the engine interrupts the run
+            try:
+                lease.lost()
+            except Exception:
+                _log.exception("durable_nb: interrupting run %r failed", lease.run_id)
+
+    def _lease(self, run_id: str, owner: str, token: str) -> RunLease | None:
+        """Hand out the lease just written, or ``None`` if its session ended meanwhile (the
+        row is then deleted again, best effort: it is free for the taking anyway)."""
+        lease = RunLease(run_id, owner)
+        key = session_key_of(token)
+        with self._lock:
+            live = key is not None and self._session.is_live(key)
+            if live:
+                self._held[token] = run_id
+                self._lease_objs[token] = lease
+                if self._heartbeat is None:
+                    self._heartbeat = threading.Thread(
+                        target=self._heartbeat_loop, name="durable_nb-pg-heartbeat", daemon=True
+                    )
+                    self._heartbeat.start()
         q = self._q["release"]
 
         def release() -> None:
@@ -956,26 +940,44 @@ class PostgresStore:
             except StoreError as e:  # the lease expires by itself; nothing else to undo
                 _log.warning("durable_nb: could not release the lease of run %r: %s", run_id, e)
 
+        if not live:
+            with contextlib.suppress(StoreError):
+                self._call(lambda conn: conn.execute(q, [run_id, token, self._channel]))
+            return None
         lease._release = release
         return lease
 
     def acquire_run(self, run_id: str, owner: str) -> RunLease:
-        token = secrets.token_hex(16)
-        params = (run_id, token, owner, self._holder_info(), self._lease_seconds)
-        qa, qh = self._q["acquire"], self._q["holder"]
+        qa, qh, qc = self._q["acquire"], self._q["holder"], self._q["condemn"]
+        grace = {"grace": TAKEOVER_GRACE, "run_id": run_id}
+        while True:
+            token = self._token()
+            params = (run_id, token, owner, self._holder_info(), self._lease_seconds)
 
-        def acquire(conn: _Conn) -> tuple[str, str, float] | None:
-            while True:
-                if conn.execute(qa, params).fetchone() is not None:
-                    return None
-                row = conn.execute(qh, [run_id]).fetchone()
-                if row is not None:  # else released meanwhile: try again
-                    return (row[0], row[1], row[2])
+            def acquire(
+                conn: _Conn, params: tuple[Any, ...] = params
+            ) -> tuple[str, str, float] | None:
+                while True:
+                    if conn.execute(qa, params).fetchone() is not None:
+                        return None
+                    # a holder whose session ended keeps the run only for the grace
+                    conn.execute(qc, grace)
+                    row = conn.execute(qh, [run_id]).fetchone()
+                    if row is not None:  # else released meanwhile: try again
+                        return (row[0], row[1], row[2])
 
-        held = self._call(acquire)
-        if held is None:
-            return self._lease(run_id, owner, token)
-        holder_owner, holder_json, remaining = held
+            held = self._call(acquire)
+            if held is None:
+                lease = self._lease(run_id, owner, token)
+                if lease is None:
+                    continue  # our own session ended meanwhile: take it under the next one
+                return lease
+            holder_owner, holder_json, remaining = held
+            if remaining <= TAKEOVER_GRACE:
+                # ending now (expired, or its holder is gone): wait for it rather than refuse
+                time.sleep(max(remaining, 0.0) + 0.01)
+                continue
+            break
         try:
             info = json.loads(holder_json)
         except ValueError:
@@ -984,8 +986,8 @@ class PostgresStore:
             f"run {run_id!r} is being executed by {holder_owner} (process "
             f"{info.get('pid', '?')} on {info.get('host', '?')}); its lease has "
             f"{max(remaining, 0.0):.1f}s left and is renewed while that process lives — wait "
-            "for it to finish, or stop that process: the run can be taken over once its lease "
-            "expires"
+            "for it to finish, or stop that process: the run is taken over within a second of "
+            "that process ending (or when its lease expires, if its host died)"
         )
 
     def claim_run(self, owner: str, workflows: Sequence[str]) -> tuple[RunRecord, RunLease] | None:
@@ -994,31 +996,44 @@ class PostgresStore:
         if not names:
             self._check_open()
             return None
-        token = secrets.token_hex(16)
         holder = self._holder_info()
         q = self._q
+        for attempt in range(2):
+            token = self._token()
 
-        def claim(conn: _Conn) -> RunRecord | None:
-            with conn.transaction():
-                ids = [
-                    r[0] for r in conn.execute(q["candidates"], [names, _CLAIM_BATCH]).fetchall()
-                ]
-                for run_id in ids:
-                    # the row lock keeps other claimers off this run; the lease upsert also
-                    # refuses a lease taken by acquire_run since this statement's snapshot
-                    got = conn.execute(
-                        q["acquire"], [run_id, token, owner, holder, self._lease_seconds]
-                    ).fetchone()
-                    if got is not None:
-                        row = conn.execute(q["get_run"], [run_id], binary=True).fetchone()
-                        assert row is not None  # locked by us: it cannot have gone
-                        return self._run_from_row(row)
-            return None
+            def claim(conn: _Conn, token: str = token) -> RunRecord | None:
+                with conn.transaction():
+                    ids = [
+                        r[0]
+                        for r in conn.execute(q["candidates"], [names, _CLAIM_BATCH]).fetchall()
+                    ]
+                    for run_id in ids:
+                        # the row lock keeps other claimers off this run; the lease upsert
+                        # also refuses a lease taken by acquire_run since this snapshot
+                        got = conn.execute(
+                            q["acquire"], [run_id, token, owner, holder, self._lease_seconds]
+                        ).fetchone()
+                        if got is not None:
+                            row = conn.execute(q["get_run"], [run_id], binary=True).fetchone()
+                            assert row is not None  # locked by us: it cannot have gone
+                            return self._run_from_row(row)
+                return None
 
-        run = self._call(claim)
-        if run is None:
-            return None
-        return run, self._lease(run.run_id, owner, token)
+            run = self._call(claim)
+            if run is not None:
+                lease = self._lease(run.run_id, owner, token)
+                return None if lease is None else (run, lease)
+            if attempt:
+                return None
+            # nothing to claim: are runs held by processes that died? Their leases end after
+            # the grace; wait for it once and look again
+            condemned = self._call(
+                lambda conn: conn.execute(q["condemn_all"], {"grace": TAKEOVER_GRACE}).fetchall()
+            )
+            if not condemned:
+                return None
+            time.sleep(TAKEOVER_GRACE + 0.01)
+        return None
 
     def _renew(self, tokens: list[str]) -> set[str]:
         """Renew the leases of ``tokens``; returns the ones still ours."""
@@ -1027,42 +1042,54 @@ class PostgresStore:
         return {r[0] for r in rows}
 
     def _heartbeat_loop(self) -> None:
-        renewed = time.monotonic()  # when the leases were last known to be ours
-        while not self._stop.wait(self._lease_seconds / 3):
-            with self._lock:
-                tokens = list(self._held)
-            if not tokens:
-                renewed = time.monotonic()
-                continue
-            try:
-                kept = self._renew(tokens)
-            except StoreError as e:  # the next beat tries again; leases outlive a short outage
-                if self._closed:
+        renewed = time.monotonic()  # the leases are ours until at least this + lease_seconds
+        # renewals run on a thread of their own: one that hangs (a server that stopped
+        # answering on a connection that stays open) must not keep this loop from fencing
+        beats = concurrent.futures.ThreadPoolExecutor(1, "durable_nb-pg-renew")
+        try:
+            while not self._stop.wait(self._lease_seconds / 3):
+                with self._lock:
+                    tokens = list(self._held)
+                sent = time.monotonic()
+                if not tokens:
+                    renewed = sent
                     continue
-                _log.warning("durable_nb: could not renew run leases: %s", e)
-                if time.monotonic() - renewed < self._lease_seconds:
-                    continue
-                kept = set()  # expired by now: another process may hold them
-            else:
-                renewed = time.monotonic()
-            lost: list[RunLease] = []
-            with self._lock:
-                for token in tokens:
-                    if token not in kept and (run_id := self._held.pop(token, None)):
-                        _log.warning(
-                            "durable_nb: the lease of run %r expired before it was renewed "
-                            "and another process may have taken the run over; this process "
-                            "stops executing it",
-                            run_id,
-                        )
-                        lease = self._lease_objs.pop(token, None)
-                        if lease is not None:
-                            lost.append(lease)
-            for lease in lost:  # outside the lock: the engine interrupts the run
+                left = renewed + self._lease_seconds - sent
                 try:
-                    lease.lost()
-                except Exception:
-                    _log.exception("durable_nb: interrupting run %r failed", lease.run_id)
+                    kept = beats.submit(self._renew, tokens).result(timeout=max(left, 0.001))
+                except (StoreError, concurrent.futures.TimeoutError) as e:
+                    # the next beat tries again: leases outlive an outage shorter than them
+                    if self._closed:
+                        continue
+                    _log.warning(
+                        "durable_nb: could not renew run leases: %s",
+                        e if str(e) else "no answer from the server",
+                    )
+                    if time.monotonic() - renewed < self._lease_seconds:
+                        continue
+                    kept = set()  # expired by now: another process may hold them
+                else:
+                    renewed = sent
+                self._expire([t for t in tokens if t not in kept])
+        finally:
+            beats.shutdown(wait=False)
+
+    def _expire(self, tokens: list[str]) -> None:
+        """These leases were not renewed in time: another process may hold them now."""
+        lost: list[RunLease] = []
+        with self._lock:
+            for token in tokens:
+                if run_id := self._held.pop(token, None):
+                    _log.warning(
+                        "durable_nb: the lease of run %r expired before it was renewed and "
+                        "another process may have taken the run over; this process stops "
+                        "executing it",
+                        run_id,
+                    )
+                    lease = self._lease_objs.pop(token, None)
+                    if lease is not None:
+                        lost.append(lease)
+        self._fence(lost)
 
     # ------------------------------------------------------------------ wake-ups
     def wait_for_work(self, timeout: float) -> None:
@@ -1124,21 +1151,14 @@ class PostgresStore:
         row = self._call(lambda conn: conn.execute(q, [run_id]).fetchone())
         return row[0] if row is not None else None
 
-    def append_events(self, events: Sequence[EventRecord]) -> None:
-        rows = [(e.run_id, e.event_id, e.ts, e.kind, e.data) for e in events]
-        if not rows:
-            self._check_open()
-            return
+    def _event_statements(self, events: Sequence[EventRecord]) -> list[Statement]:
         q = self._q["put_event"]
+        return [(q, (e.run_id, e.event_id, e.ts, e.kind, e.data)) for e in events]
 
-        def put(conn: _Conn) -> None:
-            if len(rows) == 1:
-                conn.execute(q, rows[0])
-                return
-            with conn.transaction(), conn.cursor() as cur:
-                cur.executemany(q, rows)
-
-        self._call(put)
+    def append_events(self, events: Sequence[EventRecord]) -> None:
+        self._check_open()
+        if events:
+            self._write([], self._event_statements(events))
 
     def load_events(self, run_id: str) -> list[EventRecord]:
         q = self._q["load_events"]
@@ -1176,6 +1196,18 @@ class PostgresStore:
         for thread in (self._heartbeat, self._listener):
             if thread is not None and thread is not threading.current_thread():
                 thread.join(timeout=5)
+        self._writer.close()
+        with self._lock:
+            loop_writers = list(self._loop_writers.values())
+        for writer in loop_writers:
+            # what its loop has under way finishes first (unless we are on that loop)
+            deadline = time.monotonic() + 5
+            while writer.busy and not writer.loop.is_closed() and time.monotonic() < deadline:
+                if _on_loop(writer.loop):
+                    break
+                time.sleep(0.005)
+            writer.close_now()
+        self._session.close()  # after the leases' rows went: nobody needs to find us gone
         self._pool.close()
 
     def __enter__(self) -> PostgresStore:

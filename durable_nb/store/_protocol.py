@@ -6,7 +6,7 @@ DuckDB, PostgreSQL) passes the same conformance suite (``tests/test_store_confor
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -21,6 +21,8 @@ from .._journal import (
 )
 
 if TYPE_CHECKING:
+    import asyncio
+
     from .._codecs import Payload, Signer
 
 __all__ = [
@@ -36,8 +38,13 @@ __all__ = [
     "SharedLimits",
     "SignalRecord",
     "Store",
+    "WriteDone",
     "run_scopes",
+    "submit_now",
 ]
+
+#: told how a :meth:`Store.submit` ended: ``None`` once every record is durable, else the error
+WriteDone = Callable[[BaseException | None], None]
 
 #: ``(scope, identity, version, input_hash, occurrence)``: the effect key (README, "How
 #: it works").
@@ -207,9 +214,38 @@ class Store(Protocol):
         """Signs and verifies pickled payloads with this store's key."""
         ...
 
+    @property
+    def remote(self) -> bool:
+        """Whether a call is a network round trip (PostgreSQL): the engine then makes its
+        calls in a thread or awaits :meth:`submit`, so its loop goes on serving other runs.
+        A local store's calls (memory, DuckDB) are made on the loop, as they are quick."""
+        ...
+
     # effects -------------------------------------------------------------------------
     def put_effects(self, records: Sequence[EffectRecord]) -> None:
         """Record effects; durable on return, atomic for the whole batch."""
+        ...
+
+    def submit(
+        self,
+        done: WriteDone,
+        *,
+        effects: Sequence[EffectRecord] = (),
+        runs: Sequence[RunRecord] = (),
+        events: Sequence[EventRecord] = (),
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        """Write records without waiting for them: as ``put_effects``, ``put_run`` (each run)
+        and ``append_events`` would, then ``done(None)`` once every one is durable, or
+        ``done(error)`` if they were not all written. ``done`` runs on any thread, possibly
+        before ``submit`` returns (a store that writes at once: see :func:`submit_now`); it
+        must be quick and must not call the store. A store may write records of concurrent
+        ``submit`` calls in one transaction (PostgreSQL: group commit). An error found
+        before anything was written (a closed store, a value it cannot keep) may be raised
+        by ``submit`` itself. The engine awaits ``done`` instead of blocking its loop.
+
+        ``loop``: a long-lived event loop the caller is running on, which the store may use
+        to write without a thread in between (``done`` is then called on that loop)."""
         ...
 
     def get_effect(self, key: EffectKey) -> EffectRecord | None:
@@ -324,3 +360,24 @@ class Store(Protocol):
     def close(self) -> None:
         """Flush and release every resource; the store may not be used afterwards."""
         ...
+
+
+def submit_now(
+    store: Store,
+    done: WriteDone,
+    effects: Sequence[EffectRecord] = (),
+    runs: Sequence[RunRecord] = (),
+    events: Sequence[EventRecord] = (),
+) -> None:
+    """:meth:`Store.submit` for a store whose writes are quick: write now, then tell ``done``."""
+    try:
+        if effects:
+            store.put_effects(effects)
+        for run in runs:
+            store.put_run(run)
+        if events:
+            store.append_events(events)
+    except Exception as e:
+        done(e)
+        return
+    done(None)

@@ -1,0 +1,212 @@
+"""The PostgreSQL store's schema: its tables (as named, ordered migrations) and every
+statement it runs, written once.
+
+Every value reaches SQL as a parameter; the schema name, the only identifier that varies, is
+validated by the store and quoted here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from psycopg import sql
+
+from ._pg_session import gone
+
+__all__ = [
+    "CLAIMABLE",
+    "EFFECT_COLS",
+    "EFFECT_KEY_COLS",
+    "MIGRATIONS",
+    "RUN_COLS",
+    "SCHEMA_VERSION",
+    "statements",
+]
+
+# fmt: off
+EFFECT_COLS = (
+    "scope", "identity", "version", "input_hash", "occurrence", "codec", "data", "table_ipc",
+    "is_error", "kind", "seq", "started_at", "duration", "detail",
+)
+EFFECT_KEY_COLS = EFFECT_COLS[:5]
+EFFECT_TYPES = (
+    "text", "text", "text", "text", "bigint", "text", "bytea", "bytea", "boolean", "text",
+    "bigint", "float8", "float8", "text",
+)
+RUN_COLS = (
+    "run_id", "workflow", "status", "created_at", "updated_at", "args_codec", "args_data",
+    "args_ipc", "result_codec", "result_data", "result_ipc", "error_codec", "error_data",
+    "error_ipc", "custom_status", "status_version", "parent_id", "executions", "detail",
+    "input_hash", "code_version", "generation", "version",
+)
+# fmt: on
+CLAIMABLE = "('queued', 'running', 'waiting')"
+
+#: Named, ordered schema migrations (``{s}`` is the quoted schema). Append only; never edit
+#: a released one.
+MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
+    (
+        1,
+        "initial: effects, runs, signals, inbox, events, run leases, effect claims",
+        (
+            'CREATE TABLE {s}.dn_effects (scope text COLLATE "C" NOT NULL, '
+            'identity text COLLATE "C" NOT NULL, version text COLLATE "C" NOT NULL, '
+            'input_hash text COLLATE "C" NOT NULL, occurrence bigint NOT NULL, '
+            "codec text NOT NULL, data bytea NOT NULL, table_ipc bytea, "
+            "is_error boolean NOT NULL, kind text NOT NULL, seq bigint NOT NULL, "
+            "started_at double precision NOT NULL, duration double precision NOT NULL, "
+            "detail text NOT NULL, "
+            "PRIMARY KEY (scope, identity, version, input_hash, occurrence))",
+            'CREATE TABLE {s}.dn_runs (run_id text COLLATE "C" PRIMARY KEY, '
+            'workflow text COLLATE "C" NOT NULL, status text NOT NULL, '
+            "created_at double precision NOT NULL, updated_at double precision NOT NULL, "
+            "args_codec text, args_data bytea, args_ipc bytea, "
+            "result_codec text, result_data bytea, result_ipc bytea, "
+            "error_codec text, error_data bytea, error_ipc bytea, "
+            "custom_status text, status_version bigint NOT NULL, "
+            'parent_id text COLLATE "C", executions bigint NOT NULL, detail text NOT NULL, '
+            "input_hash text NOT NULL, code_version text NOT NULL, "
+            "generation bigint NOT NULL, version text NOT NULL)",
+            "CREATE INDEX dn_runs_created ON {s}.dn_runs (created_at, run_id)",
+            # what claim_run scans: only runs that may need an executor, oldest first
+            "CREATE INDEX dn_runs_claimable ON {s}.dn_runs (created_at, run_id) "
+            f"WHERE status IN {CLAIMABLE}",
+            "CREATE INDEX dn_runs_parent ON {s}.dn_runs (parent_id) WHERE parent_id IS NOT NULL",
+            'CREATE TABLE {s}.dn_signals (run_id text COLLATE "C" NOT NULL, '
+            'signal_id text COLLATE "C" NOT NULL, name text NOT NULL, payload text NOT NULL, '
+            "sent_at double precision NOT NULL, PRIMARY KEY (run_id, signal_id))",
+            # one row per run: the id of the transaction that last sent it a signal
+            'CREATE TABLE {s}.dn_inbox (run_id text COLLATE "C" PRIMARY KEY, '
+            "token bigint NOT NULL)",
+            'CREATE TABLE {s}.dn_events (run_id text COLLATE "C" NOT NULL, '
+            'event_id text COLLATE "C" NOT NULL, ts double precision NOT NULL, '
+            "kind text NOT NULL, data text NOT NULL, PRIMARY KEY (run_id, event_id))",
+            'CREATE TABLE {s}.dn_leases (run_id text COLLATE "C" PRIMARY KEY, '
+            "token text NOT NULL, owner text NOT NULL, holder text NOT NULL, "
+            "acquired_at timestamptz NOT NULL, expires_at timestamptz NOT NULL)",
+            "CREATE INDEX dn_leases_token ON {s}.dn_leases (token)",
+            'CREATE TABLE {s}.dn_effect_claims (scope text COLLATE "C" NOT NULL, '
+            'identity text COLLATE "C" NOT NULL, version text COLLATE "C" NOT NULL, '
+            'input_hash text COLLATE "C" NOT NULL, occurrence bigint NOT NULL, '
+            "owner text NOT NULL, expires_at timestamptz NOT NULL, "
+            "PRIMARY KEY (scope, identity, version, input_hash, occurrence))",
+        ),
+    ),
+    (
+        2,
+        "limits: named rate and concurrency limits shared by every process on the store",
+        (
+            'CREATE TABLE {s}.dn_limit_slots (name text COLLATE "C" NOT NULL, '
+            'slot text COLLATE "C" NOT NULL, expires_at timestamptz NOT NULL, '
+            "PRIMARY KEY (name, slot))",
+            'CREATE TABLE {s}.dn_limit_starts (name text COLLATE "C" NOT NULL, '
+            "at double precision NOT NULL)",
+            "CREATE INDEX dn_limit_starts_name_at ON {s}.dn_limit_starts (name, at)",
+        ),
+    ),
+)
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def statements(schema: str) -> dict[str, str]:
+    """Every statement the store runs, by name, for the (validated) schema ``schema``."""
+    s = sql.Identifier(schema).as_string()
+
+    def upsert(table: str, cols: Sequence[str], key: Sequence[str]) -> str:
+        updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in cols if c not in key)
+        return (
+            f"INSERT INTO {s}.{table} ({', '.join(cols)}) "
+            f"VALUES ({', '.join(['%s'] * len(cols))}) "
+            f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {updates}"
+        )
+
+    key_where = " AND ".join(f"{c} = %s" for c in EFFECT_KEY_COLS)
+    # a claim's owner as the engine named it: without the session key in front
+    claim_owner = "substr({0}.owner, strpos({0}.owner, '.') + 1)"
+    # a lease (or claim) whose holder's session ended expires after the grace
+    condemn = (
+        "SET expires_at = now() + make_interval(secs => %(grace)s) "
+        "WHERE expires_at > now() + make_interval(secs => %(grace)s) AND "
+    )
+    lease_upsert = (
+        f"INSERT INTO {s}.dn_leases AS l (run_id, token, owner, holder, acquired_at, "
+        "expires_at) VALUES (%s, %s, %s, %s, now(), now() + make_interval(secs => %s)) "
+        "ON CONFLICT (run_id) DO UPDATE SET token = EXCLUDED.token, owner = EXCLUDED.owner, "
+        "holder = EXCLUDED.holder, acquired_at = now(), expires_at = EXCLUDED.expires_at "
+        # our own token: a retry after a lost reply finds the lease it already took
+        "WHERE l.expires_at <= now() OR l.token = EXCLUDED.token RETURNING run_id"
+    )
+    return {
+        "put_effect": upsert("dn_effects", EFFECT_COLS, EFFECT_KEY_COLS),
+        "put_effects": f"INSERT INTO {s}.dn_effects ({', '.join(EFFECT_COLS)}) "
+        # binary arrays: dumping text arrays quotes every element in Python
+        f"SELECT * FROM unnest({', '.join(f'%b::{t}[]' for t in EFFECT_TYPES)}) "
+        f"ON CONFLICT ({', '.join(EFFECT_KEY_COLS)}) DO UPDATE SET "
+        + ", ".join(f"{c} = EXCLUDED.{c}" for c in EFFECT_COLS if c not in EFFECT_KEY_COLS),
+        "get_effect": f"SELECT {', '.join(EFFECT_COLS)} FROM {s}.dn_effects WHERE {key_where}",
+        "load_effects": f"SELECT {', '.join(EFFECT_COLS)} FROM {s}.dn_effects "
+        "WHERE scope = %s ORDER BY seq, started_at",
+        "delete_effects": f"DELETE FROM {s}.dn_effects WHERE scope = %s",
+        "delete_scopes": f"DELETE FROM {s}.dn_effects WHERE scope = ANY(%s)",
+        "prune_effects": f"DELETE FROM {s}.dn_effects "
+        "WHERE starts_with(scope, %s) AND started_at < %s",
+        "prune_claims": f"DELETE FROM {s}.dn_effect_claims WHERE expires_at <= now()",
+        # one statement: the run and, if it is queued, the wake-up for idle workers
+        "put_run": f"WITH r AS ({upsert('dn_runs', RUN_COLS, ('run_id',))} "
+        "RETURNING status) SELECT pg_notify(%s, 'queued') FROM r WHERE r.status = 'queued'",
+        "get_run": f"SELECT {', '.join(RUN_COLS)} FROM {s}.dn_runs WHERE run_id = %s",
+        "list_runs": f"SELECT {', '.join(RUN_COLS)} FROM {s}.dn_runs",
+        "delete_run": f"DELETE FROM {s}.dn_runs WHERE run_id = %s",
+        "delete_signals": f"DELETE FROM {s}.dn_signals WHERE run_id = %s",
+        "delete_some_signals": f"DELETE FROM {s}.dn_signals "
+        "WHERE run_id = %s AND signal_id = ANY(%s)",
+        "delete_inbox": f"DELETE FROM {s}.dn_inbox WHERE run_id = %s",
+        "delete_events": f"DELETE FROM {s}.dn_events WHERE run_id = %s",
+        "acquire": lease_upsert,
+        "holder": f"SELECT owner, holder, EXTRACT(EPOCH FROM expires_at - now())::float8 "
+        f"FROM {s}.dn_leases WHERE run_id = %s",
+        "condemn": f"UPDATE {s}.dn_leases {condemn} run_id = %(run_id)s AND "
+        f"{gone('token')} RETURNING run_id",
+        "condemn_all": f"UPDATE {s}.dn_leases {condemn} {gone('token')} RETURNING run_id",
+        "renew": f"UPDATE {s}.dn_leases SET expires_at = now() + make_interval(secs => %s) "
+        "WHERE token = ANY(%s) RETURNING token",
+        "release": f"WITH d AS (DELETE FROM {s}.dn_leases WHERE run_id = %s AND token = %s "
+        "RETURNING run_id) SELECT pg_notify(%s, 'released') FROM d",
+        "release_all": f"DELETE FROM {s}.dn_leases WHERE token = ANY(%s) RETURNING run_id",
+        "notify": "SELECT pg_notify(%s, %s)",
+        "candidates": f"SELECT r.run_id FROM {s}.dn_runs r "
+        f"WHERE r.status IN {CLAIMABLE} AND r.workflow = ANY(%s) "
+        f"AND NOT EXISTS (SELECT 1 FROM {s}.dn_leases l "
+        "WHERE l.run_id = r.run_id AND l.expires_at > now()) "
+        "ORDER BY r.created_at, r.run_id LIMIT %s FOR UPDATE OF r SKIP LOCKED",
+        "claim_effect": f"INSERT INTO {s}.dn_effect_claims AS c "
+        f"({', '.join(EFFECT_KEY_COLS)}, owner, expires_at) "
+        "VALUES (%s, %s, %s, %s, %s, %s, now() + make_interval(secs => %s)) "
+        f"ON CONFLICT ({', '.join(EFFECT_KEY_COLS)}) DO UPDATE "
+        "SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at "
+        f"WHERE {claim_owner.format('c')} = {claim_owner.format('EXCLUDED')} "
+        "OR c.expires_at <= now() RETURNING 1",
+        "condemn_claim": f"UPDATE {s}.dn_effect_claims {condemn} "
+        + " AND ".join(f"{c} = %({c})s" for c in EFFECT_KEY_COLS)
+        + f" AND {gone('owner')} RETURNING 1",
+        "release_effect": f"DELETE FROM {s}.dn_effect_claims c WHERE {key_where} "
+        f"AND {claim_owner.format('c')} = %s",
+        # one statement: the signal, its run's inbox token and the wake-up
+        "add_signal": "WITH g AS ("
+        + upsert(
+            "dn_signals",
+            ("run_id", "signal_id", "name", "payload", "sent_at"),
+            ("run_id", "signal_id"),
+        )
+        + f" RETURNING run_id), i AS (INSERT INTO {s}.dn_inbox AS i (run_id, token) "
+        "SELECT run_id, txid_current() FROM g ON CONFLICT (run_id) DO UPDATE "
+        "SET token = EXCLUDED.token RETURNING 1) SELECT pg_notify(%s, 'signal') FROM i",
+        "list_signals": f"SELECT run_id, signal_id, name, payload, sent_at FROM {s}.dn_signals "
+        "WHERE run_id = %s ORDER BY sent_at, signal_id",
+        "inbox_token": f"SELECT token FROM {s}.dn_inbox WHERE run_id = %s",
+        "put_event": upsert(
+            "dn_events", ("run_id", "event_id", "ts", "kind", "data"), ("run_id", "event_id")
+        ),
+        "load_events": f"SELECT run_id, event_id, ts, kind, data FROM {s}.dn_events "
+        "WHERE run_id = %s ORDER BY ts, event_id",
+    }
