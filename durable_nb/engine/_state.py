@@ -351,7 +351,11 @@ class RunState:
         write); returns once it is durable, without blocking the loop while the store writes
         (other runs go on, and their records share the write)."""
         if self.inflight <= 1 and not self._batch:
-            await wait_written(durable_write(runtime.store, effects=[rec, *also]))
+            store = runtime.store
+            if not store.remote:  # it writes at once: as cheap as a sync record
+                store.put_effects([rec, *also])
+            else:
+                await wait_written(durable_write(store, effects=[rec, *also]))
             for r in also:
                 self.index[(r.identity, r.version, r.input_hash, r.occurrence)] = r
             self._recorded(rec)
