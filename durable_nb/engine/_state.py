@@ -330,7 +330,11 @@ class RunState:
         """Record an effect's outcome; returns once it is durable, without blocking the loop
         while the store writes (other runs go on, and their records share the write)."""
         if self.inflight <= 1 and not self._batch:
-            await wait_written(durable_write(runtime.store, effects=[rec]))
+            store = runtime.store
+            if not store.remote:  # it writes at once: as cheap as a sync record
+                store.put_effects([rec])
+            else:
+                await wait_written(durable_write(store, effects=[rec]))
             self._recorded(rec)
             return
         # effects of this run completing in the same loop iteration share one write
