@@ -943,7 +943,10 @@ class DuckDBStore:
     def put_effects(self, records: Sequence[EffectRecord]) -> None:
         by_scope: dict[str, list[tuple[str, str, str, int]]] = {}
         for rec in records:
-            by_scope.setdefault(rec.scope, []).append(rec.key[1:])
+            scope = rec.scope
+            if scope.startswith(TOP_SCOPE_PREFIX) or scope == SHARED_SCOPE:  # filtered scopes
+                key = (rec.identity, rec.version, rec.input_hash, rec.occurrence)
+                by_scope.setdefault(scope, []).append(key)
         for scope, keys in by_scope.items():
             f = self._key_filter(scope)
             if f is not None:  # before the journal: a record that exists has its slots
