@@ -72,6 +72,21 @@ R = TypeVar("R")
 _widget_factory: Callable[..., Any] | None = None
 
 
+async def _wait_changed(
+    changed: asyncio.Event, deadline: float | None, late: Callable[[], str]
+) -> None:
+    """One pause of a caller waiting on a run (``wait_kv``, ``wait_status_change``): until
+    the run says something changed, at most 1 s (a run elsewhere is read again then), never
+    past ``deadline`` (loop time): past it, ``TimeoutError(late())``."""
+    wait = 1.0
+    if deadline is not None:
+        wait = min(wait, deadline - asyncio.get_running_loop().time())
+        if wait <= 0:
+            raise TimeoutError(late())
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(changed.wait(), wait)
+
+
 def _seen(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled():
         fut.exception()
@@ -254,16 +269,14 @@ class Job(Generic[R]):
                     raise RunEndedError(
                         f"run {self.run_id!r} ended ({rec.status}) without setting kv key {key!r}"
                     )
-                wait = 1.0
-                if deadline is not None:
-                    wait = min(wait, deadline - loop.time())
-                    if wait <= 0:
-                        raise TimeoutError(
-                            f"run {self.run_id!r} did not set kv key {key!r} within "
-                            f"timeout={timeout:g}s"
-                        )
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(changed.wait(), wait)
+                await _wait_changed(
+                    changed,
+                    deadline,
+                    lambda: (
+                        f"run {self.run_id!r} did not set kv key {key!r} within "
+                        f"timeout={timeout:g}s"
+                    ),
+                )
         finally:
             unsubscribe()
 
@@ -313,16 +326,14 @@ class Job(Generic[R]):
                         f"without a status newer than {after_version}; read its last status "
                         "with job.custom_status()"
                     )
-                wait = 1.0
-                if deadline is not None:
-                    wait = min(wait, deadline - loop.time())
-                    if wait <= 0:
-                        raise TimeoutError(
-                            f"run {self.run_id!r} published no status newer than version "
-                            f"{after_version} within timeout={timeout:g}s"
-                        )
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(changed.wait(), wait)
+
+                def late(newer_than: int | None = after_version) -> str:
+                    return (
+                        f"run {self.run_id!r} published no status newer than version "
+                        f"{newer_than} within timeout={timeout:g}s"
+                    )
+
+                await _wait_changed(changed, deadline, late)
         finally:
             unsubscribe()
 
