@@ -88,6 +88,21 @@ def _value_text(key: str, value: object) -> str:
     return text
 
 
+def _tombstone(st: RunState, key: str, seq: int, now: float) -> EffectRecord:
+    """The ``kv/`` record of a deleted key (written with the journal step ``seq``)."""
+    return EffectRecord(
+        kv_scope(st.run_id),
+        key,
+        "",
+        "",
+        0,
+        payload=_codecs.encode(None, runtime.store.signer),
+        kind="kv_delete",
+        started_at=now,
+        detail=json.dumps({"seq": seq}),
+    )
+
+
 class RunKV(MutableMapping[str, Any]):
     """``ctx.kv``: the run's key/value state (JSON values), readable from outside while the
     run executes (``job.kv()``). Reads come from memory and replay exactly; each write is
@@ -191,18 +206,7 @@ class RunKV(MutableMapping[str, Any]):
                 started_at=now,
                 detail=detail_text(KvDeleteDetail(key=key)),
             )
-            tombstone = EffectRecord(
-                kv_scope(st.run_id),
-                key,
-                "",
-                "",
-                0,
-                payload=_codecs.encode(None, signer),
-                kind="kv_delete",
-                started_at=now,
-                detail=json.dumps({"seq": seq}),
-            )
-            st.record_together(journal, [tombstone])
+            st.record_together(journal, [_tombstone(st, key, seq, now)])
         del view[key]
         st.kv_times.pop(key, None)
         return True
@@ -263,21 +267,7 @@ class RunKV(MutableMapping[str, Any]):
                 started_at=now,
                 detail=detail_text(detail),
             )
-            tombstones = [
-                EffectRecord(
-                    kv_scope(st.run_id),
-                    key,
-                    "",
-                    "",
-                    0,
-                    payload=_codecs.encode(None, signer),
-                    kind="kv_delete",
-                    started_at=now,
-                    detail=json.dumps({"seq": seq}),
-                )
-                for key in keys
-            ]
-            st.record_together(journal, tombstones)
+            st.record_together(journal, [_tombstone(st, key, seq, now) for key in keys])
         for key in keys:
             view.pop(key, None)
             st.kv_times.pop(key, None)
