@@ -30,6 +30,7 @@ __all__ = [
     "EXECUTION_EVENTS",
     "FINAL_STATUSES",
     "HIDDEN_KINDS",
+    "PROGRESS_PREFIX",
     "QUEUE_PREFIX",
     "RETRY_PREFIX",
     "RUN_STATUSES",
@@ -52,6 +53,7 @@ __all__ = [
     "KvSetDetail",
     "LiveKind",
     "LogDetail",
+    "ProgressDetail",
     "RaceDetail",
     "RecordKind",
     "RetryDetail",
@@ -96,8 +98,9 @@ __all__ = [
 #: replaces the record of an effect's error that failed its run: the step still shows as
 #: failed, but resuming the run calls that effect again. ``retry``, ``kv_base`` and
 #: ``cancel_cleared`` (a resume of a cancelled run consumed its cancel signal) are
-#: bookkeeping kept in the journal (see :data:`AUX_KINDS`), as is ``usage`` (the tokens an
-#: effect's result reported, written in the same write as the result).
+#: bookkeeping kept in the journal (see :data:`AUX_KINDS`), as are ``usage`` (the tokens an
+#: effect's result reported) and ``progress`` (how far its progress bar got: its final
+#: ``dn.progress`` or tqdm count), both written in the same write as the result.
 StepKind = Literal[
     "effect",
     "stream",
@@ -124,6 +127,7 @@ StepKind = Literal[
     "cleared",
     "cancel_cleared",
     "usage",
+    "progress",
 ]
 #: Records of a run's other scopes: a stream's chunk and end marker (``stream/<run>``), a
 #: key's current value (``kv/<run>``; a deleted key leaves a ``kv_delete`` tombstone); and of
@@ -139,6 +143,7 @@ AUX_KINDS: Final[tuple[str, ...]] = (
     "kv_base",
     "cancel_cleared",
     "usage",
+    "progress",
     "chunk",
     "stream_end",
     "kv",
@@ -259,6 +264,15 @@ class UsageDetail(TypedDict, total=False):
     model: str  # the response's ``model``, when it says
 
 
+class ProgressDetail(TypedDict):
+    """How far an executed effect's progress bar got (``progress`` records): its final state,
+    shown on its row afterwards (replayed or opened from the store) instead of a spinner."""
+
+    n: int  # items done
+    total: int | None  # the bar's total, None when it had none
+    desc: str  # its label, "" when none
+
+
 StepDetail = Union[
     SleepDetail,
     DeadlineDetail,
@@ -280,6 +294,7 @@ StepDetail = Union[
     RetryDetail,
     KvBaseDetail,
     UsageDetail,
+    ProgressDetail,
 ]
 
 
@@ -328,6 +343,9 @@ RETRY_PREFIX: Final = "dn.retry:"
 #: the tokens an effect call used: identity ``USAGE_PREFIX + the effect's identity``, the
 #: rest of the key the call's own
 USAGE_PREFIX: Final = "dn.usage:"
+#: how far an effect call's progress bar got: identity ``PROGRESS_PREFIX + the effect's
+#: identity``, the rest of the key the call's own
+PROGRESS_PREFIX: Final = "dn.progress:"
 #: a streaming effect's chunks: identity ``CHUNK_PREFIX + the effect's identity``
 CHUNK_PREFIX: Final = "dn.chunk:"
 #: notebook and script scopes are ``TOP_SCOPE_PREFIX + name``

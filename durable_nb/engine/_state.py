@@ -25,6 +25,7 @@ from .. import _codecs
 from .._journal import (
     AUX_KINDS,
     CANCEL_SIGNAL,
+    PROGRESS_PREFIX,
     RETRY_PREFIX,
     USAGE_PREFIX,
     EventKind,
@@ -191,6 +192,9 @@ class RunState:
                 "completion": d.get("completion_tokens", 0),
                 "model": d.get("model", ""),
             }
+        bar = self.index.get((PROGRESS_PREFIX + rec.identity, *self._key_rest(rec)))
+        if bar is not None:  # how far its progress bar got: its row shows it, not a spinner
+            data["progress"] = read_detail(bar.detail)
         self.emit("step", data)
 
     @staticmethod

@@ -18,7 +18,7 @@ from .._journal import USAGE_PREFIX, UsageDetail, detail_text
 from ..store import EffectRecord
 from ._runtime import runtime
 
-__all__ = ["usage_of", "usage_records"]
+__all__ = ["none_payload", "usage_of", "usage_records"]
 
 # field names, OpenAI's first; Anthropic reports input/output tokens (and its streamed
 # message_delta carries the cumulative output count, so the largest value wins over a sum)
@@ -97,6 +97,14 @@ def usage_of(value: object) -> UsageDetail | None:
 _NONE_PAYLOAD: Any = None
 
 
+def none_payload() -> Any:
+    """The payload of a bookkeeping record that keeps its data in its detail."""
+    global _NONE_PAYLOAD
+    if _NONE_PAYLOAD is None:
+        _NONE_PAYLOAD = encode(None, runtime.store.signer)
+    return _NONE_PAYLOAD
+
+
 _PLAIN = frozenset({type(None), bool, int, float, str, bytes})
 
 
@@ -108,9 +116,6 @@ def usage_records(rec: EffectRecord, value: object) -> tuple[EffectRecord, ...]:
     usage = usage_of(value)
     if usage is None:
         return ()
-    global _NONE_PAYLOAD
-    if _NONE_PAYLOAD is None:
-        _NONE_PAYLOAD = encode(None, runtime.store.signer)
     return (
         EffectRecord(
             rec.scope,
@@ -118,7 +123,7 @@ def usage_records(rec: EffectRecord, value: object) -> tuple[EffectRecord, ...]:
             rec.version,
             rec.input_hash,
             rec.occurrence,
-            payload=_NONE_PAYLOAD,
+            payload=none_payload(),
             kind="usage",
             seq=rec.seq,
             started_at=rec.started_at,

@@ -12,7 +12,7 @@ import json
 from typing import Any, TypedDict, cast
 
 from .._journal import EXECUTION_EVENTS, FINAL_STATUSES, HIDDEN_KINDS
-from ..trace import shown_detail, step_label, waiting_of
+from ..trace import progress_text, shown_detail, step_label, waiting_of
 from ._messages import RunInfo, StepRow, StepState, Totals, Waiting
 
 __all__ = ["FINAL", "TraceModel", "label_of", "waits_of"]
@@ -204,7 +204,7 @@ class TraceModel:
                 "args": shown_detail(str(s.get("kind", "")), str(s.get("args") or "")),
                 "error": str(s.get("error") or ""),
                 "started": 0.0,
-                "progress": "",
+                "progress": progress_text(s.get("progress")),  # recorded: its final state
                 **_tokens_of(s.get("tokens")),
             }
             i = self._put((row["seq"], row["name"]), row)
@@ -248,10 +248,11 @@ class TraceModel:
         i = self._index.get((int(m.get("seq", -1)), str(m.get("name", ""))))
         if i is None:
             return
-        done, total, desc = m.get("done", 0), m.get("total"), str(m.get("desc") or "")
-        text = f"{done}/{total}" if total is not None else f"{done}"
+        text = progress_text(
+            {"n": m.get("done", 0), "total": m.get("total"), "desc": m.get("desc")}
+        )
         row = self.rows[i]
-        self.rows[i] = {**row, "progress": f"{text} {desc}".strip()}
+        self.rows[i] = {**row, "progress": text}
         self._dirty[i] = None
 
     def _step(self, m: dict[str, Any]) -> None:
@@ -276,7 +277,7 @@ class TraceModel:
             "args": shown_detail(kind, str(args)),
             "error": error,
             "started": float(m.get("ts") or 0.0) if state == "running" else 0.0,
-            "progress": "",
+            "progress": progress_text(m.get("progress")),  # a recorded step's final state
             **_tokens_of(m.get("tokens")),
         }
         key: _Key = (seq, name)
@@ -287,7 +288,7 @@ class TraceModel:
                 del self._index[("wait", str(signal_name))]
                 self._index[key] = i
         old = self._index.get(key)
-        if old is not None and self.rows[old]["progress"]:
+        if old is not None and self.rows[old]["progress"] and not row["progress"]:
             row["progress"] = self.rows[old]["progress"]  # its final progress stays shown
         i = self._put(key, row)
         if kind == "sleep":
