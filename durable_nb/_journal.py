@@ -85,6 +85,7 @@ __all__ = [
     "signal_id_of",
     "signal_label",
     "stream_scope",
+    "usage_totals",
 ]
 
 # ------------------------------------------------------------------------- step kinds
@@ -332,6 +333,24 @@ def shown_seqs(records: Iterable[Any]) -> list[int]:
     return sorted({r.seq for r in records if r.seq >= 0 and r.kind not in hidden})
 
 
+def usage_totals(records: Iterable[Any]) -> dict[str, Any]:
+    """The tokens of the ``usage`` records among ``records``: ``{"prompt", "completion",
+    "by_model": {model: {"prompt", "completion"}}}`` (a model the response did not name is
+    ``"?"``)."""
+    out: dict[str, Any] = {"prompt": 0, "completion": 0, "by_model": {}}
+    for r in records:
+        if r.kind != "usage":
+            continue
+        d = read_detail(r.detail)
+        p, c = int(d.get("prompt_tokens", 0) or 0), int(d.get("completion_tokens", 0) or 0)
+        m = out["by_model"].setdefault(str(d.get("model") or "?"), {"prompt": 0, "completion": 0})
+        out["prompt"] += p
+        out["completion"] += c
+        m["prompt"] += p
+        m["completion"] += c
+    return out
+
+
 def iso_time(ts: float) -> str:
     """Epoch seconds as the ISO 8601 UTC text of details (``until``, ``next_at``)."""
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
@@ -440,7 +459,11 @@ EventKind = Literal[
 ]
 #: events that open an execution of a run; the last one opens the latest execution
 EXECUTION_EVENTS: Final[tuple[str, ...]] = ("started", "resumed")
-#: events that close an execution (with its replayed/executed/saved totals)
+#: events that close an execution, with its totals: ``replayed``, ``executed``,
+#: ``saved_seconds`` and, when replayed steps had reported tokens, ``tokens_saved``
+#: (``{prompt, completion}``) and ``tokens_saved_by_model``; ``continued_as_new`` also
+#: carries what the generation's journal (dropped then) had spent: ``spent_seconds``,
+#: ``tokens`` and ``tokens_by_model``
 CLOSING_EVENTS: Final[tuple[str, ...]] = (
     "completed",
     "failed",

@@ -186,7 +186,7 @@ def run_trace(store: Store, run_id: str) -> dict[str, Any]:
          "children": [run_id, ...],
          "events": [{ts, kind, data}],
          "totals": {steps, executed, replayed, failed, saved_seconds, tokens,
-                    tokens_saved, tokens_by_model}}
+                    tokens_saved, tokens_by_model, tokens_before}}
 
     ``steps`` are in ``seq`` order. A step's ``state`` is ``"executed"`` when it was recorded
     by the latest execution (the one opened by the last ``started``/``resumed`` event),
@@ -328,18 +328,35 @@ def run_trace(store: Store, run_id: str) -> dict[str, Any]:
             "saved_seconds": round(
                 sum(s["duration"] for s in shown if s["state"] == "replayed"), 6
             ),
-            **token_totals(shown),
+            **token_totals(shown, events),
         },
     }
 
 
-def token_totals(steps: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+def token_totals(
+    steps: Iterable[Mapping[str, Any]], events: Iterable[Mapping[str, Any]] = ()
+) -> dict[str, Any]:
     """Tokens of a trace's steps: ``tokens`` (prompt, completion) spent by every recorded
     execution, ``tokens_saved`` by the replayed steps (recorded by an earlier execution), and
-    spent per model (``tokens_by_model``)."""
+    spent per model (``tokens_by_model``). The earlier generations of a run that continued
+    as new (their journals are gone; each ``continued_as_new`` event in ``events`` keeps what
+    its generation spent) count in ``tokens`` and ``tokens_by_model`` too, and alone in
+    ``tokens_before`` — the whole chain's spend, not only the latest generation's."""
     spent = {"prompt": 0, "completion": 0}
     saved = {"prompt": 0, "completion": 0}
+    before = {"prompt": 0, "completion": 0}
     by_model: dict[str, dict[str, int]] = {}
+    for e in events:
+        d = e.get("data")
+        if e.get("kind") != "continued_as_new" or not isinstance(d, dict):
+            continue
+        for model, t in (d.get("tokens_by_model") or {}).items():
+            m = by_model.setdefault(str(model), {"prompt": 0, "completion": 0})
+            for k in ("prompt", "completion"):
+                n = int(t.get(k, 0) or 0)
+                m[k] += n
+                spent[k] += n
+                before[k] += n
     for s in steps:
         t = s.get("tokens")
         if not t:
@@ -351,7 +368,12 @@ def token_totals(steps: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         m = by_model.setdefault(t["model"] or "?", {"prompt": 0, "completion": 0})
         m["prompt"] += t["prompt"]
         m["completion"] += t["completion"]
-    return {"tokens": spent, "tokens_saved": saved, "tokens_by_model": by_model}
+    return {
+        "tokens": spent,
+        "tokens_saved": saved,
+        "tokens_by_model": by_model,
+        "tokens_before": before,
+    }
 
 
 _STATES = ("executed", "replayed", "failed")

@@ -78,6 +78,18 @@ def test_delete_effects_only_touches_its_scope(store: Store) -> None:
     assert len(store.load_effects("top/x")) == 1
 
 
+def test_effect_scopes_lists_the_scopes_with_records_under_a_prefix(store: Store) -> None:
+    assert store.effect_scopes("top/") == []
+    store.put_effects(
+        [_eff(store, s, 1) for s in ("top/b.ipynb", "top/a.py", "run/r", "shared", "top/a.py")]
+    )
+    assert store.effect_scopes("top/") == ["top/a.py", "top/b.ipynb"]
+    assert store.effect_scopes("run/") == ["run/r"]
+    assert store.effect_scopes("") == ["run/r", "shared", "top/a.py", "top/b.ipynb"]
+    store.delete_effects("top/a.py")
+    assert store.effect_scopes("top/") == ["top/b.ipynb"]
+
+
 def _run(run_id: str, status: str = "running", created: float = 1.0) -> RunRecord:
     return RunRecord(run_id, "mod.wf", status, created, created)  # type: ignore[arg-type]
 

@@ -166,7 +166,8 @@ def _bar(iterable: Iterable[T], total: int | None, desc: str | None) -> Iterator
         from tqdm.auto import tqdm  # type: ignore[import-untyped]  # optional, untyped
     except ImportError:  # no bar to show
         return None
-    return iter(tqdm(iterable, total=total, desc=desc))
+    bar: Iterator[T] = iter(tqdm(iterable, total=total, desc=desc))
+    return bar
 
 
 def _inside(iterable: Iterable[T], total: int | None, desc: str, step: Step) -> Iterator[T]:
@@ -237,7 +238,8 @@ class _WhenImported(importlib.abc.MetaPathFinder):
                 continue
             loader = spec.loader
             if loader is not None and hasattr(loader, "exec_module"):
-                loader.exec_module = _then_hook(loader.exec_module)  # type: ignore[method-assign]
+                hooked = _then_hook(loader.exec_module)
+                loader.exec_module = hooked  # type: ignore[method-assign,assignment]  # its own
             return spec
         return None
 

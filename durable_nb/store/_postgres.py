@@ -650,6 +650,11 @@ class PostgresStore:
         rows = self._call(lambda conn: conn.execute(q, [scope], binary=True).fetchall())
         return [self._effect_from_row(r) for r in rows]
 
+    def effect_scopes(self, prefix: str) -> list[str]:
+        q = self._q["effect_scopes"]
+        rows = self._call(lambda conn: conn.execute(q, [prefix]).fetchall())
+        return sorted(str(r[0]) for r in rows)
+
     def delete_effects(self, scope: str) -> int:
         q = self._q["delete_effects"]
         return self._call(lambda conn: conn.execute(q, [scope]).rowcount)

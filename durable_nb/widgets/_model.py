@@ -94,6 +94,7 @@ class TraceModel:
         self._counts: dict[str, int] = dict.fromkeys(_STATES, 0)
         self._saved = 0.0
         self._tokens = [0, 0, 0]  # prompt, completion spent; prompt+completion replayed
+        self._before = [0, 0]  # prompt, completion of the generations before (continue_as_new)
         self.waiting: list[Waiting] = []
         self.run: RunInfo = {
             "run_id": run_id,
@@ -220,6 +221,8 @@ class TraceModel:
         if isinstance(forked, dict):
             self.run["forked_from"] = f"{forked.get('run_id')} at step {forked.get('step')}"
         self.run["error"] = error if status == "failed" else ""
+        before = trace.get("totals", {}).get("tokens_before") or {}
+        self._before = [int(before.get("prompt", 0)), int(before.get("completion", 0))]
         self._set_status(status, detail, live=False)
         # waits known from the record (a run waiting while no process executes it)
         self.waiting = waits_of(status, detail)
@@ -303,6 +306,11 @@ class TraceModel:
             self.run["status"] = "running"
             self.waiting = []
             self._refresh_run()
+        elif event == "continued_as_new":  # its journal goes, what it spent stays counted
+            spent = data.get("tokens")
+            spent = spent if isinstance(spent, dict) else {}
+            self._before[0] += int(spent.get("prompt", 0) or 0)
+            self._before[1] += int(spent.get("completion", 0) or 0)
         elif event == "interrupted":
             self._end_timers()
             self._close_waits("interrupted")
@@ -370,8 +378,8 @@ class TraceModel:
             "failed": c["failed"],
             "running": c["running"] + c["waiting"],
             "saved_seconds": round(self._saved, 6),
-            "prompt_tokens": self._tokens[0],
-            "completion_tokens": self._tokens[1],
+            "prompt_tokens": self._tokens[0] + self._before[0],  # the whole chain's
+            "completion_tokens": self._tokens[1] + self._before[1],
             "tokens_saved": self._tokens[2],
         }
 
