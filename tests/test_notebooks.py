@@ -253,6 +253,56 @@ def test_dn_progress_in_a_cached_cell_is_a_bar_that_replays_in_its_final_state(
     assert not any(WIDGET_VIEW in o.get("data", {}) for o in second.cells[1].outputs)
 
 
+def test_a_tqdm_bar_inside_a_durable_cells_effect_reaches_its_widget_and_replays_its_count(
+    tmp_path: Path, kernel_env: Path
+) -> None:
+    """A tqdm.auto bar of the user's own, inside an effect of a %%durable cell, in a real
+    kernel: the cell's live trace widget shows its final count on the effect's row; after a
+    restart the cell replays (the effect does not run again) and the row still shows the
+    count, as does a widget opened from the store."""
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    nb = new_notebook(
+        cells=[
+            new_code_cell("%load_ext durable_nb"),
+            new_code_cell(
+                "import os\nimport durable_nb as dn\nfrom tqdm.auto import tqdm\n\n"
+                "@dn.effect\ndef crunch(n):\n"
+                "    with open(os.environ['DURABLE_NB_EXEC_LOG'], 'a') as f:\n"
+                "        f.write('crunch\\n')\n"
+                "    return sum(1 for _ in tqdm(range(n), desc='rows'))"
+            ),
+            new_code_cell("%%durable bars\ncrunch(25)"),
+            new_code_cell(
+                "from ipywidgets.widgets.widget import _instances\n"
+                "from durable_nb.widgets import TraceWidget\n"
+                "(live,) = [w for w in list(_instances.values()) "
+                "if isinstance(w, TraceWidget) and w.run_id == 'bars']\n"
+                "live.flush()  # what its timer ships next\n"
+                "print('live', [(r['state'], r['progress']) for r in live._model.rows])\n"
+                "print('stored', [(r['state'], r['progress']) for r in "
+                "TraceWidget('bars')._model.rows])"
+            ),
+        ],
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3"}},
+    )
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    first = execute(nb, workdir)
+    assert executions(kernel_env) == Counter(["crunch"])
+    assert cell_text(first, "%%durable").strip().endswith("25")
+    assert cell_text(first, "from ipywidgets.widgets").splitlines() == [
+        "live [('executed', '25/25 rows')]",
+        "stored [('executed', '25/25 rows')]",
+    ]
+    second = execute(nb, workdir)
+    assert executions(kernel_env) == Counter(["crunch"])  # replayed: the effect did not run
+    assert cell_text(second, "from ipywidgets.widgets").splitlines() == [
+        "live [('replayed', '25/25 rows')]",
+        "stored [('replayed', '25/25 rows')]",
+    ]
+
+
 class AnyText(str):
     """Equal to any string the pattern matches."""
 
