@@ -56,13 +56,25 @@ class Step:
     """The effect attempt executing in this task or thread, inside a run: where its bars
     report, and the final state of its outermost bar (``final``)."""
 
-    __slots__ = ("_last", "_open", "final", "name", "seq", "state")
+    __slots__ = ("_desc", "_last", "_n", "_open", "_total", "name", "seq", "state")
 
     def __init__(self, state: RunState, seq: int, name: str) -> None:
         self.state, self.seq, self.name = state, seq, name
-        self.final: ProgressDetail | None = None
+        self._n: float | None = None  # the outermost bar's last state: none reported yet
         self._open: list[object] = []  # the bars open now, in the order they opened
         self._last = 0.0
+
+    @property
+    def final(self) -> ProgressDetail | None:
+        """The last state of the outermost bar, or None when no bar reported."""
+        if self._n is None:
+            return None
+        total = self._total
+        return {
+            "n": int(self._n),
+            "total": None if total is None else int(total),
+            "desc": self._desc,
+        }
 
     def opened(self, bar: object, n: float, total: float | None, desc: str) -> None:
         self._open.append(bar)
@@ -81,8 +93,7 @@ class Step:
             self._tell(n, total, desc, True)
 
     def _tell(self, n: float, total: float | None, desc: str, always: bool) -> None:
-        done, top = int(n), (None if total is None else int(total))
-        self.final = {"n": done, "total": top, "desc": desc}
+        self._n, self._total, self._desc = n, total, desc
         state = self.state
         if not state.listeners:
             return
@@ -90,7 +101,8 @@ class Step:
         if not always and now - self._last < EVERY:
             return
         self._last = now
-        data = {"seq": self.seq, "name": self.name, "done": done, "total": top, "desc": desc}
+        data = {"seq": self.seq, "name": self.name, **(self.final or {})}
+        data["done"] = data.pop("n")
         # on the run's loop: a sync effect runs in a worker thread
         if threading.current_thread() is state.loop_thread:
             state.emit("progress", data)
