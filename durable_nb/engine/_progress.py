@@ -259,7 +259,8 @@ class _WhenImported(importlib.abc.MetaPathFinder):
 def _then_hook(run: Callable[[ModuleType], None]) -> Callable[[ModuleType], None]:
     def exec_module(module: ModuleType) -> None:
         run(module)
-        _hook(module.tqdm)
+        if module.__name__ == "tqdm.std" and hasattr(module, "tqdm"):  # a shared loader's
+            _hook(module.tqdm)  # other modules are left alone
 
     return exec_module
 
