@@ -88,7 +88,10 @@ class _Books:
             if r.kind == "usage":
                 d = read_detail(r.detail)
                 model = str(d.get("model") or "?")
-                seconds = took.get((r.identity.removeprefix(USAGE_PREFIX), *r.key[2:]), 0.0)
+                of = r.identity.removeprefix(USAGE_PREFIX)  # a cell's: "<its identity>#<model>"
+                seconds = took.get(
+                    (of, *r.key[2:]), took.get((of.rpartition("#")[0], *r.key[2:]), 0.0)
+                )
                 tokens = {
                     "prompt": d.get("prompt_tokens"),
                     "completion": d.get("completion_tokens"),

@@ -134,6 +134,24 @@ def test_usage_is_read_from_openai_and_anthropic_shapes_and_streamed_chunks() ->
     assert usage_of({"usage": {"prompt_tokens": "many"}}) is None
 
 
+def test_a_cells_kept_responses_are_summed_per_model_each_once() -> None:
+    from durable_nb.engine._usage import kept_usage_records, none_payload
+    from durable_nb.store import EffectRecord
+
+    def resp(model: str, p: int, c: int) -> dict[str, Any]:
+        return {"model": model, "usage": {"prompt_tokens": p, "completion_tokens": c}}
+
+    a, b = resp("m", 3, 4), resp("n", 10, 1)
+    cell = EffectRecord("top/nb", "cell:x", "v", "h", 0, payload=none_payload(), kind="cell")
+    recs = kept_usage_records(cell, [a, [a, b, "text"], {"k": resp("m", 1, 1)}, 7, None])
+    assert [(r.identity, json.loads(r.detail)) for r in recs] == [
+        ("dn.usage:cell:x#m", {"prompt_tokens": 4, "completion_tokens": 5, "model": "m"}),
+        ("dn.usage:cell:x#n", {"prompt_tokens": 10, "completion_tokens": 1, "model": "n"}),
+    ]
+    assert all(r.kind == "usage" and r.key[2:] == ("v", "h", 0) for r in recs)
+    assert kept_usage_records(cell, ["text", [1, 2], {"a": "b"}]) == ()
+
+
 def test_an_effect_in_a_notebook_scope_records_its_usage_once(
     ip: Any,
 ) -> None:
