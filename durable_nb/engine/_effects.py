@@ -277,9 +277,7 @@ class EffectFunction(Generic[P, R]):
                 if (err := att.failed(e)) is None:
                     continue
                 self._fail(att, err, t0, args, kwargs)
-                if err is e:
-                    raise
-                raise err from e
+                att.give_up(err, e)
             finally:
                 if here is not None:
                     current_step.reset(here)
@@ -361,9 +359,7 @@ class EffectFunction(Generic[P, R]):
                     if (err := att.failed(e)) is None:
                         continue
                     self._fail(att, err, t0, args, kwargs)
-                    if err is e:
-                        raise
-                    raise err from e
+                    att.give_up(err, e)
                 finally:
                     if token is not None:
                         cancel_scope.reset(token)
