@@ -51,6 +51,7 @@ __all__ = [
     "KvPruneDetail",
     "KvSetDetail",
     "LiveKind",
+    "MapDetail",
     "LogDetail",
     "RaceDetail",
     "RecordKind",
@@ -97,7 +98,11 @@ __all__ = [
 #: failed, but resuming the run calls that effect again. ``retry``, ``kv_base`` and
 #: ``cancel_cleared`` (a resume of a cancelled run consumed its cancel signal) are
 #: bookkeeping kept in the journal (see :data:`AUX_KINDS`), as is ``usage`` (the tokens an
-#: effect's result reported, written in the same write as the result).
+#: effect's result reported, written in the same write as the result). ``map`` is a
+#: ``ctx.map``/``dn.map`` fan-out, one step however many items (its detail a
+#: :class:`MapDetail`, written when it starts and again when it ends); each item's result is
+#: a ``map_item`` record of the same ``seq``, keyed like a call of the mapped effect, written
+#: as it completes (bookkeeping: the map step shows them).
 StepKind = Literal[
     "effect",
     "stream",
@@ -124,6 +129,8 @@ StepKind = Literal[
     "cleared",
     "cancel_cleared",
     "usage",
+    "map",
+    "map_item",
 ]
 #: Records of a run's other scopes: a stream's chunk and end marker (``stream/<run>``), a
 #: key's current value (``kv/<run>``; a deleted key leaves a ``kv_delete`` tombstone); and of
@@ -139,6 +146,7 @@ AUX_KINDS: Final[tuple[str, ...]] = (
     "kv_base",
     "cancel_cleared",
     "usage",
+    "map_item",
     "chunk",
     "stream_end",
     "kv",
@@ -259,7 +267,20 @@ class UsageDetail(TypedDict, total=False):
     model: str  # the response's ``model``, when it says
 
 
+class MapDetail(TypedDict, total=False):
+    """A ``map`` step: the mapped function and how its items stood when it was written."""
+
+    fn: str  # the mapped effect's identity
+    items: int  # how many items the map has
+    complete: bool  # False while it runs (written at its start), True once every item ended
+    executed: int  # items this execution computed
+    replayed: int  # items found recorded
+    failed: int  # items that failed for good
+    executor: str  # the executor's type, as a person reads it ("distributed.Client")
+
+
 StepDetail = Union[
+    MapDetail,
     SleepDetail,
     DeadlineDetail,
     SignalDetail,

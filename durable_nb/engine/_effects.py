@@ -12,15 +12,19 @@ streaming effects (``_streaming.py``); how attempts are retried and timed out is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
+import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast, overload
 
 from .. import _codecs, _hashing
 from ..errors import ArgumentError, ArgumentTypeError
 from ..store import EffectRecord
+from ._executors import check_executor, is_dask, run_on, shippable
 from ._limits import Limiter, check_limit, limiter
 from ._progress import current_step
 from ._retry import (
@@ -42,7 +46,7 @@ if TYPE_CHECKING:
 
     from ._streaming import EffectDecorator, StreamingCall
 
-__all__ = ["EffectFunction", "effect"]
+__all__ = ["EffectFunction", "as_effect", "effect"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -70,6 +74,7 @@ class EffectFunction(Generic[P, R]):
         limit: str | None = None,
         concurrency: int | None = None,
         rate: str | None = None,
+        executor: object = None,
     ) -> None:
         if not callable(fn):
             raise ArgumentTypeError(f"@effect needs a function, got {fn!r}")
@@ -92,6 +97,18 @@ class EffectFunction(Generic[P, R]):
         if reducer is not None or stream is not None or inspect.isasyncgenfunction(fn):
             self.streaming = StreamingSpec(fn, reducer, stream)
         self._binder = _hashing.ArgBinder(fn)
+        #: where its calls execute (``executor=``): here, or on an executor or Dask cluster
+        #: (the call waits for the result, which this process records)
+        self.executor = check_executor(executor)
+        self._target: Callable[..., Any] = fn
+        if self.executor is not None:
+            if self.is_async or self.streaming is not None:
+                raise ArgumentTypeError(
+                    f"executor= runs plain functions elsewhere; {self.identity} is an async or "
+                    "streaming function: drop executor= or make it a plain def"
+                )
+            ship = shippable(fn, self, dask=is_dask(self.executor))
+            self._target = functools.partial(run_on, self.executor, ship)
         functools.update_wrapper(self, fn)  # __name__, __doc__, __wrapped__ for introspection
 
     def __repr__(self) -> str:
@@ -262,12 +279,12 @@ class EffectFunction(Generic[P, R]):
                     attempt = CancelScope(cancel_scope.get())
                     token = cancel_scope.set(attempt)
                     try:
-                        call = functools.partial(self.fn, *args, **kwargs)
+                        call = functools.partial(self._target, *args, **kwargs)
                         result = call_with_timeout(call, limit, self.identity, attempt)
                     finally:
                         cancel_scope.reset(token)
                 else:
-                    result = self.fn(*args, **kwargs)
+                    result = self._target(*args, **kwargs)
                 break
             except BaseException as e:
                 if (err := att.failed(e)) is None:
@@ -330,7 +347,7 @@ class EffectFunction(Generic[P, R]):
                     token = cancel_scope.set(attempt)
                 try:
                     if in_thread:
-                        aw: Awaitable[Any] = asyncio.to_thread(self.fn, *args, **kwargs)
+                        aw: Awaitable[Any] = asyncio.to_thread(self._target, *args, **kwargs)
                     else:
                         aw = cast(Awaitable[Any], self.fn(*args, **kwargs))
                     if limit is not None:
@@ -395,6 +412,26 @@ async def _replayed(scope: RunState | TopScope, rec: EffectRecord) -> Any:
     return replay(scope, rec)
 
 
+# the effects made for plain functions given to ctx.run / ctx.map, kept while the function
+# lives (a lambda made per call must not pile up here)
+_adhoc: weakref.WeakKeyDictionary[Any, EffectFunction[..., Any]] = weakref.WeakKeyDictionary()
+_adhoc_lock = threading.Lock()
+
+
+def as_effect(fn: Callable[..., Any]) -> EffectFunction[..., Any]:
+    """``fn`` as an effect: itself if it is one, else the (kept) effect of a plain function."""
+    if isinstance(fn, EffectFunction):
+        return fn
+    with _adhoc_lock, contextlib.suppress(TypeError):  # unhashable or not weakly referable
+        eff = _adhoc.get(fn)
+        if eff is not None:
+            return eff
+    eff = EffectFunction(fn)
+    with _adhoc_lock, contextlib.suppress(TypeError):
+        _adhoc[fn] = eff
+    return eff
+
+
 @overload
 def effect(
     fn: Callable[P, AsyncIterator[T]], /
@@ -419,6 +456,7 @@ def effect(
     limit: str | None = None,
     concurrency: int | None = None,
     rate: str | None = None,
+    executor: object = None,
 ) -> EffectDecorator: ...
 
 
@@ -437,6 +475,7 @@ def effect(
     limit: str | None = None,
     concurrency: int | None = None,
     rate: str | None = None,
+    executor: object = None,
 ) -> Any:  # the overloads above say what; a streaming effect's calls are not R
     """Record a function's results, keyed by a content hash of its inputs (README, "How it
     works").
@@ -457,6 +496,10 @@ def effect(
     ``limit`` names a rate/concurrency limit shared by every effect that names it:
     ``concurrency`` attempts at once at most, ``rate`` (``"500/min"``) attempt starts in any
     sliding window of that length at most (``engine/_limits.py``). Replays never wait.
+
+    ``executor`` (a ``concurrent.futures.Executor`` or a Dask ``distributed.Client``)
+    executes each call there — another process, a cluster — and waits for its result, which
+    this process records (README, "Scaling out a notebook"); many calls at once: ``dn.map``.
     """
 
     def wrap(f: Callable[P, R]) -> EffectFunction[P, R]:
@@ -473,6 +516,7 @@ def effect(
             limit=limit,
             concurrency=concurrency,
             rate=rate,
+            executor=executor,
         )
 
     if fn is None:

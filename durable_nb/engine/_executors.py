@@ -1,0 +1,330 @@
+"""Where a map's items and ``@effect(executor=...)`` calls execute: any
+``concurrent.futures.Executor`` (a ``ProcessPoolExecutor``, a thread pool), or a Dask
+cluster through its ``distributed.Client`` (or ``client.get_executor()``), used first-class:
+items go out with Dask's own ``client.map`` in batches under keys made of their content
+hashes, come back through Dask futures and are fetched with one ``client.gather`` per batch.
+
+Workers never see the store: they run the function (wrapped in :func:`timed`, which measures
+it and carries a trace context) and send the result back; the notebook process journals it.
+Dask is never imported here: a client is recognised by its type's module.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import os
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, NamedTuple
+
+from ..errors import ArgumentTypeError
+
+__all__ = [
+    "Done",
+    "Pool",
+    "check_executor",
+    "executor_name",
+    "local_pool",
+    "open_pool",
+    "is_dask",
+    "run_on",
+    "set_tracing",
+    "shippable",
+    "timed",
+]
+
+#: set by ``dn.instrument`` (``durable_nb._otel``): the current trace context as a carrier
+#: dict for a worker (None: tracing is off)
+trace_carrier: Callable[[], dict[str, str] | None] = lambda: None
+
+
+def set_tracing(carrier: Callable[[], dict[str, str] | None]) -> None:
+    """Installed by ``dn.instrument``: items carry the step's trace context to workers."""
+    global trace_carrier
+    trace_carrier = carrier
+
+
+@contextmanager
+def _in_trace(carrier: dict[str, str] | None) -> Iterator[None]:
+    """On a worker: the sender's trace context is current, so spans the function opens
+    nest under the step (W3C trace context, OpenTelemetry's default propagator)."""
+    if not carrier:
+        yield
+        return
+    try:
+        from opentelemetry import context, propagate
+    except ImportError:  # no opentelemetry on this worker: run untraced
+        yield
+        return
+    token = context.attach(propagate.extract(carrier))
+    try:
+        yield
+    finally:
+        context.detach(token)
+
+
+def timed(fn: Callable[..., Any], carrier: dict[str, str] | None, /, *args: Any, **kw: Any) -> Any:
+    """Runs on the worker: ``(fn(*args, **kw), seconds it took)``, under the trace context
+    of the step that sent it (when tracing is on)."""
+    with _in_trace(carrier):
+        t0 = time.perf_counter()
+        value = fn(*args, **kw)
+        return value, time.perf_counter() - t0
+
+
+class _ByName:
+    """A module-level ``@effect`` function shipped to a worker process by its name: pickle
+    cannot ship the undecorated function (its module's attribute is the decorated one), so
+    the worker imports the module and calls the function behind the decoration."""
+
+    __slots__ = ("module", "qualname")
+
+    def __init__(self, module: str, qualname: str) -> None:
+        self.module, self.qualname = module, qualname
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        obj: Any = sys.modules.get(self.module) or __import__(self.module, fromlist=["_"])
+        for part in self.qualname.split("."):
+            obj = getattr(obj, part)
+        return getattr(obj, "fn", obj)(*args, **kwargs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_ByName, (self.module, self.qualname))
+
+
+def shippable(fn: Callable[..., Any], wrapper: object, *, dask: bool) -> Callable[..., Any]:
+    """What to send to a worker for ``fn`` (the function an ``@effect`` ``wrapper`` wraps).
+    Dask pickles with cloudpickle, which sends a function hidden behind its decoration by
+    value; plain pickle (a ``ProcessPoolExecutor``) needs it by name."""
+    if dask:
+        return fn
+    module = sys.modules.get(getattr(fn, "__module__", "") or "")
+    qualname = getattr(fn, "__qualname__", "")
+    if module is not None and "<" not in qualname:
+        obj: Any = module
+        for part in qualname.split("."):
+            obj = getattr(obj, part, None)
+        if obj is wrapper:
+            return _ByName(module.__name__, qualname)
+    return fn
+
+
+# ------------------------------------------------------------------ recognising executors
+def _dask_client(executor: object) -> tuple[Any, dict[str, Any]] | None:
+    """``(client, submit options)`` for a ``distributed.Client`` or its ``get_executor()``
+    (whose options, such as ``resources=``, apply to every item), else None."""
+    cls = type(executor)
+    if not cls.__module__.startswith("distributed"):
+        return None
+    if cls.__name__ == "ClientExecutor":
+        return executor._client, dict(getattr(executor, "_kwargs", {}))  # type: ignore[attr-defined]
+    if all(hasattr(executor, a) for a in ("map", "submit", "gather", "scheduler_info")):
+        return executor, {}
+    return None
+
+
+def check_executor(executor: object, what: str = "executor") -> object:
+    """Validate an ``executor=`` argument."""
+    if executor is None or isinstance(executor, concurrent.futures.Executor):
+        return executor
+    if _dask_client(executor) is not None:
+        return executor
+    raise ArgumentTypeError(
+        f"{what} must be a concurrent.futures.Executor (ProcessPoolExecutor(), "
+        f"ThreadPoolExecutor()) or a dask distributed.Client, got {executor!r}; for a Dask "
+        "cluster pass Client(cluster) or client.get_executor()"
+    )
+
+
+def executor_name(executor: object) -> str:
+    dask = _dask_client(executor)
+    if dask is not None:
+        return "distributed.Client"
+    cls = type(executor)
+    return f"{cls.__module__}.{cls.__qualname__}".removeprefix("concurrent.futures.")
+
+
+_local: concurrent.futures.ThreadPoolExecutor | None = None
+_local_lock = threading.Lock()
+
+
+def local_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The executor of ``executor=None``: threads of this process."""
+    global _local
+    with _local_lock:
+        if _local is None:
+            _local = concurrent.futures.ThreadPoolExecutor(
+                max_workers=min(32, (os.cpu_count() or 1) + 4), thread_name_prefix="durable_nb-map"
+            )
+        return _local
+
+
+# ------------------------------------------------------------------------ single calls
+def run_on(executor: object, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``@effect(executor=...)``: one call on the executor, waited for here."""
+    carrier = trace_carrier()
+    dask = _dask_client(executor)
+    if dask is not None:
+        client, options = dask
+        fut = client.submit(timed, fn, carrier, *args, pure=False, **options, **kwargs)
+        value, _ = fut.result()
+        return value
+    assert isinstance(executor, concurrent.futures.Executor)
+    value, _ = executor.submit(timed, fn, carrier, *args, **kwargs).result()
+    return value
+
+
+# --------------------------------------------------------------------------- map pools
+class Done(NamedTuple):
+    """An item that ended on the executor: its value, or the error it raised."""
+
+    index: int
+    ok: bool
+    value: Any
+    duration: float  # seconds the function took on the worker (0.0 when it raised)
+
+
+class Pool:
+    """A map's items in flight on one executor."""
+
+    name = "executor"
+
+    def submit(self, fn: Callable[..., Any], batch: list[tuple[int, str, Any]]) -> None:
+        """Send ``(index, key, item)`` items to run ``fn(item)``."""
+        raise NotImplementedError
+
+    def wait(self, timeout: float) -> list[Done]:
+        """The items that ended since the last call; waits up to ``timeout`` for one."""
+        raise NotImplementedError
+
+    def cancel(self) -> None:
+        """Give up the items in flight."""
+        raise NotImplementedError
+
+
+class _FuturesPool(Pool):
+    def __init__(self, executor: concurrent.futures.Executor) -> None:
+        self.executor = executor
+        self.name = executor_name(executor)
+        self.done: queue.SimpleQueue[tuple[int, concurrent.futures.Future[Any]]] = (
+            queue.SimpleQueue()
+        )
+        self.futures: dict[int, concurrent.futures.Future[Any]] = {}
+
+    def submit(self, fn: Callable[..., Any], batch: list[tuple[int, str, Any]]) -> None:
+        carrier = trace_carrier()
+        put = self.done.put
+        for index, _, item in batch:
+            fut = self.executor.submit(timed, fn, carrier, item)
+            self.futures[index] = fut
+            fut.add_done_callback(functools.partial(_tag, put, index))
+
+    def wait(self, timeout: float) -> list[Done]:
+        try:
+            ended = [self.done.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                ended.append(self.done.get_nowait())
+            except queue.Empty:
+                break
+        out = []
+        for index, fut in ended:
+            self.futures.pop(index, None)
+            if fut.cancelled():
+                out.append(Done(index, False, concurrent.futures.CancelledError(), 0.0))
+            elif (exc := fut.exception()) is not None:
+                out.append(Done(index, False, exc, 0.0))
+            else:
+                value, seconds = fut.result()
+                out.append(Done(index, True, value, seconds))
+        return out
+
+    def cancel(self) -> None:
+        for fut in self.futures.values():
+            fut.cancel()
+        self.futures.clear()
+
+
+def _tag(put: Callable[[Any], None], index: int, fut: concurrent.futures.Future[Any]) -> None:
+    put((index, fut))
+
+
+class _DaskPool(Pool):
+    name = "distributed.Client"
+
+    def __init__(self, client: Any, options: dict[str, Any]) -> None:
+        self.client, self.options = client, options
+        self.done: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.futures: dict[str, tuple[int, Any]] = {}
+
+    def submit(self, fn: Callable[..., Any], batch: list[tuple[int, str, Any]]) -> None:
+        call = functools.partial(timed, fn, trace_carrier())
+        futs = self.client.map(
+            call, [item for _, _, item in batch], key=[k for _, k, _ in batch], **self.options
+        )
+        put = self.done.put
+        for (index, key, _), fut in zip(batch, futs):
+            self.futures[key] = (index, fut)
+            fut.add_done_callback(put)
+
+    def wait(self, timeout: float) -> list[Done]:
+        try:
+            ended = [self.done.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                ended.append(self.done.get_nowait())
+            except queue.Empty:
+                break
+        out: list[Done] = []
+        finished: list[tuple[int, Any]] = []
+        for fut in ended:
+            entry = self.futures.pop(fut.key, None)
+            if entry is None:
+                continue
+            index = entry[0]
+            if fut.status == "finished":
+                finished.append((index, fut))
+            elif fut.status == "error":
+                out.append(Done(index, False, fut.exception(), 0.0))
+            else:  # cancelled (the client or the cluster went away)
+                out.append(Done(index, False, concurrent.futures.CancelledError(fut.key), 0.0))
+        if finished:
+            # one round trip for every result that came in meanwhile
+            values = self.client.gather([f for _, f in finished], errors="skip")
+            if len(values) == len(finished):
+                out += [Done(i, True, v, s) for (i, _), (v, s) in zip(finished, values)]
+            else:  # a result was lost with its worker between done and gather: one by one
+                for i, f in finished:
+                    try:
+                        v, s = f.result()
+                        out.append(Done(i, True, v, s))
+                    except Exception as e:
+                        out.append(Done(i, False, e, 0.0))
+        return out
+
+    def cancel(self) -> None:
+        futs = [f for _, f in self.futures.values()]
+        self.futures.clear()
+        if futs:
+            self.client.cancel(futs)
+
+
+def open_pool(executor: object) -> Pool:
+    dask = _dask_client(executor)
+    if dask is not None:
+        return _DaskPool(*dask)
+    assert isinstance(executor, concurrent.futures.Executor)
+    return _FuturesPool(executor)
+
+
+def is_dask(executor: object) -> bool:
+    return _dask_client(executor) is not None
