@@ -331,9 +331,7 @@ def run_trace(store: Store, run_id: str) -> dict[str, Any]:
     }
 
 
-def _map_items(
-    step: TraceStep, recs: list[EffectRecord], latest: float, status: str
-) -> MapItems:
+def _map_items(step: TraceStep, recs: list[EffectRecord], latest: float, status: str) -> MapItems:
     d = read_detail(step["args"])
     n = int(d.get("items", len(recs)) or 0)
     ok = [r for r in recs if not r.is_error]

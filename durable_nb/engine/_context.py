@@ -691,4 +691,3 @@ def _child_handle(
     if rec is not None and rec.status in FINAL_STATUSES:
         return cast(Job[R], get_job(child_id))
     return runtime.start_run(workflow, args, kwargs, run_id=child_id, parent_id=parent_id)
-

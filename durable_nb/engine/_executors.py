@@ -36,6 +36,7 @@ __all__ = [
     "set_tracing",
     "shippable",
     "timed",
+    "timed_batch",
 ]
 
 #: set by ``dn.instrument`` (``durable_nb._otel``): the current trace context as a carrier
@@ -180,80 +181,119 @@ def run_on(executor: object, fn: Callable[..., Any], *args: Any, **kwargs: Any) 
 
 
 # --------------------------------------------------------------------------- map pools
+def timed_batch(
+    fn: Callable[..., Any], carrier: dict[str, str] | None, items: list[Any]
+) -> list[tuple[bool, Any, float]]:
+    """Runs on the worker: one task of a map, a few items (see :class:`Pool`): for each,
+    ``(True, value, seconds)`` or ``(False, the exception it raised, seconds)``."""
+    out: list[tuple[bool, Any, float]] = []
+    clock = time.perf_counter
+    with _in_trace(carrier):
+        for item in items:
+            t0 = clock()
+            try:
+                out.append((True, fn(item), clock() - t0))
+            except Exception as e:
+                out.append((False, e, clock() - t0))
+    return out
+
+
 class Done(NamedTuple):
     """An item that ended on the executor: its value, or the error it raised."""
 
     index: int
     ok: bool
     value: Any
-    duration: float  # seconds the function took on the worker (0.0 when it raised)
+    duration: float  # seconds the function took on the worker
+
+
+#: one task: its key and its ``(index, item)`` pairs
+Task = tuple[str, list[tuple[int, Any]]]
 
 
 class Pool:
-    """A map's items in flight on one executor."""
+    """A map's tasks in flight on one executor. A task carries one item or several (the
+    map's driver sizes them from the items' measured durations, so trivial items travel in
+    batches and slow ones alone); each item's outcome comes back on its own."""
 
     name = "executor"
+    threads = 1  # how many items the executor runs at once
 
-    def submit(self, fn: Callable[..., Any], batch: list[tuple[int, str, Any]]) -> None:
-        """Send ``(index, key, item)`` items to run ``fn(item)``."""
+    def submit(self, fn: Callable[..., Any], tasks: list[Task]) -> None:
+        """Send tasks, each running ``fn`` on its items."""
         raise NotImplementedError
 
-    def wait(self, timeout: float) -> list[Done]:
-        """The items that ended since the last call; waits up to ``timeout`` for one."""
+    def wait(self, timeout: float) -> tuple[int, list[Done]]:
+        """``(tasks ended, their items)`` since the last call; waits up to ``timeout``."""
         raise NotImplementedError
 
     def cancel(self) -> None:
-        """Give up the items in flight."""
+        """Give up the tasks in flight."""
         raise NotImplementedError
+
+
+def _drain(q: queue.SimpleQueue[Any], timeout: float) -> list[Any]:
+    try:
+        ended = [q.get(timeout=timeout)]
+    except queue.Empty:
+        return []
+    while True:
+        try:
+            ended.append(q.get_nowait())
+        except queue.Empty:
+            return ended
+
+
+def _unpack(task: list[tuple[int, Any]], ok: bool, value: Any) -> list[Done]:
+    """A task's items: its per-item outcomes, or the task's own error for each."""
+    if ok and isinstance(value, list) and len(value) == len(task):
+        return [Done(i, good, v, secs) for (i, _), (good, v, secs) in zip(task, value)]
+    err = value if not ok else RuntimeError(f"a map task returned {value!r}")
+    return [Done(i, False, err, 0.0) for i, _ in task]
 
 
 class _FuturesPool(Pool):
     def __init__(self, executor: concurrent.futures.Executor) -> None:
         self.executor = executor
         self.name = executor_name(executor)
-        self.done: queue.SimpleQueue[tuple[int, concurrent.futures.Future[Any]]] = (
+        self.threads = int(getattr(executor, "_max_workers", 0) or os.cpu_count() or 1)
+        self.done: queue.SimpleQueue[tuple[str, concurrent.futures.Future[Any]]] = (
             queue.SimpleQueue()
         )
-        self.futures: dict[int, concurrent.futures.Future[Any]] = {}
+        self.futures: dict[str, tuple[list[tuple[int, Any]], concurrent.futures.Future[Any]]] = {}
 
-    def submit(self, fn: Callable[..., Any], batch: list[tuple[int, str, Any]]) -> None:
+    def submit(self, fn: Callable[..., Any], tasks: list[Task]) -> None:
         carrier = trace_carrier()
         put = self.done.put
-        for index, _, item in batch:
-            fut = self.executor.submit(timed, fn, carrier, item)
-            self.futures[index] = fut
-            fut.add_done_callback(functools.partial(_tag, put, index))
+        for key, task in tasks:
+            fut = self.executor.submit(timed_batch, fn, carrier, [item for _, item in task])
+            self.futures[key] = (task, fut)
+            fut.add_done_callback(functools.partial(_tag, put, key))
 
-    def wait(self, timeout: float) -> list[Done]:
-        try:
-            ended = [self.done.get(timeout=timeout)]
-        except queue.Empty:
-            return []
-        while True:
-            try:
-                ended.append(self.done.get_nowait())
-            except queue.Empty:
-                break
-        out = []
-        for index, fut in ended:
-            self.futures.pop(index, None)
+    def wait(self, timeout: float) -> tuple[int, list[Done]]:
+        out: list[Done] = []
+        ended = 0
+        for key, fut in _drain(self.done, timeout):
+            entry = self.futures.pop(key, None)
+            if entry is None:
+                continue
+            ended += 1
             if fut.cancelled():
-                out.append(Done(index, False, concurrent.futures.CancelledError(), 0.0))
+                out += _unpack(entry[0], False, concurrent.futures.CancelledError())
             elif (exc := fut.exception()) is not None:
-                out.append(Done(index, False, exc, 0.0))
+                out += _unpack(entry[0], False, exc)
             else:
-                value, seconds = fut.result()
-                out.append(Done(index, True, value, seconds))
-        return out
+                out += _unpack(entry[0], True, fut.result())
+        return ended, out
 
     def cancel(self) -> None:
-        for fut in self.futures.values():
+        for _, fut in self.futures.values():
             fut.cancel()
         self.futures.clear()
 
 
-def _tag(put: Callable[[Any], None], index: int, fut: concurrent.futures.Future[Any]) -> None:
-    put((index, fut))
+def _tag(put: Callable[[Any], None], key: str, fut: concurrent.futures.Future[Any]) -> None:
+    put((key, fut))
 
 
 class _DaskPool(Pool):
@@ -261,55 +301,58 @@ class _DaskPool(Pool):
 
     def __init__(self, client: Any, options: dict[str, Any]) -> None:
         self.client, self.options = client, options
+        try:
+            workers = client.scheduler_info().get("workers", {}).values()
+            self.threads = max(1, sum(int(w.get("nthreads", 1)) for w in workers))
+        except Exception:  # a client not connected yet: the submit will say so
+            self.threads = 1
         self.done: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self.futures: dict[str, tuple[int, Any]] = {}
+        self.futures: dict[str, tuple[list[tuple[int, Any]], Any]] = {}
 
-    def submit(self, fn: Callable[..., Any], batch: list[tuple[int, str, Any]]) -> None:
-        call = functools.partial(timed, fn, trace_carrier())
+    def submit(self, fn: Callable[..., Any], tasks: list[Task]) -> None:
+        # Dask's own map: one message for the batch, our keys (content hashes) for its keys
+        call = functools.partial(timed_batch, fn, trace_carrier())
         futs = self.client.map(
-            call, [item for _, _, item in batch], key=[k for _, k, _ in batch], **self.options
+            call,
+            [[item for _, item in task] for _, task in tasks],
+            key=[key for key, _ in tasks],
+            **self.options,
         )
         put = self.done.put
-        for (index, key, _), fut in zip(batch, futs):
-            self.futures[key] = (index, fut)
+        for (key, task), fut in zip(tasks, futs):
+            self.futures[key] = (task, fut)
             fut.add_done_callback(put)
 
-    def wait(self, timeout: float) -> list[Done]:
-        try:
-            ended = [self.done.get(timeout=timeout)]
-        except queue.Empty:
-            return []
-        while True:
-            try:
-                ended.append(self.done.get_nowait())
-            except queue.Empty:
-                break
+    def wait(self, timeout: float) -> tuple[int, list[Done]]:
         out: list[Done] = []
-        finished: list[tuple[int, Any]] = []
-        for fut in ended:
+        finished: list[tuple[list[tuple[int, Any]], Any]] = []
+        ended = 0
+        for fut in _drain(self.done, timeout):
             entry = self.futures.pop(fut.key, None)
             if entry is None:
                 continue
-            index = entry[0]
+            ended += 1
             if fut.status == "finished":
-                finished.append((index, fut))
+                finished.append(entry)
             elif fut.status == "error":
-                out.append(Done(index, False, fut.exception(), 0.0))
-            else:  # cancelled (the client or the cluster went away)
-                out.append(Done(index, False, concurrent.futures.CancelledError(fut.key), 0.0))
+                out += _unpack(entry[0], False, fut.exception())
+            else:  # cancelled: the client or the cluster went away
+                out += _unpack(entry[0], False, concurrent.futures.CancelledError(fut.key))
         if finished:
             # one round trip for every result that came in meanwhile
-            values = self.client.gather([f for _, f in finished], errors="skip")
-            if len(values) == len(finished):
-                out += [Done(i, True, v, s) for (i, _), (v, s) in zip(finished, values)]
-            else:  # a result was lost with its worker between done and gather: one by one
-                for i, f in finished:
-                    try:
-                        v, s = f.result()
-                        out.append(Done(i, True, v, s))
-                    except Exception as e:
-                        out.append(Done(i, False, e, 0.0))
-        return out
+            try:
+                values = self.client.gather([f for _, f in finished])
+            except Exception:  # a result lost with its worker since: one by one
+                values = None
+            for n, (task, fut) in enumerate(finished):
+                if values is not None:
+                    out += _unpack(task, True, values[n])
+                    continue
+                try:
+                    out += _unpack(task, True, fut.result())
+                except Exception as e:
+                    out += _unpack(task, False, e)
+        return ended, out
 
     def cancel(self) -> None:
         futs = [f for _, f in self.futures.values()]

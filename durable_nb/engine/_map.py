@@ -25,9 +25,10 @@ import contextvars
 import heapq
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, cast
 
 from .. import _codecs, _hashing
 from .._journal import MapDetail, detail_text, read_detail
@@ -44,6 +45,9 @@ from ._state import RunState
 __all__ = ["map_in_run", "map_items"]
 
 _POLL = 0.1  # seconds between two looks at a stop request while items are in flight
+_TASKS_PER_THREAD = 4  # tasks out per worker thread: it never waits for the next one
+_TASK_SECONDS = 0.05  # the work a task of many trivial items aims at
+_MAX_BATCH = 1000  # items in one task at most
 
 
 def _check(fn: object, items: object, max_in_flight: object, what: str) -> list[Any]:
@@ -107,12 +111,10 @@ class _Map:
             index = scope.index
             self.found = [index.get(k) for k in keys]
         else:
-            get = runtime.store.get_effect
-            sid = scope.scope_id
-            self.found = [get((sid, *k)) for k in keys]
+            self.found = _get_many(scope.scope_id, keys)
         self.results: list[Any] = [None] * len(items)
         self.errors: dict[int, BaseException] = {}
-        self.replayed = self.executed = 0
+        self.replayed = self.executed = self.tasks = 0
         signer = runtime.store.signer
         for i, rec in enumerate(self.found):
             if rec is None:
@@ -150,48 +152,69 @@ class _Map:
             pass
 
     def _drive(self, stop: threading.Event) -> Iterator[None]:
+        """The driver's loop: keep the executor busy with tasks, journal what comes back,
+        retry what may be retried; yields once per item that ended."""
         eff, scope, seq, keys, items = self.eff, self.scope, self.seq, self.keys, self.items
         pool = open_pool(self.executor)
         ship = shippable(eff.fn, eff, dask=_is_dask(self.executor))
         store, signer, sid = runtime.store, runtime.store.signer, scope.scope_id
         record_errors = isinstance(scope, RunState) or eff.cache_errors
-        retry, limiter = eff.retry, eff.limiter
-        token = _hashing.hash_value(f"{eff.identity}|{eff.version}").hex()[:12]
+        retry, limiter, bound = eff.retry, eff.limiter, self.max_in_flight
         todo = deque(self.missing)
         due: list[tuple[float, int]] = []  # retries: (when, index)
         attempts: dict[int, int] = {}
-        inflight, bound = 0, self.max_in_flight
+        # tasks out at once: enough to keep every worker busy while results travel
+        max_tasks = pool.threads * _TASKS_PER_THREAD
+        # items per task: one until their durations are known, then as many as make a task
+        # of about _TASK_SECONDS, never so many that a worker would sit idle
+        cap = max(1, min(_MAX_BATCH, len(todo) // max_tasks))
+        if bound is not None:
+            cap = min(cap, max(1, bound // pool.threads))
+        size, mean = 1, 0.0
+        name = f"dn-map-{uuid.uuid4().hex[:8]}-"
+        tasks_out = items_out = 0
         try:
-            while todo or due or inflight:
+            while todo or due or items_out:
                 if stop.is_set():
                     raise asyncio.CancelledError
                 now = time.monotonic()
                 while due and due[0][0] <= now:
                     todo.append(heapq.heappop(due)[1])
-                batch: list[tuple[int, str, Any]] = []
-                room = len(todo) if bound is None else bound - inflight
                 wait = _POLL
-                while room > 0 and todo:
-                    if limiter is not None and (w := limiter.try_take()) is not None:
-                        wait = min(wait, w) if w > 0 else wait
+                tasks: list[tuple[str, list[tuple[int, Any]]]] = []
+                room = len(todo) if bound is None else bound - items_out
+                while todo and room > 0 and tasks_out + len(tasks) < max_tasks:
+                    chunk: list[tuple[int, Any]] = []
+                    while todo and len(chunk) < min(size, room):
+                        if limiter is not None and (w := limiter.try_take()) is not None:
+                            wait = min(wait, w) if w > 0 else wait
+                            break
+                        i = todo.popleft()
+                        chunk.append((i, items[i]))
+                    if not chunk:
                         break
-                    i = todo.popleft()
-                    k = keys[i]
-                    batch.append((i, f"dn-{token}-{k[2][:16]}-{k[3]}-{attempts.get(i, 0)}", items[i]))
-                    room -= 1
-                if batch:
-                    pool.submit(ship, batch)
-                    inflight += len(batch)
-                if not inflight:
-                    pause = min(wait, max(0.0, due[0][0] - now)) if due else wait
-                    time.sleep(pause)
-                    continue
+                    tasks.append((f"{name}{self.tasks}", chunk))
+                    self.tasks += 1
+                    room -= len(chunk)
+                    items_out += len(chunk)
+                if tasks:
+                    pool.submit(ship, tasks)
+                    tasks_out += len(tasks)
                 if due:
                     wait = min(wait, max(0.0, due[0][0] - now))
-                done = pool.wait(wait)
+                if not items_out:
+                    time.sleep(wait)
+                    continue
+                ended_tasks, done = pool.wait(wait)
+                tasks_out -= ended_tasks
+                items_out -= len(done)
                 if not done:
                     continue
-                inflight -= len(done)
+                took = [d.duration for d in done if d.ok]
+                if took:  # how long an item takes, smoothed: the next tasks' size
+                    m = sum(took) / len(took)
+                    mean = m if not mean else 0.7 * mean + 0.3 * m
+                    size = max(1, min(cap, int(_TASK_SECONDS / max(mean, 1e-7))))
                 recs: list[tuple[int, EffectRecord]] = []
                 ended = 0
                 for d in done:
@@ -206,7 +229,11 @@ class _Map:
                     else:
                         n = attempts[i] = attempts.get(i, 0) + 1
                         exc = d.value
-                        if retry is not None and n < retry.attempts and isinstance(exc, retry.retry_on):
+                        if (
+                            retry is not None
+                            and n < retry.attempts
+                            and isinstance(exc, retry.retry_on)
+                        ):
                             heapq.heappush(due, (time.monotonic() + retry.delay(n), i))
                             continue
                         self.errors[i] = exc
@@ -225,8 +252,11 @@ class _Map:
                 for _ in range(ended):
                     yield None
         finally:
-            if inflight:
+            if tasks_out:
                 pool.cancel()
+                if limiter is not None:
+                    for _ in range(items_out):
+                        limiter.release(None)
 
     def outcome(self) -> list[Any]:
         if not self.errors:
@@ -241,6 +271,17 @@ class _Map:
             self.errors,
             self.results,
         )
+
+
+def _get_many(scope_id: str, keys: list[Key4]) -> list[EffectRecord | None]:
+    """The records of a map's keys: in one query per 1,000 keys on a store that can
+    (``get_effects``: DuckDB, PostgreSQL), else one read each."""
+    store = runtime.store
+    full = [(scope_id, *k) for k in keys]
+    many = getattr(store, "get_effects", None)
+    if callable(many):
+        return cast(list[EffectRecord | None], many(full))
+    return [store.get_effect(k) for k in full]
 
 
 def _item_record(
