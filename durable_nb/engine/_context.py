@@ -12,13 +12,10 @@ does not import the driver that executes it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import random as _random
-import threading
 import uuid as _uuid
-import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from datetime import datetime, timezone
 from typing import Any, Literal, NoReturn, TypeVar, cast
@@ -51,7 +48,7 @@ from ..errors import (
 )
 from ..store import EffectRecord
 from ._branches import awaitables, cancel_branches, discard, retrieve, spawn
-from ._effects import EffectFunction, as_effect
+from ._effects import as_effect
 from ._interrupts import InterruptBlock, TimeoutBlock
 from ._jobs import Job, get_job
 from ._kv import RunKV, kv_of, kv_of_step

@@ -29,9 +29,9 @@ __all__ = [
     "Pool",
     "check_executor",
     "executor_name",
+    "is_dask",
     "local_pool",
     "open_pool",
-    "is_dask",
     "run_on",
     "set_tracing",
     "shippable",
@@ -39,15 +39,22 @@ __all__ = [
     "timed_batch",
 ]
 
+def _no_carrier() -> dict[str, str] | None:
+    return None
+
+
 #: set by ``dn.instrument`` (``durable_nb._otel``): the current trace context as a carrier
 #: dict for a worker (None: tracing is off)
-trace_carrier: Callable[[], dict[str, str] | None] = lambda: None
+_carrier: list[Callable[[], dict[str, str] | None]] = [_no_carrier]
 
 
-def set_tracing(carrier: Callable[[], dict[str, str] | None]) -> None:
+def trace_carrier() -> dict[str, str] | None:
+    return _carrier[0]()
+
+
+def set_tracing(carrier: Callable[[], dict[str, str] | None] | None) -> None:
     """Installed by ``dn.instrument``: items carry the step's trace context to workers."""
-    global trace_carrier
-    trace_carrier = carrier
+    _carrier[0] = carrier or _no_carrier
 
 
 @contextmanager
@@ -247,7 +254,7 @@ def _drain(q: queue.SimpleQueue[Any], timeout: float) -> list[Any]:
 def _unpack(task: list[tuple[int, Any]], ok: bool, value: Any) -> list[Done]:
     """A task's items: its per-item outcomes, or the task's own error for each."""
     if ok and isinstance(value, list) and len(value) == len(task):
-        return [Done(i, good, v, secs) for (i, _), (good, v, secs) in zip(task, value)]
+        return [Done(i, good, v, secs) for (i, _), (good, v, secs) in zip(task, value, strict=True)]
     err = value if not ok else RuntimeError(f"a map task returned {value!r}")
     return [Done(i, False, err, 0.0) for i, _ in task]
 
@@ -319,7 +326,7 @@ class _DaskPool(Pool):
             **self.options,
         )
         put = self.done.put
-        for (key, task), fut in zip(tasks, futs):
+        for (key, task), fut in zip(tasks, futs, strict=True):
             self.futures[key] = (task, fut)
             fut.add_done_callback(put)
 
