@@ -180,7 +180,8 @@ def test_a_killed_pool_process_fails_its_items_and_a_rerun_sends_only_those(
     count = tmp_path / "count.txt"
     before = _settled(count)
     recorded = _recorded_items(tmp_path / "store.duckdb")
-    assert 300 <= len(recorded) < 1000
+    assert 0 < len(recorded) < 1000
+    assert recorded <= set(before)
     again = _driver("process", tmp_path, n=1000)
     out, err = again.communicate(timeout=240)
     assert again.returncode == 0, err[-3000:]

@@ -273,7 +273,11 @@ class _FuturesPool(Pool):
         carrier = trace_carrier()
         put = self.done.put
         for key, task in tasks:
-            fut = self.executor.submit(timed_batch, fn, carrier, [item for _, item in task])
+            try:
+                fut = self.executor.submit(timed_batch, fn, carrier, [item for _, item in task])
+            except Exception as e:  # a broken or shut down pool: the task's items fail
+                fut = concurrent.futures.Future()
+                fut.set_exception(e)
             self.futures[key] = (task, fut)
             fut.add_done_callback(functools.partial(_tag, put, key))
 
