@@ -114,6 +114,7 @@ ORDER = {
     "engine": [
         "_clock",
         "_runtime",
+        "_observe",
         "_state",
         "_retry",
         "_usage",

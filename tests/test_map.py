@@ -448,4 +448,3 @@ def test_the_map_stays_cheap_when_everything_is_recorded() -> None:
     dn.map(square, range(50))
     runtime.top.reset()
     assert dn.map(square, range(50), executor=Refusing()) == [x * x for x in range(50)]
-

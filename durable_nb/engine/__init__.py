@@ -6,6 +6,7 @@ One concern per file, lowest first (a file imports only files above it in this l
 ``_clock``       time as the engine sees it (system clock, virtual clock for tests)
 ``_runtime``     process state: the store, the clock, the notebook/shared scopes, cancel
                  scopes, the engine's loop, the jobs of this process, ``start_run``
+``_observe``     where an observer of runs plugs in (``dn.instrument``'s spans)
 ``_state``       the live state of one executing run (its scope, inbox, waits, status)
 ``_retry``       how an effect call is attempted: ``Retry``, timeouts, Retry-After hints
 ``_usage``       token usage an effect's result reports, recorded once with the result

@@ -26,6 +26,7 @@ from ..errors import ArgumentError, ArgumentTypeError
 from ..store import EffectRecord
 from ._executors import check_executor, is_dask, run_on, shippable
 from ._limits import Limiter, check_limit, limiter
+from ._observe import step as observe_step
 from ._progress import current_step
 from ._retry import (
     Attempts,
@@ -264,43 +265,48 @@ class EffectFunction(Generic[P, R]):
         t0 = time.perf_counter()
         if scope.listeners:  # the argument preview only for a live widget
             scope.note_start(key4, seq, preview_args(args, kwargs))
-        while True:
-            att.pause_sync()
-            if (late := att.expired()) is not None:  # ran out while no process ran the run
-                self._fail(att, late, t0, args, kwargs)
-                raise late
-            limit = att.limit()
-            if self.limiter is not None:  # each attempt is a request the API sees
-                held = self.limiter.acquire_sync()
-            # dn.progress inside the function reports to this step's row
-            here = current_step.set((in_run, seq, self.identity)) if in_run is not None else None
-            try:
-                if limit is not None:  # in a worker thread, with a cancel scope of its own
-                    attempt = CancelScope(cancel_scope.get())
-                    token = cancel_scope.set(attempt)
-                    try:
-                        call = functools.partial(self._target, *args, **kwargs)
-                        result = call_with_timeout(call, limit, self.identity, attempt)
-                    finally:
-                        cancel_scope.reset(token)
-                else:
-                    result = self._target(*args, **kwargs)
-                break
-            except BaseException as e:
-                if (err := att.failed(e)) is None:
-                    continue
-                self._fail(att, err, t0, args, kwargs)
-                if err is e:
-                    raise
-                raise err from e
-            finally:
-                if here is not None:
-                    current_step.reset(here)
-                if self.limiter is not None:
-                    self.limiter.release(held)
-        rec, _ = self._make_record(scope, key4, seq, result, False, att.first, t0, args, kwargs)
-        scope.record(rec, *usage_records(rec, result))  # its tokens are counted now, once
-        return result
+        with observe_step(scope, key4, seq, "effect") as obs:
+            while True:
+                att.pause_sync()
+                if (late := att.expired()) is not None:  # ran out while no process ran the run
+                    self._fail(att, late, t0, args, kwargs)
+                    raise late
+                limit = att.limit()
+                if self.limiter is not None:  # each attempt is a request the API sees
+                    held = self.limiter.acquire_sync()
+                # dn.progress inside the function reports to this step's row
+                here = (
+                    current_step.set((in_run, seq, self.identity)) if in_run is not None else None
+                )
+                try:
+                    if limit is not None:  # in a worker thread, with a cancel scope of its own
+                        attempt = CancelScope(cancel_scope.get())
+                        token = cancel_scope.set(attempt)
+                        try:
+                            call = functools.partial(self._target, *args, **kwargs)
+                            result = call_with_timeout(call, limit, self.identity, attempt)
+                        finally:
+                            cancel_scope.reset(token)
+                    else:
+                        result = self._target(*args, **kwargs)
+                    break
+                except BaseException as e:
+                    if (err := att.failed(e)) is None:
+                        continue
+                    self._fail(att, err, t0, args, kwargs)
+                    if err is e:
+                        raise
+                    raise err from e
+                finally:
+                    if here is not None:
+                        current_step.reset(here)
+                    if self.limiter is not None:
+                        self.limiter.release(held)
+            rec, _ = self._make_record(scope, key4, seq, result, False, att.first, t0, args, kwargs)
+            usage = usage_records(rec, result)
+            scope.record(rec, *usage)  # its tokens are counted now, once
+            obs.recorded(rec, usage, att.failures + 1)
+            return result
 
     async def _execute_async(
         self,
@@ -325,66 +331,73 @@ class EffectFunction(Generic[P, R]):
             scope.note_start(key4, seq, preview_args(args, kwargs))
         scope.inflight += 1  # while >1 effects are in flight, completions share a write
         try:
-            while True:
-                await att.pause()
-                if (late := att.expired()) is not None:
-                    self._fail(att, late, t0, args, kwargs)
-                    raise late
-                limit = att.limit()
-                # the attempt's own cancel scope, seen by the function in its worker thread
-                # (which copies the context when the attempt starts) or under a timeout; a
-                # plain async function learns of a cancellation from the CancelledError itself
-                attempt = token = None
-                if self.limiter is not None:  # each attempt is a request the API sees
-                    held = await self.limiter.acquire()
-                # dn.progress inside the function reports to this step's row (a worker
-                # thread copies the context when the attempt starts)
-                here = (
-                    current_step.set((in_run, seq, self.identity)) if in_run is not None else None
-                )
-                if in_thread or limit is not None:
-                    attempt = CancelScope(cancel_scope.get())
-                    token = cancel_scope.set(attempt)
-                try:
-                    if in_thread:
-                        aw: Awaitable[Any] = asyncio.to_thread(self._target, *args, **kwargs)
-                    else:
-                        aw = cast(Awaitable[Any], self.fn(*args, **kwargs))
-                    if limit is not None:
-                        # a thread's progress is wall time; an async function's is the clock's
-                        timed = asyncio.wait_for if in_thread else runtime.clock.wait_for
-                        try:
-                            result = await timed(aw, limit)
-                        except asyncio.TimeoutError:
-                            if attempt is not None:
-                                attempt.cancel()
-                            raise attempt_timeout(self.identity, limit) from None
-                    else:
-                        result = await aw
-                    break
-                except asyncio.CancelledError:
-                    if attempt is not None:
-                        attempt.cancel()
-                    scope.note_cancelled(self.identity)
-                    raise
-                except BaseException as e:
-                    if (err := att.failed(e)) is None:
-                        continue
-                    self._fail(att, err, t0, args, kwargs)
-                    if err is e:
+            with observe_step(scope, key4, seq, "effect") as obs:
+                while True:
+                    await att.pause()
+                    if (late := att.expired()) is not None:
+                        self._fail(att, late, t0, args, kwargs)
+                        raise late
+                    limit = att.limit()
+                    # the attempt's own cancel scope, seen by the function in its worker thread
+                    # (which copies the context when the attempt starts) or under a timeout; a
+                    # plain async function learns of a cancellation from the CancelledError itself
+                    attempt = token = None
+                    if self.limiter is not None:  # each attempt is a request the API sees
+                        held = await self.limiter.acquire()
+                    # dn.progress inside the function reports to this step's row (a worker
+                    # thread copies the context when the attempt starts)
+                    here = (
+                        current_step.set((in_run, seq, self.identity))
+                        if in_run is not None
+                        else None
+                    )
+                    if in_thread or limit is not None:
+                        attempt = CancelScope(cancel_scope.get())
+                        token = cancel_scope.set(attempt)
+                    try:
+                        if in_thread:
+                            aw: Awaitable[Any] = asyncio.to_thread(self._target, *args, **kwargs)
+                        else:
+                            aw = cast(Awaitable[Any], self.fn(*args, **kwargs))
+                        if limit is not None:
+                            # a thread's progress is wall time; an async function's is the clock's
+                            timed = asyncio.wait_for if in_thread else runtime.clock.wait_for
+                            try:
+                                result = await timed(aw, limit)
+                            except asyncio.TimeoutError:
+                                if attempt is not None:
+                                    attempt.cancel()
+                                raise attempt_timeout(self.identity, limit) from None
+                        else:
+                            result = await aw
+                        break
+                    except asyncio.CancelledError:
+                        if attempt is not None:
+                            attempt.cancel()
+                        scope.note_cancelled(self.identity)
                         raise
-                    raise err from e
-                finally:
-                    if token is not None:
-                        cancel_scope.reset(token)
-                    if here is not None:
-                        current_step.reset(here)
-                    if self.limiter is not None:
-                        self.limiter.release(held)
-            rec, _ = self._make_record(scope, key4, seq, result, False, att.first, t0, args, kwargs)
-            # the tokens it reports are written with the result: counted once, now
-            await scope.record_async(rec, *usage_records(rec, result))
-            return result
+                    except BaseException as e:
+                        if (err := att.failed(e)) is None:
+                            continue
+                        self._fail(att, err, t0, args, kwargs)
+                        if err is e:
+                            raise
+                        raise err from e
+                    finally:
+                        if token is not None:
+                            cancel_scope.reset(token)
+                        if here is not None:
+                            current_step.reset(here)
+                        if self.limiter is not None:
+                            self.limiter.release(held)
+                rec, _ = self._make_record(
+                    scope, key4, seq, result, False, att.first, t0, args, kwargs
+                )
+                # the tokens it reports are written with the result: counted once, now
+                usage = usage_records(rec, result)
+                await scope.record_async(rec, *usage)
+                obs.recorded(rec, usage, att.failures + 1)
+                return result
         finally:
             scope.inflight -= 1
 

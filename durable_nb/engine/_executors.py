@@ -39,6 +39,7 @@ __all__ = [
     "timed_batch",
 ]
 
+
 def _no_carrier() -> dict[str, str] | None:
     return None
 

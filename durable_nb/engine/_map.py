@@ -37,6 +37,7 @@ from ..store import EffectRecord
 from ._effects import EffectFunction, as_effect
 from ._executors import Done, check_executor, executor_name, local_pool, open_pool, shippable
 from ._executors import is_dask as _is_dask
+from ._observe import step as observe_step
 from ._progress import current_step, progress
 from ._retry import preview_args
 from ._runtime import Key4, TopScope, current_scope, running_loop, runtime
@@ -355,19 +356,22 @@ async def _run(state: RunState, m: _Map) -> list[Any]:
         runtime.store.put_effects([_map_record(state, m, key4, seq, started, 0.0, False)])
     state.note_start(key4, seq, f"({len(m.items)} items)")
     stop = threading.Event()
-    ctx = contextvars.copy_context()
-    if state.listeners:  # dn.progress reports to this step's row
-        ctx.run(current_step.set, (state, seq, "dn.map:" + m.eff.identity))
     loop = asyncio.get_running_loop()
-    fut = loop.run_in_executor(None, ctx.run, m.execute, stop)
-    try:
-        await asyncio.shield(fut)
-    except asyncio.CancelledError:
-        stop.set()  # the items in flight are given up; those recorded stay
-        await asyncio.wait([fut], timeout=30)
-        raise
-    final = _map_record(state, m, key4, seq, started, time.perf_counter() - t0, True)
-    await state.record_async(final)
+    with observe_step(state, key4, seq, "map") as obs:
+        # the thread that drives the map runs in the step's context: its items carry it
+        ctx = contextvars.copy_context()
+        if state.listeners:  # dn.progress reports to this step's row
+            ctx.run(current_step.set, (state, seq, "dn.map:" + m.eff.identity))
+        fut = loop.run_in_executor(None, ctx.run, m.execute, stop)
+        try:
+            await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            stop.set()  # the items in flight are given up; those recorded stay
+            await asyncio.wait([fut], timeout=30)
+            raise
+        final = _map_record(state, m, key4, seq, started, time.perf_counter() - t0, True)
+        await state.record_async(final)
+        obs.recorded(final, (), 1)
     return m.outcome()
 
 

@@ -40,6 +40,7 @@ from .._journal import (
 )
 from ..errors import NonDeterminismError, UnrecordedCancelWarning
 from ..store import EffectRecord, EventRecord, RunRecord, SignalRecord
+from ._observe import observer
 from ._runtime import (
     CancelScope,
     Key4,
@@ -59,6 +60,8 @@ if TYPE_CHECKING:
 __all__ = ["INBOX_POLL", "RunState", "active_interrupt", "replay"]
 
 INBOX_POLL = 0.5  # seconds between checks for signals sent by other processes
+#: steps an observer sees executing as a whole (``_observe.step``), not only recorded
+_OBSERVED_AROUND = ("effect", "map")
 _warned_cancel: set[str] = set()  # workflows warned about an unrecorded cancellation
 
 #: the innermost interrupt or timeout block the current task is in (see ``_interrupts``)
@@ -403,6 +406,8 @@ class RunState:
         self.executed += 1
         if self.listeners:
             self._emit_step(rec, "failed" if rec.is_error else "executed")
+        if (obs := observer()) is not None and rec.kind not in _OBSERVED_AROUND:
+            obs.recorded(self, rec)
 
     def _maybe_poll(self) -> None:
         """After a step recorded synchronously (the caller blocks anyway): look for signals
@@ -416,6 +421,8 @@ class RunState:
         self.saved += rec.duration
         if self.listeners:
             self._emit_step(rec, "replayed")
+        if (obs := observer()) is not None:
+            obs.replayed(self, rec)
 
     def note_failure(
         self,
@@ -571,6 +578,8 @@ class RunState:
         """A trace event of this run, told to the live listeners; the caller stores it."""
         if self.listeners:
             self.emit("event", {"event": kind, "data": data or {}})
+        if (obs := observer()) is not None:
+            obs.execution(self, kind, data or {})
         return EventRecord(
             self.run_id,
             _uuid.uuid4().hex,
