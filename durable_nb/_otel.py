@@ -156,10 +156,9 @@ class _Tracing:
             root.add_event(kind, {k: str(v)[:300] for k, v in data.items()})
 
     def step(self, state: RunState, key4: Key4, seq: int, kind: str) -> _Step:
-        name = key4[0] if kind == "effect" else key4[0]
         attrs = {**self._attrs(state, key4, seq), "durable_nb.replayed": False}
         attrs["durable_nb.step_kind"] = kind
-        return _Step(self.tracer, self.roots.get(state), name, attrs)
+        return _Step(self.tracer, self.roots.get(state), key4[0], attrs)
 
     def replayed(self, state: RunState, rec: EffectRecord) -> None:
         attrs = {**self._attrs(state, rec, rec.seq), "durable_nb.replayed": True}

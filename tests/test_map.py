@@ -135,7 +135,7 @@ def _kill_at_half_and_rerun(mode: str, tmp: Path, address: str = "") -> None:
     assert recorded <= set(before)
 
     second = _driver(mode, tmp, address=address)
-    out, err = second.communicate(timeout=240)
+    _, err = second.communicate(timeout=240)
     assert second.returncode == 0, err[-3000:]
     result = json.loads((tmp / "result.json").read_text())
     assert result == [x * x for x in range(N)]
@@ -434,7 +434,7 @@ def test_map_arguments_are_checked() -> None:
     async def wf(ctx: dn.Context) -> None:
         dn.map(square, [1])
 
-    with pytest.raises(BlockingCallError, match="ctx.map"):
+    with pytest.raises(BlockingCallError, match=r"ctx\.map"):
         dn.run(wf, run_id="b")
 
 

@@ -306,7 +306,7 @@ class EffectFunction(Generic[P, R]):
             usage = usage_records(rec, result)
             scope.record(rec, *usage)  # its tokens are counted now, once
             obs.recorded(rec, usage, att.failures + 1)
-            return result
+            return cast(R, result)
 
     async def _execute_async(
         self,

@@ -209,7 +209,7 @@ def timed_batch(
 class Done(NamedTuple):
     """An item that ended on the executor: its value, or the error it raised."""
 
-    index: int
+    pos: int  # the item's position in the map
     ok: bool
     value: Any
     duration: float  # seconds the function took on the worker

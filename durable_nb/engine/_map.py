@@ -221,7 +221,7 @@ class _Map:
                 for d in done:
                     if limiter is not None:
                         limiter.release(None)
-                    i = d.index
+                    i = d.pos
                     if d.ok:
                         what = f"the result of {eff.identity}"
                         payload = _codecs.encode(d.value, signer, what=what)
