@@ -22,7 +22,7 @@ from durable_nb import trace
 from durable_nb._codecs import decode
 from durable_nb.engine import runtime
 from durable_nb.errors import ArgumentError, ArgumentTypeError, BlockingCallError, MapError
-from durable_nb.store import open_store
+from durable_nb.store import Store, open_store
 
 from .helpers import ROOT, spawn_python, wait_until
 
@@ -438,13 +438,18 @@ def test_map_arguments_are_checked() -> None:
         dn.run(wf, run_id="b")
 
 
-def test_the_map_stays_cheap_when_everything_is_recorded() -> None:
-    """Not a timing: the rerun of a recorded map sends nothing to its executor."""
+def test_a_recorded_map_sends_nothing_to_its_executor_on_every_store(store: Store) -> None:
+    """A rerun looks every item up (one query on DuckDB and PostgreSQL) and sends none."""
 
     class Refusing(concurrent.futures.Executor):
         def submit(self, *a: Any, **k: Any) -> Any:
             raise AssertionError("a recorded item was sent to the executor")
 
-    dn.map(square, range(50))
+    first = dn.map(square, [*range(300), 5])
     runtime.top.reset()
-    assert dn.map(square, range(50), executor=Refusing()) == [x * x for x in range(50)]
+    assert dn.map(square, [*range(300), 5], executor=Refusing()) == first
+    runtime.top.reset()
+    with pytest.raises(MapError) as info:  # only the new item is sent (and refused)
+        dn.map(square, [*range(300), 5, 1000], executor=Refusing())
+    assert list(info.value.errors) == [301]
+    assert isinstance(info.value.errors[301], AssertionError)

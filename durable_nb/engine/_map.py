@@ -275,8 +275,8 @@ class _Map:
 
 
 def _get_many(scope_id: str, keys: list[Key4]) -> list[EffectRecord | None]:
-    """The records of a map's keys: in one query per 1,000 keys on a store that can
-    (``get_effects``: DuckDB, PostgreSQL), else one read each."""
+    """The records of a map's keys: in one query on a store that can (``get_effects``:
+    DuckDB, PostgreSQL), else one read each (the memory store)."""
     store = runtime.store
     full = [(scope_id, *k) for k in keys]
     many = getattr(store, "get_effects", None)

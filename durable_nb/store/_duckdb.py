@@ -999,9 +999,9 @@ class DuckDBStore:
         return rec
 
     def get_effects(self, keys: Sequence[EffectKey]) -> list[EffectRecord | None]:
-        """The records of many keys (a map's items): one query per 1,000 keys the read
-        cache leaves open, not one each (nor a key filter look-up each: the query answers
-        a miss as fast)."""
+        """The records of many keys (a map's items): one query for the keys the read cache
+        leaves open, not one each (nor a key filter look-up each: the query answers a miss
+        as fast)."""
         out: list[EffectRecord | None] = [None] * len(keys)
         open_: dict[EffectKey, int] = {}
         with self._wlock:
@@ -1019,19 +1019,16 @@ class DuckDBStore:
         for k in open_:  # a map's keys share scope, identity and version
             groups.setdefault(k[:3], []).append(k[3])
         for head, hashes in groups.items():
-            for start in range(0, len(hashes), 1000):
-                part = sorted(set(hashes[start : start + 1000]))
-                marks = ", ".join("?" * len(part))
-                with self._db() as con:
-                    rows = con.execute(
-                        "SELECT * FROM dn_effects WHERE scope = ? AND identity = ? AND "
-                        f"version = ? AND input_hash IN ({marks})",
-                        [*head, *part],
-                    ).fetchall()
-                for row in rows:
-                    rec = self._effect_from_row(row)
-                    if rec.key in open_:
-                        out[open_[rec.key]] = rec
+            with self._db() as con:  # one semi-join per group, the hashes as one list
+                rows = con.execute(
+                    "SELECT * FROM dn_effects WHERE scope = ? AND identity = ? AND version = ? "
+                    "AND input_hash IN (SELECT unnest(?::VARCHAR[]))",
+                    [*head, sorted(set(hashes))],
+                ).fetchall()
+            for row in rows:
+                rec = self._effect_from_row(row)
+                if rec.key in open_:
+                    out[open_[rec.key]] = rec
         return out
 
     def load_effects(self, scope: str) -> list[EffectRecord]:
