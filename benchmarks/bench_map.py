@@ -91,7 +91,7 @@ def cluster_figures(n: int, repeats: int) -> list[dict[str, Any]]:
             boom = {"on": True}
 
             @dn.durable(name=f"bench_map_{r}")
-            async def wf(ctx: dn.Context) -> int:
+            async def wf(ctx: dn.Context, boom: dict[str, bool] = boom) -> int:
                 total = sum(await ctx.map(inc, range(n), executor=client))
                 if boom["on"]:
                     raise RuntimeError("stop after the map")  # resumed below: a replay
