@@ -71,7 +71,7 @@ def cluster_figures(n: int, repeats: int) -> list[dict[str, Any]]:
         n_workers=2,
         threads_per_worker=1,
         processes=True,
-        dashboard_address=None,
+        dashboard_address=":0",
         silence_logs=logging.ERROR,
     )
     client = Client(cluster)

@@ -64,7 +64,7 @@ def main() -> int:
                 n_workers=2,
                 threads_per_worker=1,
                 processes=True,
-                dashboard_address=None,
+                dashboard_address=":0",
                 silence_logs=logging.ERROR,
             )
             executor = Client(cluster)

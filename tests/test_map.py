@@ -108,7 +108,7 @@ def cluster() -> Any:
         "from distributed import LocalCluster\n"
         "if __name__ == '__main__':\n"
         "    c = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,\n"
-        "                     dashboard_address=None, silence_logs=logging.ERROR)\n"
+        "                     dashboard_address=':0', silence_logs=logging.ERROR)\n"
         "    print(c.scheduler_address, flush=True)\n"
         "    sys.stdin.read()\n"
         "    c.close()\n"
