@@ -21,7 +21,13 @@ import durable_nb as dn
 from durable_nb import trace
 from durable_nb._codecs import decode
 from durable_nb.engine import runtime
-from durable_nb.errors import ArgumentError, ArgumentTypeError, BlockingCallError, MapError
+from durable_nb.errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    BlockingCallError,
+    MapError,
+    RunNotFoundError,
+)
 from durable_nb.store import Store, open_store
 
 from .helpers import ROOT, spawn_python, wait_until
@@ -166,6 +172,34 @@ def test_a_killed_dask_worker_does_not_stop_the_map(cluster: str, tmp_path: Path
     assert proc.returncode == 0, err[-3000:]
     assert "killed worker" in out
     assert json.loads((tmp_path / "result.json").read_text()) == [x * x for x in range(1000)]
+
+
+def test_single_calls_and_client_executors_on_the_cluster(cluster: str, tmp_path: Path) -> None:
+    """``@effect(executor=client)`` runs each call on a worker and records it here;
+    ``client.get_executor(...)`` works as a map's executor (its options apply)."""
+    code = (
+        "import json, os, sys\n"
+        "import durable_nb as dn\n"
+        "from distributed import Client\n"
+        "if __name__ == '__main__':\n"
+        "    dn.set_store(sys.argv[1])\n"
+        "    client = Client(sys.argv[2])\n"
+        "    @dn.effect(executor=client)\n"
+        "    def where(x):\n"
+        "        return os.getpid(), x\n"
+        "    first = where(3)\n"
+        "    dn.engine.runtime.top.reset()  # what a cell's next execution starts with\n"
+        "    again = where(3)\n"
+        "    out = dn.map(lambda x: x + 1, range(40), executor=client.get_executor(retries=1))\n"
+        "    print(json.dumps([os.getpid(), first, again, out]))\n"
+    )
+    proc = spawn_python("-c", code, str(tmp_path / "s.duckdb"), cluster, cwd=tmp_path)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    me, first, again, mapped = json.loads(out.strip().splitlines()[-1])
+    assert first[0] != me and first[1] == 3  # on a worker process
+    assert again == first  # replayed from the record, not run again
+    assert mapped == list(range(1, 41))
 
 
 def test_a_killed_pool_process_fails_its_items_and_a_rerun_sends_only_those(
@@ -453,3 +487,35 @@ def test_a_recorded_map_sends_nothing_to_its_executor_on_every_store(store: Stor
         dn.map(square, [*range(300), 5, 1000], executor=Refusing())
     assert list(info.value.errors) == [301]
     assert isinstance(info.value.errors[301], AssertionError)
+
+
+def test_the_trace_shows_a_running_maps_items_in_flight() -> None:
+    release = threading.Event()
+
+    def held(x: int) -> int:
+        if x >= 3:
+            release.wait(30)
+        return x
+
+    @dn.durable
+    async def wf(ctx: dn.Context) -> int:
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            return sum(await ctx.map(held, range(6), executor=pool))
+
+    job = dn.start(wf, run_id="fl")
+
+    def items() -> Any:
+        try:
+            steps = trace.run_trace(dn.get_store(), "fl")["steps"]
+        except RunNotFoundError:  # not stored yet
+            return None
+        steps = [s for s in steps if s["kind"] == "map"]
+        return steps[0]["map"] if steps else None  # type: ignore[typeddict-item]
+
+    wait_until(lambda: (items() or {}).get("done") == 3, "three items recorded")
+    m = items()
+    assert (m["items"], m["done"], m["in_flight"], m["missing"]) == (6, 3, 3, 0)
+    release.set()
+    assert job.result(30) == 15
+    m = items()
+    assert (m["done"], m["in_flight"], m["executed"], m["replayed"]) == (6, 0, 6, 0)
