@@ -519,3 +519,40 @@ def test_the_trace_shows_a_running_maps_items_in_flight() -> None:
     assert job.result(30) == 15
     m = items()
     assert (m["done"], m["in_flight"], m["executed"], m["replayed"]) == (6, 0, 6, 0)
+
+
+def test_a_cancelled_run_keeps_its_maps_recorded_items_and_a_resume_sends_the_rest() -> None:
+    release = threading.Event()
+    ran: list[int] = []
+
+    def held(x: int) -> int:
+        with _lock:
+            ran.append(x)
+        if x >= 3:
+            release.wait(30)
+        return x
+
+    pool = concurrent.futures.ThreadPoolExecutor(6)
+
+    @dn.durable
+    async def wf(ctx: dn.Context) -> int:
+        return sum(await ctx.map(held, range(6), executor=pool))
+
+    job = dn.start(wf, run_id="cm")
+
+    def done() -> int:
+        recs = dn.get_store().load_effects("run/cm")
+        return sum(r.kind == "map_item" for r in recs)
+
+    wait_until(lambda: done() == 3 and len(ran) == 6, "three items recorded, three running")
+    job.cancel("enough")
+    with pytest.raises(dn.RunCancelledError):
+        job.result(30)
+    release.set()
+    pool.shutdown(wait=True)
+    assert done() == 3  # what ended before the cancel stays recorded
+    ran.clear()
+    with concurrent.futures.ThreadPoolExecutor(6) as again:
+        pool = again
+        assert dn.resume("cm").result(30) == 15
+    assert sorted(ran) == [3, 4, 5]  # only the items that had not been recorded

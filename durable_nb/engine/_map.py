@@ -368,6 +368,8 @@ async def _run(state: RunState, m: _Map) -> list[Any]:
         except asyncio.CancelledError:
             stop.set()  # the items in flight are given up; those recorded stay
             await asyncio.wait([fut], timeout=30)
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # the driver's own stop: retrieved, not logged
             raise
         final = _map_record(state, m, key4, seq, started, time.perf_counter() - t0, True)
         await state.record_async(final)
