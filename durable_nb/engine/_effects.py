@@ -26,6 +26,7 @@ from ..errors import ArgumentError, ArgumentTypeError
 from ..store import EffectRecord
 from ._executors import check_executor, is_dask, run_on, shippable
 from ._limits import Limiter, check_limit, limiter
+from ._observe import NO_STEP, observers
 from ._observe import step as observe_step
 from ._progress import current_step
 from ._retry import (
@@ -265,7 +266,7 @@ class EffectFunction(Generic[P, R]):
         t0 = time.perf_counter()
         if scope.listeners:  # the argument preview only for a live widget
             scope.note_start(key4, seq, preview_args(args, kwargs))
-        with observe_step(scope, key4, seq, "effect") as obs:
+        with observe_step(scope, key4, seq, "effect") if observers else NO_STEP as obs:
             while True:
                 att.pause_sync()
                 if (late := att.expired()) is not None:  # ran out while no process ran the run
@@ -305,7 +306,8 @@ class EffectFunction(Generic[P, R]):
             rec, _ = self._make_record(scope, key4, seq, result, False, att.first, t0, args, kwargs)
             usage = usage_records(rec, result)
             scope.record(rec, *usage)  # its tokens are counted now, once
-            obs.recorded(rec, usage, att.failures + 1)
+            if obs is not NO_STEP:
+                obs.recorded(rec, usage, att.failures + 1)
             return cast(R, result)
 
     async def _execute_async(
@@ -331,7 +333,7 @@ class EffectFunction(Generic[P, R]):
             scope.note_start(key4, seq, preview_args(args, kwargs))
         scope.inflight += 1  # while >1 effects are in flight, completions share a write
         try:
-            with observe_step(scope, key4, seq, "effect") as obs:
+            with observe_step(scope, key4, seq, "effect") if observers else NO_STEP as obs:
                 while True:
                     await att.pause()
                     if (late := att.expired()) is not None:
@@ -396,7 +398,8 @@ class EffectFunction(Generic[P, R]):
                 # the tokens it reports are written with the result: counted once, now
                 usage = usage_records(rec, result)
                 await scope.record_async(rec, *usage)
-                obs.recorded(rec, usage, att.failures + 1)
+                if obs is not NO_STEP:
+                    obs.recorded(rec, usage, att.failures + 1)
                 return result
         finally:
             scope.inflight -= 1

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from ._runtime import Key4, TopScope
     from ._state import RunState
 
-__all__ = ["NO_STEP", "Observer", "StepObservation", "install", "observer", "step"]
+__all__ = ["NO_STEP", "Observer", "StepObservation", "install", "observer", "observers", "step"]
 
 
 class StepObservation(Protocol):
@@ -65,21 +65,23 @@ class _NoStep:
 
 
 NO_STEP = _NoStep()
-_observer: list[Observer] = []  # the installed observer, if any
+#: the installed observer, if any (a list changed in place: the hooks test its truth, which
+#: costs a recorded step nothing measurable when it is empty)
+observers: list[Observer] = []
 
 
 def observer() -> Observer | None:
-    return _observer[0] if _observer else None
+    return observers[0] if observers else None
 
 
 def install(obs: Observer | None) -> None:
     """Install ``obs`` (None: none) for every run of this process from now on."""
-    _observer[:] = [obs] if obs is not None else []
+    observers[:] = [obs] if obs is not None else []
 
 
 def step(scope: RunState | TopScope, key4: Key4, seq: int, kind: str) -> StepObservation:
     """The observation of a step that starts executing (a no-op outside runs or without an
     observer)."""
-    if not _observer or seq < 0:  # top-level calls (seq -1) belong to no run
+    if not observers or seq < 0:  # top-level calls (seq -1) belong to no run
         return NO_STEP
-    return _observer[0].step(scope, key4, seq, kind)  # type: ignore[arg-type]  # a run's
+    return observers[0].step(scope, key4, seq, kind)  # type: ignore[arg-type]  # a run's

@@ -40,7 +40,7 @@ from .._journal import (
 )
 from ..errors import NonDeterminismError, UnrecordedCancelWarning
 from ..store import EffectRecord, EventRecord, RunRecord, SignalRecord
-from ._observe import observer
+from ._observe import observers
 from ._runtime import (
     CancelScope,
     Key4,
@@ -406,8 +406,8 @@ class RunState:
         self.executed += 1
         if self.listeners:
             self._emit_step(rec, "failed" if rec.is_error else "executed")
-        if (obs := observer()) is not None and rec.kind not in _OBSERVED_AROUND:
-            obs.recorded(self, rec)
+        if observers and rec.kind not in _OBSERVED_AROUND:
+            observers[0].recorded(self, rec)
 
     def _maybe_poll(self) -> None:
         """After a step recorded synchronously (the caller blocks anyway): look for signals
@@ -421,8 +421,8 @@ class RunState:
         self.saved += rec.duration
         if self.listeners:
             self._emit_step(rec, "replayed")
-        if (obs := observer()) is not None:
-            obs.replayed(self, rec)
+        if observers:
+            observers[0].replayed(self, rec)
 
     def note_failure(
         self,
@@ -578,8 +578,8 @@ class RunState:
         """A trace event of this run, told to the live listeners; the caller stores it."""
         if self.listeners:
             self.emit("event", {"event": kind, "data": data or {}})
-        if (obs := observer()) is not None:
-            obs.execution(self, kind, data or {})
+        if observers:
+            observers[0].execution(self, kind, data or {})
         return EventRecord(
             self.run_id,
             _uuid.uuid4().hex,
