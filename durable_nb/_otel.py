@@ -165,7 +165,7 @@ class _Tracing:
         attrs["durable_nb.step_kind"] = rec.kind
         attrs["durable_nb.recorded_duration_s"] = rec.duration
         span = self.tracer.start_span(rec.identity, context=self._parent(state), attributes=attrs)
-        span.end(end_time=span.start_time)  # type: ignore[attr-defined]  # the SDK's span
+        span.end(end_time=getattr(span, "start_time", None))  # zero-length (an SDK span)
 
     def recorded(self, state: RunState, rec: EffectRecord) -> None:
         if rec.seq < 0:

@@ -1,11 +1,13 @@
 """Where a map's items and ``@effect(executor=...)`` calls execute: any
 ``concurrent.futures.Executor`` (a ``ProcessPoolExecutor``, a thread pool), or a Dask
 cluster through its ``distributed.Client`` (or ``client.get_executor()``), used first-class:
-items go out with Dask's own ``client.map`` in batches under keys made of their content
-hashes, come back through Dask futures and are fetched with one ``client.gather`` per batch.
+items go out in tasks of one or several items with Dask's own ``client.map``, come back
+through Dask futures, and the results of every task that finished meanwhile are fetched
+with one ``client.gather``.
 
-Workers never see the store: they run the function (wrapped in :func:`timed`, which measures
-it and carries a trace context) and send the result back; the notebook process journals it.
+Workers never see the store: they run the function (wrapped in :func:`timed_batch` or
+:func:`timed`, which measure it and carry a trace context) and send the result back; the
+notebook process journals it.
 Dask is never imported here: a client is recognised by its type's module.
 """
 
