@@ -161,6 +161,7 @@ class _Map:
         store, signer, sid = runtime.store, runtime.store.signer, scope.scope_id
         record_errors = isinstance(scope, RunState) or eff.cache_errors
         retry, limiter, bound = eff.retry, eff.limiter, self.max_in_flight
+        what = f"the result of {eff.identity}"
         todo = deque(self.missing)
         due: list[tuple[float, int]] = []  # retries: (when, index)
         attempts: dict[int, int] = {}
@@ -223,7 +224,6 @@ class _Map:
                         limiter.release(None)
                     i = d.pos
                     if d.ok:
-                        what = f"the result of {eff.identity}"
                         payload = _codecs.encode(d.value, signer, what=what)
                         self.results[i] = d.value
                         self.executed += 1
