@@ -41,6 +41,7 @@ from .._journal import (
 )
 from ..errors import NonDeterminismError, UnrecordedCancelWarning
 from ..store import EffectRecord, EventRecord, RunRecord, SignalRecord
+from ._observe import observers
 from ._runtime import (
     CancelScope,
     Key4,
@@ -60,6 +61,8 @@ if TYPE_CHECKING:
 __all__ = ["INBOX_POLL", "RunState", "active_interrupt", "replay"]
 
 INBOX_POLL = 0.5  # seconds between checks for signals sent by other processes
+#: steps an observer sees executing as a whole (``_observe.step``), not only recorded
+_OBSERVED_AROUND = ("effect", "map")
 _warned_cancel: set[str] = set()  # workflows warned about an unrecorded cancellation
 
 #: the innermost interrupt or timeout block the current task is in (see ``_interrupts``)
@@ -412,6 +415,8 @@ class RunState:
         self.executed += 1
         if self.listeners:
             self._emit_step(rec, "failed" if rec.is_error else "executed")
+        if observers and rec.kind not in _OBSERVED_AROUND:
+            observers[0].recorded(self, rec)
 
     def _maybe_poll(self) -> None:
         """After a step recorded synchronously (the caller blocks anyway): look for signals
@@ -432,6 +437,8 @@ class RunState:
                 acc[1] += int(d.get("completion_tokens", 0) or 0)
         if self.listeners:
             self._emit_step(rec, "replayed")
+        if observers:
+            observers[0].replayed(self, rec)
 
     def note_failure(
         self,
@@ -587,6 +594,8 @@ class RunState:
         """A trace event of this run, told to the live listeners; the caller stores it."""
         if self.listeners:
             self.emit("event", {"event": kind, "data": data or {}})
+        if observers:
+            observers[0].execution(self, kind, data or {})
         return EventRecord(
             self.run_id,
             _uuid.uuid4().hex,

@@ -157,6 +157,9 @@ def statements(schema: str) -> dict[str, str]:
         f"ON CONFLICT ({', '.join(EFFECT_KEY_COLS)}) DO UPDATE SET "
         + ", ".join(f"{c} = EXCLUDED.{c}" for c in EFFECT_COLS if c not in EFFECT_KEY_COLS),
         "get_effect": f"SELECT {', '.join(EFFECT_COLS)} FROM {s}.dn_effects WHERE {key_where}",
+        # a map's keys: one scope, identity and version, many input hashes
+        "get_effects": f"SELECT {', '.join(EFFECT_COLS)} FROM {s}.dn_effects WHERE scope = %s "
+        "AND identity = %s AND version = %s AND input_hash = ANY(%s)",
         "load_effects": f"SELECT {', '.join(EFFECT_COLS)} FROM {s}.dn_effects "
         "WHERE scope = %s ORDER BY seq, started_at",
         "delete_effects": f"DELETE FROM {s}.dn_effects WHERE scope = %s",

@@ -559,6 +559,27 @@ class PostgresStore(StoreBase):
         row = self._call(lambda conn: conn.execute(q, key, binary=True).fetchone())
         return _rows.effect_from_row(row, _payload) if row is not None else None
 
+    def get_effects(self, keys: Sequence[EffectKey]) -> list[EffectRecord | None]:
+        """The records of many keys (a map's items): one query per scope, identity and
+        version, not one round trip each."""
+        q = self._q["get_effects"]
+        where = {k: n for n, k in enumerate(keys)}
+        groups: dict[tuple[str, str, str], list[str]] = {}
+        for k in where:
+            groups.setdefault(k[:3], []).append(k[3])
+        out: list[EffectRecord | None] = [None] * len(keys)
+        for head, hashes in groups.items():
+            args: list[Any] = [*head, sorted(set(hashes))]
+
+            def read(conn: _Conn, args: list[Any] = args) -> list[Any]:
+                return conn.execute(q, args, binary=True).fetchall()
+
+            for row in self._call(read):
+                rec = _rows.effect_from_row(row, _payload)
+                if (n := where.get(rec.key)) is not None:
+                    out[n] = rec
+        return out
+
     def load_effects(self, scope: str) -> list[EffectRecord]:
         q = self._q["load_effects"]
         rows = self._call(lambda conn: conn.execute(q, [scope], binary=True).fetchall())
