@@ -149,13 +149,28 @@ def statements(schema: str) -> dict[str, str]:
         # our own token: a retry after a lost reply finds the lease it already took
         "WHERE l.expires_at <= now() OR l.token = EXCLUDED.token RETURNING run_id"
     )
+    # binary arrays: dumping text arrays quotes every element in Python
+    effect_rows = f"unnest({', '.join(f'%b::{t}[]' for t in EFFECT_TYPES)})"
+    effect_conflict = f"ON CONFLICT ({', '.join(EFFECT_KEY_COLS)}) DO UPDATE SET " + ", ".join(
+        f"{c} = EXCLUDED.{c}" for c in EFFECT_COLS if c not in EFFECT_KEY_COLS
+    )
+    # fencing: a write of a run's records commits only while the writer holds the run's
+    # lease. Params (number of distinct tokens, tokens). Fails the transaction with
+    # division_by_zero unless every token is a live lease; FOR SHARE holds those rows until
+    # the transaction ends, so a takeover (which rewrites the row) waits for the write
+    fence = (
+        "SELECT 1 / (count(*) = %s)::int AS ok FROM (SELECT 1 FROM "
+        f"{s}.dn_leases WHERE token = ANY(%s) AND expires_at > now() FOR SHARE) AS l"
+    )
     return {
         "put_effect": upsert("dn_effects", EFFECT_COLS, EFFECT_KEY_COLS),
         "put_effects": f"INSERT INTO {s}.dn_effects ({', '.join(EFFECT_COLS)}) "
-        # binary arrays: dumping text arrays quotes every element in Python
-        f"SELECT * FROM unnest({', '.join(f'%b::{t}[]' for t in EFFECT_TYPES)}) "
-        f"ON CONFLICT ({', '.join(EFFECT_KEY_COLS)}) DO UPDATE SET "
-        + ", ".join(f"{c} = EXCLUDED.{c}" for c in EFFECT_COLS if c not in EFFECT_KEY_COLS),
+        f"SELECT * FROM {effect_rows} {effect_conflict}",
+        # the same, refused (the transaction fails) unless the leases named are live
+        "put_effects_fenced": f"WITH f AS ({fence}) "
+        f"INSERT INTO {s}.dn_effects ({', '.join(EFFECT_COLS)}) "
+        f"SELECT u.* FROM {effect_rows} AS u, f WHERE f.ok = 1 {effect_conflict}",
+        "fence": fence,
         "get_effect": f"SELECT {', '.join(EFFECT_COLS)} FROM {s}.dn_effects WHERE {key_where}",
         "load_effects": f"SELECT {', '.join(EFFECT_COLS)} FROM {s}.dn_effects "
         "WHERE scope = %s ORDER BY seq, started_at",

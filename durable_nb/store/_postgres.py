@@ -70,7 +70,7 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from .._arrow_ipc import ipc_bytes, read_ipc
-from .._journal import run_scope
+from .._journal import run_of_scope, run_scope
 from ..errors import (
     ArgumentError,
     ArgumentTypeError,
@@ -80,7 +80,7 @@ from ..errors import (
 )
 from . import _migrations, _rows
 from ._base import RunQuery, StoreBase
-from ._pg_commit import Done, GroupCommit, LoopCommit, Statement
+from ._pg_commit import Done, GroupCommit, LoopCommit, Sql, Statement
 from ._pg_schema import BOOKKEEPING, EFFECT_KEY_COLS, MIGRATIONS, SCHEMA_VERSION, statements
 from ._pg_session import TAKEOVER_GRACE, Session, session_key_of
 from ._protocol import RunLease, run_scopes
@@ -309,16 +309,24 @@ class PostgresStore(StoreBase):
         self._lock = threading.Lock()
         self._held: dict[str, str] = {}  # lease token -> run id, renewed by the heartbeat
         self._lease_objs: dict[str, RunLease] = {}  # lease token -> the holder's RunLease
+        # run id -> the token of the lease this store took for it, kept after the lease was
+        # lost (until released): the run's writes commit only while that lease is live
+        self._fences: dict[str, str] = {}
         self._stop = threading.Event()
         self._work = _WorkSignal()
         self._heartbeat: threading.Thread | None = None
         self._listener: threading.Thread | None = None
         name = f"durable_nb-pg-{self._schema}"
         self._session = Session(self._conninfo, self._connect_kwargs, self._session_lost, name)
-        self._writer = GroupCommit(
-            lambda: psycopg.connect(self._conninfo, **self._connect_kwargs),
+        self._sql = Sql(
             self._q["put_effect"],
             self._q["put_effects"],
+            self._q["put_effects_fenced"],
+            self._q["fence"],
+        )
+        self._writer = GroupCommit(
+            lambda: psycopg.connect(self._conninfo, **self._connect_kwargs),
+            self._sql,
             self._translate,
             name,
         )
@@ -465,8 +473,13 @@ class PostgresStore(StoreBase):
 
     def _translate(self, e: BaseException) -> BaseException:
         """The store's error for what psycopg raised (or passed on, if it is not psycopg's)."""
-        if isinstance(e, psycopg.OperationalError):
-            error: BaseException = self._unavailable(e)
+        if isinstance(e, psycopg.errors.DivisionByZero):  # only the fence divides
+            error: BaseException = RunLockedError(
+                "this process no longer holds the lease of the run it wrote for; the store "
+                "refused the write"
+            )
+        elif isinstance(e, psycopg.OperationalError):
+            error = self._unavailable(e)
         elif isinstance(e, psycopg.Error):
             error = StoreError(
                 f"the PostgreSQL store {self._url!r} refused a request: {_first_line(e)}"
@@ -508,7 +521,8 @@ class PostgresStore(StoreBase):
     def put_effects(self, records: Sequence[EffectRecord]) -> None:
         self._check_open()
         if records:
-            self._write([self._effect_row(rec) for rec in records], [])
+            rows = [self._effect_row(rec) for rec in records]
+            self._write(rows, [], self._fence_of(effects=records))
 
     def submit(
         self,
@@ -525,6 +539,7 @@ class PostgresStore(StoreBase):
         if not rows and not statements:
             done(None)
             return
+        fence = self._fence_of(effects, runs, events)
         if loop is not None:  # written by the loop itself, on a connection of its own
             writer = self._loop_writers.get(loop)
             if writer is None:
@@ -532,27 +547,76 @@ class PostgresStore(StoreBase):
                     for gone_loop in [lp for lp in self._loop_writers if lp.is_closed()]:
                         self._loop_writers.pop(gone_loop).close_now()  # a worker's that ended
                     writer = self._loop_writers[loop] = LoopCommit(
-                        self._conninfo,
-                        self._connect_kwargs,
-                        self._q["put_effect"],
-                        self._q["put_effects"],
-                        self._translate,
-                        loop,
+                        self._conninfo, self._connect_kwargs, self._sql, self._translate, loop
                     )
-            writer.submit(rows, statements, done)
+            writer.submit(rows, statements, self._fenced_done(fence, done), fence)
             return
         try:
-            self._writer.submit(rows, statements, done)
+            self._writer.submit(rows, statements, self._fenced_done(fence, done), fence)
         except psycopg.Error:
             self._check_open()  # closed meanwhile: say so
             raise
 
-    def _write(self, rows: list[tuple[Any, ...]], statements: list[Statement]) -> None:
+    def _write(
+        self, rows: list[tuple[Any, ...]], statements: list[Statement], fence: list[str]
+    ) -> None:
         try:
-            self._writer.write(rows, statements)
+            self._writer.write(rows, statements, fence)
         except psycopg.InterfaceError:
             self._check_open()
             raise
+        except RunLockedError as e:
+            raise self._refused(fence, e) from e.__cause__
+
+    # ------------------------------------------------------------------ fencing
+    def _fence_of(
+        self,
+        effects: Sequence[EffectRecord] = (),
+        runs: Sequence[RunRecord] = (),
+        events: Sequence[EventRecord] = (),
+    ) -> list[str]:
+        """The lease tokens a write depends on: those of the runs whose records it holds
+        that this store took a lease for (others' writes, e.g. queueing a run, are free)."""
+        if not self._fences:
+            return []
+        run_ids = {run_of_scope(rec.scope) for rec in effects}
+        run_ids.update(run.run_id for run in runs)
+        run_ids.update(event.run_id for event in events)
+        fences = self._fences
+        return sorted({t for r in run_ids if r is not None and (t := fences.get(r)) is not None})
+
+    def _fenced_done(self, fence: list[str], done: Done) -> Done:
+        if not fence:
+            return done
+
+        def told(error: BaseException | None) -> None:
+            if isinstance(error, RunLockedError):
+                error = self._refused(fence, error)
+            done(error)
+
+        return told
+
+    def _refused(self, fence: list[str], error: RunLockedError) -> RunLockedError:
+        """A write the server refused because a lease it depends on is not live any more:
+        the runs of those leases stop here (another process may hold them), and the error
+        names them."""
+        runs = sorted({r for r, t in list(self._fences.items()) if t in fence})
+        lost: list[RunLease] = []
+        with self._lock:  # a write holds the records of one run (or of a run and its scopes)
+            for token in fence:
+                self._held.pop(token, None)
+                if (lease := self._lease_objs.pop(token, None)) is not None:
+                    lost.append(lease)
+        self._fence(lost)
+        refused = RunLockedError(
+            f"this process no longer holds the lease of run{'s' if len(runs) != 1 else ''} "
+            f"{', '.join(map(repr, runs)) or '?'} (it expired while the process was "
+            "stalled or cut off, and another process may have taken the run over), so the "
+            "store refused its write; the run stops here and resumes wherever it is "
+            "executed next"
+        )
+        refused.__cause__ = error.__cause__
+        return refused
 
     def get_effect(self, key: EffectKey) -> EffectRecord | None:
         q = self._q["get_effect"]
@@ -680,7 +744,7 @@ class PostgresStore(StoreBase):
 
     def put_run(self, run: RunRecord) -> None:
         self._check_open()
-        self._write([], self._run_statements([run]))
+        self._write([], self._run_statements([run]), self._fence_of(runs=[run]))
 
     def get_run(self, run_id: str) -> RunRecord | None:
         q = self._q["get_run"]
@@ -769,6 +833,7 @@ class PostgresStore(StoreBase):
             if live:
                 self._held[token] = run_id
                 self._lease_objs[token] = lease
+                self._fences[run_id] = token
                 if self._heartbeat is None:
                     self._heartbeat = threading.Thread(
                         target=self._heartbeat_loop, name="durable_nb-pg-heartbeat", daemon=True
@@ -779,6 +844,8 @@ class PostgresStore(StoreBase):
         def release() -> None:
             with self._lock:
                 self._lease_objs.pop(token, None)
+                if self._fences.get(run_id) == token:
+                    del self._fences[run_id]
                 if self._held.pop(token, None) is None or self._closed:
                     return  # lost (taken over after it expired) or released by close()
             try:
@@ -996,7 +1063,7 @@ class PostgresStore(StoreBase):
     def append_events(self, events: Sequence[EventRecord]) -> None:
         self._check_open()
         if events:
-            self._write([], self._event_statements(events))
+            self._write([], self._event_statements(events), self._fence_of(events=events))
 
     def load_events(self, run_id: str) -> list[EventRecord]:
         q = self._q["load_events"]
@@ -1030,6 +1097,7 @@ class PostgresStore(StoreBase):
         with self._lock:
             self._closed = True
             self._held.clear()
+            self._fences.clear()
         self._work.set()  # waiters return (and find the store closed on their next call)
         for thread in (self._heartbeat, self._listener):
             if thread is not None and thread is not threading.current_thread():
