@@ -282,6 +282,9 @@ async def _drive(
         if poller is not None:
             poller.cancel()
         try:
+            if state is not None:  # its records written behind are durable before it ends
+                with contextlib.suppress(Exception):
+                    await state.caught_up()
             if lease is not None:
                 await _release(lease)
         finally:
@@ -484,6 +487,7 @@ def _stats(state: RunState) -> dict[str, Any]:
 async def _finish(state: RunState, status: EndStatus, detail: dict[str, Any] | None = None) -> None:
     """Store the run's end (its event and its record, one write) without blocking the loop;
     an interruption meanwhile waits for the write, so the job is never settled before it."""
+    await state.caught_up()  # what the run wrote behind comes first
     event = state.event_record(status, {**_stats(state), **(detail or {})})
     run = state.status_record(status, detail)
     await wait_written(durable_write(runtime.store, runs=[run], events=[event]))

@@ -344,9 +344,10 @@ class LoopCommit:
 
 def _plan(group: list[_Write], q: Sql) -> list[Statement]:
     """The statements of one group: its effect rows as one upsert (one row per key, the
-    last, as ON CONFLICT requires), then the other statements in order. When writes of the
-    group are conditional on leases, the check comes first: in the effects' upsert, or a
-    statement of its own."""
+    last, as ON CONFLICT requires) and the other statements in order. When writes of the
+    group are conditional on leases, the check comes last (in the effects' upsert, or a
+    statement of its own): the run rows before the lease rows, as a worker's claim locks
+    them, so the two never wait for each other in a cycle."""
     rows: dict[tuple[Any, ...], tuple[Any, ...]] = {}
     tokens: dict[str, None] = {}
     for write in group:
@@ -354,19 +355,17 @@ def _plan(group: list[_Write], q: Sql) -> list[Statement]:
             rows[row[:5]] = row
         for token in write.fence:
             tokens[token] = None
-    fence = [len(tokens), list(tokens)]
-    plan: list[Statement] = []
+    others = [s for write in group for s in write.statements]
     if tokens:
+        fence = [len(tokens), list(tokens)]
         if rows:
-            plan.append((q.many_fenced, [*fence, *_columns(rows)]))
-        else:
-            plan.append((q.fence, fence))
-    elif len(rows) == 1:
-        plan.append((q.one, next(iter(rows.values()))))
-    elif rows:
-        plan.append((q.many, _columns(rows)))
-    plan += [s for write in group for s in write.statements]
-    return plan
+            return [*others, (q.many_fenced, [*fence, *_columns(rows)])]
+        return [*others, (q.fence, fence)]
+    if len(rows) == 1:
+        return [(q.one, next(iter(rows.values()))), *others]
+    if rows:
+        return [(q.many, _columns(rows)), *others]
+    return others
 
 
 def _columns(rows: dict[tuple[Any, ...], tuple[Any, ...]]) -> list[list[Any]]:

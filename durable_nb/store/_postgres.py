@@ -609,11 +609,11 @@ class PostgresStore(StoreBase):
                     lost.append(lease)
         self._fence(lost)
         refused = RunLockedError(
-            f"this process no longer holds the lease of run{'s' if len(runs) != 1 else ''} "
-            f"{', '.join(map(repr, runs)) or '?'} (it expired while the process was "
-            "stalled or cut off, and another process may have taken the run over), so the "
-            "store refused its write; the run stops here and resumes wherever it is "
-            "executed next"
+            f"run{'s' if len(runs) != 1 else ''} {', '.join(map(repr, runs)) or '?'} lost "
+            f"{'their leases' if len(runs) > 1 else 'its lease'}: it expired while this "
+            "process was stalled or cut off from the server, and another process may have "
+            "taken the run over, so the store refused this process's write; the run stops "
+            "here and resumes wherever it is executed next"
         )
         refused.__cause__ = error.__cause__
         return refused
