@@ -183,6 +183,7 @@ def statements(schema: str) -> dict[str, str]:
         "put_run": f"WITH r AS ({upsert('dn_runs', RUN_COLS, ('run_id',))} "
         "RETURNING status) SELECT pg_notify(%s, 'queued') FROM r WHERE r.status = 'queued'",
         "get_run": f"SELECT {', '.join(RUN_COLS)} FROM {s}.dn_runs WHERE run_id = %s",
+        "get_runs": f"SELECT {', '.join(RUN_COLS)} FROM {s}.dn_runs WHERE run_id = ANY(%s)",
         "list_runs": f"SELECT {', '.join(RUN_COLS)} FROM {s}.dn_runs",
         "delete_run": f"DELETE FROM {s}.dn_runs WHERE run_id = %s",
         "delete_signals": f"DELETE FROM {s}.dn_signals WHERE run_id = %s",
@@ -198,8 +199,12 @@ def statements(schema: str) -> dict[str, str]:
         "condemn_all": f"UPDATE {s}.dn_leases {condemn} {gone('token')} RETURNING run_id",
         "renew": f"UPDATE {s}.dn_leases SET expires_at = now() + make_interval(secs => %s) "
         "WHERE token = ANY(%s) RETURNING token",
+        # 'released' wakes claimers (the run still needs an executor), 'ended' only those
+        # who wait for runs to end
         "release": f"WITH d AS (DELETE FROM {s}.dn_leases WHERE run_id = %s AND token = %s "
-        "RETURNING run_id) SELECT pg_notify(%s, 'released') FROM d",
+        "RETURNING run_id) SELECT pg_notify(%s, CASE WHEN EXISTS (SELECT 1 FROM "
+        f"{s}.dn_runs r WHERE r.run_id = d.run_id AND r.status IN {CLAIMABLE}) "
+        "THEN 'released' ELSE 'ended' END) FROM d",
         "release_all": f"DELETE FROM {s}.dn_leases WHERE token = ANY(%s) RETURNING run_id",
         "notify": "SELECT pg_notify(%s, %s)",
         "candidates": f"SELECT r.run_id FROM {s}.dn_runs r "

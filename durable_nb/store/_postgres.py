@@ -99,6 +99,10 @@ DEFAULT_SCHEMA = "durable_nb"
 _SCHEMA_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _MIN_KEY = 16
 _CLAIM_BATCH = 8  # candidates locked per claim_run attempt
+#: seconds between two looks for runs held by processes that died, by one store's claims:
+#: the look probes the session lock of every live lease, and idle workers are woken by every
+#: queued run and every released lease (4 workers looked ~30 times a run without a limit)
+_CONDEMN_EVERY = 1.0
 
 
 def _check_schema(schema: object) -> str:
@@ -222,16 +226,19 @@ def _first_line(e: BaseException) -> str:
 class _WorkSignal:
     """Wake-ups for ``wait_for_work``, never missed: a counter each waiting thread compares
     with the value it saw last (an Event cleared by one waiter would hide a wake-up from
-    another thread of the same process, such as a worker and a job watcher)."""
+    another thread of the same process, such as a worker and a job watcher). ``claimable``
+    counts the wake-ups that may mean a run to claim (not a run that ended, not a signal)."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._seq = 0
+        self.claimable = 0
         self._seen = threading.local()
 
-    def set(self) -> None:
+    def set(self, claimable: bool = True) -> None:
         with self._cond:
             self._seq += 1
+            self.claimable += claimable
             self._cond.notify_all()
 
     def mark(self) -> None:
@@ -312,6 +319,9 @@ class PostgresStore(StoreBase):
         # run id -> the token of the lease this store took for it, kept after the lease was
         # lost (until released): the run's writes commit only while that lease is live
         self._fences: dict[str, str] = {}
+        self._next_condemn = 0.0  # monotonic time of the next look for dead holders' runs
+        # workflows -> (claimable wake-ups seen, until when) after a claim found nothing
+        self._idle: dict[tuple[str, ...], tuple[int, float]] = {}
         self._stop = threading.Event()
         self._work = _WorkSignal()
         self._heartbeat: threading.Thread | None = None
@@ -751,6 +761,12 @@ class PostgresStore(StoreBase):
         row = self._call(lambda conn: conn.execute(q, [run_id], binary=True).fetchone())
         return _rows.run_from_row(row, _payload) if row is not None else None
 
+    def _get_runs(self, run_ids: list[str]) -> dict[str, RunRecord]:
+        q = self._q["get_runs"]
+        rows = self._call(lambda conn: conn.execute(q, [run_ids], binary=True).fetchall())
+        runs = (_rows.run_from_row(r, _payload) for r in rows)
+        return {run.run_id: run for run in runs}
+
     def _list_runs(self, query: RunQuery) -> list[RunRecord]:
         clause, params = query.sql("%s")
         q = self._q["list_runs"] + clause
@@ -908,6 +924,24 @@ class PostgresStore(StoreBase):
         if not names:
             self._check_open()
             return None
+        # a claim that found nothing is not repeated until a run was queued or let go (a
+        # notification), or _CONDEMN_EVERY passed: idle workers, woken by every run that
+        # ends anywhere, would otherwise all ask the server each time
+        which = tuple(names)
+        seen = self._work.claimable
+        idle = self._idle.get(which)
+        listening = self._listener is not None and self._listener.is_alive()
+        if listening and idle is not None and idle[0] == seen and time.monotonic() < idle[1]:
+            self._check_open()
+            return None
+        got = self._claim_some(owner, names)
+        if got is None:
+            self._idle[which] = (seen, time.monotonic() + _CONDEMN_EVERY)
+        else:
+            self._idle.pop(which, None)
+        return got
+
+    def _claim_some(self, owner: str, names: list[str]) -> tuple[RunRecord, RunLease] | None:
         holder = self._holder_info()
         q = self._q
         for attempt in range(2):
@@ -938,7 +972,11 @@ class PostgresStore(StoreBase):
             if attempt:
                 return None
             # nothing to claim: are runs held by processes that died? Their leases end after
-            # the grace; wait for it once and look again
+            # the grace; wait for it once and look again (at most every _CONDEMN_EVERY s)
+            now = time.monotonic()
+            if now < self._next_condemn:
+                return None
+            self._next_condemn = now + _CONDEMN_EVERY
             condemned = self._call(
                 lambda conn: conn.execute(q["condemn_all"], {"grace": TAKEOVER_GRACE}).fetchall()
             )
@@ -1025,8 +1063,8 @@ class PostgresStore(StoreBase):
                     conn = psycopg.connect(self._conninfo, **self._connect_kwargs)
                     conn.execute(listen)
                     self._work.set()  # whatever was sent while nobody listened
-                for _ in conn.notifies(timeout=0.25):
-                    self._work.set()
+                for note in conn.notifies(timeout=0.25):
+                    self._work.set(note.payload in ("queued", "released"))
             except psycopg.Error as e:
                 if conn is not None:
                     with contextlib.suppress(psycopg.Error):
