@@ -59,15 +59,19 @@ class _Write:
 class Sql:
     """The statements a writer runs: ``one`` upserts one effect row; ``many`` upserts rows
     given as one array per column (``unnest``); ``many_fenced`` is ``many`` that first checks
-    the leases ``fence`` names (count, tokens); ``fence`` alone, for a group without effects.
+    the leases ``fence`` names (count, tokens joined by spaces), ``one_fenced`` likewise for one row; ``fence``
+    alone, for a group without effects.
     A fence check fails its transaction (``division_by_zero``) unless every token it names is
     a live lease, and holds those lease rows (``FOR SHARE``) until the transaction ends, so a
     takeover, which rewrites the row, waits for the write and sees it."""
 
-    __slots__ = ("fence", "many", "many_fenced", "one")
+    __slots__ = ("fence", "many", "many_fenced", "one", "one_fenced")
 
-    def __init__(self, one: str, many: str, many_fenced: str, fence: str) -> None:
-        self.one, self.many, self.many_fenced, self.fence = one, many, many_fenced, fence
+    def __init__(
+        self, one: str, many: str, one_fenced: str, many_fenced: str, fence: str
+    ) -> None:
+        self.one, self.many, self.fence = one, many, fence
+        self.one_fenced, self.many_fenced = one_fenced, many_fenced
 
 
 class GroupCommit:
@@ -357,7 +361,9 @@ def _plan(group: list[_Write], q: Sql) -> list[Statement]:
             tokens[token] = None
     others = [s for write in group for s in write.statements]
     if tokens:
-        fence = [len(tokens), list(tokens)]
+        fence = [len(tokens), " ".join(tokens)]  # a token has no space in it
+        if len(rows) == 1:
+            return [*others, (q.one_fenced, [*fence, *next(iter(rows.values()))])]
         if rows:
             return [*others, (q.many_fenced, [*fence, *_columns(rows)])]
         return [*others, (q.fence, fence)]

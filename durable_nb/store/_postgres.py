@@ -331,6 +331,7 @@ class PostgresStore(StoreBase):
         self._sql = Sql(
             self._q["put_effect"],
             self._q["put_effects"],
+            self._q["put_effect_fenced"],
             self._q["put_effects_fenced"],
             self._q["fence"],
         )
@@ -587,12 +588,15 @@ class PostgresStore(StoreBase):
     ) -> list[str]:
         """The lease tokens a write depends on: those of the runs whose records it holds
         that this store took a lease for (others' writes, e.g. queueing a run, are free)."""
-        if not self._fences:
+        fences = self._fences
+        if not fences:
             return []
+        if len(effects) == 1 and not runs and not events:  # an effect's record: most writes
+            token = fences.get(run_of_scope(effects[0].scope) or "")
+            return [] if token is None else [token]
         run_ids = {run_of_scope(rec.scope) for rec in effects}
         run_ids.update(run.run_id for run in runs)
         run_ids.update(event.run_id for event in events)
-        fences = self._fences
         return sorted({t for r in run_ids if r is not None and (t := fences.get(r)) is not None})
 
     def _fenced_done(self, fence: list[str], done: Done) -> Done:
