@@ -94,7 +94,9 @@ def test_a_failed_write_behind_fails_the_run_and_history_stays_a_prefix(
     real_submit = GroupCommit.submit
     fail = {"on": True}
 
-    def failing_submit(self: GroupCommit, effects: Any, statements: Any, done: Any, *a: Any) -> None:
+    def failing_submit(
+        self: GroupCommit, effects: Any, statements: Any, done: Any, *a: Any
+    ) -> None:
         if fail["on"] and any(row[1] == "dn.uuid" for row in effects):
             fail["on"] = False
             done(StoreError("injected: the uuid's record was not written"))

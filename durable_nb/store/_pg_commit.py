@@ -67,9 +67,7 @@ class Sql:
 
     __slots__ = ("fence", "many", "many_fenced", "one", "one_fenced")
 
-    def __init__(
-        self, one: str, many: str, one_fenced: str, many_fenced: str, fence: str
-    ) -> None:
+    def __init__(self, one: str, many: str, one_fenced: str, many_fenced: str, fence: str) -> None:
         self.one, self.many, self.fence = one, many, fence
         self.one_fenced, self.many_fenced = one_fenced, many_fenced
 
