@@ -293,6 +293,7 @@ class Context:
             else {"kind": "queue", "name": subject}
         )
         waiting = False
+        await st.caught_up()  # what it wrote is durable before it may wait (looked at first)
         try:
             while True:
                 st.poll_inbox()

@@ -215,7 +215,7 @@ async def _drive(
             try:
                 result: Any = await wf.fn(Context(state), *args, **kwargs)
             except ContinueAsNew as nxt:
-                wf, args, kwargs, rec = _next_generation(state, wf, nxt)
+                wf, args, kwargs, rec = await _next_generation(state, wf, nxt)
                 input_hash, code_version = rec.input_hash, rec.code_version
                 new_generation = True
                 continue
@@ -395,11 +395,12 @@ def _start_kv(state: RunState, history: list[EffectRecord]) -> None:
     state.kv = texts
 
 
-def _next_generation(
+async def _next_generation(
     state: RunState, wf: Workflow[..., R], nxt: ContinueAsNew
 ) -> tuple[Workflow[..., R], tuple[Any, ...], dict[str, Any], RunRecord]:
     """Continue the run as new: one atomic reset of its record and history that also drops
-    the signals its history consumed (unconsumed ones and queue messages stay)."""
+    the signals its history consumed (unconsumed ones and queue messages stay); off the
+    loop, after what the run wrote behind (which the reset must not find half written)."""
     store = runtime.store
     # a new generation runs on the newest version, or the one continue_as_new named
     new_wf = newest(wf) if nxt.version is None else version_of(wf, nxt.version)
@@ -430,7 +431,8 @@ def _next_generation(
         version=new_wf.version or "",
         updated_at=runtime.clock.time(),
     )
-    store.reset_run(new, consumed)
+    await state.caught_up()
+    await _off_loop(store.reset_run, new, consumed)
     return new_wf, args, kwargs, new
 
 

@@ -211,6 +211,9 @@ class TopScope:
     def record_retry(self, key4: Key4, seq: int, state: dict[str, Any]) -> None:
         return None
 
+    async def caught_up(self) -> None:
+        """Nothing is written behind outside a run."""
+
     def begin_wait(self, what: dict[str, Any]) -> None:
         return None
 

@@ -336,6 +336,7 @@ class RunState:
 
     def record(self, rec: EffectRecord, *also: EffectRecord) -> None:
         """Record a step (with its bookkeeping records ``also``, in the same write)."""
+        self._raise_behind()  # a record written behind that failed fails the run here
         runtime.store.put_effects([rec, *also])
         for r in also:
             self.index[(r.identity, r.version, r.input_hash, r.occurrence)] = r
