@@ -20,13 +20,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from durable_nb import _codecs
 from durable_nb._journal import run_scope
+from durable_nb.errors import RunLockedError
+from durable_nb.store import EffectRecord, EventRecord, RunRecord
 from durable_nb.store._postgres import PostgresStore
 
-from .conftest import PG_TEST_KEY
+from .conftest import PG_TEST_KEY, PG_URL
 from .helpers import ROOT
 
 pytestmark = pytest.mark.postgres
@@ -165,3 +168,50 @@ def test_a_fenced_holders_late_write_is_refused_and_it_stops(tmp_path: Path, pg_
     assert recorded[stop_at] == taker.pid, (recorded, holder.pid, taker.pid)
     assert all(recorded[i] == taker.pid for i in range(stop_at, n)), recorded
     assert all(recorded[i] == holder.pid for i in range(stop_at)), recorded
+
+
+def test_a_store_refuses_writes_for_a_lease_taken_over_then_forgets_the_fence(
+    pg_url: str,
+) -> None:
+    """In one process, two stores: the first's lease expires (by the database's clock) and
+    the second takes the run over; the first's writes of that run's records (an effect, the
+    run record, an event) are refused with RunLockedError and its lease is told it is lost;
+    once released, the first store writes that run's records freely again (as when it
+    queues the run for a worker), while the second's writes were never refused."""
+    first = PostgresStore(pg_url, key=PG_TEST_KEY)
+    second = PostgresStore(pg_url, key=PG_TEST_KEY)
+    try:
+        run = RunRecord("fx", "wf", "running", 1.0, 1.0)
+        first.put_run(run)
+        lease = first.acquire_run("fx", "first")
+        lost: list[str] = []
+        lease.on_lost = lambda: lost.append("lost")
+
+        def effect(i: int, who: str) -> EffectRecord:
+            payload = _codecs.encode(who, first.signer)
+            return EffectRecord(run_scope("fx"), "s", "", f"h{i}", 0, payload=payload, seq=i)
+
+        first.put_effects([effect(0, "first")])  # held: accepted
+        with psycopg.connect(PG_URL, autocommit=True) as conn:  # the database's clock ends it
+            conn.execute(f'UPDATE "{first.schema}".dn_leases SET expires_at = now()')
+        taken = second.acquire_run("fx", "second")
+        second.put_effects([effect(1, "second")])
+        for write in (
+            lambda: first.put_effects([effect(1, "first")]),
+            lambda: first.put_run(run),
+            lambda: first.append_events([EventRecord("fx", "e1", 2.0, "started", "")]),
+        ):
+            with pytest.raises(RunLockedError, match=r"^run 'fx' lost its lease: "):
+                write()
+        assert lost == ["lost"]
+        (rec,) = [r for r in second.load_effects(run_scope("fx")) if r.input_hash == "h1"]
+        assert rec.payload is not None and _codecs.decode(rec.payload, second.signer) == "second"
+        assert second.load_events("fx") == []
+        taken.release()
+        lease.release()  # the engine releases it when the run stopped: the fence goes
+        first.put_run(RunRecord("fx", "wf", "queued", 1.0, 3.0))
+        got = second.get_run("fx")
+        assert got is not None and got.status == "queued"
+    finally:
+        first.close()
+        second.close()

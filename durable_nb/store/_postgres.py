@@ -838,10 +838,14 @@ class PostgresStore(StoreBase):
     @staticmethod
     def _fence(lost: list[RunLease]) -> None:
         for lease in lost:  # outside the lock: the engine interrupts the run
+            release = lease._release
             try:
                 lease.lost()
             except Exception:
                 _log.exception("durable_nb: interrupting run %r failed", lease.run_id)
+            # the engine releases it once the run stopped: that forgets the run's fence (its
+            # late writes are refused until then) and leaves the lease row, not ours any more
+            lease._release = release
 
     def _lease(self, run_id: str, owner: str, token: str) -> RunLease | None:
         """Hand out the lease just written, or ``None`` if its session ended meanwhile (the
