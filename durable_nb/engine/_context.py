@@ -205,6 +205,7 @@ class Context:
 
     async def _sleep_until(self, deadline: float) -> None:
         st, clock = self._state, runtime.clock
+        await st.caught_up()  # its deadline is durable before the run waits on it
         if deadline - clock.time() <= 0:
             return
         what = {"kind": "timer", "until": iso_time(deadline)}
@@ -310,6 +311,7 @@ class Context:
             else {"kind": "queue", "name": subject}
         )
         waiting = False
+        await st.caught_up()  # what it wrote is durable before it may wait (looked at first)
         try:
             while True:
                 st.poll_inbox()
@@ -488,7 +490,8 @@ class Context:
         run.custom_status = text
         run.status_version += 1
         run.updated_at = runtime.clock.time()
-        runtime.store.put_run(run)
+        if not st.write_behind(runs=[run]):
+            runtime.store.put_run(run)
         preview = text if len(text) <= 200 else text[:197] + "..."
         # the value too, so a fork's record starts with the status its steps published
         self._state.record_value(
