@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The core test subset on every other Python that pyproject claims, each with a pandas and
+# DuckDB at an end of the supported ranges (scripts/test.sh runs everything on 3.11 with the
+# newest). One virtual environment per cell under .venvs/ (git-ignored), made on first use.
+#
+#   bash scripts/test_versions.sh            # every cell
+#   bash scripts/test_versions.sh 3.12       # the cells of one Python
+#
+# Interpreters: pyenv's builds (~/.pyenv/versions/3.X.*) when present, else python3.X on
+# PATH. A cell whose Python is missing is skipped with a message, except under CI=true, where
+# a claimed version that cannot be tested fails the run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# python | what it pins (pip requirement specifiers) | why this cell
+MATRIX=(
+    "3.10|pandas==2.1.* duckdb==1.1.* numpy<2 pyarrow==15.*|the oldest Python with the oldest pandas, DuckDB and pyarrow allowed"
+    "3.12|pandas==2.3.* duckdb==1.5.*|the newest pandas 2 and DuckDB 1 (what pip picks on 3.10)"
+    "3.13|pandas>=3 duckdb>=2|the newest Python with the newest pandas and DuckDB"
+)
+# the core: hashing, codecs, the engine, both stores and their migrations, the features
+CORE=(
+    tests/test_hashing.py
+    tests/test_codecs.py
+    tests/test_engine.py
+    tests/test_duckdb_store.py
+    tests/test_store_conformance.py
+    tests/test_postgres_store.py
+    tests/test_schema_evolution.py
+    tests/test_features.py
+    tests/test_client.py
+)
+TOOLS=(pytest pytest-timeout hypothesis polars pydantic pyarrow numpy pandas duckdb)
+
+find_python() {
+    local v=$1 p
+    for p in "$HOME"/.pyenv/versions/"$v".*/bin/python; do
+        if [ -x "$p" ]; then
+            echo "$p"
+            return 0
+        fi
+    done
+    if command -v "python$v" >/dev/null 2>&1; then
+        command -v "python$v"
+        return 0
+    fi
+    return 1
+}
+
+only=${1:-}
+failed=()
+for cell in "${MATRIX[@]}"; do
+    IFS='|' read -r ver pins why <<<"$cell"
+    if [ -n "$only" ] && [ "$only" != "$ver" ]; then
+        continue
+    fi
+    if ! py=$(find_python "$ver"); then
+        msg="test_versions.sh: Python $ver not found (no ~/.pyenv/versions/$ver.* and no python$ver on PATH)"
+        if [ "${CI:-}" = "true" ]; then
+            echo "$msg: pyproject claims it, so CI fails; install it (pyenv install $ver)" >&2
+            failed+=("$ver (no interpreter)")
+            continue
+        fi
+        echo "$msg: skipped" >&2
+        continue
+    fi
+    venv=".venvs/py$ver"
+    stamp="$venv/.pins"
+    start=$(date +%s)
+    if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$pins" ]; then
+        rm -rf "$venv"
+        "$py" -m venv "$venv"
+        "$venv/bin/python" -m pip install --quiet --upgrade pip
+        # shellcheck disable=SC2086  # the pins are separate specifiers
+        "$venv/bin/python" -m pip install --quiet -e '.[postgres]' "${TOOLS[@]}" $pins
+        echo "$pins" >"$stamp"
+    fi
+    made=$(date +%s)
+    versions=$("$venv/bin/python" -c 'import sys, pandas, duckdb, pyarrow, numpy
+print(f"Python {sys.version.split()[0]}, pandas {pandas.__version__}, duckdb {duckdb.__version__}, pyarrow {pyarrow.__version__}, numpy {numpy.__version__}")')
+    echo "== core tests on $versions: $why"
+    set +e
+    "$venv/bin/python" -m pytest -q -p no:cacheprovider "${CORE[@]}"
+    rc=$?
+    set -e
+    echo "== $versions: pytest exit $rc (environment $((made - start)) s, tests $(($(date +%s) - made)) s)"
+    if [ "$rc" -ne 0 ]; then
+        failed+=("$ver")
+    fi
+done
+if [ "${#failed[@]}" -gt 0 ]; then
+    echo "test_versions.sh: failed on ${failed[*]}" >&2
+    exit 1
+fi
