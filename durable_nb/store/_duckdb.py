@@ -369,6 +369,12 @@ class DuckDBStore:
                 msg = str(e)
                 m = _LOCK_RE.search(msg)
                 if m is None:
+                    if "Trying to read a database file with version number" in msg:
+                        raise StoreVersionError(
+                            f"the store {str(self._path)!r} was written by a newer DuckDB than "
+                            f"the duckdb {duckdb.__version__} installed here, which cannot read "
+                            "its file format; upgrade duckdb (pip install -U duckdb) to use it"
+                        ) from e
                     if "not a valid DuckDB database file" in msg:
                         raise StoreFormatError(
                             f"{str(self._path)!r} is not a DuckDB database (it may be damaged "
@@ -392,7 +398,10 @@ class DuckDBStore:
                     "move it away or choose another store path"
                 ) from e
         try:
-            con.execute("SET wal_autocheckpoint_entries=1000")
+            try:
+                con.execute("SET wal_autocheckpoint_entries=1000")
+            except duckdb.CatalogException:
+                pass  # DuckDB before 1.4 checkpoints by WAL size only (wal_autocheckpoint)
             self._migrate(con)
         except BaseException:
             con.close()
