@@ -14,8 +14,8 @@ cd "$(dirname "$0")/.."
 
 # python | what it pins (pip requirement specifiers) | why this cell
 MATRIX=(
-    "3.10|pandas==2.1.* duckdb==1.1.* numpy<2 pyarrow==15.*|the oldest Python with the oldest pandas, DuckDB and pyarrow allowed"
-    "3.12|pandas==2.3.* duckdb==1.5.*|the newest pandas 2 and DuckDB 1 (what pip picks on 3.10)"
+    "3.10|pandas==2.1.* duckdb==1.1.* numpy<2 pyarrow==16.*|the oldest Python with the oldest pandas, DuckDB and pyarrow allowed"
+    "3.12|pandas==2.3.* duckdb==1.5.* numpy<2.5|the newest pandas 2 and DuckDB 1 (what pip picks on 3.10; pandas 2.3 warns inside timedelta_range on numpy 2.5)"
     "3.13|pandas>=3 duckdb>=2|the newest Python with the newest pandas and DuckDB"
 )
 # the core: hashing, codecs, the engine, both stores and their migrations, the features
