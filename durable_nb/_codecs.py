@@ -42,15 +42,20 @@ Codecs
 pandas frames are stored natively only when every column and index level has a dtype
 whose Arrow round trip is exact: numpy bool/int/uint/float/datetime64/timedelta64, the
 nullable ``Int*``/``UInt*``/``Float*``/``boolean`` dtypes, ``str`` and
-``string[pyarrow]``, timezone-aware datetimes, and categoricals of those. Column labels
-must be ``str`` (or tuples of ``str`` for MultiIndex columns) or a ``RangeIndex``; index
-and column-axis names ``str`` or ``None``; ``attrs`` plain JSON. Anything else (object
+``string[pyarrow]``, timezone-aware datetimes, and categoricals of those; under pandas 2
+(without ``future.infer_string``) also ``object`` columns whose values are all exactly
+``str`` or ``None`` (pandas 2's string columns), which pandas 2 reads back as the same
+``object`` columns. Column labels must be ``str`` (or tuples of ``str`` for MultiIndex
+columns, and not pyarrow's own ``__index_level_N__``) or a ``RangeIndex``; index and
+column-axis names ``str`` or ``None``; ``attrs`` plain JSON. Anything else (other object
 columns, ``string[python]``, ``ArrowDtype``, periods, intervals, sparse, non-``str``
 labels, duplicate labels, subclasses) is pickled, because pyarrow would not rebuild it
-exactly.
+exactly. What ``to_pandas`` gives pandas 2 back differently is put right on decode:
+``string[pyarrow]`` storage, ``datetime.timezone`` offsets (pyarrow makes pytz ones) and
+``attrs`` (pyarrow before 17 drops them).
 
-DuckDB and Arrow types (measured with DuckDB 2.0, pyarrow 26)
--------------------------------------------------------------
+DuckDB and Arrow types (measured with DuckDB 2.0, pyarrow 26; DuckDB 1.1-1.5, pyarrow 16)
+-------------------------------------------------------------------------------------------
 A store writes ``Payload.table`` with ``CREATE TABLE ... AS SELECT * FROM <arrow>`` and
 reads it back with ``to_arrow_table()``; the table must be read back in insertion order.
 ``decode`` renames the columns positionally (DuckDB renames duplicate or empty names,
@@ -58,10 +63,10 @@ reads it back with ``to_arrow_table()``; the table must be read back in insertio
 store may hand back any of these compatible types:
 
 - kept as is: bool, (u)int8-64, float32/64 (NaN, -0.0), string, binary, date32,
-  timestamp[s/ms/us/ns] naive, timestamp[us/ns] with a time zone, time64, decimal128,
-  list, fixed_size_list, struct, null;
-- read back as another type and cast back exactly: large_string and string_view ->
-  string, large_binary, binary_view and fixed_size_binary -> binary, date64 -> date32,
+  timestamp[s/ms/us/ns] naive, timestamp[us] with a time zone, time64[us], decimal128,
+  list, fixed_size_list, struct, null (DuckDB 1.x gives it back as int32, all null);
+- read back as another type and cast back exactly: large_string -> string, large_binary
+  and fixed_size_binary -> binary, date64 -> date32,
   time32 -> time64[us], decimal32/64 -> decimal128, large_list -> list, any time zone ->
   ``Etc/UTC`` (the instant is kept); schema and field metadata (pandas and polars keep
   theirs there) and non-null flags are dropped and restored from the saved schema;
@@ -70,9 +75,13 @@ store may hand back any of these compatible types:
   dictionary and ``decode`` re-encodes the column against it;
 - stored as another type by ``encode`` (``Payload.table`` differs from the value):
   float16 (unsupported) -> float32; duration (read back as an interval that cannot be
-  cast back) -> int64; decimal256 (unsupported) -> string; timestamp[s/ms] with a time
-  zone (converted to microseconds, overflowing far dates) -> the naive timestamp of the
-  same instant in UTC;
+  cast back) and time64[ns] (DuckDB 1.x keeps microseconds) -> int64; decimal256
+  (unsupported) -> string; timestamp[s/ms/ns] with a time zone (converted to
+  microseconds, overflowing far dates or dropping nanoseconds) -> the naive timestamp of
+  the same instant in UTC; string_view and binary_view (DuckDB 1.x has no binary_view)
+  -> string and binary where pyarrow casts back to views (not 16-17: there Arrow IPC);
+- column names that collide without case (``a`` and ``A``; DuckDB 1.x refuses to scan
+  them) are stored as ``c0``, ``c1``, ...;
 - not stored natively, so the value goes to ``arrow_ipc``: month_day_nano and other
   intervals (nanoseconds dropped), map (DuckDB refuses duplicate keys), unions, run-end
   encoded, list views, extension types (uuid, pandas period/interval), dictionaries

@@ -69,10 +69,19 @@ for cell in "${MATRIX[@]}"; do
     start=$(date +%s)
     if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$pins" ]; then
         rm -rf "$venv"
-        "$py" -m venv "$venv"
-        "$venv/bin/python" -m pip install --quiet --upgrade pip
+        mkdir -p .venvs
+        log=".venvs/py$ver.install.log"
         # shellcheck disable=SC2086  # the pins are separate specifiers
-        "$venv/bin/python" -m pip install --quiet -e '.[postgres]' "${TOOLS[@]}" $pins
+        if ! {
+            "$py" -m venv "$venv" &&
+                "$venv/bin/python" -m pip install --quiet --upgrade pip &&
+                "$venv/bin/python" -m pip install --quiet -e '.[postgres]' "${TOOLS[@]}" $pins
+        } >"$log" 2>&1; then
+            cat "$log" >&2
+            echo "test_versions.sh: could not install the environment of Python $ver ($pins)" >&2
+            failed+=("$ver (install)")
+            continue
+        fi
         echo "$pins" >"$stamp"
     fi
     made=$(date +%s)
