@@ -86,6 +86,7 @@ PACKAGE = "durable_nb"
 LAYERS = {  # a module may import only from its own layer or lower ones
     "errors": 0,
     "_version": 0,
+    "_arrow_ipc": 0,
     "_journal": 1,
     "_hashing": 1,
     "_codecs": 1,
@@ -134,8 +135,14 @@ ORDER = {
     ],
     "store": [
         "_protocol",
+        "_rows",
+        "_base",
+        "_migrations",
         "_memory",
         "_keyfilter",
+        "_lockfiles",
+        "_wal",
+        "_duckdb_schema",
         "_duckdb",
         "_pg_session",
         "_pg_schema",
