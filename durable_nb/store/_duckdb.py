@@ -51,6 +51,7 @@ from ..errors import (
     StoreFormatError,
     StoreLockedError,
     StoreUnavailableError,
+    StoreVersionError,
 )
 from . import _migrations, _rows
 from ._base import RunQuery, StoreBase
