@@ -282,7 +282,7 @@ class DuckDBStore(StoreBase):
             try:
                 con.execute("SET wal_autocheckpoint_entries=1000")
             except duckdb.CatalogException:
-                pass  # DuckDB before 1.4 checkpoints by WAL size only (wal_autocheckpoint)
+                pass  # older DuckDB (1.1 has not this setting) checkpoints by WAL size only
             self._migrate(con)
         except BaseException:
             con.close()
