@@ -51,6 +51,7 @@ from ..errors import (
     StoreFormatError,
     StoreLockedError,
     StoreUnavailableError,
+    StoreVersionError,
 )
 from . import _migrations, _rows
 from ._base import RunQuery, StoreBase
@@ -249,6 +250,12 @@ class DuckDBStore(StoreBase):
                 msg = str(e)
                 m = _LOCK_RE.search(msg)
                 if m is None:
+                    if "Trying to read a database file with version number" in msg:
+                        raise StoreVersionError(
+                            f"the store {str(self._path)!r} was written by a newer DuckDB than "
+                            f"the duckdb {duckdb.__version__} installed here, which cannot read "
+                            "its file format; upgrade duckdb (pip install -U duckdb) to use it"
+                        ) from e
                     if "not a valid DuckDB database file" in msg:
                         raise StoreFormatError(
                             f"{str(self._path)!r} is not a DuckDB database (it may be damaged "
@@ -272,7 +279,10 @@ class DuckDBStore(StoreBase):
                     "move it away or choose another store path"
                 ) from e
         try:
-            con.execute("SET wal_autocheckpoint_entries=1000")
+            try:
+                con.execute("SET wal_autocheckpoint_entries=1000")
+            except duckdb.CatalogException:
+                pass  # older DuckDB (1.1 has not this setting) checkpoints by WAL size only
             self._migrate(con)
         except BaseException:
             con.close()
