@@ -141,6 +141,7 @@ ORDER = {
         "_memory",
         "_keyfilter",
         "_lockfiles",
+        "_handoff",
         "_wal",
         "_duckdb_schema",
         "_duckdb",

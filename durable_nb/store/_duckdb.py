@@ -35,7 +35,7 @@ import re
 import secrets
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
@@ -63,6 +63,7 @@ from ._duckdb_schema import (
     SCHEMA_VERSION,
     SIGNAL_TYPES,
 )
+from ._handoff import Queue, Ticket
 from ._keyfilter import KeyFilter
 from ._lockfiles import EffectClaims, file_token, lock_run, say_holder, touch, unlock
 from ._protocol import CLAIMABLE_STATUSES, RunLease, run_scopes
@@ -78,6 +79,13 @@ _VALUES_BATCH = 64  # rows per table up to which a merge avoids Arrow
 _RECENT_MAX_RECORDS = 4096
 _RECENT_MAX_BYTES = 64 * 1024
 _WORK_POLL = 0.05  # seconds between looks at the ``work`` file while waiting for work
+# seconds records wait in the journal before a process that does not hold the file opens it
+# to merge them (while it holds it, it merges every ``merge_interval``): every open costs
+# 10-60 ms of connecting and a hand-off, and appends never need the file
+_REOPEN_AFTER = 1.0
+# seconds a process keeps the file after opening it before handing it over: what it opened
+# it for often takes several statements (a run's start reads its history, then writes)
+_MIN_HOLD = 0.1
 _LOCK_RE = re.compile(r"Conflicting lock is held in (?P<exe>.*?) \(PID (?P<pid>\d+)\)")
 # the tables a merge writes, by journal record kind: (table, (column, type) pairs)
 _TABLES = {
@@ -144,7 +152,7 @@ class DuckDBStore(StoreBase):
         self._merge_interval = float(merge_interval)
         self._fsync = fsync
         try:
-            for sub in ("journal", "locks", "inbox", "claims"):
+            for sub in ("journal", "locks", "inbox", "claims", "queue"):
                 (self._aux / sub).mkdir(parents=True, exist_ok=True)
             probe = self._aux / f".probe-{os.getpid()}"
             probe.write_bytes(b"")
@@ -160,6 +168,13 @@ class DuckDBStore(StoreBase):
         self._dblock = threading.RLock()
         self._wlock = threading.Lock()
         self._con: duckdb.DuckDBPyConnection | None = None
+        self._queue = Queue(self._aux / "queue")  # processes waiting for the file
+        self._db_depth = 0  # nested uses of the connection (under ``_dblock``)
+        # seconds each open of the file waited for another process (for benchmarks)
+        self._file_waits: deque[float] = deque(maxlen=100_000)
+        self._opens = 0  # times this process opened the file (for benchmarks)
+        self._opened_at = 0.0
+        self._pending_since = 0.0  # when the oldest pending record was written
         self._pending: list[Op] = []
         self._unmerged: dict[EffectKey, tuple[EffectRecord, Op]] = {}
         # small records read or written lately: a rerun of a notebook cell replays from memory
@@ -239,43 +254,67 @@ class DuckDBStore(StoreBase):
         """Open the database (caller holds ``_dblock``), waiting while another process has it."""
         if self._con is not None:
             return self._con
-        deadline = time.monotonic() + self._lock_timeout
-        delay = 0.005
-        while True:
-            try:
-                con = duckdb.connect(str(self._path))
-                break
-            except duckdb.IOException as e:
-                msg = str(e)
-                m = _LOCK_RE.search(msg)
-                if m is None:
-                    if "not a valid DuckDB database file" in msg:
+        started = time.monotonic()
+        deadline = started + self._lock_timeout
+        delay = 0.002  # between looks at the queue and the baton (microseconds each)
+        backoff = 0.005  # between connects while a program outside the queue has the file
+        retry_at = 0.0
+        ticket: Ticket | None = None
+        try:
+            while True:
+                now = time.monotonic()
+                if ticket is None and self._queue.waiting():
+                    ticket = self._ask()  # others wait already: in line behind them
+                turn = ticket is None or self._queue.my_turn(ticket)
+                if ticket is not None:  # a line that moves is waited out
+                    deadline = max(deadline, ticket.moved_at + self._lock_timeout)
+                late = now >= deadline
+                turn = turn or late
+                if turn and now >= retry_at and not self._queue.take_baton() and not late:
+                    turn = False
+                    if ticket is None:
+                        ticket = self._ask()  # the holder lets go after its current merge
+                if turn and now >= retry_at:
+                    try:
+                        con = duckdb.connect(str(self._path))
+                        break
+                    except duckdb.IOException as e:
+                        self._queue.drop_baton()
+                        m = self._locked_by(e)
+                        if late:
+                            raise StoreLockedError(
+                                f"the store {str(self._path)!r} is in use by another process "
+                                f"(PID {m['pid']}, {m['exe']}) and stayed busy for "
+                                f"{self._lock_timeout:g}s; wait until that kernel or script "
+                                "is idle, stop it, or use another store (DURABLE_NB_STORE)"
+                            ) from e
+                        if ticket is None:
+                            ticket = self._ask()  # the holder lets go after its current merge
+                        # a holder outside the queue: each failed connect costs ~5 ms of CPU
+                        retry_at = time.monotonic() + backoff
+                        backoff = min(backoff * 2, 0.1)
+                    except duckdb.Error as e:
+                        self._queue.drop_baton()
                         raise StoreFormatError(
-                            f"{str(self._path)!r} is not a DuckDB database (it may be damaged "
-                            "or another kind of file); move it away or choose another store path"
+                            f"cannot open {str(self._path)!r} as a DuckDB database: {e}; "
+                            "move it away or choose another store path"
                         ) from e
-                    raise StoreUnavailableError(
-                        f"cannot open the store {str(self._path)!r}: {msg}"
-                    ) from e
-                if time.monotonic() >= deadline:
-                    raise StoreLockedError(
-                        f"the store {str(self._path)!r} is in use by another process "
-                        f"(PID {m['pid']}, {m['exe']}) and stayed busy for "
-                        f"{self._lock_timeout:g}s; wait until that kernel or script is idle, "
-                        "stop it, or use another store (DURABLE_NB_STORE)"
-                    ) from e
                 time.sleep(delay)
-                delay = min(delay * 2, 0.1)
-            except duckdb.Error as e:
-                raise StoreFormatError(
-                    f"cannot open {str(self._path)!r} as a DuckDB database: {e}; "
-                    "move it away or choose another store path"
-                ) from e
+                # looking costs a flock per request ahead: the head looks most often
+                delay = min(delay * 2, 0.01 if ticket is None or ticket.ahead == 0 else 0.02)
+        finally:
+            if ticket is not None:
+                self._queue.leave(ticket)
+        if ticket is not None:
+            self._file_waits.append(time.monotonic() - started)
+        self._opens += 1
+        self._opened_at = time.monotonic()
         try:
             con.execute("SET wal_autocheckpoint_entries=1000")
             self._migrate(con)
         except BaseException:
             con.close()
+            self._queue.drop_baton()
             raise
         self._con = con
         # each time we (re)open the file, merge what processes that died meanwhile left behind
@@ -284,11 +323,33 @@ class DuckDBStore(StoreBase):
         except BaseException:
             self._con = None
             con.close()
+            self._queue.drop_baton()
             raise
         # while the file was closed, other processes may have deleted records we cache
         with self._wlock:
             self._validate_cache()
         return con
+
+    def _ask(self) -> Ticket | None:
+        """Join the queue for the file; ``None`` if the queue cannot be written (then this
+        process just retries, as if no one else were waiting)."""
+        try:
+            return self._queue.ask()
+        except OSError:
+            return None
+
+    def _locked_by(self, e: duckdb.IOException) -> re.Match[str]:
+        """The holder named by DuckDB's lock conflict, or raise what else went wrong."""
+        msg = str(e)
+        m = _LOCK_RE.search(msg)
+        if m is not None:
+            return m
+        if "not a valid DuckDB database file" in msg:
+            raise StoreFormatError(
+                f"{str(self._path)!r} is not a DuckDB database (it may be damaged "
+                "or another kind of file); move it away or choose another store path"
+            ) from e
+        raise StoreUnavailableError(f"cannot open the store {str(self._path)!r}: {msg}") from e
 
     def _migrate(self, con: duckdb.DuckDBPyConnection) -> None:
         tables = {
@@ -319,14 +380,43 @@ class DuckDBStore(StoreBase):
         with self._dblock:
             if self._con is not None:
                 con, self._con = self._con, None
-                con.close()
+                try:
+                    con.close()
+                finally:
+                    self._queue.drop_baton()
 
     @contextlib.contextmanager
     def _db(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        with self._dblock:
+        with self._using():
             self._check_open()
             self._last_activity = time.monotonic()
             yield self._connect()
+
+    @contextlib.contextmanager
+    def _using(self) -> Iterator[None]:
+        """Hold ``_dblock``; leaving the outermost use, hand the file over if another
+        process asked for it (``_handoff.py``)."""
+        with self._dblock:
+            self._db_depth += 1
+            try:
+                yield
+            finally:
+                self._db_depth -= 1
+                if self._db_depth == 0:
+                    self._hand_over_if_asked()
+
+    def _hand_over_if_asked(self) -> None:
+        """Merge what is pending and close the file if another process waits for it
+        (caller holds ``_dblock``, outside any use of the connection)."""
+        if (
+            self._con is None
+            or time.monotonic() - self._opened_at < _MIN_HOLD
+            or not self._queue.waiting()
+        ):
+            return
+        with contextlib.suppress(StoreError):
+            self._merge_pending()  # what is not merged stays in the journal for next time
+        self._close_connection()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -357,6 +447,8 @@ class DuckDBStore(StoreBase):
                 ) from self._merge_error
             end = self._journal.append(buf)
             written = [Op(kind, row, end) for kind, row in ops]
+            if not self._pending:
+                self._pending_since = time.monotonic()
             self._pending.extend(written)
             for rec, op in zip(effects, written, strict=False):
                 self._unmerged[rec.key] = (rec, op)
@@ -484,6 +576,10 @@ class DuckDBStore(StoreBase):
 
     def _merge(self) -> None:
         """Merge this process's pending journal records now."""
+        with self._using():
+            self._merge_pending()
+
+    def _merge_pending(self) -> None:
         with self._dblock:
             with self._wlock:
                 ops, self._pending = self._pending, []
@@ -531,8 +627,15 @@ class DuckDBStore(StoreBase):
             if self._closed:
                 break
             try:
-                if self._pending:
+                if self._pending and (
+                    self._con is not None
+                    or time.monotonic() - self._pending_since >= _REOPEN_AFTER
+                    or len(self._pending) >= 2000
+                ):
                     self._merge()
+                elif self._con is not None and self._queue.waiting():
+                    with self._using():
+                        pass  # leaving hands the file over
                 elif (
                     self._con is not None
                     and time.monotonic() - self._last_activity > self._idle_close
@@ -827,7 +930,7 @@ class DuckDBStore(StoreBase):
         try:
             # a previous holder that died may have left records in its journal: merge them
             # before this process reads the run's history
-            with self._dblock:
+            with self._using():
                 self._check_open()
                 if self._con is None:
                     self._connect()  # opening recovers dead journals already
@@ -1002,3 +1105,4 @@ class DuckDBStore(StoreBase):
                     f.close()
                 self._filters.clear()
             self._claims.close()
+            self._queue.close()

@@ -1,0 +1,162 @@
+"""Fair hand-off of the DuckDB file between the processes that share a store.
+
+DuckDB lets one process hold a database file at a time, and a busy process (one that
+records an effect every 100 ms) is never idle long enough to close it on its own. So a
+process that finds the file held asks for it: it creates a request file in
+``store.duckdb.d/queue/`` (named by the time it asked, so requests sort oldest first) and
+holds an exclusive ``flock`` on it while it waits, which the kernel drops if it dies. The
+holder looks at the queue after each merge and each use of the connection; when someone
+asks, it merges what it has pending and closes the file. Requests are served oldest first:
+a waiter tries to open the file only when no older live request is ahead of it (or when the
+requests ahead of it have not moved for :data:`PATIENCE` seconds, in case the first one is
+stuck), and a process that wants the file back while others wait queues behind them. A
+waiter gives up (``StoreLockedError``) only when the line ahead of it has not moved for
+the store's ``lock_timeout``: a long line that moves is waited out.
+
+A failed ``duckdb.connect`` costs about 5 ms of CPU, so waiters do not poll DuckDB: the
+process that has the file open also holds the ``flock`` of ``store.duckdb.d/holder`` (the
+baton), taken before connecting and dropped after closing, and a waiter tries to connect
+only once it got the baton (a ``flock`` attempt costs microseconds). A program that opens
+the file without taking part (the DuckDB CLI, an older durable_nb) leaves the baton free:
+then the waiter's connect fails and it retries with backoff, as before.
+
+Only merging the journal, and reads that miss the in-memory caches, need the file;
+journal appends never do, so a writer keeps recording while it waits for its turn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import secrets
+import time
+from pathlib import Path
+
+__all__ = ["PATIENCE", "Queue", "Ticket"]
+
+#: seconds a waiter defers to older requests before it tries to open the file anyway
+PATIENCE = 2.0
+
+
+class Ticket:
+    """One request for the file: its name in the queue and the locked descriptor."""
+
+    __slots__ = ("ahead", "fd", "moved_at", "name", "path")
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self.name = path.name
+        self.fd = fd
+        self.ahead = 1 << 30  # live requests older than this one, when last counted
+        self.moved_at = time.monotonic()  # when that count last went down
+
+
+class Queue:
+    """The request files of the processes waiting for the DuckDB file of one store."""
+
+    def __init__(self, folder: Path) -> None:
+        self._folder = folder
+        self._dir = str(folder)
+        self._baton_path = folder.parent / "holder"
+        self._baton: int | None = None  # the descriptor of ``holder``, kept open
+        self.has_baton = False
+
+    def take_baton(self) -> bool:
+        """Take the holder's ``flock`` if it is free (before connecting)."""
+        if self.has_baton:
+            return True
+        try:
+            if self._baton is None:
+                self._baton = os.open(self._baton_path, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(self._baton, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True  # no baton to be had (read-only or deleted folder): just connect
+        self.has_baton = True
+        return True
+
+    def drop_baton(self) -> None:
+        """Let go of the holder's ``flock`` (after closing the connection)."""
+        if self.has_baton and self._baton is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._baton, fcntl.LOCK_UN)
+        self.has_baton = False
+
+    def close(self) -> None:
+        self.drop_baton()
+        if self._baton is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._baton)
+            self._baton = None
+
+    def waiting(self, mine: Ticket | None = None) -> bool:
+        """Whether any process (other than ``mine``) asked for the file.
+
+        One ``listdir`` (microseconds); a request left by a dead waiter counts until the
+        next waiter removes it, which costs the holder at most one needless hand-off."""
+        try:
+            names = os.listdir(self._dir)
+        except FileNotFoundError:
+            return False
+        return any(n != (mine.name if mine else None) for n in names)
+
+    def ask(self) -> Ticket:
+        """Join the queue."""
+        name = f"{time.time_ns():020d}-{os.getpid()}-{secrets.token_hex(4)}"
+        path = self._folder / name
+        # locked before it enters the queue, so nobody takes it for a dead waiter's request
+        staged = self._folder.parent / f".ask-{name}"
+        fd = os.open(staged, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.rename(staged, path)
+        except BaseException:
+            os.close(fd)
+            staged.unlink(missing_ok=True)
+            raise
+        return Ticket(path, fd)
+
+    def my_turn(self, ticket: Ticket) -> bool:
+        """Whether no live request older than ``ticket`` is waiting (stale ones are
+        removed), or the line ahead has not moved for :data:`PATIENCE` seconds; updates
+        ``ticket.ahead`` and ``ticket.moved_at``."""
+        try:
+            names = os.listdir(self._dir)
+        except FileNotFoundError:
+            names = []
+        ahead = sum(1 for n in names if n < ticket.name and _alive(self._folder / n))
+        now = time.monotonic()
+        if ahead < ticket.ahead:
+            ticket.moved_at = now
+        ticket.ahead = ahead
+        return ahead == 0 or now - ticket.moved_at >= PATIENCE
+
+    def leave(self, ticket: Ticket) -> None:
+        """Leave the queue (served, or given up): removed while still locked, so nobody
+        mistakes it for a dead waiter's request."""
+        with contextlib.suppress(OSError):
+            ticket.path.unlink()
+        with contextlib.suppress(OSError):
+            os.close(ticket.fd)
+
+
+def _alive(path: Path) -> bool:
+    """Whether the request's waiter still holds it; a dead waiter's request is removed."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        # a dead waiter's: remove it while locked, unless it was replaced meanwhile
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                path.unlink()
+        return False
+    finally:
+        os.close(fd)
