@@ -142,6 +142,7 @@ ORDER = {
         "_keyfilter",
         "_lockfiles",
         "_handoff",
+        "_syncer",
         "_wal",
         "_duckdb_schema",
         "_duckdb",

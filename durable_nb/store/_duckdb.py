@@ -67,7 +67,16 @@ from ._handoff import Queue, Ticket
 from ._keyfilter import KeyFilter
 from ._lockfiles import EffectClaims, file_token, lock_run, say_holder, touch, unlock
 from ._protocol import CLAIMABLE_STATUSES, RunLease, run_scopes
-from ._wal import ROTATE_SIZE, Journal, Op, dead_journals, frame, makes_work, read_frames
+from ._wal import (
+    ROTATE_SIZE,
+    Journal,
+    Op,
+    dead_journals,
+    frame,
+    makes_work,
+    read_frames,
+    sync_dir,
+)
 
 if TYPE_CHECKING:
     from .._codecs import Payload
@@ -129,7 +138,7 @@ class DuckDBStore(StoreBase):
         lock_timeout: float = 10.0,
         idle_close: float = 0.5,
         merge_interval: float = 0.05,
-        fsync: bool = False,
+        fsync: bool | str = False,
     ) -> None:
         from .._codecs import Signer
 
@@ -145,6 +154,11 @@ class DuckDBStore(StoreBase):
         ):
             if not isinstance(value, (int, float)) or value < 0:
                 raise ArgumentError(f"{name} must be a number of seconds >= 0, got {value!r}")
+        if not (isinstance(fsync, bool) or fsync == "group"):
+            raise ArgumentError(
+                f"fsync must be False (survives a crash of the process), True (an fdatasync "
+                f'per write) or "group" (one fdatasync per batch of writes), got {fsync!r}'
+            )
         self._path = Path(path).absolute()
         self._aux = self._path.with_name(self._path.name + ".d")
         self._lock_timeout = float(lock_timeout)
@@ -446,6 +460,7 @@ class DuckDBStore(StoreBase):
                     "and open the store again: the journal is merged then"
                 ) from self._merge_error
             end = self._journal.append(buf)
+            position = self._journal.position
             written = [Op(kind, row, end) for kind, row in ops]
             if not self._pending:
                 self._pending_since = time.monotonic()
@@ -463,6 +478,8 @@ class DuckDBStore(StoreBase):
             self._last_activity = time.monotonic()
             if len(self._pending) >= 2000:
                 self._wake.set()
+        # fsync="group": on disk before returning, in one fdatasync with concurrent writes
+        self._journal.wait_synced(position)
         if any(makes_work(kind, row) for kind, row in ops):
             self._notify_work()  # in-process waiters; other processes hear of it after the merge
 
@@ -470,9 +487,11 @@ class DuckDBStore(StoreBase):
         """Merge journals whose writer died (caller holds ``_dblock`` and a connection)."""
         con = self._connect()
         offsets = dict(con.execute("SELECT wal_id, merged_offset FROM dn_journal").fetchall())
-        for wal_id, path in dead_journals(self._aux / "journal"):
+        folder = self._aux / "journal"
+        for wal_id, path in dead_journals(folder):
             ops, end = read_frames(path, int(offsets.get(wal_id, 0)))
             if ops:
+                # committed (and fdatasynced by DuckDB) before the journal is removed
                 dropped = self._apply([Op(k, r, end) for k, r in ops], wal_id, end)
                 if dropped:
                     with self._wlock:
@@ -480,10 +499,13 @@ class DuckDBStore(StoreBase):
                 if any(makes_work(k, r) for k, r in ops):
                     self._announce_work()
             path.unlink()
-            con.execute("DELETE FROM dn_journal WHERE wal_id = ?", [wal_id])
-        live = {p.stem for p in (self._aux / "journal").glob("*.wal")}
-        for wal_id in offsets:
-            if wal_id not in live:
+        live = {p.stem for p in folder.glob("*.wal")}
+        gone = [wal_id for wal_id in offsets if wal_id not in live]
+        if gone:
+            # a journal's offset is forgotten only once its removal is on disk: after a power
+            # loss it must not come back without its offset and be merged again from the start
+            sync_dir(folder)
+            for wal_id in gone:
                 con.execute("DELETE FROM dn_journal WHERE wal_id = ?", [wal_id])
 
     def _apply(self, ops: list[Op], wal_id: str, end: int) -> set[str]:
@@ -575,9 +597,10 @@ class DuckDBStore(StoreBase):
         return scope
 
     def _merge(self) -> None:
-        """Merge this process's pending journal records now."""
+        """Merge this process's pending journal records now (after a merge in progress)."""
         with self._using():
-            self._merge_pending()
+            if self._pending:
+                self._merge_pending()
 
     def _merge_pending(self) -> None:
         with self._dblock:
@@ -618,6 +641,7 @@ class DuckDBStore(StoreBase):
         """Start a fresh journal once the old one is fully merged (holds both locks)."""
         old_id = self._journal.rotate()
         assert self._con is not None
+        sync_dir(self._aux / "journal")  # see _recover_journals
         self._con.execute("DELETE FROM dn_journal WHERE wal_id = ?", [old_id])
 
     def _merge_loop(self) -> None:
@@ -747,7 +771,7 @@ class DuckDBStore(StoreBase):
                 f = self._filters.get(scope)
                 if f is None:
                     try:
-                        f = KeyFilter(self._aux / "keys", scope, fsync=self._fsync)
+                        f = KeyFilter(self._aux / "keys", scope, fsync=bool(self._fsync))
                     except OSError as e:
                         raise StoreUnavailableError(
                             f"cannot write the key filter of the store {str(self._path)!r} "
@@ -1077,9 +1101,10 @@ class DuckDBStore(StoreBase):
 
     # ------------------------------------------------------------------ lifecycle
     def flush(self) -> None:
+        """Return once every record written before the call is merged into DuckDB (one
+        that the merge thread is merging right now included)."""
         self._check_open()
-        if self._pending:
-            self._merge()
+        self._merge()
 
     def close(self) -> None:
         if self._closed:
