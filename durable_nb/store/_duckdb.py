@@ -10,9 +10,13 @@ is merged by the next process that opens the store; merging is idempotent.
 
 DuckDB lets one process hold a database file at a time, so the connection is closed
 whenever this process has been idle for ``idle_close`` seconds (after merging
-everything): another kernel or the CLI can then open the same store. A process that finds
-the file busy retries for ``lock_timeout`` seconds, then raises ``StoreLockedError``
-naming the holder.
+everything), and handed over sooner when another process asks for it (``_handoff.py``:
+the holder merges what it has, closes the file, and the oldest waiter gets it). A waiter
+raises ``StoreLockedError`` naming the holder once the line ahead of it has not moved for
+``lock_timeout`` seconds. ``fsync``: ``False`` (the journal is never synced: what is not
+merged yet does not survive an OS crash), ``"group"`` (one ``fdatasync`` per batch of
+concurrent writes, ``_syncer.py``) or ``True`` (one per write); see the README's "What
+survives what".
 
 Deletions (``delete_effects``, ``delete_run``, ``prune_effects``) flush the journal and
 commit directly. ``reset_run`` (continue-as-new) is one journal record, applied in one
@@ -24,7 +28,8 @@ claimed shared effect), ``inbox/`` (touched when a signal is sent, so a waiting 
 polls a ``stat`` instead of the database), ``work`` (touched when a run may have become
 claimable, for idle workers), ``deletions`` (touched before records are deleted, so other
 processes drop their read caches) and ``key`` (the signing key for pickled payloads,
-unless ``DURABLE_NB_KEY`` is set).
+unless ``DURABLE_NB_KEY`` is set), ``queue/`` (requests for the file) and ``holder`` (the
+``flock`` held with the file open).
 """
 
 from __future__ import annotations
@@ -121,6 +126,16 @@ def _transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
         con.execute("ROLLBACK")
         raise
     con.execute("COMMIT")
+
+
+def _synced_dir(folder: Path) -> bool:
+    """Sync ``folder``'s entries; ``False`` if that failed (then keep what depends on it:
+    an offset kept for a removed journal costs nothing)."""
+    try:
+        sync_dir(folder)
+    except OSError:
+        return False
+    return True
 
 
 def _in_scopes(scopes: set[str], key: EffectKey, rec: EffectRecord) -> bool:
@@ -501,10 +516,9 @@ class DuckDBStore(StoreBase):
             path.unlink()
         live = {p.stem for p in folder.glob("*.wal")}
         gone = [wal_id for wal_id in offsets if wal_id not in live]
-        if gone:
-            # a journal's offset is forgotten only once its removal is on disk: after a power
-            # loss it must not come back without its offset and be merged again from the start
-            sync_dir(folder)
+        # a journal's offset is forgotten only once its removal is on disk: after a power loss
+        # it must not come back without its offset and be merged again from the start
+        if gone and _synced_dir(folder):
             for wal_id in gone:
                 con.execute("DELETE FROM dn_journal WHERE wal_id = ?", [wal_id])
 
@@ -641,8 +655,8 @@ class DuckDBStore(StoreBase):
         """Start a fresh journal once the old one is fully merged (holds both locks)."""
         old_id = self._journal.rotate()
         assert self._con is not None
-        sync_dir(self._aux / "journal")  # see _recover_journals
-        self._con.execute("DELETE FROM dn_journal WHERE wal_id = ?", [old_id])
+        if _synced_dir(self._aux / "journal"):  # see _recover_journals
+            self._con.execute("DELETE FROM dn_journal WHERE wal_id = ?", [old_id])
 
     def _merge_loop(self) -> None:
         while not self._closed:
