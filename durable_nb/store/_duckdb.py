@@ -68,7 +68,7 @@ from ._duckdb_schema import (
     SCHEMA_VERSION,
     SIGNAL_TYPES,
 )
-from ._handoff import Queue, Ticket
+from ._handoff import Busy, Queue, open_in_turn
 from ._keyfilter import KeyFilter
 from ._lockfiles import EffectClaims, file_token, lock_run, say_holder, touch, unlock
 from ._protocol import CLAIMABLE_STATUSES, RunLease, run_scopes
@@ -283,59 +283,11 @@ class DuckDBStore(StoreBase):
         """Open the database (caller holds ``_dblock``), waiting while another process has it."""
         if self._con is not None:
             return self._con
-        started = time.monotonic()
-        deadline = started + self._lock_timeout
-        delay = 0.002  # between looks at the queue and the baton (microseconds each)
-        backoff = 0.005  # between connects while a program outside the queue has the file
-        retry_at = 0.0
-        ticket: Ticket | None = None
-        try:
-            while True:
-                now = time.monotonic()
-                if ticket is None and self._queue.waiting():
-                    ticket = self._ask()  # others wait already: in line behind them
-                turn = ticket is None or self._queue.my_turn(ticket)
-                if ticket is not None:  # a line that moves is waited out
-                    deadline = max(deadline, ticket.moved_at + self._lock_timeout)
-                late = now >= deadline
-                turn = turn or late
-                if turn and now >= retry_at and not self._queue.take_baton() and not late:
-                    turn = False
-                    if ticket is None:
-                        ticket = self._ask()  # the holder lets go after its current merge
-                if turn and now >= retry_at:
-                    try:
-                        con = duckdb.connect(str(self._path))
-                        break
-                    except duckdb.IOException as e:
-                        self._queue.drop_baton()
-                        m = self._locked_by(e)
-                        if late:
-                            raise StoreLockedError(
-                                f"the store {str(self._path)!r} is in use by another process "
-                                f"(PID {m['pid']}, {m['exe']}) and stayed busy for "
-                                f"{self._lock_timeout:g}s; wait until that kernel or script "
-                                "is idle, stop it, or use another store (DURABLE_NB_STORE)"
-                            ) from e
-                        if ticket is None:
-                            ticket = self._ask()  # the holder lets go after its current merge
-                        # a holder outside the queue: each failed connect costs ~5 ms of CPU
-                        retry_at = time.monotonic() + backoff
-                        backoff = min(backoff * 2, 0.1)
-                    except duckdb.Error as e:
-                        self._queue.drop_baton()
-                        raise StoreFormatError(
-                            f"cannot open {str(self._path)!r} as a DuckDB database: {e}; "
-                            "move it away or choose another store path"
-                        ) from e
-                time.sleep(delay)
-                # looking costs a flock per request ahead: the head looks most often
-                delay = min(delay * 2, 0.01 if ticket is None or ticket.ahead == 0 else 0.02)
-        finally:
-            if ticket is not None:
-                self._queue.leave(ticket)
-        if ticket is not None:
-            self._file_waits.append(time.monotonic() - started)
+        con, waited = open_in_turn(
+            self._queue, self._open_file, self._lock_timeout, self._locked_error
+        )
+        if waited is not None:
+            self._file_waits.append(waited)
         self._opens += 1
         self._opened_at = time.monotonic()
         try:
@@ -359,26 +311,33 @@ class DuckDBStore(StoreBase):
             self._validate_cache()
         return con
 
-    def _ask(self) -> Ticket | None:
-        """Join the queue for the file; ``None`` if the queue cannot be written (then this
-        process just retries, as if no one else were waiting)."""
+    def _open_file(self) -> duckdb.DuckDBPyConnection:
+        """One attempt to open the file; :class:`Busy` if another process has it."""
         try:
-            return self._queue.ask()
-        except OSError:
-            return None
-
-    def _locked_by(self, e: duckdb.IOException) -> re.Match[str]:
-        """The holder named by DuckDB's lock conflict, or raise what else went wrong."""
-        msg = str(e)
-        m = _LOCK_RE.search(msg)
-        if m is not None:
-            return m
-        if "not a valid DuckDB database file" in msg:
+            return duckdb.connect(str(self._path))
+        except duckdb.IOException as e:
+            msg = str(e)
+            m = _LOCK_RE.search(msg)
+            if m is not None:
+                raise Busy(f"PID {m['pid']}, {m['exe']}") from e
+            if "not a valid DuckDB database file" in msg:
+                raise StoreFormatError(
+                    f"{str(self._path)!r} is not a DuckDB database (it may be damaged "
+                    "or another kind of file); move it away or choose another store path"
+                ) from e
+            raise StoreUnavailableError(f"cannot open the store {str(self._path)!r}: {msg}") from e
+        except duckdb.Error as e:
             raise StoreFormatError(
-                f"{str(self._path)!r} is not a DuckDB database (it may be damaged "
-                "or another kind of file); move it away or choose another store path"
+                f"cannot open {str(self._path)!r} as a DuckDB database: {e}; "
+                "move it away or choose another store path"
             ) from e
-        raise StoreUnavailableError(f"cannot open the store {str(self._path)!r}: {msg}") from e
+
+    def _locked_error(self, busy: Busy) -> StoreLockedError:
+        return StoreLockedError(
+            f"the store {str(self._path)!r} is in use by another process ({busy.holder}) "
+            f"and stayed busy for {self._lock_timeout:g}s; wait until that kernel or script "
+            "is idle, stop it, or use another store (DURABLE_NB_STORE)"
+        )
 
     def _migrate(self, con: duckdb.DuckDBPyConnection) -> None:
         tables = {

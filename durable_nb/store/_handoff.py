@@ -31,9 +31,13 @@ import fcntl
 import os
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
-__all__ = ["PATIENCE", "Queue", "Ticket"]
+__all__ = ["PATIENCE", "Busy", "Queue", "Ticket", "open_in_turn"]
+
+T = TypeVar("T")
 
 #: seconds a waiter defers to older requests before it tries to open the file anyway
 PATIENCE = 2.0
@@ -160,3 +164,75 @@ def _alive(path: Path) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+class Busy(Exception):
+    """Raised by the ``connect`` given to :func:`open_in_turn` when another process has the
+    file; ``holder`` names it (``PID n, executable``)."""
+
+    def __init__(self, holder: str) -> None:
+        super().__init__(holder)
+        self.holder = holder
+
+
+def open_in_turn(
+    queue: Queue,
+    connect: Callable[[], T],
+    lock_timeout: float,
+    locked: Callable[[Busy], BaseException],
+) -> tuple[T, float | None]:
+    """Call ``connect`` once it is this process's turn; returns what it returned and how
+    many seconds it waited in line (``None`` if it did not queue).
+
+    ``connect`` raises :class:`Busy` while another process has the file; once the line
+    ahead has not moved for ``lock_timeout`` seconds, ``locked(busy)`` is raised."""
+    started = time.monotonic()
+    deadline = started + lock_timeout
+    delay = 0.002  # between looks at the queue and the baton (microseconds each)
+    backoff = 0.005  # between connects while a program outside the queue has the file
+    retry_at = 0.0
+    ticket: Ticket | None = None
+    try:
+        while True:
+            now = time.monotonic()
+            if ticket is None and queue.waiting():
+                ticket = _ask(queue)  # others wait already: in line behind them
+            turn = ticket is None or queue.my_turn(ticket)
+            if ticket is not None:  # a line that moves is waited out
+                deadline = max(deadline, ticket.moved_at + lock_timeout)
+            late = now >= deadline
+            turn = turn or late
+            if turn and now >= retry_at and not queue.take_baton() and not late:
+                turn = False
+                if ticket is None:
+                    ticket = _ask(queue)  # the holder lets go after its current merge
+            if turn and now >= retry_at:
+                try:
+                    return connect(), (None if ticket is None else time.monotonic() - started)
+                except Busy as busy:
+                    queue.drop_baton()
+                    if late:
+                        raise locked(busy) from busy.__cause__
+                    if ticket is None:
+                        ticket = _ask(queue)
+                    # a holder outside the queue: each failed connect costs ~5 ms of CPU
+                    retry_at = time.monotonic() + backoff
+                    backoff = min(backoff * 2, 0.1)
+                except BaseException:
+                    queue.drop_baton()
+                    raise
+            time.sleep(delay)
+            # looking costs a flock per request ahead: the head looks most often
+            delay = min(delay * 2, 0.01 if ticket is None or ticket.ahead == 0 else 0.02)
+    finally:
+        if ticket is not None:
+            queue.leave(ticket)
+
+
+def _ask(queue: Queue) -> Ticket | None:
+    """Join the queue; ``None`` if it cannot be written (then just retry, as if no one
+    else were waiting)."""
+    try:
+        return queue.ask()
+    except OSError:
+        return None
