@@ -101,3 +101,21 @@ def test_requests_are_served_oldest_first(tmp_path: Path) -> None:
     finally:
         queue.leave(second)
     assert list(folder.iterdir()) == []
+
+
+def test_two_stores_in_one_process_share_the_file_without_handing_it_over(
+    tmp_path: Path,
+) -> None:
+    """DuckDB shares one database instance within a process, so the baton is shared too."""
+    a = DuckDBStore(tmp_path / "s.duckdb", idle_close=3600)
+    b = DuckDBStore(tmp_path / "s.duckdb", idle_close=3600, lock_timeout=5)
+    try:
+        assert a._con is not None and b._con is not None  # both hold it at once
+        assert not b._file_waits  # nobody queued
+    finally:
+        a.close()
+        b.close()
+    # the baton is free again: another process opens the store at once
+    code = f"from durable_nb.store._duckdb import DuckDBStore; DuckDBStore({str(tmp_path / 's.duckdb')!r}, lock_timeout=5).close()"
+    done = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0

@@ -30,6 +30,7 @@ import contextlib
 import fcntl
 import os
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,11 @@ from typing import TypeVar
 __all__ = ["PATIENCE", "Busy", "Queue", "Ticket", "open_in_turn"]
 
 T = TypeVar("T")
+
+# the baton of each store, per process: stores opened twice in one process share DuckDB's
+# database instance, so they share the baton too (path -> [descriptor, holders])
+_batons: dict[str, list[int]] = {}
+_batons_lock = threading.Lock()
 
 #: seconds a waiter defers to older requests before it tries to open the file anyway
 PATIENCE = 2.0
@@ -62,38 +68,48 @@ class Queue:
     def __init__(self, folder: Path) -> None:
         self._folder = folder
         self._dir = str(folder)
-        self._baton_path = folder.parent / "holder"
-        self._baton: int | None = None  # the descriptor of ``holder``, kept open
+        self._baton_path = str(folder.parent / "holder")
         self.has_baton = False
 
     def take_baton(self) -> bool:
-        """Take the holder's ``flock`` if it is free (before connecting)."""
+        """Take the holder's ``flock`` if it is free or held by this process (before
+        connecting)."""
         if self.has_baton:
             return True
-        try:
-            if self._baton is None:
-                self._baton = os.open(self._baton_path, os.O_RDWR | os.O_CREAT, 0o600)
-            fcntl.flock(self._baton, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        except OSError:
-            return True  # no baton to be had (read-only or deleted folder): just connect
+        with _batons_lock:
+            entry = _batons.get(self._baton_path)
+            if entry is None:
+                try:
+                    fd = os.open(self._baton_path, os.O_RDWR | os.O_CREAT, 0o600)
+                except OSError:
+                    return True  # no baton to be had (read-only or deleted folder): connect
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as e:
+                    os.close(fd)
+                    return not isinstance(e, BlockingIOError)
+                entry = _batons[self._baton_path] = [fd, 0]
+            entry[1] += 1
         self.has_baton = True
         return True
 
     def drop_baton(self) -> None:
         """Let go of the holder's ``flock`` (after closing the connection)."""
-        if self.has_baton and self._baton is not None:
-            with contextlib.suppress(OSError):
-                fcntl.flock(self._baton, fcntl.LOCK_UN)
+        if not self.has_baton:
+            return
         self.has_baton = False
+        with _batons_lock:
+            entry = _batons.get(self._baton_path)
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _batons[self._baton_path]
+                with contextlib.suppress(OSError):
+                    os.close(entry[0])  # which drops the flock
 
     def close(self) -> None:
         self.drop_baton()
-        if self._baton is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._baton)
-            self._baton = None
 
     def waiting(self, mine: Ticket | None = None) -> bool:
         """Whether any process (other than ``mine``) asked for the file.
