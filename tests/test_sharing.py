@@ -7,7 +7,6 @@ prints the latencies; these tests assert that everyone finishes, nobody gets
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import textwrap
@@ -18,16 +17,11 @@ from typing import Any
 from durable_nb.store._duckdb import DuckDBStore
 from durable_nb.store._handoff import Queue
 
-from .helpers import ROOT
+from .helpers import ROOT, load_benchmark
 
 
 def _bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "bench_sharing", ROOT / "benchmarks" / "bench_sharing.py"
-    )
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench: ModuleType = load_benchmark("bench_sharing")
     return bench
 
 
