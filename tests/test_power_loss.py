@@ -220,3 +220,11 @@ def test_duckdb_syncs_its_commit_before_the_journal_is_removed(tmp_path: Path) -
             j for j in range(written[-1], i) if db_wal in lines[j] and "fdatasync(" in lines[j]
         ]
         assert synced, f"DuckDB's commit was not synced before {lines[i]!r}"
+    # after each rotation's removal, the journal directory is synced before the commit that
+    # forgets the removed journal's offset
+    folder = f"<{journal.rstrip('/')}>"
+    for i in removed[:3]:
+        after = [j for j in range(i, len(lines)) if db_wal in lines[j] and "write" in lines[j]]
+        assert after, "no commit after the rotation"
+        dir_synced = [j for j in range(i, after[0]) if "fsync(" in lines[j] and folder in lines[j]]
+        assert dir_synced, f"the journal directory was not synced after {lines[i]!r}"
