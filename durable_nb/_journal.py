@@ -490,12 +490,48 @@ def check_stream_name(name: object, what: str = "name") -> str:
     return name
 
 
+_JSON_LEAVES = (str, int, float, bool, type(None))
+
+
+def json_problem(value: object, **dumps: Any) -> tuple[str | None, str]:
+    """``(why not, text)``: ``value`` as JSON text, or why JSON cannot give it back as it is.
+
+    ``json.dumps`` alone accepts values that come back changed: a tuple comes back as a list,
+    ``{1: 'a'}`` as ``{'1': 'a'}``, an ``IntEnum`` or a ``str`` subclass as a plain int or
+    str. Those are refused here, like NaN, cycles and nesting too deep to encode, so a stored
+    payload replays exactly or is not stored at all."""
+    try:
+        text = json.dumps(value, allow_nan=False, **dumps)
+    except (TypeError, ValueError, RecursionError) as e:
+        return (str(e) if not isinstance(e, RecursionError) else "nested too deeply"), ""
+    stack = [value]  # json.dumps succeeded: no cycles, so this walk ends
+    while stack:
+        v = stack.pop()
+        t = type(v)
+        if t is dict:
+            for k, item in v.items():  # type: ignore[attr-defined]
+                if type(k) is not str:
+                    return f"key {k!r} is a {type(k).__name__}, and JSON keys are str", ""
+                stack.append(item)
+        elif t is list:
+            stack.extend(v)  # type: ignore[arg-type]
+        elif t not in _JSON_LEAVES:
+            kind = "a tuple (use a list)" if t is tuple else f"a {t.__name__}"
+            return f"{_preview_value(v)} is {kind}, which JSON would give back changed", ""
+    return None, text
+
+
+def _preview_value(v: object) -> str:
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def json_text(value: object, what: str) -> str:
     """``value`` as JSON text (signal payloads, custom statuses), or a clear error."""
-    try:
-        return json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as e:
+    problem, text = json_problem(value)
+    if problem is not None:
         raise UnstorableValueError(
-            f"{what} must be JSON data (None, bool, int, float, str, list, dict), got {value!r}; "
-            f"convert it first ({e})"
-        ) from None
+            f"{what} must be JSON data (None, bool, int, float, str, list, dict with str "
+            f"keys), got {_preview_value(value)}; convert it first ({problem})"
+        )
+    return text

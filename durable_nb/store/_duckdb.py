@@ -124,8 +124,30 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             "CREATE TABLE dn_journal (wal_id VARCHAR PRIMARY KEY, merged_offset BIGINT)",
         ),
     ),
+    (
+        2,
+        "indexes: effects by input hash and by scope, for point lookups at any store size",
+        (
+            "CREATE INDEX IF NOT EXISTS dn_effects_input_hash ON dn_effects (input_hash)",
+            "CREATE INDEX IF NOT EXISTS dn_effects_scope ON dn_effects (scope)",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+# DuckDB scans an index only for a query whose one filter is on the indexed column (a filter
+# on all five key columns scans the table: 7 ms at 1M effects, ~70 ms at 10M). A point
+# lookup therefore selects by one indexed column in a materialized CTE and checks the rest
+# of the key on the few rows it found: by input hash, or by scope for the records of a
+# run's kv and stream scopes, whose input hash is empty.
+_GET_BY_INPUT = (
+    "WITH c AS MATERIALIZED (SELECT * FROM dn_effects WHERE input_hash = $4) "
+    "SELECT * FROM c WHERE scope = $1 AND identity = $2 AND version = $3 AND occurrence = $5"
+)
+_GET_BY_SCOPE = (
+    "WITH c AS MATERIALIZED (SELECT * FROM dn_effects WHERE scope = $1) SELECT * FROM c "
+    "WHERE identity = $2 AND version = $3 AND input_hash = $4 AND occurrence = $5"
+)
 
 
 def _table_name(prefix: str, parts: tuple[object, ...]) -> str:
@@ -984,11 +1006,7 @@ class DuckDBStore:
         except StoreUnavailableError:
             pass  # no filter: the query answers
         with self._db() as con:
-            row = con.execute(
-                "SELECT * FROM dn_effects WHERE scope = ? AND identity = ? AND version = ? "
-                "AND input_hash = ? AND occurrence = ?",
-                list(key),
-            ).fetchall()
+            row = con.execute(_GET_BY_INPUT if key[3] else _GET_BY_SCOPE, list(key)).fetchall()
         if not row:
             return None
         rec = self._effect_from_row(row[0])
