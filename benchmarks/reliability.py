@@ -458,7 +458,8 @@ def _child_load(path: str, mode: str, runs: int, n: int) -> dict[str, Any]:
         "wrong": wrong,
         "counted": counted,
         "statuses": statuses,
-        "re_executed": _CONTROL["executed"] + sum(a != b for a, b in zip(again, results, strict=True)),
+        "re_executed": _CONTROL["executed"]
+        + sum(a != b for a, b in zip(again, results, strict=True)),
         "p50_us": _us(lat[len(lat) // 2]),
         "p99_us": _us(_p99([float(x) for x in lat])),
         "base_rss_mb": round(base, 1),

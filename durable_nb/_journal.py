@@ -72,6 +72,7 @@ __all__ = [
     "check_user_signal",
     "detail_text",
     "iso_time",
+    "json_problem",
     "json_text",
     "kv_scope",
     "queue_signal",
@@ -82,6 +83,7 @@ __all__ = [
     "shown_seqs",
     "signal_id_of",
     "signal_label",
+    "storable_text",
     "stream_scope",
 ]
 
@@ -437,7 +439,8 @@ LiveKind = Literal["step", "status", "event", "custom_status", "progress"]
 
 
 # --------------------------------------------------------------------------- validators
-def _utf8(text: str) -> bool:
+def storable_text(text: str) -> bool:
+    """Whether ``text`` can be stored (UTF-8: a lone surrogate cannot)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:  # lone surrogates cannot be stored
@@ -449,7 +452,12 @@ def check_run_id(run_id: object) -> str:
     """A run id: 1-200 printable characters."""
     if not isinstance(run_id, str):
         raise ArgumentTypeError(f"run_id must be a non-empty str, got {run_id!r}")
-    if not run_id or len(run_id) > 200 or any(ord(c) < 32 for c in run_id) or not _utf8(run_id):
+    if (
+        not run_id
+        or len(run_id) > 200
+        or any(ord(c) < 32 for c in run_id)
+        or not storable_text(run_id)
+    ):
         raise ArgumentError(
             f"run_id must be 1-200 printable characters, got {run_id!r}; pick a short name"
         )
@@ -458,7 +466,7 @@ def check_run_id(run_id: object) -> str:
 
 def check_name(name: object, what: str = "name") -> str:
     """A signal's or a workflow's name: a non-empty str of at most 200 characters."""
-    if not isinstance(name, str) or not name or len(name) > 200 or not _utf8(name):
+    if not isinstance(name, str) or not name or len(name) > 200 or not storable_text(name):
         raise ArgumentError(
             f"{what} must be a non-empty str of at most 200 characters, got {name!r}"
         )
@@ -468,7 +476,7 @@ def check_name(name: object, what: str = "name") -> str:
 def check_queue(queue: object) -> str:
     """A queue's name: it travels inside a signal name, so it may be a little shorter."""
     limit = 200 - len(QUEUE_PREFIX)
-    if not isinstance(queue, str) or not queue or len(queue) > limit or not _utf8(queue):
+    if not isinstance(queue, str) or not queue or len(queue) > limit or not storable_text(queue):
         raise ArgumentError(
             f"queue must be a non-empty str of at most {limit} characters, got {queue!r}"
         )
@@ -482,7 +490,7 @@ def check_stream_name(name: object, what: str = "name") -> str:
             f"{what} must be a str naming the stream, got {name!r}; use a short name such as "
             "'tokens'"
         )
-    if not name or len(name) > 200 or any(ord(c) < 32 for c in name) or not _utf8(name):
+    if not name or len(name) > 200 or any(ord(c) < 32 for c in name) or not storable_text(name):
         raise ArgumentError(
             f"{what} must be 1-200 printable characters, got {name!r}; use a short name such "
             "as 'tokens'"

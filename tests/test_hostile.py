@@ -422,6 +422,8 @@ def test_run_ids_kv_streams_queues_and_signals_replay_exactly_or_are_refused(
         if isinstance(run_id, str) and run_id:
             run_id += f"#{next(serial)}"  # a new run each time; "" stays ""
         runs_before = len(writer.list_runs(limit=100_000))
+        if isinstance(run_id, str):
+            _FAIL_FIRST.add(run_id)  # before it starts: a run with nothing to wait for ends at once
         try:
             job = dn.start(steps, *args, run_id=run_id)
         except Exception as e:
@@ -433,7 +435,6 @@ def test_run_ids_kv_streams_queues_and_signals_replay_exactly_or_are_refused(
             job = dn.start(steps, *args, run_id=run_id)
         else:
             _count("run id", "stored")
-            _FAIL_FIRST.add(run_id)  # before the run reaches its end (it waits below)
         queued = _sent(lambda m: job.enqueue(queue, m), message, "fallback")
         signalled = _sent(lambda p: job.signal(signal, p), payload, None)
         with pytest.raises(PlannedFailure):
@@ -475,3 +476,310 @@ def test_run_ids_kv_streams_queues_and_signals_replay_exactly_or_are_refused(
 
     check()
     TALLY["run id"]["seconds"] += round(time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------ import files
+def _store_fingerprint(store: DuckDBStore) -> tuple[Any, ...]:
+    """Counts and a hash of every row the store holds (after merging its journal)."""
+    store.flush()
+    with store._db() as con:
+        row = con.execute(
+            "SELECT (SELECT count(*) FROM dn_effects), "
+            "(SELECT bit_xor(hash(scope, identity, version, input_hash, occurrence, data, "
+            "kind, seq)) FROM dn_effects), "
+            "(SELECT count(*) FROM dn_runs), "
+            "(SELECT bit_xor(hash(run_id, status, updated_at, result_data)) FROM dn_runs), "
+            "(SELECT count(*) FROM dn_signals), (SELECT count(*) FROM dn_events)"
+        ).fetchall()
+    return tuple(row[0])
+
+
+@dn.effect(name="hostile.opaque", version="1")
+def opaque(i: int) -> Any:
+    return Colour.RED if i % 2 else {1, 2, i}  # pickled (signed)
+
+
+@dn.durable(name="hostile.exported", version="1")
+async def exported(ctx: dn.Context, n: int) -> Any:
+    out = [opaque(i) for i in range(n)]
+    ctx.kv["n"] = n
+    await ctx.stream("s").write({"n": n})
+    ctx.set_status({"stage": n})
+    await ctx.wait_signal("go")
+    return [str(x) for x in out]
+
+
+def _export_text(key: bytes) -> str:
+    from durable_nb.store import MemoryStore
+
+    src = MemoryStore(key=key)
+    back = _engine_on(src)
+    try:
+        for i in range(3):
+            job = dn.start(exported, i + 1, run_id=f"exported-{i}")
+            job.signal("go", {"i": i})
+            job.result(timeout=30)
+        dn.set_clock(None)
+        shared = dn.effect(name="hostile.shared", version="1", shared=True)(lambda x: [x])
+        shared(1)
+        import io
+
+        buf = io.StringIO()
+        dn.Client(src).export(buf)
+        return buf.getvalue()
+    finally:
+        back()
+
+
+def _mutate(text: str, ops: list[tuple[str, int, int, Any]]) -> str:
+    lines = text.splitlines(keepends=True)
+    for op, a, b, extra in ops:
+        n = len(lines)
+        i, j = a % max(n, 1), b % max(n, 1)
+        if op == "truncate":
+            joined = "".join(lines)
+            lines = [joined[: a % max(len(joined), 1)]]
+        elif op == "drop" and n:
+            del lines[i]
+        elif op == "swap" and n:
+            lines[i], lines[j] = lines[j], lines[i]
+        elif op == "duplicate" and n:
+            lines.insert(j, lines[i])
+        elif op == "char" and n and lines[i]:
+            k = b % len(lines[i])
+            lines[i] = lines[i][:k] + str(extra)[:1] + lines[i][k + 1 :]
+        elif op == "forge":
+            signed = [k for k, line in enumerate(lines) if '"pickle"' in line]
+            if signed:
+                k = signed[a % len(signed)]
+                pos = lines[k].index('"data": "', lines[k].index('"pickle"')) + 9 + b % 8
+                flip = "A" if lines[k][pos] != "A" else "B"
+                lines[k] = lines[k][:pos] + flip + lines[k][pos + 1 :]
+        elif op == "field" and n:
+            try:
+                d = json.loads(lines[i])
+            except ValueError:
+                continue
+            if isinstance(d, dict) and d:
+                field = sorted(d)[b % len(d)]
+                d[field] = extra
+                lines[i] = json.dumps(d) + "\n"
+        elif op == "huge":
+            lines.insert(i, "x" * (2**20 + a % 2**20) + "\n")
+        elif op == "huge field" and n:
+            try:
+                d = json.loads(lines[i])
+            except ValueError:
+                continue
+            if isinstance(d, dict) and "run_id" in d:
+                d["workflow" if "workflow" in d else "run_id"] = "w" * (2**20 + b)
+                lines[i] = json.dumps(d) + "\n"
+    return "".join(lines)
+
+
+MUTATIONS = st.lists(
+    st.tuples(
+        st.sampled_from(
+            [
+                "truncate",
+                "drop",
+                "swap",
+                "duplicate",
+                "char",
+                "forge",
+                "field",
+                "huge",
+                "huge field",
+            ]
+        ),
+        st.integers(0, 2**31),
+        st.integers(0, 2**31),
+        JSONISH | st.text(max_size=3),
+    ),
+    min_size=1,
+    max_size=3,
+)
+
+
+def test_import_of_damaged_or_forged_exports_is_all_or_nothing(tmp_path: Path) -> None:
+    import io
+
+    key = b"hostile test key, not a secret..."
+    text = _export_text(key)
+    target = DuckDBStore(tmp_path / "target.duckdb", key=key)
+    other_key = DuckDBStore(tmp_path / "other-key.duckdb")  # pickles signed by key are foreign
+    t0 = time.perf_counter()
+    try:
+
+        @PROFILE
+        @given(MUTATIONS, st.booleans())
+        def check(ops: list[tuple[str, int, int, Any]], into_other: bool) -> None:
+            store = other_key if into_other else target
+            damaged = _mutate(text, ops)
+            before = _store_fingerprint(store)
+            try:
+                dn.Client(store).import_records(io.StringIO(damaged))
+            except Exception as e:
+                assert _own_error(e), f"{ops!r}: import raised {e!r}"
+                assert _store_fingerprint(store) == before, f"{ops!r}: half-imported"
+                _count("export file for import", "refused")
+                return
+            after = _store_fingerprint(store)  # merged without error
+            again = io.StringIO()
+            dn.Client(store).export(again)  # what it holds reads back and exports
+            fresh = DuckDBStore(tmp_path / f"fresh-{len(TALLY)}.duckdb", key=key)
+            try:
+                dn.Client(fresh).import_records(io.StringIO(again.getvalue()))
+            finally:
+                fresh.close()
+            assert after[2] >= before[2]
+            _count("export file for import", "stored")
+
+        check()
+    finally:
+        target.close()
+        other_key.close()
+    TALLY["export file for import"]["seconds"] += round(time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------ command line, magics
+CLI_COMMANDS = [
+    "runs",
+    "show",
+    "trace",
+    "tree",
+    "signal",
+    "cancel",
+    "resume",
+    "fork",
+    "forget",
+    "gc",
+    "export",
+    "import",
+    "metrics",
+]
+#: never generated: options that import modules (--app), write where they are told (-o,
+#: --store with a path of the generator's choosing), or commands that serve forever
+#: (worker) or install files outside the test's folder (install-kernel)
+_UNSAFE = {"--app", "-o", "--output", "--store", "worker", "install-kernel"}
+CLI_TOKENS = st.sampled_from(
+    [
+        "--json",
+        "--status",
+        "--limit",
+        "--since",
+        "--older-than",
+        "--dry-run",
+        "--reason",
+        "--from-step",
+        "--run-id",
+        "--keep-runs",
+        "--replace",
+        "--scope",
+        "--help",
+        "-x",
+        "--",
+        "0",
+        "-1",
+        "1e999",
+        "nan",
+        "7d",
+        "cli-run",
+        "{}",
+        "[1,",
+        "\x00",
+        "",
+    ]
+) | st.text(max_size=12)
+CLI_ARGV = st.tuples(
+    st.sampled_from(CLI_COMMANDS) | st.text(max_size=8), st.lists(CLI_TOKENS, max_size=5)
+)
+
+
+def test_cli_arguments_run_or_are_refused_without_a_traceback(
+    stores: tuple[DuckDBStore, DuckDBStore],
+) -> None:
+    import contextlib
+    import io
+
+    from durable_nb.cli import main
+
+    writer, reader = stores
+    job = dn.start(exported, 1, run_id="cli-run")
+    job.signal("go", 1)
+    job.result(timeout=30)
+    writer.close()
+    runtime._store = None
+    path = str(writer.path)
+    t0 = time.perf_counter()
+
+    @PROFILE
+    @given(CLI_ARGV)
+    def check(argv_parts: tuple[str, list[str]]) -> None:
+        argv = [argv_parts[0], *argv_parts[1]]
+        if any(a in _UNSAFE or a.startswith(("--app", "--store", "--output")) for a in argv):
+            return
+        before = _store_fingerprint(reader)
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(["--store", path, *argv])
+        text = out.getvalue() + err.getvalue()
+        assert code in (0, 1, 2), (argv, code, text)
+        assert "Traceback" not in text, (argv, text)
+        if code != 0:
+            assert _store_fingerprint(reader) == before, f"{argv!r} failed but changed the store"
+            _count("CLI arguments", "refused")
+        else:
+            _count("CLI arguments", "stored")
+
+    check()
+    TALLY["CLI arguments"]["seconds"] += round(time.perf_counter() - t0)
+
+
+MAGIC_LINES = st.tuples(
+    st.sampled_from(["runs", "show", "signal", "cancel", "forget", "cache", "why", ""])
+    | st.text(max_size=8),
+    st.lists(CLI_TOKENS | st.sampled_from(["magic-run", "'x y'", '"', "\\", "clear"]), max_size=4),
+)
+
+
+def test_magic_arguments_run_or_are_refused_with_a_usage_error(ip: Any) -> None:
+    from IPython.core.error import UsageError
+
+    job = dn.start(exported, 1, run_id="magic-run")
+    job.signal("go", 1)
+    job.result(timeout=30)
+    store = runtime.store
+    t0 = time.perf_counter()
+
+    def state() -> Any:
+        return [
+            (r.run_id, r.status, r.updated_at, len(store.list_signals(r.run_id)))
+            for r in store.list_runs()
+        ]
+
+    @PROFILE
+    @given(MAGIC_LINES, st.sampled_from(["durable", "effect", "durable-cell"]))
+    def check(parts: tuple[str, list[str]], magic: str) -> None:
+        line = " ".join([parts[0], *parts[1]])
+        if line.split()[:1] == ["store"] or (magic != "durable" and line.strip()):
+            line = " ".join(parts[1])  # %durable store would change the store under the test
+        before = state()
+        try:
+            if magic == "durable":
+                ip.run_line_magic("durable", line)
+            else:
+                name = "effect" if magic == "effect" else "durable"
+                ip.run_cell_magic(name, line, "magic_y = 1\n")
+        except UsageError:
+            assert state() == before, f"%{magic} {line!r} was refused but changed the store"
+            _count("magic arguments", "refused")
+        except Exception as e:
+            assert _own_error(e), f"%{magic} {line!r} raised {e!r}"
+            assert state() == before
+            _count("magic arguments", "refused")
+        else:
+            _count("magic arguments", "stored")
+
+    check()
+    TALLY["magic arguments"]["seconds"] += round(time.perf_counter() - t0)

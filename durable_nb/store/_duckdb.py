@@ -849,6 +849,12 @@ class DuckDBStore:
     ) -> int:
         with self._db() as con:  # holding the connection, no merge can slip in between
             self.flush()
+            # nothing to delete (a gc that prunes nothing): no write transaction, and other
+            # processes keep their read caches
+            if not con.execute(
+                f"SELECT 1 FROM dn_effects WHERE {where} LIMIT 1", params
+            ).fetchall():
+                return 0
             names = [
                 r[0]
                 for r in con.execute(
