@@ -83,7 +83,6 @@ def _hash_inputs(
     return _hashing.hash_value(values).hex(), shown, bad
 
 
-@magics_class
 def parse_argstring(magic: Callable[..., Any], line: str) -> Any:
     """IPython's parser, but a line shlex cannot split (an unclosed quote) is misuse too."""
     try:
@@ -92,6 +91,7 @@ def parse_argstring(magic: Callable[..., Any], line: str) -> Any:
         raise UsageError(f"cannot read the arguments {line!r}: {e}") from None
 
 
+@magics_class
 class DurableMagics(Magics):
     """``%%effect``, ``%%durable`` and ``%durable``."""
 
