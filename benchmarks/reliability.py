@@ -22,7 +22,14 @@ runs in a fresh interpreter (``--child ...``), so one part's memory cannot hide 
   executions); ``durable-nb runs``; ``durable-nb gc --older-than 7d`` that prunes nothing;
   the file size per effect. The ratio column is the big store's figure over the small one's
   (target: within 2x).
-- **load** (item 3): see :func:`load_part`.
+- **load** (item 3): ``--runs`` (1,000) concurrent runs of ``--steps`` (100) effects each
+  in one process, gathered (one coroutine awaits them all, as a cell that awaits) and as
+  background jobs (started from a thread without a loop, waited for one by one), on a
+  DuckDB and on the in-memory store, each in a fresh process after a warm-up: every run
+  completes with the right result, every effect executed once and stored (counted in the
+  store), a second start of every run executes nothing; the step latency (the time an
+  ``await step(...)`` takes inside the workflow, all runs' samples pooled) p50 and p99, the
+  effects per second, and the peak RSS over the RSS before the runs, per run.
 - **fuzz** (item 6): see :func:`fuzz_part`.
 """
 
@@ -512,6 +519,77 @@ def load_part(runs: int, n: int) -> list[dict[str, Any]]:
     return rows
 
 
+# --------------------------------------------------------------------------- fuzz
+
+
+def fuzz_part(examples: int) -> list[dict[str, Any]]:
+    """The hostile-input properties of ``tests/test_hostile.py`` with ``examples`` examples
+    per entry point (Hypothesis profile ``hostile-fuzz`` at 10,000), in a fresh pytest
+    process. Effects and the CLI go through a DuckDB store; the properties that start a run
+    per example, and the import, use the in-memory store here (a run on a DuckDB file pays
+    a few journal merges, and 10,000 of them would take most of an hour); CI runs all of
+    them on DuckDB with fewer examples."""
+    with _tempdir("fuzz") as tmp:
+        tally = tmp / "tally.json"
+        env = {
+            **os.environ,
+            "DURABLE_NB_HYPOTHESIS_PROFILE": "hostile-fuzz",
+            "DURABLE_NB_HOSTILE_STORE": "memory",
+            "DURABLE_NB_FUZZ_TALLY": str(tally),
+        }
+        if examples != 10_000:
+            env["DURABLE_NB_HYPOTHESIS_PROFILE"] = "hostile-ci"
+            env["DURABLE_NB_HOSTILE_EXAMPLES"] = str(examples)
+        t0 = time.perf_counter()
+        out = subprocess.run(
+            [
+                *(
+                    sys.executable,
+                    "-m",
+                    "pytest",
+                    "-q",
+                    "-p",
+                    "no:cacheprovider",
+                    "-o",
+                    "timeout=0",
+                ),
+                *("--basetemp", str(tmp / "pytest"), str(REPO / "tests" / "test_hostile.py")),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=str(REPO),
+            timeout=4 * 3600,
+        )
+        wall = time.perf_counter() - t0
+        counts = json.loads(tally.read_text()) if tally.exists() else {}
+    rows: list[dict[str, Any]] = []
+    for entry, c in counts.items():
+        rows.append(
+            {
+                "part": "fuzz",
+                "name": f"{entry}: tried / refused with a durable_nb error (rest replayed exactly)",
+                "small": f"{c.get('tried', 0):,}",
+                "big": f"{c.get('refused', 0):,} refused",
+                "ratio": f"{c['seconds']} s" if "seconds" in c else "(same runs)",
+            }
+        )
+    last = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else out.stderr[-300:]
+    rows.append(
+        {
+            "part": "fuzz",
+            "name": f"pytest tests/test_hostile.py, {examples:,} examples per property: {last}",
+            "small": "",
+            "big": "passed" if out.returncode == 0 else "FAILED",
+            "ratio": f"{wall:.0f} s wall",
+            "lost": 0 if out.returncode == 0 else 1,
+        }
+    )
+    if out.returncode != 0:
+        print(out.stdout[-5000:], file=sys.stderr)
+    return rows
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -552,6 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--effects", type=int, help="effects in the big store (10,000,000)")
     parser.add_argument("--runs", type=int, help="concurrent runs of the load part (1,000)")
     parser.add_argument("--steps", type=int, help="effects per run of the load part (100)")
+    parser.add_argument("--examples", type=int, help="examples per property (10,000)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
     parts = args.only or ["scale", "load", "fuzz"]
@@ -562,6 +641,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += scale_part(n_big)
     if "load" in parts:
         rows += load_part(args.runs or (100 if args.quick else 1000), args.steps or 100)
+    if "fuzz" in parts:
+        rows += fuzz_part(args.examples or (100 if args.quick else 10_000))
     _print_table(rows)
     lost = sum(int(r.get("lost", 0)) for r in rows)
     print(f"\neffects lost: {lost} (must be 0); took {time.perf_counter() - started:.0f} s")
