@@ -11,9 +11,11 @@ from collections.abc import Sequence
 
 from psycopg import sql
 
+from ._migrations import Bookkeeping, Migration, Migrations
 from ._pg_session import gone
 
 __all__ = [
+    "BOOKKEEPING",
     "CLAIMABLE",
     "EFFECT_COLS",
     "EFFECT_KEY_COLS",
@@ -44,8 +46,8 @@ CLAIMABLE = "('queued', 'running', 'waiting')"
 
 #: Named, ordered schema migrations (``{s}`` is the quoted schema). Append only; never edit
 #: a released one.
-MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
-    (
+MIGRATIONS = Migrations(
+    Migration(
         1,
         "initial: effects, runs, signals, inbox, events, run leases, effect claims",
         (
@@ -92,7 +94,7 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             "PRIMARY KEY (scope, identity, version, input_hash, occurrence))",
         ),
     ),
-    (
+    Migration(
         2,
         "limits: named rate and concurrency limits shared by every process on the store",
         (
@@ -105,7 +107,18 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         ),
     ),
 )
-SCHEMA_VERSION = MIGRATIONS[-1][0]
+SCHEMA_VERSION = MIGRATIONS.latest
+
+BOOKKEEPING = Bookkeeping(
+    setup=(
+        "CREATE TABLE IF NOT EXISTS {s}.dn_meta (key text PRIMARY KEY, value text)",
+        "CREATE TABLE IF NOT EXISTS {s}.dn_migrations (version integer PRIMARY KEY, "
+        "name text NOT NULL, applied_at timestamptz NOT NULL, written_by text)",
+    ),
+    record="INSERT INTO {s}.dn_migrations VALUES (%s, %s, to_timestamp(%s), %s)",
+    set_meta="INSERT INTO {s}.dn_meta VALUES ('schema_version', %s), ('written_by', %s) "
+    "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+)
 
 
 def statements(schema: str) -> dict[str, str]:
@@ -147,6 +160,8 @@ def statements(schema: str) -> dict[str, str]:
         "load_effects": f"SELECT {', '.join(EFFECT_COLS)} FROM {s}.dn_effects "
         "WHERE scope = %s ORDER BY seq, started_at",
         "delete_effects": f"DELETE FROM {s}.dn_effects WHERE scope = %s",
+        "effect_scopes": f"SELECT DISTINCT scope FROM {s}.dn_effects "
+        "WHERE starts_with(scope, %s) ORDER BY scope",
         "delete_scopes": f"DELETE FROM {s}.dn_effects WHERE scope = ANY(%s)",
         "prune_effects": f"DELETE FROM {s}.dn_effects "
         "WHERE starts_with(scope, %s) AND started_at < %s",

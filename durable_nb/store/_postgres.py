@@ -69,32 +69,25 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from .._arrow_ipc import ipc_bytes, read_ipc
 from .._journal import run_scope
-from .._version import __version__
 from ..errors import (
     ArgumentError,
     ArgumentTypeError,
     RunLockedError,
     StoreError,
-    StoreFormatError,
     StoreUnavailableError,
-    StoreVersionError,
 )
+from . import _migrations, _rows
+from ._base import RunQuery, StoreBase
 from ._pg_commit import Done, GroupCommit, LoopCommit, Statement
-from ._pg_schema import EFFECT_KEY_COLS, MIGRATIONS, SCHEMA_VERSION, statements
+from ._pg_schema import BOOKKEEPING, EFFECT_KEY_COLS, MIGRATIONS, SCHEMA_VERSION, statements
 from ._pg_session import TAKEOVER_GRACE, Session, session_key_of
-from ._protocol import (
-    EffectKey,
-    EffectRecord,
-    EventRecord,
-    RunLease,
-    RunRecord,
-    SignalRecord,
-    run_scopes,
-)
+from ._protocol import RunLease, run_scopes
 
 if TYPE_CHECKING:
-    from .._codecs import Payload, Signer
+    from .._codecs import Payload
+    from ._protocol import EffectKey, EffectRecord, EventRecord, RunRecord, SignalRecord
 
 __all__ = ["DEFAULT_SCHEMA", "MIGRATIONS", "SCHEMA_VERSION", "PostgresStore"]
 
@@ -200,35 +193,18 @@ def _resolve_key(key: bytes | str | None) -> bytes | None:
     return bytes(key)
 
 
-def _ipc(table: object | None) -> bytes | None:
-    if table is None:
-        return None
-    import pyarrow as pa
-
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:  # type: ignore[attr-defined]
-        writer.write_table(table)
-    data: bytes = sink.getvalue().to_pybytes()
-    return data
-
-
 def _payload(codec: str | None, data: bytes | None, table_ipc: bytes | None) -> Payload | None:
+    """A payload read back (``_rows.ReadPayload``): its table was kept as an IPC stream."""
     from .._codecs import Payload
 
     if codec is None:
         return None
-    table = None
-    if table_ipc is not None:
-        import pyarrow as pa
-
-        table = pa.ipc.open_stream(pa.py_buffer(table_ipc)).read_all()
+    table = read_ipc(table_ipc) if table_ipc is not None else None
     return Payload(codec, data if data is not None else b"", table)
 
 
-def _payload_cols(p: Payload | None) -> tuple[Any, Any, Any]:
-    if p is None:
-        return (None, None, None)
-    return (p.codec, p.data, _ipc(p.table))
+def _ipc(p: Payload | None) -> bytes | None:
+    return ipc_bytes(p.table) if p is not None and p.table is not None else None
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
@@ -272,13 +248,15 @@ class _WorkSignal:
             self._seen.seq = self._seq
 
 
-class PostgresStore:
+class PostgresStore(StoreBase):
     """Runs and effects in a PostgreSQL schema, shared by processes and machines.
 
     See the module docstring. ``lease_seconds``: how long a run stays owned by a holder
     that stopped renewing (it renews every third of it). ``pool_size``: connections this
     process may use at once. ``connect_timeout``: seconds to wait for the server.
     """
+
+    _remote = True
 
     def __init__(
         self,
@@ -378,14 +356,6 @@ class PostgresStore:
         return self._schema
 
     @property
-    def signer(self) -> Signer:
-        return self._signer
-
-    @property
-    def remote(self) -> bool:
-        return True
-
-    @property
     def lease_seconds(self) -> float:
         return self._lease_seconds
 
@@ -414,13 +384,12 @@ class PostgresStore:
         return int(meta.get("schema_version", 0)), str(meta.get("written_by", "?")), tables
 
     def _check_version(self, current: int, written_by: str) -> None:
-        if current > SCHEMA_VERSION:
-            raise StoreVersionError(
-                f"the PostgreSQL store {self._url!r} (schema {self._schema!r}) has schema "
-                f"version {current}, written by durable_nb {written_by}; this durable_nb knows "
-                f"schema versions up to {SCHEMA_VERSION}; upgrade durable_nb "
-                "(pip install -U durable_nb) to use it"
-            )
+        _migrations.check_version(
+            current,
+            written_by,
+            SCHEMA_VERSION,
+            f"the PostgreSQL store {self._url!r} (schema {self._schema!r})",
+        )
 
     def _migrate(self, conn: _Conn) -> None:
         current, written_by, _ = self._read_version(conn)
@@ -445,37 +414,16 @@ class PostgresStore:
             if current == SCHEMA_VERSION:
                 return
             if current == 0 and tables:
-                raise StoreFormatError(
-                    f"the schema {self._schema!r} of {self._url!r} has tables {tables[:5]!r} "
-                    "but is not a durable_nb store (no dn_meta table); choose another schema "
-                    "with ?schema=NAME in the store URL"
+                raise _migrations.not_a_store(
+                    f"the schema {self._schema!r} of {self._url!r}",
+                    tables,
+                    "choose another schema with ?schema=NAME in the store URL",
                 )
-            conn.execute(
-                sql.SQL(
-                    "CREATE TABLE IF NOT EXISTS {}.dn_meta (key text PRIMARY KEY, value text)"
-                ).format(s)
-            )
-            conn.execute(
-                sql.SQL(
-                    "CREATE TABLE IF NOT EXISTS {}.dn_migrations (version integer PRIMARY KEY, "
-                    "name text NOT NULL, applied_at timestamptz NOT NULL, written_by text)"
-                ).format(s)
-            )
-            for version, name, statements in MIGRATIONS:
-                if version <= current:
-                    continue
-                for stmt in statements:
-                    conn.execute(sql.SQL(stmt).format(s=s))
-                conn.execute(
-                    sql.SQL("INSERT INTO {}.dn_migrations VALUES (%s, %s, now(), %s)").format(s),
-                    [version, name, __version__],
-                )
-            conn.execute(
-                sql.SQL(
-                    "INSERT INTO {}.dn_meta VALUES ('schema_version', %s), ('written_by', %s) "
-                    "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
-                ).format(s),
-                [str(SCHEMA_VERSION), __version__],
+            _migrations.migrate(
+                lambda q, params: conn.execute(sql.SQL(q).format(s=s), params),
+                MIGRATIONS,
+                current,
+                BOOKKEEPING,
             )
 
     # ------------------------------------------------------------------ connections
@@ -555,41 +503,7 @@ class PostgresStore:
                     f"fields cannot contain NUL (0x00) characters, and the effect's {name} "
                     f"{text!r} has one; remove it"
                 )
-        return (
-            rec.scope,
-            rec.identity,
-            rec.version,
-            rec.input_hash,
-            rec.occurrence,
-            p.codec,
-            p.data,
-            _ipc(p.table),
-            rec.is_error,
-            rec.kind,
-            rec.seq,
-            rec.started_at,
-            rec.duration,
-            rec.detail,
-        )
-
-    @staticmethod
-    def _effect_from_row(r: Sequence[Any]) -> EffectRecord:
-        payload = _payload(r[5], r[6], r[7])
-        assert payload is not None
-        return EffectRecord(
-            scope=r[0],
-            identity=r[1],
-            version=r[2],
-            input_hash=r[3],
-            occurrence=r[4],
-            payload=payload,
-            is_error=r[8],
-            kind=r[9],
-            seq=r[10],
-            started_at=r[11],
-            duration=r[12],
-            detail=r[13],
-        )
+        return _rows.effect_row(rec, _ipc(p))
 
     def put_effects(self, records: Sequence[EffectRecord]) -> None:
         self._check_open()
@@ -643,33 +557,36 @@ class PostgresStore:
     def get_effect(self, key: EffectKey) -> EffectRecord | None:
         q = self._q["get_effect"]
         row = self._call(lambda conn: conn.execute(q, key, binary=True).fetchone())
-        return self._effect_from_row(row) if row is not None else None
+        return _rows.effect_from_row(row, _payload) if row is not None else None
 
     def load_effects(self, scope: str) -> list[EffectRecord]:
         q = self._q["load_effects"]
         rows = self._call(lambda conn: conn.execute(q, [scope], binary=True).fetchall())
-        return [self._effect_from_row(r) for r in rows]
+        return [_rows.effect_from_row(r, _payload) for r in rows]
+
+    def _effect_scopes(self, prefix: str) -> list[str]:
+        q = self._q["effect_scopes"]
+        rows = self._call(lambda conn: conn.execute(q, [prefix]).fetchall())
+        return sorted(str(r[0]) for r in rows)
 
     def delete_effects(self, scope: str) -> int:
         q = self._q["delete_effects"]
         return self._call(lambda conn: conn.execute(q, [scope]).rowcount)
 
-    def prune_effects(self, scope_prefix: str, older_than: float) -> int:
-        if not isinstance(scope_prefix, str):
-            raise ArgumentTypeError(f"scope_prefix must be a str, got {scope_prefix!r}")
+    def _prune_effects(self, scope_prefix: str, older_than: float) -> int:
         q, qc = self._q["prune_effects"], self._q["prune_claims"]
 
         def prune(conn: _Conn) -> int:
-            n = conn.execute(q, [scope_prefix, float(older_than)]).rowcount
+            n = conn.execute(q, [scope_prefix, older_than]).rowcount
             conn.execute(qc)  # claims of holders that died
             return n
 
         return self._call(prune)
 
-    def claim_effect(self, key: EffectKey, owner: str, seconds: float) -> bool:
+    def _claim_effect(self, key: EffectKey, owner: str, seconds: float) -> bool:
         # the owner is stored after the session key, so a claimer that died is found gone
         q, qc = self._q["claim_effect"], self._q["condemn_claim"]
-        params = (*key, f"{self._session_key()}.{owner}", float(seconds))
+        params = (*key, f"{self._session_key()}.{owner}", seconds)
         condemn = {"grace": TAKEOVER_GRACE, **dict(zip(EFFECT_KEY_COLS, key, strict=True))}
 
         def claim(conn: _Conn) -> bool:
@@ -760,47 +677,7 @@ class PostgresStore:
     # ------------------------------------------------------------------ runs
     @staticmethod
     def _run_row(run: RunRecord) -> tuple[Any, ...]:
-        return (
-            run.run_id,
-            run.workflow,
-            run.status,
-            run.created_at,
-            run.updated_at,
-            *_payload_cols(run.args),
-            *_payload_cols(run.result),
-            *_payload_cols(run.error),
-            run.custom_status,
-            run.status_version,
-            run.parent_id,
-            run.executions,
-            run.detail,
-            run.input_hash,
-            run.code_version,
-            run.generation,
-            run.version,
-        )
-
-    @staticmethod
-    def _run_from_row(r: Sequence[Any]) -> RunRecord:
-        return RunRecord(
-            run_id=r[0],
-            workflow=r[1],
-            status=r[2],
-            created_at=r[3],
-            updated_at=r[4],
-            args=_payload(r[5], r[6], r[7]),
-            result=_payload(r[8], r[9], r[10]),
-            error=_payload(r[11], r[12], r[13]),
-            custom_status=r[14],
-            status_version=r[15],
-            parent_id=r[16],
-            executions=r[17],
-            detail=r[18],
-            input_hash=r[19],
-            code_version=r[20],
-            generation=r[21],
-            version=r[22],
-        )
+        return _rows.run_row(run, [_ipc(run.args), _ipc(run.result), _ipc(run.error)])
 
     def _run_statements(self, runs: Sequence[RunRecord]) -> list[Statement]:
         q = self._q["put_run"]
@@ -813,39 +690,13 @@ class PostgresStore:
     def get_run(self, run_id: str) -> RunRecord | None:
         q = self._q["get_run"]
         row = self._call(lambda conn: conn.execute(q, [run_id], binary=True).fetchone())
-        return self._run_from_row(row) if row is not None else None
+        return _rows.run_from_row(row, _payload) if row is not None else None
 
-    def list_runs(
-        self,
-        *,
-        status: str | None = None,
-        workflow: str | None = None,
-        parent_id: str | None = None,
-        updated_after: float | None = None,
-        updated_before: float | None = None,
-        limit: int = 1000,
-    ) -> list[RunRecord]:
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
-            raise ArgumentError(f"limit must be an int >= 0, got {limit!r}")
-        where: list[str] = []
-        params: list[Any] = []
-        for clause, value in (
-            ("status = %s", status),
-            ("workflow = %s", workflow),
-            ("parent_id = %s", parent_id),
-            ("updated_at >= %s", updated_after),
-            ("updated_at < %s", updated_before),
-        ):
-            if value is not None:
-                where.append(clause)
-                params.append(value)
-        q = self._q["list_runs"]
-        if where:
-            q += " WHERE " + " AND ".join(where)
-        q += " ORDER BY created_at DESC, run_id DESC LIMIT %s"
-        params.append(limit)
+    def _list_runs(self, query: RunQuery) -> list[RunRecord]:
+        clause, params = query.sql("%s")
+        q = self._q["list_runs"] + clause
         rows = self._call(lambda conn: conn.execute(q, params, binary=True).fetchall())
-        return [self._run_from_row(r) for r in rows]
+        return [_rows.run_from_row(r, _payload) for r in rows]
 
     def delete_run(self, run_id: str) -> bool:
         q = self._q
@@ -860,7 +711,7 @@ class PostgresStore:
 
         return self._call(delete)
 
-    def reset_run(self, run: RunRecord, consumed_signals: Sequence[str]) -> None:
+    def _reset_run(self, run: RunRecord, consumed_signals: tuple[str, ...]) -> None:
         q, params = self._q, (*self._run_row(run), self._channel)
         consumed = list(consumed_signals)
 
@@ -990,9 +841,8 @@ class PostgresStore:
             "that process ending (or when its lease expires, if its host died)"
         )
 
-    def claim_run(self, owner: str, workflows: Sequence[str]) -> tuple[RunRecord, RunLease] | None:
+    def _claim_run(self, owner: str, names: list[str]) -> tuple[RunRecord, RunLease] | None:
         self._work.mark()  # work arriving while we look must end the next wait_for_work
-        names = list(workflows)
         if not names:
             self._check_open()
             return None
@@ -1016,7 +866,7 @@ class PostgresStore:
                         if got is not None:
                             row = conn.execute(q["get_run"], [run_id], binary=True).fetchone()
                             assert row is not None  # locked by us: it cannot have gone
-                            return self._run_from_row(row)
+                            return _rows.run_from_row(row, _payload)
                 return None
 
             run = self._call(claim)
@@ -1131,20 +981,13 @@ class PostgresStore:
     # ------------------------------------------------------------------ signals, events
     def add_signal(self, signal: SignalRecord) -> None:
         q = self._q["add_signal"]
-        params = (
-            signal.run_id,
-            signal.signal_id,
-            signal.name,
-            signal.payload,
-            signal.sent_at,
-            self._channel,
-        )
+        params = (*_rows.signal_row(signal), self._channel)
         self._call(lambda conn: conn.execute(q, params))
 
     def list_signals(self, run_id: str) -> list[SignalRecord]:
         q = self._q["list_signals"]
         rows = self._call(lambda conn: conn.execute(q, [run_id], binary=True).fetchall())
-        return [SignalRecord(*r) for r in rows]
+        return [_rows.signal_from_row(r) for r in rows]
 
     def inbox_token(self, run_id: str) -> object:
         q = self._q["inbox_token"]
@@ -1153,7 +996,7 @@ class PostgresStore:
 
     def _event_statements(self, events: Sequence[EventRecord]) -> list[Statement]:
         q = self._q["put_event"]
-        return [(q, (e.run_id, e.event_id, e.ts, e.kind, e.data)) for e in events]
+        return [(q, _rows.event_row(e)) for e in events]
 
     def append_events(self, events: Sequence[EventRecord]) -> None:
         self._check_open()
@@ -1163,7 +1006,7 @@ class PostgresStore:
     def load_events(self, run_id: str) -> list[EventRecord]:
         q = self._q["load_events"]
         rows = self._call(lambda conn: conn.execute(q, [run_id], binary=True).fetchall())
-        return [EventRecord(*r) for r in rows]
+        return [_rows.event_from_row(r) for r in rows]
 
     # ------------------------------------------------------------------ lifecycle
     def flush(self) -> None:
