@@ -522,71 +522,81 @@ def load_part(runs: int, n: int) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- fuzz
 
 
-def fuzz_part(examples: int) -> list[dict[str, Any]]:
+#: the properties of tests/test_hostile.py, cheapest first
+FUZZ_TESTS = (
+    "test_effect_arguments_and_results_replay_exactly_or_are_refused",
+    "test_effect_results_replay_exactly_or_are_refused",
+    "test_magic_arguments_run_or_are_refused_with_a_usage_error",
+    "test_run_ids_kv_streams_queues_and_signals_replay_exactly_or_are_refused",
+    "test_import_of_damaged_or_forged_exports_is_all_or_nothing",
+    "test_cli_arguments_run_or_are_refused_without_a_traceback",
+)
+
+
+def fuzz_part(examples: int, budget: float) -> list[dict[str, Any]]:
     """The hostile-input properties of ``tests/test_hostile.py`` with ``examples`` examples
-    per entry point (Hypothesis profile ``hostile-fuzz`` at 10,000), in a fresh pytest
-    process. Effects and the CLI go through a DuckDB store; the properties that start a run
+    each (Hypothesis profile ``hostile-fuzz`` at 10,000), one fresh pytest process per
+    property, for at most ``budget`` seconds each (a property cut short is reported as
+    such). Effects and the CLI go through a DuckDB store; the property that starts a run
     per example, and the import, use the in-memory store here (a run on a DuckDB file pays
     a few journal merges, and 10,000 of them would take most of an hour); CI runs all of
     them on DuckDB with fewer examples."""
-    with _tempdir("fuzz") as tmp:
-        tally = tmp / "tally.json"
-        env = {
-            **os.environ,
-            "DURABLE_NB_HYPOTHESIS_PROFILE": "hostile-fuzz",
-            "DURABLE_NB_HOSTILE_STORE": "memory",
-            "DURABLE_NB_FUZZ_TALLY": str(tally),
-        }
-        if examples != 10_000:
-            env["DURABLE_NB_HYPOTHESIS_PROFILE"] = "hostile-ci"
-            env["DURABLE_NB_HOSTILE_EXAMPLES"] = str(examples)
-        t0 = time.perf_counter()
-        out = subprocess.run(
-            [
-                *(
-                    sys.executable,
-                    "-m",
-                    "pytest",
-                    "-q",
-                    "-p",
-                    "no:cacheprovider",
-                    "-o",
-                    "timeout=0",
-                ),
-                *("--basetemp", str(tmp / "pytest"), str(REPO / "tests" / "test_hostile.py")),
-            ],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=str(REPO),
-            timeout=4 * 3600,
-        )
-        wall = time.perf_counter() - t0
-        counts = json.loads(tally.read_text()) if tally.exists() else {}
     rows: list[dict[str, Any]] = []
-    for entry, c in counts.items():
-        rows.append(
-            {
-                "part": "fuzz",
-                "name": f"{entry}: tried / refused with a durable_nb error (rest replayed exactly)",
-                "small": f"{c.get('tried', 0):,}",
-                "big": f"{c.get('refused', 0):,} refused",
-                "ratio": f"{c['seconds']} s" if "seconds" in c else "(same runs)",
+    with _tempdir("fuzz") as tmp:
+        for test in FUZZ_TESTS:
+            tally = tmp / f"{test}.json"
+            env = {
+                **os.environ,
+                "DURABLE_NB_HYPOTHESIS_PROFILE": "hostile-fuzz",
+                "DURABLE_NB_HOSTILE_STORE": "memory",
+                "DURABLE_NB_FUZZ_TALLY": str(tally),
             }
-        )
-    last = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else out.stderr[-300:]
-    rows.append(
-        {
-            "part": "fuzz",
-            "name": f"pytest tests/test_hostile.py, {examples:,} examples per property: {last}",
-            "small": "",
-            "big": "passed" if out.returncode == 0 else "FAILED",
-            "ratio": f"{wall:.0f} s wall",
-            "lost": 0 if out.returncode == 0 else 1,
-        }
-    )
-    if out.returncode != 0:
-        print(out.stdout[-5000:], file=sys.stderr)
+            if examples != 10_000:
+                env["DURABLE_NB_HYPOTHESIS_PROFILE"] = "hostile-ci"
+                env["DURABLE_NB_HOSTILE_EXAMPLES"] = str(examples)
+            t0 = time.perf_counter()
+            target = f"{REPO / 'tests' / 'test_hostile.py'}::{test}"
+            try:
+                out = subprocess.run(
+                    [
+                        *(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"),
+                        *("-o", "timeout=0", "--basetemp", str(tmp / "pytest"), target),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                    cwd=str(REPO),
+                    timeout=budget,
+                )
+                status = "passed" if out.returncode == 0 else "FAILED"
+                if out.returncode != 0:
+                    print(out.stdout[-5000:], file=sys.stderr)
+            except subprocess.TimeoutExpired:
+                status = f"cut short at {budget:.0f} s"
+            wall = time.perf_counter() - t0
+            counts = json.loads(tally.read_text()) if tally.exists() else {}
+            if not counts:
+                rows.append(
+                    {
+                        "part": "fuzz",
+                        "name": f"{test}: no tally",
+                        "big": status,
+                        "ratio": f"{wall:.0f} s",
+                        "lost": int(status == "FAILED"),
+                    }
+                )
+            for i, (entry, c) in enumerate(counts.items()):
+                rows.append(
+                    {
+                        "part": "fuzz",
+                        "name": f"{entry}: tried, refused with a durable_nb error "
+                        "(the rest stored and replayed exactly)",
+                        "small": f"{c.get('tried', 0):,} tried",
+                        "big": f"{c.get('refused', 0):,} refused",
+                        "ratio": f"{status}, {wall:.0f} s" if i == 0 else "(same runs)",
+                        "lost": int(status == "FAILED" and i == 0),
+                    }
+                )
     return rows
 
 
@@ -631,6 +641,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, help="concurrent runs of the load part (1,000)")
     parser.add_argument("--steps", type=int, help="effects per run of the load part (100)")
     parser.add_argument("--examples", type=int, help="examples per property (10,000)")
+    parser.add_argument(
+        "--budget", type=float, default=3600, help="seconds per fuzzed property (3600)"
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
     parts = args.only or ["scale", "load", "fuzz"]
@@ -642,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
     if "load" in parts:
         rows += load_part(args.runs or (100 if args.quick else 1000), args.steps or 100)
     if "fuzz" in parts:
-        rows += fuzz_part(args.examples or (100 if args.quick else 10_000))
+        rows += fuzz_part(args.examples or (100 if args.quick else 10_000), args.budget)
     _print_table(rows)
     lost = sum(int(r.get("lost", 0)) for r in rows)
     print(f"\neffects lost: {lost} (must be 0); took {time.perf_counter() - started:.0f} s")

@@ -66,18 +66,24 @@ PROFILE = settings.get_profile(os.environ.get("DURABLE_NB_HYPOTHESIS_PROFILE", "
 TALLY: dict[str, Counter[str]] = {}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _write_tally() -> Iterator[None]:
-    yield
+def _save_tally() -> None:
     path = os.environ.get("DURABLE_NB_FUZZ_TALLY")
     if path:
         Path(path).write_text(json.dumps({k: dict(v) for k, v in TALLY.items()}, indent=1))
+
+
+@pytest.fixture(autouse=True)
+def _write_tally() -> Iterator[None]:
+    yield
+    _save_tally()
 
 
 def _count(entry: str, outcome: str) -> None:
     c = TALLY.setdefault(entry, Counter())
     c["tried"] += 1
     c[outcome] += 1
+    if c["tried"] % 100 == 0:
+        _save_tally()  # a run cut short keeps what it counted
 
 
 def _own_error(e: BaseException) -> bool:
@@ -215,7 +221,7 @@ def _engine_on(store: Store) -> Callable[[], None]:
 def _journal_bytes(store: Store) -> int:
     """How much the store has written to its journal: a refused input must not add to it."""
     assert isinstance(store, DuckDBStore)
-    return store._wal_size
+    return store._journal.size + len(store._pending)
 
 
 class ReplayLater:
