@@ -53,6 +53,7 @@ __all__ = [
     "KvSetDetail",
     "LiveKind",
     "LogDetail",
+    "MapDetail",
     "ProgressDetail",
     "RaceDetail",
     "RecordKind",
@@ -103,7 +104,11 @@ __all__ = [
 #: ``cancel_cleared`` (a resume of a cancelled run consumed its cancel signal) are
 #: bookkeeping kept in the journal (see :data:`AUX_KINDS`), as are ``usage`` (the tokens an
 #: effect's result reported) and ``progress`` (how far its progress bar got: its final
-#: ``dn.progress`` or tqdm count), both written in the same write as the result.
+#: ``dn.progress`` or tqdm count), both written in the same write as the result. ``map`` is
+#: a ``ctx.map``/``dn.map`` fan-out, one step however many items (its detail a
+#: :class:`MapDetail`, written when it starts and again when it ends); each item's result is
+#: a ``map_item`` record of the same ``seq``, keyed like a call of the mapped effect, written
+#: as it completes (bookkeeping: the map step shows them).
 StepKind = Literal[
     "effect",
     "stream",
@@ -131,6 +136,8 @@ StepKind = Literal[
     "cancel_cleared",
     "usage",
     "progress",
+    "map",
+    "map_item",
 ]
 #: Records of a run's other scopes: a stream's chunk and end marker (``stream/<run>``), a
 #: key's current value (``kv/<run>``; a deleted key leaves a ``kv_delete`` tombstone); and of
@@ -147,6 +154,7 @@ AUX_KINDS: Final[tuple[str, ...]] = (
     "cancel_cleared",
     "usage",
     "progress",
+    "map_item",
     "chunk",
     "stream_end",
     "kv",
@@ -276,7 +284,20 @@ class ProgressDetail(TypedDict):
     desc: str  # its label, "" when none
 
 
+class MapDetail(TypedDict, total=False):
+    """A ``map`` step: the mapped function and how its items stood when it was written."""
+
+    fn: str  # the mapped effect's identity
+    items: int  # how many items the map has
+    complete: bool  # False while it runs (written at its start), True once every item ended
+    executed: int  # items this execution computed
+    replayed: int  # items found recorded
+    failed: int  # items that failed for good
+    executor: str  # the executor's type, as a person reads it ("distributed.Client")
+
+
 StepDetail = Union[
+    MapDetail,
     SleepDetail,
     DeadlineDetail,
     SignalDetail,

@@ -51,6 +51,7 @@ from ..errors import (
     StoreFormatError,
     StoreLockedError,
     StoreUnavailableError,
+    StoreVersionError,
 )
 from . import _migrations, _rows
 from ._base import RunQuery, StoreBase
@@ -263,6 +264,12 @@ class DuckDBStore(StoreBase):
                 msg = str(e)
                 m = _LOCK_RE.search(msg)
                 if m is None:
+                    if "Trying to read a database file with version number" in msg:
+                        raise StoreVersionError(
+                            f"the store {str(self._path)!r} was written by a newer DuckDB than "
+                            f"the duckdb {duckdb.__version__} installed here, which cannot read "
+                            "its file format; upgrade duckdb (pip install -U duckdb) to use it"
+                        ) from e
                     if "not a valid DuckDB database file" in msg:
                         raise StoreFormatError(
                             f"{str(self._path)!r} is not a DuckDB database (it may be damaged "
@@ -286,7 +293,10 @@ class DuckDBStore(StoreBase):
                     "move it away or choose another store path"
                 ) from e
         try:
-            con.execute("SET wal_autocheckpoint_entries=1000")
+            try:
+                con.execute("SET wal_autocheckpoint_entries=1000")
+            except duckdb.CatalogException:
+                pass  # older DuckDB (1.1 has not this setting) checkpoints by WAL size only
             self._migrate(con)
         except BaseException:
             con.close()
@@ -745,6 +755,39 @@ class DuckDBStore(StoreBase):
             if epoch == self._cache_epoch and key not in self._recent and key not in self._unmerged:
                 self._remember(rec)
         return rec
+
+    def get_effects(self, keys: Sequence[EffectKey]) -> list[EffectRecord | None]:
+        """The records of many keys (a map's items): one query for the keys the read cache
+        leaves open, not one each (nor a key filter look-up each: the query answers a miss
+        as fast)."""
+        out: list[EffectRecord | None] = [None] * len(keys)
+        open_: dict[EffectKey, int] = {}
+        with self._wlock:
+            if self._con is None:
+                self._validate_cache()
+            for n, key in enumerate(keys):
+                rec = self._recent.get(key)
+                if rec is None and (entry := self._unmerged.get(key)) is not None:
+                    rec = entry[0]
+                if rec is not None:
+                    out[n] = rec
+                elif key[0] not in self._dropped:
+                    open_[key] = n
+        groups: dict[tuple[str, str, str], list[str]] = {}
+        for k in open_:  # a map's keys share scope, identity and version
+            groups.setdefault(k[:3], []).append(k[3])
+        for head, hashes in groups.items():
+            with self._db() as con:  # one semi-join per group, the hashes as one list
+                rows = con.execute(
+                    "SELECT * FROM dn_effects WHERE scope = ? AND identity = ? AND version = ? "
+                    "AND input_hash IN (SELECT unnest(?::VARCHAR[]))",
+                    [*head, sorted(set(hashes))],
+                ).fetchall()
+            for row in rows:
+                rec = _rows.effect_from_row(row, self._read_payload)
+                if rec.key in open_:
+                    out[open_[rec.key]] = rec
+        return out
 
     def load_effects(self, scope: str) -> list[EffectRecord]:
         self.flush()
