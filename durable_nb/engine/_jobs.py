@@ -30,6 +30,7 @@ from .._journal import (
     check_name,
     check_queue,
     check_run_id,
+    check_user_signal,
     json_text,
     queue_signal,
 )
@@ -513,7 +514,15 @@ def send_time() -> float:
 def signal(run_id: str, name: str, payload: Any = None, *, missing_ok: bool = False) -> None:
     """Send a signal to a run (see :meth:`Job.signal`). A run id that names no run raises
     :class:`~durable_nb.errors.RunNotFoundError` (a typo would otherwise wait forever);
-    ``missing_ok=True`` stores the signal for a run that will start later with that id."""
+    ``missing_ok=True`` stores the signal for a run that will start later with that id.
+    The reserved names (cancellation, queues) are refused: use :func:`cancel` and
+    :func:`enqueue`."""
+    check_name(name)
+    check_user_signal(name)
+    _send(run_id, name, payload, missing_ok=missing_ok)
+
+
+def _send(run_id: str, name: str, payload: Any, *, missing_ok: bool) -> None:
     check_run_id(run_id)
     check_name(name)
     text = json_text(payload, "payload")
@@ -535,7 +544,7 @@ def enqueue(run_id: str, queue: str, message: Any = None, *, missing_ok: bool = 
     :meth:`Context.dequeue`); the run need not be executing, but must exist unless
     ``missing_ok=True`` (as for :func:`signal`)."""
     check_queue(queue)
-    signal(run_id, queue_signal(queue), message, missing_ok=missing_ok)
+    _send(run_id, queue_signal(queue), message, missing_ok=missing_ok)
 
 
 def _no_run_to_signal(run_id: str) -> RunNotFoundError:
@@ -565,7 +574,7 @@ def cancel(run_id: str, reason: str = "cancelled") -> None:
             raise RunNotFoundError(f"no run {run_id!r} in the store {runtime.store.url!r}")
         if rec.status in FINAL_STATUSES:
             return
-    signal(run_id, CANCEL_SIGNAL, reason)
+    _send(run_id, CANCEL_SIGNAL, reason, missing_ok=False)
     if live is None:
         try:
             lease = runtime.store.acquire_run(run_id, runtime.owner)

@@ -110,6 +110,20 @@ _TABLES = {
     "V": ("dn_events", tuple(zip(_rows.EVENT_COLUMNS, EVENT_TYPES, strict=True))),
 }
 
+# DuckDB scans an index only for a query whose one filter is on the indexed column (a filter
+# on all five key columns scans the table: 7 ms at 1M effects, ~70 ms at 10M). A point
+# lookup therefore selects by one indexed column in a materialized CTE and checks the rest
+# of the key on the few rows it found: by input hash, or by scope for the records of a
+# run's kv and stream scopes, whose input hash is empty.
+_GET_BY_INPUT = (
+    "WITH c AS MATERIALIZED (SELECT * FROM dn_effects WHERE input_hash = $4) "
+    "SELECT * FROM c WHERE scope = $1 AND identity = $2 AND version = $3 AND occurrence = $5"
+)
+_GET_BY_SCOPE = (
+    "WITH c AS MATERIALIZED (SELECT * FROM dn_effects WHERE scope = $1) SELECT * FROM c "
+    "WHERE identity = $2 AND version = $3 AND input_hash = $4 AND occurrence = $5"
+)
+
 
 def _table_name(prefix: str, parts: tuple[object, ...]) -> str:
     import xxhash
@@ -724,6 +738,12 @@ class DuckDBStore(StoreBase):
     ) -> int:
         with self._db() as con:  # holding the connection, no merge can slip in between
             self.flush()
+            # nothing to delete (a gc that prunes nothing): no write transaction, and other
+            # processes keep their read caches
+            if not con.execute(
+                f"SELECT 1 FROM dn_effects WHERE {where} LIMIT 1", params
+            ).fetchall():
+                return 0
             names = [
                 r[0]
                 for r in con.execute(
@@ -826,11 +846,7 @@ class DuckDBStore(StoreBase):
         except StoreUnavailableError:
             pass  # no filter: the query answers
         with self._db() as con:
-            row = con.execute(
-                "SELECT * FROM dn_effects WHERE scope = ? AND identity = ? AND version = ? "
-                "AND input_hash = ? AND occurrence = ?",
-                list(key),
-            ).fetchall()
+            row = con.execute(_GET_BY_INPUT if key[3] else _GET_BY_SCOPE, list(key)).fetchall()
         if not row:
             return None
         rec = _rows.effect_from_row(row[0], self._read_payload)
