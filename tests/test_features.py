@@ -1109,9 +1109,20 @@ async def status(ctx):
     return dict(ctx.kv)
 
 
+@dn.effect
+def gated_work(tag):
+    # waits for the test's go-ahead file (GATE), so a kill that comes first finds it not yet
+    # begun: an effect killed mid-flight, before its record, would rightly run again
+    gate = os.environ.get("GATE")
+    while gate and not os.path.exists(gate):
+        time.sleep(0.01)
+    note("exec " + tag)
+    return tag.upper()
+
+
 @dn.durable
 async def kid(ctx, n):
-    return await ctx.run(work, f"kid{n}")
+    return await ctx.run(gated_work, f"kid{n}")
 
 
 @dn.durable
@@ -1398,8 +1409,13 @@ def test_status_and_kv_are_read_from_another_process_and_survive_a_kill(
 def test_start_child_survives_a_kill_and_the_child_is_not_started_twice(
     tmp_path: Path,
 ) -> None:
-    _killed_at(tmp_path, "parent", "started")
-    result, _ = _finish(tmp_path, "parent")
+    # the child starts in the parent's process; its effect waits for the go-ahead, which
+    # comes only after the kill, so the resumed process is the one that executes it
+    gate = tmp_path / "go"
+    _killed_at(tmp_path, "parent", "started", GATE=str(gate))
+    assert _log(tmp_path) == []
+    gate.touch()
+    result, _ = _finish(tmp_path, "parent", GATE=str(gate))
     assert result == "KID1"
     assert _log(tmp_path) == ["exec kid1"]
     with _here(tmp_path) as store:
