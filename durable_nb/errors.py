@@ -12,6 +12,7 @@ __all__ = [
     "ArgumentTypeError",
     "BlockingCallError",
     "DurableError",
+    "DuplicateRunError",
     "DurableWarning",
     "EffectTimeoutError",
     "EngineError",
@@ -29,6 +30,7 @@ __all__ = [
     "SignalTimeoutError",
     "StepTimeoutError",
     "StoreError",
+    "StoreFeatureError",
     "StoreFormatError",
     "StoreLockedError",
     "StoreUnavailableError",
@@ -122,6 +124,11 @@ class RunConflictError(DurableError):
     """A run id names a run of another workflow: a run id belongs to one workflow."""
 
 
+class DuplicateRunError(DurableError):
+    """A run was started with a dedup id that a live run (queued or executing) of the same
+    queue holds; the message names that run."""
+
+
 class RunEndedError(DurableError):
     """The run ended before what was being waited for happened."""
 
@@ -136,6 +143,11 @@ class RunLockedError(DurableError):
 
 class StoreError(DurableError):
     """The store cannot be opened, read or written."""
+
+
+class StoreFeatureError(StoreError, ArgumentError):
+    """The store in use cannot do what was asked (queues with limits, priorities, dedup ids
+    and sessions need a store that coordinates workers: PostgreSQL)."""
 
 
 class StoreUnavailableError(StoreError):

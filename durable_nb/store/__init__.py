@@ -26,12 +26,14 @@ from ._protocol import (
     Store,
     run_scopes,
 )
+from ._queues import DEFAULT_QUEUE, Node, QueueSpec, Route, WorkQueues
 
 if TYPE_CHECKING:
     from ._duckdb import DuckDBStore
     from ._postgres import PostgresStore
 
 __all__ = [
+    "DEFAULT_QUEUE",
     "DEFAULT_STORE_PATH",
     "FINAL_STATUSES",
     "RUN_STATUSES",
@@ -39,12 +41,16 @@ __all__ = [
     "EffectRecord",
     "EventRecord",
     "MemoryStore",
+    "Node",
+    "QueueSpec",
+    "Route",
     "RunLease",
     "RunRecord",
     "RunStatus",
     "SharedLimits",
     "SignalRecord",
     "Store",
+    "WorkQueues",
     "default_store_url",
     "open_store",
     "run_scopes",

@@ -104,6 +104,34 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             "CREATE INDEX dn_limit_starts_name_at ON {s}.dn_limit_starts (name, at)",
         ),
     ),
+    (
+        3,
+        "queues: queue limits, run routes (queue, priority, dedup id, session), workers, "
+        "sessions",
+        (
+            'CREATE TABLE {s}.dn_queues (name text COLLATE "C" PRIMARY KEY, '
+            "concurrency integer, worker_concurrency integer, calls integer, "
+            "window_s double precision, priority boolean NOT NULL)",
+            'CREATE TABLE {s}.dn_routes (run_id text COLLATE "C" PRIMARY KEY '
+            "REFERENCES {s}.dn_runs (run_id) ON DELETE CASCADE, "
+            'queue text COLLATE "C" NOT NULL, priority integer NOT NULL, '
+            'dedup_id text COLLATE "C", session text COLLATE "C", '
+            "enqueued_at double precision NOT NULL, claimed_at double precision)",
+            "CREATE INDEX dn_routes_queue ON {s}.dn_routes (queue)",
+            "CREATE INDEX dn_routes_dedup ON {s}.dn_routes (queue, dedup_id) "
+            "WHERE dedup_id IS NOT NULL",
+            "CREATE INDEX dn_routes_session ON {s}.dn_routes (session) "
+            "WHERE session IS NOT NULL",
+            'CREATE TABLE {s}.dn_workers (node_id text COLLATE "C" PRIMARY KEY, '
+            "owner text NOT NULL, token text NOT NULL, holder text NOT NULL, "
+            "workflows text NOT NULL, max_sessions integer, idle_s double precision NOT NULL, "
+            "started_at timestamptz NOT NULL, seen_at timestamptz NOT NULL, "
+            "stopped_at timestamptz)",
+            'CREATE TABLE {s}.dn_sessions (session text COLLATE "C" PRIMARY KEY, '
+            'node_id text COLLATE "C" NOT NULL, taken_at timestamptz NOT NULL, '
+            "used_at timestamptz NOT NULL, moves integer NOT NULL)",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -174,11 +202,6 @@ def statements(schema: str) -> dict[str, str]:
         "RETURNING run_id) SELECT pg_notify(%s, 'released') FROM d",
         "release_all": f"DELETE FROM {s}.dn_leases WHERE token = ANY(%s) RETURNING run_id",
         "notify": "SELECT pg_notify(%s, %s)",
-        "candidates": f"SELECT r.run_id FROM {s}.dn_runs r "
-        f"WHERE r.status IN {CLAIMABLE} AND r.workflow = ANY(%s) "
-        f"AND NOT EXISTS (SELECT 1 FROM {s}.dn_leases l "
-        "WHERE l.run_id = r.run_id AND l.expires_at > now()) "
-        "ORDER BY r.created_at, r.run_id LIMIT %s FOR UPDATE OF r SKIP LOCKED",
         "claim_effect": f"INSERT INTO {s}.dn_effect_claims AS c "
         f"({', '.join(EFFECT_KEY_COLS)}, owner, expires_at) "
         "VALUES (%s, %s, %s, %s, %s, %s, now() + make_interval(secs => %s)) "

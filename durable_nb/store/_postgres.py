@@ -26,7 +26,8 @@ What the Store protocol asks, and how this store keeps it:
   (about 2 minutes) or its lease expires, whichever is first. A holder whose session ends
   gives up its leases at once (fencing: the runs stop). Releasing deletes the row and
   notifies workers. Shared-effect claims carry the session key the same way.
-* **Workers.** ``claim_run`` picks the oldest run that needs an executor with
+* **Workers.** ``claim_run`` (``_pg_queues``: queue limits, priorities and sessions hold
+  there) picks the oldest run that needs an executor with
   ``SELECT ... FOR UPDATE SKIP LOCKED`` (competing workers skip each other's candidates
   instead of queueing) and takes its lease in the same transaction. ``wait_for_work``
   sleeps on a dedicated ``LISTEN`` connection; queuing a run, sending a signal and
@@ -81,6 +82,7 @@ from ..errors import (
     StoreVersionError,
 )
 from ._pg_commit import Done, GroupCommit, LoopCommit, Statement
+from ._pg_queues import PgQueues, queue_statements
 from ._pg_schema import EFFECT_KEY_COLS, MIGRATIONS, SCHEMA_VERSION, statements
 from ._pg_session import TAKEOVER_GRACE, Session, session_key_of
 from ._protocol import (
@@ -92,6 +94,7 @@ from ._protocol import (
     SignalRecord,
     run_scopes,
 )
+from ._queues import Node, Route
 
 if TYPE_CHECKING:
     from .._codecs import Payload, Signer
@@ -105,7 +108,6 @@ _Conn = psycopg.Connection[tuple[Any, ...]]
 DEFAULT_SCHEMA = "durable_nb"
 _SCHEMA_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _MIN_KEY = 16
-_CLAIM_BATCH = 8  # candidates locked per claim_run attempt
 
 
 def _check_schema(schema: object) -> str:
@@ -272,7 +274,7 @@ class _WorkSignal:
             self._seen.seq = self._seq
 
 
-class PostgresStore:
+class PostgresStore(PgQueues):
     """Runs and effects in a PostgreSQL schema, shared by processes and machines.
 
     See the module docstring. ``lease_seconds``: how long a run stays owned by a holder
@@ -326,6 +328,7 @@ class PostgresStore:
             "dn_work_" + hashlib.blake2b(self._schema.encode(), digest_size=8).hexdigest()
         )
         self._q = self._statements()
+        self._qq = queue_statements(self._schema)
 
         self._closed = False
         self._lock = threading.Lock()
@@ -992,48 +995,23 @@ class PostgresStore:
 
     def claim_run(self, owner: str, workflows: Sequence[str]) -> tuple[RunRecord, RunLease] | None:
         self._work.mark()  # work arriving while we look must end the next wait_for_work
-        names = list(workflows)
-        if not names:
-            self._check_open()
-            return None
-        holder = self._holder_info()
-        q = self._q
-        for attempt in range(2):
-            token = self._token()
+        self._check_open()
+        got = self._claim(owner, workflows, None)  # _pg_queues: limits hold, no sessions
+        return None if got is None else (got[0], got[1])
 
-            def claim(conn: _Conn, token: str = token) -> RunRecord | None:
-                with conn.transaction():
-                    ids = [
-                        r[0]
-                        for r in conn.execute(q["candidates"], [names, _CLAIM_BATCH]).fetchall()
-                    ]
-                    for run_id in ids:
-                        # the row lock keeps other claimers off this run; the lease upsert
-                        # also refuses a lease taken by acquire_run since this snapshot
-                        got = conn.execute(
-                            q["acquire"], [run_id, token, owner, holder, self._lease_seconds]
-                        ).fetchone()
-                        if got is not None:
-                            row = conn.execute(q["get_run"], [run_id], binary=True).fetchone()
-                            assert row is not None  # locked by us: it cannot have gone
-                            return self._run_from_row(row)
-                return None
+    def claim_routed(self, node: Node) -> tuple[RunRecord, RunLease, Route | None] | None:
+        self._work.mark()
+        self._check_open()
+        return self._claim(node.owner, node.workflows, node)
 
-            run = self._call(claim)
-            if run is not None:
-                lease = self._lease(run.run_id, owner, token)
-                return None if lease is None else (run, lease)
-            if attempt:
-                return None
-            # nothing to claim: are runs held by processes that died? Their leases end after
-            # the grace; wait for it once and look again
-            condemned = self._call(
-                lambda conn: conn.execute(q["condemn_all"], {"grace": TAKEOVER_GRACE}).fetchall()
-            )
-            if not condemned:
-                return None
-            time.sleep(TAKEOVER_GRACE + 0.01)
-        return None
+    def _condemn_dead(self) -> bool:
+        # nothing to claim: are runs held by processes that died? Their leases end after the
+        # grace; the caller looks once more after it
+        q = self._q["condemn_all"]
+        if not self._call(lambda conn: conn.execute(q, {"grace": TAKEOVER_GRACE}).fetchall()):
+            return False
+        time.sleep(TAKEOVER_GRACE + 0.01)
+        return True
 
     def _renew(self, tokens: list[str]) -> set[str]:
         """Renew the leases of ``tokens``; returns the ones still ours."""
