@@ -50,9 +50,7 @@ def queue_statements(schema: str) -> dict[str, str]:
         "WHERE b.session = x.session AND bl.expires_at > now())"
     )
     # session x is held by its node: the node's worker lives and the session is not idle
-    held = (
-        f"{live_worker} AND (x.used_at > now() - make_interval(secs => w.idle_s) OR {busy})"
-    )
+    held = f"{live_worker} AND (x.used_at > now() - make_interval(secs => w.idle_s) OR {busy})"
     final = "(" + ", ".join(f"'{f}'" for f in FINAL_STATUSES) + ")"
     return {
         "put_queue": f"INSERT INTO {s}.dn_queues AS q VALUES (%s, %s, %s, %s, %s, %s) "
@@ -112,8 +110,7 @@ def queue_statements(schema: str) -> dict[str, str]:
         "session_used": f"UPDATE {s}.dn_sessions SET used_at = now() "
         "WHERE session = %s AND node_id = %s",
         "claimed": f"UPDATE {s}.dn_routes SET claimed_at = %s WHERE run_id = %s",
-        "worker": f"SELECT owner, holder, {live_worker} FROM {s}.dn_workers w "
-        "WHERE node_id = %s",
+        "worker": f"SELECT owner, holder, {live_worker} FROM {s}.dn_workers w WHERE node_id = %s",
         "put_worker": f"INSERT INTO {s}.dn_workers VALUES (%s, %s, %s, %s, %s, %s, %s, now(), "
         "now(), NULL) ON CONFLICT (node_id) DO UPDATE SET owner = EXCLUDED.owner, "
         "token = EXCLUDED.token, holder = EXCLUDED.holder, workflows = EXCLUDED.workflows, "
@@ -200,16 +197,16 @@ class PgQueues:
         def write(conn: Any) -> None:
             with conn.transaction():
                 if route.dedup_id is not None:
-                    conn.execute(qq["lock"], [f"durable_nb dedup {route.queue}\0{route.dedup_id}"])
+                    conn.execute(qq["lock"], ["durable_nb dedup " + json.dumps([route.queue, route.dedup_id])])
                     row = conn.execute(
                         qq["dedup_holder"], [route.queue, route.dedup_id, run.run_id]
                     ).fetchone()
                     if row is not None:
                         raise DuplicateRunError(
                             f"dedup_id {route.dedup_id!r} is held by run {row[0]!r} "
-                            f"({row[1]}) in queue {route.queue!r}; wait for that run (its Job: "
-                            f"dn.Job({row[0]!r}, workflow)) or start again once it ended, or "
-                            "give another dedup_id"
+                            f"({row[1]}) in queue {route.queue!r}; wait for that run to end "
+                            f"(`durable-nb show {row[0]}`), cancel it, or give another "
+                            "dedup_id"
                         )
                 conn.execute(put_run, run_params)
                 conn.execute(

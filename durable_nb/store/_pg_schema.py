@@ -106,8 +106,7 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     ),
     (
         3,
-        "queues: queue limits, run routes (queue, priority, dedup id, session), workers, "
-        "sessions",
+        "queues: queue limits, run routes (queue, priority, dedup id, session), workers, sessions",
         (
             'CREATE TABLE {s}.dn_queues (name text COLLATE "C" PRIMARY KEY, '
             "concurrency integer, worker_concurrency integer, calls integer, "
@@ -120,8 +119,7 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             "CREATE INDEX dn_routes_queue ON {s}.dn_routes (queue)",
             "CREATE INDEX dn_routes_dedup ON {s}.dn_routes (queue, dedup_id) "
             "WHERE dedup_id IS NOT NULL",
-            "CREATE INDEX dn_routes_session ON {s}.dn_routes (session) "
-            "WHERE session IS NOT NULL",
+            "CREATE INDEX dn_routes_session ON {s}.dn_routes (session) WHERE session IS NOT NULL",
             'CREATE TABLE {s}.dn_workers (node_id text COLLATE "C" PRIMARY KEY, '
             "owner text NOT NULL, token text NOT NULL, holder text NOT NULL, "
             "workflows text NOT NULL, max_sessions integer, idle_s double precision NOT NULL, "
