@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from ..errors import ArgumentError, ArgumentTypeError
 from ._memory import MemoryStore
 from ._protocol import (
+    CLAIMABLE_STATUSES,
     FINAL_STATUSES,
     RUN_STATUSES,
     EffectKey,
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from ._postgres import PostgresStore
 
 __all__ = [
+    "CLAIMABLE_STATUSES",
     "DEFAULT_QUEUE",
     "DEFAULT_STORE_PATH",
     "FINAL_STATUSES",

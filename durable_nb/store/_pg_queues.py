@@ -197,7 +197,10 @@ class PgQueues:
         def write(conn: Any) -> None:
             with conn.transaction():
                 if route.dedup_id is not None:
-                    conn.execute(qq["lock"], ["durable_nb dedup " + json.dumps([route.queue, route.dedup_id])])
+                    conn.execute(
+                        qq["lock"],
+                        ["durable_nb dedup " + json.dumps([route.queue, route.dedup_id])],
+                    )
                     row = conn.execute(
                         qq["dedup_holder"], [route.queue, route.dedup_id, run.run_id]
                     ).fetchone()
