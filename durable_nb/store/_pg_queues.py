@@ -61,6 +61,11 @@ def queue_statements(schema: str) -> dict[str, str]:
         f"FROM {s}.dn_queues WHERE name = %s",
         "queues": f"SELECT name, concurrency, worker_concurrency, calls, window_s, priority "
         f"FROM {s}.dn_queues ORDER BY name",
+        # the database's clock and the queues with limits, in one round trip
+        "limited": "SELECT extract(epoch FROM clock_timestamp()), q.name, q.concurrency, "
+        "q.worker_concurrency, q.calls, q.window_s, q.priority FROM (SELECT 1) AS one "
+        f"LEFT JOIN {s}.dn_queues q ON q.concurrency IS NOT NULL "
+        "OR q.worker_concurrency IS NOT NULL OR q.calls IS NOT NULL ORDER BY q.name",
         "lock": "SELECT pg_advisory_xact_lock(hashtextextended(%s, 2))",
         "dedup_holder": f"SELECT t.run_id, r.status FROM {s}.dn_routes t "
         f"JOIN {s}.dn_runs r ON r.run_id = t.run_id WHERE t.queue = %s AND t.dedup_id = %s "
@@ -71,7 +76,6 @@ def queue_statements(schema: str) -> dict[str, str]:
         "session = EXCLUDED.session, enqueued_at = EXCLUDED.enqueued_at, claimed_at = NULL",
         "get_route": f"SELECT queue, priority, dedup_id, session FROM {s}.dn_routes "
         "WHERE run_id = %s",
-        "now": "SELECT extract(epoch FROM clock_timestamp())",
         # runs of the limited queues that hold a live lease: all, and this worker's
         "running": f"SELECT t.queue, count(*), count(*) FILTER (WHERE l.owner = %s) "
         f"FROM {s}.dn_routes t JOIN {s}.dn_leases l ON l.run_id = t.run_id "
@@ -81,11 +85,12 @@ def queue_statements(schema: str) -> dict[str, str]:
         "start": f"INSERT INTO {s}.dn_limit_starts VALUES (%s, %s)",
         "worker_seen": f"UPDATE {s}.dn_workers SET token = %s, seen_at = now(), "
         "stopped_at = NULL WHERE node_id = %s",
-        # this node's sessions that went idle: no run of theirs executes, none for a while
-        "drop_idle": f"DELETE FROM {s}.dn_sessions x WHERE x.node_id = %(node)s AND "
-        f"x.used_at <= now() - make_interval(secs => %(idle)s) AND NOT {busy} "
-        "RETURNING x.session",
-        "my_sessions": f"SELECT session FROM {s}.dn_sessions WHERE node_id = %s ORDER BY session",
+        # this node's sessions that went idle (no run of theirs executes, none for a while)
+        # end; how many it holds then
+        "drop_idle": f"WITH d AS (DELETE FROM {s}.dn_sessions x WHERE x.node_id = %(node)s "
+        f"AND x.used_at <= now() - make_interval(secs => %(idle)s) AND NOT {busy} "
+        f"RETURNING x.session) SELECT count(*) FROM {s}.dn_sessions x "
+        "WHERE x.node_id = %(node)s AND x.session NOT IN (SELECT session FROM d)",
         "candidates": f"SELECT r.run_id, coalesce(t.queue, '{DEFAULT_QUEUE}'), "
         "coalesce(t.priority, 0), t.dedup_id, t.session "
         f"FROM {s}.dn_runs r LEFT JOIN {s}.dn_routes t ON t.run_id = r.run_id "
@@ -145,6 +150,7 @@ class PgQueues:
     inherits this class and provides the connection, lease and record helpers below)."""
 
     _qq: dict[str, str]
+    _seen_keys: dict[str, str]  # node id -> the liveness-session key its worker row names
     _q: dict[str, str]
     _channel: str
     _lease_seconds: float
@@ -255,6 +261,7 @@ class PgQueues:
                 conn.execute(qq["put_worker"], params)
 
         self._call(register)
+        self._seen_keys[node.node_id] = token.partition(".")[0]
 
     def unregister_worker(self, node_id: str) -> None:
         q = self._qq["stop_worker"]
@@ -345,8 +352,13 @@ class PgQueues:
             token = self._token()
 
             def claim(conn: Any, token: str = token) -> tuple[RunRecord, Route | None] | None:
-                with conn.transaction():
-                    return self._claim_in(conn, owner, names, node, token, holder)
+                try:
+                    with conn.transaction():
+                        return self._claim_in(conn, owner, names, node, token, holder)
+                except BaseException:
+                    if node is not None:  # the worker row may not have been written
+                        self._seen_keys.pop(node.node_id, None)
+                    raise
 
             got = self._call(claim)
             if got is not None:
@@ -367,10 +379,10 @@ class PgQueues:
         holder: str,
     ) -> tuple[RunRecord, Route | None] | None:
         qq, q = self._qq, self._q
-        row = conn.execute(qq["now"]).fetchone()
-        now = float(row[0])
+        rows = conn.execute(qq["limited"]).fetchall()
+        now = float(rows[0][0])
         # flow control: the limited queues, locked in name order, then their figures
-        specs = [s for s in map(_spec, conn.execute(qq["queues"]).fetchall()) if s.limited]
+        specs = [_spec(r[1:]) for r in rows if r[1] is not None]
         blocked: list[str] = []
         rated: set[str] = set()
         if specs:
@@ -398,11 +410,15 @@ class PgQueues:
         # sessions: this node's idle ones end; is it full?
         full = False
         if node is not None:
-            conn.execute(qq["worker_seen"], [token, node.node_id])
-            conn.execute(qq["drop_idle"], {"node": node.node_id, "idle": node.idle_timeout})
+            key = token.partition(".")[0]
+            if self._seen_keys.get(node.node_id) != key:  # our liveness session changed
+                conn.execute(qq["worker_seen"], [token, node.node_id])
+                self._seen_keys[node.node_id] = key
             if node.max_sessions is not None:
-                mine_now = conn.execute(qq["my_sessions"], [node.node_id]).fetchall()
-                full = len(mine_now) >= node.max_sessions
+                held = conn.execute(
+                    qq["drop_idle"], {"node": node.node_id, "idle": node.idle_timeout}
+                ).fetchone()
+                full = held is not None and int(held[0]) >= node.max_sessions
         params = {
             "names": names,
             "blocked": blocked,
@@ -432,10 +448,11 @@ class PgQueues:
                 conn.execute(qq["start"], [_RATE_PREFIX + queue, now])
             if session is not None and node is not None:
                 conn.execute(qq["take_session"], [session, node.node_id])
-            conn.execute(qq["claimed"], [now, run_id])
+            route = Route(queue, int(priority), dedup_id, session)
+            if not route.plain:  # only routed runs have a route row
+                conn.execute(qq["claimed"], [now, run_id])
             rec = conn.execute(q["get_run"], [run_id], binary=True).fetchone()
             assert rec is not None  # locked by us: it cannot have gone
-            route = Route(queue, int(priority), dedup_id, session)
             return self._run_from_row(rec), (None if route.plain else route)
         return None
 

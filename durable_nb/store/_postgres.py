@@ -329,6 +329,7 @@ class PostgresStore(PgQueues):
         )
         self._q = self._statements()
         self._qq = queue_statements(self._schema)
+        self._seen_keys: dict[str, str] = {}
 
         self._closed = False
         self._lock = threading.Lock()
