@@ -30,7 +30,7 @@ import pytest
 import durable_nb as dn
 from durable_nb.engine import runtime
 from durable_nb.errors import ArgumentError, DuplicateRunError, StoreFeatureError
-from durable_nb.store import MemoryStore
+from durable_nb.store import MemoryStore, Node, QueueSpec, Route, RunRecord
 from durable_nb.store._postgres import PostgresStore
 from durable_nb.worker import Worker
 
@@ -376,3 +376,66 @@ def test_queue_arguments_are_checked() -> None:
     spec = dn.queue("x", concurrency=3, rate="100/min", priority=True)
     assert (spec.concurrency, spec.calls, spec.window, spec.priority) == (3, 100, 60.0, True)
     assert json.dumps(spec.name) == '"x"'
+
+
+@pytest.mark.postgres
+def test_claims_follow_queue_limits_and_sessions(pg_url: str) -> None:
+    """The claim rules, step by step, with workers (nodes) of one process."""
+    store = PostgresStore(pg_url, key=PG_TEST_KEY)
+
+    def done(got: Any) -> None:  # the run completed: its worker writes it, then releases
+        got[0].status = "completed"
+        store.put_run(got[0])
+        got[1].release()
+
+    try:
+        store.put_queue(QueueSpec("q", concurrency=3, worker_concurrency=2))
+        for i in range(6):
+            store.queue_run(RunRecord(f"r{i}", "wf", "queued", i, i), Route("q"))
+        a, b = Node("a", "owner-a", ("wf",)), Node("b", "owner-b", ("wf",))
+        store.register_worker(a)
+        store.register_worker(b)
+        with pytest.raises(ArgumentError, match="node_id 'a' is in use by the live worker"):
+            store.register_worker(Node("a", "someone else", ("wf",)))
+        ga1, ga2 = store.claim_routed(a), store.claim_routed(a)
+        assert store.claim_routed(a) is None  # worker_concurrency 2
+        gb1 = store.claim_routed(b)
+        assert store.claim_routed(b) is None  # concurrency 3 on all workers
+        assert ga1 and ga2 and gb1
+        assert [g[0].run_id for g in (ga1, ga2, gb1)] == ["r0", "r1", "r2"]
+        done(ga1)
+        gb2 = store.claim_routed(b)
+        assert gb2 is not None and gb2[0].run_id == "r3" and gb2[2] == Route("q")
+        # sessions: a run of a session another live node holds is left to it
+        store.queue_run(RunRecord("s1", "wf", "queued", 10, 10), Route(session="x"))
+        store.queue_run(RunRecord("s2", "wf", "queued", 11, 11), Route(session="x"))
+        c = Node("c", "owner-c", ("wf",), max_sessions=1, idle_timeout=0.0)
+        d = Node("d", "owner-d", ("wf",), max_sessions=1)
+        store.register_worker(c)
+        store.register_worker(d)
+        assert store.claim_run("plain", ["wf"]) is None  # no node: no session runs
+        gc = store.claim_routed(c)
+        assert gc is not None and gc[0].run_id == "s1" and gc[2] == Route(session="x")
+        assert store.claim_routed(d) is None  # x is c's while its run executes
+        done(gc)
+        store.session_used("c", "x")  # idle timeout 0: free at once
+        gd = store.claim_routed(d)
+        assert gd is not None and gd[0].run_id == "s2"
+        sessions = store.queue_depths()["sessions"]
+        assert sessions["x"]["node_id"] == "d" and sessions["x"]["moves"] == 1
+        # d is full (max_sessions 1): a run of another session is not d's to take
+        store.queue_run(RunRecord("y1", "wf", "queued", 12, 12), Route(session="y"))
+        assert store.claim_routed(d) is None
+        gy = store.claim_routed(c)
+        assert gy is not None and gy[0].run_id == "y1"
+        # a stopped worker frees its sessions
+        done(gd)
+        store.unregister_worker("d")
+        store.queue_run(RunRecord("s3", "wf", "queued", 13, 13), Route(session="x"))
+        assert {w["node_id"] for w in store.live_workers()} == {"a", "b", "c"}
+        done(gy)
+        store.session_used("c", "y")
+        gx = store.claim_routed(c)
+        assert gx is not None and gx[0].run_id == "s3"
+    finally:
+        store.close()
