@@ -209,12 +209,12 @@ class Worker:
         names = sorted(self.workflows)
         loop = asyncio.get_running_loop()
         self._loop = loop
-        runtime.serving_loops.add(loop)  # its runs' records may be written on it directly
         node, store = self.node, self.store
-        if node is not None:
+        if node is not None:  # its queues' limits, and itself, are known to the store
             assert isinstance(store, WorkQueues)
             await loop.run_in_executor(None, publish_queues, store)
             await loop.run_in_executor(None, store.register_worker, node)
+        runtime.serving_loops.add(loop)  # its runs' records may be written on it directly
         try:
             await self._serve(names, loop)
         finally:

@@ -26,8 +26,10 @@ from typing import Any
 
 import psycopg
 import pytest
+from click.testing import CliRunner
 
 import durable_nb as dn
+from durable_nb.cli import cli
 from durable_nb.engine import runtime
 from durable_nb.errors import ArgumentError, DuplicateRunError, StoreFeatureError
 from durable_nb.store import MemoryStore, Node, QueueSpec, Route, RunRecord
@@ -163,7 +165,7 @@ def _workers_up(n: int) -> Callable[[], list[dict[str, Any]] | None]:
 
 @pytest.mark.postgres
 def test_sessions_pin_runs_to_one_worker_move_when_it_dies_and_stay_when_it_restarts(
-    setup: tuple[ModuleType, Callable[..., Any], Path],
+    setup: tuple[ModuleType, Callable[..., Any], Path], pg_url: str
 ) -> None:
     flows, spawn, log = setup
     sessions = [f"s{k}" for k in range(6)]
@@ -183,6 +185,16 @@ def test_sessions_pin_runs_to_one_worker_move_when_it_dies_and_stay_when_it_rest
     workers = {w["node_id"]: w for w in dn.Client().workers()}
     assert {n: len(w["sessions"]) for n, w in workers.items()} == {"n1": 2, "n2": 2, "n3": 2}
     node_of_pid = {w["pid"]: n for n, w in workers.items()}
+    # the operations view on the command line
+    env = {"DURABLE_NB_KEY": PG_TEST_KEY.decode()}
+    listed = CliRunner().invoke(cli, ["--store", pg_url, "workers", "--json"], env=env)
+    assert listed.exit_code == 0, listed.output
+    assert {w["node_id"]: sorted(w["sessions"]) for w in json.loads(listed.output)} == {
+        n: sorted(w["sessions"]) for n, w in workers.items()
+    }
+    text = CliRunner().invoke(cli, ["--store", pg_url, "metrics"], env=env).output
+    assert "queue llm  0 queued, 0 running" in text
+    assert all(f"worker {n}  0 running, sessions " in text for n in ("n1", "n2", "n3"))
     trace = dn.Client().trace("a0")
     noted = [e["data"] for e in trace["events"] if e["kind"] == "session"]
     assert noted and noted[0]["where"] == "worker" and noted[0]["session"] == "s0"
