@@ -56,6 +56,7 @@ FLOWS = textwrap.dedent(
 
     dn.queue("llm", concurrency=5, worker_concurrency=2, rate="100/1s")
     dn.queue("prio", priority=True)
+    dn.queue("burst", rate="10/1s")
 
     @dn.effect
     async def work(run_id: str, sleep: float) -> int:
@@ -252,13 +253,17 @@ def test_sessions_pin_runs_to_one_worker_move_when_it_dies_and_stay_when_it_rest
 def test_queue_limits_hold_across_workers_under_500_runs(
     setup: tuple[ModuleType, Callable[..., Any], Path], pg_url: str
 ) -> None:
-    """Queue ``llm``: concurrency 5 on all workers, 2 per worker, 100 starts per second."""
+    """Queue ``llm``: concurrency 5 on all workers, 2 per worker, 100 starts per second;
+    queue ``burst`` beside it: 10 starts per second and no other limit (40 runs the
+    workers' free slots would otherwise take within a second or two)."""
     flows, spawn, log = setup
     jobs = [dn.start(flows.task, i, 0.02, on="worker", queue="llm") for i in range(500)]
+    burst = [dn.start(flows.task, 1000 + i, on="worker", queue="burst") for i in range(40)]
     for _ in range(3):
         spawn("--concurrency", "16")
-    _wait(jobs, timeout=120)
-    rows = _lines(log)
+    _wait(jobs + burst, timeout=120)
+    bursts = {j.run_id for j in burst}
+    rows = [r for r in _lines(log) if r[1] not in bursts]
     assert sum(r[0] == "start" for r in rows) == 500
     # concurrency: executions overlap at most 5 at a time, 2 in one worker process
     spans: dict[str, list[float]] = {}
@@ -283,19 +288,26 @@ def test_queue_limits_hold_across_workers_under_500_runs(
     # rate: the claims (stamped by the database's clock in the claim's transaction) never
     # exceed 100 in any second, and the 500 starts took at least four windows
     schema = pg_url.split("schema=")[1]
-    with psycopg.connect(pg_url.split("?")[0]) as conn:
-        claimed = sorted(
-            float(r[0])
-            for r in conn.execute(f'SELECT claimed_at FROM "{schema}".dn_routes').fetchall()
-        )
-    assert len(claimed) == 500
-    j = 0
-    for i, t in enumerate(claimed):
-        while claimed[j] <= t - 1.0:
-            j += 1
-        assert i - j + 1 <= 100, f"{i - j + 1} claims within one second at {t}"
+    for queue, n, calls in (("llm", 500, 100), ("burst", 40, 10)):
+        with psycopg.connect(pg_url.split("?")[0]) as conn:
+            claimed = sorted(
+                float(r[0])
+                for r in conn.execute(
+                    f'SELECT claimed_at FROM "{schema}".dn_routes WHERE queue = %s', [queue]
+                ).fetchall()
+            )
+        assert len(claimed) == n
+        j = 0
+        for i, t in enumerate(claimed):
+            while claimed[j] <= t - 1.0:
+                j += 1
+            assert i - j + 1 <= calls, f"{queue}: {i - j + 1} claims within one second at {t}"
     starts = sorted(ts for what, _, _, _, ts in rows if what == "start")
     assert starts[-1] - starts[0] >= 4.0
+    # the burst's 40 starts, from the execution log: four windows, so at least three
+    # seconds from the first to the last
+    burst_starts = sorted(r[4] for r in _lines(log) if r[0] == "start" and r[1] in bursts)
+    assert len(burst_starts) == 40 and burst_starts[-1] - burst_starts[0] >= 3.0
 
 
 @pytest.mark.postgres
