@@ -41,6 +41,14 @@ _RATE_PREFIX = "queue/"  # a queue's starts in dn_limit_starts: "queue/<name>"
 
 def queue_statements(schema: str) -> dict[str, str]:
     """The statements of queues, routes, workers and sessions for ``schema`` (validated)."""
+    q = _statements(schema)
+    # arrival order alone while no queue has priorities: the claimable-runs index serves it
+    q["candidates_fifo"] = q["candidates"].replace("{order}", "")
+    q["candidates"] = q["candidates"].replace("{order}", "coalesce(t.priority, 0),")
+    return q
+
+
+def _statements(schema: str) -> dict[str, str]:
     s = sql.Identifier(schema).as_string()
     live_lease = f"SELECT 1 FROM {s}.dn_leases l WHERE l.run_id = {{}} AND l.expires_at > now()"
     live_worker = f"(w.node_id IS NOT NULL AND w.stopped_at IS NULL AND NOT {gone('w.token')})"
@@ -61,11 +69,10 @@ def queue_statements(schema: str) -> dict[str, str]:
         f"FROM {s}.dn_queues WHERE name = %s",
         "queues": f"SELECT name, concurrency, worker_concurrency, calls, window_s, priority "
         f"FROM {s}.dn_queues ORDER BY name",
-        # the database's clock and the queues with limits, in one round trip
+        # the database's clock and the queues, in one round trip
         "limited": "SELECT extract(epoch FROM clock_timestamp()), q.name, q.concurrency, "
         "q.worker_concurrency, q.calls, q.window_s, q.priority FROM (SELECT 1) AS one "
-        f"LEFT JOIN {s}.dn_queues q ON q.concurrency IS NOT NULL "
-        "OR q.worker_concurrency IS NOT NULL OR q.calls IS NOT NULL ORDER BY q.name",
+        f"LEFT JOIN {s}.dn_queues q ON true ORDER BY q.name",
         "lock": "SELECT pg_advisory_xact_lock(hashtextextended(%s, 2))",
         "dedup_holder": f"SELECT t.run_id, r.status FROM {s}.dn_routes t "
         f"JOIN {s}.dn_runs r ON r.run_id = t.run_id WHERE t.queue = %s AND t.dedup_id = %s "
@@ -102,8 +109,7 @@ def queue_statements(schema: str) -> dict[str, str]:
         "AND x.node_id = %(node)s) OR (NOT %(full)s AND NOT EXISTS ("
         f"SELECT 1 FROM {s}.dn_sessions x JOIN {s}.dn_workers w ON w.node_id = x.node_id "
         f"WHERE x.session = t.session AND x.node_id <> %(node)s AND {held}))))) "
-        "ORDER BY coalesce(t.priority, 0), r.created_at, r.run_id "
-        "LIMIT %(batch)s FOR UPDATE OF r SKIP LOCKED",
+        "ORDER BY {order} r.created_at, r.run_id LIMIT %(batch)s FOR UPDATE OF r SKIP LOCKED",
         # who holds the session now (re-read under the session's lock)
         "session_holder": f"SELECT x.node_id, (x.node_id = %(node)s OR ({held})) "
         f"FROM {s}.dn_sessions x LEFT JOIN {s}.dn_workers w ON w.node_id = x.node_id "
@@ -382,7 +388,9 @@ class PgQueues:
         rows = conn.execute(qq["limited"]).fetchall()
         now = float(rows[0][0])
         # flow control: the limited queues, locked in name order, then their figures
-        specs = [_spec(r[1:]) for r in rows if r[1] is not None]
+        queues = [_spec(r[1:]) for r in rows if r[1] is not None]
+        specs = [spec for spec in queues if spec.limited]
+        ordered = "candidates" if any(spec.priority for spec in queues) else "candidates_fifo"
         blocked: list[str] = []
         rated: set[str] = set()
         if specs:
@@ -427,7 +435,7 @@ class PgQueues:
             "batch": _BATCH,
         }
         for run_id, queue, priority, dedup_id, session in conn.execute(
-            qq["candidates"], params
+            qq[ordered], params
         ).fetchall():
             if session is not None and node is not None:
                 conn.execute(qq["lock"], ["durable_nb session " + session])
