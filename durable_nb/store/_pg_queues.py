@@ -70,7 +70,7 @@ def _statements(schema: str) -> dict[str, str]:
         "queues": f"SELECT name, concurrency, worker_concurrency, calls, window_s, priority "
         f"FROM {s}.dn_queues ORDER BY name",
         # the database's clock and the queues, in one round trip
-        "limited": "SELECT extract(epoch FROM clock_timestamp()), q.name, q.concurrency, "
+        "clock_queues": "SELECT extract(epoch FROM clock_timestamp()), q.name, q.concurrency, "
         "q.worker_concurrency, q.calls, q.window_s, q.priority FROM (SELECT 1) AS one "
         f"LEFT JOIN {s}.dn_queues q ON true ORDER BY q.name",
         "lock": "SELECT pg_advisory_xact_lock(hashtextextended(%s, 2))",
@@ -385,7 +385,7 @@ class PgQueues:
         holder: str,
     ) -> tuple[RunRecord, Route | None] | None:
         qq, q = self._qq, self._q
-        rows = conn.execute(qq["limited"]).fetchall()
+        rows = conn.execute(qq["clock_queues"]).fetchall()
         now = float(rows[0][0])
         # flow control: the limited queues, locked in name order, then their figures
         queues = [_spec(r[1:]) for r in rows if r[1] is not None]
