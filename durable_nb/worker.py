@@ -321,17 +321,8 @@ class Worker:
     def _done(self, run_id: str, session: str | None = None) -> None:
         self._active.pop(run_id, None)
         self.finished += 1
-        if session is not None:
+        if session is not None:  # (its idle time started when its lease was released)
             run_sessions.pop(run_id, None)
-            with contextlib.suppress(RuntimeError):  # serve() ended and closed its loop
-                self._loop.call_soon_threadsafe(self._session_used, session)
-
-    def _session_used(self, session: str) -> None:
-        """A run of ``session`` ended here: its idle time starts now (best effort)."""
-        node, store = self.node, self.store
-        if node is not None and isinstance(store, WorkQueues):
-            with contextlib.suppress(RuntimeError):  # the loop's executor shut down
-                self._loop.run_in_executor(None, store.session_used, node.node_id, session)
         with contextlib.suppress(RuntimeError):  # serve() ended and closed its loop
             self._loop.call_soon_threadsafe(self._freed.set)
 

@@ -441,8 +441,7 @@ def test_claims_follow_queue_limits_and_sessions(pg_url: str) -> None:
         gc = store.claim_routed(c)
         assert gc is not None and gc[0].run_id == "s1" and gc[2] == Route(session="x")
         assert store.claim_routed(d) is None  # x is c's while its run executes
-        done(gc)
-        store.session_used("c", "x")  # idle timeout 0: free at once
+        done(gc)  # idle timeout 0: the session is free once the run's lease is released
         gd = store.claim_routed(d)
         assert gd is not None and gd[0].run_id == "s2"
         sessions = store.queue_depths()["sessions"]
@@ -452,13 +451,17 @@ def test_claims_follow_queue_limits_and_sessions(pg_url: str) -> None:
         assert store.claim_routed(d) is None
         gy = store.claim_routed(c)
         assert gy is not None and gy[0].run_id == "y1"
-        # a stopped worker frees its sessions
+        # d's run ended, and x stays d's for its idle timeout (600 s): not e's to take
         done(gd)
-        store.unregister_worker("d")
+        e = Node("e", "owner-e", ("wf",))
+        store.register_worker(e)
         store.queue_run(RunRecord("s3", "wf", "queued", 13, 13), Route(session="x"))
+        assert store.claim_routed(e) is None
+        # a stopped worker frees its sessions
+        store.unregister_worker("d")
+        store.unregister_worker("e")
         assert {w["node_id"] for w in store.live_workers()} == {"a", "b", "c"}
         done(gy)
-        store.session_used("c", "y")
         gx = store.claim_routed(c)
         assert gx is not None and gx[0].run_id == "s3"
     finally:

@@ -12,7 +12,8 @@
   full queues, ``FOR UPDATE SKIP LOCKED``, then its lease, its start and its session.
 * **Sessions** belong to a worker's node id (``dn_sessions``). A node holds a session while
   its worker lives (``dn_workers.token`` carries the store's liveness-session key, as leases
-  do) and a run of the session executes or ended less than the node's idle timeout ago. A
+  do) and a run of the session executes or ended less than the node's idle timeout ago (a
+  released lease stamps its run's session: ``release`` in ``_pg_schema``). A
   run of a session another live node holds is left to that node; a run of a free session is
   taken by a node that has room (``max_sessions``), under the session's advisory lock.
 """
@@ -118,8 +119,6 @@ def _statements(schema: str) -> dict[str, str]:
         "ON CONFLICT (session) DO UPDATE SET node_id = EXCLUDED.node_id, used_at = now(), "
         "taken_at = CASE WHEN x.node_id = EXCLUDED.node_id THEN x.taken_at ELSE now() END, "
         "moves = x.moves + CASE WHEN x.node_id = EXCLUDED.node_id THEN 0 ELSE 1 END",
-        "session_used": f"UPDATE {s}.dn_sessions SET used_at = now() "
-        "WHERE session = %s AND node_id = %s",
         "claimed": f"UPDATE {s}.dn_routes SET claimed_at = %s WHERE run_id = %s",
         "worker": f"SELECT owner, holder, {live_worker} FROM {s}.dn_workers w WHERE node_id = %s",
         "put_worker": f"INSERT INTO {s}.dn_workers VALUES (%s, %s, %s, %s, %s, %s, %s, now(), "
@@ -272,10 +271,6 @@ class PgQueues:
     def unregister_worker(self, node_id: str) -> None:
         q = self._qq["stop_worker"]
         self._call(lambda conn: conn.execute(q, [node_id]))
-
-    def session_used(self, node_id: str, session: str) -> None:
-        q = self._qq["session_used"]
-        self._call(lambda conn: conn.execute(q, [session, node_id]))
 
     def live_workers(self) -> list[dict[str, Any]]:
         q = self._qq["live_workers"]

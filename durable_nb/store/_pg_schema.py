@@ -196,8 +196,11 @@ def statements(schema: str) -> dict[str, str]:
         "condemn_all": f"UPDATE {s}.dn_leases {condemn} {gone('token')} RETURNING run_id",
         "renew": f"UPDATE {s}.dn_leases SET expires_at = now() + make_interval(secs => %s) "
         "WHERE token = ANY(%s) RETURNING token",
+        # the lease goes, and the idle time of the run's session (if it has one) starts
         "release": f"WITH d AS (DELETE FROM {s}.dn_leases WHERE run_id = %s AND token = %s "
-        "RETURNING run_id) SELECT pg_notify(%s, 'released') FROM d",
+        f"RETURNING run_id), u AS (UPDATE {s}.dn_sessions x SET used_at = now() "
+        f"FROM {s}.dn_routes t, d WHERE t.run_id = d.run_id AND x.session = t.session) "
+        "SELECT pg_notify(%s, 'released') FROM d",
         "release_all": f"DELETE FROM {s}.dn_leases WHERE token = ANY(%s) RETURNING run_id",
         "notify": "SELECT pg_notify(%s, %s)",
         "claim_effect": f"INSERT INTO {s}.dn_effect_claims AS c "

@@ -104,11 +104,8 @@ class WorkQueues(Protocol):
         """As :meth:`Store.claim_run`, for a worker: the queues' limits hold, runs come in
         priority then arrival order, a run of a session goes only to the node that holds the
         session (or to this one, which then takes the session, if nobody holds it and the
-        node has room)."""
-        ...
-
-    def session_used(self, node_id: str, session: str) -> None:
-        """A run of ``session`` ended on this node: the session's idle time starts now."""
+        node has room). Releasing the lease of a run of a session starts the session's idle
+        time."""
         ...
 
     def queue_depths(self) -> dict[str, Any]:
