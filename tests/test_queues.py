@@ -333,7 +333,9 @@ def test_a_live_dedup_id_is_refused_naming_its_run(
 ) -> None:
     flows, _, _ = setup
     first = dn.start(flows.task, 1, on="worker", queue="llm", dedup_id="order-42")
-    assert dn.start(flows.task, 1, on="worker", queue="llm", dedup_id="order-42") is not None
+    # the same run again is no duplicate: its job, as always
+    same = dn.start(flows.task, 1, on="worker", queue="llm", dedup_id="order-42")
+    assert same.run_id == first.run_id
     with pytest.raises(
         DuplicateRunError,
         match=rf"^dedup_id 'order-42' is held by run '{first.run_id}' \(queued\) in queue "
