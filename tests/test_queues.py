@@ -343,8 +343,10 @@ def test_a_live_dedup_id_is_refused_naming_its_run(
     ):
         dn.start(flows.task, 2, on="worker", queue="llm", dedup_id="order-42")
     # another queue has its own ids; the default queue too
-    dn.start(flows.task, 3, on="worker", queue="prio", dedup_id="order-42")
-    dn.start(flows.task, 4, on="worker", dedup_id="order-42")
+    others = [
+        dn.start(flows.task, 3, on="worker", queue="prio", dedup_id="order-42"),
+        dn.start(flows.task, 4, on="worker", dedup_id="order-42"),
+    ]
     with pytest.raises(DuplicateRunError, match="held by run"):
         dn.start(flows.task, 5, on="worker", dedup_id="order-42")
     # once the holder ended, the id is free again
@@ -355,6 +357,7 @@ def test_a_live_dedup_id_is_refused_naming_its_run(
         assert first.result(timeout=30) == 1
         again = dn.start(flows.task, 2, on="worker", queue="llm", dedup_id="order-42")
         assert again.result(timeout=30) == 1
+        _wait(others)  # no job of this test is left following its run afterwards
     finally:
         w.stop()
         t.join(timeout=30)
