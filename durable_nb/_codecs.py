@@ -98,7 +98,8 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Final, Literal, cast
 
-from durable_nb.errors import (
+from ._arrow_ipc import ipc_bytes, read_ipc
+from .errors import (
     ArgumentError,
     ArgumentTypeError,
     DurableError,
@@ -120,9 +121,7 @@ __all__ = [
     "describe_error",
     "encode",
     "encode_error",
-    "ipc_bytes",
     "is_table_codec",
-    "read_ipc",
 ]
 
 CODECS: Final = frozenset(
@@ -585,21 +584,6 @@ def _unpack_table_data(codec: str, data: bytes) -> tuple[dict[str, Any], list[me
     except (ValueError, KeyError, TypeError, struct.error) as exc:
         raise _damaged(codec, str(exc)) from exc
     return header, sections
-
-
-def ipc_bytes(table: Any) -> bytes:
-    import pyarrow as pa
-
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return cast(bytes, sink.getvalue().to_pybytes())
-
-
-def read_ipc(section: memoryview) -> Any:
-    import pyarrow as pa
-
-    return pa.ipc.open_stream(pa.py_buffer(section)).read_all()
 
 
 # --------------------------------------------------------------------------- tables: DuckDB types

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import fields
 from typing import IO, TYPE_CHECKING, Any
 
-from . import _codecs
+from ._arrow_ipc import ipc_bytes, read_ipc
 from ._journal import RUN_STATUSES, run_of_scope, run_scopes
 from .errors import (
     ArgumentTypeError,
@@ -93,7 +93,7 @@ def _payload_out(p: Payload | None) -> dict[str, Any] | None:
         return None
     out: dict[str, Any] = {"codec": p.codec, "data": _b64(p.data)}
     if p.table is not None:
-        out["table"] = _b64(_codecs.ipc_bytes(p.table))
+        out["table"] = _b64(ipc_bytes(p.table))
     return out
 
 
@@ -165,7 +165,7 @@ def read_export(
         table = None
         if table_b is not None:
             try:
-                table = _codecs.read_ipc(memoryview(table_b))
+                table = read_ipc(memoryview(table_b))
             except Exception as e:
                 raise _bad(where, f"a table payload is not an Arrow IPC stream ({e})") from None
         return Payload(d["codec"], data, table)

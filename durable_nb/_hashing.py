@@ -58,7 +58,8 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
-from durable_nb.errors import ArgumentTypeError, UnhashableInputError
+from ._arrow_ipc import ipc_buffer
+from .errors import ArgumentTypeError, UnhashableInputError
 
 if TYPE_CHECKING:
     import ast
@@ -899,10 +900,7 @@ def _arrow_data(pa: Any, pc: Any, typ: Any, parts: list[Any], st: _State) -> Non
     # Unions, run-end encoded, list views ...: one IPC message of the combined column.
     combined = pa.chunked_array(parts, type=typ).combine_chunks()
     batch = pa.record_batch([combined], names=[""])
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, batch.schema) as writer:
-        writer.write_batch(batch)
-    st.stream(sink.getvalue())
+    st.stream(ipc_buffer(batch))
 
 
 def _arrow_var_width(pa: Any, pc: Any, typ: Any, parts: list[Any], st: _State) -> None:

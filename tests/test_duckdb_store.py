@@ -76,8 +76,8 @@ def test_foreign_and_corrupt_files_are_refused(tmp_path: Path) -> None:
     with pytest.raises(
         StoreFormatError,
         match=(
-            r"^'.*other\.duckdb' is a DuckDB database but not a durable_nb store "
-            r"\(it has tables \['customers'\] and no dn_meta\); choose another store path$"
+            r"^the DuckDB database '.*other\.duckdb' has tables \['customers'\] but is not a "
+            r"durable_nb store \(no dn_meta table\); choose another store path$"
         ),
     ):
         DuckDBStore(foreign)
@@ -135,7 +135,7 @@ def test_recovery_is_idempotent_when_a_journal_was_partly_merged(tmp_path: Path)
     store = DuckDBStore(path)
     store.put_effects([_rec(store, n) for n in range(5)])
     store.flush()
-    wal = store._wal_path
+    wal = store._journal.path
     data = wal.read_bytes()
     store.close()
     # as if the process died after merging but before deleting its journal

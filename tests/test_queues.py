@@ -471,3 +471,28 @@ def test_claims_follow_queue_limits_and_sessions(pg_url: str) -> None:
         assert gx is not None and gx[0].run_id == "s3"
     finally:
         store.close()
+
+
+@pytest.mark.postgres
+def test_the_end_of_a_run_of_a_limited_queue_wakes_claimers(pg_url: str) -> None:
+    """Idle claimers look again only when a notification may mean a run to claim (issue 17):
+    a run of a queue with a concurrency limit that ends frees a slot, so its release notifies
+    'released'; a plain run that ends notifies 'ended', which claimers sleep through."""
+    store = PostgresStore(pg_url, key=PG_TEST_KEY)
+    try:
+        store.put_queue(QueueSpec("q", concurrency=1))
+        store.queue_run(RunRecord("limited", "wf", "queued", 1, 1), Route("q"))
+        store.put_run(RunRecord("plain", "wf", "queued", 2, 2))
+        with psycopg.connect(store._conninfo, autocommit=True) as conn:
+            conn.execute(f'LISTEN "{store._channel}"')
+            seen = []
+            for run_id in ("limited", "plain"):
+                got = store.claim_run("w", ["wf"])
+                assert got is not None and got[0].run_id == run_id
+                got[0].status = "completed"
+                store.put_run(got[0])
+                got[1].release()
+                seen.append([n.payload for n in conn.notifies(timeout=5.0, stop_after=1)])
+        assert seen == [["released"], ["ended"]]
+    finally:
+        store.close()

@@ -25,14 +25,17 @@ from typing import Any, TypeVar, cast
 
 from .. import _codecs
 from .._journal import (
+    AUX_KINDS,
     CANCEL_SIGNAL,
     FINAL_STATUSES,
+    TOP_SCOPE_PREFIX,
     EndStatus,
     KvBaseDetail,
     check_run_id,
     detail_text,
     run_scope,
     signal_id_of,
+    usage_totals,
 )
 from ..errors import (
     ArgumentTypeError,
@@ -199,7 +202,13 @@ async def _drive(
             state = RunState(job, rec, history, signals, wf.strict, token)
             state.workflow = wf
             job._state = state
-            opened: dict[str, Any] = {"execution": rec.executions, "history": len(history)}
+            opened: dict[str, Any] = {
+                "execution": rec.executions,
+                "history": len(history),
+                # the notebook or script (or worker) executing it: `durable-nb metrics` counts
+                # what this execution spends and saves for it
+                "notebook": runtime.top.scope_id.removeprefix(TOP_SCOPE_PREFIX),
+            }
             if rec.generation:
                 opened["generation"] = rec.generation
             started = state.event_record("resumed" if resumed else "started", opened)
@@ -215,7 +224,7 @@ async def _drive(
             try:
                 result: Any = await wf.fn(Context(state), *args, **kwargs)
             except ContinueAsNew as nxt:
-                wf, args, kwargs, rec = _next_generation(state, wf, nxt)
+                wf, args, kwargs, rec = await _next_generation(state, wf, nxt)
                 input_hash, code_version = rec.input_hash, rec.code_version
                 new_generation = True
                 continue
@@ -239,7 +248,10 @@ async def _drive(
             )
         else:  # interrupted (Ctrl-C, loop shutdown, lease lost): the run stays resumable
             if state is not None:
-                state.event("interrupted", {**_stats(state), "lease_lost": job._lease_lost})
+                # a fenced holder's event is refused by the store (RunLockedError): the
+                # run's record belongs to whoever holds the lease now
+                with contextlib.suppress(RunLockedError):
+                    state.event("interrupted", {**_stats(state), "lease_lost": job._lease_lost})
                 if not claimed and not job._lease_lost:
                     # stopped where it was started: resumable here (or by dn.resume), and
                     # no worker takes it over, unlike a worker's run, which stays claimable;
@@ -279,6 +291,9 @@ async def _drive(
         if poller is not None:
             poller.cancel()
         try:
+            if state is not None:  # its records written behind are durable before it ends
+                with contextlib.suppress(Exception):
+                    await state.caught_up()
             if lease is not None:
                 await _release(lease)
         finally:
@@ -389,11 +404,12 @@ def _start_kv(state: RunState, history: list[EffectRecord]) -> None:
     state.kv = texts
 
 
-def _next_generation(
+async def _next_generation(
     state: RunState, wf: Workflow[..., R], nxt: ContinueAsNew
 ) -> tuple[Workflow[..., R], tuple[Any, ...], dict[str, Any], RunRecord]:
     """Continue the run as new: one atomic reset of its record and history that also drops
-    the signals its history consumed (unconsumed ones and queue messages stay)."""
+    the signals its history consumed (unconsumed ones and queue messages stay); off the
+    loop, after what the run wrote behind (which the reset must not find half written)."""
     store = runtime.store
     # a new generation runs on the newest version, or the one continue_as_new named
     new_wf = newest(wf) if nxt.version is None else version_of(wf, nxt.version)
@@ -409,7 +425,12 @@ def _next_generation(
     old = state.run
     state.event(
         "continued_as_new",
-        {"generation": old.generation + 1, "history": len(state.index), **_stats(state)},
+        {
+            "generation": old.generation + 1,
+            "history": len(state.index),
+            **_stats(state),
+            **_spent(state),
+        },
     )
     new = _replace(
         old,
@@ -424,7 +445,8 @@ def _next_generation(
         version=new_wf.version or "",
         updated_at=runtime.clock.time(),
     )
-    store.reset_run(new, consumed)
+    await state.caught_up()
+    await _off_loop(store.reset_run, new, consumed)
     return new_wf, args, kwargs, new
 
 
@@ -471,16 +493,40 @@ def _lease_lost(job: Job[Any], loop: asyncio.AbstractEventLoop) -> None:
 
 
 def _stats(state: RunState) -> dict[str, Any]:
-    return {
+    """An execution's totals, for the event that closes it (``_journal.CLOSING_EVENTS``)."""
+    out: dict[str, Any] = {
         "replayed": state.replayed,
         "executed": state.executed,
         "saved_seconds": round(state.saved, 6),
     }
+    if state.tokens_saved:
+        by_model = {m: {"prompt": p, "completion": c} for m, (p, c) in state.tokens_saved.items()}
+        out["tokens_saved"] = {
+            "prompt": sum(v["prompt"] for v in by_model.values()),
+            "completion": sum(v["completion"] for v in by_model.values()),
+        }
+        out["tokens_saved_by_model"] = by_model
+    return out
+
+
+def _spent(state: RunState) -> dict[str, Any]:
+    """What a generation's journal spent (time of its steps, tokens), kept in the event of
+    its end by continue_as_new, which drops the journal: the run's totals sum the chain."""
+    records = state.index.values()
+    out: dict[str, Any] = {
+        "spent_seconds": round(sum(r.duration for r in records if r.kind not in AUX_KINDS), 6)
+    }
+    usage = usage_totals(records)
+    if usage["by_model"]:
+        out["tokens"] = {"prompt": usage["prompt"], "completion": usage["completion"]}
+        out["tokens_by_model"] = usage["by_model"]
+    return out
 
 
 async def _finish(state: RunState, status: EndStatus, detail: dict[str, Any] | None = None) -> None:
     """Store the run's end (its event and its record, one write) without blocking the loop;
     an interruption meanwhile waits for the write, so the job is never settled before it."""
+    await state.caught_up()  # what the run wrote behind comes first
     event = state.event_record(status, {**_stats(state), **(detail or {})})
     run = state.status_record(status, detail)
     await wait_written(durable_write(runtime.store, runs=[run], events=[event]))

@@ -12,17 +12,23 @@ streaming effects (``_streaming.py``); how attempts are retried and timed out is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
+import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast, overload
 
 from .. import _codecs, _hashing
 from ..errors import ArgumentError, ArgumentTypeError
 from ..store import EffectRecord
+from ._executors import check_executor, is_dask, run_on, shippable
 from ._limits import Limiter, check_limit, limiter
-from ._progress import current_step
+from ._observe import NO_STEP, observers
+from ._observe import step as observe_step
+from ._progress import Step, current_step, progress_records
 from ._retry import (
     Attempts,
     Retry,
@@ -42,7 +48,7 @@ if TYPE_CHECKING:
 
     from ._streaming import EffectDecorator, StreamingCall
 
-__all__ = ["EffectFunction", "effect"]
+__all__ = ["EffectFunction", "as_effect", "effect"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -70,6 +76,7 @@ class EffectFunction(Generic[P, R]):
         limit: str | None = None,
         concurrency: int | None = None,
         rate: str | None = None,
+        executor: object = None,
     ) -> None:
         if not callable(fn):
             raise ArgumentTypeError(f"@effect needs a function, got {fn!r}")
@@ -92,6 +99,18 @@ class EffectFunction(Generic[P, R]):
         if reducer is not None or stream is not None or inspect.isasyncgenfunction(fn):
             self.streaming = StreamingSpec(fn, reducer, stream)
         self._binder = _hashing.ArgBinder(fn)
+        #: where its calls execute (``executor=``): here, or on an executor or Dask cluster
+        #: (the call waits for the result, which this process records)
+        self.executor = check_executor(executor)
+        self._target: Callable[..., Any] = fn
+        if self.executor is not None:
+            if self.is_async or self.streaming is not None:
+                raise ArgumentTypeError(
+                    f"executor= runs plain functions elsewhere; {self.identity} is an async or "
+                    "streaming function: drop executor= or make it a plain def"
+                )
+            ship = shippable(fn, self, dask=is_dask(self.executor))
+            self._target = functools.partial(run_on, self.executor, ship)
         functools.update_wrapper(self, fn)  # __name__, __doc__, __wrapped__ for introspection
 
     def __repr__(self) -> str:
@@ -242,48 +261,55 @@ class EffectFunction(Generic[P, R]):
         kwargs: dict[str, Any],
     ) -> R:
         att = Attempts(scope, key4, seq, self.identity, self.retry, self.timeout)
-        # dn.progress reports only to a run's live listeners: without any, it needs no step
-        in_run = scope if isinstance(scope, RunState) and scope.listeners else None
+        # inside a run each attempt has a step its progress bars report to (_progress.py)
+        in_run = scope if isinstance(scope, RunState) else None
+        step: Step | None = None
         t0 = time.perf_counter()
         if scope.listeners:  # the argument preview only for a live widget
             scope.note_start(key4, seq, preview_args(args, kwargs))
-        while True:
-            att.pause_sync()
-            if (late := att.expired()) is not None:  # ran out while no process ran the run
-                self._fail(att, late, t0, args, kwargs)
-                raise late
-            limit = att.limit()
-            if self.limiter is not None:  # each attempt is a request the API sees
-                held = self.limiter.acquire_sync()
-            # dn.progress inside the function reports to this step's row
-            here = current_step.set((in_run, seq, self.identity)) if in_run is not None else None
-            try:
-                if limit is not None:  # in a worker thread, with a cancel scope of its own
-                    attempt = CancelScope(cancel_scope.get())
-                    token = cancel_scope.set(attempt)
-                    try:
-                        call = functools.partial(self.fn, *args, **kwargs)
-                        result = call_with_timeout(call, limit, self.identity, attempt)
-                    finally:
-                        cancel_scope.reset(token)
-                else:
-                    result = self.fn(*args, **kwargs)
-                break
-            except BaseException as e:
-                if (err := att.failed(e)) is None:
-                    continue
-                self._fail(att, err, t0, args, kwargs)
-                if err is e:
-                    raise
-                raise err from e
-            finally:
-                if here is not None:
-                    current_step.reset(here)
-                if self.limiter is not None:
-                    self.limiter.release(held)
-        rec, _ = self._make_record(scope, key4, seq, result, False, att.first, t0, args, kwargs)
-        scope.record(rec, *usage_records(rec, result))  # its tokens are counted now, once
-        return result
+        with observe_step(scope, key4, seq, "effect") if observers else NO_STEP as obs:
+            while True:
+                att.pause_sync()
+                if (late := att.expired()) is not None:  # ran out while no process ran the run
+                    self._fail(att, late, t0, args, kwargs)
+                    raise late
+                limit = att.limit()
+                if self.limiter is not None:  # each attempt is a request the API sees
+                    held = self.limiter.acquire_sync()
+                # dn.progress and tqdm bars inside the function report to this step
+                here = None
+                if in_run is not None:
+                    step = Step(in_run, seq, self.identity)
+                    here = current_step.set(step)
+                try:
+                    if limit is not None:  # in a worker thread, with a cancel scope of its own
+                        attempt = CancelScope(cancel_scope.get())
+                        token = cancel_scope.set(attempt)
+                        try:
+                            call = functools.partial(self._target, *args, **kwargs)
+                            result = call_with_timeout(call, limit, self.identity, attempt)
+                        finally:
+                            cancel_scope.reset(token)
+                    else:
+                        result = self._target(*args, **kwargs)
+                    break
+                except BaseException as e:
+                    if (err := att.failed(e)) is None:
+                        continue
+                    self._fail(att, err, t0, args, kwargs)
+                    att.give_up(err, e)
+                finally:
+                    if here is not None:
+                        current_step.reset(here)
+                    if self.limiter is not None:
+                        self.limiter.release(held)
+            rec, _ = self._make_record(scope, key4, seq, result, False, att.first, t0, args, kwargs)
+            usage = usage_records(rec, result)
+            # its tokens are counted now, once; its final progress is kept for its row
+            scope.record(rec, *usage, *progress_records(rec, step))
+            if obs is not NO_STEP:
+                obs.recorded(rec, usage, att.failures + 1)
+            return cast(R, result)
 
     async def _execute_async(
         self,
@@ -301,73 +327,80 @@ class EffectFunction(Generic[P, R]):
         att = Attempts(
             scope, key4, seq, self.identity, retry or self.retry, timeout or self.timeout
         )
-        # dn.progress reports only to a run's live listeners: without any, it needs no step
-        in_run = scope if isinstance(scope, RunState) and scope.listeners else None
+        # inside a run each attempt has a step its progress bars report to (_progress.py)
+        in_run = scope if isinstance(scope, RunState) else None
+        step: Step | None = None
         t0 = time.perf_counter()
         if scope.listeners:  # the argument preview only for a live widget
             scope.note_start(key4, seq, preview_args(args, kwargs))
         scope.inflight += 1  # while >1 effects are in flight, completions share a write
         try:
-            while True:
-                await att.pause()
-                if (late := att.expired()) is not None:
-                    self._fail(att, late, t0, args, kwargs)
-                    raise late
-                limit = att.limit()
-                # the attempt's own cancel scope, seen by the function in its worker thread
-                # (which copies the context when the attempt starts) or under a timeout; a
-                # plain async function learns of a cancellation from the CancelledError itself
-                attempt = token = None
-                if self.limiter is not None:  # each attempt is a request the API sees
-                    held = await self.limiter.acquire()
-                # dn.progress inside the function reports to this step's row (a worker
-                # thread copies the context when the attempt starts)
-                here = (
-                    current_step.set((in_run, seq, self.identity)) if in_run is not None else None
-                )
-                if in_thread or limit is not None:
-                    attempt = CancelScope(cancel_scope.get())
-                    token = cancel_scope.set(attempt)
-                try:
-                    if in_thread:
-                        aw: Awaitable[Any] = asyncio.to_thread(self.fn, *args, **kwargs)
-                    else:
-                        aw = cast(Awaitable[Any], self.fn(*args, **kwargs))
-                    if limit is not None:
-                        # a thread's progress is wall time; an async function's is the clock's
-                        timed = asyncio.wait_for if in_thread else runtime.clock.wait_for
-                        try:
-                            result = await timed(aw, limit)
-                        except asyncio.TimeoutError:
-                            if attempt is not None:
-                                attempt.cancel()
-                            raise attempt_timeout(self.identity, limit) from None
-                    else:
-                        result = await aw
-                    break
-                except asyncio.CancelledError:
-                    if attempt is not None:
-                        attempt.cancel()
-                    scope.note_cancelled(self.identity)
-                    raise
-                except BaseException as e:
-                    if (err := att.failed(e)) is None:
-                        continue
-                    self._fail(att, err, t0, args, kwargs)
-                    if err is e:
+            with observe_step(scope, key4, seq, "effect") if observers else NO_STEP as obs:
+                while True:
+                    await att.pause()
+                    if (late := att.expired()) is not None:
+                        self._fail(att, late, t0, args, kwargs)
+                        raise late
+                    limit = att.limit()
+                    # the attempt's own cancel scope, seen by the function in its worker thread
+                    # (which copies the context when the attempt starts) or under a timeout; a
+                    # plain async function learns of a cancellation from the CancelledError itself
+                    attempt = token = None
+                    if self.limiter is not None:  # each attempt is a request the API sees
+                        held = await self.limiter.acquire()
+                    # dn.progress and tqdm bars inside the function report to this step (a worker
+                    # thread copies the context when the attempt starts)
+                    here = None
+                    if in_run is not None:
+                        step = Step(in_run, seq, self.identity)
+                        here = current_step.set(step)
+                    if in_thread or limit is not None:
+                        attempt = CancelScope(cancel_scope.get())
+                        token = cancel_scope.set(attempt)
+                    try:
+                        if in_thread:
+                            aw: Awaitable[Any] = asyncio.to_thread(self._target, *args, **kwargs)
+                        else:
+                            aw = cast(Awaitable[Any], self.fn(*args, **kwargs))
+                        if limit is not None:
+                            # a thread's progress is wall time; an async function's is the clock's
+                            timed = asyncio.wait_for if in_thread else runtime.clock.wait_for
+                            try:
+                                result = await timed(aw, limit)
+                            except asyncio.TimeoutError:
+                                if attempt is not None:
+                                    attempt.cancel()
+                                raise attempt_timeout(self.identity, limit) from None
+                        else:
+                            result = await aw
+                        break
+                    except asyncio.CancelledError:
+                        if attempt is not None:
+                            attempt.cancel()
+                        scope.note_cancelled(self.identity)
                         raise
-                    raise err from e
-                finally:
-                    if token is not None:
-                        cancel_scope.reset(token)
-                    if here is not None:
-                        current_step.reset(here)
-                    if self.limiter is not None:
-                        self.limiter.release(held)
-            rec, _ = self._make_record(scope, key4, seq, result, False, att.first, t0, args, kwargs)
-            # the tokens it reports are written with the result: counted once, now
-            await scope.record_async(rec, *usage_records(rec, result))
-            return result
+                    except BaseException as e:
+                        if (err := att.failed(e)) is None:
+                            continue
+                        self._fail(att, err, t0, args, kwargs)
+                        att.give_up(err, e)
+                    finally:
+                        if token is not None:
+                            cancel_scope.reset(token)
+                        if here is not None:
+                            current_step.reset(here)
+                        if self.limiter is not None:
+                            self.limiter.release(held)
+                rec, _ = self._make_record(
+                    scope, key4, seq, result, False, att.first, t0, args, kwargs
+                )
+                # the tokens it reports are written with the result (counted once, now), and
+                # its final progress
+                usage = usage_records(rec, result)
+                await scope.record_async(rec, *usage, *progress_records(rec, step))
+                if obs is not NO_STEP:
+                    obs.recorded(rec, usage, att.failures + 1)
+                return result
         finally:
             scope.inflight -= 1
 
@@ -395,6 +428,26 @@ async def _replayed(scope: RunState | TopScope, rec: EffectRecord) -> Any:
     return replay(scope, rec)
 
 
+# the effects made for plain functions given to ctx.run / ctx.map, kept while the function
+# lives (a lambda made per call must not pile up here)
+_adhoc: weakref.WeakKeyDictionary[Any, EffectFunction[..., Any]] = weakref.WeakKeyDictionary()
+_adhoc_lock = threading.Lock()
+
+
+def as_effect(fn: Callable[..., Any]) -> EffectFunction[..., Any]:
+    """``fn`` as an effect: itself if it is one, else the (kept) effect of a plain function."""
+    if isinstance(fn, EffectFunction):
+        return fn
+    with _adhoc_lock, contextlib.suppress(TypeError):  # unhashable or not weakly referable
+        eff = _adhoc.get(fn)
+        if eff is not None:
+            return eff
+    eff = EffectFunction(fn)
+    with _adhoc_lock, contextlib.suppress(TypeError):
+        _adhoc[fn] = eff
+    return eff
+
+
 @overload
 def effect(
     fn: Callable[P, AsyncIterator[T]], /
@@ -419,6 +472,7 @@ def effect(
     limit: str | None = None,
     concurrency: int | None = None,
     rate: str | None = None,
+    executor: object = None,
 ) -> EffectDecorator: ...
 
 
@@ -437,6 +491,7 @@ def effect(
     limit: str | None = None,
     concurrency: int | None = None,
     rate: str | None = None,
+    executor: object = None,
 ) -> Any:  # the overloads above say what; a streaming effect's calls are not R
     """Record a function's results, keyed by a content hash of its inputs (README, "How it
     works").
@@ -457,6 +512,10 @@ def effect(
     ``limit`` names a rate/concurrency limit shared by every effect that names it:
     ``concurrency`` attempts at once at most, ``rate`` (``"500/min"``) attempt starts in any
     sliding window of that length at most (``engine/_limits.py``). Replays never wait.
+
+    ``executor`` (a ``concurrent.futures.Executor`` or a Dask ``distributed.Client``)
+    executes each call there — another process, a cluster — and waits for its result, which
+    this process records (README, "Scaling out a notebook"); many calls at once: ``dn.map``.
     """
 
     def wrap(f: Callable[P, R]) -> EffectFunction[P, R]:
@@ -473,6 +532,7 @@ def effect(
             limit=limit,
             concurrency=concurrency,
             rate=rate,
+            executor=executor,
         )
 
     if fn is None:

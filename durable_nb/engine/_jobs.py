@@ -392,6 +392,9 @@ def get_job(run_id: str) -> Job[Any]:
     return job
 
 
+_UNREAD: Any = object()  # a run whose record could not be read this time
+
+
 class _RemoteRuns:
     """Settles the jobs of runs executing in other processes, from the store: one daemon
     thread reads each watched run's record when the store signals work (a run ending releases
@@ -431,12 +434,15 @@ class _RemoteRuns:
                     self._thread = None
                     return
             store = runtime.store
+            try:  # one read for them all (a round trip on a remote store)
+                records = store.get_runs(list(watched))
+            except Exception:  # a busy or unreachable store: look again later
+                records = {rid: _UNREAD for rid in watched}
             for rid, jobs in watched.items():
                 if self._closing.is_set():
                     return
-                try:
-                    rec = store.get_run(rid)
-                except Exception:  # a busy or unreachable store: look again later
+                rec = records.get(rid)
+                if rec is _UNREAD:
                     continue
                 try:
                     outcome = _final_outcome(rec) if rec is not None else None

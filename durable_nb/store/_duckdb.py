@@ -30,17 +30,11 @@ unless ``DURABLE_NB_KEY`` is set).
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
-import marshal
 import os
 import re
 import secrets
-import socket
-import struct
 import threading
 import time
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
@@ -50,82 +44,48 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 
 from .._journal import SHARED_SCOPE, TOP_SCOPE_PREFIX, run_scope
-from .._version import __version__
 from ..errors import (
     ArgumentError,
-    ArgumentTypeError,
     RunLockedError,
     StoreError,
     StoreFormatError,
     StoreLockedError,
     StoreUnavailableError,
-    StoreVersionError,
+)
+from . import _migrations, _rows
+from ._base import RunQuery, StoreBase
+from ._duckdb_schema import (
+    BOOKKEEPING,
+    EFFECT_TYPES,
+    EVENT_TYPES,
+    MIGRATIONS,
+    RUN_TYPES,
+    SCHEMA_VERSION,
+    SIGNAL_TYPES,
 )
 from ._keyfilter import KeyFilter
-from ._protocol import (
-    CLAIMABLE_STATUSES,
-    EffectKey,
-    EffectRecord,
-    EventRecord,
-    RunLease,
-    RunRecord,
-    SignalRecord,
-    WriteDone,
-    run_scopes,
-    submit_now,
-)
+from ._lockfiles import EffectClaims, file_token, lock_run, say_holder, touch, unlock
+from ._protocol import CLAIMABLE_STATUSES, RunLease, run_scopes
+from ._wal import ROTATE_SIZE, Journal, Op, dead_journals, frame, makes_work, read_frames
 
 if TYPE_CHECKING:
-    import asyncio
-
-    from .._codecs import Payload, Signer
+    from .._codecs import Payload
+    from ._protocol import EffectKey, EffectRecord, EventRecord, RunRecord, SignalRecord
 
 __all__ = ["SCHEMA_VERSION", "DuckDBStore"]
 
-_FRAME = struct.Struct("<II")  # payload length, crc32
 _VALUES_BATCH = 64  # rows per table up to which a merge avoids Arrow
 _RECENT_MAX_RECORDS = 4096
 _RECENT_MAX_BYTES = 64 * 1024
 _WORK_POLL = 0.05  # seconds between looks at the ``work`` file while waiting for work
-_TOKEN_FILE_MAX = 4096  # a touched file is emptied past this size
-_CLAIM_SIZE = 512  # bytes of a claim file's record (written with one pwrite)
 _LOCK_RE = re.compile(r"Conflicting lock is held in (?P<exe>.*?) \(PID (?P<pid>\d+)\)")
-
-_EFFECT_COLS = (
-    "scope VARCHAR, identity VARCHAR, version VARCHAR, input_hash VARCHAR, occurrence INTEGER, "
-    "codec VARCHAR, data BLOB, table_name VARCHAR, is_error BOOLEAN, kind VARCHAR, seq INTEGER, "
-    "started_at DOUBLE, duration DOUBLE, detail VARCHAR"
-)
-_RUN_COLS = (
-    "run_id VARCHAR, workflow VARCHAR, status VARCHAR, created_at DOUBLE, updated_at DOUBLE, "
-    "args_codec VARCHAR, args_data BLOB, args_table VARCHAR, "
-    "result_codec VARCHAR, result_data BLOB, result_table VARCHAR, "
-    "error_codec VARCHAR, error_data BLOB, error_table VARCHAR, "
-    "custom_status VARCHAR, status_version INTEGER, parent_id VARCHAR, executions INTEGER, "
-    "detail VARCHAR, input_hash VARCHAR, code_version VARCHAR, "
-    "generation INTEGER, version VARCHAR"
-)
-# positions in a run row of the table names of its args, result and error
-_RUN_TABLE_COLS = (7, 10, 13)
-_SIGNAL_COLS = "run_id VARCHAR, signal_id VARCHAR, name VARCHAR, payload VARCHAR, sent_at DOUBLE"
-_EVENT_COLS = "run_id VARCHAR, event_id VARCHAR, ts DOUBLE, kind VARCHAR, data VARCHAR"
-
-#: Named, ordered schema migrations. Append only; never edit a released one.
-MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
-    (
-        1,
-        "initial: effects, runs, signals, events, journal offsets",
-        (
-            f"CREATE TABLE dn_effects ({_EFFECT_COLS}, "
-            "PRIMARY KEY (scope, identity, version, input_hash, occurrence))",
-            f"CREATE TABLE dn_runs ({_RUN_COLS}, PRIMARY KEY (run_id))",
-            f"CREATE TABLE dn_signals ({_SIGNAL_COLS}, PRIMARY KEY (run_id, signal_id))",
-            f"CREATE TABLE dn_events ({_EVENT_COLS}, PRIMARY KEY (run_id, event_id))",
-            "CREATE TABLE dn_journal (wal_id VARCHAR PRIMARY KEY, merged_offset BIGINT)",
-        ),
-    ),
-)
-SCHEMA_VERSION = MIGRATIONS[-1][0]
+# the tables a merge writes, by journal record kind: (table, (column, type) pairs)
+_TABLES = {
+    "E": ("dn_effects", tuple(zip(_rows.EFFECT_COLUMNS, EFFECT_TYPES, strict=True))),
+    "R": ("dn_runs", tuple(zip(_rows.RUN_COLUMNS, RUN_TYPES, strict=True))),
+    "S": ("dn_signals", tuple(zip(_rows.SIGNAL_COLUMNS, SIGNAL_TYPES, strict=True))),
+    "V": ("dn_events", tuple(zip(_rows.EVENT_COLUMNS, EVENT_TYPES, strict=True))),
+}
 
 
 def _table_name(prefix: str, parts: tuple[object, ...]) -> str:
@@ -134,91 +94,23 @@ def _table_name(prefix: str, parts: tuple[object, ...]) -> str:
     return f"dn_{prefix}_{xxhash.xxh3_128_hexdigest(repr(parts).encode())}"
 
 
-def _payload_cols(p: Payload | None, table_name: str | None) -> tuple[Any, Any, Any]:
-    if p is None:
-        return (None, None, None)
-    return (p.codec, p.data, table_name if p.table is not None else None)
-
-
-def _unlock(fd: int) -> None:
-    with contextlib.suppress(OSError):
-        os.ftruncate(fd, 0)
-        os.close(fd)
-
-
-def _makes_work(kind: str, row: tuple[Any, ...]) -> bool:
-    """Whether merging this journal record may give an idle worker something to claim."""
-    if kind == "S":
-        return True
-    if kind == "R":
-        return bool(row[2] == "queued")
-    if kind == "X":
-        return bool(row[0][2] == "queued")
-    return False
+@contextlib.contextmanager
+def _transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    """Commit what the block executes, or roll it all back if the block raises."""
+    con.execute("BEGIN")
+    try:
+        yield
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
 
 
 def _in_scopes(scopes: set[str], key: EffectKey, rec: EffectRecord) -> bool:
     return key[0] in scopes
 
 
-def _file_token(path: str) -> object:
-    """A value that changes whenever :func:`_touch` touched ``path``."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def _touch(path: str) -> None:
-    # the size changes on every touch (file timestamps tick only every few milliseconds)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        os.write(fd, b".")
-        if os.fstat(fd).st_size > _TOKEN_FILE_MAX:
-            os.ftruncate(fd, 0)
-    finally:
-        os.close(fd)
-
-
-def _write_claim(fd: int, owner: str, until: float) -> None:
-    body = json.dumps({"owner": owner[:200], "until": until, "pid": os.getpid()})
-    text = f"{zlib.crc32(body.encode()):08x}{body}".encode()
-    # one fixed-size pwrite, so a reader never sees a shorter, truncated record
-    os.pwrite(fd, text.ljust(_CLAIM_SIZE), 0)
-
-
-def _read_claim(fd: int) -> dict[str, Any] | None:
-    """The claim recorded in a claim file; ``None`` if empty, torn or unreadable."""
-    text = os.pread(fd, _CLAIM_SIZE, 0).rstrip()
-    if len(text) <= 8:
-        return None
-    body = text[8:]
-    try:
-        if int(text[:8], 16) != zlib.crc32(body):
-            return None
-        info = json.loads(body)
-    except ValueError:
-        return None
-    return info if isinstance(info, dict) else None
-
-
-class _Op:
-    """One journal record waiting to be merged.
-
-    ``kind`` is ``E`` (effect row), ``R`` (run row), ``S`` (signal row), ``V`` (event row)
-    or ``X`` (reset: ``(run row, consumed signal ids)``).
-    """
-
-    __slots__ = ("end", "kind", "row")
-
-    def __init__(self, kind: str, row: tuple[Any, ...], end: int) -> None:
-        self.kind = kind
-        self.row = row
-        self.end = end
-
-
-class DuckDBStore:
+class DuckDBStore(StoreBase):
     """A DuckDB file plus a per-process write-ahead journal. See the module docstring."""
 
     def __init__(
@@ -268,8 +160,8 @@ class DuckDBStore:
         self._dblock = threading.RLock()
         self._wlock = threading.Lock()
         self._con: duckdb.DuckDBPyConnection | None = None
-        self._pending: list[_Op] = []
-        self._unmerged: dict[EffectKey, tuple[EffectRecord, _Op]] = {}
+        self._pending: list[Op] = []
+        self._unmerged: dict[EffectKey, tuple[EffectRecord, Op]] = {}
         # small records read or written lately: a rerun of a notebook cell replays from memory
         # (microseconds) instead of a DuckDB point query (about 0.5 ms)
         self._recent: OrderedDict[EffectKey, EffectRecord] = OrderedDict()
@@ -280,7 +172,7 @@ class DuckDBStore:
         self._merge_error: BaseException | None = None
         # scope -> the pending reset record that forgets it: until that record is merged,
         # DuckDB still holds the scope's old records, which reads must not return
-        self._dropped: dict[str, _Op] = {}
+        self._dropped: dict[str, Op] = {}
         self._cache_epoch = 0  # bumped whenever records leave ``_recent``
         self._deletions_token: object = None  # of the ``deletions`` file, when last checked
         # str, not Path: checked on every cache hit while the file is closed (0.8 us vs 3 us)
@@ -288,18 +180,14 @@ class DuckDBStore:
         self._work_file = str(self._aux / "work")
         self._filters: dict[str, KeyFilter] = {}
         self._filters_lock = threading.Lock()
-        self._claims_lock = threading.Lock()
-        self._effect_claims: dict[Path, tuple[int, str, float]] = {}  # file -> fd, owner, until
+        self._claims = EffectClaims(self._aux / "claims")
         self._work = threading.Condition(threading.Lock())
         self._work_seq = 0  # bumped when this process made work (queued, signalled, released)
         self._local = threading.local()  # per thread: the work token its last look saw
 
         with self._dblock:
             self._connect()  # validates the file, migrates, recovers dead journals
-        self._wal_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
-        self._wal_path = self._aux / "journal" / f"{self._wal_id}.wal"
-        self._wal_fd = self._open_wal(self._wal_path)
-        self._wal_size = 0
+        self._journal = Journal(self._aux / "journal", fsync=self._fsync)
 
         self._wake = threading.Event()
         self._merger = threading.Thread(
@@ -315,14 +203,6 @@ class DuckDBStore:
     @property
     def path(self) -> Path:
         return self._path
-
-    @property
-    def signer(self) -> Signer:
-        return self._signer
-
-    @property
-    def remote(self) -> bool:
-        return False
 
     def __repr__(self) -> str:
         return f"DuckDBStore({str(self._path)!r})"
@@ -417,53 +297,23 @@ class DuckDBStore:
                 "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'"
             ).fetchall()
         }
-        if "dn_meta" not in tables:
-            if tables:
-                raise StoreFormatError(
-                    f"{str(self._path)!r} is a DuckDB database but not a durable_nb store "
-                    f"(it has tables {sorted(tables)[:5]!r} and no dn_meta); "
-                    "choose another store path"
-                )
-            current = 0
-        else:
-            row = con.execute("SELECT value FROM dn_meta WHERE key = 'schema_version'").fetchall()
-            written = con.execute("SELECT value FROM dn_meta WHERE key = 'written_by'").fetchall()
-            current = int(row[0][0]) if row else 0
-            if current > SCHEMA_VERSION:
-                raise StoreVersionError(
-                    f"the store {str(self._path)!r} has schema version {current}, written by "
-                    f"durable_nb {written[0][0] if written else '?'}; this durable_nb "
-                    f"knows schema versions up to {SCHEMA_VERSION}; upgrade durable_nb "
-                    "(pip install -U durable_nb) to use it"
-                )
+        current, written_by = 0, "?"
+        if "dn_meta" in tables:
+            meta = dict(con.execute("SELECT key, value FROM dn_meta").fetchall())
+            current, written_by = int(meta.get("schema_version", 0)), meta.get("written_by", "?")
+        elif tables:
+            raise _migrations.not_a_store(
+                f"the DuckDB database {str(self._path)!r}",
+                list(tables),
+                "choose another store path",
+            )
+        _migrations.check_version(
+            current, written_by, SCHEMA_VERSION, f"the store {str(self._path)!r}"
+        )
         if current == SCHEMA_VERSION:
             return
-
-        con.execute("BEGIN")
-        try:
-            con.execute(
-                "CREATE TABLE IF NOT EXISTS dn_meta (key VARCHAR PRIMARY KEY, value VARCHAR)"
-            )
-            con.execute(
-                "CREATE TABLE IF NOT EXISTS dn_migrations "
-                "(version INTEGER PRIMARY KEY, name VARCHAR, applied_at DOUBLE)"
-            )
-            for version, name, statements in MIGRATIONS:
-                if version <= current:
-                    continue
-                for stmt in statements:
-                    con.execute(stmt)
-                con.execute(
-                    "INSERT INTO dn_migrations VALUES (?, ?, ?)", [version, name, time.time()]
-                )
-            con.execute(
-                "INSERT OR REPLACE INTO dn_meta VALUES ('schema_version', ?), ('written_by', ?)",
-                [str(SCHEMA_VERSION), __version__],
-            )
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
+        with _transaction(con):
+            _migrations.migrate(con.execute, MIGRATIONS, current, BOOKKEEPING)
 
     def _close_connection(self) -> None:
         with self._dblock:
@@ -483,11 +333,6 @@ class DuckDBStore:
             raise StoreError(f"the store {str(self._path)!r} is closed; open a new one")
 
     # ------------------------------------------------------------------ journal
-    def _open_wal(self, path: Path) -> int:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return fd
-
     def _append(
         self,
         ops: list[tuple[str, tuple[Any, ...]]],
@@ -500,31 +345,18 @@ class DuckDBStore:
         ``effects`` (aligned with the first ops) stay readable from memory until merged.
         ``drops``: the scope the last op (a reset) forgets; reads stop seeing its records now.
         """
-        buf = bytearray()
-        for kind, row in ops:
-            body = marshal.dumps((kind, row))
-            buf += _FRAME.pack(len(body), zlib.crc32(body))
-            buf += body
+        buf = frame(ops)
         with self._wlock:
             self._check_open()
             if self._merge_error is not None:
                 raise StoreError(
                     f"the store {str(self._path)!r} could not merge its journal: "
                     f"{self._merge_error!r}; what was written before is safe in the journal "
-                    f"{str(self._wal_path)!r} — free disk space (or fix the error above) and "
-                    "open the store again: the journal is merged then"
+                    f"{str(self._journal.path)!r} — free disk space (or fix the error above) "
+                    "and open the store again: the journal is merged then"
                 ) from self._merge_error
-            n = os.write(self._wal_fd, buf)
-            if n != len(buf):  # a short write on a regular file means the disk is full
-                raise StoreUnavailableError(
-                    f"the journal {str(self._wal_path)!r} accepted {n} of {len(buf)} bytes; "
-                    "free some disk space"
-                )
-            if self._fsync:
-                os.fdatasync(self._wal_fd)
-            self._wal_size += n
-            end = self._wal_size
-            written = [_Op(kind, row, end) for kind, row in ops]
+            end = self._journal.append(buf)
+            written = [Op(kind, row, end) for kind, row in ops]
             self._pending.extend(written)
             for rec, op in zip(effects, written, strict=False):
                 self._unmerged[rec.key] = (rec, op)
@@ -539,58 +371,30 @@ class DuckDBStore:
             self._last_activity = time.monotonic()
             if len(self._pending) >= 2000:
                 self._wake.set()
-        if any(_makes_work(kind, row) for kind, row in ops):
+        if any(makes_work(kind, row) for kind, row in ops):
             self._notify_work()  # in-process waiters; other processes hear of it after the merge
-
-    @staticmethod
-    def _read_frames(path: Path, offset: int) -> tuple[list[tuple[str, tuple[Any, ...]]], int]:
-        """Every intact record after ``offset``; a torn tail (a crash mid-write) is ignored."""
-        data = path.read_bytes()
-        ops: list[tuple[str, tuple[Any, ...]]] = []
-        pos = offset
-        while pos + _FRAME.size <= len(data):
-            length, crc = _FRAME.unpack_from(data, pos)
-            body = data[pos + _FRAME.size : pos + _FRAME.size + length]
-            if len(body) < length or zlib.crc32(body) != crc:
-                break
-            kind, row = marshal.loads(body)
-            ops.append((kind, row))
-            pos += _FRAME.size + length
-        return ops, pos
 
     def _recover_journals(self) -> None:
         """Merge journals whose writer died (caller holds ``_dblock`` and a connection)."""
         con = self._connect()
         offsets = dict(con.execute("SELECT wal_id, merged_offset FROM dn_journal").fetchall())
-        for path in sorted((self._aux / "journal").glob("*.wal")):
-            wal_id = path.stem
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # its writer is alive and merges it itself
-                ops, end = self._read_frames(path, int(offsets.get(wal_id, 0)))
-                if ops:
-                    dropped = self._apply([_Op(k, r, end) for k, r in ops], wal_id, end)
-                    if dropped:
-                        with self._wlock:
-                            self._forget_recent(partial(_in_scopes, dropped))
-                    if any(_makes_work(k, r) for k, r in ops):
-                        self._announce_work()
-                path.unlink()
-                con.execute("DELETE FROM dn_journal WHERE wal_id = ?", [wal_id])
-            finally:
-                os.close(fd)
+        for wal_id, path in dead_journals(self._aux / "journal"):
+            ops, end = read_frames(path, int(offsets.get(wal_id, 0)))
+            if ops:
+                dropped = self._apply([Op(k, r, end) for k, r in ops], wal_id, end)
+                if dropped:
+                    with self._wlock:
+                        self._forget_recent(partial(_in_scopes, dropped))
+                if any(makes_work(k, r) for k, r in ops):
+                    self._announce_work()
+            path.unlink()
+            con.execute("DELETE FROM dn_journal WHERE wal_id = ?", [wal_id])
         live = {p.stem for p in (self._aux / "journal").glob("*.wal")}
         for wal_id in offsets:
             if wal_id not in live:
                 con.execute("DELETE FROM dn_journal WHERE wal_id = ?", [wal_id])
 
-    def _apply(self, ops: list[_Op], wal_id: str, end: int) -> set[str]:
+    def _apply(self, ops: list[Op], wal_id: str, end: int) -> set[str]:
         """Merge journal records into DuckDB in one transaction (caller holds ``_dblock``);
         returns the scopes that resets among them forgot.
 
@@ -603,8 +407,7 @@ class DuckDBStore:
         dropped: set[str] = set()
         if any(op.kind == "X" for op in ops):
             self._announce_deletion()
-        con.execute("BEGIN")
-        try:
+        with _transaction(con):
             batch: dict[str, dict[Any, tuple[Any, ...]]] = {"E": {}, "R": {}, "S": {}, "V": {}}
             for op in ops:
                 if op.kind == "X":
@@ -619,26 +422,16 @@ class DuckDBStore:
                     batch[op.kind][op.row[:2]] = op.row
             self._insert_batch(con, batch)
             con.execute("INSERT OR REPLACE INTO dn_journal VALUES (?, ?)", [wal_id, end])
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
         return dropped
 
     @staticmethod
     def _insert_batch(
         con: duckdb.DuckDBPyConnection, batch: dict[str, dict[Any, tuple[Any, ...]]]
     ) -> None:
-        for kind, table, cols in (
-            ("E", "dn_effects", _EFFECT_COLS),
-            ("R", "dn_runs", _RUN_COLS),
-            ("S", "dn_signals", _SIGNAL_COLS),
-            ("V", "dn_events", _EVENT_COLS),
-        ):
+        for kind, (table, typed) in _TABLES.items():
             rows = list(batch[kind].values())
             if not rows:
                 continue
-            typed = [c.split() for c in cols.split(", ")]
             if len(rows) <= _VALUES_BATCH:
                 row_sql = "(" + ", ".join(f"CAST(? AS {t})" for _, t in typed) + ")"
                 con.execute(
@@ -648,12 +441,12 @@ class DuckDBStore:
                 continue
             import pyarrow as pa
 
-            arrow = pa.table({n: [r[i] for r in rows] for i, (n, _) in enumerate(typed)})
+            arrow = pa.table({f"c{i}": [r[i] for r in rows] for i in range(len(typed))})
             con.register("dn_batch", arrow)
             try:
                 con.execute(
                     f"INSERT OR REPLACE INTO {table} SELECT "
-                    + ", ".join(f"CAST({n} AS {t})" for n, t in typed)
+                    + ", ".join(f"CAST(c{i} AS {t})" for i, (_, t) in enumerate(typed))
                     + " FROM dn_batch"
                 )
             finally:
@@ -683,7 +476,7 @@ class DuckDBStore:
                 [run_id, list(consumed)],
             )
         self._insert_batch(con, {"E": {}, "R": {run_id: row}, "S": {}, "V": {}})
-        keep = {row[i] for i in _RUN_TABLE_COLS}
+        keep = {row[i] for i in _rows.RUN_TABLE_COLUMNS}
         names += [n for n in (old[0] if old else ()) if n and n not in keep]
         for name in names:
             con.execute(f'DROP TABLE IF EXISTS "{name}"')
@@ -697,7 +490,7 @@ class DuckDBStore:
             if not ops:
                 return
             try:
-                self._apply(ops, self._wal_id, ops[-1].end)
+                self._apply(ops, self._journal.wal_id, ops[-1].end)
             except BaseException:
                 with self._wlock:
                     self._pending[:0] = ops
@@ -715,25 +508,19 @@ class DuckDBStore:
                         scope = run_scope(op.row[0][0])
                         if self._dropped.get(scope) is op:
                             del self._dropped[scope]
-                    work = work or _makes_work(op.kind, op.row)
+                    work = work or makes_work(op.kind, op.row)
                 if not self._pending:
                     unlocks, self._deferred_unlocks = self._deferred_unlocks, []
                     for fd in unlocks:
-                        _unlock(fd)
-                    if self._wal_size > 64 * 2**20:
+                        unlock(fd)
+                    if self._journal.size > ROTATE_SIZE:
                         self._rotate_wal()
             if unlocks or work:
                 self._announce_work()
 
     def _rotate_wal(self) -> None:
         """Start a fresh journal once the old one is fully merged (holds both locks)."""
-        old_fd, old_path, old_id = self._wal_fd, self._wal_path, self._wal_id
-        self._wal_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
-        self._wal_path = self._aux / "journal" / f"{self._wal_id}.wal"
-        self._wal_fd = self._open_wal(self._wal_path)
-        self._wal_size = 0
-        old_path.unlink()
-        os.close(old_fd)
+        old_id = self._journal.rotate()
         assert self._con is not None
         self._con.execute("DELETE FROM dn_journal WHERE wal_id = ?", [old_id])
 
@@ -808,7 +595,7 @@ class DuckDBStore:
 
     def _validate_cache(self) -> None:
         """Empty the read cache if another process deleted records (caller holds ``_wlock``)."""
-        token = _file_token(self._deletions_file)
+        token = file_token(self._deletions_file)
         if token != self._deletions_token:
             self._forget_recent(lambda k, r: True)
             self._deletions_token = token
@@ -819,8 +606,8 @@ class DuckDBStore:
         between costs them a cache, never a stale read."""
         with self._wlock:
             self._validate_cache()
-            _touch(self._deletions_file)
-            self._deletions_token = _file_token(self._deletions_file)
+            touch(self._deletions_file)
+            self._deletions_token = file_token(self._deletions_file)
 
     def _delete_effects_where(
         self, where: str, params: list[Any], matches: Callable[[EffectKey, EffectRecord], bool]
@@ -835,72 +622,17 @@ class DuckDBStore:
                 ).fetchall()
             ]
             self._announce_deletion()
-            con.execute("BEGIN")
-            try:
+            with _transaction(con):
                 row = con.execute(f"SELECT count(*) FROM dn_effects WHERE {where}", params)
                 count = int(row.fetchall()[0][0])
                 con.execute(f"DELETE FROM dn_effects WHERE {where}", params)
                 for name in names:
                     con.execute(f'DROP TABLE IF EXISTS "{name}"')
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
             with self._wlock:
                 self._forget_recent(matches)
         return count
 
     # ------------------------------------------------------------------ effects
-    @staticmethod
-    def _effect_row(rec: EffectRecord, table_name: str | None) -> tuple[Any, ...]:
-        p = rec.payload
-        return (
-            rec.scope,
-            rec.identity,
-            rec.version,
-            rec.input_hash,
-            rec.occurrence,
-            p.codec,
-            p.data,
-            table_name if p.table is not None else None,
-            rec.is_error,
-            rec.kind,
-            rec.seq,
-            rec.started_at,
-            rec.duration,
-            rec.detail,
-        )
-
-    def _effect_from_row(self, row: tuple[Any, ...]) -> EffectRecord:
-        payload = self._read_payload(row[5], row[6], row[7])
-        assert payload is not None
-        return EffectRecord(
-            scope=row[0],
-            identity=row[1],
-            version=row[2],
-            input_hash=row[3],
-            occurrence=row[4],
-            payload=payload,
-            is_error=row[8],
-            kind=row[9],
-            seq=row[10],
-            started_at=row[11],
-            duration=row[12],
-            detail=row[13],
-        )
-
-    def submit(
-        self,
-        done: WriteDone,
-        *,
-        effects: Sequence[EffectRecord] = (),
-        runs: Sequence[RunRecord] = (),
-        events: Sequence[EventRecord] = (),
-        loop: asyncio.AbstractEventLoop | None = None,
-    ) -> None:
-        # a journal append: quick enough to do at once, on the caller's thread
-        submit_now(self, done, effects, runs, events)
-
     # the key filters of notebook and shared scopes (``_keyfilter.py``): a miss there is
     # answered without a query
     def _key_filter(self, scope: str) -> KeyFilter | None:
@@ -963,7 +695,7 @@ class DuckDBStore:
             if rec.payload.table is not None:
                 name = _table_name("e", rec.key)
                 self._write_table(name, rec.payload.table)
-            ops.append(("E", self._effect_row(rec, name)))
+            ops.append(("E", _rows.effect_row(rec, name)))
         self._append(ops, records)
 
     def get_effect(self, key: EffectKey) -> EffectRecord | None:
@@ -991,12 +723,45 @@ class DuckDBStore:
             ).fetchall()
         if not row:
             return None
-        rec = self._effect_from_row(row[0])
+        rec = _rows.effect_from_row(row[0], self._read_payload)
         with self._wlock:
             # unless a write or a deletion of the key came in meanwhile
             if epoch == self._cache_epoch and key not in self._recent and key not in self._unmerged:
                 self._remember(rec)
         return rec
+
+    def get_effects(self, keys: Sequence[EffectKey]) -> list[EffectRecord | None]:
+        """The records of many keys (a map's items): one query for the keys the read cache
+        leaves open, not one each (nor a key filter look-up each: the query answers a miss
+        as fast)."""
+        out: list[EffectRecord | None] = [None] * len(keys)
+        open_: dict[EffectKey, int] = {}
+        with self._wlock:
+            if self._con is None:
+                self._validate_cache()
+            for n, key in enumerate(keys):
+                rec = self._recent.get(key)
+                if rec is None and (entry := self._unmerged.get(key)) is not None:
+                    rec = entry[0]
+                if rec is not None:
+                    out[n] = rec
+                elif key[0] not in self._dropped:
+                    open_[key] = n
+        groups: dict[tuple[str, str, str], list[str]] = {}
+        for k in open_:  # a map's keys share scope, identity and version
+            groups.setdefault(k[:3], []).append(k[3])
+        for head, hashes in groups.items():
+            with self._db() as con:  # one semi-join per group, the hashes as one list
+                rows = con.execute(
+                    "SELECT * FROM dn_effects WHERE scope = ? AND identity = ? AND version = ? "
+                    "AND input_hash IN (SELECT unnest(?::VARCHAR[]))",
+                    [*head, sorted(set(hashes))],
+                ).fetchall()
+            for row in rows:
+                rec = _rows.effect_from_row(row, self._read_payload)
+                if rec.key in open_:
+                    out[open_[rec.key]] = rec
+        return out
 
     def load_effects(self, scope: str) -> list[EffectRecord]:
         self.flush()
@@ -1004,96 +769,42 @@ class DuckDBStore:
             rows = con.execute(
                 "SELECT * FROM dn_effects WHERE scope = ? ORDER BY seq, started_at", [scope]
             ).fetchall()
-        return [self._effect_from_row(r) for r in rows]
+        return [_rows.effect_from_row(r, self._read_payload) for r in rows]
+
+    def _effect_scopes(self, prefix: str) -> list[str]:
+        self.flush()
+        with self._db() as con:
+            rows = con.execute(
+                "SELECT DISTINCT scope FROM dn_effects WHERE starts_with(scope, ?) ORDER BY scope",
+                [prefix],
+            ).fetchall()
+        return sorted(str(r[0]) for r in rows)
 
     def delete_effects(self, scope: str) -> int:
         return self._delete_effects_where("scope = ?", [scope], lambda k, r: k[0] == scope)
 
-    def prune_effects(self, scope_prefix: str, older_than: float) -> int:
-        if not isinstance(scope_prefix, str):
-            raise ArgumentTypeError(
-                f"scope_prefix must be a str such as 'top/' or 'shared', got {scope_prefix!r}"
-            )
-        if isinstance(older_than, bool) or not isinstance(older_than, (int, float)):
-            raise ArgumentTypeError(
-                f"older_than must be a time in epoch seconds (a number), got {older_than!r}"
-            )
-        limit = float(older_than)
+    def _prune_effects(self, scope_prefix: str, older_than: float) -> int:
         return self._delete_effects_where(
             "starts_with(scope, ?) AND started_at < ?",
-            [scope_prefix, limit],
-            lambda k, r: k[0].startswith(scope_prefix) and r.started_at < limit,
+            [scope_prefix, older_than],
+            lambda k, r: k[0].startswith(scope_prefix) and r.started_at < older_than,
         )
 
     # ------------------------------------------------------------------ effect claims
-    def _claim_path(self, key: EffectKey) -> Path:
-        import xxhash
-
-        return self._aux / "claims" / f"{xxhash.xxh3_128_hexdigest(repr(key).encode())}.claim"
-
-    def claim_effect(self, key: EffectKey, owner: str, seconds: float) -> bool:
-        """A claim is a ``flock`` on a file per key, held by the claiming process until
-        ``release_effect`` (or its death), plus the owner and expiry written in the file.
-        Another process's claim counts while it holds the lock and its expiry is ahead;
-        claims within this process are decided by owner and expiry alone."""
-        if not isinstance(owner, str) or not owner:
-            raise ArgumentTypeError(f"owner must be a non-empty str, got {owner!r}")
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:
-            raise ArgumentError(f"seconds must be a number of seconds >= 0, got {seconds!r}")
+    def _claim_effect(self, key: EffectKey, owner: str, seconds: float) -> bool:
+        """A claim is a ``flock`` on a file per key (``_lockfiles.EffectClaims``)."""
         self._check_open()
-        path = self._claim_path(key)
-        now = time.time()
-        until = now + float(seconds)
-        with self._claims_lock:
-            held = self._effect_claims.get(path)
-            if held is not None:
-                fd, holder, held_until = held
-                if holder != owner and held_until > now:
-                    return False
-                _write_claim(fd, owner, until)
-                self._effect_claims[path] = (fd, owner, until)
-                return True
-            while True:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    info = _read_claim(fd)
-                    os.close(fd)
-                    if info is None:  # being written right now: someone is claiming it
-                        return False
-                    # a live process holds it; its claim lapsed unless it is ahead of now
-                    return bool(info.get("owner") == owner[:200]) or not (
-                        float(info.get("until", 0)) > now
-                    )
-                try:
-                    same = os.fstat(fd).st_ino == os.stat(path).st_ino
-                except FileNotFoundError:
-                    same = False
-                if same:
-                    break
-                os.close(fd)  # its holder released it (and removed the file) meanwhile
-            _write_claim(fd, owner, until)
-            self._effect_claims[path] = (fd, owner, until)
-            return True
+        return self._claims.claim(key, owner, seconds)
 
     def release_effect(self, key: EffectKey, owner: str) -> None:
-        path = self._claim_path(key)
-        with self._claims_lock:
-            held = self._effect_claims.get(path)
-            if held is None or held[1] != owner:
-                return
-            del self._effect_claims[path]
-            # removed while still locked, so a claimer never locks a file nobody can see
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            os.close(held[0])
+        self._claims.release(key, owner)
 
     # ------------------------------------------------------------------ runs
     def _run_row(self, run: RunRecord) -> tuple[Any, ...]:
         """The journal row of a run; stores its table payloads first."""
         names: list[str | None] = []
-        for part, p in (("args", run.args), ("result", run.result), ("error", run.error)):
+        for part in _rows.RUN_PAYLOADS:
+            p: Payload | None = getattr(run, part)
             name = None
             if p is not None and p.table is not None:
                 # per generation: a reset writes new tables without touching the ones the
@@ -1101,88 +812,23 @@ class DuckDBStore:
                 name = _table_name("r", (run.run_id, part, run.generation))
                 self._write_table(name, p.table)
             names.append(name)
-        return (
-            run.run_id,
-            run.workflow,
-            run.status,
-            run.created_at,
-            run.updated_at,
-            *_payload_cols(run.args, names[0]),
-            *_payload_cols(run.result, names[1]),
-            *_payload_cols(run.error, names[2]),
-            run.custom_status,
-            run.status_version,
-            run.parent_id,
-            run.executions,
-            run.detail,
-            run.input_hash,
-            run.code_version,
-            run.generation,
-            run.version,
-        )
+        return _rows.run_row(run, names)
 
     def put_run(self, run: RunRecord) -> None:
         self._append([("R", self._run_row(run))])
-
-    def _run_from_row(self, r: tuple[Any, ...]) -> RunRecord:
-        return RunRecord(
-            run_id=r[0],
-            workflow=r[1],
-            status=r[2],
-            created_at=r[3],
-            updated_at=r[4],
-            args=self._read_payload(r[5], r[6], r[7]),
-            result=self._read_payload(r[8], r[9], r[10]),
-            error=self._read_payload(r[11], r[12], r[13]),
-            custom_status=r[14],
-            status_version=r[15],
-            parent_id=r[16],
-            executions=r[17],
-            detail=r[18],
-            input_hash=r[19],
-            code_version=r[20],
-            generation=r[21],
-            version=r[22],
-        )
 
     def get_run(self, run_id: str) -> RunRecord | None:
         self.flush()
         with self._db() as con:
             row = con.execute("SELECT * FROM dn_runs WHERE run_id = ?", [run_id]).fetchall()
-        return self._run_from_row(row[0]) if row else None
+        return _rows.run_from_row(row[0], self._read_payload) if row else None
 
-    def list_runs(
-        self,
-        *,
-        status: str | None = None,
-        workflow: str | None = None,
-        parent_id: str | None = None,
-        updated_after: float | None = None,
-        updated_before: float | None = None,
-        limit: int = 1000,
-    ) -> list[RunRecord]:
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-            raise ArgumentError(f"limit must be an int >= 0, got {limit!r}")
-        where: list[str] = []
-        params: list[Any] = []
-        for cond, value in (
-            ("status = ?", status),
-            ("workflow = ?", workflow),
-            ("parent_id = ?", parent_id),
-            ("updated_at >= ?", updated_after),
-            ("updated_at < ?", updated_before),
-        ):
-            if value is not None:
-                where.append(cond)
-                params.append(value)
-        sql = "SELECT * FROM dn_runs"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created_at DESC, run_id DESC LIMIT ?"
+    def _list_runs(self, query: RunQuery) -> list[RunRecord]:
+        clause, params = query.sql("?")
         self.flush()
         with self._db() as con:
-            rows = con.execute(sql, [*params, limit]).fetchall()
-        return [self._run_from_row(r) for r in rows]
+            rows = con.execute("SELECT * FROM dn_runs" + clause, params).fetchall()
+        return [_rows.run_from_row(r, self._read_payload) for r in rows]
 
     def delete_run(self, run_id: str) -> bool:
         scopes = list(run_scopes(run_id))
@@ -1202,60 +848,24 @@ class DuckDBStore:
                 ).fetchall()
             ]
             self._announce_deletion()
-            con.execute("BEGIN")
-            try:
+            with _transaction(con):
                 con.execute("DELETE FROM dn_runs WHERE run_id = ?", [run_id])
                 con.execute("DELETE FROM dn_signals WHERE run_id = ?", [run_id])
                 con.execute("DELETE FROM dn_events WHERE run_id = ?", [run_id])
                 con.execute("DELETE FROM dn_effects WHERE list_contains(?, scope)", [scopes])
                 for name in names:
                     con.execute(f'DROP TABLE IF EXISTS "{name}"')
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
             with self._wlock:
                 self._forget_recent(lambda k, r: k[0] in scopes)
         return bool(row)
 
-    def reset_run(self, run: RunRecord, consumed_signals: Sequence[str]) -> None:
-        if not isinstance(run, RunRecord):
-            raise ArgumentTypeError(f"run must be a RunRecord, got {run!r}")
-        if isinstance(consumed_signals, (str, bytes)) or not all(
-            isinstance(s, str) for s in consumed_signals
-        ):
-            raise ArgumentTypeError(
-                f"consumed_signals must be a list of signal ids (str), got {consumed_signals!r}"
-            )
+    def _reset_run(self, run: RunRecord, consumed_signals: tuple[str, ...]) -> None:
         row = self._run_row(run)
         # one journal record, merged in one transaction: after a crash all of it or none
-        self._append([("X", (row, tuple(consumed_signals)))], drops=run_scope(run.run_id))
+        self._append([("X", (row, consumed_signals))], drops=run_scope(run.run_id))
 
     def acquire_run(self, run_id: str, owner: str) -> RunLease:
-        import xxhash
-
-        path = self._aux / "locks" / f"{xxhash.xxh3_128_hexdigest(run_id.encode())}.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
-            except ValueError:
-                holder = {}
-            os.close(fd)
-            raise RunLockedError(
-                f"run {run_id!r} is being executed by process {holder.get('pid', '?')} on "
-                f"{holder.get('host', '?')} ({holder.get('owner', '?')}, since "
-                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('since', 0)))}); "
-                "wait for it to finish, or stop that process and start the run again"
-            ) from None
-        info = {
-            "owner": owner,
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "since": time.time(),
-        }
+        fd = lock_run(self._aux / "locks", run_id, owner)
         try:
             # a previous holder that died may have left records in its journal: merge them
             # before this process reads the run's history
@@ -1268,8 +878,7 @@ class DuckDBStore:
         except BaseException:
             os.close(fd)
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
+        say_holder(fd, owner)
         self._run_locks[run_id] = fd
 
         def release() -> None:
@@ -1278,7 +887,7 @@ class DuckDBStore:
             # the next holder reads the run from DuckDB: merge our records before letting go;
             # if the file is busy, the merge thread lets go after its next successful merge
             if self._closed:  # close() merged (or failed to) already
-                _unlock(fd)
+                unlock(fd)
                 return
             try:
                 self.flush()
@@ -1286,17 +895,12 @@ class DuckDBStore:
                 with self._wlock:
                     self._deferred_unlocks.append(fd)
                 return
-            _unlock(fd)
+            unlock(fd)
             self._announce_work()
 
         return RunLease(run_id, owner, release)
 
-    def claim_run(self, owner: str, workflows: Sequence[str]) -> tuple[RunRecord, RunLease] | None:
-        if isinstance(workflows, (str, bytes)) or not all(isinstance(w, str) for w in workflows):
-            raise ArgumentTypeError(
-                f"workflows must be a list of workflow names (str), got {workflows!r}"
-            )
-        wanted = list(dict.fromkeys(workflows))
+    def _claim_run(self, owner: str, wanted: list[str]) -> tuple[RunRecord, RunLease] | None:
         # what wait_for_work compares with: work that arrives after this look wakes it
         self._local.work_token = self._work_token()
         if not wanted:
@@ -1330,7 +934,7 @@ class DuckDBStore:
     # ------------------------------------------------------------------ waiting for work
     def _work_token(self) -> tuple[int, object]:
         with self._work:
-            return (self._work_seq, _file_token(self._work_file))
+            return (self._work_seq, file_token(self._work_file))
 
     def _notify_work(self) -> None:
         with self._work:
@@ -1340,7 +944,7 @@ class DuckDBStore:
     def _announce_work(self) -> None:
         """A run may have become claimable: wake waiters here and in other processes."""
         with contextlib.suppress(OSError):
-            _touch(self._work_file)
+            touch(self._work_file)
         self._notify_work()
 
     def wait_for_work(self, timeout: float) -> None:
@@ -1355,7 +959,7 @@ class DuckDBStore:
         seen = getattr(self._local, "work_token", None)
         with self._work:
             while True:
-                token = (self._work_seq, _file_token(self._work_file))
+                token = (self._work_seq, file_token(self._work_file))
                 if seen is None:
                     seen = token
                 elif token != seen:
@@ -1373,9 +977,7 @@ class DuckDBStore:
         return self._aux / "inbox" / xxhash.xxh3_128_hexdigest(run_id.encode())
 
     def add_signal(self, signal: SignalRecord) -> None:
-        self._append(
-            [("S", (signal.run_id, signal.signal_id, signal.name, signal.payload, signal.sent_at))]
-        )
+        self._append([("S", _rows.signal_row(signal))])
         # merged before the inbox is touched, so a waiting process that sees the touch and
         # opens the file also sees the signal; the journal write above already made it durable
         try:
@@ -1392,7 +994,7 @@ class DuckDBStore:
             rows = con.execute(
                 "SELECT * FROM dn_signals WHERE run_id = ? ORDER BY sent_at, signal_id", [run_id]
             ).fetchall()
-        return [SignalRecord(*r) for r in rows]
+        return [_rows.signal_from_row(r) for r in rows]
 
     def inbox_token(self, run_id: str) -> object:
         try:
@@ -1402,7 +1004,7 @@ class DuckDBStore:
         return (st.st_size, st.st_mtime_ns)
 
     def append_events(self, events: Sequence[EventRecord]) -> None:
-        self._append([("V", (e.run_id, e.event_id, e.ts, e.kind, e.data)) for e in events])
+        self._append([("V", _rows.event_row(e)) for e in events])
 
     def load_events(self, run_id: str) -> list[EventRecord]:
         self.flush()
@@ -1410,7 +1012,7 @@ class DuckDBStore:
             rows = con.execute(
                 "SELECT * FROM dn_events WHERE run_id = ? ORDER BY ts, event_id", [run_id]
             ).fetchall()
-        return [EventRecord(*r) for r in rows]
+        return [_rows.event_from_row(r) for r in rows]
 
     # ------------------------------------------------------------------ lifecycle
     def flush(self) -> None:
@@ -1431,11 +1033,7 @@ class DuckDBStore:
                 self._merger.join(timeout=5)
             self._close_connection()
             with self._wlock:
-                fully_merged = not self._pending
-                os.close(self._wal_fd)
-                if fully_merged:
-                    with contextlib.suppress(OSError):
-                        self._wal_path.unlink()
+                self._journal.close(merged=not self._pending)
             for fd in [*self._run_locks.values(), *self._deferred_unlocks]:
                 with contextlib.suppress(OSError):
                     os.close(fd)
@@ -1445,10 +1043,4 @@ class DuckDBStore:
                 for f in self._filters.values():
                     f.close()
                 self._filters.clear()
-            with self._claims_lock:
-                for path, (fd, _, _) in self._effect_claims.items():
-                    with contextlib.suppress(OSError):
-                        path.unlink()  # while still locked (see release_effect)
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
-                self._effect_claims.clear()
+            self._claims.close()

@@ -12,28 +12,16 @@ from typing import TYPE_CHECKING
 
 from .._journal import run_scope
 from ..errors import RunLockedError
-from ._protocol import (
-    CLAIMABLE_STATUSES,
-    EffectKey,
-    EffectRecord,
-    EventRecord,
-    RunLease,
-    RunRecord,
-    SignalRecord,
-    WriteDone,
-    run_scopes,
-    submit_now,
-)
+from ._base import RunQuery, StoreBase
+from ._protocol import CLAIMABLE_STATUSES, RunLease, run_scopes
 
 if TYPE_CHECKING:
-    import asyncio
-
-    from .._codecs import Signer
+    from ._protocol import EffectKey, EffectRecord, EventRecord, RunRecord, SignalRecord
 
 __all__ = ["MemoryStore"]
 
 
-class MemoryStore:
+class MemoryStore(StoreBase):
     """Everything in dicts; lost when the process ends. ``url`` is ``":memory:"``."""
 
     def __init__(self, *, key: bytes | None = None) -> None:
@@ -59,25 +47,6 @@ class MemoryStore:
     def url(self) -> str:
         return ":memory:"
 
-    @property
-    def signer(self) -> Signer:
-        return self._signer
-
-    @property
-    def remote(self) -> bool:
-        return False
-
-    def submit(
-        self,
-        done: WriteDone,
-        *,
-        effects: Sequence[EffectRecord] = (),
-        runs: Sequence[RunRecord] = (),
-        events: Sequence[EventRecord] = (),
-        loop: asyncio.AbstractEventLoop | None = None,
-    ) -> None:
-        submit_now(self, done, effects, runs, events)  # dict updates: done at once
-
     def put_effects(self, records: Sequence[EffectRecord]) -> None:
         with self._lock:
             for rec in records:
@@ -93,6 +62,10 @@ class MemoryStore:
             recs = [replace(r) for k, r in self._effects.items() if k[0] == scope]
         recs.sort(key=lambda r: (r.seq, r.started_at))
         return recs
+
+    def _effect_scopes(self, prefix: str) -> list[str]:
+        with self._lock:
+            return sorted({k[0] for k in self._effects if k[0].startswith(prefix)})
 
     def delete_effects(self, scope: str) -> int:
         with self._lock:
@@ -112,28 +85,11 @@ class MemoryStore:
             run = self._runs.get(run_id)
             return replace(run) if run is not None else None
 
-    def list_runs(
-        self,
-        *,
-        status: str | None = None,
-        workflow: str | None = None,
-        parent_id: str | None = None,
-        updated_after: float | None = None,
-        updated_before: float | None = None,
-        limit: int = 1000,
-    ) -> list[RunRecord]:
+    def _list_runs(self, query: RunQuery) -> list[RunRecord]:
         with self._lock:
-            runs = [
-                replace(r)
-                for r in self._runs.values()
-                if (status is None or r.status == status)
-                and (workflow is None or r.workflow == workflow)
-                and (parent_id is None or r.parent_id == parent_id)
-                and (updated_after is None or r.updated_at >= updated_after)
-                and (updated_before is None or r.updated_at < updated_before)
-            ]
+            runs = [replace(r) for r in self._runs.values() if query.matches(r)]
         runs.sort(key=lambda r: (r.created_at, r.run_id), reverse=True)
-        return runs[:limit]
+        return runs[: query.limit]
 
     def delete_run(self, run_id: str) -> bool:
         with self._lock:
@@ -144,7 +100,7 @@ class MemoryStore:
                 self.delete_effects(scope)
         return existed
 
-    def reset_run(self, run: RunRecord, consumed_signals: Sequence[str]) -> None:
+    def _reset_run(self, run: RunRecord, consumed_signals: tuple[str, ...]) -> None:
         with self._lock:
             self._runs[run.run_id] = replace(run)
             self.delete_effects(run_scope(run.run_id))
@@ -152,7 +108,7 @@ class MemoryStore:
             for sid in consumed_signals:
                 sigs.pop(sid, None)
 
-    def claim_run(self, owner: str, workflows: Sequence[str]) -> tuple[RunRecord, RunLease] | None:
+    def _claim_run(self, owner: str, workflows: list[str]) -> tuple[RunRecord, RunLease] | None:
         wanted = set(workflows)
         with self._lock:
             self._work_seen.seq = self._work_seq
@@ -182,7 +138,7 @@ class MemoryStore:
             self._work_seq += 1
             self._work.notify_all()
 
-    def prune_effects(self, scope_prefix: str, older_than: float) -> int:
+    def _prune_effects(self, scope_prefix: str, older_than: float) -> int:
         with self._lock:
             doomed = [
                 k
@@ -193,7 +149,7 @@ class MemoryStore:
                 del self._effects[k]
             return len(doomed)
 
-    def claim_effect(self, key: EffectKey, owner: str, seconds: float) -> bool:
+    def _claim_effect(self, key: EffectKey, owner: str, seconds: float) -> bool:
         now = time.time()
         with self._lock:
             held = self._claims.get(key)

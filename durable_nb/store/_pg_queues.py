@@ -28,6 +28,7 @@ from psycopg import sql
 
 from .._journal import FINAL_STATUSES
 from ..errors import ArgumentError, DuplicateRunError
+from ._base import StoreBase
 from ._pg_schema import CLAIMABLE
 from ._pg_session import gone
 from ._protocol import RunLease, RunRecord
@@ -150,9 +151,10 @@ def _spec(row: Sequence[Any]) -> QueueSpec:
     return QueueSpec(row[0], row[1], row[2], row[3], row[4], bool(row[5]))
 
 
-class PgQueues:
+class PgQueues(StoreBase):
     """What :class:`~._postgres.PostgresStore` does for queues, sessions and workers (it
-    inherits this class and provides the connection, lease and record helpers below)."""
+    inherits this class, with :class:`~._base.StoreBase`'s checked public calls, and
+    provides the connection, lease and record helpers below)."""
 
     _qq: dict[str, str]
     _seen_keys: dict[str, str]  # node id -> the liveness-session key its worker row names

@@ -70,34 +70,27 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from .._journal import run_scope
-from .._version import __version__
+from .._arrow_ipc import ipc_bytes, read_ipc
+from .._journal import run_of_scope, run_scope
 from ..errors import (
     ArgumentError,
     ArgumentTypeError,
     RunLockedError,
     StoreError,
-    StoreFormatError,
     StoreUnavailableError,
-    StoreVersionError,
 )
-from ._pg_commit import Done, GroupCommit, LoopCommit, Statement
+from . import _migrations, _rows
+from ._base import RunQuery
+from ._pg_commit import Done, GroupCommit, LoopCommit, Sql, Statement
 from ._pg_queues import PgQueues, queue_statements
-from ._pg_schema import EFFECT_KEY_COLS, MIGRATIONS, SCHEMA_VERSION, statements
+from ._pg_schema import BOOKKEEPING, EFFECT_KEY_COLS, MIGRATIONS, SCHEMA_VERSION, statements
 from ._pg_session import TAKEOVER_GRACE, Session, session_key_of
-from ._protocol import (
-    EffectKey,
-    EffectRecord,
-    EventRecord,
-    RunLease,
-    RunRecord,
-    SignalRecord,
-    run_scopes,
-)
+from ._protocol import RunLease, run_scopes
 from ._queues import Node, Route
 
 if TYPE_CHECKING:
-    from .._codecs import Payload, Signer
+    from .._codecs import Payload
+    from ._protocol import EffectKey, EffectRecord, EventRecord, RunRecord, SignalRecord
 
 __all__ = ["DEFAULT_SCHEMA", "MIGRATIONS", "SCHEMA_VERSION", "PostgresStore"]
 
@@ -108,6 +101,10 @@ _Conn = psycopg.Connection[tuple[Any, ...]]
 DEFAULT_SCHEMA = "durable_nb"
 _SCHEMA_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _MIN_KEY = 16
+#: seconds between two looks for runs held by processes that died, by one store's claims:
+#: the look probes the session lock of every live lease, and idle workers are woken by every
+#: queued run and every released lease (4 workers looked ~30 times a run without a limit)
+_CONDEMN_EVERY = 1.0
 
 
 def _check_schema(schema: object) -> str:
@@ -202,35 +199,18 @@ def _resolve_key(key: bytes | str | None) -> bytes | None:
     return bytes(key)
 
 
-def _ipc(table: object | None) -> bytes | None:
-    if table is None:
-        return None
-    import pyarrow as pa
-
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:  # type: ignore[attr-defined]
-        writer.write_table(table)
-    data: bytes = sink.getvalue().to_pybytes()
-    return data
-
-
 def _payload(codec: str | None, data: bytes | None, table_ipc: bytes | None) -> Payload | None:
+    """A payload read back (``_rows.ReadPayload``): its table was kept as an IPC stream."""
     from .._codecs import Payload
 
     if codec is None:
         return None
-    table = None
-    if table_ipc is not None:
-        import pyarrow as pa
-
-        table = pa.ipc.open_stream(pa.py_buffer(table_ipc)).read_all()
+    table = read_ipc(table_ipc) if table_ipc is not None else None
     return Payload(codec, data if data is not None else b"", table)
 
 
-def _payload_cols(p: Payload | None) -> tuple[Any, Any, Any]:
-    if p is None:
-        return (None, None, None)
-    return (p.codec, p.data, _ipc(p.table))
+def _ipc(p: Payload | None) -> bytes | None:
+    return ipc_bytes(p.table) if p is not None and p.table is not None else None
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
@@ -248,16 +228,19 @@ def _first_line(e: BaseException) -> str:
 class _WorkSignal:
     """Wake-ups for ``wait_for_work``, never missed: a counter each waiting thread compares
     with the value it saw last (an Event cleared by one waiter would hide a wake-up from
-    another thread of the same process, such as a worker and a job watcher)."""
+    another thread of the same process, such as a worker and a job watcher). ``claimable``
+    counts the wake-ups that may mean a run to claim (not a run that ended, not a signal)."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._seq = 0
+        self.claimable = 0
         self._seen = threading.local()
 
-    def set(self) -> None:
+    def set(self, claimable: bool = True) -> None:
         with self._cond:
             self._seq += 1
+            self.claimable += claimable
             self._cond.notify_all()
 
     def mark(self) -> None:
@@ -281,6 +264,8 @@ class PostgresStore(PgQueues):
     that stopped renewing (it renews every third of it). ``pool_size``: connections this
     process may use at once. ``connect_timeout``: seconds to wait for the server.
     """
+
+    _remote = True
 
     def __init__(
         self,
@@ -335,16 +320,28 @@ class PostgresStore(PgQueues):
         self._lock = threading.Lock()
         self._held: dict[str, str] = {}  # lease token -> run id, renewed by the heartbeat
         self._lease_objs: dict[str, RunLease] = {}  # lease token -> the holder's RunLease
+        # run id -> the token of the lease this store took for it, kept after the lease was
+        # lost (until released): the run's writes commit only while that lease is live
+        self._fences: dict[str, str] = {}
+        self._next_condemn = 0.0  # monotonic time of the next look for dead holders' runs
+        # workflows -> (claimable wake-ups seen, until when) after a claim found nothing
+        self._idle: dict[tuple[str, ...], tuple[int, float]] = {}
         self._stop = threading.Event()
         self._work = _WorkSignal()
         self._heartbeat: threading.Thread | None = None
         self._listener: threading.Thread | None = None
         name = f"durable_nb-pg-{self._schema}"
         self._session = Session(self._conninfo, self._connect_kwargs, self._session_lost, name)
-        self._writer = GroupCommit(
-            lambda: psycopg.connect(self._conninfo, **self._connect_kwargs),
+        self._sql = Sql(
             self._q["put_effect"],
             self._q["put_effects"],
+            self._q["put_effect_fenced"],
+            self._q["put_effects_fenced"],
+            self._q["fence"],
+        )
+        self._writer = GroupCommit(
+            lambda: psycopg.connect(self._conninfo, **self._connect_kwargs),
+            self._sql,
             self._translate,
             name,
         )
@@ -382,14 +379,6 @@ class PostgresStore(PgQueues):
         return self._schema
 
     @property
-    def signer(self) -> Signer:
-        return self._signer
-
-    @property
-    def remote(self) -> bool:
-        return True
-
-    @property
     def lease_seconds(self) -> float:
         return self._lease_seconds
 
@@ -418,13 +407,12 @@ class PostgresStore(PgQueues):
         return int(meta.get("schema_version", 0)), str(meta.get("written_by", "?")), tables
 
     def _check_version(self, current: int, written_by: str) -> None:
-        if current > SCHEMA_VERSION:
-            raise StoreVersionError(
-                f"the PostgreSQL store {self._url!r} (schema {self._schema!r}) has schema "
-                f"version {current}, written by durable_nb {written_by}; this durable_nb knows "
-                f"schema versions up to {SCHEMA_VERSION}; upgrade durable_nb "
-                "(pip install -U durable_nb) to use it"
-            )
+        _migrations.check_version(
+            current,
+            written_by,
+            SCHEMA_VERSION,
+            f"the PostgreSQL store {self._url!r} (schema {self._schema!r})",
+        )
 
     def _migrate(self, conn: _Conn) -> None:
         current, written_by, _ = self._read_version(conn)
@@ -449,37 +437,16 @@ class PostgresStore(PgQueues):
             if current == SCHEMA_VERSION:
                 return
             if current == 0 and tables:
-                raise StoreFormatError(
-                    f"the schema {self._schema!r} of {self._url!r} has tables {tables[:5]!r} "
-                    "but is not a durable_nb store (no dn_meta table); choose another schema "
-                    "with ?schema=NAME in the store URL"
+                raise _migrations.not_a_store(
+                    f"the schema {self._schema!r} of {self._url!r}",
+                    tables,
+                    "choose another schema with ?schema=NAME in the store URL",
                 )
-            conn.execute(
-                sql.SQL(
-                    "CREATE TABLE IF NOT EXISTS {}.dn_meta (key text PRIMARY KEY, value text)"
-                ).format(s)
-            )
-            conn.execute(
-                sql.SQL(
-                    "CREATE TABLE IF NOT EXISTS {}.dn_migrations (version integer PRIMARY KEY, "
-                    "name text NOT NULL, applied_at timestamptz NOT NULL, written_by text)"
-                ).format(s)
-            )
-            for version, name, statements in MIGRATIONS:
-                if version <= current:
-                    continue
-                for stmt in statements:
-                    conn.execute(sql.SQL(stmt).format(s=s))
-                conn.execute(
-                    sql.SQL("INSERT INTO {}.dn_migrations VALUES (%s, %s, now(), %s)").format(s),
-                    [version, name, __version__],
-                )
-            conn.execute(
-                sql.SQL(
-                    "INSERT INTO {}.dn_meta VALUES ('schema_version', %s), ('written_by', %s) "
-                    "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
-                ).format(s),
-                [str(SCHEMA_VERSION), __version__],
+            _migrations.migrate(
+                lambda q, params: conn.execute(sql.SQL(q).format(s=s), params),
+                MIGRATIONS,
+                current,
+                BOOKKEEPING,
             )
 
     # ------------------------------------------------------------------ connections
@@ -521,8 +488,13 @@ class PostgresStore(PgQueues):
 
     def _translate(self, e: BaseException) -> BaseException:
         """The store's error for what psycopg raised (or passed on, if it is not psycopg's)."""
-        if isinstance(e, psycopg.OperationalError):
-            error: BaseException = self._unavailable(e)
+        if isinstance(e, psycopg.errors.DivisionByZero):  # only the fence divides
+            error: BaseException = RunLockedError(
+                "this process no longer holds the lease of the run it wrote for; the store "
+                "refused the write"
+            )
+        elif isinstance(e, psycopg.OperationalError):
+            error = self._unavailable(e)
         elif isinstance(e, psycopg.Error):
             error = StoreError(
                 f"the PostgreSQL store {self._url!r} refused a request: {_first_line(e)}"
@@ -559,46 +531,13 @@ class PostgresStore(PgQueues):
                     f"fields cannot contain NUL (0x00) characters, and the effect's {name} "
                     f"{text!r} has one; remove it"
                 )
-        return (
-            rec.scope,
-            rec.identity,
-            rec.version,
-            rec.input_hash,
-            rec.occurrence,
-            p.codec,
-            p.data,
-            _ipc(p.table),
-            rec.is_error,
-            rec.kind,
-            rec.seq,
-            rec.started_at,
-            rec.duration,
-            rec.detail,
-        )
-
-    @staticmethod
-    def _effect_from_row(r: Sequence[Any]) -> EffectRecord:
-        payload = _payload(r[5], r[6], r[7])
-        assert payload is not None
-        return EffectRecord(
-            scope=r[0],
-            identity=r[1],
-            version=r[2],
-            input_hash=r[3],
-            occurrence=r[4],
-            payload=payload,
-            is_error=r[8],
-            kind=r[9],
-            seq=r[10],
-            started_at=r[11],
-            duration=r[12],
-            detail=r[13],
-        )
+        return _rows.effect_row(rec, _ipc(p))
 
     def put_effects(self, records: Sequence[EffectRecord]) -> None:
         self._check_open()
         if records:
-            self._write([self._effect_row(rec) for rec in records], [])
+            rows = [self._effect_row(rec) for rec in records]
+            self._write(rows, [], self._fence_of(effects=records))
 
     def submit(
         self,
@@ -615,6 +554,7 @@ class PostgresStore(PgQueues):
         if not rows and not statements:
             done(None)
             return
+        fence = self._fence_of(effects, runs, events)
         if loop is not None:  # written by the loop itself, on a connection of its own
             writer = self._loop_writers.get(loop)
             if writer is None:
@@ -622,58 +562,134 @@ class PostgresStore(PgQueues):
                     for gone_loop in [lp for lp in self._loop_writers if lp.is_closed()]:
                         self._loop_writers.pop(gone_loop).close_now()  # a worker's that ended
                     writer = self._loop_writers[loop] = LoopCommit(
-                        self._conninfo,
-                        self._connect_kwargs,
-                        self._q["put_effect"],
-                        self._q["put_effects"],
-                        self._translate,
-                        loop,
+                        self._conninfo, self._connect_kwargs, self._sql, self._translate, loop
                     )
-            writer.submit(rows, statements, done)
+            writer.submit(rows, statements, self._fenced_done(fence, done), fence)
             return
         try:
-            self._writer.submit(rows, statements, done)
+            self._writer.submit(rows, statements, self._fenced_done(fence, done), fence)
         except psycopg.Error:
             self._check_open()  # closed meanwhile: say so
             raise
 
-    def _write(self, rows: list[tuple[Any, ...]], statements: list[Statement]) -> None:
+    def _write(
+        self, rows: list[tuple[Any, ...]], statements: list[Statement], fence: list[str]
+    ) -> None:
         try:
-            self._writer.write(rows, statements)
+            self._writer.write(rows, statements, fence)
         except psycopg.InterfaceError:
             self._check_open()
             raise
+        except RunLockedError as e:
+            raise self._refused(fence, e) from e.__cause__
+
+    # ------------------------------------------------------------------ fencing
+    def _fence_of(
+        self,
+        effects: Sequence[EffectRecord] = (),
+        runs: Sequence[RunRecord] = (),
+        events: Sequence[EventRecord] = (),
+    ) -> list[str]:
+        """The lease tokens a write depends on: those of the runs whose records it holds
+        that this store took a lease for (others' writes, e.g. queueing a run, are free)."""
+        fences = self._fences
+        if not fences:
+            return []
+        if len(effects) == 1 and not runs and not events:  # an effect's record: most writes
+            token = fences.get(run_of_scope(effects[0].scope) or "")
+            return [] if token is None else [token]
+        run_ids = {run_of_scope(rec.scope) for rec in effects}
+        run_ids.update(run.run_id for run in runs)
+        run_ids.update(event.run_id for event in events)
+        return sorted({t for r in run_ids if r is not None and (t := fences.get(r)) is not None})
+
+    def _fenced_done(self, fence: list[str], done: Done) -> Done:
+        if not fence:
+            return done
+
+        def told(error: BaseException | None) -> None:
+            if isinstance(error, RunLockedError):
+                error = self._refused(fence, error)
+            done(error)
+
+        return told
+
+    def _refused(self, fence: list[str], error: RunLockedError) -> RunLockedError:
+        """A write the server refused because a lease it depends on is not live any more:
+        the runs of those leases stop here (another process may hold them), and the error
+        names them."""
+        runs = sorted({r for r, t in list(self._fences.items()) if t in fence})
+        lost: list[RunLease] = []
+        with self._lock:  # a write holds the records of one run (or of a run and its scopes)
+            for token in fence:
+                self._held.pop(token, None)
+                if (lease := self._lease_objs.pop(token, None)) is not None:
+                    lost.append(lease)
+        self._fence(lost)
+        refused = RunLockedError(
+            f"run{'s' if len(runs) != 1 else ''} {', '.join(map(repr, runs)) or '?'} lost "
+            f"{'their leases' if len(runs) > 1 else 'its lease'}: it expired while this "
+            "process was stalled or cut off from the server, and another process may have "
+            "taken the run over, so the store refused this process's write; the run stops "
+            "here and resumes wherever it is executed next"
+        )
+        refused.__cause__ = error.__cause__
+        return refused
 
     def get_effect(self, key: EffectKey) -> EffectRecord | None:
         q = self._q["get_effect"]
         row = self._call(lambda conn: conn.execute(q, key, binary=True).fetchone())
-        return self._effect_from_row(row) if row is not None else None
+        return _rows.effect_from_row(row, _payload) if row is not None else None
+
+    def get_effects(self, keys: Sequence[EffectKey]) -> list[EffectRecord | None]:
+        """The records of many keys (a map's items): one query per scope, identity and
+        version, not one round trip each."""
+        q = self._q["get_effects"]
+        where = {k: n for n, k in enumerate(keys)}
+        groups: dict[tuple[str, str, str], list[str]] = {}
+        for k in where:
+            groups.setdefault(k[:3], []).append(k[3])
+        out: list[EffectRecord | None] = [None] * len(keys)
+        for head, hashes in groups.items():
+            args: list[Any] = [*head, sorted(set(hashes))]
+
+            def read(conn: _Conn, args: list[Any] = args) -> list[Any]:
+                return conn.execute(q, args, binary=True).fetchall()
+
+            for row in self._call(read):
+                rec = _rows.effect_from_row(row, _payload)
+                if (n := where.get(rec.key)) is not None:
+                    out[n] = rec
+        return out
 
     def load_effects(self, scope: str) -> list[EffectRecord]:
         q = self._q["load_effects"]
         rows = self._call(lambda conn: conn.execute(q, [scope], binary=True).fetchall())
-        return [self._effect_from_row(r) for r in rows]
+        return [_rows.effect_from_row(r, _payload) for r in rows]
+
+    def _effect_scopes(self, prefix: str) -> list[str]:
+        q = self._q["effect_scopes"]
+        rows = self._call(lambda conn: conn.execute(q, [prefix]).fetchall())
+        return sorted(str(r[0]) for r in rows)
 
     def delete_effects(self, scope: str) -> int:
         q = self._q["delete_effects"]
         return self._call(lambda conn: conn.execute(q, [scope]).rowcount)
 
-    def prune_effects(self, scope_prefix: str, older_than: float) -> int:
-        if not isinstance(scope_prefix, str):
-            raise ArgumentTypeError(f"scope_prefix must be a str, got {scope_prefix!r}")
+    def _prune_effects(self, scope_prefix: str, older_than: float) -> int:
         q, qc = self._q["prune_effects"], self._q["prune_claims"]
 
         def prune(conn: _Conn) -> int:
-            n = conn.execute(q, [scope_prefix, float(older_than)]).rowcount
+            n = conn.execute(q, [scope_prefix, older_than]).rowcount
             conn.execute(qc)  # claims of holders that died
             return n
 
         return self._call(prune)
 
-    def claim_effect(self, key: EffectKey, owner: str, seconds: float) -> bool:
+    def _claim_effect(self, key: EffectKey, owner: str, seconds: float) -> bool:
         # the owner is stored after the session key, so a claimer that died is found gone
         q, qc = self._q["claim_effect"], self._q["condemn_claim"]
-        params = (*key, f"{self._session_key()}.{owner}", float(seconds))
+        params = (*key, f"{self._session_key()}.{owner}", seconds)
         condemn = {"grace": TAKEOVER_GRACE, **dict(zip(EFFECT_KEY_COLS, key, strict=True))}
 
         def claim(conn: _Conn) -> bool:
@@ -764,47 +780,10 @@ class PostgresStore(PgQueues):
     # ------------------------------------------------------------------ runs
     @staticmethod
     def _run_row(run: RunRecord) -> tuple[Any, ...]:
-        return (
-            run.run_id,
-            run.workflow,
-            run.status,
-            run.created_at,
-            run.updated_at,
-            *_payload_cols(run.args),
-            *_payload_cols(run.result),
-            *_payload_cols(run.error),
-            run.custom_status,
-            run.status_version,
-            run.parent_id,
-            run.executions,
-            run.detail,
-            run.input_hash,
-            run.code_version,
-            run.generation,
-            run.version,
-        )
+        return _rows.run_row(run, [_ipc(run.args), _ipc(run.result), _ipc(run.error)])
 
-    @staticmethod
-    def _run_from_row(r: Sequence[Any]) -> RunRecord:
-        return RunRecord(
-            run_id=r[0],
-            workflow=r[1],
-            status=r[2],
-            created_at=r[3],
-            updated_at=r[4],
-            args=_payload(r[5], r[6], r[7]),
-            result=_payload(r[8], r[9], r[10]),
-            error=_payload(r[11], r[12], r[13]),
-            custom_status=r[14],
-            status_version=r[15],
-            parent_id=r[16],
-            executions=r[17],
-            detail=r[18],
-            input_hash=r[19],
-            code_version=r[20],
-            generation=r[21],
-            version=r[22],
-        )
+    def _run_from_row(self, r: Sequence[Any]) -> RunRecord:
+        return _rows.run_from_row(r, _payload)
 
     def _run_statements(self, runs: Sequence[RunRecord]) -> list[Statement]:
         q = self._q["put_run"]
@@ -812,44 +791,24 @@ class PostgresStore(PgQueues):
 
     def put_run(self, run: RunRecord) -> None:
         self._check_open()
-        self._write([], self._run_statements([run]))
+        self._write([], self._run_statements([run]), self._fence_of(runs=[run]))
 
     def get_run(self, run_id: str) -> RunRecord | None:
         q = self._q["get_run"]
         row = self._call(lambda conn: conn.execute(q, [run_id], binary=True).fetchone())
-        return self._run_from_row(row) if row is not None else None
+        return _rows.run_from_row(row, _payload) if row is not None else None
 
-    def list_runs(
-        self,
-        *,
-        status: str | None = None,
-        workflow: str | None = None,
-        parent_id: str | None = None,
-        updated_after: float | None = None,
-        updated_before: float | None = None,
-        limit: int = 1000,
-    ) -> list[RunRecord]:
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
-            raise ArgumentError(f"limit must be an int >= 0, got {limit!r}")
-        where: list[str] = []
-        params: list[Any] = []
-        for clause, value in (
-            ("status = %s", status),
-            ("workflow = %s", workflow),
-            ("parent_id = %s", parent_id),
-            ("updated_at >= %s", updated_after),
-            ("updated_at < %s", updated_before),
-        ):
-            if value is not None:
-                where.append(clause)
-                params.append(value)
-        q = self._q["list_runs"]
-        if where:
-            q += " WHERE " + " AND ".join(where)
-        q += " ORDER BY created_at DESC, run_id DESC LIMIT %s"
-        params.append(limit)
+    def _get_runs(self, run_ids: list[str]) -> dict[str, RunRecord]:
+        q = self._q["get_runs"]
+        rows = self._call(lambda conn: conn.execute(q, [run_ids], binary=True).fetchall())
+        runs = (_rows.run_from_row(r, _payload) for r in rows)
+        return {run.run_id: run for run in runs}
+
+    def _list_runs(self, query: RunQuery) -> list[RunRecord]:
+        clause, params = query.sql("%s")
+        q = self._q["list_runs"] + clause
         rows = self._call(lambda conn: conn.execute(q, params, binary=True).fetchall())
-        return [self._run_from_row(r) for r in rows]
+        return [_rows.run_from_row(r, _payload) for r in rows]
 
     def delete_run(self, run_id: str) -> bool:
         q = self._q
@@ -864,7 +823,7 @@ class PostgresStore(PgQueues):
 
         return self._call(delete)
 
-    def reset_run(self, run: RunRecord, consumed_signals: Sequence[str]) -> None:
+    def _reset_run(self, run: RunRecord, consumed_signals: tuple[str, ...]) -> None:
         q, params = self._q, (*self._run_row(run), self._channel)
         consumed = list(consumed_signals)
 
@@ -912,10 +871,14 @@ class PostgresStore(PgQueues):
     @staticmethod
     def _fence(lost: list[RunLease]) -> None:
         for lease in lost:  # outside the lock: the engine interrupts the run
+            release = lease._release
             try:
                 lease.lost()
             except Exception:
                 _log.exception("durable_nb: interrupting run %r failed", lease.run_id)
+            # the engine releases it once the run stopped: that forgets the run's fence (its
+            # late writes are refused until then) and leaves the lease row, not ours any more
+            lease._release = release
 
     def _lease(self, run_id: str, owner: str, token: str) -> RunLease | None:
         """Hand out the lease just written, or ``None`` if its session ended meanwhile (the
@@ -927,6 +890,7 @@ class PostgresStore(PgQueues):
             if live:
                 self._held[token] = run_id
                 self._lease_objs[token] = lease
+                self._fences[run_id] = token
                 if self._heartbeat is None:
                     self._heartbeat = threading.Thread(
                         target=self._heartbeat_loop, name="durable_nb-pg-heartbeat", daemon=True
@@ -937,6 +901,8 @@ class PostgresStore(PgQueues):
         def release() -> None:
             with self._lock:
                 self._lease_objs.pop(token, None)
+                if self._fences.get(run_id) == token:
+                    del self._fences[run_id]
                 if self._held.pop(token, None) is None or self._closed:
                     return  # lost (taken over after it expired) or released by close()
             try:
@@ -994,11 +960,28 @@ class PostgresStore(PgQueues):
             "that process ending (or when its lease expires, if its host died)"
         )
 
-    def claim_run(self, owner: str, workflows: Sequence[str]) -> tuple[RunRecord, RunLease] | None:
+    def _claim_run(self, owner: str, names: list[str]) -> tuple[RunRecord, RunLease] | None:
         self._work.mark()  # work arriving while we look must end the next wait_for_work
+        if not names:
+            self._check_open()
+            return None
+        # a claim that found nothing is not repeated until a run was queued or let go (a
+        # notification), or _CONDEMN_EVERY passed: idle workers, woken by every run that
+        # ends anywhere, would otherwise all ask the server each time
+        which = tuple(names)
+        seen = self._work.claimable
+        idle = self._idle.get(which)
+        listening = self._listener is not None and self._listener.is_alive()
+        if listening and idle is not None and idle[0] == seen and time.monotonic() < idle[1]:
+            self._check_open()
+            return None
         self._check_open()
-        got = self._claim(owner, workflows, None)  # _pg_queues: limits hold, no sessions
-        return None if got is None else (got[0], got[1])
+        got = self._claim(owner, names, None)  # _pg_queues: limits hold, no sessions
+        if got is None:
+            self._idle[which] = (seen, time.monotonic() + _CONDEMN_EVERY)
+            return None
+        self._idle.pop(which, None)
+        return got[0], got[1]
 
     def claim_routed(self, node: Node) -> tuple[RunRecord, RunLease, Route | None] | None:
         self._work.mark()
@@ -1007,7 +990,11 @@ class PostgresStore(PgQueues):
 
     def _condemn_dead(self) -> bool:
         # nothing to claim: are runs held by processes that died? Their leases end after the
-        # grace; the caller looks once more after it
+        # grace; the caller looks once more after it (at most every _CONDEMN_EVERY s)
+        now = time.monotonic()
+        if now < self._next_condemn:
+            return False
+        self._next_condemn = now + _CONDEMN_EVERY
         q = self._q["condemn_all"]
         if not self._call(lambda conn: conn.execute(q, {"grace": TAKEOVER_GRACE}).fetchall()):
             return False
@@ -1092,8 +1079,8 @@ class PostgresStore(PgQueues):
                     conn = psycopg.connect(self._conninfo, **self._connect_kwargs)
                     conn.execute(listen)
                     self._work.set()  # whatever was sent while nobody listened
-                for _ in conn.notifies(timeout=0.25):
-                    self._work.set()
+                for note in conn.notifies(timeout=0.25):
+                    self._work.set(note.payload in ("queued", "released"))
             except psycopg.Error as e:
                 if conn is not None:
                     with contextlib.suppress(psycopg.Error):
@@ -1110,20 +1097,13 @@ class PostgresStore(PgQueues):
     # ------------------------------------------------------------------ signals, events
     def add_signal(self, signal: SignalRecord) -> None:
         q = self._q["add_signal"]
-        params = (
-            signal.run_id,
-            signal.signal_id,
-            signal.name,
-            signal.payload,
-            signal.sent_at,
-            self._channel,
-        )
+        params = (*_rows.signal_row(signal), self._channel)
         self._call(lambda conn: conn.execute(q, params))
 
     def list_signals(self, run_id: str) -> list[SignalRecord]:
         q = self._q["list_signals"]
         rows = self._call(lambda conn: conn.execute(q, [run_id], binary=True).fetchall())
-        return [SignalRecord(*r) for r in rows]
+        return [_rows.signal_from_row(r) for r in rows]
 
     def inbox_token(self, run_id: str) -> object:
         q = self._q["inbox_token"]
@@ -1132,17 +1112,17 @@ class PostgresStore(PgQueues):
 
     def _event_statements(self, events: Sequence[EventRecord]) -> list[Statement]:
         q = self._q["put_event"]
-        return [(q, (e.run_id, e.event_id, e.ts, e.kind, e.data)) for e in events]
+        return [(q, _rows.event_row(e)) for e in events]
 
     def append_events(self, events: Sequence[EventRecord]) -> None:
         self._check_open()
         if events:
-            self._write([], self._event_statements(events))
+            self._write([], self._event_statements(events), self._fence_of(events=events))
 
     def load_events(self, run_id: str) -> list[EventRecord]:
         q = self._q["load_events"]
         rows = self._call(lambda conn: conn.execute(q, [run_id], binary=True).fetchall())
-        return [EventRecord(*r) for r in rows]
+        return [_rows.event_from_row(r) for r in rows]
 
     # ------------------------------------------------------------------ lifecycle
     def flush(self) -> None:
@@ -1171,6 +1151,7 @@ class PostgresStore(PgQueues):
         with self._lock:
             self._closed = True
             self._held.clear()
+            self._fences.clear()
         self._work.set()  # waiters return (and find the store closed on their next call)
         for thread in (self._heartbeat, self._listener):
             if thread is not None and thread is not threading.current_thread():

@@ -260,12 +260,22 @@ class Store(Protocol):
         """Forget every record of a scope; returns how many were deleted."""
         ...
 
+    def effect_scopes(self, prefix: str) -> list[str]:
+        """The scopes that hold records and start with ``prefix`` (``"top/"``: the notebooks
+        and scripts with cached effects), sorted."""
+        ...
+
     # runs ----------------------------------------------------------------------------
     def put_run(self, run: RunRecord) -> None:
         """Create or replace a run record; durable on return."""
         ...
 
     def get_run(self, run_id: str) -> RunRecord | None: ...
+
+    def get_runs(self, run_ids: Sequence[str]) -> dict[str, RunRecord]:
+        """The records of the runs named that exist, by run id (a remote store reads them in
+        one round trip)."""
+        ...
 
     def list_runs(
         self,
