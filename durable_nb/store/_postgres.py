@@ -97,6 +97,7 @@ __all__ = ["DEFAULT_SCHEMA", "MIGRATIONS", "SCHEMA_VERSION", "PostgresStore"]
 _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 _Conn = psycopg.Connection[tuple[Any, ...]]
+_Claimed = tuple["RunRecord", RunLease, "Route | None"]
 
 DEFAULT_SCHEMA = "durable_nb"
 _SCHEMA_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -324,8 +325,9 @@ class PostgresStore(PgQueues):
         # lost (until released): the run's writes commit only while that lease is live
         self._fences: dict[str, str] = {}
         self._next_condemn = 0.0  # monotonic time of the next look for dead holders' runs
-        # workflows -> (claimable wake-ups seen, until when) after a claim found nothing
-        self._idle: dict[tuple[str, ...], tuple[int, float]] = {}
+        # a claim's node id (None without one) and workflows -> (claimable wake-ups seen,
+        # until when) after it found nothing
+        self._idle: dict[tuple[str | None, ...], tuple[int, float]] = {}
         self._stop = threading.Event()
         self._work = _WorkSignal()
         self._heartbeat: threading.Thread | None = None
@@ -962,31 +964,41 @@ class PostgresStore(PgQueues):
 
     def _claim_run(self, owner: str, names: list[str]) -> tuple[RunRecord, RunLease] | None:
         self._work.mark()  # work arriving while we look must end the next wait_for_work
-        if not names:
-            self._check_open()
-            return None
-        # a claim that found nothing is not repeated until a run was queued or let go (a
-        # notification), or _CONDEMN_EVERY passed: idle workers, woken by every run that
-        # ends anywhere, would otherwise all ask the server each time
-        which = tuple(names)
-        seen = self._work.claimable
-        idle = self._idle.get(which)
-        listening = self._listener is not None and self._listener.is_alive()
-        if listening and idle is not None and idle[0] == seen and time.monotonic() < idle[1]:
-            self._check_open()
-            return None
         self._check_open()
-        got = self._claim(owner, names, None)  # _pg_queues: limits hold, no sessions
-        if got is None:
-            self._idle[which] = (seen, time.monotonic() + _CONDEMN_EVERY)
+        if not names:
             return None
-        self._idle.pop(which, None)
-        return got[0], got[1]
+        # _pg_queues: queue limits hold, no sessions (no node)
+        got = self._idle_claim((None, *names), lambda: self._claim(owner, names, None))
+        return None if got is None else (got[0], got[1])
 
     def claim_routed(self, node: Node) -> tuple[RunRecord, RunLease, Route | None] | None:
         self._work.mark()
         self._check_open()
-        return self._claim(node.owner, node.workflows, node)
+        return self._idle_claim(
+            (node.node_id, *node.workflows), lambda: self._claim(node.owner, node.workflows, node)
+        )
+
+    def _idle_claim(
+        self, which: tuple[str | None, ...], claim: Callable[[], _Claimed | None]
+    ) -> _Claimed | None:
+        """``claim()``, unless the last claim of ``which`` (a worker's node, or the workflows
+        of a claim without one) found nothing and nothing since may mean a run to claim: a
+        claim that found nothing is not repeated until a run was queued or let go, or a run
+        of a queue with a concurrency limit ended (notifications), or _CONDEMN_EVERY passed
+        (what only time changes: a rate window, a session's idle timeout, dead holders).
+        Idle workers, woken by every run that ends anywhere, would otherwise all ask the
+        server each time."""
+        seen = self._work.claimable
+        idle = self._idle.get(which)
+        listening = self._listener is not None and self._listener.is_alive()
+        if listening and idle is not None and idle[0] == seen and time.monotonic() < idle[1]:
+            return None
+        got = claim()
+        if got is None:
+            self._idle[which] = (seen, time.monotonic() + _CONDEMN_EVERY)
+        else:
+            self._idle.pop(which, None)
+        return got
 
     def _condemn_dead(self) -> bool:
         # nothing to claim: are runs held by processes that died? Their leases end after the
