@@ -153,6 +153,8 @@ ORDER = {
         "_memory",
         "_keyfilter",
         "_lockfiles",
+        "_handoff",
+        "_syncer",
         "_wal",
         "_duckdb_schema",
         "_duckdb",
