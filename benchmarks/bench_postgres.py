@@ -79,6 +79,10 @@ CONCURRENCY = 16  # runs one worker process executes at once (durable_nb's defau
 TUNED_POLL = 0.1  # DBOS queue polling interval for the tuned figures (its default is 1 s)
 
 _STAMPS: list[int] = []
+#: issue 18: a durable_nb queue with DBOS's setting in the throughput part (16 runs of it at
+#: once per worker process); the workers publish it when they start
+DN_QUEUE = "dnb_bench_q"
+dn.queue(DN_QUEUE, worker_concurrency=CONCURRENCY)
 
 
 # --------------------------------------------------------------------------- workload
@@ -572,7 +576,15 @@ def _server_cpu() -> float:
 Measured = tuple[float, float, float, float, float]
 
 
-def dn_throughput(workers: int, n_runs: int, n_effects: int, repeats: int) -> list[Measured]:
+def dn_queue_throughput(workers: int, n_runs: int, n_effects: int, repeats: int) -> list[Measured]:
+    """As :func:`dn_throughput`, the runs started on queue ``DN_QUEUE``
+    (``worker_concurrency=16``, as DBOS's queue here): the claims count the queue's runs."""
+    return dn_throughput(workers, n_runs, n_effects, repeats, queue=DN_QUEUE)
+
+
+def dn_throughput(
+    workers: int, n_runs: int, n_effects: int, repeats: int, queue: str | None = None
+) -> list[Measured]:
     """Per repeat, on one schema and one set of workers: (runs/s, seconds to queue the runs,
     CPU cores this process used meanwhile, CPU cores of the workers, CPU cores of the
     PostgreSQL server)."""
@@ -588,7 +600,7 @@ def dn_throughput(workers: int, n_runs: int, n_effects: int, repeats: int) -> li
                 w0, s0 = _cpu([p.pid for p in procs]), _server_cpu()
                 t0, c0 = time.time(), time.process_time()
                 jobs = [
-                    dn.start(steps, n_effects, run_id=f"tp{rep}-{i}", on="worker")
+                    dn.start(steps, n_effects, run_id=f"tp{rep}-{i}", on="worker", queue=queue)
                     for i in range(n_runs)
                 ]
                 queued = time.time() - t0
@@ -698,7 +710,11 @@ def throughput(
     counts: Sequence[int], n_runs: int, n_effects: int, repeats: int
 ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    for who, fn in (("durable_nb", dn_throughput), ("DBOS", dbos_throughput)):
+    for who, fn in (
+        ("durable_nb", dn_throughput),
+        (f"durable_nb on a queue (worker_concurrency={CONCURRENCY})", dn_queue_throughput),
+        ("DBOS", dbos_throughput),
+    ):
         for k in counts:
             measure = functools.partial(_throughput_rows, who, fn, k, n_runs, n_effects, repeats)
             rows += _guard(f"{who} throughput, {k} worker processes", measure)
@@ -815,6 +831,11 @@ QUICK: dict[str, Any] = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the part")
+    parser.add_argument(
+        "--throughput-only",
+        action="store_true",
+        help="only the worker throughput figures (1 and 2 worker processes)",
+    )
     parser.add_argument("--dn-worker", nargs=1, help=argparse.SUPPRESS)
     parser.add_argument("--dbos-worker", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--takeover", nargs=1, help=argparse.SUPPRESS)
@@ -831,6 +852,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.dbos_worker:
         schema, executor, conc, poll = args.dbos_worker
         _dbos_worker(schema, executor, int(conc), float(poll))
+        return 0
+    if args.throughput_only:
+        os.environ.setdefault("DURABLE_NB_KEY", KEY)
+        sizes = QUICK if args.quick else {}
+        rows = [_row("1-minute load average at the start", round(os.getloadavg()[0], 2), "")]
+        rows += throughput((1, 2), sizes.get("tp_runs", 200), 10, sizes.get("repeats", 3))
+        rows.append(_row("1-minute load average at the end", round(os.getloadavg()[0], 2), ""))
+        for row in rows:
+            print(f"{row['name']:<100} {row['value']!s:>12} {row['unit']}")
         return 0
     for row in run(**(QUICK if args.quick else {})):
         print(f"{row['name']:<100} {row['value']!s:>12} {row['unit']}")

@@ -479,6 +479,7 @@ EventKind = Literal[
     "step_failed",
     "signal_received",
     "forked",
+    "session",
 ]
 #: events that open an execution of a run; the last one opens the latest execution
 EXECUTION_EVENTS: Final[tuple[str, ...]] = ("started", "resumed")

@@ -21,6 +21,7 @@ import click
 
 from . import errors
 from ._journal import RUN_STATUSES
+from .store import DEFAULT_QUEUE
 from .trace import format_run, format_runs, format_trace
 
 __all__ = ["cli", "main"]
@@ -508,10 +509,13 @@ def import_(
 def metrics(ctx: click.Context, as_json: bool) -> None:
     """Count runs by status and workflow, the steps executed and replayed, and what was
     spent and what replay saved (time, and the tokens LLM calls used) overall, per model and
-    per notebook; --json adds per run."""
-    m = _client(ctx).metrics()
+    per notebook; --json adds per run. On a store with workers, also each queue's depth and
+    each worker's runs and sessions."""
+    client = _client(ctx)
+    m = client.metrics()
+    depths = client.queue_depths()
     if as_json:
-        _echo_json(m)
+        _echo_json({**m, "queue_depths": depths})
         return
     statuses = ", ".join(f"{k} {v}" for k, v in m["by_status"].items() if v)
     flows = ", ".join(f"{k} {v}" for k, v in m["by_workflow"].items())
@@ -544,6 +548,13 @@ def metrics(ctx: click.Context, as_json: bool) -> None:
                 f"  {name}  {spent}{v['spent_seconds']:.3f} s spent, "
                 f"{v['saved_seconds']:.3f} s saved"
             )
+    if depths["workers"] or set(depths["queues"]) - {DEFAULT_QUEUE}:  # a store with workers
+        for name, d in depths["queues"].items():
+            lines.append(f"queue {name}  {d['queued']} queued, {d['running']} running")
+        for node, w in depths["workers"].items():
+            lines.append(
+                f"worker {node}  {w['running']} running, sessions {', '.join(w['sessions']) or '-'}"
+            )
     click.echo("\n".join(lines))
 
 
@@ -553,6 +564,28 @@ def _spent_saved(spent: dict[str, int], saved: dict[str, int]) -> str:
     if saved["prompt"] or saved["completion"]:
         text += f", {saved['prompt']} + {saved['completion']} saved by replay"
     return text
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the workers as JSON.")
+@store_option
+@click.pass_context
+def workers(ctx: click.Context, as_json: bool) -> None:
+    """List the live workers of the store (PostgreSQL) with their node ids, processes,
+    sessions and the runs they execute."""
+    found = _client(ctx).workers()
+    if as_json:
+        _echo_json(found)
+        return
+    if not found:
+        click.echo("no live workers (only a PostgreSQL store knows its workers)")
+        return
+    for w in found:
+        click.echo(
+            f"{w['node_id']}  pid {w['pid']} on {w['host']}  {w['running']} running  "
+            f"sessions {', '.join(w['sessions']) or '-'}"
+            + (f" (max {w['max_sessions']})" if w["max_sessions"] is not None else "")
+        )
 
 
 @cli.command()
@@ -573,10 +606,36 @@ def _spent_saved(spent: dict[str, int], saved: dict[str, int]) -> str:
     "(released, resumable by another worker).",
 )
 @click.option("--name", default=None, help="How this worker shows as a lease holder.")
+@click.option(
+    "--node-id",
+    default=None,
+    help="This worker's stable id: its sessions belong to it, so a worker restarted with the "
+    "same id keeps them (PostgreSQL).",
+)
+@click.option(
+    "--max-sessions",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Sessions this worker holds at most (default: no limit).",
+)
+@click.option(
+    "--session-idle-timeout",
+    type=click.FloatRange(min=0),
+    default=600.0,
+    show_default=True,
+    help="Seconds a session no run of which executed stays with this worker.",
+)
 @store_option
 @click.pass_context
 def worker(
-    ctx: click.Context, modules: tuple[str, ...], concurrency: int, grace: float, name: str | None
+    ctx: click.Context,
+    modules: tuple[str, ...],
+    concurrency: int,
+    grace: float,
+    name: str | None,
+    node_id: str | None,
+    max_sessions: int | None,
+    session_idle_timeout: float,
 ) -> None:
     """Execute runs started with dn.start(..., on="worker") for the @durable workflows
     defined in MODULE... (dotted names or .py paths), until SIGTERM or Ctrl-C. Several workers,
@@ -585,7 +644,15 @@ def worker(
     from .worker import Worker
 
     _client(ctx)  # the store, checked like every command's
-    w = Worker(list(modules), concurrency=concurrency, grace=grace, name=name)
+    w = Worker(
+        list(modules),
+        concurrency=concurrency,
+        grace=grace,
+        name=name,
+        node_id=node_id,
+        max_sessions=max_sessions,
+        session_idle_timeout=session_idle_timeout,
+    )
     click.echo(
         f"{w.name}: serving {', '.join(sorted(w.workflows))} from {w.store.url} "
         f"(concurrency {concurrency}); stop with SIGTERM or Ctrl-C",

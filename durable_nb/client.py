@@ -45,12 +45,15 @@ from .errors import (
     RunNotFoundError,
 )
 from .store import (
+    CLAIMABLE_STATUSES,
+    DEFAULT_QUEUE,
     FINAL_STATUSES,
     RUN_STATUSES,
     RunLease,
     RunRecord,
     SignalRecord,
     Store,
+    WorkQueues,
     open_store,
 )
 from .trace import run_history, run_info, run_summary, run_trace
@@ -279,6 +282,34 @@ class Client:
         tokens alone). Spent is read from the records, saved from the events that close
         executions (one still going is not counted yet); see ``durable_nb/_metrics.py``."""
         return metrics(self.store)
+
+    def queue_depths(self) -> dict[str, Any]:
+        """The operations view: per queue its limits and its runs waiting for a worker
+        (``queued``) and executing (``running``), in all and per workflow; the live workers
+        (node id, name, pid, host, workflows, sessions held, runs executing); the sessions
+        (the node holding each, when it took it, how often it moved). On a store without
+        queues (memory, DuckDB) every run is in queue ``default``, counted by its status
+        (``queued``; ``running`` and ``waiting``), and there are no workers or sessions."""
+        store = self.store
+        if isinstance(store, WorkQueues):
+            return store.queue_depths()
+        default: dict[str, Any] = {"queued": 0, "running": 0, "by_workflow": {}, "limits": None}
+        for r in store.list_runs(limit=_ALL):
+            if r.status not in CLAIMABLE_STATUSES:
+                continue
+            key = "queued" if r.status == "queued" else "running"
+            default[key] += 1
+            flow = default["by_workflow"].setdefault(r.workflow, {"queued": 0, "running": 0})
+            flow[key] += 1
+        queues = {DEFAULT_QUEUE: default} if default["queued"] or default["running"] else {}
+        return {"queues": queues, "workers": {}, "sessions": {}}
+
+    def workers(self) -> list[dict[str, Any]]:
+        """The live workers on a store that routes runs (PostgreSQL): node id, name, pid,
+        host, workflows, ``max_sessions``, the sessions it holds and the runs it executes.
+        Other stores do not know their workers: an empty list."""
+        store = self.store
+        return store.live_workers() if isinstance(store, WorkQueues) else []
 
     # steering ----------------------------------------------------------------------------
     def signal(self, run_id: str, name: str, payload: Any = None) -> None:

@@ -11,6 +11,7 @@ __all__ = [
     "ArgumentError",
     "ArgumentTypeError",
     "BlockingCallError",
+    "DuplicateRunError",
     "DurableError",
     "DurableWarning",
     "EffectTimeoutError",
@@ -30,6 +31,7 @@ __all__ = [
     "SignalTimeoutError",
     "StepTimeoutError",
     "StoreError",
+    "StoreFeatureError",
     "StoreFormatError",
     "StoreLockedError",
     "StoreUnavailableError",
@@ -148,6 +150,11 @@ class RunConflictError(DurableError):
     """A run id names a run of another workflow: a run id belongs to one workflow."""
 
 
+class DuplicateRunError(DurableError):
+    """A run was started with a dedup id that a live run (queued or executing) of the same
+    queue holds; the message names that run."""
+
+
 class RunEndedError(DurableError):
     """The run ended before what was being waited for happened."""
 
@@ -162,6 +169,11 @@ class RunLockedError(DurableError):
 
 class StoreError(DurableError):
     """The store cannot be opened, read or written."""
+
+
+class StoreFeatureError(StoreError, ArgumentError):
+    """The store in use cannot do what was asked (queues with limits, priorities, dedup ids
+    and sessions need a store that coordinates workers: PostgreSQL)."""
 
 
 class StoreUnavailableError(StoreError):

@@ -5,6 +5,11 @@
 the workflow claims it (the store guarantees one executor per run: leases that end with
 their holder's process, or expire when it stops renewing them) and executes it like a local
 run, so a run resumes from its history wherever it is taken over. ``durable-nb worker MODULE...`` is the command form.
+
+On a store that routes runs (:class:`~durable_nb.store.WorkQueues`: PostgreSQL) a worker is a
+*node* (``node_id``): it obeys the queues' limits, and holds up to ``max_sessions`` sessions,
+whose runs execute only here while it lives and a run of theirs executed within
+``session_idle_timeout`` seconds (README, "Queues, sessions and the operations view").
 """
 
 from __future__ import annotations
@@ -13,27 +18,40 @@ import asyncio
 import contextlib
 import importlib
 import importlib.util
+import json
 import logging
 import os
 import signal as _signal
 import socket
 import sys
 import threading
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from . import _codecs
-from .engine import Job, Workflow, call_of, fail_unstarted, runtime, start_run
+from ._journal import check_name
+from .engine import (
+    Job,
+    Workflow,
+    call_of,
+    fail_unstarted,
+    publish_queues,
+    run_sessions,
+    runtime,
+    start_run,
+)
 from .errors import (
     ArgumentError,
     ArgumentTypeError,
+    StoreFeatureError,
     StoreLockedError,
     StoreUnavailableError,
     WorkflowNotFoundError,
 )
-from .store import RunLease, RunRecord, Store
+from .store import EventRecord, Node, Route, RunLease, RunRecord, Store, WorkQueues
 
 __all__ = ["Worker", "load_workflows"]
 
@@ -111,6 +129,9 @@ class Worker:
         concurrency: int = 16,
         grace: float = 30.0,
         name: str | None = None,
+        node_id: str | None = None,
+        max_sessions: int | None = None,
+        session_idle_timeout: float = 600.0,
     ) -> None:
         if isinstance(workflows, (str, Workflow)):
             workflows = [workflows]
@@ -120,6 +141,21 @@ class Worker:
             raise ArgumentError(f"grace must be a number of seconds >= 0, got {grace!r}")
         if name is not None and (not isinstance(name, str) or not name):
             raise ArgumentError(f"name must be a non-empty str, got {name!r}")
+        if node_id is not None:
+            check_name(node_id, "node_id")
+        if max_sessions is not None and (
+            not isinstance(max_sessions, int) or isinstance(max_sessions, bool) or max_sessions < 1
+        ):
+            raise ArgumentError(f"max_sessions must be an int >= 1 or None, got {max_sessions!r}")
+        if (
+            not isinstance(session_idle_timeout, (int, float))
+            or isinstance(session_idle_timeout, bool)
+            or not session_idle_timeout >= 0
+        ):
+            raise ArgumentError(
+                f"session_idle_timeout must be a number of seconds >= 0, got "
+                f"{session_idle_timeout!r}"
+            )
         self.workflows = load_workflows(workflows)
         if store is not None:
             runtime.set_store(store)
@@ -128,6 +164,21 @@ class Worker:
         self.grace = float(grace)
         self.name = name or f"worker {socket.gethostname()} pid {os.getpid()}"
         runtime.owner = self.name
+        self.node: Node | None = None
+        if isinstance(self.store, WorkQueues):
+            self.node = Node(
+                node_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
+                self.name,
+                tuple(sorted(self.workflows)),
+                max_sessions,
+                float(session_idle_timeout),
+            )
+        elif node_id is not None or max_sessions is not None:
+            raise StoreFeatureError(
+                f"node_id and max_sessions need a store that routes runs to workers, and "
+                f"{self.store.url!r} does not (sessions hold on the PostgreSQL store); use a "
+                "postgresql:// store or leave them out"
+            )
         self._stopping = threading.Event()
         self._active: dict[str, Job[Any]] = {}
         self.claimed = 0
@@ -158,11 +209,20 @@ class Worker:
         names = sorted(self.workflows)
         loop = asyncio.get_running_loop()
         self._loop = loop
+        node, store = self.node, self.store
+        if node is not None:  # its queues' limits, and itself, are known to the store
+            assert isinstance(store, WorkQueues)
+            await loop.run_in_executor(None, publish_queues, store)
+            await loop.run_in_executor(None, store.register_worker, node)
         runtime.serving_loops.add(loop)  # its runs' records may be written on it directly
         try:
             await self._serve(names, loop)
         finally:
             runtime.serving_loops.discard(loop)
+            if node is not None:
+                assert isinstance(store, WorkQueues)
+                with contextlib.suppress(Exception):  # a closed store: its session ended anyway
+                    await loop.run_in_executor(None, store.unregister_worker, node.node_id)
 
     async def _serve(self, names: list[str], loop: asyncio.AbstractEventLoop) -> None:
         self._freed = asyncio.Event()
@@ -170,7 +230,7 @@ class Worker:
         while not self._stopping.is_set():
             while len(self._active) < self.concurrency and not self._stopping.is_set():
                 try:
-                    got = await loop.run_in_executor(None, self.store.claim_run, self.name, names)
+                    got = await loop.run_in_executor(None, self._claim, names)
                 except (StoreLockedError, StoreUnavailableError) as e:
                     # a DuckDB file busy for a while, a database restarting: try again later
                     _log.warning("%s: cannot claim runs now (%s); trying again", self.name, e)
@@ -191,7 +251,39 @@ class Worker:
             freed.cancel()
         await self._drain()
 
-    def _launch(self, rec: RunRecord, lease: RunLease) -> None:
+    def _claim(self, names: list[str]) -> tuple[RunRecord, RunLease, Route | None] | None:
+        store, node = self.store, self.node
+        if node is None:
+            got = store.claim_run(self.name, names)
+            return None if got is None else (*got, None)
+        assert isinstance(store, WorkQueues)
+        claimed = store.claim_routed(node)
+        if claimed is not None and claimed[2] is not None and claimed[2].session is not None:
+            data = {
+                "session": claimed[2].session,
+                "where": "worker",
+                "node_id": node.node_id,
+                "worker": self.name,
+                "pid": os.getpid(),
+            }
+            try:  # the trace says where the session pinned the run
+                store.append_events(
+                    [
+                        EventRecord(
+                            claimed[0].run_id,
+                            uuid.uuid4().hex,
+                            runtime.clock.time(),
+                            "session",
+                            json.dumps(data),
+                        )
+                    ]
+                )
+            except BaseException:
+                claimed[1].release()
+                raise
+        return claimed
+
+    def _launch(self, rec: RunRecord, lease: RunLease, route: Route | None) -> None:
         wf = self.workflows.get(rec.workflow)
         try:
             if wf is None:  # claim_run only returns our workflows; a store bug if not
@@ -202,6 +294,7 @@ class Worker:
                 )
             bound = _codecs.decode(rec.args, self.store.signer) if rec.args is not None else {}
             args, kwargs = call_of(wf, bound)
+            self._launch_session(rec.run_id, route)
             job = start_run(wf, args, kwargs, run_id=rec.run_id, lease=lease)
         except Exception as e:
             # a run this worker cannot start (damaged or no longer binding arguments) fails,
@@ -218,11 +311,18 @@ class Worker:
         self.claimed += 1
         self._active[rec.run_id] = job
         run_id = rec.run_id
-        job._future.add_done_callback(lambda _f: self._done(run_id))
+        session = route.session if route is not None else None
+        job._future.add_done_callback(lambda _f: self._done(run_id, session))
 
-    def _done(self, run_id: str) -> None:
+    def _launch_session(self, run_id: str, route: Route | None) -> None:
+        if route is not None and route.session is not None:
+            run_sessions[run_id] = route.session
+
+    def _done(self, run_id: str, session: str | None = None) -> None:
         self._active.pop(run_id, None)
         self.finished += 1
+        if session is not None:  # (its idle time started when its lease was released)
+            run_sessions.pop(run_id, None)
         with contextlib.suppress(RuntimeError):  # serve() ended and closed its loop
             self._loop.call_soon_threadsafe(self._freed.set)
 

@@ -215,14 +215,18 @@ def test_a_closed_store_says_so(open_pg: Any) -> None:
 def test_migrations_are_recorded_and_reopening_changes_nothing(open_pg: Any) -> None:
     store = open_pg()
     rows = _sql(store.schema, "SELECT version, name, written_by FROM {s}.dn_migrations")
-    assert [(v, n.split(":")[0]) for v, n, _ in rows] == [(1, "initial"), (2, "limits")]
+    assert [(v, n.split(":")[0]) for v, n, _ in rows] == [
+        (1, "initial"),
+        (2, "limits"),
+        (3, "queues"),
+    ]
     assert rows[0][2] == dn.__version__
     meta = dict(_sql(store.schema, "SELECT key, value FROM {s}.dn_meta"))
     assert meta == {"schema_version": str(SCHEMA_VERSION), "written_by": dn.__version__}
     store.put_run(_run("r1"))
     again = open_pg()
     assert again.get_run("r1") is not None
-    assert len(_sql(store.schema, "SELECT * FROM {s}.dn_migrations")) == 2
+    assert len(_sql(store.schema, "SELECT * FROM {s}.dn_migrations")) == 3
 
 
 def test_processes_opening_a_new_schema_at_once_migrate_it_once(pg_url: str) -> None:

@@ -11,6 +11,7 @@ One concern per file, lowest first (a file imports only files above it in this l
 ``_retry``       how an effect call is attempted: ``Retry``, timeouts, Retry-After hints
 ``_usage``       token usage an effect's result reports, recorded once with the result
 ``_limits``      named rate and concurrency limits of effects (``limit=``, ``rate=``)
+``_queues``      queues with flow control for runs on workers (``queue``), routes
 ``_progress``    ``progress(iterable)`` and tqdm bars: how far an effect got, live and final
 ``_executors``   where items execute: concurrent.futures executors, Dask clients
 ``_streams``     run streams: ``ctx.stream`` writers, ``job.stream`` readers
@@ -45,6 +46,7 @@ from ._kv import RunKV, check_kv_key, kv_value
 from ._log import RunLog
 from ._map import map_items
 from ._progress import progress
+from ._queues import current_session, publish_queues, queue, run_sessions
 from ._resume import requeue, resume
 from ._retry import Retry, check_timeout
 from ._runtime import cancelled, runtime
@@ -67,6 +69,7 @@ __all__ = [
     "cancelled",
     "check_kv_key",
     "check_timeout",
+    "current_session",
     "defined",
     "durable",
     "effect",
@@ -78,9 +81,12 @@ __all__ = [
     "kv_value",
     "map_items",
     "progress",
+    "publish_queues",
+    "queue",
     "requeue",
     "resume",
     "run",
+    "run_sessions",
     "runtime",
     "send_time",
     "set_widget_factory",

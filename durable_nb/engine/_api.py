@@ -5,10 +5,13 @@ executing it here.
 
 from __future__ import annotations
 
+import json
+import os
+import uuid
 from typing import Any, ParamSpec, TypeVar
 
 from .. import _codecs
-from .._journal import check_run_id
+from .._journal import check_name, check_run_id
 from ..errors import (
     ArgumentError,
     ArgumentTypeError,
@@ -17,9 +20,10 @@ from ..errors import (
     UnstorableValueError,
     WorkflowVersionError,
 )
-from ..store import RunLease, RunRecord
+from ..store import EventRecord, Route, RunLease, RunRecord, WorkQueues
 from ._driver import check_same_workflow, start_run
 from ._jobs import Job
+from ._queues import route_for
 from ._runtime import current_scope, running_loop, runtime
 from ._state import RunState
 from ._workflow import Workflow, for_run, newest, version_of
@@ -38,6 +42,10 @@ def start(
     restart: bool = False,
     on: str = "here",
     version: str | None = None,
+    queue: str | None = None,
+    priority: int = 0,
+    dedup_id: str | None = None,
+    session: str | None = None,
     **kwargs: Any,
 ) -> Job[R]:
     """Start (or resume) a run and return its :class:`Job` at once.
@@ -52,17 +60,60 @@ def start(
     (``durable-nb worker``) that knows the workflow; the Job follows it through the store.
     ``version`` starts a new run on that version of a versioned workflow instead of the
     newest (it must be defined in this process, and a worker's).
+
+    Runs started on workers may go through a queue declared with :func:`dn.queue
+    <durable_nb.queue>` (``queue=``, with ``priority=`` if it has priorities), hold a dedup
+    id while they live (``dedup_id=``: a second start with it is refused with
+    :class:`~durable_nb.errors.DuplicateRunError` naming the run that holds it), and belong
+    to a session (``session=``: every run of it executes on the worker that holds it). A run
+    started here with a session executes here, and its trace says so.
     """
     if on == "worker":
+        route = route_for(runtime.store, queue, priority, dedup_id, session)
         return _queue_for_worker(
-            workflow, args, kwargs, run_id=run_id, restart=bool(restart), version=version
+            workflow,
+            args,
+            kwargs,
+            run_id=run_id,
+            restart=bool(restart),
+            version=version,
+            route=route,
         )
     if on != "here":
         raise ArgumentError(
             f"on must be 'here' (execute in this process) or 'worker' (queue it for a "
             f"worker), got {on!r}"
         )
-    return start_run(workflow, args, kwargs, run_id=run_id, restart=bool(restart), version=version)
+    for what, value, unset in (
+        ("queue", queue, None),
+        ("priority", priority, 0),
+        ("dedup_id", dedup_id, None),
+    ):
+        if value != unset:
+            raise ArgumentError(
+                f"{what}={value!r} applies to runs started on workers; add on='worker', or "
+                f"leave {what} out to execute the run here"
+            )
+    if session is not None:
+        check_name(session, "session")
+    job = start_run(workflow, args, kwargs, run_id=run_id, restart=bool(restart), version=version)
+    if session is not None:
+        _note_local_session(job.run_id, session)
+    return job
+
+
+def _note_local_session(run_id: str, session: str) -> None:
+    """A run started here with a session: its trace says it executed here, pinned nowhere."""
+    data = {
+        "session": session,
+        "where": "here",
+        "pid": os.getpid(),
+        "note": "started in this process, not on a worker: it executes here and the "
+        "session pins nothing",
+    }
+    runtime.store.append_events(
+        [EventRecord(run_id, uuid.uuid4().hex, runtime.clock.time(), "session", json.dumps(data))]
+    )
 
 
 def _queue_for_worker(
@@ -73,6 +124,7 @@ def _queue_for_worker(
     run_id: str | None,
     restart: bool,
     version: str | None,
+    route: Route | None = None,
 ) -> Job[R]:
     """Queue a run for a worker: a ``queued`` record carrying its arguments. A run that is
     queued or executing somewhere is left alone; one that completed with these arguments
@@ -115,10 +167,11 @@ def _queue_for_worker(
                         "with restart=True"
                     )
             if rec is None:
-                store.put_run(
+                _put(
                     RunRecord(
                         rid, wf.name, "queued", now, now, args=payload, version=wf.version or ""
-                    )
+                    ),
+                    route,
                 )
             elif rec.status in ("failed", "completed") and not (
                 rec.status == "completed"
@@ -129,12 +182,21 @@ def _queue_for_worker(
                 rec.status, rec.updated_at, rec.detail = "queued", now, ""
                 if rec.generation == 0:
                     rec.args = payload
-                store.put_run(rec)
+                _put(rec, route)
         finally:
             lease.release()
     job: Job[R] = Job(rid, workflow)
     job._watch()
     return job
+
+
+def _put(rec: RunRecord, route: Route | None) -> None:
+    store = runtime.store
+    if route is None:
+        store.put_run(rec)
+    else:
+        assert isinstance(store, WorkQueues)  # route_for checked
+        store.queue_run(rec, route)
 
 
 def run(

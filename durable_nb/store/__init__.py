@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from ..errors import ArgumentError, ArgumentTypeError
 from ._memory import MemoryStore
 from ._protocol import (
+    CLAIMABLE_STATUSES,
     FINAL_STATUSES,
     RUN_STATUSES,
     EffectKey,
@@ -26,12 +27,15 @@ from ._protocol import (
     Store,
     run_scopes,
 )
+from ._queues import DEFAULT_QUEUE, Node, QueueSpec, Route, WorkQueues
 
 if TYPE_CHECKING:
     from ._duckdb import DuckDBStore
     from ._postgres import PostgresStore
 
 __all__ = [
+    "CLAIMABLE_STATUSES",
+    "DEFAULT_QUEUE",
     "DEFAULT_STORE_PATH",
     "FINAL_STATUSES",
     "RUN_STATUSES",
@@ -39,12 +43,16 @@ __all__ = [
     "EffectRecord",
     "EventRecord",
     "MemoryStore",
+    "Node",
+    "QueueSpec",
+    "Route",
     "RunLease",
     "RunRecord",
     "RunStatus",
     "SharedLimits",
     "SignalRecord",
     "Store",
+    "WorkQueues",
     "default_store_url",
     "open_store",
     "run_scopes",

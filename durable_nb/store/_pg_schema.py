@@ -106,6 +106,32 @@ MIGRATIONS = Migrations(
             "CREATE INDEX dn_limit_starts_name_at ON {s}.dn_limit_starts (name, at)",
         ),
     ),
+    Migration(
+        3,
+        "queues: queue limits, run routes (queue, priority, dedup id, session), workers, sessions",
+        (
+            'CREATE TABLE {s}.dn_queues (name text COLLATE "C" PRIMARY KEY, '
+            "concurrency integer, worker_concurrency integer, calls integer, "
+            "window_s double precision, priority boolean NOT NULL)",
+            'CREATE TABLE {s}.dn_routes (run_id text COLLATE "C" PRIMARY KEY '
+            "REFERENCES {s}.dn_runs (run_id) ON DELETE CASCADE, "
+            'queue text COLLATE "C" NOT NULL, priority integer NOT NULL, '
+            'dedup_id text COLLATE "C", session text COLLATE "C", '
+            "enqueued_at double precision NOT NULL, claimed_at double precision)",
+            "CREATE INDEX dn_routes_queue ON {s}.dn_routes (queue)",
+            "CREATE INDEX dn_routes_dedup ON {s}.dn_routes (queue, dedup_id) "
+            "WHERE dedup_id IS NOT NULL",
+            "CREATE INDEX dn_routes_session ON {s}.dn_routes (session) WHERE session IS NOT NULL",
+            'CREATE TABLE {s}.dn_workers (node_id text COLLATE "C" PRIMARY KEY, '
+            "owner text NOT NULL, token text NOT NULL, holder text NOT NULL, "
+            "workflows text NOT NULL, max_sessions integer, idle_s double precision NOT NULL, "
+            "started_at timestamptz NOT NULL, seen_at timestamptz NOT NULL, "
+            "stopped_at timestamptz)",
+            'CREATE TABLE {s}.dn_sessions (session text COLLATE "C" PRIMARY KEY, '
+            'node_id text COLLATE "C" NOT NULL, taken_at timestamptz NOT NULL, '
+            "used_at timestamptz NOT NULL, moves integer NOT NULL)",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS.latest
 
@@ -211,19 +237,20 @@ def statements(schema: str) -> dict[str, str]:
         "condemn_all": f"UPDATE {s}.dn_leases {condemn} {gone('token')} RETURNING run_id",
         "renew": f"UPDATE {s}.dn_leases SET expires_at = now() + make_interval(secs => %s) "
         "WHERE token = ANY(%s) RETURNING token",
-        # 'released' wakes claimers (the run still needs an executor), 'ended' only those
-        # who wait for runs to end
+        # the lease goes, and the idle time of the run's session (if it has one) starts;
+        # 'released' wakes claimers (the run still needs an executor, or its end frees a
+        # slot of a queue with a concurrency limit), 'ended' only those who wait for runs
+        # to end
         "release": f"WITH d AS (DELETE FROM {s}.dn_leases WHERE run_id = %s AND token = %s "
-        "RETURNING run_id) SELECT pg_notify(%s, CASE WHEN EXISTS (SELECT 1 FROM "
+        f"RETURNING run_id), u AS (UPDATE {s}.dn_sessions x SET used_at = now() "
+        f"FROM {s}.dn_routes t, d WHERE t.run_id = d.run_id AND x.session = t.session) "
+        "SELECT pg_notify(%s, CASE WHEN EXISTS (SELECT 1 FROM "
         f"{s}.dn_runs r WHERE r.run_id = d.run_id AND r.status IN {CLAIMABLE}) "
-        "THEN 'released' ELSE 'ended' END) FROM d",
+        f"OR EXISTS (SELECT 1 FROM {s}.dn_routes t JOIN {s}.dn_queues k ON k.name = t.queue "
+        "WHERE t.run_id = d.run_id AND (k.concurrency IS NOT NULL "
+        "OR k.worker_concurrency IS NOT NULL)) THEN 'released' ELSE 'ended' END) FROM d",
         "release_all": f"DELETE FROM {s}.dn_leases WHERE token = ANY(%s) RETURNING run_id",
         "notify": "SELECT pg_notify(%s, %s)",
-        "candidates": f"SELECT r.run_id FROM {s}.dn_runs r "
-        f"WHERE r.status IN {CLAIMABLE} AND r.workflow = ANY(%s) "
-        f"AND NOT EXISTS (SELECT 1 FROM {s}.dn_leases l "
-        "WHERE l.run_id = r.run_id AND l.expires_at > now()) "
-        "ORDER BY r.created_at, r.run_id LIMIT %s FOR UPDATE OF r SKIP LOCKED",
         "claim_effect": f"INSERT INTO {s}.dn_effect_claims AS c "
         f"({', '.join(EFFECT_KEY_COLS)}, owner, expires_at) "
         "VALUES (%s, %s, %s, %s, %s, %s, now() + make_interval(secs => %s)) "

@@ -26,7 +26,8 @@ What the Store protocol asks, and how this store keeps it:
   (about 2 minutes) or its lease expires, whichever is first. A holder whose session ends
   gives up its leases at once (fencing: the runs stop). Releasing deletes the row and
   notifies workers. Shared-effect claims carry the session key the same way.
-* **Workers.** ``claim_run`` picks the oldest run that needs an executor with
+* **Workers.** ``claim_run`` (``_pg_queues``: queue limits, priorities and sessions hold
+  there) picks the oldest run that needs an executor with
   ``SELECT ... FOR UPDATE SKIP LOCKED`` (competing workers skip each other's candidates
   instead of queueing) and takes its lease in the same transaction. ``wait_for_work``
   sleeps on a dedicated ``LISTEN`` connection; queuing a run, sending a signal and
@@ -79,11 +80,13 @@ from ..errors import (
     StoreUnavailableError,
 )
 from . import _migrations, _rows
-from ._base import RunQuery, StoreBase
+from ._base import RunQuery
 from ._pg_commit import Done, GroupCommit, LoopCommit, Sql, Statement
+from ._pg_queues import PgQueues, queue_statements
 from ._pg_schema import BOOKKEEPING, EFFECT_KEY_COLS, MIGRATIONS, SCHEMA_VERSION, statements
 from ._pg_session import TAKEOVER_GRACE, Session, session_key_of
 from ._protocol import RunLease, run_scopes
+from ._queues import Node, Route
 
 if TYPE_CHECKING:
     from .._codecs import Payload
@@ -94,11 +97,11 @@ __all__ = ["DEFAULT_SCHEMA", "MIGRATIONS", "SCHEMA_VERSION", "PostgresStore"]
 _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 _Conn = psycopg.Connection[tuple[Any, ...]]
+_Claimed = tuple["RunRecord", RunLease, "Route | None"]
 
 DEFAULT_SCHEMA = "durable_nb"
 _SCHEMA_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _MIN_KEY = 16
-_CLAIM_BATCH = 8  # candidates locked per claim_run attempt
 #: seconds between two looks for runs held by processes that died, by one store's claims:
 #: the look probes the session lock of every live lease, and idle workers are woken by every
 #: queued run and every released lease (4 workers looked ~30 times a run without a limit)
@@ -255,7 +258,7 @@ class _WorkSignal:
             self._seen.seq = self._seq
 
 
-class PostgresStore(StoreBase):
+class PostgresStore(PgQueues):
     """Runs and effects in a PostgreSQL schema, shared by processes and machines.
 
     See the module docstring. ``lease_seconds``: how long a run stays owned by a holder
@@ -311,6 +314,8 @@ class PostgresStore(StoreBase):
             "dn_work_" + hashlib.blake2b(self._schema.encode(), digest_size=8).hexdigest()
         )
         self._q = self._statements()
+        self._qq = queue_statements(self._schema)
+        self._seen_keys: dict[str, str] = {}
 
         self._closed = False
         self._lock = threading.Lock()
@@ -320,8 +325,9 @@ class PostgresStore(StoreBase):
         # lost (until released): the run's writes commit only while that lease is live
         self._fences: dict[str, str] = {}
         self._next_condemn = 0.0  # monotonic time of the next look for dead holders' runs
-        # workflows -> (claimable wake-ups seen, until when) after a claim found nothing
-        self._idle: dict[tuple[str, ...], tuple[int, float]] = {}
+        # a claim's node id (None without one) and workflows -> (claimable wake-ups seen,
+        # until when) after it found nothing
+        self._idle: dict[tuple[str | None, ...], tuple[int, float]] = {}
         self._stop = threading.Event()
         self._work = _WorkSignal()
         self._heartbeat: threading.Thread | None = None
@@ -778,6 +784,9 @@ class PostgresStore(StoreBase):
     def _run_row(run: RunRecord) -> tuple[Any, ...]:
         return _rows.run_row(run, [_ipc(run.args), _ipc(run.result), _ipc(run.error)])
 
+    def _run_from_row(self, r: Sequence[Any]) -> RunRecord:
+        return _rows.run_from_row(r, _payload)
+
     def _run_statements(self, runs: Sequence[RunRecord]) -> list[Statement]:
         q = self._q["put_run"]
         return [(q, (*self._run_row(run), self._channel)) for run in runs]
@@ -955,69 +964,54 @@ class PostgresStore(StoreBase):
 
     def _claim_run(self, owner: str, names: list[str]) -> tuple[RunRecord, RunLease] | None:
         self._work.mark()  # work arriving while we look must end the next wait_for_work
+        self._check_open()
         if not names:
-            self._check_open()
             return None
-        # a claim that found nothing is not repeated until a run was queued or let go (a
-        # notification), or _CONDEMN_EVERY passed: idle workers, woken by every run that
-        # ends anywhere, would otherwise all ask the server each time
-        which = tuple(names)
+        # _pg_queues: queue limits hold, no sessions (no node)
+        got = self._idle_claim((None, *names), lambda: self._claim(owner, names, None))
+        return None if got is None else (got[0], got[1])
+
+    def claim_routed(self, node: Node) -> tuple[RunRecord, RunLease, Route | None] | None:
+        self._work.mark()
+        self._check_open()
+        return self._idle_claim(
+            (node.node_id, *node.workflows), lambda: self._claim(node.owner, node.workflows, node)
+        )
+
+    def _idle_claim(
+        self, which: tuple[str | None, ...], claim: Callable[[], _Claimed | None]
+    ) -> _Claimed | None:
+        """``claim()``, unless the last claim of ``which`` (a worker's node, or the workflows
+        of a claim without one) found nothing and nothing since may mean a run to claim: a
+        claim that found nothing is not repeated until a run was queued or let go, or a run
+        of a queue with a concurrency limit ended (notifications), or _CONDEMN_EVERY passed
+        (what only time changes: a rate window, a session's idle timeout, dead holders).
+        Idle workers, woken by every run that ends anywhere, would otherwise all ask the
+        server each time."""
         seen = self._work.claimable
         idle = self._idle.get(which)
         listening = self._listener is not None and self._listener.is_alive()
         if listening and idle is not None and idle[0] == seen and time.monotonic() < idle[1]:
-            self._check_open()
             return None
-        got = self._claim_some(owner, names)
+        got = claim()
         if got is None:
             self._idle[which] = (seen, time.monotonic() + _CONDEMN_EVERY)
         else:
             self._idle.pop(which, None)
         return got
 
-    def _claim_some(self, owner: str, names: list[str]) -> tuple[RunRecord, RunLease] | None:
-        holder = self._holder_info()
-        q = self._q
-        for attempt in range(2):
-            token = self._token()
-
-            def claim(conn: _Conn, token: str = token) -> RunRecord | None:
-                with conn.transaction():
-                    ids = [
-                        r[0]
-                        for r in conn.execute(q["candidates"], [names, _CLAIM_BATCH]).fetchall()
-                    ]
-                    for run_id in ids:
-                        # the row lock keeps other claimers off this run; the lease upsert
-                        # also refuses a lease taken by acquire_run since this snapshot
-                        got = conn.execute(
-                            q["acquire"], [run_id, token, owner, holder, self._lease_seconds]
-                        ).fetchone()
-                        if got is not None:
-                            row = conn.execute(q["get_run"], [run_id], binary=True).fetchone()
-                            assert row is not None  # locked by us: it cannot have gone
-                            return _rows.run_from_row(row, _payload)
-                return None
-
-            run = self._call(claim)
-            if run is not None:
-                lease = self._lease(run.run_id, owner, token)
-                return None if lease is None else (run, lease)
-            if attempt:
-                return None
-            # nothing to claim: are runs held by processes that died? Their leases end after
-            # the grace; wait for it once and look again (at most every _CONDEMN_EVERY s)
-            now = time.monotonic()
-            if now < self._next_condemn:
-                return None
-            self._next_condemn = now + _CONDEMN_EVERY
-            condemned = self._call(
-                lambda conn: conn.execute(q["condemn_all"], {"grace": TAKEOVER_GRACE}).fetchall()
-            )
-            if not condemned:
-                return None
-            time.sleep(TAKEOVER_GRACE + 0.01)
-        return None
+    def _condemn_dead(self) -> bool:
+        # nothing to claim: are runs held by processes that died? Their leases end after the
+        # grace; the caller looks once more after it (at most every _CONDEMN_EVERY s)
+        now = time.monotonic()
+        if now < self._next_condemn:
+            return False
+        self._next_condemn = now + _CONDEMN_EVERY
+        q = self._q["condemn_all"]
+        if not self._call(lambda conn: conn.execute(q, {"grace": TAKEOVER_GRACE}).fetchall()):
+            return False
+        time.sleep(TAKEOVER_GRACE + 0.01)
+        return True
 
     def _renew(self, tokens: list[str]) -> set[str]:
         """Renew the leases of ``tokens``; returns the ones still ours."""
