@@ -66,7 +66,16 @@ from ._duckdb_schema import (
 from ._keyfilter import KeyFilter
 from ._lockfiles import EffectClaims, file_token, lock_run, say_holder, touch, unlock
 from ._protocol import CLAIMABLE_STATUSES, RunLease, run_scopes
-from ._wal import ROTATE_SIZE, Journal, Op, dead_journals, frame, makes_work, read_frames
+from ._wal import (
+    ROTATE_SIZE,
+    Damage,
+    Journal,
+    Op,
+    dead_journals,
+    frame,
+    makes_work,
+    read_frames,
+)
 
 if TYPE_CHECKING:
     from .._codecs import Payload
@@ -79,6 +88,8 @@ _RECENT_MAX_RECORDS = 4096
 _RECENT_MAX_BYTES = 64 * 1024
 _WORK_POLL = 0.05  # seconds between looks at the ``work`` file while waiting for work
 _LOCK_RE = re.compile(r"Conflicting lock is held in (?P<exe>.*?) \(PID (?P<pid>\d+)\)")
+# what DuckDB says of a truncated or corrupted database file
+_DAMAGED_RE = re.compile(r"Could not read enough bytes|[Cc]orrupt|checksum", re.IGNORECASE)
 # the tables a merge writes, by journal record kind: (table, (column, type) pairs)
 _TABLES = {
     "E": ("dn_effects", tuple(zip(_rows.EFFECT_COLUMNS, EFFECT_TYPES, strict=True))),
@@ -104,6 +115,40 @@ def _transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
         con.execute("ROLLBACK")
         raise
     con.execute("COMMIT")
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _damaged(path: Path, msg: str) -> str:
+    return (
+        f"the store file {str(path)!r} is damaged or truncated ({msg}); it was not changed. "
+        "Restore it from a backup, or move it away (with its .wal file) to start a new store "
+        f"at that path — the journals in {str(path) + '.d/journal'!r} are merged into it"
+    )
+
+
+def _keep_damaged(path: Path, damage: list[Damage], kept: int) -> None:
+    """A journal had bytes that hold no record: keep it as ``*.wal.damaged`` and say so."""
+    import warnings
+
+    from ..errors import StoreDamageWarning
+
+    kept_as = path.with_name(path.name + ".damaged")
+    path.rename(kept_as)
+    warnings.warn(
+        f"the journal {str(path)!r} had unreadable bytes ({', '.join(map(repr, damage))}): "
+        f"the {kept} records around them were merged, a record inside them is lost (an "
+        f"effect recorded there runs again when next called); the file is kept as "
+        f"{str(kept_as)!r} for inspection — delete it when done",
+        StoreDamageWarning,
+        stacklevel=2,
+    )
 
 
 def _in_scopes(scopes: set[str], key: EffectKey, rec: EffectRecord) -> bool:
@@ -169,7 +214,8 @@ class DuckDBStore(StoreBase):
         self._closed = False
         self._run_locks: dict[str, int] = {}
         self._deferred_unlocks: list[int] = []
-        self._merge_error: BaseException | None = None
+        self._merge_error: BaseException | None = None  # the last failed merge, until one works
+        self._file_id: tuple[int, int] | None = None  # (device, inode) of the file opened
         # scope -> the pending reset record that forgets it: until that record is merged,
         # DuckDB still holds the scope's old records, which reads must not return
         self._dropped: dict[str, Op] = {}
@@ -239,6 +285,7 @@ class DuckDBStore(StoreBase):
         """Open the database (caller holds ``_dblock``), waiting while another process has it."""
         if self._con is not None:
             return self._con
+        self._check_same_file()
         deadline = time.monotonic() + self._lock_timeout
         delay = 0.005
         while True:
@@ -254,6 +301,8 @@ class DuckDBStore(StoreBase):
                             f"{str(self._path)!r} is not a DuckDB database (it may be damaged "
                             "or another kind of file); move it away or choose another store path"
                         ) from e
+                    if _DAMAGED_RE.search(msg):
+                        raise StoreFormatError(_damaged(self._path, msg)) from e
                     raise StoreUnavailableError(
                         f"cannot open the store {str(self._path)!r}: {msg}"
                     ) from e
@@ -274,8 +323,12 @@ class DuckDBStore(StoreBase):
         try:
             con.execute("SET wal_autocheckpoint_entries=1000")
             self._migrate(con)
-        except BaseException:
+            if self._file_id is None:
+                self._file_id = _file_id(self._path)
+        except BaseException as e:
             con.close()
+            if isinstance(e, duckdb.Error) and _DAMAGED_RE.search(str(e)):
+                raise StoreFormatError(_damaged(self._path, str(e))) from e
             raise
         self._con = con
         # each time we (re)open the file, merge what processes that died meanwhile left behind
@@ -321,6 +374,14 @@ class DuckDBStore(StoreBase):
                 con, self._con = self._con, None
                 con.close()
 
+    def _drop_connection(self) -> None:
+        """Close the connection after a failed write, whatever state it is in."""
+        with self._dblock:
+            con, self._con = self._con, None
+            if con is not None:
+                with contextlib.suppress(duckdb.Error):
+                    con.close()
+
     @contextlib.contextmanager
     def _db(self) -> Iterator[duckdb.DuckDBPyConnection]:
         with self._dblock:
@@ -331,6 +392,21 @@ class DuckDBStore(StoreBase):
     def _check_open(self) -> None:
         if self._closed:
             raise StoreError(f"the store {str(self._path)!r} is closed; open a new one")
+
+    def _check_same_file(self) -> None:
+        """Before reopening or merging: the file at the store's path must be the one this
+        process opened first. If it was deleted (the store directory removed under a running
+        kernel) or replaced, writing would recreate an empty store or write to an unlinked
+        file: refused, loudly, instead."""
+        if self._file_id is None or _file_id(self._path) == self._file_id:
+            return
+        raise StoreUnavailableError(
+            f"the store file {str(self._path)!r} was deleted or replaced since this process "
+            "opened it; nothing more is written to it. Records this process wrote meanwhile "
+            f"are in its journal {str(self._journal.path)!r} if that still exists (merged "
+            "into whichever store is opened at that path next). Open the store again: "
+            "restart the kernel or use `%durable store PATH`"
+        )
 
     # ------------------------------------------------------------------ journal
     def _append(
@@ -348,13 +424,6 @@ class DuckDBStore(StoreBase):
         buf = frame(ops)
         with self._wlock:
             self._check_open()
-            if self._merge_error is not None:
-                raise StoreError(
-                    f"the store {str(self._path)!r} could not merge its journal: "
-                    f"{self._merge_error!r}; what was written before is safe in the journal "
-                    f"{str(self._journal.path)!r} — free disk space (or fix the error above) "
-                    "and open the store again: the journal is merged then"
-                ) from self._merge_error
             end = self._journal.append(buf)
             written = [Op(kind, row, end) for kind, row in ops]
             self._pending.extend(written)
@@ -379,7 +448,8 @@ class DuckDBStore(StoreBase):
         con = self._connect()
         offsets = dict(con.execute("SELECT wal_id, merged_offset FROM dn_journal").fetchall())
         for wal_id, path in dead_journals(self._aux / "journal"):
-            ops, end = read_frames(path, int(offsets.get(wal_id, 0)))
+            damage: list[Damage] = []
+            ops, end = read_frames(path, int(offsets.get(wal_id, 0)), damage)
             if ops:
                 dropped = self._apply([Op(k, r, end) for k, r in ops], wal_id, end)
                 if dropped:
@@ -387,7 +457,10 @@ class DuckDBStore(StoreBase):
                         self._forget_recent(partial(_in_scopes, dropped))
                 if any(makes_work(k, r) for k, r in ops):
                     self._announce_work()
-            path.unlink()
+            if damage:
+                _keep_damaged(path, damage, len(ops))
+            else:
+                path.unlink()
             con.execute("DELETE FROM dn_journal WHERE wal_id = ?", [wal_id])
         live = {p.stem for p in (self._aux / "journal").glob("*.wal")}
         for wal_id in offsets:
@@ -404,6 +477,7 @@ class DuckDBStore(StoreBase):
         the way to a run's end), large ones as an Arrow table (8-30 us a row).
         """
         con = self._connect()
+        self._check_same_file()  # never merge into a file unlinked under us
         dropped: set[str] = set()
         if any(op.kind == "X" for op in ops):
             self._announce_deletion()
@@ -491,10 +565,21 @@ class DuckDBStore(StoreBase):
                 return
             try:
                 self._apply(ops, self._journal.wal_id, ops[-1].end)
-            except BaseException:
+            except BaseException as e:
                 with self._wlock:
                     self._pending[:0] = ops
-                raise
+                if isinstance(e, StoreLockedError) or not isinstance(e, (duckdb.Error, OSError)):
+                    raise
+                # a full disk or an I/O error: the records stay in the journal and pending;
+                # a fresh connection retries them (DuckDB rolls back what it did not commit)
+                self._drop_connection()
+                raise StoreUnavailableError(
+                    f"cannot merge the journal {str(self._journal.path)!r} into the store "
+                    f"{str(self._path)!r}: {e}; nothing recorded is lost (it is in the journal), "
+                    "and the merge is retried in the background — free disk space or fix the "
+                    "disk; no restart is needed"
+                ) from e
+            self._merge_error = None
             with self._wlock:
                 unlocks: list[int] = []
                 work = False
@@ -525,8 +610,9 @@ class DuckDBStore(StoreBase):
         self._con.execute("DELETE FROM dn_journal WHERE wal_id = ?", [old_id])
 
     def _merge_loop(self) -> None:
+        backoff = 0.0  # after a failed merge: wait longer, up to a second, before retrying
         while not self._closed:
-            self._wake.wait(self._merge_interval)
+            self._wake.wait(max(self._merge_interval, backoff))
             self._wake.clear()
             if self._closed:
                 break
@@ -544,9 +630,11 @@ class DuckDBStore(StoreBase):
                             self._close_connection()
             except StoreLockedError:
                 continue  # another process holds the file; the journal keeps our records
-            except Exception as e:  # pragma: no cover - surfaced on the next write
+            except Exception as e:  # a full disk, an I/O error: the records wait in the journal
                 self._merge_error = e
-                return
+                backoff = min(max(backoff * 2, self._merge_interval, 0.01), 1.0)
+                continue
+            backoff = 0.0
 
     # ------------------------------------------------------------------ tables
     def _write_table(self, name: str, table: object) -> None:
@@ -558,8 +646,15 @@ class DuckDBStore(StoreBase):
             con.register("dn_value", table)
             try:
                 con.execute(f'CREATE OR REPLACE TABLE "{name}" AS SELECT * FROM dn_value')
+            except (duckdb.IOException, duckdb.TransactionException) as e:
+                self._drop_connection()
+                raise StoreUnavailableError(
+                    f"cannot write a table to the store {str(self._path)!r}: {e}; nothing of "
+                    "this write was recorded — free disk space or fix the disk, then call again"
+                ) from e
             finally:
-                con.unregister("dn_value")
+                with contextlib.suppress(duckdb.Error):
+                    con.unregister("dn_value")
 
     def _read_payload(self, codec: Any, data: Any, table_name: Any) -> Payload | None:
         from .._codecs import Payload
