@@ -386,6 +386,7 @@ class DuckDBStore(StoreBase):
     def _db(self) -> Iterator[duckdb.DuckDBPyConnection]:
         with self._dblock:
             self._check_open()
+            self._check_same_file()
             self._last_activity = time.monotonic()
             yield self._connect()
 

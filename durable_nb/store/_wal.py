@@ -210,7 +210,9 @@ class Journal:
                 )
             n = os.write(self._fd, data)
             if n != len(data):  # a short write on a regular file means the disk is full
-                raise OSError(errno.ENOSPC, f"wrote {n} of {len(data)} bytes")
+                raise OSError(
+                    errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: wrote {n} of {len(data)} bytes"
+                )
             if self._fsync:
                 os.fdatasync(self._fd)
         except OSError as e:
