@@ -125,10 +125,11 @@ def _file_id(path: Path) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino)
 
 
-def _damaged(path: Path, msg: str) -> str:
+def _damaged(path: Path, msg: str, *, opening: bool = False) -> str:
     return (
-        f"the store file {str(path)!r} is damaged or truncated ({msg}); it was not changed. "
-        "Restore it from a backup, or move it away (with its .wal file) to start a new store "
+        f"the store file {str(path)!r} is damaged or truncated ({msg})"
+        + ("; it was not changed. " if opening else ". ")
+        + "Restore it from a backup, or move it away (with its .wal file) to start a new store "
         f"at that path — the journals in {str(path) + '.d/journal'!r} are merged into it"
     )
 
@@ -302,7 +303,7 @@ class DuckDBStore(StoreBase):
                             "or another kind of file); move it away or choose another store path"
                         ) from e
                     if _DAMAGED_RE.search(msg):
-                        raise StoreFormatError(_damaged(self._path, msg)) from e
+                        raise StoreFormatError(_damaged(self._path, msg, opening=True)) from e
                     raise StoreUnavailableError(
                         f"cannot open the store {str(self._path)!r}: {msg}"
                     ) from e
@@ -328,7 +329,7 @@ class DuckDBStore(StoreBase):
         except BaseException as e:
             con.close()
             if isinstance(e, duckdb.Error) and _DAMAGED_RE.search(str(e)):
-                raise StoreFormatError(_damaged(self._path, str(e))) from e
+                raise StoreFormatError(_damaged(self._path, str(e), opening=True)) from e
             raise
         self._con = con
         # each time we (re)open the file, merge what processes that died meanwhile left behind
@@ -372,7 +373,15 @@ class DuckDBStore(StoreBase):
         with self._dblock:
             if self._con is not None:
                 con, self._con = self._con, None
-                con.close()
+                try:
+                    con.close()  # checkpoints: reads and writes the file
+                except duckdb.Error as e:
+                    if _DAMAGED_RE.search(str(e)):
+                        raise StoreFormatError(_damaged(self._path, str(e))) from e
+                    raise StoreUnavailableError(
+                        f"cannot checkpoint the store {str(self._path)!r}: {e}; what was "
+                        "recorded is in its DuckDB WAL and merged when it is opened next"
+                    ) from e
 
     def _drop_connection(self) -> None:
         """Close the connection after a failed write, whatever state it is in."""
@@ -388,7 +397,12 @@ class DuckDBStore(StoreBase):
             self._check_open()
             self._check_same_file()
             self._last_activity = time.monotonic()
-            yield self._connect()
+            try:
+                yield self._connect()
+            except duckdb.Error as e:
+                if not _DAMAGED_RE.search(str(e)):
+                    raise
+                raise StoreFormatError(_damaged(self._path, str(e))) from e
 
     def _check_open(self) -> None:
         if self._closed:
