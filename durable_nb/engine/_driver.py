@@ -239,7 +239,10 @@ async def _drive(
             )
         else:  # interrupted (Ctrl-C, loop shutdown, lease lost): the run stays resumable
             if state is not None:
-                state.event("interrupted", {**_stats(state), "lease_lost": job._lease_lost})
+                # best effort: a lease is lost when the store is unreachable, which this
+                # write would find too; the run's outcome below must be settled regardless
+                with contextlib.suppress(Exception):
+                    state.event("interrupted", {**_stats(state), "lease_lost": job._lease_lost})
                 if not claimed and not job._lease_lost:
                     # stopped where it was started: resumable here (or by dn.resume), and
                     # no worker takes it over, unlike a worker's run, which stays claimable;
