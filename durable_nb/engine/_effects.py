@@ -273,9 +273,7 @@ class EffectFunction(Generic[P, R]):
                 if (err := att.failed(e)) is None:
                     continue
                 self._fail(att, err, t0, args, kwargs)
-                if err is e:
-                    raise
-                raise err from e
+                att.give_up(err, e)
             finally:
                 if here is not None:
                     current_step.reset(here)
@@ -354,9 +352,7 @@ class EffectFunction(Generic[P, R]):
                     if (err := att.failed(e)) is None:
                         continue
                     self._fail(att, err, t0, args, kwargs)
-                    if err is e:
-                        raise
-                    raise err from e
+                    att.give_up(err, e)
                 finally:
                     if token is not None:
                         cancel_scope.reset(token)

@@ -13,7 +13,7 @@ import math
 import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from .._journal import iso_time
 from ..errors import ArgumentError, ArgumentTypeError, EffectTimeoutError
@@ -270,6 +270,14 @@ class Attempts:
             left = max(0.0, self.deadline - runtime.clock.time())
             limit = left if limit is None else min(limit, left)
         return limit
+
+    @staticmethod
+    def give_up(err: BaseException, exc: BaseException) -> NoReturn:
+        """Raise what :meth:`failed` decided for the failure ``exc``: ``exc`` itself, or
+        ``err`` (a total timeout) caused by it."""
+        if err is exc:
+            raise exc
+        raise err from exc
 
     def failed(self, exc: BaseException) -> BaseException | None:
         """An attempt failed with ``exc``: ``None`` to try again (the schedule is recorded

@@ -336,9 +336,7 @@ class StreamingCall(Generic[T]):
                     self._flush()  # what arrived before the failure counts as received
                     if (err := att.failed(e)) is None:
                         continue
-                    if err is e:
-                        raise
-                    raise err from e
+                    att.give_up(err, e)
                 finally:
                     if lim is not None:
                         lim.release(held)
