@@ -620,7 +620,10 @@ class DuckDBStore(StoreBase):
 
     def _rotate_wal(self) -> None:
         """Start a fresh journal once the old one is fully merged (holds both locks)."""
-        old_id = self._journal.rotate()
+        try:
+            old_id = self._journal.rotate()
+        except OSError:
+            return  # no room for a new file: the old one goes on, and rotates next time
         assert self._con is not None
         self._con.execute("DELETE FROM dn_journal WHERE wal_id = ?", [old_id])
 
