@@ -88,6 +88,8 @@ _RECENT_MAX_RECORDS = 4096
 _RECENT_MAX_BYTES = 64 * 1024
 _WORK_POLL = 0.05  # seconds between looks at the ``work`` file while waiting for work
 _LOCK_RE = re.compile(r"Conflicting lock is held in (?P<exe>.*?) \(PID (?P<pid>\d+)\)")
+# what a merge may meet on a full or failing disk: retried on a fresh connection
+_IO_ERRORS = (duckdb.IOException, duckdb.TransactionException, duckdb.FatalException, OSError)
 # what DuckDB says of a truncated or corrupted database file
 _DAMAGED_RE = re.compile(r"Could not read enough bytes|[Cc]orrupt|checksum", re.IGNORECASE)
 # the tables a merge writes, by journal record kind: (table, (column, type) pairs)
@@ -583,7 +585,7 @@ class DuckDBStore(StoreBase):
             except BaseException as e:
                 with self._wlock:
                     self._pending[:0] = ops
-                if isinstance(e, StoreLockedError) or not isinstance(e, (duckdb.Error, OSError)):
+                if not isinstance(e, _IO_ERRORS):
                     raise
                 # a full disk or an I/O error: the records stay in the journal and pending;
                 # a fresh connection retries them (DuckDB rolls back what it did not commit)
