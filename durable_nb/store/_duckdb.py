@@ -73,6 +73,7 @@ from ._wal import (
     Op,
     dead_journals,
     frame,
+    keep_damaged,
     makes_work,
     read_frames,
 )
@@ -133,24 +134,6 @@ def _damaged(path: Path, msg: str, *, opening: bool = False) -> str:
         + ("; it was not changed. " if opening else ". ")
         + "Restore it from a backup, or move it away (with its .wal file) to start a new store "
         f"at that path — the journals in {str(path) + '.d/journal'!r} are merged into it"
-    )
-
-
-def _keep_damaged(path: Path, damage: list[Damage], kept: int) -> None:
-    """A journal had bytes that hold no record: keep it as ``*.wal.damaged`` and say so."""
-    import warnings
-
-    from ..errors import StoreDamageWarning
-
-    kept_as = path.with_name(path.name + ".damaged")
-    path.rename(kept_as)
-    warnings.warn(
-        f"the journal {str(path)!r} had unreadable bytes ({', '.join(map(repr, damage))}): "
-        f"the {kept} records around them were merged, a record inside them is lost (an "
-        f"effect recorded there runs again when next called); the file is kept as "
-        f"{str(kept_as)!r} for inspection — delete it when done",
-        StoreDamageWarning,
-        stacklevel=2,
     )
 
 
@@ -475,7 +458,7 @@ class DuckDBStore(StoreBase):
                 if any(makes_work(k, r) for k, r in ops):
                     self._announce_work()
             if damage:
-                _keep_damaged(path, damage, len(ops))
+                keep_damaged(path, damage, len(ops))
             else:
                 path.unlink()
             con.execute("DELETE FROM dn_journal WHERE wal_id = ?", [wal_id])

@@ -20,12 +20,13 @@ import os
 import secrets
 import socket
 import struct
+import warnings
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import StoreUnavailableError
+from ..errors import StoreDamageWarning, StoreUnavailableError
 
 __all__ = [
     "ROTATE_SIZE",
@@ -34,6 +35,7 @@ __all__ = [
     "Op",
     "dead_journals",
     "frame",
+    "keep_damaged",
     "makes_work",
     "read_frames",
 ]
@@ -175,6 +177,20 @@ def read_frames(
             damage.append(Damage(pos, nxt))
         pos = nxt
     return ops, last
+
+
+def keep_damaged(path: Path, damage: list[Damage], kept: int) -> None:
+    """A journal had bytes that hold no record: keep it as ``*.wal.damaged`` and say so."""
+    kept_as = path.with_name(path.name + ".damaged")
+    path.rename(kept_as)
+    warnings.warn(
+        f"the journal {str(path)!r} had unreadable bytes ({', '.join(map(repr, damage))}): "
+        f"the {kept} records around them were merged, a record inside them is lost (an "
+        f"effect recorded there runs again when next called); the file is kept as "
+        f"{str(kept_as)!r} for inspection — delete it when done",
+        StoreDamageWarning,
+        stacklevel=2,
+    )
 
 
 class Journal:
