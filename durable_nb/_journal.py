@@ -30,6 +30,7 @@ __all__ = [
     "EXECUTION_EVENTS",
     "FINAL_STATUSES",
     "HIDDEN_KINDS",
+    "PROGRESS_PREFIX",
     "QUEUE_PREFIX",
     "RETRY_PREFIX",
     "RUN_STATUSES",
@@ -52,6 +53,7 @@ __all__ = [
     "KvSetDetail",
     "LiveKind",
     "LogDetail",
+    "ProgressDetail",
     "RaceDetail",
     "RecordKind",
     "RetryDetail",
@@ -83,6 +85,7 @@ __all__ = [
     "signal_id_of",
     "signal_label",
     "stream_scope",
+    "usage_totals",
 ]
 
 # ------------------------------------------------------------------------- step kinds
@@ -96,8 +99,9 @@ __all__ = [
 #: replaces the record of an effect's error that failed its run: the step still shows as
 #: failed, but resuming the run calls that effect again. ``retry``, ``kv_base`` and
 #: ``cancel_cleared`` (a resume of a cancelled run consumed its cancel signal) are
-#: bookkeeping kept in the journal (see :data:`AUX_KINDS`), as is ``usage`` (the tokens an
-#: effect's result reported, written in the same write as the result).
+#: bookkeeping kept in the journal (see :data:`AUX_KINDS`), as are ``usage`` (the tokens an
+#: effect's result reported) and ``progress`` (how far its progress bar got: its final
+#: ``dn.progress`` or tqdm count), both written in the same write as the result.
 StepKind = Literal[
     "effect",
     "stream",
@@ -124,6 +128,7 @@ StepKind = Literal[
     "cleared",
     "cancel_cleared",
     "usage",
+    "progress",
 ]
 #: Records of a run's other scopes: a stream's chunk and end marker (``stream/<run>``), a
 #: key's current value (``kv/<run>``; a deleted key leaves a ``kv_delete`` tombstone); and of
@@ -139,6 +144,7 @@ AUX_KINDS: Final[tuple[str, ...]] = (
     "kv_base",
     "cancel_cleared",
     "usage",
+    "progress",
     "chunk",
     "stream_end",
     "kv",
@@ -259,6 +265,15 @@ class UsageDetail(TypedDict, total=False):
     model: str  # the response's ``model``, when it says
 
 
+class ProgressDetail(TypedDict):
+    """How far an executed effect's progress bar got (``progress`` records): its final state,
+    shown on its row afterwards (replayed or opened from the store) instead of a spinner."""
+
+    n: int  # items done
+    total: int | None  # the bar's total, None when it had none
+    desc: str  # its label, "" when none
+
+
 StepDetail = Union[
     SleepDetail,
     DeadlineDetail,
@@ -280,6 +295,7 @@ StepDetail = Union[
     RetryDetail,
     KvBaseDetail,
     UsageDetail,
+    ProgressDetail,
 ]
 
 
@@ -317,6 +333,24 @@ def shown_seqs(records: Iterable[Any]) -> list[int]:
     return sorted({r.seq for r in records if r.seq >= 0 and r.kind not in hidden})
 
 
+def usage_totals(records: Iterable[Any]) -> dict[str, Any]:
+    """The tokens of the ``usage`` records among ``records``: ``{"prompt", "completion",
+    "by_model": {model: {"prompt", "completion"}}}`` (a model the response did not name is
+    ``"?"``)."""
+    out: dict[str, Any] = {"prompt": 0, "completion": 0, "by_model": {}}
+    for r in records:
+        if r.kind != "usage":
+            continue
+        d = read_detail(r.detail)
+        p, c = int(d.get("prompt_tokens", 0) or 0), int(d.get("completion_tokens", 0) or 0)
+        m = out["by_model"].setdefault(str(d.get("model") or "?"), {"prompt": 0, "completion": 0})
+        out["prompt"] += p
+        out["completion"] += c
+        m["prompt"] += p
+        m["completion"] += c
+    return out
+
+
 def iso_time(ts: float) -> str:
     """Epoch seconds as the ISO 8601 UTC text of details (``until``, ``next_at``)."""
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
@@ -328,6 +362,9 @@ RETRY_PREFIX: Final = "dn.retry:"
 #: the tokens an effect call used: identity ``USAGE_PREFIX + the effect's identity``, the
 #: rest of the key the call's own
 USAGE_PREFIX: Final = "dn.usage:"
+#: how far an effect call's progress bar got: identity ``PROGRESS_PREFIX + the effect's
+#: identity``, the rest of the key the call's own
+PROGRESS_PREFIX: Final = "dn.progress:"
 #: a streaming effect's chunks: identity ``CHUNK_PREFIX + the effect's identity``
 CHUNK_PREFIX: Final = "dn.chunk:"
 #: notebook and script scopes are ``TOP_SCOPE_PREFIX + name``
@@ -422,7 +459,11 @@ EventKind = Literal[
 ]
 #: events that open an execution of a run; the last one opens the latest execution
 EXECUTION_EVENTS: Final[tuple[str, ...]] = ("started", "resumed")
-#: events that close an execution (with its replayed/executed/saved totals)
+#: events that close an execution, with its totals: ``replayed``, ``executed``,
+#: ``saved_seconds`` and, when replayed steps had reported tokens, ``tokens_saved``
+#: (``{prompt, completion}``) and ``tokens_saved_by_model``; ``continued_as_new`` also
+#: carries what the generation's journal (dropped then) had spent: ``spent_seconds``,
+#: ``tokens`` and ``tokens_by_model``
 CLOSING_EVENTS: Final[tuple[str, ...]] = (
     "completed",
     "failed",

@@ -506,8 +506,9 @@ def import_(
 @store_option
 @click.pass_context
 def metrics(ctx: click.Context, as_json: bool) -> None:
-    """Count runs by status and workflow, the steps executed and replayed with the time
-    replay saved, and the tokens LLM calls spent (per model)."""
+    """Count runs by status and workflow, the steps executed and replayed, and what was
+    spent and what replay saved (time, and the tokens LLM calls used) overall, per model and
+    per notebook; --json adds per run."""
     m = _client(ctx).metrics()
     if as_json:
         _echo_json(m)
@@ -519,16 +520,39 @@ def metrics(ctx: click.Context, as_json: bool) -> None:
         f"workflows   {flows or '-'}",
         f"executions  {m['executions']} ({m['executions_ended']} ended)",
         f"steps       {m['steps_executed']} executed, {m['steps_replayed']} replayed",
-        f"time saved  {m['saved_seconds']:.3f} s",
+        f"time        {m['spent_seconds']:.3f} s spent, {m['saved_seconds']:.3f} s saved by replay",
     ]
     t = m["tokens"]
     if t["prompt"] or t["completion"]:
-        lines.append(f"tokens      {t['prompt']} prompt + {t['completion']} completion spent")
+        lines.append(f"tokens      {_spent_saved(m['tokens'], m['tokens_saved'])}")
+        lines.append("per model")
         lines += [
-            f"  {model}  {v['prompt']} + {v['completion']}"
-            for model, v in m["tokens_by_model"].items()
+            f"  {model}  {_spent_saved(v['tokens'], v['tokens_saved'])}; "
+            f"{v['spent_seconds']:.3f} s spent"
+            for model, v in m["by_model"].items()
         ]
+    if m["by_notebook"]:
+        lines.append("per notebook")
+        for name, v in m["by_notebook"].items():
+            tokens = v["tokens"]
+            spent = (
+                f"tokens {_spent_saved(tokens, v['tokens_saved'])}; "
+                if tokens["prompt"] or tokens["completion"]
+                else ""
+            )
+            lines.append(
+                f"  {name}  {spent}{v['spent_seconds']:.3f} s spent, "
+                f"{v['saved_seconds']:.3f} s saved"
+            )
     click.echo("\n".join(lines))
+
+
+def _spent_saved(spent: dict[str, int], saved: dict[str, int]) -> str:
+    """``1200 prompt + 300 completion spent, 400 + 100 saved by replay``."""
+    text = f"{spent['prompt']} prompt + {spent['completion']} completion spent"
+    if saved["prompt"] or saved["completion"]:
+        text += f", {saved['prompt']} + {saved['completion']} saved by replay"
+    return text
 
 
 @cli.command()

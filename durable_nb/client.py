@@ -29,15 +29,13 @@ from typing import IO, TYPE_CHECKING, Any
 from ._export import EXPORT_FORMAT, open_text, read_export, write_export
 from ._journal import (
     CANCEL_SIGNAL,
-    CLOSING_EVENTS,
     SHARED_SCOPE,
     TOP_SCOPE_PREFIX,
     check_name,
     check_run_id,
     json_text,
-    read_detail,
-    run_scope,
 )
+from ._metrics import metrics
 from .errors import (
     ArgumentError,
     ArgumentTypeError,
@@ -273,59 +271,13 @@ class Client:
         return node(root)
 
     def metrics(self) -> dict[str, Any]:
-        """Counts of runs by status and by workflow, executions, and the steps the runs'
-        executions executed and replayed with the time replay saved (from the statistics each
-        execution records when it ends; an execution still going is not counted yet)."""
-        recs = self.store.list_runs(limit=_ALL)
-        by_status = dict.fromkeys(RUN_STATUSES, 0)
-        by_workflow: dict[str, int] = {}
-        executed = replayed = ended = 0
-        saved = 0.0
-        tokens = {"prompt": 0, "completion": 0}
-        by_model: dict[str, dict[str, int]] = {}
-        by_run: dict[str, dict[str, int]] = {}
-        for r in recs:
-            by_status[r.status] = by_status.get(r.status, 0) + 1
-            by_workflow[r.workflow] = by_workflow.get(r.workflow, 0) + 1
-            # tokens: the usage records, one per recorded call (replays write none)
-            for u in self.store.load_effects(run_scope(r.run_id)):
-                if u.kind != "usage":
-                    continue
-                d = read_detail(u.detail)
-                p, c = int(d.get("prompt_tokens", 0) or 0), int(d.get("completion_tokens", 0) or 0)
-                for acc in (
-                    tokens,
-                    by_model.setdefault(str(d.get("model") or "?"), {"prompt": 0, "completion": 0}),
-                    by_run.setdefault(r.run_id, {"prompt": 0, "completion": 0}),
-                ):
-                    acc["prompt"] += p
-                    acc["completion"] += c
-            for ev in self.store.load_events(r.run_id):
-                if ev.kind not in CLOSING_EVENTS or not ev.data:
-                    continue
-                try:
-                    data = json.loads(ev.data)
-                except ValueError:
-                    continue
-                if not isinstance(data, dict):
-                    continue
-                ended += 1
-                executed += int(data.get("executed", 0) or 0)
-                replayed += int(data.get("replayed", 0) or 0)
-                saved += float(data.get("saved_seconds", 0.0) or 0.0)
-        return {
-            "runs": len(recs),
-            "by_status": by_status,
-            "by_workflow": dict(sorted(by_workflow.items())),
-            "executions": sum(r.executions for r in recs),
-            "executions_ended": ended,
-            "steps_executed": executed,
-            "steps_replayed": replayed,
-            "saved_seconds": round(saved, 6),
-            "tokens": tokens,
-            "tokens_by_model": dict(sorted(by_model.items())),
-            "tokens_by_run": dict(sorted(by_run.items())),
-        }
+        """Counts of runs by status and by workflow, executions, the steps the runs'
+        executions executed and replayed, and what was spent and what replay saved — time
+        and LLM tokens — overall, per run (``by_run``), per notebook (``by_notebook``) and
+        per model (``by_model``; ``tokens_by_model`` and ``tokens_by_run`` are the spent
+        tokens alone). Spent is read from the records, saved from the events that close
+        executions (one still going is not counted yet); see ``durable_nb/_metrics.py``."""
+        return metrics(self.store)
 
     # steering ----------------------------------------------------------------------------
     def signal(self, run_id: str, name: str, payload: Any = None) -> None:

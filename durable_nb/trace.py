@@ -24,7 +24,9 @@ from ._journal import (
     CLOSING_EVENTS,
     EXECUTION_EVENTS,
     HIDDEN_KINDS,
+    PROGRESS_PREFIX,
     USAGE_PREFIX,
+    ProgressDetail,
     read_detail,
     run_scope,
     signal_id_of,
@@ -42,6 +44,7 @@ __all__ = [
     "format_run",
     "format_runs",
     "format_trace",
+    "progress_text",
     "run_history",
     "run_info",
     "run_summary",
@@ -68,6 +71,7 @@ class TraceStep(TypedDict):
     error: str | None  # ``Type('message')`` of a failure
     attempts: int
     tokens: Tokens | None  # what an LLM call's result reported it used
+    progress: ProgressDetail | None  # how far its progress bar got, when one reported
 
 
 class Tokens(TypedDict):
@@ -81,6 +85,16 @@ class Tokens(TypedDict):
 # within one instant: a fork's origin, then an execution's opening, ..., its closing event
 _EVENT_RANK = {"forked": -1} | {k: 0 for k in EXECUTION_EVENTS} | {k: 2 for k in CLOSING_EVENTS}
 _NOISE = ("signal_id",)  # ids that make a timeline line long and say nothing to a reader
+
+
+def progress_text(p: object) -> str:
+    """A step's final progress as the widget and the trace show it: ``12/12 pages``, ``37``
+    (no total); '' for none."""
+    if not isinstance(p, Mapping) or not isinstance(p.get("n"), int):
+        return ""
+    total = p.get("total")
+    text = f"{p['n']}/{total}" if isinstance(total, int) else str(p["n"])
+    return f"{text} {p.get('desc') or ''}".strip()
 
 
 def _when(ts: float) -> str:
@@ -172,7 +186,7 @@ def run_trace(store: Store, run_id: str) -> dict[str, Any]:
          "children": [run_id, ...],
          "events": [{ts, kind, data}],
          "totals": {steps, executed, replayed, failed, saved_seconds, tokens,
-                    tokens_saved, tokens_by_model}}
+                    tokens_saved, tokens_by_model, tokens_before}}
 
     ``steps`` are in ``seq`` order. A step's ``state`` is ``"executed"`` when it was recorded
     by the latest execution (the one opened by the last ``started``/``resumed`` event),
@@ -213,8 +227,18 @@ def run_trace(store: Store, run_id: str) -> dict[str, Any]:
     steps: list[TraceStep] = []
     recorded: set[tuple[int, str]] = set()
     usage: dict[tuple[int, str], Tokens] = {}
+    bars: dict[tuple[int, str], ProgressDetail] = {}
     for r in records:
-        if r.kind == "usage":
+        if r.kind == "progress":
+            d = read_detail(r.detail)
+            if isinstance(d.get("n"), int):
+                total = d.get("total")
+                bars[(r.seq, r.identity.removeprefix(PROGRESS_PREFIX))] = {
+                    "n": d["n"],
+                    "total": total if isinstance(total, int) else None,
+                    "desc": str(d.get("desc") or ""),
+                }
+        elif r.kind == "usage":
             d = read_detail(r.detail)
             usage[(r.seq, r.identity.removeprefix(USAGE_PREFIX))] = {
                 "prompt": int(d.get("prompt_tokens", 0) or 0),
@@ -247,6 +271,7 @@ def run_trace(store: Store, run_id: str) -> dict[str, Any]:
                 "attempts": len(failures.get((r.seq, r.identity), ())) + 1,
                 "step": 0,
                 "tokens": usage.get((r.seq, r.identity)),
+                "progress": bars.get((r.seq, r.identity)),
             }
         )
     if rec.status != "running":
@@ -267,6 +292,7 @@ def run_trace(store: Store, run_id: str) -> dict[str, Any]:
                     "attempts": len(evs),
                     "step": 0,
                     "tokens": None,
+                    "progress": None,
                 }
             )
     steps.sort(key=lambda s: (s["seq"], s["started_at"]))
@@ -302,18 +328,35 @@ def run_trace(store: Store, run_id: str) -> dict[str, Any]:
             "saved_seconds": round(
                 sum(s["duration"] for s in shown if s["state"] == "replayed"), 6
             ),
-            **token_totals(shown),
+            **token_totals(shown, events),
         },
     }
 
 
-def token_totals(steps: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+def token_totals(
+    steps: Iterable[Mapping[str, Any]], events: Iterable[Mapping[str, Any]] = ()
+) -> dict[str, Any]:
     """Tokens of a trace's steps: ``tokens`` (prompt, completion) spent by every recorded
     execution, ``tokens_saved`` by the replayed steps (recorded by an earlier execution), and
-    spent per model (``tokens_by_model``)."""
+    spent per model (``tokens_by_model``). The earlier generations of a run that continued
+    as new (their journals are gone; each ``continued_as_new`` event in ``events`` keeps what
+    its generation spent) count in ``tokens`` and ``tokens_by_model`` too, and alone in
+    ``tokens_before`` — the whole chain's spend, not only the latest generation's."""
     spent = {"prompt": 0, "completion": 0}
     saved = {"prompt": 0, "completion": 0}
+    before = {"prompt": 0, "completion": 0}
     by_model: dict[str, dict[str, int]] = {}
+    for e in events:
+        d = e.get("data")
+        if e.get("kind") != "continued_as_new" or not isinstance(d, dict):
+            continue
+        for model, t in (d.get("tokens_by_model") or {}).items():
+            m = by_model.setdefault(str(model), {"prompt": 0, "completion": 0})
+            for k in ("prompt", "completion"):
+                n = int(t.get(k, 0) or 0)
+                m[k] += n
+                spent[k] += n
+                before[k] += n
     for s in steps:
         t = s.get("tokens")
         if not t:
@@ -325,7 +368,12 @@ def token_totals(steps: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         m = by_model.setdefault(t["model"] or "?", {"prompt": 0, "completion": 0})
         m["prompt"] += t["prompt"]
         m["completion"] += t["completion"]
-    return {"tokens": spent, "tokens_saved": saved, "tokens_by_model": by_model}
+    return {
+        "tokens": spent,
+        "tokens_saved": saved,
+        "tokens_by_model": by_model,
+        "tokens_before": before,
+    }
 
 
 _STATES = ("executed", "replayed", "failed")
@@ -462,6 +510,11 @@ def _tokens_note(step: Mapping[str, Any]) -> str:
     return f"  {t['prompt']}+{t['completion']} tokens" if t else ""
 
 
+def _progress_note(step: Mapping[str, Any]) -> str:
+    text = progress_text(step.get("progress"))
+    return f"  {text}" if text else ""
+
+
 def _tokens_total(totals: Mapping[str, Any]) -> str:
     """``; tokens 1200 prompt + 300 completion spent, 400 + 100 saved by replay`` or ''."""
     spent, saved = totals.get("tokens"), totals.get("tokens_saved")
@@ -533,7 +586,7 @@ def format_run(info: dict[str, Any]) -> str:
         flag = f"  {s['error']}" if s["error"] else ""
         lines.append(
             f"  {s['step']:>5}  {s['kind']:<8} {s['state']:<8}  {step_label(s)}  "
-            f"{_ms(s['duration'])}{_tokens_note(s)}{flag}"
+            f"{_ms(s['duration'])}{_progress_note(s)}{_tokens_note(s)}{flag}"
         )
     return "\n".join(lines)
 
@@ -566,6 +619,8 @@ def format_trace(trace: dict[str, Any]) -> str:
             note = item["error"] or ""
             if item.get("tokens"):
                 note = _tokens_note(item).strip() + (f"; {note}" if note else "")
+            if item.get("progress"):
+                note = _progress_note(item).strip() + (f"; {note}" if note else "")
             if item["attempts"] > 1:
                 note = f"{item['attempts']} attempts" + (f"; {note}" if note else "")
             rows.append(

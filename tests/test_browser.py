@@ -5,9 +5,10 @@ Opens ``notebooks/approval.ipynb``, runs it, sees the timeline render with the r
 states, clicks the approval button, sees the run complete and the timeline update; then
 restarts the kernel, runs it again and sees every step replayed. A second notebook runs a
 long effect that reports progress: its elapsed time ticks and its progress advances, a timed
-signal wait shows no deadline row, step numbers have no gaps, and the ``--background``
-cell's value shows when the run completes. Screenshots go to
-``tests/artifacts/`` (git-ignored; CI keeps them as artifacts).
+signal wait shows no deadline row, step numbers have no gaps, the ``--background`` cell's
+value shows when the run completes, and after a kernel restart the replayed row shows the
+recorded final count without spinning. Screenshots go to ``tests/artifacts/`` (git-ignored;
+CI keeps them as artifacts).
 
 Skipped when chromium is missing, except under ``CI=true``, where that is a failure.
 """
@@ -400,5 +401,22 @@ def test_progress_ticks_and_the_timeline_is_clean_in_jupyterlab(lab: dict[str, A
             page.wait_for_selector(".dn-trace .dn-result")
             assert page.inner_text(".dn-trace .dn-result") == "→ '12 pages, approved by alice'"
             _shot(page, "5-progress-completed")
+
+            # after a kernel restart the cell replays: the effect's row shows the final count
+            # that was recorded with its result, and nothing runs or spins
+            page.evaluate(
+                "async () => { const w = window.jupyterapp.shell.currentWidget;"
+                " await w.sessionContext.session.kernel.restart(); }"
+            )
+            _wait_idle(page)
+            _run_all(page)
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('.dn-trace .dn-row[data-state]')]"
+                ".map(r => r.dataset.state).join() === 'replayed,replayed,replayed'"
+            )
+            slow = '.dn-trace .dn-row[data-state="replayed"][data-kind="effect"]'
+            assert page.inner_text(f"{slow} .dn-progress") == "12/12 pages"
+            assert page.query_selector('.dn-trace .dn-row[data-state="running"]') is None
+            _shot(page, "6-progress-replayed")
         finally:
             browser.close()

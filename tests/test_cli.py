@@ -260,8 +260,11 @@ def test_metrics(store_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         "workflows   adder 1, approval 1, broken 1, leaf 1",
         "executions  3 (3 ended)",
         "steps       6 executed, 0 replayed",
-        f"time saved  {m['saved_seconds']:.3f} s",
+        f"time        {m['spent_seconds']:.3f} s spent, {m['saved_seconds']:.3f} s saved by replay",
+        "per notebook",  # the runs executed in this process, whose top scope is "test"
+        f"  test  {m['by_notebook']['test']['spent_seconds']:.3f} s spent, 0.000 s saved",
     ]
+    assert set(m["by_notebook"]) == {"test"} and len(m["by_run"]) == 4  # r1, its child, f1, w1
 
 
 def test_export_and_import_between_stores(

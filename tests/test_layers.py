@@ -97,6 +97,7 @@ LAYERS = {  # a module may import only from its own layer or lower ones
     "trace": 4,
     "_explain": 4,
     "client": 4,
+    "_metrics": 4,
     "_export": 4,
     "worker": 4,
     "_kernelspec": 4,

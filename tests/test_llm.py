@@ -134,6 +134,24 @@ def test_usage_is_read_from_openai_and_anthropic_shapes_and_streamed_chunks() ->
     assert usage_of({"usage": {"prompt_tokens": "many"}}) is None
 
 
+def test_a_cells_kept_responses_are_summed_per_model_each_once() -> None:
+    from durable_nb.engine._usage import kept_usage_records, none_payload
+    from durable_nb.store import EffectRecord
+
+    def resp(model: str, p: int, c: int) -> dict[str, Any]:
+        return {"model": model, "usage": {"prompt_tokens": p, "completion_tokens": c}}
+
+    a, b = resp("m", 3, 4), resp("n", 10, 1)
+    cell = EffectRecord("top/nb", "cell:x", "v", "h", 0, payload=none_payload(), kind="cell")
+    recs = kept_usage_records(cell, [a, [a, b, "text"], {"k": resp("m", 1, 1)}, 7, None])
+    assert [(r.identity, json.loads(r.detail)) for r in recs] == [
+        ("dn.usage:cell:x#m", {"prompt_tokens": 4, "completion_tokens": 5, "model": "m"}),
+        ("dn.usage:cell:x#n", {"prompt_tokens": 10, "completion_tokens": 1, "model": "n"}),
+    ]
+    assert all(r.kind == "usage" and r.key[2:] == ("v", "h", 0) for r in recs)
+    assert kept_usage_records(cell, ["text", [1, 2], {"a": "b"}]) == ()
+
+
 def test_an_effect_in_a_notebook_scope_records_its_usage_once(
     ip: Any,
 ) -> None:
@@ -356,3 +374,172 @@ def test_a_limit_holds_across_two_processes_on_the_postgresql_store(
         assert server.requests == 600
         assert server.max_inflight <= 4
         assert _max_in_window(server.starts, 0.9) <= 100  # 100 ms of slack, as above
+
+
+# ---------------------------------------------------------------------- spent vs saved
+
+NOTEBOOK = """
+import os, signal, sys
+from openai import OpenAI
+import durable_nb as dn
+
+store, url, run_id = sys.argv[1:4]
+dn.set_store(store)
+llm = dn.wrap(OpenAI(base_url=url, api_key="x", max_retries=0), key="llm")
+
+def ask(model, text):
+    msgs = [{"role": "user", "content": text}]
+    return llm.chat.completions.create(model=model, messages=msgs).choices[0].message.content
+
+ask("small", "hello from " + run_id)  # the notebook's own call, outside any run
+
+@dn.durable
+async def agent(ctx, n):
+    out = []
+    for i in range(n):
+        out.append(ask("large", f"step {i} of " + run_id * (i + 1)))
+        if i == 1 and not os.path.exists(run_id + ".killed"):
+            open(run_id + ".killed", "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+    return len(out)
+
+print("RESULT", dn.run(agent, 4, run_id=run_id), flush=True)
+"""
+
+
+def _bill(llm_server: Any, text: str) -> dict[str, int]:
+    msgs = [{"role": "user", "content": text}]
+    u = llm_server._usage(msgs, llm_server.reply_for(msgs))
+    return {"prompt": u["prompt_tokens"], "completion": u["completion_tokens"]}
+
+
+def _sum(*bills: dict[str, int]) -> dict[str, int]:
+    return {k: sum(b[k] for b in bills) for k in ("prompt", "completion")}
+
+
+def test_metrics_give_tokens_spent_and_saved_per_notebook_model_and_run_through_the_cli(
+    tmp_path: Path,
+) -> None:
+    """Two notebooks (scripts with their own scope), each with a call of its own and a run
+    killed after two calls, then resumed (two calls replay): `durable-nb metrics` gives what
+    each notebook, model and run spent, counted once, and what replay saved."""
+    from click.testing import CliRunner
+
+    from durable_nb.cli import cli
+
+    llm_server = helpers.llm_server()
+    store_path = str(tmp_path / "s.duckdb")
+    with llm_server.LLMServer() as server:
+        for nb, run_id in (("nb-a", "a"), ("nb-b", "b")):
+            for expected in (-signal.SIGKILL, 0):
+                p = spawn_python(
+                    "-c",
+                    NOTEBOOK,
+                    store_path,
+                    server.url,
+                    run_id,
+                    env={"DURABLE_NB_SCOPE": nb},
+                    cwd=tmp_path,
+                )
+                _, err = p.communicate(timeout=120)
+                assert p.returncode == expected, err
+        assert server.requests == 2 * (1 + 4)  # each call once: the rest replayed
+
+    own = {r: _bill(llm_server, "hello from " + r) for r in "ab"}
+    steps = {r: [_bill(llm_server, f"step {i} of " + r * (i + 1)) for i in range(4)] for r in "ab"}
+    spent = {r: _sum(own[r], *steps[r]) for r in "ab"}
+    saved = {r: _sum(*steps[r][:2]) for r in "ab"}  # the resumed execution replayed two calls
+
+    result = CliRunner().invoke(cli, ["--store", store_path, "metrics", "--json"])
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.output)
+    assert m["tokens"] == _sum(spent["a"], spent["b"])
+    assert m["tokens_saved"] == _sum(saved["a"], saved["b"])
+    assert set(m["by_notebook"]) == {"nb-a", "nb-b"}
+    for nb, r in (("nb-a", "a"), ("nb-b", "b")):
+        assert m["by_notebook"][nb]["tokens"] == spent[r]
+        assert m["by_notebook"][nb]["tokens_saved"] == saved[r]
+        assert m["by_notebook"][nb]["spent_seconds"] > 0  # the calls took some time
+        assert m["by_run"][r]["tokens"] == _sum(*steps[r])  # the run's own calls
+        assert m["by_run"][r]["tokens_saved"] == saved[r]
+        assert m["tokens_by_run"][r] == _sum(*steps[r])
+    assert m["by_model"]["small"]["tokens"] == _sum(own["a"], own["b"])
+    assert m["by_model"]["small"]["tokens_saved"] == {"prompt": 0, "completion": 0}
+    assert m["by_model"]["large"]["tokens"] == _sum(*steps["a"], *steps["b"])
+    assert m["by_model"]["large"]["tokens_saved"] == _sum(saved["a"], saved["b"])
+    assert m["tokens_by_model"] == {k: v["tokens"] for k, v in m["by_model"].items()}
+
+    result = CliRunner().invoke(cli, ["--store", store_path, "metrics"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    total, large = m["tokens"], m["by_model"]["large"]
+    assert (
+        f"tokens      {total['prompt']} prompt + {total['completion']} completion spent, "
+        f"{m['tokens_saved']['prompt']} + {m['tokens_saved']['completion']} saved by replay"
+    ) in lines
+    assert any(
+        line.startswith(
+            f"  large  {large['tokens']['prompt']} prompt + {large['tokens']['completion']} "
+            f"completion spent, {large['tokens_saved']['prompt']} + "
+            f"{large['tokens_saved']['completion']} saved by replay; "
+        )
+        for line in lines
+    )
+    a = m["by_notebook"]["nb-a"]
+    assert lines[lines.index("per notebook") + 1].startswith(
+        f"  nb-a  tokens {a['tokens']['prompt']} prompt + {a['tokens']['completion']} completion "
+        f"spent, {a['tokens_saved']['prompt']} + {a['tokens_saved']['completion']} saved by "
+        "replay; "
+    )
+
+
+def test_a_continue_as_new_chain_counts_every_generations_tokens(clock: dn.FakeClock) -> None:
+    """Each generation's journal goes when it continues as new; what it spent stays in the
+    event that ended it, so the run's totals, its trace header, the widget and the metrics
+    sum the whole chain — and a fork does not count the steps it copied again."""
+    from openai import OpenAI
+
+    from durable_nb.widgets._model import TraceModel
+
+    llm_server = helpers.llm_server()
+    with llm_server.LLMServer() as server:
+        llm = dn.wrap(OpenAI(base_url=server.url, api_key="x", max_retries=0), key="llm")
+
+        @dn.durable
+        async def chain(ctx: dn.Context, gen: int) -> int:
+            msgs = [{"role": "user", "content": f"generation {gen} " * (gen + 1)}]
+            llm.chat.completions.create(model="m", messages=msgs)
+            if gen < 2:
+                ctx.continue_as_new(gen + 1)
+            return gen
+
+        assert dn.run(chain, 0, run_id="chain") == 2
+        assert server.requests == 3
+    bills = [_bill(llm_server, f"generation {g} " * (g + 1)) for g in range(3)]
+    store = dn.get_store()
+    t = trace.run_trace(store, "chain")
+    assert t["run"]["generation"] == 2
+    assert [s["tokens"]["prompt"] for s in t["steps"] if s["tokens"]] == [bills[2]["prompt"]]
+    assert t["totals"]["tokens"] == _sum(*bills)  # the chain, not the last generation only
+    assert t["totals"]["tokens_before"] == _sum(*bills[:2])
+    assert t["totals"]["tokens_by_model"] == {"m": _sum(*bills)}
+    total = _sum(*bills)
+    assert f"tokens {total['prompt']} prompt + {total['completion']} completion spent" in (
+        trace.format_trace(t)
+    )
+    model = TraceModel("chain")
+    model.load_trace(t)
+    assert (model.totals()["prompt_tokens"], model.totals()["completion_tokens"]) == (
+        total["prompt"],
+        total["completion"],
+    )
+    m = Client(store).metrics()
+    assert m["by_run"]["chain"]["tokens"] == total and m["tokens"] == total
+
+    clock.advance(10)
+    fork = dn.fork("chain", from_step=1, run_id="chain-fork")  # copies the call, runs nothing
+    assert fork.result(timeout=30) == 2
+    m = Client(store).metrics()
+    assert m["tokens"] == total  # the copied call counts for the run it was copied from
+    assert m["by_run"]["chain-fork"]["tokens"] == {"prompt": 0, "completion": 0}
+    assert m["by_run"]["chain-fork"]["tokens_saved"] == bills[2]  # it replayed the copy

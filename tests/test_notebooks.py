@@ -17,6 +17,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+import durable_nb as dn
+
 from . import helpers
 from .helpers import ROOT
 
@@ -251,6 +253,115 @@ def test_dn_progress_in_a_cached_cell_is_a_bar_that_replays_in_its_final_state(
     assert shown[0] == AnyText(r"^pages: 100%\|█+\| 12/12 \[")  # the final state, no widget
     assert shown[-1] == "12"
     assert not any(WIDGET_VIEW in o.get("data", {}) for o in second.cells[1].outputs)
+
+
+def test_a_tqdm_bar_inside_a_durable_cells_effect_reaches_its_widget_and_replays_its_count(
+    tmp_path: Path, kernel_env: Path
+) -> None:
+    """A tqdm.auto bar of the user's own, inside an effect of a %%durable cell, in a real
+    kernel: the cell's live trace widget shows its final count on the effect's row; after a
+    restart the cell replays (the effect does not run again) and the row still shows the
+    count, as does a widget opened from the store."""
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    nb = new_notebook(
+        cells=[
+            new_code_cell("%load_ext durable_nb"),
+            new_code_cell(
+                "import os\nimport durable_nb as dn\nfrom tqdm.auto import tqdm\n\n"
+                "@dn.effect\ndef crunch(n):\n"
+                "    with open(os.environ['DURABLE_NB_EXEC_LOG'], 'a') as f:\n"
+                "        f.write('crunch\\n')\n"
+                "    return sum(1 for _ in tqdm(range(n), desc='rows'))"
+            ),
+            new_code_cell("%%durable bars\ncrunch(25)"),
+            new_code_cell(
+                "from ipywidgets.widgets.widget import _instances\n"
+                "from durable_nb.widgets import TraceWidget\n"
+                "(live,) = [w for w in list(_instances.values()) "
+                "if isinstance(w, TraceWidget) and w.run_id == 'bars']\n"
+                "live.flush()  # what its timer ships next\n"
+                "print('live', [(r['state'], r['progress']) for r in live._model.rows])\n"
+                "print('stored', [(r['state'], r['progress']) for r in "
+                "TraceWidget('bars')._model.rows])"
+            ),
+        ],
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3"}},
+    )
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    first = execute(nb, workdir)
+    assert executions(kernel_env) == Counter(["crunch"])
+    assert cell_text(first, "%%durable").strip().endswith("25")
+    assert cell_text(first, "from ipywidgets.widgets").splitlines() == [
+        "live [('executed', '25/25 rows')]",
+        "stored [('executed', '25/25 rows')]",
+    ]
+    second = execute(nb, workdir)
+    assert executions(kernel_env) == Counter(["crunch"])  # replayed: the effect did not run
+    assert cell_text(second, "from ipywidgets.widgets").splitlines() == [
+        "live [('replayed', '25/25 rows')]",
+        "stored [('replayed', '25/25 rows')]",
+    ]
+
+
+def test_an_unwrapped_clients_responses_kept_by_a_cached_cell_are_counted_once(
+    tmp_path: Path, kernel_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A %%effect cell that calls the real `openai` client without dn.wrap, in a real kernel:
+    the responses it keeps (a variable, a list of them) count once for the notebook, when
+    the cell is recorded; the replay after a restart sends nothing and adds nothing."""
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    from durable_nb.client import Client
+
+    llm_server = helpers.llm_server()
+    nb = new_notebook(
+        cells=[
+            new_code_cell("%load_ext durable_nb"),
+            new_code_cell(
+                "import os\nfrom openai import OpenAI\n"
+                "client = OpenAI(base_url=os.environ['LLM_URL'], api_key='x', max_retries=0)"
+            ),
+            new_code_cell(
+                "%%effect\n"
+                "msgs = [{'role': 'user', 'content': 'one question'}]\n"
+                "first = client.chat.completions.create(model='m', messages=msgs)\n"
+                "more = [\n"
+                "    client.chat.completions.create(\n"
+                "        model='n', messages=[{'role': 'user', 'content': q}]\n"
+                "    )\n"
+                "    for q in ('two', 'three more words')\n"
+                "]\n"
+                "first.choices[0].message.content"
+            ),
+        ],
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3"}},
+    )
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    with llm_server.LLMServer() as server:
+        monkeypatch.setenv("LLM_URL", server.url)
+        first = execute(nb, workdir)
+        assert server.requests == 3
+        second = execute(nb, workdir)
+        assert server.requests == 3  # replayed: nothing sent again
+    assert cell_text(second, "%%effect").endswith(cell_text(first, "%%effect").split("\n")[-1])
+
+    def bill(q: str) -> dict[str, int]:
+        msgs = [{"role": "user", "content": q}]
+        u = llm_server._usage(msgs, llm_server.reply_for(msgs))
+        return {"prompt": u["prompt_tokens"], "completion": u["completion_tokens"]}
+
+    m_bill = bill("one question")
+    n_bill = {k: bill("two")[k] + bill("three more words")[k] for k in ("prompt", "completion")}
+    store = dn.set_store(str(workdir / ".durable_nb" / "store.duckdb"))
+    m = Client(store).metrics()
+    assert m["tokens_by_model"] == {"m": m_bill, "n": n_bill}
+    (notebook,) = m["by_notebook"].values()
+    assert notebook["tokens"] == {k: m_bill[k] + n_bill[k] for k in ("prompt", "completion")}
+    assert notebook["tokens_saved"] == {"prompt": 0, "completion": 0}  # replays outside runs
+    store.close()
 
 
 class AnyText(str):

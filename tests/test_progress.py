@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +14,8 @@ import pytest
 import durable_nb as dn
 from durable_nb import trace
 from durable_nb.errors import ArgumentError, ArgumentTypeError
+
+from . import helpers
 
 
 def _run_following(wf: dn.Workflow[..., int], run_id: str) -> tuple[int, list[Any], set[str]]:
@@ -173,3 +176,167 @@ def test_the_trace_hides_deadlines_numbers_steps_without_gaps_and_shows_no_ids(
     m.load_trace(t)
     assert [r["kind"] for r in m.rows] == ["effect", "signal", "effect"]
     assert all("signal_id" not in r["args"] for r in m.rows)
+
+
+# ------------------------------------------------------------------ tqdm and the final count
+def test_a_users_tqdm_bars_report_and_the_final_count_is_recorded_and_replayed(
+    clock: dn.FakeClock,
+) -> None:
+    """A tqdm bar of the user's own inside an effect reports like dn.progress (an inner bar
+    of nested ones does not: the outermost open bar is the effect's); its final count is
+    recorded with the result, shown by the trace, and sent with a replayed step's message,
+    which the widget's model shows (a replay executes nothing: no progress, no spinner)."""
+    import io
+
+    from tqdm import tqdm
+    from tqdm.asyncio import tqdm as atqdm
+
+    calls: list[str] = []
+    sink = io.StringIO()  # the bars' own text: not this test's output
+
+    def rows(n: int) -> int:  # sync, in ctx.run's worker thread: nested bars
+        calls.append("rows")
+        done = 0
+        for _ in tqdm(range(n), desc="rows", file=sink, mininterval=0):
+            for _ in tqdm(range(3), desc="cells", file=sink, mininterval=0):
+                done += 1
+        return done
+
+    @dn.effect
+    async def pages(n: int) -> int:  # async, a manual bar updated by hand
+        calls.append("pages")
+        bar = atqdm(total=n, desc="pages", file=sink)
+        for _ in range(n):
+            await asyncio.sleep(0)
+            bar.update(1)
+        bar.close()
+        return n
+
+    @dn.effect
+    def plain(x: int) -> int:  # no bar: no progress record
+        return x
+
+    fail = [True]
+
+    @dn.durable
+    async def wf(ctx: dn.Context) -> int:
+        total = await ctx.run(rows, 20) + await pages(7) + plain(1)
+        if fail:  # the first execution fails after its steps: a resume replays them
+            raise RuntimeError(fail.pop())
+        return total
+
+    seen: list[tuple[dict[str, Any], str]] = []
+
+    async def first() -> str:
+        job = dn.start(wf, run_id="bars")
+        job.subscribe(lambda m: seen.append((m, threading.current_thread().name)))
+        with pytest.raises(RuntimeError):
+            await job.wait()
+        return threading.current_thread().name
+
+    loop_thread = asyncio.run(first())
+    assert calls == ["rows", "pages"]
+    progress = [m for m, _ in seen if m["kind"] == "progress"]
+    assert {t for m, t in seen if m["kind"] == "progress"} == {loop_thread}
+    descs = {(m["seq"], m["desc"]) for m in progress}
+    assert descs == {(0, "rows"), (1, "pages")}  # the inner bar "cells" never reached the row
+    last = {m["seq"]: (m["done"], m["total"]) for m in progress}
+    assert last == {0: (20, 20), 1: (7, 7)}
+
+    store = dn.get_store()
+    t = trace.run_trace(store, "bars")
+    assert [s["progress"] for s in t["steps"]] == [
+        {"n": 20, "total": 20, "desc": "rows"},
+        {"n": 7, "total": 7, "desc": "pages"},
+        None,
+    ]
+    text = trace.format_trace(t)
+    assert "20/20 rows" in text and "7/7 pages" in text
+    assert "20/20 rows" in trace.format_run(trace.run_info(store, "bars"))
+
+    # replayed: nothing runs or reports, and each step's message carries its final count
+    steps: list[dict[str, Any]] = []
+
+    async def again() -> int:
+        job = dn.resume("bars")
+        job.subscribe(lambda m: steps.append(m))
+        out: int = await job.wait()
+        return out
+
+    clock.advance(1)  # the trace tells executions apart by time
+    assert asyncio.run(again()) == 68 and calls == ["rows", "pages"]
+    assert [m for m in steps if m["kind"] == "progress"] == []
+    replayed = [m for m in steps if m["kind"] == "step"]
+    assert [(m["state"], m.get("progress")) for m in replayed] == [
+        ("replayed", {"n": 20, "total": 20, "desc": "rows"}),
+        ("replayed", {"n": 7, "total": 7, "desc": "pages"}),
+        ("replayed", None),
+    ]
+
+    from durable_nb.widgets._model import TraceModel
+
+    live = TraceModel("bars")
+    for m in steps:
+        live.apply(m)
+    stored = TraceModel("bars")
+    stored.load_trace(trace.run_trace(store, "bars"))
+    for model in (live, stored):
+        assert [(r["state"], r["progress"]) for r in model.rows] == [
+            ("replayed", "20/20 rows"),
+            ("replayed", "7/7 pages"),
+            ("replayed", ""),
+        ]
+
+
+def test_the_final_count_is_recorded_without_a_listener_and_a_broken_loop_keeps_its_count() -> None:
+    """No widget follows the run (a script's dn.run): dn.progress is a tqdm bar there, whose
+    final count is still recorded; a loop left early records how far it got."""
+
+    @dn.effect
+    def scan(n: int) -> int:
+        seen = 0
+        for i in dn.progress(range(n), desc="scan"):
+            if i == 4:
+                break
+            seen += 1
+        return seen
+
+    @dn.effect
+    def count(n: int) -> int:
+        return sum(1 for _ in dn.progress(iter(range(n))))  # no total, no desc
+
+    @dn.durable
+    async def wf(ctx: dn.Context) -> int:
+        return scan(10) + count(3)
+
+    assert dn.run(wf, run_id="quiet") == 7
+    t = trace.run_trace(dn.get_store(), "quiet")
+    assert [s["progress"] for s in t["steps"]] == [
+        {"n": 4, "total": 10, "desc": "scan"},
+        {"n": 3, "total": None, "desc": ""},
+    ]
+    assert trace.progress_text(t["steps"][0]["progress"]) == "4/10 scan"
+    assert trace.progress_text(t["steps"][1]["progress"]) == "3"
+
+
+def test_tqdm_imported_inside_an_effect_after_durable_nb_is_hooked_too(tmp_path: Path) -> None:
+    """tqdm is hooked when it is imported, not before: durable_nb imports nothing for it."""
+    code = (
+        "import sys, durable_nb as dn\n"
+        "assert 'tqdm' not in sys.modules, 'durable_nb imported tqdm'\n"
+        "dn.set_store(sys.argv[1])\n"
+        "@dn.effect\n"
+        "def work(n):\n"
+        "    from tqdm import tqdm\n"
+        "    return sum(1 for _ in tqdm(range(n), desc='late', disable=False))\n"
+        "@dn.durable\n"
+        "async def wf(ctx):\n"
+        "    return work(5)\n"
+        "print(dn.run(wf, run_id='late'))\n"
+    )
+    p = helpers.spawn_python("-c", code, str(tmp_path / "s.duckdb"), cwd=tmp_path)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    assert out.strip() == "5"
+    t = trace.run_trace(dn.set_store(str(tmp_path / "s.duckdb")), "late")
+    assert t["steps"][0]["progress"] == {"n": 5, "total": 5, "desc": "late"}

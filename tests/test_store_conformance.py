@@ -8,7 +8,7 @@ import time
 import pytest
 
 from durable_nb import _codecs
-from durable_nb.errors import RunLockedError
+from durable_nb.errors import ArgumentTypeError, RunLockedError
 from durable_nb.store import (
     EffectRecord,
     EventRecord,
@@ -76,6 +76,20 @@ def test_delete_effects_only_touches_its_scope(store: Store) -> None:
     assert store.load_effects("run/a") == []
     assert store.get_effect(("run/a", "mod.f", "v1", "h1", 0)) is None
     assert len(store.load_effects("top/x")) == 1
+
+
+def test_effect_scopes_lists_the_scopes_with_records_under_a_prefix(store: Store) -> None:
+    assert store.effect_scopes("top/") == []
+    store.put_effects(
+        [_eff(store, s, 1) for s in ("top/b.ipynb", "top/a.py", "run/r", "shared", "top/a.py")]
+    )
+    assert store.effect_scopes("top/") == ["top/a.py", "top/b.ipynb"]
+    assert store.effect_scopes("run/") == ["run/r"]
+    assert store.effect_scopes("") == ["run/r", "shared", "top/a.py", "top/b.ipynb"]
+    store.delete_effects("top/a.py")
+    assert store.effect_scopes("top/") == ["top/b.ipynb"]
+    with pytest.raises(ArgumentTypeError, match=r"^prefix must be a str such as 'top/' .* got 3$"):
+        store.effect_scopes(3)  # type: ignore[arg-type]
 
 
 def _run(run_id: str, status: str = "running", created: float = 1.0) -> RunRecord:

@@ -124,6 +124,7 @@ def test_trace_of_a_run_that_waits_fails_and_resumes(store: Store, clock: dn.Fak
         "tokens": {"prompt": 0, "completion": 0},  # no step reported token usage
         "tokens_saved": {"prompt": 0, "completion": 0},
         "tokens_by_model": {},
+        "tokens_before": {"prompt": 0, "completion": 0},  # no earlier generation
     }
     assert [e["kind"] for e in t["events"]][-2:] == ["resumed", "completed"]
     json.dumps(t)  # JSON-ready

@@ -10,7 +10,7 @@ One concern per file, lowest first (a file imports only files above it in this l
 ``_retry``       how an effect call is attempted: ``Retry``, timeouts, Retry-After hints
 ``_usage``       token usage an effect's result reports, recorded once with the result
 ``_limits``      named rate and concurrency limits of effects (``limit=``, ``rate=``)
-``_progress``    ``progress(iterable)``: how far an executing effect got, live
+``_progress``    ``progress(iterable)`` and tqdm bars: how far an effect got, live and final
 ``_streams``     run streams: ``ctx.stream`` writers, ``job.stream`` readers
 ``_streaming``   streaming effects (async generator ``@effect`` functions)
 ``_effects``     ``@effect``: keyed, recorded calls, inside runs and out

@@ -25,14 +25,17 @@ from typing import Any, TypeVar, cast
 
 from .. import _codecs
 from .._journal import (
+    AUX_KINDS,
     CANCEL_SIGNAL,
     FINAL_STATUSES,
+    TOP_SCOPE_PREFIX,
     EndStatus,
     KvBaseDetail,
     check_run_id,
     detail_text,
     run_scope,
     signal_id_of,
+    usage_totals,
 )
 from ..errors import (
     ArgumentTypeError,
@@ -199,7 +202,13 @@ async def _drive(
             state = RunState(job, rec, history, signals, wf.strict, token)
             state.workflow = wf
             job._state = state
-            opened: dict[str, Any] = {"execution": rec.executions, "history": len(history)}
+            opened: dict[str, Any] = {
+                "execution": rec.executions,
+                "history": len(history),
+                # the notebook or script (or worker) executing it: `durable-nb metrics` counts
+                # what this execution spends and saves for it
+                "notebook": runtime.top.scope_id.removeprefix(TOP_SCOPE_PREFIX),
+            }
             if rec.generation:
                 opened["generation"] = rec.generation
             started = state.event_record("resumed" if resumed else "started", opened)
@@ -412,7 +421,12 @@ def _next_generation(
     old = state.run
     state.event(
         "continued_as_new",
-        {"generation": old.generation + 1, "history": len(state.index), **_stats(state)},
+        {
+            "generation": old.generation + 1,
+            "history": len(state.index),
+            **_stats(state),
+            **_spent(state),
+        },
     )
     new = _replace(
         old,
@@ -474,11 +488,34 @@ def _lease_lost(job: Job[Any], loop: asyncio.AbstractEventLoop) -> None:
 
 
 def _stats(state: RunState) -> dict[str, Any]:
-    return {
+    """An execution's totals, for the event that closes it (``_journal.CLOSING_EVENTS``)."""
+    out: dict[str, Any] = {
         "replayed": state.replayed,
         "executed": state.executed,
         "saved_seconds": round(state.saved, 6),
     }
+    if state.tokens_saved:
+        by_model = {m: {"prompt": p, "completion": c} for m, (p, c) in state.tokens_saved.items()}
+        out["tokens_saved"] = {
+            "prompt": sum(v["prompt"] for v in by_model.values()),
+            "completion": sum(v["completion"] for v in by_model.values()),
+        }
+        out["tokens_saved_by_model"] = by_model
+    return out
+
+
+def _spent(state: RunState) -> dict[str, Any]:
+    """What a generation's journal spent (time of its steps, tokens), kept in the event of
+    its end by continue_as_new, which drops the journal: the run's totals sum the chain."""
+    records = state.index.values()
+    out: dict[str, Any] = {
+        "spent_seconds": round(sum(r.duration for r in records if r.kind not in AUX_KINDS), 6)
+    }
+    usage = usage_totals(records)
+    if usage["by_model"]:
+        out["tokens"] = {"prompt": usage["prompt"], "completion": usage["completion"]}
+        out["tokens_by_model"] = usage["by_model"]
+    return out
 
 
 async def _finish(state: RunState, status: EndStatus, detail: dict[str, Any] | None = None) -> None:

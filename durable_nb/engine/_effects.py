@@ -22,7 +22,7 @@ from .. import _codecs, _hashing
 from ..errors import ArgumentError, ArgumentTypeError
 from ..store import EffectRecord
 from ._limits import Limiter, check_limit, limiter
-from ._progress import current_step
+from ._progress import Step, current_step, progress_records
 from ._retry import (
     Attempts,
     Retry,
@@ -242,8 +242,9 @@ class EffectFunction(Generic[P, R]):
         kwargs: dict[str, Any],
     ) -> R:
         att = Attempts(scope, key4, seq, self.identity, self.retry, self.timeout)
-        # dn.progress reports only to a run's live listeners: without any, it needs no step
-        in_run = scope if isinstance(scope, RunState) and scope.listeners else None
+        # inside a run each attempt has a step its progress bars report to (_progress.py)
+        in_run = scope if isinstance(scope, RunState) else None
+        step: Step | None = None
         t0 = time.perf_counter()
         if scope.listeners:  # the argument preview only for a live widget
             scope.note_start(key4, seq, preview_args(args, kwargs))
@@ -255,8 +256,11 @@ class EffectFunction(Generic[P, R]):
             limit = att.limit()
             if self.limiter is not None:  # each attempt is a request the API sees
                 held = self.limiter.acquire_sync()
-            # dn.progress inside the function reports to this step's row
-            here = current_step.set((in_run, seq, self.identity)) if in_run is not None else None
+            # dn.progress and tqdm bars inside the function report to this step
+            here = None
+            if in_run is not None:
+                step = Step(in_run, seq, self.identity)
+                here = current_step.set(step)
             try:
                 if limit is not None:  # in a worker thread, with a cancel scope of its own
                     attempt = CancelScope(cancel_scope.get())
@@ -280,7 +284,8 @@ class EffectFunction(Generic[P, R]):
                 if self.limiter is not None:
                     self.limiter.release(held)
         rec, _ = self._make_record(scope, key4, seq, result, False, att.first, t0, args, kwargs)
-        scope.record(rec, *usage_records(rec, result))  # its tokens are counted now, once
+        # its tokens are counted now, once; its final progress is kept for its row
+        scope.record(rec, *usage_records(rec, result), *progress_records(rec, step))
         return result
 
     async def _execute_async(
@@ -299,8 +304,9 @@ class EffectFunction(Generic[P, R]):
         att = Attempts(
             scope, key4, seq, self.identity, retry or self.retry, timeout or self.timeout
         )
-        # dn.progress reports only to a run's live listeners: without any, it needs no step
-        in_run = scope if isinstance(scope, RunState) and scope.listeners else None
+        # inside a run each attempt has a step its progress bars report to (_progress.py)
+        in_run = scope if isinstance(scope, RunState) else None
+        step: Step | None = None
         t0 = time.perf_counter()
         if scope.listeners:  # the argument preview only for a live widget
             scope.note_start(key4, seq, preview_args(args, kwargs))
@@ -318,11 +324,12 @@ class EffectFunction(Generic[P, R]):
                 attempt = token = None
                 if self.limiter is not None:  # each attempt is a request the API sees
                     held = await self.limiter.acquire()
-                # dn.progress inside the function reports to this step's row (a worker
-                # thread copies the context when the attempt starts)
-                here = (
-                    current_step.set((in_run, seq, self.identity)) if in_run is not None else None
-                )
+                # dn.progress and tqdm bars inside the function report to this step (a
+                # worker thread copies the context when the attempt starts)
+                here = None
+                if in_run is not None:
+                    step = Step(in_run, seq, self.identity)
+                    here = current_step.set(step)
                 if in_thread or limit is not None:
                     attempt = CancelScope(cancel_scope.get())
                     token = cancel_scope.set(attempt)
@@ -361,8 +368,9 @@ class EffectFunction(Generic[P, R]):
                     if self.limiter is not None:
                         self.limiter.release(held)
             rec, _ = self._make_record(scope, key4, seq, result, False, att.first, t0, args, kwargs)
-            # the tokens it reports are written with the result: counted once, now
-            await scope.record_async(rec, *usage_records(rec, result))
+            # the tokens it reports are written with the result (counted once, now), and
+            # its final progress
+            await scope.record_async(rec, *usage_records(rec, result), *progress_records(rec, step))
             return result
         finally:
             scope.inflight -= 1

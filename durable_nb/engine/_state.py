@@ -25,6 +25,7 @@ from .. import _codecs
 from .._journal import (
     AUX_KINDS,
     CANCEL_SIGNAL,
+    PROGRESS_PREFIX,
     RETRY_PREFIX,
     USAGE_PREFIX,
     EventKind,
@@ -117,8 +118,13 @@ class RunState:
         }
         self.loaded = len(history)  # records it started with (a fork's first execution has some)
         self.by_seq: dict[int, EffectRecord] = {}
+        # tokens the replayed steps had cost, per model ([prompt, completion]); None while
+        # the history has no usage record (most runs: replays then look nothing up)
+        self.tokens_saved: dict[str, list[int]] | None = None
         for r in history:
             if r.kind in AUX_KINDS:
+                if r.kind == "usage":
+                    self.tokens_saved = {}
                 continue
             old = self.by_seq.get(r.seq)
             if old is None or old.started_at <= r.started_at:
@@ -191,6 +197,9 @@ class RunState:
                 "completion": d.get("completion_tokens", 0),
                 "model": d.get("model", ""),
             }
+        bar = self.index.get((PROGRESS_PREFIX + rec.identity, *self._key_rest(rec)))
+        if bar is not None:  # how far its progress bar got: its row shows it, not a spinner
+            data["progress"] = read_detail(bar.detail)
         self.emit("step", data)
 
     @staticmethod
@@ -414,6 +423,13 @@ class RunState:
     def note_replay(self, rec: EffectRecord) -> None:
         self.replayed += 1
         self.saved += rec.duration
+        if self.tokens_saved is not None:
+            usage = self.index.get((USAGE_PREFIX + rec.identity, *self._key_rest(rec)))
+            if usage is not None:
+                d = read_detail(usage.detail)
+                acc = self.tokens_saved.setdefault(str(d.get("model") or "?"), [0, 0])
+                acc[0] += int(d.get("prompt_tokens", 0) or 0)
+                acc[1] += int(d.get("completion_tokens", 0) or 0)
         if self.listeners:
             self._emit_step(rec, "replayed")
 

@@ -10,7 +10,7 @@ nobody can know how many), and a resumed run only adds the calls it executes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .._codecs import encode
@@ -18,7 +18,7 @@ from .._journal import USAGE_PREFIX, UsageDetail, detail_text
 from ..store import EffectRecord
 from ._runtime import runtime
 
-__all__ = ["usage_of", "usage_records"]
+__all__ = ["kept_usage_records", "none_payload", "usage_of", "usage_records"]
 
 # field names, OpenAI's first; Anthropic reports input/output tokens (and its streamed
 # message_delta carries the cumulative output count, so the largest value wins over a sum)
@@ -97,6 +97,14 @@ def usage_of(value: object) -> UsageDetail | None:
 _NONE_PAYLOAD: Any = None
 
 
+def none_payload() -> Any:
+    """The payload of a bookkeeping record that keeps its data in its detail."""
+    global _NONE_PAYLOAD
+    if _NONE_PAYLOAD is None:
+        _NONE_PAYLOAD = encode(None, runtime.store.signer)
+    return _NONE_PAYLOAD
+
+
 _PLAIN = frozenset({type(None), bool, int, float, str, bytes})
 
 
@@ -108,9 +116,6 @@ def usage_records(rec: EffectRecord, value: object) -> tuple[EffectRecord, ...]:
     usage = usage_of(value)
     if usage is None:
         return ()
-    global _NONE_PAYLOAD
-    if _NONE_PAYLOAD is None:
-        _NONE_PAYLOAD = encode(None, runtime.store.signer)
     return (
         EffectRecord(
             rec.scope,
@@ -118,11 +123,59 @@ def usage_records(rec: EffectRecord, value: object) -> tuple[EffectRecord, ...]:
             rec.version,
             rec.input_hash,
             rec.occurrence,
-            payload=_NONE_PAYLOAD,
+            payload=none_payload(),
             kind="usage",
             seq=rec.seq,
             started_at=rec.started_at,
             duration=0.0,
             detail=detail_text(usage),
         ),
+    )
+
+
+def kept_usage_records(rec: EffectRecord, values: Iterable[object]) -> tuple[EffectRecord, ...]:
+    """The ``usage`` records of a ``%%effect`` cell's record ``rec``: the tokens of the LLM
+    responses the cell kept — the values of the variables it assigned and its own value, or
+    their items one level deep (a list or a dict of responses) — each response once, one
+    record per model (identity ``USAGE_PREFIX + rec.identity + "#" + model``). A client the
+    cell called without keeping the response (``text = client....content``) leaves no trace
+    to count; ``dn.wrap`` the client to count every call."""
+    seen: set[int] = set()
+    by_model: dict[str, UsageDetail] = {}
+
+    def look(x: object) -> bool:
+        if type(x) in _PLAIN or id(x) in seen:
+            return False
+        seen.add(id(x))
+        u = _one(x)
+        if u is None:
+            return False
+        acc = by_model.setdefault(u.get("model", ""), {"prompt_tokens": 0, "completion_tokens": 0})
+        acc["prompt_tokens"] = acc.get("prompt_tokens", 0) + u.get("prompt_tokens", 0)
+        acc["completion_tokens"] = acc.get("completion_tokens", 0) + u.get("completion_tokens", 0)
+        return True
+
+    for v in values:
+        if look(v):
+            continue
+        items = v.values() if isinstance(v, Mapping) else v if isinstance(v, (list, tuple)) else ()
+        for i, item in enumerate(items):
+            if i >= _SCAN_CHUNKS:
+                break
+            look(item)
+    return tuple(
+        EffectRecord(
+            rec.scope,
+            f"{USAGE_PREFIX}{rec.identity}#{model}",
+            rec.version,
+            rec.input_hash,
+            rec.occurrence,
+            payload=none_payload(),
+            kind="usage",
+            seq=rec.seq,
+            started_at=rec.started_at,
+            duration=0.0,
+            detail=detail_text({**u, "model": model} if model else u),
+        )
+        for model, u in sorted(by_model.items())
     )

@@ -28,6 +28,7 @@ from .._cells import analyse_cell, normalized
 from .._journal import STEP_KINDS, run_scope
 from .._provenance import tracker
 from ..engine import Workflow, runtime, start_run
+from ..engine._usage import kept_usage_records
 from ..errors import (
     DurableError,
     RunNotFoundError,
@@ -272,6 +273,7 @@ class DurableMagics(Magics):
         stored: list[str] = []
         inline: dict[str, list[str]] = {}
         modules: dict[str, str] = {}
+        kept: list[Any] = []  # the values stored: the LLM responses among them count
         for name in [*writes, RESULT_NAME]:
             value = result if name == RESULT_NAME else self.ns.get(name)
             if name != RESULT_NAME and name not in self.ns:
@@ -293,6 +295,7 @@ class DurableMagics(Magics):
                 )
                 return f"variable {name!r} cannot be stored"
             stored.append(name)
+            kept.append(value)
             if payload.table is None and len(payload.data) <= _INLINE_BYTES:
                 # small values travel in the cell's record: a hit is one lookup, not one
                 # per variable (a pickle keeps its signature, checked when decoded)
@@ -315,12 +318,10 @@ class DurableMagics(Magics):
             payload = _codecs.encode(json.loads(json.dumps(summary, default=str)), store.signer)
         except (TypeError, ValueError, UnstorableValueError) as e:
             return f"its outputs cannot be stored ({type(e).__name__})"
-        recs.append(
-            EffectRecord(
-                scope, *key4, payload=payload, kind="cell", started_at=started, duration=duration
-            )
+        cell = EffectRecord(
+            scope, *key4, payload=payload, kind="cell", started_at=started, duration=duration
         )
-        store.put_effects(recs)
+        store.put_effects([*recs, cell, *kept_usage_records(cell, kept)])  # tokens: once
         return None
 
     def _replay(self, rec: EffectRecord, key4: tuple[str, str, str, int], writes: list[str]) -> Any:

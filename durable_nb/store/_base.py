@@ -1,8 +1,8 @@
 """What every store does the same way: the checks of its public calls.
 
 A store subclasses :class:`StoreBase` and implements the private primitive behind each
-checked call (``_list_runs``, ``_prune_effects``, ``_claim_effect``, ``_reset_run``,
-``_claim_run``); the arguments it receives are already checked and normalized, so bad
+checked call (``_list_runs``, ``_prune_effects``, ``_effect_scopes``, ``_claim_effect``,
+``_reset_run``, ``_claim_run``); the arguments it receives are already checked and normalized, so bad
 input gets the same clear error, and changes nothing, whichever store is behind it.
 """
 
@@ -131,6 +131,16 @@ class StoreBase:
         return self._prune_effects(scope_prefix, float(older_than))
 
     def _prune_effects(self, scope_prefix: str, older_than: float) -> int:
+        raise NotImplementedError
+
+    def effect_scopes(self, prefix: str) -> list[str]:
+        if not isinstance(prefix, str):
+            raise ArgumentTypeError(
+                f"prefix must be a str such as 'top/' (notebooks and scripts), got {prefix!r}"
+            )
+        return self._effect_scopes(prefix)
+
+    def _effect_scopes(self, prefix: str) -> list[str]:
         raise NotImplementedError
 
     def claim_effect(self, key: EffectKey, owner: str, seconds: float) -> bool:

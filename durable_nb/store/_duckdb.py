@@ -836,6 +836,15 @@ class DuckDBStore(StoreBase):
             ).fetchall()
         return [_rows.effect_from_row(r, self._read_payload) for r in rows]
 
+    def _effect_scopes(self, prefix: str) -> list[str]:
+        self.flush()
+        with self._db() as con:
+            rows = con.execute(
+                "SELECT DISTINCT scope FROM dn_effects WHERE starts_with(scope, ?) ORDER BY scope",
+                [prefix],
+            ).fetchall()
+        return sorted(str(r[0]) for r in rows)
+
     def delete_effects(self, scope: str) -> int:
         return self._delete_effects_where("scope = ?", [scope], lambda k, r: k[0] == scope)
 

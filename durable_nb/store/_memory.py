@@ -63,6 +63,10 @@ class MemoryStore(StoreBase):
         recs.sort(key=lambda r: (r.seq, r.started_at))
         return recs
 
+    def _effect_scopes(self, prefix: str) -> list[str]:
+        with self._lock:
+            return sorted({k[0] for k in self._effects if k[0].startswith(prefix)})
+
     def delete_effects(self, scope: str) -> int:
         with self._lock:
             doomed = [k for k in self._effects if k[0] == scope]

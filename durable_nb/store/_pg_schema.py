@@ -160,6 +160,8 @@ def statements(schema: str) -> dict[str, str]:
         "load_effects": f"SELECT {', '.join(EFFECT_COLS)} FROM {s}.dn_effects "
         "WHERE scope = %s ORDER BY seq, started_at",
         "delete_effects": f"DELETE FROM {s}.dn_effects WHERE scope = %s",
+        "effect_scopes": f"SELECT DISTINCT scope FROM {s}.dn_effects "
+        "WHERE starts_with(scope, %s) ORDER BY scope",
         "delete_scopes": f"DELETE FROM {s}.dn_effects WHERE scope = ANY(%s)",
         "prune_effects": f"DELETE FROM {s}.dn_effects "
         "WHERE starts_with(scope, %s) AND started_at < %s",

@@ -564,6 +564,11 @@ class PostgresStore(StoreBase):
         rows = self._call(lambda conn: conn.execute(q, [scope], binary=True).fetchall())
         return [_rows.effect_from_row(r, _payload) for r in rows]
 
+    def _effect_scopes(self, prefix: str) -> list[str]:
+        q = self._q["effect_scopes"]
+        rows = self._call(lambda conn: conn.execute(q, [prefix]).fetchall())
+        return sorted(str(r[0]) for r in rows)
+
     def delete_effects(self, scope: str) -> int:
         q = self._q["delete_effects"]
         return self._call(lambda conn: conn.execute(q, [scope]).rowcount)

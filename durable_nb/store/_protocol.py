@@ -260,6 +260,11 @@ class Store(Protocol):
         """Forget every record of a scope; returns how many were deleted."""
         ...
 
+    def effect_scopes(self, prefix: str) -> list[str]:
+        """The scopes that hold records and start with ``prefix`` (``"top/"``: the notebooks
+        and scripts with cached effects), sorted."""
+        ...
+
     # runs ----------------------------------------------------------------------------
     def put_run(self, run: RunRecord) -> None:
         """Create or replace a run record; durable on return."""

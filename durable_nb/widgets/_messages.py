@@ -50,7 +50,8 @@ class StepRow(TypedDict):
     args: str  # the recorded argument preview (short JSON text), "" if none
     error: str  # "Type('message')" of a failed step, "" otherwise
     started: float  # epoch seconds a running step started (its elapsed time ticks); 0 else
-    progress: str  # how far a running effect got (dn.progress): "37/100 pages", "" if unknown
+    progress: str  # how far an effect's bar got (dn.progress, tqdm): "37/100 pages" live, its
+    # final count once recorded (also replayed or read from the store); "" if none
     prompt_tokens: int  # what an LLM call's result reported it used (0 when it says nothing)
     completion_tokens: int
 

@@ -12,7 +12,7 @@ import json
 from typing import Any, TypedDict, cast
 
 from .._journal import EXECUTION_EVENTS, FINAL_STATUSES, HIDDEN_KINDS
-from ..trace import shown_detail, step_label, waiting_of
+from ..trace import progress_text, shown_detail, step_label, waiting_of
 from ._messages import RunInfo, StepRow, StepState, Totals, Waiting
 
 __all__ = ["FINAL", "TraceModel", "label_of", "waits_of"]
@@ -94,6 +94,7 @@ class TraceModel:
         self._counts: dict[str, int] = dict.fromkeys(_STATES, 0)
         self._saved = 0.0
         self._tokens = [0, 0, 0]  # prompt, completion spent; prompt+completion replayed
+        self._before = [0, 0]  # prompt, completion of the generations before (continue_as_new)
         self.waiting: list[Waiting] = []
         self.run: RunInfo = {
             "run_id": run_id,
@@ -204,7 +205,7 @@ class TraceModel:
                 "args": shown_detail(str(s.get("kind", "")), str(s.get("args") or "")),
                 "error": str(s.get("error") or ""),
                 "started": 0.0,
-                "progress": "",
+                "progress": progress_text(s.get("progress")),  # recorded: its final state
                 **_tokens_of(s.get("tokens")),
             }
             i = self._put((row["seq"], row["name"]), row)
@@ -220,6 +221,8 @@ class TraceModel:
         if isinstance(forked, dict):
             self.run["forked_from"] = f"{forked.get('run_id')} at step {forked.get('step')}"
         self.run["error"] = error if status == "failed" else ""
+        before = trace.get("totals", {}).get("tokens_before") or {}
+        self._before = [int(before.get("prompt", 0)), int(before.get("completion", 0))]
         self._set_status(status, detail, live=False)
         # waits known from the record (a run waiting while no process executes it)
         self.waiting = waits_of(status, detail)
@@ -248,10 +251,11 @@ class TraceModel:
         i = self._index.get((int(m.get("seq", -1)), str(m.get("name", ""))))
         if i is None:
             return
-        done, total, desc = m.get("done", 0), m.get("total"), str(m.get("desc") or "")
-        text = f"{done}/{total}" if total is not None else f"{done}"
+        text = progress_text(
+            {"n": m.get("done", 0), "total": m.get("total"), "desc": m.get("desc")}
+        )
         row = self.rows[i]
-        self.rows[i] = {**row, "progress": f"{text} {desc}".strip()}
+        self.rows[i] = {**row, "progress": text}
         self._dirty[i] = None
 
     def _step(self, m: dict[str, Any]) -> None:
@@ -276,7 +280,7 @@ class TraceModel:
             "args": shown_detail(kind, str(args)),
             "error": error,
             "started": float(m.get("ts") or 0.0) if state == "running" else 0.0,
-            "progress": "",
+            "progress": progress_text(m.get("progress")),  # a recorded step's final state
             **_tokens_of(m.get("tokens")),
         }
         key: _Key = (seq, name)
@@ -287,7 +291,7 @@ class TraceModel:
                 del self._index[("wait", str(signal_name))]
                 self._index[key] = i
         old = self._index.get(key)
-        if old is not None and self.rows[old]["progress"]:
+        if old is not None and self.rows[old]["progress"] and not row["progress"]:
             row["progress"] = self.rows[old]["progress"]  # its final progress stays shown
         i = self._put(key, row)
         if kind == "sleep":
@@ -302,6 +306,11 @@ class TraceModel:
             self.run["status"] = "running"
             self.waiting = []
             self._refresh_run()
+        elif event == "continued_as_new":  # its journal goes, what it spent stays counted
+            spent = data.get("tokens")
+            spent = spent if isinstance(spent, dict) else {}
+            self._before[0] += int(spent.get("prompt", 0) or 0)
+            self._before[1] += int(spent.get("completion", 0) or 0)
         elif event == "interrupted":
             self._end_timers()
             self._close_waits("interrupted")
@@ -369,8 +378,8 @@ class TraceModel:
             "failed": c["failed"],
             "running": c["running"] + c["waiting"],
             "saved_seconds": round(self._saved, 6),
-            "prompt_tokens": self._tokens[0],
-            "completion_tokens": self._tokens[1],
+            "prompt_tokens": self._tokens[0] + self._before[0],  # the whole chain's
+            "completion_tokens": self._tokens[1] + self._before[1],
             "tokens_saved": self._tokens[2],
         }
 
