@@ -498,6 +498,13 @@ def test_corrupted_blocks_inside_a_store_file_give_a_clear_error(tmp_path: Path)
 
 
 # ---------------------------------------------------------------------- directory deleted
+def _wait_idle_closed(store: DuckDBStore) -> None:
+    """Until the background thread closed the idle file, and DuckDB finished closing it."""
+    wait_until(lambda: store._con is None, "the idle close")
+    with store._dblock:  # held until DuckDB's close (a checkpoint) returned
+        pass
+
+
 @pytest.mark.parametrize("connected", [True, False])
 def test_a_store_directory_deleted_under_a_running_store_is_detected_at_the_next_write(
     tmp_path: Path, connected: bool
@@ -509,7 +516,7 @@ def test_a_store_directory_deleted_under_a_running_store_is_detected_at_the_next
         store.put_effects([_rec(store, n) for n in range(5)])
         store.flush()
         if not connected:
-            wait_until(lambda: store._con is None, "the idle close")
+            _wait_idle_closed(store)
         journal_fd = store._journal._fd
         journal_size = os.fstat(journal_fd).st_size
         shutil.rmtree(folder)
@@ -543,7 +550,7 @@ def test_a_store_file_replaced_under_a_running_store_is_not_written(tmp_path: Pa
     try:
         store.put_effects([_rec(store, 1)])
         store.flush()
-        wait_until(lambda: store._con is None, "the idle close")
+        _wait_idle_closed(store)
         path.unlink()
         path.with_name("s.duckdb.wal").unlink(missing_ok=True)
         shutil.copyfile(other, path)  # someone put another store in its place

@@ -128,6 +128,20 @@ def _file_id(path: Path) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino)
 
 
+def _pin(path: Path) -> tuple[tuple[int, int], int | None]:
+    """The identity (device, inode) of the file at ``path`` and, on Linux, an ``O_PATH``
+    descriptor that keeps its inode from being freed, so the number cannot be reused by a
+    file put in its place while the store is closed. ``O_PATH``: closing it releases none of
+    the POSIX locks DuckDB holds on the file (an ordinary descriptor's close would)."""
+    flag = getattr(os, "O_PATH", None)
+    if flag is None:
+        st = os.stat(path)
+        return (st.st_dev, st.st_ino), None
+    fd = os.open(path, flag | os.O_CLOEXEC)
+    st = os.fstat(fd)
+    return (st.st_dev, st.st_ino), fd
+
+
 def _damaged(path: Path, msg: str, *, opening: bool = False) -> str:
     return (
         f"the store file {str(path)!r} is damaged or truncated ({msg})"
@@ -202,6 +216,7 @@ class DuckDBStore(StoreBase):
         self._deferred_unlocks: list[int] = []
         self._merge_error: BaseException | None = None  # the last failed merge, until one works
         self._file_id: tuple[int, int] | None = None  # (device, inode) of the file opened
+        self._file_fd: int | None = None  # holds that inode (see _pin)
         # scope -> the pending reset record that forgets it: until that record is merged,
         # DuckDB still holds the scope's old records, which reads must not return
         self._dropped: dict[str, Op] = {}
@@ -310,7 +325,7 @@ class DuckDBStore(StoreBase):
             con.execute("SET wal_autocheckpoint_entries=1000")
             self._migrate(con)
             if self._file_id is None:
-                self._file_id = _file_id(self._path)
+                self._file_id, self._file_fd = _pin(self._path)
         except BaseException as e:
             con.close()
             if isinstance(e, duckdb.Error) and _DAMAGED_RE.search(str(e)):
@@ -1096,7 +1111,12 @@ class DuckDBStore(StoreBase):
             self._notify_work()  # waiters return
             if self._merger.is_alive() and self._merger is not threading.current_thread():
                 self._merger.join(timeout=5)
-            self._close_connection()
+            try:
+                self._close_connection()
+            finally:
+                if self._file_fd is not None:
+                    os.close(self._file_fd)
+                    self._file_fd = None
             with self._wlock:
                 self._journal.close(merged=not self._pending)
             for fd in [*self._run_locks.values(), *self._deferred_unlocks]:
