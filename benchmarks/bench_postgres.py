@@ -552,14 +552,21 @@ def _cpu(pids: Sequence[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.0
 
 
-def _server_pids() -> list[int]:
-    """The PostgreSQL server's processes on this machine (postmaster and backends)."""
-    pids = []
+def _server_cpu() -> float:
+    """CPU seconds the PostgreSQL server (postmaster and every backend, also other users')
+    used so far: the live processes' own, plus what the postmaster collected from backends
+    that ended (a connection opened and closed during a measurement counts too)."""
+    total = 0.0
     for entry in Path("/proc").glob("[0-9]*"):
-        with contextlib.suppress(OSError):
-            if (entry / "comm").read_text().strip() in ("postgres", "postmaster"):
-                pids.append(int(entry.name))
-    return pids
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if (entry / "comm").read_text().strip() not in ("postgres", "postmaster"):
+                continue
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+            parent = Path(f"/proc/{fields[1]}/comm")
+            if not parent.exists() or parent.read_text().strip() not in ("postgres", "postmaster"):
+                total += int(fields[13]) + int(fields[14])  # the postmaster: its ended children
+    return total / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.0
 
 
 Measured = tuple[float, float, float, float, float]
@@ -578,8 +585,7 @@ def dn_throughput(workers: int, n_runs: int, n_effects: int, repeats: int) -> li
                 job.result(timeout=60)
             for rep in range(repeats):
                 time.sleep(0.5)  # the workers (and their watchers) settle
-                server = _server_pids()
-                w0, s0 = _cpu([p.pid for p in procs]), _cpu(server)
+                w0, s0 = _cpu([p.pid for p in procs]), _server_cpu()
                 t0, c0 = time.time(), time.process_time()
                 jobs = [
                     dn.start(steps, n_effects, run_id=f"tp{rep}-{i}", on="worker")
@@ -588,7 +594,7 @@ def dn_throughput(workers: int, n_runs: int, n_effects: int, repeats: int) -> li
                 queued = time.time() - t0
                 last = _wait_completed(schema, "dn_runs", f"tp{rep}-", n_runs, 600)
                 cpu = time.process_time() - c0
-                w1, s1, t1 = _cpu([p.pid for p in procs]), _cpu(server), time.time()
+                w1, s1, t1 = _cpu([p.pid for p in procs]), _server_cpu(), time.time()
                 for job in jobs:  # every run's result, through its job, is right
                     if job.result(timeout=60) != _expected(n_effects):
                         raise AssertionError(f"run {job.run_id} returned a wrong result")
@@ -619,8 +625,7 @@ def dbos_throughput(workers: int, n_runs: int, n_effects: int, repeats: int) -> 
             h.get_result(polling_interval_sec=0.05)
         for rep in range(repeats):
             time.sleep(0.5)
-            server = _server_pids()
-            w0, s0 = _cpu([p.pid for p in procs]), _cpu(server)
+            w0, s0 = _cpu([p.pid for p in procs]), _server_cpu()
             t0, c0 = time.time(), time.process_time()
             handles = [
                 _dbos_enqueue(client, "bench_pg_steps", f"tp{rep}-{i}", n_effects)
@@ -629,7 +634,7 @@ def dbos_throughput(workers: int, n_runs: int, n_effects: int, repeats: int) -> 
             queued = time.time() - t0
             last = _wait_completed(schema, "workflow_status", f"tp{rep}-", n_runs, 600)
             cpu = time.process_time() - c0
-            w1, s1, t1 = _cpu([p.pid for p in procs]), _cpu(server), time.time()
+            w1, s1, t1 = _cpu([p.pid for p in procs]), _server_cpu(), time.time()
             for h in handles:
                 if h.get_result(polling_interval_sec=0.05) != _expected(n_effects):
                     raise AssertionError(f"DBOS run {h.get_workflow_id()} returned a wrong result")

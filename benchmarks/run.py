@@ -4,7 +4,7 @@
 
 Runs ``bench_engine``, ``bench_hashing``, ``bench_codecs``, ``bench_notebook``,
 ``bench_widget``,
-``peers.run_all`` and ``bench_postgres`` one after the other, each in its own fresh interpreter (so one's memory,
+``peers.run_all``, ``bench_postgres`` and ``bench_map`` one after the other, each in its own fresh interpreter (so one's memory,
 threads and open stores cannot disturb the next, and a failure is reported instead of
 stopping the rest), prints a summary table with the issue's targets and the ratios to the
 peers measured in the same run, then the full figures of every part. Unless ``--no-write``
@@ -64,6 +64,7 @@ PARTS: dict[str, tuple[str, int, dict[str, Any], dict[str, Any]]] = {
         {},
         {"duron_steps": 200, "dbos_steps": 50, "hash_nbytes": 10_000_000},
     ),
+    "map": ("bench_map", 900, {}, {"n_items": 2000, "repeats": 1}),
     "postgres": (
         "bench_postgres",
         900,
@@ -555,7 +556,49 @@ def summary(parts: dict[str, Any], quick: bool = False) -> list[list[str]]:
         ours_txt = "n/a" if ours is None else f"stale {ours}, step ran again: {ran}"
         rows.append([label, ours_txt, target, meets, peers_txt, "—"])
     rows += _postgres_rows(parts)
+    rows += _map_rows(parts)
     return rows
+
+
+def _map_rows(parts: dict[str, Any]) -> list[list[str]]:
+    """Issue 19: durable fan-out over a Dask LocalCluster (bench_map.py)."""
+
+    def m(*words: str) -> Any:
+        return _find(parts, "map", *words)
+
+    plain = m("plain client.gather")
+    ratio = m("ctx.map / plain")
+    rerun = m("rerun in a fresh cell")
+    cold = m("after reopening the store")
+    driver = m("driver cost per item")
+    journal = m("journaling per item")
+    return [
+        [
+            "map: `ctx.map` of trivial items over a 2-process LocalCluster, wall time vs plain "
+            "`client.map(...)` gathered",
+            _fmt(ratio, "x"),
+            "≤ 1.15x",
+            _meets(ratio, "<=", 1.15),
+            f"plain Dask {_fmt(plain, 's')}",
+            "—",
+        ],
+        [
+            "map: rerun of the same map (all recorded), wall time",
+            f"{_fmt(rerun, 's')} (store reopened: {_fmt(cold, 's')})",
+            "≤ 0.1 s",
+            _meets(rerun, "<=", 0.1),
+            "—",
+            "—",
+        ],
+        [
+            "map: per-item journaling cost in the driver (encode + record)",
+            f"{_fmt(journal, 'µs')} (whole driver per item: {_fmt(driver, 'µs')})",
+            "≤ 20 µs",
+            _meets(journal, "<=", 20.0),
+            "—",
+            "—",
+        ],
+    ]
 
 
 def _postgres_rows(parts: dict[str, Any]) -> list[list[str]]:
@@ -735,6 +778,7 @@ def report(parts: dict[str, Any], quick: bool, total_s: float) -> str:
         "widget": "the trace widget: live-update cost in the kernel, render in chromium (`bench_widget.py`)",
         "peers": "peers (`peers.run_all`)",
         "postgres": "PostgreSQL store and workers beside DBOS on the same server (`bench_postgres.py`)",
+        "map": "durable fan-out over a Dask LocalCluster (`bench_map.py`)",
     }
     for part, title in titles.items():
         data = parts.get(part, {})

@@ -10,6 +10,8 @@ neither DuckDB, pyarrow, numpy nor pandas; the store opens on first use.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from . import (
     _provenance,  # noqa: F401  # installs the provenance keyer in _hashing
@@ -40,6 +42,7 @@ from .engine import (
     start,
     wrap,
 )
+from .engine import map_items as _map_items
 from .engine import runtime as _runtime
 from .engine import set_widget_factory as _set_widget_factory
 from .errors import (
@@ -79,6 +82,8 @@ __all__ = [
     "fork",
     "get_job",
     "get_store",
+    "instrument",
+    "map",
     "progress",
     "resume",
     "run",
@@ -100,6 +105,38 @@ def set_store(store: Store | str | os.PathLike[str] | None = None) -> Store:
 def get_store() -> Store:
     """The store in use (opened on first use)."""
     return _runtime.store
+
+
+def map(
+    fn: Callable[..., Any],
+    items: Iterable[Any],
+    /,
+    *,
+    executor: object = None,
+    max_in_flight: int | None = None,
+) -> list[Any]:
+    """Call the effect ``fn`` on every item, on ``executor`` (a
+    ``concurrent.futures.Executor`` such as ``ProcessPoolExecutor()``, a Dask
+    ``distributed.Client`` or ``client.get_executor()``; None: threads of this process),
+    and return the results in input order. Each item's result is recorded as it completes
+    (by this process: workers never see the store), so running the cell again after a crash
+    sends only the missing items. ``max_in_flight`` bounds the items out at once (None: no
+    bound); ``fn``'s ``retry=``, ``limit=`` and ``rate=`` apply per item. Items that fail for
+    good do not stop the others; once every item ended they raise
+    :class:`~durable_nb.errors.MapError` with each failed index and its error. In a workflow
+    use ``await ctx.map(...)`` (README, "Scaling out a notebook")."""
+    return _map_items(fn, items, executor=executor, max_in_flight=max_in_flight)
+
+
+def instrument(tracer_provider: object = None) -> None:
+    """Export runs as OpenTelemetry traces from now on (extra ``durable_nb[otel]``): each
+    execution of a run a trace, each step a span (replayed steps as zero-length spans marked
+    ``durable_nb.replayed``), user spans inside an effect nested under its step, on workers
+    too. ``tracer_provider``: the SDK provider to use (None: the global one). README,
+    "OpenTelemetry"."""
+    from . import _otel  # loads opentelemetry now, not on import
+
+    _otel.instrument(tracer_provider)
 
 
 def set_clock(clock: Clock | None) -> None:

@@ -42,15 +42,20 @@ Codecs
 pandas frames are stored natively only when every column and index level has a dtype
 whose Arrow round trip is exact: numpy bool/int/uint/float/datetime64/timedelta64, the
 nullable ``Int*``/``UInt*``/``Float*``/``boolean`` dtypes, ``str`` and
-``string[pyarrow]``, timezone-aware datetimes, and categoricals of those. Column labels
-must be ``str`` (or tuples of ``str`` for MultiIndex columns) or a ``RangeIndex``; index
-and column-axis names ``str`` or ``None``; ``attrs`` plain JSON. Anything else (object
+``string[pyarrow]``, timezone-aware datetimes, and categoricals of those; under pandas 2
+(without ``future.infer_string``) also ``object`` columns whose values are all exactly
+``str`` or ``None`` (pandas 2's string columns), which pandas 2 reads back as the same
+``object`` columns. Column labels must be ``str`` (or tuples of ``str`` for MultiIndex
+columns, and not pyarrow's own ``__index_level_N__``) or a ``RangeIndex``; index and
+column-axis names ``str`` or ``None``; ``attrs`` plain JSON. Anything else (other object
 columns, ``string[python]``, ``ArrowDtype``, periods, intervals, sparse, non-``str``
 labels, duplicate labels, subclasses) is pickled, because pyarrow would not rebuild it
-exactly.
+exactly. What ``to_pandas`` gives pandas 2 back differently is put right on decode:
+``string[pyarrow]`` storage, ``datetime.timezone`` offsets (pyarrow makes pytz ones) and
+``attrs`` (pyarrow before 17 drops them).
 
-DuckDB and Arrow types (measured with DuckDB 2.0, pyarrow 26)
--------------------------------------------------------------
+DuckDB and Arrow types (measured with DuckDB 2.0, pyarrow 26; DuckDB 1.1-1.5, pyarrow 16)
+-------------------------------------------------------------------------------------------
 A store writes ``Payload.table`` with ``CREATE TABLE ... AS SELECT * FROM <arrow>`` and
 reads it back with ``to_arrow_table()``; the table must be read back in insertion order.
 ``decode`` renames the columns positionally (DuckDB renames duplicate or empty names,
@@ -58,10 +63,10 @@ reads it back with ``to_arrow_table()``; the table must be read back in insertio
 store may hand back any of these compatible types:
 
 - kept as is: bool, (u)int8-64, float32/64 (NaN, -0.0), string, binary, date32,
-  timestamp[s/ms/us/ns] naive, timestamp[us/ns] with a time zone, time64, decimal128,
-  list, fixed_size_list, struct, null;
-- read back as another type and cast back exactly: large_string and string_view ->
-  string, large_binary, binary_view and fixed_size_binary -> binary, date64 -> date32,
+  timestamp[s/ms/us/ns] naive, timestamp[us] with a time zone, time64[us], decimal128,
+  list, fixed_size_list, struct, null (DuckDB 1.x gives it back as int32, all null);
+- read back as another type and cast back exactly: large_string -> string, large_binary
+  and fixed_size_binary -> binary, date64 -> date32,
   time32 -> time64[us], decimal32/64 -> decimal128, large_list -> list, any time zone ->
   ``Etc/UTC`` (the instant is kept); schema and field metadata (pandas and polars keep
   theirs there) and non-null flags are dropped and restored from the saved schema;
@@ -70,9 +75,13 @@ store may hand back any of these compatible types:
   dictionary and ``decode`` re-encodes the column against it;
 - stored as another type by ``encode`` (``Payload.table`` differs from the value):
   float16 (unsupported) -> float32; duration (read back as an interval that cannot be
-  cast back) -> int64; decimal256 (unsupported) -> string; timestamp[s/ms] with a time
-  zone (converted to microseconds, overflowing far dates) -> the naive timestamp of the
-  same instant in UTC;
+  cast back) and time64[ns] (DuckDB 1.x keeps microseconds) -> int64; decimal256
+  (unsupported) -> string; timestamp[s/ms/ns] with a time zone (converted to
+  microseconds, overflowing far dates or dropping nanoseconds) -> the naive timestamp of
+  the same instant in UTC; string_view and binary_view (DuckDB 1.x has no binary_view)
+  -> string and binary where pyarrow casts back to views (not 16-17: there Arrow IPC);
+- column names that collide without case (``a`` and ``A``; DuckDB 1.x refuses to scan
+  them) are stored as ``c0``, ``c1``, ...;
 - not stored natively, so the value goes to ``arrow_ipc``: month_day_nano and other
   intervals (nanoseconds dropped), map (DuckDB refuses duplicate keys), unions, run-end
   encoded, list views, extension types (uuid, pandas period/interval), dictionaries
@@ -589,6 +598,33 @@ def _unpack_table_data(codec: str, data: bytes) -> tuple[dict[str, Any], list[me
 # --------------------------------------------------------------------------- tables: DuckDB types
 
 
+_VIEW_CASTS: list[bool] = []  # whether this pyarrow casts string to string_view, once
+
+
+def _view_storage(t: Any) -> Any:
+    """For a string_view or binary_view: string or binary, which every DuckDB reads (1.x
+    has no binary_view), if this pyarrow can cast back to the view (16 cannot: then None,
+    and the value goes to Arrow IPC); for any other type: False."""
+    import pyarrow as pa
+
+    is_string_view = getattr(pa.types, "is_string_view", None)
+    if is_string_view is None:  # pyarrow before 16 has no view types
+        return False
+    if is_string_view(t):
+        storage = pa.string()
+    elif pa.types.is_binary_view(t):
+        storage = pa.binary()
+    else:
+        return False
+    if not _VIEW_CASTS:
+        try:
+            pa.array(["a"]).cast(pa.string_view())
+            _VIEW_CASTS.append(True)
+        except pa.ArrowNotImplementedError:
+            _VIEW_CASTS.append(False)
+    return storage if _VIEW_CASTS[0] else None
+
+
 def _storage_type(t: Any) -> Any:
     """The type a DuckDB table keeps ``t`` as so that casting back is exact; None if none.
 
@@ -599,12 +635,18 @@ def _storage_type(t: Any) -> Any:
     types = pa.types
     if types.is_float16(t):
         return pa.float32()
-    if types.is_duration(t):
+    # time64[ns]: DuckDB 1.x keeps times in microseconds
+    if types.is_duration(t) or (types.is_time64(t) and t.unit == "ns"):
         return pa.int64()
+    view = _view_storage(t)
+    if view is not False:
+        return view
     if types.is_decimal256(t):
         return pa.string()
     if types.is_timestamp(t):
-        if t.tz is not None and t.unit in ("s", "ms"):
+        # s/ms: DuckDB converts zoned ones to microseconds; ns: DuckDB 1.x keeps a zoned
+        # timestamp in microseconds (2.x in nanoseconds); naive ones keep their unit
+        if t.tz is not None and t.unit in ("s", "ms", "ns"):
             return pa.timestamp(t.unit)
         return t
     if (
@@ -613,10 +655,8 @@ def _storage_type(t: Any) -> Any:
         or types.is_floating(t)
         or types.is_string(t)
         or types.is_large_string(t)
-        or types.is_string_view(t)
         or types.is_binary(t)
         or types.is_large_binary(t)
-        or types.is_binary_view(t)
         or types.is_fixed_size_binary(t)
         or types.is_date(t)
         or types.is_time(t)
@@ -675,6 +715,11 @@ def _storage_table(table: Any) -> tuple[Any, dict[int, Any]] | None:
         fields.append(field.with_type(storage))
     if changed:
         table = table.cast(pa.schema(fields))
+    names = table.column_names
+    if len({n.lower() for n in names}) < len(names):
+        # DuckDB 1.x matches an Arrow table's columns by name without case ("a" and "A"
+        # collide): the stored table gets positional names; decode restores by position
+        table = table.rename_columns([f"c{i}" for i in range(len(names))])
     return table, dictionaries
 
 
@@ -728,6 +773,11 @@ def _restore_table(stored: Any, schema: Any, dictionaries: dict[int, Any]) -> An
         column = stored.column(i)
         if i in dictionaries:
             column = _restore_dictionary(column, field.type, dictionaries[i])
+        elif pa.types.is_null(field.type) and not pa.types.is_null(column.type):
+            # DuckDB 1.x gives a null column back as int32, which pyarrow cannot cast
+            if column.null_count != len(column):
+                raise _damaged("table", f"column {i} should hold only nulls")
+            column = pa.nulls(len(column), pa.null())
         elif not column.type.equals(field.type):
             column = column.cast(field.type)
         columns.append(column)
@@ -805,7 +855,7 @@ def _encode_pandas(value: object) -> Payload | None:
         name = value.name
         if not _json_scalar(name):  # the name is kept in the JSON header
             return None
-        if not _pandas_labels_ok(value.index.names) or not _pandas_dtype_ok(value.dtype):
+        if not _pandas_labels_ok(value.index.names) or not _pandas_dtype_ok(value.dtype, value):
             return None
         frame = value.to_frame(name=_SERIES_COLUMN)
         header = {"kind": "pandas_series", "name": name}
@@ -821,6 +871,11 @@ def _encode_pandas(value: object) -> Payload | None:
     if freq is False:
         return None
     header["index_freq"] = freq
+    fixed = _pandas_fixed_offsets(frame)
+    if fixed:
+        header["fixed_offsets"] = fixed
+    if frame.attrs:  # pyarrow before 17 does not restore them from its metadata
+        header["attrs"] = frame.attrs
     try:
         table = _pandas_to_arrow(frame, rename_range=type(columns) is pd.RangeIndex)
     except Exception:  # pyarrow refuses the frame: pickle keeps it
@@ -840,6 +895,22 @@ def _pandas_to_arrow(frame: Any, *, rename_range: bool) -> Any:
     return pa.Table.from_pandas(frame, preserve_index=None)
 
 
+def _pandas_fixed_offsets(frame: Any) -> dict[str, int]:
+    """Column position -> UTC offset in seconds, for the columns whose time zone is a
+    ``datetime.timezone`` with a fixed offset: pyarrow gives pandas 2 back a pytz offset."""
+    import datetime as dt
+
+    import pandas as pd
+
+    out: dict[str, int] = {}
+    for i, dtype in enumerate(frame.dtypes):
+        if isinstance(dtype, pd.DatetimeTZDtype) and type(dtype.tz) is dt.timezone:
+            offset = dtype.tz.utcoffset(None)
+            if offset:
+                out[str(i)] = int(offset.total_seconds())
+    return out
+
+
 def _json_scalar(value: object) -> bool:
     if type(value) is int:
         return abs(value) < 2**63
@@ -850,17 +921,43 @@ def _pandas_labels_ok(names: Any) -> bool:
     return all(n is None or type(n) is str for n in names)
 
 
-def _pandas_dtype_ok(dtype: Any) -> bool:
+def _pandas_dtype_ok(dtype: Any, values: Any) -> bool:
+    """Whether a column (or index level, or categories) of ``dtype`` round-trips exactly;
+    ``values`` (a Series or Index) is read only for an ``object`` dtype."""
     import numpy as np
     import pandas as pd
 
     if isinstance(dtype, np.dtype):
+        if dtype.kind == "O":
+            return values is not None and _pandas_object_strings_ok(values)
         return dtype.kind in "biufmM"
     if isinstance(dtype, pd.CategoricalDtype):
-        return _pandas_dtype_ok(dtype.categories.dtype)
+        return _pandas_dtype_ok(dtype.categories.dtype, dtype.categories)
     if isinstance(dtype, pd.StringDtype):
         return dtype.storage == "pyarrow"
     return isinstance(dtype, _pandas_exact_extension_dtypes())
+
+
+def _pandas_object_strings_ok(values: Any) -> bool:
+    """An ``object`` column of strings, as pandas 2 makes them: Arrow stores it as a string
+    column (all ``None``: a null column) and pandas 2 reads that back as the same ``object``
+    column, every value exactly ``str`` or ``None`` (a NaN or a ``str`` subclass would come
+    back changed, so such a column is pickled). pandas 3 (and pandas 2 with
+    ``future.infer_string``) reads strings back as its ``str`` dtype instead: there an
+    ``object`` column is pickled, as before."""
+    import pandas as pd
+
+    if int(pd.__version__.split(".", 1)[0]) >= 3:
+        return False
+    try:
+        if pd.get_option("future.infer_string"):
+            return False
+    except (KeyError, pd.errors.OptionError):  # pandas 2.0 has no such option
+        pass
+    return set(map(type, values.to_numpy())) <= _STR_OR_NONE
+
+
+_STR_OR_NONE: Final = frozenset((str, type(None)))
 
 
 def _pandas_exact_extension_dtypes() -> tuple[type, ...]:
@@ -893,17 +990,22 @@ def _pandas_frame_ok(frame: Any) -> bool:
             return False
     elif type(columns) is not pd.RangeIndex and not all(type(c) is str for c in columns):
         return False
+    elif any(c.startswith("__index_level_") for c in columns if type(c) is str):
+        return False  # pyarrow names unnamed index levels so: pyarrow 16-17 mix them up
     if not _pandas_labels_ok(columns.names):
         return False
-    if not all(_pandas_dtype_ok(d) for d in frame.dtypes):
-        return False
+    for i, dtype in enumerate(frame.dtypes):
+        # the values are read for an object column only (iloc costs microseconds a column)
+        values = frame.iloc[:, i] if pd.api.types.is_object_dtype(dtype) else None
+        if not _pandas_dtype_ok(dtype, values):
+            return False
     index = frame.index
     if not _pandas_labels_ok(index.names):
         return False
     if type(index) is pd.MultiIndex:
-        if not all(_pandas_dtype_ok(level.dtype) for level in index.levels):
+        if not all(_pandas_dtype_ok(level.dtype, level) for level in index.levels):
             return False
-    elif type(index) is not pd.RangeIndex and not _pandas_dtype_ok(index.dtype):
+    elif type(index) is not pd.RangeIndex and not _pandas_dtype_ok(index.dtype, index):
         return False
     attrs = frame.attrs
     return not attrs or _json_ok(attrs)
@@ -973,6 +1075,7 @@ def _to_pandas(table: Any, header: dict[str, Any]) -> object:
     import pandas as pd
 
     frame = table.to_pandas()
+    _restore_pandas_dtypes(frame, header)
     columns_range = header.get("columns_range")
     if columns_range is not None:
         start, stop, step = columns_range
@@ -988,6 +1091,24 @@ def _to_pandas(table: Any, header: dict[str, Any]) -> object:
         series.attrs = frame.attrs
         return series
     return frame
+
+
+def _restore_pandas_dtypes(frame: Any, header: dict[str, Any]) -> None:
+    """What ``to_pandas`` gives pandas 2 back otherwise: ``string[python]`` for a
+    ``string[pyarrow]`` column (the only string storage stored natively) and a pytz offset
+    for a ``datetime.timezone`` one."""
+    import datetime as dt
+
+    import pandas as pd
+
+    for i, dtype in enumerate(frame.dtypes):
+        if isinstance(dtype, pd.StringDtype) and dtype.storage != "pyarrow":
+            frame.isetitem(i, frame.iloc[:, i].astype("string[pyarrow]"))
+    for i, seconds in header.get("fixed_offsets", {}).items():
+        tz = dt.timezone(dt.timedelta(seconds=seconds))
+        frame.isetitem(int(i), frame.iloc[:, int(i)].dt.tz_convert(tz))
+    if "attrs" in header:
+        frame.attrs = header["attrs"]
 
 
 # --------------------------------------------------------------------------- errors

@@ -3,15 +3,17 @@ export``/``import`` and :meth:`~durable_nb.client.Client.export`.
 
 One JSON object a line: a header naming the format and its version, then each run followed
 by the records it owns (its journal, key/value state and streams), its signals and events,
-then the cached effects. Payloads travel as base64 (tables as Arrow IPC); signed pickles
-keep their signature, and are signed again with the importing store's key when the
-exporting store's key is given. Reading checks the whole file before anything is written.
+then the cached effects, and last (since version 2) an ``end`` record with the counts of
+what came before, so a file cut short at a line boundary is refused rather than imported in
+part. Payloads travel as base64 (tables as Arrow IPC); signed pickles keep their signature,
+and are signed again with the importing store's key when the exporting store's key is
+given. Reading checks the whole file before anything is written: every field's type, the
+JSON of signal payloads, and the counts of the end record.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import io
 import json
 import os
@@ -22,7 +24,7 @@ from dataclasses import fields
 from typing import IO, TYPE_CHECKING, Any
 
 from ._arrow_ipc import ipc_bytes, read_ipc
-from ._journal import RUN_STATUSES, run_of_scope, run_scopes
+from ._journal import RUN_STATUSES, run_of_scope, run_scopes, storable_text
 from .errors import (
     ArgumentTypeError,
     ExportFormatError,
@@ -38,7 +40,19 @@ __all__ = ["EXPORT_FORMAT", "EXPORT_VERSION", "open_text", "read_export", "write
 
 #: the first line of an export file names the format and its version
 EXPORT_FORMAT = "durable_nb-export"
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)  # version 1 files have no end record
+#: JSON types a record's fields may have, by the field's declared type
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "str | None": (str, type(None)),
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "RunStatus": (str,),
+    "RecordKind": (str,),
+    "EventKind": (str,),
+}
 _SIGNED_CODECS = ("pickle", "error")  # payloads whose bytes carry the store key's MAC
 
 
@@ -81,6 +95,7 @@ def write_export(
         for e in store.load_effects(scope):
             f.write(json.dumps({"type": "effect", **_effect_out(e)}) + "\n")
             counts["effects"] += 1
+    f.write(json.dumps({"type": "end", **counts}) + "\n")
     return counts
 
 
@@ -144,7 +159,7 @@ def read_export(
         try:
             data = base64.b64decode(d["data"], validate=True)
             table_b = base64.b64decode(d["table"], validate=True) if d.get("table") else None
-        except (KeyError, TypeError, binascii.Error) as e:
+        except (KeyError, TypeError, ValueError) as e:  # binascii.Error is a ValueError
             raise _bad(where, f"a payload's bytes are not base64 ({e})") from None
         if d["codec"] in _SIGNED_CODECS and not data.startswith(TEXT_ERROR_PREFIX):
             try:
@@ -172,32 +187,55 @@ def read_export(
 
     def build(cls: type[Any], d: dict[str, Any], where: str, **extra: Any) -> Any:
         names = {f.name for f in fields(cls)}
+        for f in fields(cls):
+            # a wrong type would reach the store and fail there (or poison its journal)
+            allowed = _FIELD_TYPES.get(str(f.type))
+            if allowed is None or f.name not in d:
+                continue
+            v = d[f.name]
+            if not isinstance(v, allowed) or (isinstance(v, bool) and bool not in allowed):
+                raise _bad(where, f"field {f.name!r} of a {d.get('type')} record is {v!r:.80}")
+            if isinstance(v, str) and not storable_text(v):
+                raise _bad(where, f"field {f.name!r} of a {d.get('type')} record is not text")
         try:
             return cls(**{k: v for k, v in d.items() if k in names and k not in extra}, **extra)
         except TypeError as e:
             raise _bad(where, f"a {d.get('type')} record lacks a field ({e})") from None
 
+    counted = {"runs": 0, "effects": 0, "signals": 0, "events": 0}
+    version: object = None
+    ended = False
     with open_text(source, "r") as f:
         header_seen = False
         for lineno, line in enumerate(f, 1):
             where = f"{name}, line {lineno}"
             if not line.strip():
                 continue
+            if ended:
+                raise _bad(where, "a record follows the end record")
             try:
                 d = json.loads(line)
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:
                 raise _bad(where, f"not JSON ({e})") from None
             kind = d.get("type") if isinstance(d, dict) else None
+            if kind in ("run", "effect", "signal", "event"):
+                counted[f"{kind}s" if kind != "effect" else "effects"] += 1
             if not header_seen:
                 if kind != "header" or d.get("format") != EXPORT_FORMAT:
                     raise _bad(where, f"the first line must be the {EXPORT_FORMAT} header")
-                if d.get("version") != EXPORT_VERSION:
+                version = d.get("version")
+                if version not in _READABLE_VERSIONS or isinstance(version, bool):
                     raise ExportFormatError(
-                        f"{where}: the export has format version {d.get('version')!r}, this "
-                        f"durable_nb reads version {EXPORT_VERSION}; import it with the "
-                        "durable_nb version that exported it"
+                        f"{where}: the export has format version {version!r}, this "
+                        f"durable_nb reads versions {_READABLE_VERSIONS[0]}-{EXPORT_VERSION}; "
+                        "import it with the durable_nb version that exported it"
                     )
                 header_seen = True
+            elif kind == "end" and version != 1:
+                got = {k: d.get(k) for k in counted}
+                if got != counted:
+                    raise _bad(where, f"the end record counts {got}, the file holds {counted}")
+                ended = True
             elif kind == "run":
                 rec = build(
                     RunRecord,
@@ -221,6 +259,12 @@ def read_export(
                     out.cached.append(eff)
             elif kind == "signal":
                 sig = build(SignalRecord, d, where)
+                try:
+                    json.loads(sig.payload)
+                except (ValueError, RecursionError):
+                    raise _bad(
+                        where, f"a signal's payload is not JSON: {sig.payload!r:.80}"
+                    ) from None
                 out.signals.setdefault(sig.run_id, []).append(sig)
             elif kind == "event":
                 ev = build(EventRecord, d, where)
@@ -229,6 +273,8 @@ def read_export(
                 raise _bad(where, f"unknown record type {kind!r}")
         if not header_seen:
             raise _bad(name, "it is empty")
+        if version != 1 and not ended:
+            raise _bad(name, "it has no end record: it was cut short")
     known = {r.run_id for r in out.runs}
     for rid in [*out.run_effects, *out.signals, *out.events]:
         if rid not in known:

@@ -1354,9 +1354,51 @@ def _compute_version(target: Any) -> str:
     return _hex64(b"name\0" + _global_name(target).encode("utf-8", "surrogatepass"))
 
 
+#: superinstructions the compiler forms only when both halves are on one line (3.13+):
+#: split, so that formatting does not change the code version
+_SUPERINSTRUCTIONS = {
+    "LOAD_FAST_LOAD_FAST": ("LOAD_FAST", "LOAD_FAST"),
+    "STORE_FAST_LOAD_FAST": ("STORE_FAST", "LOAD_FAST"),
+    "STORE_FAST_STORE_FAST": ("STORE_FAST", "STORE_FAST"),
+    "LOAD_FAST_BORROW_LOAD_FAST_BORROW": ("LOAD_FAST_BORROW", "LOAD_FAST_BORROW"),
+}
+_OP = struct.Struct("<Hq").pack
+
+
+def _normalized_bytecode(co: types.CodeType) -> bytes:
+    """The instructions of ``co`` without what depends on where its lines break: no NOPs
+    (kept for line events), superinstructions split into their halves, and jump targets
+    as positions in this normalized stream instead of byte offsets. Line numbers and
+    positions (``co_firstlineno``, ``co_linetable``) are not part of it either."""
+    import dis
+
+    jumps = frozenset(dis.hasjrel) | frozenset(dis.hasjabs)
+    instructions = list(dis.get_instructions(co))
+    position: dict[int, int] = {}  # byte offset -> index in the normalized stream
+    n = 0
+    for ins in instructions:
+        position[ins.offset] = n
+        if ins.opname != "NOP":
+            n += 2 if ins.opname in _SUPERINSTRUCTIONS else 1
+    out = bytearray()
+    for ins in instructions:
+        name, arg = ins.opname, ins.arg if ins.arg is not None else -1
+        if name == "NOP":
+            continue
+        halves = _SUPERINSTRUCTIONS.get(name)
+        if halves is not None:
+            out += _OP(dis.opmap[halves[0]], arg >> 4) + _OP(dis.opmap[halves[1]], arg & 15)
+            continue
+        if ins.opcode in jumps and isinstance(ins.argval, int) and ins.argval in position:
+            arg = position[ins.argval]
+        out += _OP(ins.opcode, arg)
+    return bytes(out)
+
+
 def _encode_code(co: types.CodeType, doc: object, st: _State) -> None:
     # Line numbers live in co_linetable, which is left out: moving code changes nothing.
-    st.buf += b"Y" + _TAG_LEN(b"b", len(co.co_code)) + co.co_code
+    code = _normalized_bytecode(co)
+    st.buf += b"Y" + _TAG_LEN(b"b", len(code)) + code
     st.buf += b"".join(
         map(_enc_int, (co.co_argcount, co.co_posonlyargcount, co.co_kwonlyargcount, co.co_flags))
     )

@@ -53,6 +53,7 @@ __all__ = [
     "KvSetDetail",
     "LiveKind",
     "LogDetail",
+    "MapDetail",
     "ProgressDetail",
     "RaceDetail",
     "RecordKind",
@@ -74,6 +75,7 @@ __all__ = [
     "check_user_signal",
     "detail_text",
     "iso_time",
+    "json_problem",
     "json_text",
     "kv_scope",
     "queue_signal",
@@ -84,6 +86,7 @@ __all__ = [
     "shown_seqs",
     "signal_id_of",
     "signal_label",
+    "storable_text",
     "stream_scope",
     "usage_totals",
 ]
@@ -101,7 +104,11 @@ __all__ = [
 #: ``cancel_cleared`` (a resume of a cancelled run consumed its cancel signal) are
 #: bookkeeping kept in the journal (see :data:`AUX_KINDS`), as are ``usage`` (the tokens an
 #: effect's result reported) and ``progress`` (how far its progress bar got: its final
-#: ``dn.progress`` or tqdm count), both written in the same write as the result.
+#: ``dn.progress`` or tqdm count), both written in the same write as the result. ``map`` is
+#: a ``ctx.map``/``dn.map`` fan-out, one step however many items (its detail a
+#: :class:`MapDetail`, written when it starts and again when it ends); each item's result is
+#: a ``map_item`` record of the same ``seq``, keyed like a call of the mapped effect, written
+#: as it completes (bookkeeping: the map step shows them).
 StepKind = Literal[
     "effect",
     "stream",
@@ -129,6 +136,8 @@ StepKind = Literal[
     "cancel_cleared",
     "usage",
     "progress",
+    "map",
+    "map_item",
 ]
 #: Records of a run's other scopes: a stream's chunk and end marker (``stream/<run>``), a
 #: key's current value (``kv/<run>``; a deleted key leaves a ``kv_delete`` tombstone); and of
@@ -145,6 +154,7 @@ AUX_KINDS: Final[tuple[str, ...]] = (
     "cancel_cleared",
     "usage",
     "progress",
+    "map_item",
     "chunk",
     "stream_end",
     "kv",
@@ -274,7 +284,20 @@ class ProgressDetail(TypedDict):
     desc: str  # its label, "" when none
 
 
+class MapDetail(TypedDict, total=False):
+    """A ``map`` step: the mapped function and how its items stood when it was written."""
+
+    fn: str  # the mapped effect's identity
+    items: int  # how many items the map has
+    complete: bool  # False while it runs (written at its start), True once every item ended
+    executed: int  # items this execution computed
+    replayed: int  # items found recorded
+    failed: int  # items that failed for good
+    executor: str  # the executor's type, as a person reads it ("distributed.Client")
+
+
 StepDetail = Union[
+    MapDetail,
     SleepDetail,
     DeadlineDetail,
     SignalDetail,
@@ -478,7 +501,8 @@ LiveKind = Literal["step", "status", "event", "custom_status", "progress"]
 
 
 # --------------------------------------------------------------------------- validators
-def _utf8(text: str) -> bool:
+def storable_text(text: str) -> bool:
+    """Whether ``text`` can be stored (UTF-8: a lone surrogate cannot)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:  # lone surrogates cannot be stored
@@ -490,7 +514,12 @@ def check_run_id(run_id: object) -> str:
     """A run id: 1-200 printable characters."""
     if not isinstance(run_id, str):
         raise ArgumentTypeError(f"run_id must be a non-empty str, got {run_id!r}")
-    if not run_id or len(run_id) > 200 or any(ord(c) < 32 for c in run_id) or not _utf8(run_id):
+    if (
+        not run_id
+        or len(run_id) > 200
+        or any(ord(c) < 32 for c in run_id)
+        or not storable_text(run_id)
+    ):
         raise ArgumentError(
             f"run_id must be 1-200 printable characters, got {run_id!r}; pick a short name"
         )
@@ -499,7 +528,7 @@ def check_run_id(run_id: object) -> str:
 
 def check_name(name: object, what: str = "name") -> str:
     """A signal's or a workflow's name: a non-empty str of at most 200 characters."""
-    if not isinstance(name, str) or not name or len(name) > 200 or not _utf8(name):
+    if not isinstance(name, str) or not name or len(name) > 200 or not storable_text(name):
         raise ArgumentError(
             f"{what} must be a non-empty str of at most 200 characters, got {name!r}"
         )
@@ -509,7 +538,7 @@ def check_name(name: object, what: str = "name") -> str:
 def check_queue(queue: object) -> str:
     """A queue's name: it travels inside a signal name, so it may be a little shorter."""
     limit = 200 - len(QUEUE_PREFIX)
-    if not isinstance(queue, str) or not queue or len(queue) > limit or not _utf8(queue):
+    if not isinstance(queue, str) or not queue or len(queue) > limit or not storable_text(queue):
         raise ArgumentError(
             f"queue must be a non-empty str of at most {limit} characters, got {queue!r}"
         )
@@ -523,7 +552,7 @@ def check_stream_name(name: object, what: str = "name") -> str:
             f"{what} must be a str naming the stream, got {name!r}; use a short name such as "
             "'tokens'"
         )
-    if not name or len(name) > 200 or any(ord(c) < 32 for c in name) or not _utf8(name):
+    if not name or len(name) > 200 or any(ord(c) < 32 for c in name) or not storable_text(name):
         raise ArgumentError(
             f"{what} must be 1-200 printable characters, got {name!r}; use a short name such "
             "as 'tokens'"
@@ -531,12 +560,48 @@ def check_stream_name(name: object, what: str = "name") -> str:
     return name
 
 
+_JSON_LEAVES = (str, int, float, bool, type(None))
+
+
+def json_problem(value: object, **dumps: Any) -> tuple[str | None, str]:
+    """``(why not, text)``: ``value`` as JSON text, or why JSON cannot give it back as it is.
+
+    ``json.dumps`` alone accepts values that come back changed: a tuple comes back as a list,
+    ``{1: 'a'}`` as ``{'1': 'a'}``, an ``IntEnum`` or a ``str`` subclass as a plain int or
+    str. Those are refused here, like NaN, cycles and nesting too deep to encode, so a stored
+    payload replays exactly or is not stored at all."""
+    try:
+        text = json.dumps(value, allow_nan=False, **dumps)
+    except (TypeError, ValueError, RecursionError) as e:
+        return (str(e) if not isinstance(e, RecursionError) else "nested too deeply"), ""
+    stack = [value]  # json.dumps succeeded: no cycles, so this walk ends
+    while stack:
+        v = stack.pop()
+        t = type(v)
+        if t is dict:
+            for k, item in v.items():  # type: ignore[attr-defined]
+                if type(k) is not str:
+                    return f"key {k!r} is a {type(k).__name__}, and JSON keys are str", ""
+                stack.append(item)
+        elif t is list:
+            stack.extend(v)  # type: ignore[arg-type]
+        elif t not in _JSON_LEAVES:
+            kind = "a tuple (use a list)" if t is tuple else f"a {t.__name__}"
+            return f"{_preview_value(v)} is {kind}, which JSON would give back changed", ""
+    return None, text
+
+
+def _preview_value(v: object) -> str:
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def json_text(value: object, what: str) -> str:
     """``value`` as JSON text (signal payloads, custom statuses), or a clear error."""
-    try:
-        return json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as e:
+    problem, text = json_problem(value)
+    if problem is not None:
         raise UnstorableValueError(
-            f"{what} must be JSON data (None, bool, int, float, str, list, dict), got {value!r}; "
-            f"convert it first ({e})"
-        ) from None
+            f"{what} must be JSON data (None, bool, int, float, str, list, dict with str "
+            f"keys), got {_preview_value(value)}; convert it first ({problem})"
+        )
+    return text

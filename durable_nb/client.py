@@ -33,6 +33,7 @@ from ._journal import (
     TOP_SCOPE_PREFIX,
     check_name,
     check_run_id,
+    check_user_signal,
     json_text,
 )
 from ._metrics import metrics
@@ -291,6 +292,7 @@ class Client:
         from .engine import send_time
 
         check_name(name)
+        check_user_signal(name)
         text = json_text(payload, "payload")
         self.store.add_signal(SignalRecord(run_id, uuid.uuid4().hex, name, text, send_time()))
 

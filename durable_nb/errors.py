@@ -19,6 +19,7 @@ __all__ = [
     "Interrupted",
     "KernelSpecError",
     "LimitConflictError",
+    "MapError",
     "NonDeterminismError",
     "PayloadIntegrityError",
     "RunCancelledError",
@@ -101,6 +102,31 @@ class Interrupted(DurableError):
 
     def __reduce__(self) -> tuple[object, ...]:  # recorded errors round-trip with their fields
         return (type(self), (self.name, self.payload, str(self)))
+
+
+class MapError(DurableError):
+    """Items of a ``ctx.map``/``dn.map`` failed for good (after their effect's retries).
+
+    The other items ran to the end and their results are recorded: running the map again
+    computes only the failed ones (inside a run, a resume does). One class on every Python
+    version (3.10 has no ``ExceptionGroup``): ``.errors`` maps each failed item's index to
+    its original exception, ``.exceptions`` lists them in index order (the shape of an
+    exception group's), ``.results`` holds the results in input order with ``None`` where an
+    item failed."""
+
+    def __init__(
+        self,
+        message: str,
+        errors: dict[int, BaseException],
+        results: list[object] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.errors = dict(sorted(errors.items()))
+        self.exceptions = tuple(self.errors.values())
+        self.results = results if results is not None else []
+
+    def __reduce__(self) -> tuple[object, ...]:  # recorded errors round-trip with their fields
+        return (type(self), (str(self), self.errors, self.results))
 
 
 class WorkflowNotFoundError(DurableError, LookupError):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, TypedDict, cast
 
 from . import _codecs
 from ._journal import (
@@ -44,6 +44,7 @@ __all__ = [
     "format_run",
     "format_runs",
     "format_trace",
+    "map_note",
     "progress_text",
     "run_history",
     "run_info",
@@ -72,6 +73,23 @@ class TraceStep(TypedDict):
     attempts: int
     tokens: Tokens | None  # what an LLM call's result reported it used
     progress: ProgressDetail | None  # how far its progress bar got, when one reported
+
+
+class MapItems(TypedDict):
+    """How a ``map`` step's items stand (see :func:`run_trace`)."""
+
+    items: int  # how many items the map has
+    done: int  # items with a result: executed + replayed
+    executed: int  # items the latest execution computed
+    replayed: int  # items an earlier execution computed
+    failed: int  # items that failed for good (their errors are recorded in runs)
+    in_flight: int  # items not ended yet, while the run is running (else 0)
+    missing: int  # items not ended when the run stopped (a rerun or resume sends them)
+    durations: list[float]  # seconds each recorded item took on its worker, in input order
+
+
+class MapStep(TraceStep, total=False):
+    map: MapItems  # only on ``map`` steps
 
 
 class Tokens(TypedDict):
@@ -228,8 +246,11 @@ def run_trace(store: Store, run_id: str) -> dict[str, Any]:
     recorded: set[tuple[int, str]] = set()
     usage: dict[tuple[int, str], Tokens] = {}
     bars: dict[tuple[int, str], ProgressDetail] = {}
+    items: dict[int, list[EffectRecord]] = {}
     for r in records:
-        if r.kind == "progress":
+        if r.kind == "map_item":
+            items.setdefault(r.seq, []).append(r)
+        elif r.kind == "progress":
             d = read_detail(r.detail)
             if isinstance(d.get("n"), int):
                 total = d.get("total")
@@ -295,6 +316,9 @@ def run_trace(store: Store, run_id: str) -> dict[str, Any]:
                     "progress": None,
                 }
             )
+    for st in steps:
+        if st["kind"] == "map":
+            cast(MapStep, st)["map"] = _map_items(st, items.get(st["seq"], []), latest, rec.status)
     steps.sort(key=lambda s: (s["seq"], s["started_at"]))
     # numbers without gaps, the ones dn.fork(from_step=) takes (_journal.shown_seqs); the
     # engine's own steps (a timed wait's deadline) stay in the data, unnumbered and unshown
@@ -330,6 +354,25 @@ def run_trace(store: Store, run_id: str) -> dict[str, Any]:
             ),
             **token_totals(shown, events),
         },
+    }
+
+
+def _map_items(step: TraceStep, recs: list[EffectRecord], latest: float, status: str) -> MapItems:
+    d = read_detail(step["args"])
+    n = int(d.get("items", len(recs)) or 0)
+    ok = [r for r in recs if not r.is_error]
+    failed = len(recs) - len(ok)
+    executed = sum(r.started_at >= latest for r in ok)
+    open_ = max(0, n - len(recs)) if not d.get("complete") else 0
+    return {
+        "items": n,
+        "done": len(ok),
+        "executed": executed,
+        "replayed": len(ok) - executed,
+        "failed": failed,
+        "in_flight": open_ if status == "running" else 0,
+        "missing": open_ if status != "running" else 0,
+        "durations": [round(r.duration, 6) for r in sorted(recs, key=lambda r: r.started_at)],
     }
 
 
@@ -494,6 +537,11 @@ def step_label(step: Mapping[str, Any], *, compact: bool = False) -> str:
         return f"write stream {d.get('stream', '?')!r} #{d.get('index', '?')}: {d.get('chunk', '')}"
     if kind == "race":
         return f"race: #{d.get('winner', '?')} of {d.get('of', '?')} won"
+    if kind == "map":
+        fn = str(d.get("fn", name.removeprefix("dn.map:")))
+        fn = fn.rsplit(".", 1)[-1] if compact else fn
+        where = f" on {d['executor']}" if d.get("executor") and not compact else ""
+        return f"map {fn} over {d.get('items', '?')} items{where}"
     if kind == "log":
         return f"log {d.get('level', '')}: {d.get('message', '')}"
     if kind in ("now", "random", "uuid"):
@@ -503,6 +551,23 @@ def step_label(step: Mapping[str, Any], *, compact: bool = False) -> str:
         value = f", {d['value']}" if "value" in d else ""
         return f"{verb}({d.get('key', '?')!r}{value})"
     return name + (f" {detail}" if detail else "")
+
+
+def map_note(m: Mapping[str, Any]) -> str:
+    """A map step's items as a person reads them: ``2000 done (1000 executed, 1000
+    replayed), 0 failed, 0 in flight; per item median 1.2 ms, max 9.0 ms``."""
+    text = (
+        f"{m['done']} done ({m['executed']} executed, {m['replayed']} replayed), "
+        f"{m['failed']} failed"
+    )
+    if m.get("in_flight"):
+        text += f", {m['in_flight']} in flight"
+    if m.get("missing"):
+        text += f", {m['missing']} missing"
+    ds = sorted(m.get("durations") or ())
+    if ds:
+        text += f"; per item median {_ms(ds[len(ds) // 2])}, max {_ms(ds[-1])}"
+    return text
 
 
 def _tokens_note(step: Mapping[str, Any]) -> str:
@@ -623,6 +688,8 @@ def format_trace(trace: dict[str, Any]) -> str:
                 note = _progress_note(item).strip() + (f"; {note}" if note else "")
             if item["attempts"] > 1:
                 note = f"{item['attempts']} attempts" + (f"; {note}" if note else "")
+            if item.get("map"):
+                note = map_note(item["map"]) + (f"; {note}" if note else "")
             rows.append(
                 [
                     at,

@@ -320,7 +320,8 @@ def _roundtrip(src: Store, dst: Store, key: bytes | None, tmp_path: Path) -> dic
     assert counts["runs"] == 5
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert lines[0]["type"] == "header" and lines[0]["format"] == "durable_nb-export"
-    assert {line["type"] for line in lines[1:]} == {"run", "effect", "event"}
+    assert {line["type"] for line in lines[1:-1]} == {"run", "effect", "event"}
+    assert lines[-1] == {"type": "end", **counts}
     return dn.Client(dst).import_records(path, source_key=key)
 
 
@@ -396,7 +397,7 @@ def test_import_refuses_damaged_files(tmp_path: Path) -> None:
         ("nope\n", r"^.*bad\.jsonl, line 1: not JSON"),
         (
             '{"type": "header", "format": "durable_nb-export", "version": 99}\n',
-            r"^.*line 1: the export has format version 99, this durable_nb reads version 1",
+            r"^.*line 1: the export has format version 99, this durable_nb reads versions 1-2",
         ),
         (
             '{"type": "header", "format": "durable_nb-export", "version": 1}\n{"type": "x"}\n',

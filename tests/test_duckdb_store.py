@@ -45,7 +45,8 @@ def test_default_location_and_schema(tmp_path: Path) -> None:
         (str(SCHEMA_VERSION),)
     ]
     names = [r[1] for r in con.execute("SELECT * FROM dn_migrations ORDER BY version").fetchall()]
-    assert names == ["initial: effects, runs, signals, events, journal offsets"]
+    assert names[0] == "initial: effects, runs, signals, events, journal offsets"
+    assert len(names) == SCHEMA_VERSION
     con.close()
 
 

@@ -1152,6 +1152,46 @@ def test_code_version_without_source_hashes_the_code_object(define: Callable[...
         assert code_version(define(source, in_linecache=False)) != base, source
 
 
+def test_code_version_without_source_ignores_line_breaks_in_jumps_and_paired_loads(
+    define: Callable[..., Any],
+) -> None:
+    """3.13 pairs two loads or stores into one instruction only when they share a line, and
+    jumps count bytes: the code version hashes the instructions without either."""
+    one = """
+    def g(xs, k):
+        total, last = 0, None
+        for x in xs:
+            if x > k and x != last:
+                total, last = total + x, x
+            else:
+                total = total - k
+        return total
+    """
+    broken = """
+    def g(xs,
+          k):
+        total, last = (0,
+                       None)
+        for x in (
+            xs
+        ):
+            if (x > k
+                    and x != last):
+                total, last = (total
+                               + x), x
+            else:
+                total = (total
+                         - k)
+        return (total)
+    """
+    edited = one.replace("total - k", "total + k")
+    base = code_version(define(one, "g", in_linecache=False))
+    assert code_version(define(broken, "g", in_linecache=False)) == base
+    assert code_version(define(edited, "g", in_linecache=False)) != base
+    fn = define(broken, "g", in_linecache=False)
+    assert fn([1, 5, 5, 7], 2) == -2 + 5 - 2 + 7
+
+
 def test_code_version_of_nested_definitions_lambdas_and_builtins(
     define: Callable[..., Any],
 ) -> None:

@@ -57,11 +57,11 @@ def _hashes(ns: range | list[int]) -> list[str]:
 # ---------------------------------------------------------------------- a small real disk
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs: a disk that really fills up, and can really be made read-only."""
+    """An 8 MiB tmpfs: a disk that really fills up, and can really be made read-only."""
     mnt = tmp_path / "disk"
     mnt.mkdir()
     proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
         capture_output=True,
         text=True,
     )

@@ -8,6 +8,7 @@ first run executes every effect; the second executes none (each effect appends a
 from __future__ import annotations
 
 import copy
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -111,7 +112,7 @@ def cell_text(nb: nbformat.NotebookNode, starts: str) -> str:
     return "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in outs)
 
 
-@pytest.mark.parametrize("name", ["pipeline", "agent", "llm"])
+@pytest.mark.parametrize("name", ["pipeline", "agent", "llm", "cluster"])
 def test_committed_notebooks_are_valid_and_have_no_outputs(name: str) -> None:
     nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     nbformat.validate(nb)
@@ -182,6 +183,25 @@ def test_llm_notebook_sends_no_request_the_second_time(
     streamed = cell_text(first, "stream = llm.")
     assert re.fullmatch(r"[^\n]+\n\(\d+ completion tokens\)\n", streamed)
     assert cell_text(first, 'job = dn.get_job("llm-agent")').startswith("agent: ")
+
+
+def test_cluster_notebook_maps_on_dask_and_computes_nothing_the_second_time(
+    tmp_path: Path, kernel_env: Path
+) -> None:
+    """A LocalCluster of worker processes started by the kernel: the first run computes
+    every item once (counted by the workers), the second, with a new cluster, none."""
+    try:
+        import distributed  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip("dask[distributed] is not installed (durable_nb[dask])")
+    first, _, executed = run_twice("cluster", tmp_path, kernel_env)
+    assert executed == Counter(f"score {i}" for i in range(400))  # each item exactly once
+    assert "300 scores, the first three [" in cell_text(first, "scores = dn.map(")
+    widget, result = code_cell(first, "%%durable cluster-scores").outputs
+    assert WIDGET_VIEW in widget.data
+    assert re.fullmatch(r"-?\d+\.\d+", result.data["text/plain"])
 
 
 def test_cached_cells_replay_outputs_in_order_and_in_their_final_state(

@@ -293,6 +293,31 @@ def test_dataframes_are_arrow_ipc_and_come_back_exactly(open_pg: Any) -> None:
     assert back["c"].cat.ordered and list(back["c"].cat.categories) == ["b", "a"]
 
 
+def test_a_frame_of_strings_is_stored_without_a_key_under_every_pandas(
+    open_pg: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pandas 2 gives string columns the object dtype, which was pickled, and a store without
+    a key stores no pickles: now it is an Arrow table there too."""
+    pd = pytest.importorskip("pandas")
+    monkeypatch.delenv("DURABLE_NB_KEY", raising=False)
+    runtime._store = open_pg(key=None)
+    calls: list[int] = []
+
+    @dn.effect
+    def frame(n: int) -> Any:
+        calls.append(n)
+        return pd.DataFrame({"a": [1, 2, 3], "s": ["x", "y", "z"]})
+
+    first = frame(3)
+    # as another process would: from the table, not from memory, with occurrences afresh
+    runtime._store = open_pg(key=None)
+    runtime.set_top_scope("test")
+    again = frame(3)
+    assert calls == [3]
+    pd.testing.assert_frame_equal(again, first, check_exact=True)
+    assert [type(v) for v in again["s"]] == [str, str, str]
+
+
 def test_run_ids_and_names_are_parameters_not_sql(open_pg: Any) -> None:
     store = open_pg()
     nasty = "x'); DROP TABLE dn_runs; --"

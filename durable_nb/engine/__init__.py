@@ -6,15 +6,18 @@ One concern per file, lowest first (a file imports only files above it in this l
 ``_clock``       time as the engine sees it (system clock, virtual clock for tests)
 ``_runtime``     process state: the store, the clock, the notebook/shared scopes, cancel
                  scopes, the engine's loop, the jobs of this process, ``start_run``
+``_observe``     where an observer of runs plugs in (``dn.instrument``'s spans)
 ``_state``       the live state of one executing run (its scope, inbox, waits, status)
 ``_retry``       how an effect call is attempted: ``Retry``, timeouts, Retry-After hints
 ``_usage``       token usage an effect's result reports, recorded once with the result
 ``_limits``      named rate and concurrency limits of effects (``limit=``, ``rate=``)
 ``_progress``    ``progress(iterable)`` and tqdm bars: how far an effect got, live and final
+``_executors``   where items execute: concurrent.futures executors, Dask clients
 ``_streams``     run streams: ``ctx.stream`` writers, ``job.stream`` readers
 ``_streaming``   streaming effects (async generator ``@effect`` functions)
 ``_effects``     ``@effect``: keyed, recorded calls, inside runs and out
 ``_wrap``        ``wrap(obj)``: an object whose method calls are effects
+``_map``         durable fan-out of an effect over items (``ctx.map``, ``dn.map``)
 ``_kv``          a run's key/value state (``ctx.kv``)
 ``_interrupts``  blocks a signal or a durable timeout cuts short (``ctx.interrupt_on``,
                  ``ctx.timeout``, ``ctx.wait_for``)
@@ -40,6 +43,7 @@ from ._fork import fork, fork_records
 from ._jobs import Job, cancel, enqueue, get_job, send_time, set_widget_factory, signal
 from ._kv import RunKV, check_kv_key, kv_value
 from ._log import RunLog
+from ._map import map_items
 from ._progress import progress
 from ._resume import requeue, resume
 from ._retry import Retry, check_timeout
@@ -72,6 +76,7 @@ __all__ = [
     "fork_records",
     "get_job",
     "kv_value",
+    "map_items",
     "progress",
     "requeue",
     "resume",

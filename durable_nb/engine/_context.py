@@ -12,13 +12,10 @@ does not import the driver that executes it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import random as _random
-import threading
 import uuid as _uuid
-import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from datetime import datetime, timezone
 from typing import Any, Literal, NoReturn, TypeVar, cast
@@ -51,11 +48,12 @@ from ..errors import (
 )
 from ..store import EffectRecord
 from ._branches import awaitables, cancel_branches, discard, retrieve, spawn
-from ._effects import EffectFunction
+from ._effects import as_effect
 from ._interrupts import InterruptBlock, TimeoutBlock
 from ._jobs import Job, get_job
 from ._kv import RunKV, kv_of, kv_of_step
 from ._log import RunLog
+from ._map import map_in_run
 from ._retry import Retry, check_retry, check_timeout
 from ._runtime import Key4, cancel_scope, cancelled, runtime
 from ._state import RunState, replay
@@ -101,10 +99,30 @@ class Context:
                 f"ctx.run expects a callable as fn, got {fn!r} of type {type(fn).__name__}; "
                 "pass the function and its arguments: ctx.run(fetch, url), not ctx.run(fetch(url))"
             )
-        eff = _as_effect(fn)
+        eff = as_effect(fn)
         return eff.call_awaitable(
             args, kwargs, retry=check_retry(retry), timeout=check_timeout(timeout)
         )
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        items: Iterable[Any],
+        /,
+        *,
+        executor: object = None,
+        max_in_flight: int | None = None,
+    ) -> Awaitable[list[Any]]:
+        """Call the effect ``fn`` on every item on ``executor`` (a
+        ``concurrent.futures.Executor`` or a Dask ``distributed.Client``; None: threads of
+        this process) and return the results in input order. One step of the run, however
+        many items: each item's result is recorded as it completes, so after a crash only
+        the missing items are sent again. At most ``max_in_flight`` items are out at once
+        (None: no bound), within ``fn``'s ``limit=``/``rate=``; a failed item is retried by
+        ``fn``'s ``retry=``, and items that fail for good do not stop the others: they
+        raise :class:`~durable_nb.errors.MapError` once every item ended (README, "Scaling
+        out a notebook")."""
+        return map_in_run(self._state, fn, items, executor, max_in_flight)
 
     # deterministic helpers ----------------------------------------------------------
     def now(self) -> datetime:
@@ -187,6 +205,7 @@ class Context:
 
     async def _sleep_until(self, deadline: float) -> None:
         st, clock = self._state, runtime.clock
+        await st.caught_up()  # its deadline is durable before the run waits on it
         if deadline - clock.time() <= 0:
             return
         what = {"kind": "timer", "until": iso_time(deadline)}
@@ -292,6 +311,7 @@ class Context:
             else {"kind": "queue", "name": subject}
         )
         waiting = False
+        await st.caught_up()  # what it wrote is durable before it may wait (looked at first)
         try:
             while True:
                 st.poll_inbox()
@@ -470,7 +490,8 @@ class Context:
         run.custom_status = text
         run.status_version += 1
         run.updated_at = runtime.clock.time()
-        runtime.store.put_run(run)
+        if not st.write_behind(runs=[run]):
+            runtime.store.put_run(run)
         preview = text if len(text) <= 200 else text[:197] + "..."
         # the value too, so a fork's record starts with the status its steps published
         self._state.record_value(
@@ -670,21 +691,3 @@ def _child_handle(
     if rec is not None and rec.status in FINAL_STATUSES:
         return cast(Job[R], get_job(child_id))
     return runtime.start_run(workflow, args, kwargs, run_id=child_id, parent_id=parent_id)
-
-
-# lives (a lambda made per call must not pile up here)
-_adhoc: weakref.WeakKeyDictionary[Any, EffectFunction[..., Any]] = weakref.WeakKeyDictionary()
-_adhoc_lock = threading.Lock()
-
-
-def _as_effect(fn: Callable[..., Any]) -> EffectFunction[..., Any]:
-    if isinstance(fn, EffectFunction):
-        return fn
-    with _adhoc_lock, contextlib.suppress(TypeError):  # unhashable or not weakly referable
-        eff = _adhoc.get(fn)
-        if eff is not None:
-            return eff
-    eff = EffectFunction(fn)
-    with _adhoc_lock, contextlib.suppress(TypeError):
-        _adhoc[fn] = eff
-    return eff

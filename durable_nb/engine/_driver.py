@@ -224,7 +224,7 @@ async def _drive(
             try:
                 result: Any = await wf.fn(Context(state), *args, **kwargs)
             except ContinueAsNew as nxt:
-                wf, args, kwargs, rec = _next_generation(state, wf, nxt)
+                wf, args, kwargs, rec = await _next_generation(state, wf, nxt)
                 input_hash, code_version = rec.input_hash, rec.code_version
                 new_generation = True
                 continue
@@ -248,8 +248,9 @@ async def _drive(
             )
         else:  # interrupted (Ctrl-C, loop shutdown, lease lost): the run stays resumable
             if state is not None:
-                # best effort: a lease is lost when the store is unreachable, which this
-                # write would find too; the run's outcome below must be settled regardless
+                # best effort: a fenced holder's event is refused by the store (RunLockedError:
+                # the record belongs to whoever holds the lease now), and a lease lost because
+                # the store is unreachable fails this write too; the outcome below is settled
                 with contextlib.suppress(Exception):
                     state.event("interrupted", {**_stats(state), "lease_lost": job._lease_lost})
                 if not claimed and not job._lease_lost:
@@ -291,6 +292,9 @@ async def _drive(
         if poller is not None:
             poller.cancel()
         try:
+            if state is not None:  # its records written behind are durable before it ends
+                with contextlib.suppress(Exception):
+                    await state.caught_up()
             if lease is not None:
                 await _release(lease)
         finally:
@@ -401,11 +405,12 @@ def _start_kv(state: RunState, history: list[EffectRecord]) -> None:
     state.kv = texts
 
 
-def _next_generation(
+async def _next_generation(
     state: RunState, wf: Workflow[..., R], nxt: ContinueAsNew
 ) -> tuple[Workflow[..., R], tuple[Any, ...], dict[str, Any], RunRecord]:
     """Continue the run as new: one atomic reset of its record and history that also drops
-    the signals its history consumed (unconsumed ones and queue messages stay)."""
+    the signals its history consumed (unconsumed ones and queue messages stay); off the
+    loop, after what the run wrote behind (which the reset must not find half written)."""
     store = runtime.store
     # a new generation runs on the newest version, or the one continue_as_new named
     new_wf = newest(wf) if nxt.version is None else version_of(wf, nxt.version)
@@ -441,7 +446,8 @@ def _next_generation(
         version=new_wf.version or "",
         updated_at=runtime.clock.time(),
     )
-    store.reset_run(new, consumed)
+    await state.caught_up()
+    await _off_loop(store.reset_run, new, consumed)
     return new_wf, args, kwargs, new
 
 
@@ -521,6 +527,7 @@ def _spent(state: RunState) -> dict[str, Any]:
 async def _finish(state: RunState, status: EndStatus, detail: dict[str, Any] | None = None) -> None:
     """Store the run's end (its event and its record, one write) without blocking the loop;
     an interruption meanwhile waits for the write, so the job is never settled before it."""
+    await state.caught_up()  # what the run wrote behind comes first
     event = state.event_record(status, {**_stats(state), **(detail or {})})
     run = state.status_record(status, detail)
     await wait_written(durable_write(runtime.store, runs=[run], events=[event]))

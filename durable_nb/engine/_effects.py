@@ -12,16 +12,22 @@ streaming effects (``_streaming.py``); how attempts are retried and timed out is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
+import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast, overload
 
 from .. import _codecs, _hashing
 from ..errors import ArgumentError, ArgumentTypeError
 from ..store import EffectRecord
+from ._executors import check_executor, is_dask, run_on, shippable
 from ._limits import Limiter, check_limit, limiter
+from ._observe import NO_STEP, observers
+from ._observe import step as observe_step
 from ._progress import Step, current_step, progress_records
 from ._retry import (
     Attempts,
@@ -42,7 +48,7 @@ if TYPE_CHECKING:
 
     from ._streaming import EffectDecorator, StreamingCall
 
-__all__ = ["EffectFunction", "effect"]
+__all__ = ["EffectFunction", "as_effect", "effect"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -70,6 +76,7 @@ class EffectFunction(Generic[P, R]):
         limit: str | None = None,
         concurrency: int | None = None,
         rate: str | None = None,
+        executor: object = None,
     ) -> None:
         if not callable(fn):
             raise ArgumentTypeError(f"@effect needs a function, got {fn!r}")
@@ -92,6 +99,18 @@ class EffectFunction(Generic[P, R]):
         if reducer is not None or stream is not None or inspect.isasyncgenfunction(fn):
             self.streaming = StreamingSpec(fn, reducer, stream)
         self._binder = _hashing.ArgBinder(fn)
+        #: where its calls execute (``executor=``): here, or on an executor or Dask cluster
+        #: (the call waits for the result, which this process records)
+        self.executor = check_executor(executor)
+        self._target: Callable[..., Any] = fn
+        if self.executor is not None:
+            if self.is_async or self.streaming is not None:
+                raise ArgumentTypeError(
+                    f"executor= runs plain functions elsewhere; {self.identity} is an async or "
+                    "streaming function: drop executor= or make it a plain def"
+                )
+            ship = shippable(fn, self, dask=is_dask(self.executor))
+            self._target = functools.partial(run_on, self.executor, ship)
         functools.update_wrapper(self, fn)  # __name__, __doc__, __wrapped__ for introspection
 
     def __repr__(self) -> str:
@@ -248,45 +267,49 @@ class EffectFunction(Generic[P, R]):
         t0 = time.perf_counter()
         if scope.listeners:  # the argument preview only for a live widget
             scope.note_start(key4, seq, preview_args(args, kwargs))
-        while True:
-            att.pause_sync()
-            if (late := att.expired()) is not None:  # ran out while no process ran the run
-                self._fail(att, late, t0, args, kwargs)
-                raise late
-            limit = att.limit()
-            if self.limiter is not None:  # each attempt is a request the API sees
-                held = self.limiter.acquire_sync()
-            # dn.progress and tqdm bars inside the function report to this step
-            here = None
-            if in_run is not None:
-                step = Step(in_run, seq, self.identity)
-                here = current_step.set(step)
-            try:
-                if limit is not None:  # in a worker thread, with a cancel scope of its own
-                    attempt = CancelScope(cancel_scope.get())
-                    token = cancel_scope.set(attempt)
-                    try:
-                        call = functools.partial(self.fn, *args, **kwargs)
-                        result = call_with_timeout(call, limit, self.identity, attempt)
-                    finally:
-                        cancel_scope.reset(token)
-                else:
-                    result = self.fn(*args, **kwargs)
-                break
-            except BaseException as e:
-                if (err := att.failed(e)) is None:
-                    continue
-                self._fail(att, err, t0, args, kwargs)
-                att.give_up(err, e)
-            finally:
-                if here is not None:
-                    current_step.reset(here)
-                if self.limiter is not None:
-                    self.limiter.release(held)
-        rec, _ = self._make_record(scope, key4, seq, result, False, att.first, t0, args, kwargs)
-        # its tokens are counted now, once; its final progress is kept for its row
-        scope.record(rec, *usage_records(rec, result), *progress_records(rec, step))
-        return result
+        with observe_step(scope, key4, seq, "effect") if observers else NO_STEP as obs:
+            while True:
+                att.pause_sync()
+                if (late := att.expired()) is not None:  # ran out while no process ran the run
+                    self._fail(att, late, t0, args, kwargs)
+                    raise late
+                limit = att.limit()
+                if self.limiter is not None:  # each attempt is a request the API sees
+                    held = self.limiter.acquire_sync()
+                # dn.progress and tqdm bars inside the function report to this step
+                here = None
+                if in_run is not None:
+                    step = Step(in_run, seq, self.identity)
+                    here = current_step.set(step)
+                try:
+                    if limit is not None:  # in a worker thread, with a cancel scope of its own
+                        attempt = CancelScope(cancel_scope.get())
+                        token = cancel_scope.set(attempt)
+                        try:
+                            call = functools.partial(self._target, *args, **kwargs)
+                            result = call_with_timeout(call, limit, self.identity, attempt)
+                        finally:
+                            cancel_scope.reset(token)
+                    else:
+                        result = self._target(*args, **kwargs)
+                    break
+                except BaseException as e:
+                    if (err := att.failed(e)) is None:
+                        continue
+                    self._fail(att, err, t0, args, kwargs)
+                    att.give_up(err, e)
+                finally:
+                    if here is not None:
+                        current_step.reset(here)
+                    if self.limiter is not None:
+                        self.limiter.release(held)
+            rec, _ = self._make_record(scope, key4, seq, result, False, att.first, t0, args, kwargs)
+            usage = usage_records(rec, result)
+            # its tokens are counted now, once; its final progress is kept for its row
+            scope.record(rec, *usage, *progress_records(rec, step))
+            if obs is not NO_STEP:
+                obs.recorded(rec, usage, att.failures + 1)
+            return cast(R, result)
 
     async def _execute_async(
         self,
@@ -312,66 +335,72 @@ class EffectFunction(Generic[P, R]):
             scope.note_start(key4, seq, preview_args(args, kwargs))
         scope.inflight += 1  # while >1 effects are in flight, completions share a write
         try:
-            while True:
-                await att.pause()
-                if (late := att.expired()) is not None:
-                    self._fail(att, late, t0, args, kwargs)
-                    raise late
-                limit = att.limit()
-                # the attempt's own cancel scope, seen by the function in its worker thread
-                # (which copies the context when the attempt starts) or under a timeout; a
-                # plain async function learns of a cancellation from the CancelledError itself
-                attempt = token = None
-                if self.limiter is not None:  # each attempt is a request the API sees
-                    held = await self.limiter.acquire()
-                # dn.progress and tqdm bars inside the function report to this step (a
-                # worker thread copies the context when the attempt starts)
-                here = None
-                if in_run is not None:
-                    step = Step(in_run, seq, self.identity)
-                    here = current_step.set(step)
-                if in_thread or limit is not None:
-                    attempt = CancelScope(cancel_scope.get())
-                    token = cancel_scope.set(attempt)
-                try:
-                    if in_thread:
-                        aw: Awaitable[Any] = asyncio.to_thread(self.fn, *args, **kwargs)
-                    else:
-                        aw = cast(Awaitable[Any], self.fn(*args, **kwargs))
-                    if limit is not None:
-                        # a thread's progress is wall time; an async function's is the clock's
-                        timed = asyncio.wait_for if in_thread else runtime.clock.wait_for
-                        try:
-                            result = await timed(aw, limit)
-                        except asyncio.TimeoutError:
-                            if attempt is not None:
-                                attempt.cancel()
-                            raise attempt_timeout(self.identity, limit) from None
-                    else:
-                        result = await aw
-                    break
-                except asyncio.CancelledError:
-                    if attempt is not None:
-                        attempt.cancel()
-                    scope.note_cancelled(self.identity)
-                    raise
-                except BaseException as e:
-                    if (err := att.failed(e)) is None:
-                        continue
-                    self._fail(att, err, t0, args, kwargs)
-                    att.give_up(err, e)
-                finally:
-                    if token is not None:
-                        cancel_scope.reset(token)
-                    if here is not None:
-                        current_step.reset(here)
-                    if self.limiter is not None:
-                        self.limiter.release(held)
-            rec, _ = self._make_record(scope, key4, seq, result, False, att.first, t0, args, kwargs)
-            # the tokens it reports are written with the result (counted once, now), and
-            # its final progress
-            await scope.record_async(rec, *usage_records(rec, result), *progress_records(rec, step))
-            return result
+            with observe_step(scope, key4, seq, "effect") if observers else NO_STEP as obs:
+                while True:
+                    await att.pause()
+                    if (late := att.expired()) is not None:
+                        self._fail(att, late, t0, args, kwargs)
+                        raise late
+                    limit = att.limit()
+                    # the attempt's own cancel scope, seen by the function in its worker thread
+                    # (which copies the context when the attempt starts) or under a timeout; a
+                    # plain async function learns of a cancellation from the CancelledError itself
+                    attempt = token = None
+                    if self.limiter is not None:  # each attempt is a request the API sees
+                        held = await self.limiter.acquire()
+                    # dn.progress and tqdm bars inside the function report to this step (a worker
+                    # thread copies the context when the attempt starts)
+                    here = None
+                    if in_run is not None:
+                        step = Step(in_run, seq, self.identity)
+                        here = current_step.set(step)
+                    if in_thread or limit is not None:
+                        attempt = CancelScope(cancel_scope.get())
+                        token = cancel_scope.set(attempt)
+                    try:
+                        if in_thread:
+                            aw: Awaitable[Any] = asyncio.to_thread(self._target, *args, **kwargs)
+                        else:
+                            aw = cast(Awaitable[Any], self.fn(*args, **kwargs))
+                        if limit is not None:
+                            # a thread's progress is wall time; an async function's is the clock's
+                            timed = asyncio.wait_for if in_thread else runtime.clock.wait_for
+                            try:
+                                result = await timed(aw, limit)
+                            except asyncio.TimeoutError:
+                                if attempt is not None:
+                                    attempt.cancel()
+                                raise attempt_timeout(self.identity, limit) from None
+                        else:
+                            result = await aw
+                        break
+                    except asyncio.CancelledError:
+                        if attempt is not None:
+                            attempt.cancel()
+                        scope.note_cancelled(self.identity)
+                        raise
+                    except BaseException as e:
+                        if (err := att.failed(e)) is None:
+                            continue
+                        self._fail(att, err, t0, args, kwargs)
+                        att.give_up(err, e)
+                    finally:
+                        if token is not None:
+                            cancel_scope.reset(token)
+                        if here is not None:
+                            current_step.reset(here)
+                        if self.limiter is not None:
+                            self.limiter.release(held)
+                rec, _ = self._make_record(
+                    scope, key4, seq, result, False, att.first, t0, args, kwargs
+                )
+                # the tokens it reports are written with the result (counted once, now), and
+                # its final progress
+                usage = usage_records(rec, result)
+                await scope.record_async(rec, *usage, *progress_records(rec, step))
+                if obs is not NO_STEP:
+                    obs.recorded(rec, usage, att.failures + 1)
+                return result
         finally:
             scope.inflight -= 1
 
@@ -399,6 +428,26 @@ async def _replayed(scope: RunState | TopScope, rec: EffectRecord) -> Any:
     return replay(scope, rec)
 
 
+# the effects made for plain functions given to ctx.run / ctx.map, kept while the function
+# lives (a lambda made per call must not pile up here)
+_adhoc: weakref.WeakKeyDictionary[Any, EffectFunction[..., Any]] = weakref.WeakKeyDictionary()
+_adhoc_lock = threading.Lock()
+
+
+def as_effect(fn: Callable[..., Any]) -> EffectFunction[..., Any]:
+    """``fn`` as an effect: itself if it is one, else the (kept) effect of a plain function."""
+    if isinstance(fn, EffectFunction):
+        return fn
+    with _adhoc_lock, contextlib.suppress(TypeError):  # unhashable or not weakly referable
+        eff = _adhoc.get(fn)
+        if eff is not None:
+            return eff
+    eff = EffectFunction(fn)
+    with _adhoc_lock, contextlib.suppress(TypeError):
+        _adhoc[fn] = eff
+    return eff
+
+
 @overload
 def effect(
     fn: Callable[P, AsyncIterator[T]], /
@@ -423,6 +472,7 @@ def effect(
     limit: str | None = None,
     concurrency: int | None = None,
     rate: str | None = None,
+    executor: object = None,
 ) -> EffectDecorator: ...
 
 
@@ -441,6 +491,7 @@ def effect(
     limit: str | None = None,
     concurrency: int | None = None,
     rate: str | None = None,
+    executor: object = None,
 ) -> Any:  # the overloads above say what; a streaming effect's calls are not R
     """Record a function's results, keyed by a content hash of its inputs (README, "How it
     works").
@@ -461,6 +512,10 @@ def effect(
     ``limit`` names a rate/concurrency limit shared by every effect that names it:
     ``concurrency`` attempts at once at most, ``rate`` (``"500/min"``) attempt starts in any
     sliding window of that length at most (``engine/_limits.py``). Replays never wait.
+
+    ``executor`` (a ``concurrent.futures.Executor`` or a Dask ``distributed.Client``)
+    executes each call there — another process, a cluster — and waits for its result, which
+    this process records (README, "Scaling out a notebook"); many calls at once: ``dn.map``.
     """
 
     def wrap(f: Callable[P, R]) -> EffectFunction[P, R]:
@@ -477,6 +532,7 @@ def effect(
             limit=limit,
             concurrency=concurrency,
             rate=rate,
+            executor=executor,
         )
 
     if fn is None:

@@ -30,6 +30,7 @@ from .._journal import (
     check_name,
     check_queue,
     check_run_id,
+    check_user_signal,
     json_text,
     queue_signal,
 )
@@ -392,6 +393,9 @@ def get_job(run_id: str) -> Job[Any]:
     return job
 
 
+_UNREAD: Any = object()  # a run whose record could not be read this time
+
+
 class _RemoteRuns:
     """Settles the jobs of runs executing in other processes, from the store: one daemon
     thread reads each watched run's record when the store signals work (a run ending releases
@@ -431,12 +435,15 @@ class _RemoteRuns:
                     self._thread = None
                     return
             store = runtime.store
+            try:  # one read for them all (a round trip on a remote store)
+                records = store.get_runs(list(watched))
+            except Exception:  # a busy or unreachable store: look again later
+                records = {rid: _UNREAD for rid in watched}
             for rid, jobs in watched.items():
                 if self._closing.is_set():
                     return
-                try:
-                    rec = store.get_run(rid)
-                except Exception:  # a busy or unreachable store: look again later
+                rec = records.get(rid)
+                if rec is _UNREAD:
                     continue
                 try:
                     outcome = _final_outcome(rec) if rec is not None else None
@@ -507,7 +514,15 @@ def send_time() -> float:
 def signal(run_id: str, name: str, payload: Any = None, *, missing_ok: bool = False) -> None:
     """Send a signal to a run (see :meth:`Job.signal`). A run id that names no run raises
     :class:`~durable_nb.errors.RunNotFoundError` (a typo would otherwise wait forever);
-    ``missing_ok=True`` stores the signal for a run that will start later with that id."""
+    ``missing_ok=True`` stores the signal for a run that will start later with that id.
+    The reserved names (cancellation, queues) are refused: use :func:`cancel` and
+    :func:`enqueue`."""
+    check_name(name)
+    check_user_signal(name)
+    _send(run_id, name, payload, missing_ok=missing_ok)
+
+
+def _send(run_id: str, name: str, payload: Any, *, missing_ok: bool) -> None:
     check_run_id(run_id)
     check_name(name)
     text = json_text(payload, "payload")
@@ -529,7 +544,7 @@ def enqueue(run_id: str, queue: str, message: Any = None, *, missing_ok: bool = 
     :meth:`Context.dequeue`); the run need not be executing, but must exist unless
     ``missing_ok=True`` (as for :func:`signal`)."""
     check_queue(queue)
-    signal(run_id, queue_signal(queue), message, missing_ok=missing_ok)
+    _send(run_id, queue_signal(queue), message, missing_ok=missing_ok)
 
 
 def _no_run_to_signal(run_id: str) -> RunNotFoundError:
@@ -559,7 +574,7 @@ def cancel(run_id: str, reason: str = "cancelled") -> None:
             raise RunNotFoundError(f"no run {run_id!r} in the store {runtime.store.url!r}")
         if rec.status in FINAL_STATUSES:
             return
-    signal(run_id, CANCEL_SIGNAL, reason)
+    _send(run_id, CANCEL_SIGNAL, reason, missing_ok=False)
     if live is None:
         try:
             lease = runtime.store.acquire_run(run_id, runtime.owner)

@@ -27,6 +27,7 @@ from .._journal import (
     check_run_id,
     detail_text,
     iso_time,
+    json_problem,
     kv_scope,
     read_detail,
 )
@@ -71,13 +72,12 @@ def check_kv_key(key: object) -> str:
 
 
 def _value_text(key: str, value: object) -> str:
-    try:
-        text = json.dumps(value, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError) as e:
+    problem, text = json_problem(value, separators=(",", ":"))
+    if problem is not None:
         raise UnstorableValueError(
             f"kv value for key {key!r} must be JSON data (None, bool, int, float, str, list, "
-            f"dict), got {value!r:.200}; convert it first ({e})"
-        ) from None
+            f"dict with str keys), got {value!r:.200}; convert it first ({problem})"
+        )
     size = len(text.encode("utf-8"))
     if size > MAX_VALUE_BYTES:
         raise ArgumentError(

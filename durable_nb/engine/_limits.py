@@ -96,6 +96,15 @@ class Limiter:
         self.active += 1
         return None
 
+    def try_take(self) -> float | None:
+        """Take a place in this process without waiting: None when taken (give it back with
+        ``release(None)``), else how long to wait, 0.0 meaning until a place is given back.
+        A map's driver asks this way: it cannot block while its own items, which give
+        places back, complete. (Places in the store, PostgreSQL's shared limits, are not
+        taken this way: a map's limit holds in its own process.)"""
+        with self._lock:
+            return self._try()
+
     async def acquire(self) -> str | None:
         """Wait for a place: this process's, then the store's when it shares limits across
         processes (PostgreSQL). Returns what :meth:`release` gives back."""

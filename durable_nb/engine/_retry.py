@@ -249,6 +249,7 @@ class Attempts:
         """Wait until the next attempt is due; the run shows it waits on a retry."""
         if (wait := self._wait()) > 0 and self.due is not None:
             what = {"kind": "retry", "name": self.identity, "until": iso_time(self.due)}
+            await self.scope.caught_up()  # its retry schedule is durable before it waits
             self.scope.begin_wait(what)
             try:
                 await runtime.clock.sleep(wait)

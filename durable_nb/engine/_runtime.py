@@ -211,6 +211,9 @@ class TopScope:
     def record_retry(self, key4: Key4, seq: int, state: dict[str, Any]) -> None:
         return None
 
+    async def caught_up(self) -> None:
+        """Nothing is written behind outside a run."""
+
     def begin_wait(self, what: dict[str, Any]) -> None:
         return None
 
@@ -446,11 +449,14 @@ def durable_write(
     effects: Sequence[EffectRecord] = (),
     runs: Sequence[RunRecord] = (),
     events: Sequence[EventRecord] = (),
+    on_loop: bool = True,
 ) -> Written:
     """Hand records to the store (:meth:`~durable_nb.store.Store.submit`); the returned write
     is settled once they are durable: the loop serves other runs while a PostgreSQL store
     commits them (together with what other runs wrote meanwhile). A store that writes at once
-    settles it before this returns, so awaiting it does not suspend."""
+    settles it before this returns, so awaiting it does not suspend. ``on_loop=False``: let
+    the store write them as it writes blocking calls (PostgreSQL: its writer thread), in
+    order with those."""
     loop = asyncio.get_running_loop()
     written = Written(loop)
     here = threading.get_ident()
@@ -464,7 +470,9 @@ def durable_write(
 
     # the engine's own loop lives as long as the process, a worker's as long as it serves:
     # the store may write on them directly
-    mine = loop if runtime.in_engine_thread() or loop in runtime.serving_loops else None
+    mine = (
+        loop if on_loop and (runtime.in_engine_thread() or loop in runtime.serving_loops) else None
+    )
     store.submit(done, effects=effects, runs=runs, events=events, loop=mine)
     return written
 

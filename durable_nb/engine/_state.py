@@ -18,6 +18,7 @@ import threading
 import time
 import uuid as _uuid
 import warnings
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,7 @@ from .._journal import (
 )
 from ..errors import NonDeterminismError, UnrecordedCancelWarning
 from ..store import EffectRecord, EventRecord, RunRecord, SignalRecord
+from ._observe import observers
 from ._runtime import (
     CancelScope,
     Key4,
@@ -60,6 +62,8 @@ if TYPE_CHECKING:
 __all__ = ["INBOX_POLL", "RunState", "active_interrupt", "replay"]
 
 INBOX_POLL = 0.5  # seconds between checks for signals sent by other processes
+#: steps an observer sees executing as a whole (``_observe.step``), not only recorded
+_OBSERVED_AROUND = ("effect", "map")
 _warned_cancel: set[str] = set()  # workflows warned about an unrecorded cancellation
 
 #: the innermost interrupt or timeout block the current task is in (see ``_interrupts``)
@@ -137,6 +141,7 @@ class RunState:
         self.inflight = 0
         self._batch: list[EffectRecord] = []
         self._batch_waiters: list[Written] = []
+        self._behind: list[Written] = []  # records written behind, oldest first
         consumed = {signal_id_of(r.kind, r.detail) for r in history} - {None}
         self.inbox: list[SignalRecord] = [s for s in signals if s.signal_id not in consumed]
         self.seen_signals = {s.signal_id for s in signals}
@@ -290,7 +295,7 @@ class RunState:
             for e, rec in self.errors
             if id(e) in chain and rec.scope == self.scope_id
         ]
-        if cleared:
+        if cleared and not self.write_behind(effects=cleared):
             runtime.store.put_effects(cleared)
 
     def _check_order(self, key4: Key4, seq: int) -> None:
@@ -329,7 +334,7 @@ class RunState:
     ) -> None:
         """Record an engine step's outcome (``value``, stored by type like an effect's)."""
         payload = _codecs.encode(value, runtime.store.signer, what=kind)
-        self.record(
+        self.record_step(
             EffectRecord(
                 self.scope_id,
                 *key4,
@@ -343,22 +348,79 @@ class RunState:
 
     def record(self, rec: EffectRecord, *also: EffectRecord) -> None:
         """Record a step (with its bookkeeping records ``also``, in the same write)."""
+        self._raise_behind()  # a record written behind that failed fails the run here
         runtime.store.put_effects([rec, *also])
         for r in also:
             self.index[(r.identity, r.version, r.input_hash, r.occurrence)] = r
         self._recorded(rec)
         self._maybe_poll()
 
-    def record_together(self, rec: EffectRecord, others: list[EffectRecord]) -> None:
-        """Record a step with records of the run's other scopes in one atomic write."""
-        runtime.store.put_effects([rec, *others])
+    def record_step(self, rec: EffectRecord) -> None:
+        """Record an engine step (``ctx.now``, a timer's deadline, a received signal...): on
+        a remote store, written behind (see :meth:`write_behind`)."""
+        if not self.write_behind(effects=[rec]):
+            runtime.store.put_effects([rec])
+            self._maybe_poll()
         self._recorded(rec)
-        self._maybe_poll()
+
+    def record_together(self, rec: EffectRecord, others: list[EffectRecord]) -> None:
+        """Record a step with records of the run's other scopes in one atomic write
+        (written behind on a remote store)."""
+        if not self.write_behind(effects=[rec, *others]):
+            runtime.store.put_effects([rec, *others])
+            self._maybe_poll()
+        self._recorded(rec)
+
+    # writes behind --------------------------------------------------------------------
+    # The engine's own records (ctx steps, statuses, trace events) on a remote store do not
+    # block the loop for a round trip: they are handed to the store's writer, which commits
+    # them in the order given, in order with every blocking write, and the run goes on. What
+    # depends on them and leaves the run is durable only after them: an effect's record
+    # waits for them first (:meth:`caught_up`), and so do the run's end and its timers. A
+    # crash before they are durable loses them together with everything after them, and
+    # the replay takes those steps afresh: a durable history is always a prefix of what the
+    # run did. A write that failed fails the run at its next effect, timer or end.
+    def write_behind(
+        self,
+        *,
+        effects: Sequence[EffectRecord] = (),
+        runs: Sequence[RunRecord] = (),
+        events: Sequence[EventRecord] = (),
+    ) -> bool:
+        """Hand records to a remote store without waiting; False (nothing done) when the
+        store writes at once or no loop runs here: then the caller writes them itself."""
+        if not runtime.store.remote:
+            return False
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        self._raise_behind()
+        written = durable_write(
+            runtime.store, effects=effects, runs=runs, events=events, on_loop=False
+        )
+        self._behind.append(written)
+        return True
+
+    def _raise_behind(self) -> None:
+        """Forget the writes behind that are durable; raise the error of one that failed."""
+        while self._behind and self._behind[0].finished:
+            error = self._behind.pop(0).error
+            if error is not None:
+                raise error
+
+    async def caught_up(self) -> None:
+        """Return once every record written behind is durable (raising the first error)."""
+        while self._behind:
+            await wait_written(self._behind[0])
+            self._raise_behind()
 
     async def record_async(self, rec: EffectRecord, *also: EffectRecord) -> None:
         """Record an effect's outcome (with its bookkeeping records ``also``, in the same
         write); returns once it is durable, without blocking the loop while the store writes
         (other runs go on, and their records share the write)."""
+        if self._behind:  # written behind: durable first, in that order
+            await self.caught_up()
         if self.inflight <= 1 and not self._batch:
             store = runtime.store
             if not store.remote:  # it writes at once: as cheap as a sync record
@@ -412,6 +474,8 @@ class RunState:
         self.executed += 1
         if self.listeners:
             self._emit_step(rec, "failed" if rec.is_error else "executed")
+        if observers and rec.kind not in _OBSERVED_AROUND:
+            observers[0].recorded(self, rec)
 
     def _maybe_poll(self) -> None:
         """After a step recorded synchronously (the caller blocks anyway): look for signals
@@ -432,6 +496,8 @@ class RunState:
                 acc[1] += int(d.get("completion_tokens", 0) or 0)
         if self.listeners:
             self._emit_step(rec, "replayed")
+        if observers:
+            observers[0].replayed(self, rec)
 
     def note_failure(
         self,
@@ -498,7 +564,8 @@ class RunState:
             started_at=runtime.clock.time(),
             detail=detail_text(detail),
         )
-        runtime.store.put_effects([rec])
+        if not self.write_behind(effects=[rec]):
+            runtime.store.put_effects([rec])
         self.index[rkey] = rec
 
     # waits -------------------------------------------------------------------------
@@ -577,16 +644,22 @@ class RunState:
 
     # status and events ---------------------------------------------------------------
     def set_run_status(self, status: RunStatus, detail: dict[str, Any] | None = None) -> None:
-        runtime.store.put_run(self.status_record(status, detail))
+        run = self.status_record(status, detail)
+        if not self.write_behind(runs=[run]):
+            runtime.store.put_run(run)
         self.status_stored(status, detail)
 
     def event(self, kind: EventKind, data: dict[str, Any] | None = None) -> None:
-        runtime.store.append_events([self.event_record(kind, data)])
+        event = self.event_record(kind, data)
+        if not self.write_behind(events=[event]):
+            runtime.store.append_events([event])
 
     def event_record(self, kind: EventKind, data: dict[str, Any] | None = None) -> EventRecord:
         """A trace event of this run, told to the live listeners; the caller stores it."""
         if self.listeners:
             self.emit("event", {"event": kind, "data": data or {}})
+        if observers:
+            observers[0].execution(self, kind, data or {})
         return EventRecord(
             self.run_id,
             _uuid.uuid4().hex,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import reprlib
 import threading
 import weakref
@@ -24,7 +23,14 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
 from .. import _codecs
-from .._journal import FINAL_STATUSES, StreamDetail, check_stream_name, detail_text, stream_scope
+from .._journal import (
+    FINAL_STATUSES,
+    StreamDetail,
+    check_stream_name,
+    detail_text,
+    json_problem,
+    stream_scope,
+)
 from ..errors import (
     BlockingCallError,
     StoreLockedError,
@@ -60,13 +66,8 @@ _JSON_TYPES = (str, int, float, bool, type(None), list, dict)
 def _check_chunk(chunk: object, name: str) -> object:
     if isinstance(chunk, (bytes, bytearray, memoryview)):
         return bytes(chunk)
-    if type(chunk) in _JSON_TYPES:
-        try:
-            json.dumps(chunk, allow_nan=False)
-        except (TypeError, ValueError):
-            pass
-        else:
-            return chunk
+    if type(chunk) in _JSON_TYPES and json_problem(chunk)[0] is None:
+        return chunk
     raise UnstorableValueError(
         f"a chunk written to stream {name!r} must be JSON data (None, bool, int, float, str, "
         f"list, dict) or bytes, got {_preview.repr(chunk)} of type {type(chunk).__name__}; "

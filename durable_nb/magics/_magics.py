@@ -21,7 +21,8 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
+from IPython.core.magic_arguments import parse_argstring as _parse_argstring
 
 from .. import _cells, _codecs, _explain, _hashing
 from .._cells import analyse_cell, normalized
@@ -81,6 +82,14 @@ def _hash_inputs(
             _hashing.hash_value(value).hex()[:12],
         ]
     return _hashing.hash_value(values).hex(), shown, bad
+
+
+def parse_argstring(magic: Callable[..., Any], line: str) -> Any:
+    """IPython's parser, but a line shlex cannot split (an unclosed quote) is misuse too."""
+    try:
+        return _parse_argstring(magic, line)
+    except ValueError as e:  # shlex: "No closing quotation", "No escaped character"
+        raise UsageError(f"cannot read the arguments {line!r}: {e}") from None
 
 
 @magics_class

@@ -87,6 +87,26 @@ class StoreBase:
         # a store whose writes are quick writes at once, on the caller's thread
         submit_now(self, done, effects, runs, events)  # type: ignore[arg-type]
 
+    def get_runs(self, run_ids: Sequence[str]) -> dict[str, RunRecord]:
+        if isinstance(run_ids, str) or not isinstance(run_ids, Sequence):
+            raise ArgumentTypeError(
+                f"run_ids must be a list of run ids, got {type(run_ids).__name__} {run_ids!r}"
+            )
+        for run_id in run_ids:
+            if not isinstance(run_id, str):
+                raise ArgumentTypeError(
+                    f"run_ids must hold str run ids, got {type(run_id).__name__} {run_id!r}"
+                )
+        return self._get_runs(list(dict.fromkeys(run_ids)))
+
+    def _get_runs(self, run_ids: list[str]) -> dict[str, RunRecord]:
+        got = {}
+        for run_id in run_ids:
+            rec = self.get_run(run_id)  # type: ignore[attr-defined]
+            if rec is not None:
+                got[run_id] = rec
+        return got
+
     def list_runs(
         self,
         *,

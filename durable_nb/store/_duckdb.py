@@ -10,9 +10,13 @@ is merged by the next process that opens the store; merging is idempotent.
 
 DuckDB lets one process hold a database file at a time, so the connection is closed
 whenever this process has been idle for ``idle_close`` seconds (after merging
-everything): another kernel or the CLI can then open the same store. A process that finds
-the file busy retries for ``lock_timeout`` seconds, then raises ``StoreLockedError``
-naming the holder.
+everything), and handed over sooner when another process asks for it (``_handoff.py``:
+the holder merges what it has, closes the file, and the oldest waiter gets it). A waiter
+raises ``StoreLockedError`` naming the holder once the line ahead of it has not moved for
+``lock_timeout`` seconds. ``fsync``: ``False`` (the journal is never synced: what is not
+merged yet does not survive an OS crash), ``"group"`` (one ``fdatasync`` per batch of
+concurrent writes, ``_syncer.py``) or ``True`` (one per write); see the README's "What
+survives what".
 
 Deletions (``delete_effects``, ``delete_run``, ``prune_effects``) flush the journal and
 commit directly. ``reset_run`` (continue-as-new) is one journal record, applied in one
@@ -24,7 +28,8 @@ claimed shared effect), ``inbox/`` (touched when a signal is sent, so a waiting 
 polls a ``stat`` instead of the database), ``work`` (touched when a run may have become
 claimable, for idle workers), ``deletions`` (touched before records are deleted, so other
 processes drop their read caches) and ``key`` (the signing key for pickled payloads,
-unless ``DURABLE_NB_KEY`` is set).
+unless ``DURABLE_NB_KEY`` is set), ``queue/`` (requests for the file) and ``holder`` (the
+``flock`` held with the file open).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import re
 import secrets
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
@@ -51,6 +56,7 @@ from ..errors import (
     StoreFormatError,
     StoreLockedError,
     StoreUnavailableError,
+    StoreVersionError,
 )
 from . import _migrations, _rows
 from ._base import RunQuery, StoreBase
@@ -63,6 +69,7 @@ from ._duckdb_schema import (
     SCHEMA_VERSION,
     SIGNAL_TYPES,
 )
+from ._handoff import Busy, Queue, open_in_turn
 from ._keyfilter import KeyFilter
 from ._lockfiles import EffectClaims, file_token, lock_run, say_holder, touch, unlock
 from ._protocol import CLAIMABLE_STATUSES, RunLease, run_scopes
@@ -76,6 +83,7 @@ from ._wal import (
     keep_damaged,
     makes_work,
     read_frames,
+    sync_dir,
 )
 
 if TYPE_CHECKING:
@@ -88,6 +96,13 @@ _VALUES_BATCH = 64  # rows per table up to which a merge avoids Arrow
 _RECENT_MAX_RECORDS = 4096
 _RECENT_MAX_BYTES = 64 * 1024
 _WORK_POLL = 0.05  # seconds between looks at the ``work`` file while waiting for work
+# seconds records wait in the journal before a process that does not hold the file opens it
+# to merge them (while it holds it, it merges every ``merge_interval``): every open costs
+# 10-60 ms of connecting and a hand-off, and appends never need the file
+_REOPEN_AFTER = 1.0
+# seconds a process keeps the file after opening it before handing it over: what it opened
+# it for often takes several statements (a run's start reads its history, then writes)
+_MIN_HOLD = 0.1
 _LOCK_RE = re.compile(r"Conflicting lock is held in (?P<exe>.*?) \(PID (?P<pid>\d+)\)")
 # what a merge may meet on a full or failing disk: retried on a fresh connection
 _IO_ERRORS = (duckdb.IOException, duckdb.TransactionException, duckdb.FatalException, OSError)
@@ -100,6 +115,20 @@ _TABLES = {
     "S": ("dn_signals", tuple(zip(_rows.SIGNAL_COLUMNS, SIGNAL_TYPES, strict=True))),
     "V": ("dn_events", tuple(zip(_rows.EVENT_COLUMNS, EVENT_TYPES, strict=True))),
 }
+
+# DuckDB scans an index only for a query whose one filter is on the indexed column (a filter
+# on all five key columns scans the table: 7 ms at 1M effects, ~70 ms at 10M). A point
+# lookup therefore selects by one indexed column in a materialized CTE and checks the rest
+# of the key on the few rows it found: by input hash, or by scope for the records of a
+# run's kv and stream scopes, whose input hash is empty.
+_GET_BY_INPUT = (
+    "WITH c AS MATERIALIZED (SELECT * FROM dn_effects WHERE input_hash = $4) "
+    "SELECT * FROM c WHERE scope = $1 AND identity = $2 AND version = $3 AND occurrence = $5"
+)
+_GET_BY_SCOPE = (
+    "WITH c AS MATERIALIZED (SELECT * FROM dn_effects WHERE scope = $1) SELECT * FROM c "
+    "WHERE identity = $2 AND version = $3 AND input_hash = $4 AND occurrence = $5"
+)
 
 
 def _table_name(prefix: str, parts: tuple[object, ...]) -> str:
@@ -151,6 +180,16 @@ def _damaged(path: Path, msg: str, *, opening: bool = False) -> str:
     )
 
 
+def _synced_dir(folder: Path) -> bool:
+    """Sync ``folder``'s entries; ``False`` if that failed (then keep what depends on it:
+    an offset kept for a removed journal costs nothing)."""
+    try:
+        sync_dir(folder)
+    except OSError:
+        return False
+    return True
+
+
 def _in_scopes(scopes: set[str], key: EffectKey, rec: EffectRecord) -> bool:
     return key[0] in scopes
 
@@ -166,7 +205,7 @@ class DuckDBStore(StoreBase):
         lock_timeout: float = 10.0,
         idle_close: float = 0.5,
         merge_interval: float = 0.05,
-        fsync: bool = False,
+        fsync: bool | str = False,
     ) -> None:
         from .._codecs import Signer
 
@@ -182,6 +221,11 @@ class DuckDBStore(StoreBase):
         ):
             if not isinstance(value, (int, float)) or value < 0:
                 raise ArgumentError(f"{name} must be a number of seconds >= 0, got {value!r}")
+        if not (isinstance(fsync, bool) or fsync == "group"):
+            raise ArgumentError(
+                f"fsync must be False (survives a crash of the process), True (an fdatasync "
+                f'per write) or "group" (one fdatasync per batch of writes), got {fsync!r}'
+            )
         self._path = Path(path).absolute()
         self._aux = self._path.with_name(self._path.name + ".d")
         self._lock_timeout = float(lock_timeout)
@@ -189,7 +233,7 @@ class DuckDBStore(StoreBase):
         self._merge_interval = float(merge_interval)
         self._fsync = fsync
         try:
-            for sub in ("journal", "locks", "inbox", "claims"):
+            for sub in ("journal", "locks", "inbox", "claims", "queue"):
                 (self._aux / sub).mkdir(parents=True, exist_ok=True)
             probe = self._aux / f".probe-{os.getpid()}"
             probe.write_bytes(b"")
@@ -205,6 +249,13 @@ class DuckDBStore(StoreBase):
         self._dblock = threading.RLock()
         self._wlock = threading.Lock()
         self._con: duckdb.DuckDBPyConnection | None = None
+        self._queue = Queue(self._aux / "queue")  # processes waiting for the file
+        self._db_depth = 0  # nested uses of the connection (under ``_dblock``)
+        # seconds each open of the file waited for another process (for benchmarks)
+        self._file_waits: deque[float] = deque(maxlen=100_000)
+        self._opens = 0  # times this process opened the file (for benchmarks)
+        self._opened_at = 0.0
+        self._pending_since = 0.0  # when the oldest pending record was written
         self._pending: list[Op] = []
         self._unmerged: dict[EffectKey, tuple[EffectRecord, Op]] = {}
         # small records read or written lately: a rerun of a notebook cell replays from memory
@@ -287,47 +338,24 @@ class DuckDBStore(StoreBase):
         if self._con is not None:
             return self._con
         self._check_same_file()
-        deadline = time.monotonic() + self._lock_timeout
-        delay = 0.005
-        while True:
-            try:
-                con = duckdb.connect(str(self._path))
-                break
-            except duckdb.IOException as e:
-                msg = str(e)
-                m = _LOCK_RE.search(msg)
-                if m is None:
-                    if "not a valid DuckDB database file" in msg:
-                        raise StoreFormatError(
-                            f"{str(self._path)!r} is not a DuckDB database (it may be damaged "
-                            "or another kind of file); move it away or choose another store path"
-                        ) from e
-                    if _DAMAGED_RE.search(msg):
-                        raise StoreFormatError(_damaged(self._path, msg, opening=True)) from e
-                    raise StoreUnavailableError(
-                        f"cannot open the store {str(self._path)!r}: {msg}"
-                    ) from e
-                if time.monotonic() >= deadline:
-                    raise StoreLockedError(
-                        f"the store {str(self._path)!r} is in use by another process "
-                        f"(PID {m['pid']}, {m['exe']}) and stayed busy for "
-                        f"{self._lock_timeout:g}s; wait until that kernel or script is idle, "
-                        "stop it, or use another store (DURABLE_NB_STORE)"
-                    ) from e
-                time.sleep(delay)
-                delay = min(delay * 2, 0.1)
-            except duckdb.Error as e:
-                raise StoreFormatError(
-                    f"cannot open {str(self._path)!r} as a DuckDB database: {e}; "
-                    "move it away or choose another store path"
-                ) from e
+        con, waited = open_in_turn(
+            self._queue, self._open_file, self._lock_timeout, self._locked_error
+        )
+        if waited is not None:
+            self._file_waits.append(waited)
+        self._opens += 1
+        self._opened_at = time.monotonic()
         try:
-            con.execute("SET wal_autocheckpoint_entries=1000")
+            try:
+                con.execute("SET wal_autocheckpoint_entries=1000")
+            except duckdb.CatalogException:
+                pass  # older DuckDB (1.1 has not this setting) checkpoints by WAL size only
             self._migrate(con)
             if self._file_id is None:
                 self._file_id, self._file_fd = _pin(self._path)
         except BaseException as e:
             con.close()
+            self._queue.drop_baton()
             if isinstance(e, duckdb.Error) and _DAMAGED_RE.search(str(e)):
                 raise StoreFormatError(_damaged(self._path, str(e), opening=True)) from e
             raise
@@ -338,11 +366,48 @@ class DuckDBStore(StoreBase):
         except BaseException:
             self._con = None
             con.close()
+            self._queue.drop_baton()
             raise
         # while the file was closed, other processes may have deleted records we cache
         with self._wlock:
             self._validate_cache()
         return con
+
+    def _open_file(self) -> duckdb.DuckDBPyConnection:
+        """One attempt to open the file; :class:`Busy` if another process has it."""
+        try:
+            return duckdb.connect(str(self._path))
+        except duckdb.IOException as e:
+            msg = str(e)
+            m = _LOCK_RE.search(msg)
+            if m is not None:
+                raise Busy(f"PID {m['pid']}, {m['exe']}") from e
+            if "Trying to read a database file with version number" in msg:
+                raise StoreVersionError(
+                    f"the store {str(self._path)!r} was written by a newer DuckDB than "
+                    f"the duckdb {duckdb.__version__} installed here, which cannot read "
+                    "its file format; upgrade duckdb (pip install -U duckdb) to use it"
+                ) from e
+            if "not a valid DuckDB database file" in msg:
+                raise StoreFormatError(
+                    f"{str(self._path)!r} is not a DuckDB database (it may be damaged "
+                    "or another kind of file); move it away or choose another store path"
+                ) from e
+            if _DAMAGED_RE.search(msg):
+                raise StoreFormatError(_damaged(self._path, msg, opening=True)) from e
+            raise StoreUnavailableError(f"cannot open the store {str(self._path)!r}: {msg}") from e
+        except duckdb.Error as e:
+            raise StoreFormatError(
+                f"cannot open {str(self._path)!r} as a DuckDB database: {e}; "
+                "move it away or choose another store path"
+            ) from e
+
+    def _locked_error(self, busy: Busy) -> StoreLockedError:
+        return StoreLockedError(
+            f"the store {str(self._path)!r} is in use by another process ({busy.holder}) "
+            f"and stayed busy for {self._lock_timeout:g}s; wait until that kernel or script "
+            "is idle, stop it, or use another store (DURABLE_NB_STORE)"
+        )
 
     def _migrate(self, con: duckdb.DuckDBPyConnection) -> None:
         tables = {
@@ -382,18 +447,23 @@ class DuckDBStore(StoreBase):
                         f"cannot checkpoint the store {str(self._path)!r}: {e}; what was "
                         "recorded is in its DuckDB WAL and merged when it is opened next"
                     ) from e
+                finally:
+                    self._queue.drop_baton()
 
     def _drop_connection(self) -> None:
         """Close the connection after a failed write, whatever state it is in."""
         with self._dblock:
             con, self._con = self._con, None
             if con is not None:
-                with contextlib.suppress(duckdb.Error):
-                    con.close()
+                try:
+                    with contextlib.suppress(duckdb.Error):
+                        con.close()
+                finally:
+                    self._queue.drop_baton()
 
     @contextlib.contextmanager
     def _db(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        with self._dblock:
+        with self._using():
             self._check_open()
             self._check_same_file()
             self._last_activity = time.monotonic()
@@ -403,6 +473,32 @@ class DuckDBStore(StoreBase):
                 if not _DAMAGED_RE.search(str(e)):
                     raise
                 raise StoreFormatError(_damaged(self._path, str(e))) from e
+
+    @contextlib.contextmanager
+    def _using(self) -> Iterator[None]:
+        """Hold ``_dblock``; leaving the outermost use, hand the file over if another
+        process asked for it (``_handoff.py``)."""
+        with self._dblock:
+            self._db_depth += 1
+            try:
+                yield
+            finally:
+                self._db_depth -= 1
+                if self._db_depth == 0:
+                    self._hand_over_if_asked()
+
+    def _hand_over_if_asked(self) -> None:
+        """Merge what is pending and close the file if another process waits for it
+        (caller holds ``_dblock``, outside any use of the connection)."""
+        if (
+            self._con is None
+            or time.monotonic() - self._opened_at < _MIN_HOLD
+            or not self._queue.waiting()
+        ):
+            return
+        with contextlib.suppress(StoreError):
+            self._merge_pending()  # what is not merged stays in the journal for next time
+        self._close_connection()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -440,7 +536,10 @@ class DuckDBStore(StoreBase):
         with self._wlock:
             self._check_open()
             end = self._journal.append(buf)
+            position = self._journal.position
             written = [Op(kind, row, end) for kind, row in ops]
+            if not self._pending:
+                self._pending_since = time.monotonic()
             self._pending.extend(written)
             for rec, op in zip(effects, written, strict=False):
                 self._unmerged[rec.key] = (rec, op)
@@ -455,6 +554,8 @@ class DuckDBStore(StoreBase):
             self._last_activity = time.monotonic()
             if len(self._pending) >= 2000:
                 self._wake.set()
+        # fsync="group": on disk before returning, in one fdatasync with concurrent writes
+        self._journal.wait_synced(position)
         if any(makes_work(kind, row) for kind, row in ops):
             self._notify_work()  # in-process waiters; other processes hear of it after the merge
 
@@ -462,10 +563,12 @@ class DuckDBStore(StoreBase):
         """Merge journals whose writer died (caller holds ``_dblock`` and a connection)."""
         con = self._connect()
         offsets = dict(con.execute("SELECT wal_id, merged_offset FROM dn_journal").fetchall())
-        for wal_id, path in dead_journals(self._aux / "journal"):
+        folder = self._aux / "journal"
+        for wal_id, path in dead_journals(folder):
             damage: list[Damage] = []
             ops, end = read_frames(path, int(offsets.get(wal_id, 0)), damage)
             if ops:
+                # committed (and fdatasynced by DuckDB) before the journal is removed
                 dropped = self._apply([Op(k, r, end) for k, r in ops], wal_id, end)
                 if dropped:
                     with self._wlock:
@@ -473,13 +576,15 @@ class DuckDBStore(StoreBase):
                 if any(makes_work(k, r) for k, r in ops):
                     self._announce_work()
             if damage:
-                keep_damaged(path, damage, len(ops))
+                keep_damaged(path, damage, len(ops))  # renamed: its offset goes with the rest
             else:
                 path.unlink()
-            con.execute("DELETE FROM dn_journal WHERE wal_id = ?", [wal_id])
-        live = {p.stem for p in (self._aux / "journal").glob("*.wal")}
-        for wal_id in offsets:
-            if wal_id not in live:
+        live = {p.stem for p in folder.glob("*.wal")}
+        gone = [wal_id for wal_id in offsets if wal_id not in live]
+        # a journal's offset is forgotten only once its removal is on disk: after a power loss
+        # it must not come back without its offset and be merged again from the start
+        if gone and _synced_dir(folder):
+            for wal_id in gone:
                 con.execute("DELETE FROM dn_journal WHERE wal_id = ?", [wal_id])
 
     def _apply(self, ops: list[Op], wal_id: str, end: int) -> set[str]:
@@ -572,7 +677,12 @@ class DuckDBStore(StoreBase):
         return scope
 
     def _merge(self) -> None:
-        """Merge this process's pending journal records now."""
+        """Merge this process's pending journal records now (after a merge in progress)."""
+        with self._using():
+            if self._pending:
+                self._merge_pending()
+
+    def _merge_pending(self) -> None:
         with self._dblock:
             with self._wlock:
                 ops, self._pending = self._pending, []
@@ -625,7 +735,8 @@ class DuckDBStore(StoreBase):
         except OSError:
             return  # no room for a new file: the old one goes on, and rotates next time
         assert self._con is not None
-        self._con.execute("DELETE FROM dn_journal WHERE wal_id = ?", [old_id])
+        if _synced_dir(self._aux / "journal"):  # see _recover_journals
+            self._con.execute("DELETE FROM dn_journal WHERE wal_id = ?", [old_id])
 
     def _merge_loop(self) -> None:
         backoff = 0.0  # after a failed merge: wait longer, up to a second, before retrying
@@ -635,8 +746,15 @@ class DuckDBStore(StoreBase):
             if self._closed:
                 break
             try:
-                if self._pending:
+                if self._pending and (
+                    self._con is not None
+                    or time.monotonic() - self._pending_since >= _REOPEN_AFTER
+                    or len(self._pending) >= 2000
+                ):
                     self._merge()
+                elif self._con is not None and self._queue.waiting():
+                    with self._using():
+                        pass  # leaving hands the file over
                 elif (
                     self._con is not None
                     and time.monotonic() - self._last_activity > self._idle_close
@@ -727,6 +845,12 @@ class DuckDBStore(StoreBase):
     ) -> int:
         with self._db() as con:  # holding the connection, no merge can slip in between
             self.flush()
+            # nothing to delete (a gc that prunes nothing): no write transaction, and other
+            # processes keep their read caches
+            if not con.execute(
+                f"SELECT 1 FROM dn_effects WHERE {where} LIMIT 1", params
+            ).fetchall():
+                return 0
             names = [
                 r[0]
                 for r in con.execute(
@@ -757,7 +881,7 @@ class DuckDBStore(StoreBase):
                 f = self._filters.get(scope)
                 if f is None:
                     try:
-                        f = KeyFilter(self._aux / "keys", scope, fsync=self._fsync)
+                        f = KeyFilter(self._aux / "keys", scope, fsync=bool(self._fsync))
                     except OSError as e:
                         raise StoreUnavailableError(
                             f"cannot write the key filter of the store {str(self._path)!r} "
@@ -829,11 +953,7 @@ class DuckDBStore(StoreBase):
         except StoreUnavailableError:
             pass  # no filter: the query answers
         with self._db() as con:
-            row = con.execute(
-                "SELECT * FROM dn_effects WHERE scope = ? AND identity = ? AND version = ? "
-                "AND input_hash = ? AND occurrence = ?",
-                list(key),
-            ).fetchall()
+            row = con.execute(_GET_BY_INPUT if key[3] else _GET_BY_SCOPE, list(key)).fetchall()
         if not row:
             return None
         rec = _rows.effect_from_row(row[0], self._read_payload)
@@ -842,6 +962,39 @@ class DuckDBStore(StoreBase):
             if epoch == self._cache_epoch and key not in self._recent and key not in self._unmerged:
                 self._remember(rec)
         return rec
+
+    def get_effects(self, keys: Sequence[EffectKey]) -> list[EffectRecord | None]:
+        """The records of many keys (a map's items): one query for the keys the read cache
+        leaves open, not one each (nor a key filter look-up each: the query answers a miss
+        as fast)."""
+        out: list[EffectRecord | None] = [None] * len(keys)
+        open_: dict[EffectKey, int] = {}
+        with self._wlock:
+            if self._con is None:
+                self._validate_cache()
+            for n, key in enumerate(keys):
+                rec = self._recent.get(key)
+                if rec is None and (entry := self._unmerged.get(key)) is not None:
+                    rec = entry[0]
+                if rec is not None:
+                    out[n] = rec
+                elif key[0] not in self._dropped:
+                    open_[key] = n
+        groups: dict[tuple[str, str, str], list[str]] = {}
+        for k in open_:  # a map's keys share scope, identity and version
+            groups.setdefault(k[:3], []).append(k[3])
+        for head, hashes in groups.items():
+            with self._db() as con:  # one semi-join per group, the hashes as one list
+                rows = con.execute(
+                    "SELECT * FROM dn_effects WHERE scope = ? AND identity = ? AND version = ? "
+                    "AND input_hash IN (SELECT unnest(?::VARCHAR[]))",
+                    [*head, sorted(set(hashes))],
+                ).fetchall()
+            for row in rows:
+                rec = _rows.effect_from_row(row, self._read_payload)
+                if rec.key in open_:
+                    out[open_[rec.key]] = rec
+        return out
 
     def load_effects(self, scope: str) -> list[EffectRecord]:
         self.flush()
@@ -949,7 +1102,7 @@ class DuckDBStore(StoreBase):
         try:
             # a previous holder that died may have left records in its journal: merge them
             # before this process reads the run's history
-            with self._dblock:
+            with self._using():
                 self._check_open()
                 if self._con is None:
                     self._connect()  # opening recovers dead journals already
@@ -1096,9 +1249,10 @@ class DuckDBStore(StoreBase):
 
     # ------------------------------------------------------------------ lifecycle
     def flush(self) -> None:
+        """Return once every record written before the call is merged into DuckDB (one
+        that the merge thread is merging right now included)."""
         self._check_open()
-        if self._pending:
-            self._merge()
+        self._merge()
 
     def close(self) -> None:
         if self._closed:
@@ -1129,3 +1283,4 @@ class DuckDBStore(StoreBase):
                     f.close()
                 self._filters.clear()
             self._claims.close()
+            self._queue.close()

@@ -64,6 +64,14 @@ MIGRATIONS = Migrations(
             "CREATE TABLE dn_journal (wal_id VARCHAR PRIMARY KEY, merged_offset BIGINT)",
         ),
     ),
+    Migration(
+        2,
+        "indexes: effects by input hash and by scope, for point lookups at any store size",
+        (
+            "CREATE INDEX IF NOT EXISTS dn_effects_input_hash ON dn_effects (input_hash)",
+            "CREATE INDEX IF NOT EXISTS dn_effects_scope ON dn_effects (scope)",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS.latest
 

@@ -28,7 +28,7 @@ import psycopg
 
 from ._protocol import WriteDone
 
-__all__ = ["Done", "GroupCommit", "LoopCommit"]
+__all__ = ["Done", "GroupCommit", "LoopCommit", "Sql"]
 
 _log = logging.getLogger(__name__)
 
@@ -40,33 +40,51 @@ Statement = tuple[str, Sequence[Any]]
 
 
 class _Write:
-    __slots__ = ("done", "effects", "statements", "told")
+    __slots__ = ("done", "effects", "fence", "statements", "told")
 
     def __init__(
-        self, effects: Sequence[tuple[Any, ...]], statements: Sequence[Statement], done: Done
+        self,
+        effects: Sequence[tuple[Any, ...]],
+        statements: Sequence[Statement],
+        done: Done,
+        fence: Sequence[str] = (),
     ) -> None:
         self.effects = effects
         self.statements = statements
         self.done = done
+        self.fence = fence  # lease tokens the write is conditional on (its runs' leases)
         self.told = False
 
 
+class Sql:
+    """The statements a writer runs: ``one`` upserts one effect row; ``many`` upserts rows
+    given as one array per column (``unnest``); ``many_fenced`` is ``many`` that first checks
+    the leases ``fence`` names (count, tokens joined by spaces), ``one_fenced`` likewise for one row; ``fence``
+    alone, for a group without effects.
+    A fence check fails its transaction (``division_by_zero``) unless every token it names is
+    a live lease, and holds those lease rows (``FOR SHARE``) until the transaction ends, so a
+    takeover, which rewrites the row, waits for the write and sees it."""
+
+    __slots__ = ("fence", "many", "many_fenced", "one", "one_fenced")
+
+    def __init__(self, one: str, many: str, one_fenced: str, many_fenced: str, fence: str) -> None:
+        self.one, self.many, self.fence = one, many, fence
+        self.one_fenced, self.many_fenced = one_fenced, many_fenced
+
+
 class GroupCommit:
-    """The writer thread. ``effect_one`` upserts one effect row; ``effect_many`` upserts the
-    rows given as one array per column (``unnest``); rows are tuples whose first 5 values are
-    the effect key. ``translate`` turns a psycopg error into the store's error."""
+    """The writer thread. ``statements`` says how to write effect rows (tuples whose first 5
+    values are the effect key). ``translate`` turns a psycopg error into the store's error."""
 
     def __init__(
         self,
         connect: Callable[[], _Conn],
-        effect_one: str,
-        effect_many: str,
+        statements: Sql,
         translate: Callable[[BaseException], BaseException],
         name: str,
     ) -> None:
         self._connect = connect
-        self._one = effect_one
-        self._many = effect_many
+        self._sql = statements
         self._translate = translate
         self._name = name
         self._cond = threading.Condition()
@@ -84,11 +102,15 @@ class GroupCommit:
     # So an uncontended write costs no thread hand-off, and concurrent ones share commits.
 
     def submit(
-        self, effects: Sequence[tuple[Any, ...]], statements: Sequence[Statement], done: Done
+        self,
+        effects: Sequence[tuple[Any, ...]],
+        statements: Sequence[Statement],
+        done: Done,
+        fence: Sequence[str] = (),
     ) -> None:
         """Queue a write; ``done`` is called (on the thread that commits it) once it
-        committed or failed."""
-        write = _Write(effects, statements, done)
+        committed or failed. ``fence``: lease tokens that must be live for it to commit."""
+        write = _Write(effects, statements, done, fence)
         with self._cond:
             if self._closing:
                 raise psycopg.InterfaceError("the store's writer is closed")
@@ -100,10 +122,15 @@ class GroupCommit:
                 self._thread.start()
             self._cond.notify_all()
 
-    def write(self, effects: Sequence[tuple[Any, ...]], statements: Sequence[Statement]) -> None:
+    def write(
+        self,
+        effects: Sequence[tuple[Any, ...]],
+        statements: Sequence[Statement],
+        fence: Sequence[str] = (),
+    ) -> None:
         """Write and wait until it is durable; raises the store's error if it failed."""
         outcome: list[BaseException | None] = []
-        write = _Write(effects, statements, outcome.append)
+        write = _Write(effects, statements, outcome.append, fence)
         with self._cond:
             if self._closing:
                 raise psycopg.InterfaceError("the store's writer is closed")
@@ -201,7 +228,7 @@ class GroupCommit:
                 raise
 
     def _execute(self, conn: _Conn, group: list[_Write]) -> None:
-        plan = _plan(group, self._one, self._many)
+        plan = _plan(group, self._sql)
         if len(plan) == 1:  # the common case: one statement, one round trip (autocommit)
             conn.execute(*plan[0])
             return
@@ -218,15 +245,13 @@ class LoopCommit:
         self,
         conninfo: str,
         connect_kwargs: dict[str, Any],
-        effect_one: str,
-        effect_many: str,
+        statements: Sql,
         translate: Callable[[BaseException], BaseException],
         loop: Any,
     ) -> None:
         self._conninfo = conninfo
         self._kwargs = connect_kwargs
-        self._one = effect_one
-        self._many = effect_many
+        self._sql = statements
         self._translate = translate
         self.loop = loop
         self._queue: list[_Write] = []
@@ -235,9 +260,13 @@ class LoopCommit:
         self.groups = 0
 
     def submit(
-        self, effects: Sequence[tuple[Any, ...]], statements: Sequence[Statement], done: Done
+        self,
+        effects: Sequence[tuple[Any, ...]],
+        statements: Sequence[Statement],
+        done: Done,
+        fence: Sequence[str] = (),
     ) -> None:
-        self._queue.append(_Write(effects, statements, done))
+        self._queue.append(_Write(effects, statements, done, fence))
         if not self._serving:
             self._serving = True
             self.loop.create_task(self._serve())
@@ -282,7 +311,7 @@ class LoopCommit:
             _tell(write, None)
 
     async def _write_group(self, group: list[_Write]) -> None:
-        plan = _plan(group, self._one, self._many)
+        plan = _plan(group, self._sql)
         for attempt in range(2):
             conn = self._conn
             if conn is None or conn.closed:
@@ -315,20 +344,36 @@ class LoopCommit:
                 conn.pgconn.finish()
 
 
-def _plan(group: list[_Write], one: str, many: str) -> list[Statement]:
+def _plan(group: list[_Write], q: Sql) -> list[Statement]:
     """The statements of one group: its effect rows as one upsert (one row per key, the
-    last, as ON CONFLICT requires), then the other statements in order."""
+    last, as ON CONFLICT requires) and the other statements in order. When writes of the
+    group are conditional on leases, the check comes last (in the effects' upsert, or a
+    statement of its own): the run rows before the lease rows, as a worker's claim locks
+    them, so the two never wait for each other in a cycle."""
     rows: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+    tokens: dict[str, None] = {}
     for write in group:
         for row in write.effects:
             rows[row[:5]] = row
-    plan: list[Statement] = []
+        for token in write.fence:
+            tokens[token] = None
+    others = [s for write in group for s in write.statements]
+    if tokens:
+        fence = [len(tokens), " ".join(tokens)]  # a token has no space in it
+        if len(rows) == 1:
+            return [*others, (q.one_fenced, [*fence, *next(iter(rows.values()))])]
+        if rows:
+            return [*others, (q.many_fenced, [*fence, *_columns(rows)])]
+        return [*others, (q.fence, fence)]
     if len(rows) == 1:
-        plan.append((one, next(iter(rows.values()))))
-    elif rows:
-        plan.append((many, [list(col) for col in zip(*rows.values(), strict=True)]))
-    plan += [s for write in group for s in write.statements]
-    return plan
+        return [(q.one, next(iter(rows.values()))), *others]
+    if rows:
+        return [(q.many, _columns(rows)), *others]
+    return others
+
+
+def _columns(rows: dict[tuple[Any, ...], tuple[Any, ...]]) -> list[list[Any]]:
+    return [list(col) for col in zip(*rows.values(), strict=True)]
 
 
 def _tell(write: _Write, error: BaseException | None) -> None:

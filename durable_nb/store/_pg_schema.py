@@ -149,14 +149,39 @@ def statements(schema: str) -> dict[str, str]:
         # our own token: a retry after a lost reply finds the lease it already took
         "WHERE l.expires_at <= now() OR l.token = EXCLUDED.token RETURNING run_id"
     )
+    # binary arrays: dumping text arrays quotes every element in Python
+    effect_rows = f"unnest({', '.join(f'%b::{t}[]' for t in EFFECT_TYPES)})"
+    effect_conflict = f"ON CONFLICT ({', '.join(EFFECT_KEY_COLS)}) DO UPDATE SET " + ", ".join(
+        f"{c} = EXCLUDED.{c}" for c in EFFECT_COLS if c not in EFFECT_KEY_COLS
+    )
+    # fencing: a write of a run's records commits only while the writer holds the run's
+    # lease. Params (number of distinct tokens, the tokens joined by spaces: a text dumps
+    # faster than an array). Fails the transaction with
+    # division_by_zero unless every token is a live lease; FOR SHARE holds those rows until
+    # the transaction ends, so a takeover (which rewrites the row) waits for the write
+    fence = (
+        "SELECT 1 / (count(*) = %s)::int AS ok FROM (SELECT 1 FROM "
+        f"{s}.dn_leases WHERE token = ANY(string_to_array(%s, ' ')) AND expires_at > now() "
+        "FOR SHARE) AS l"
+    )
     return {
         "put_effect": upsert("dn_effects", EFFECT_COLS, EFFECT_KEY_COLS),
         "put_effects": f"INSERT INTO {s}.dn_effects ({', '.join(EFFECT_COLS)}) "
-        # binary arrays: dumping text arrays quotes every element in Python
-        f"SELECT * FROM unnest({', '.join(f'%b::{t}[]' for t in EFFECT_TYPES)}) "
-        f"ON CONFLICT ({', '.join(EFFECT_KEY_COLS)}) DO UPDATE SET "
-        + ", ".join(f"{c} = EXCLUDED.{c}" for c in EFFECT_COLS if c not in EFFECT_KEY_COLS),
+        f"SELECT * FROM {effect_rows} {effect_conflict}",
+        # the same, refused (the transaction fails) unless the leases named are live
+        "put_effects_fenced": f"WITH f AS ({fence}) "
+        f"INSERT INTO {s}.dn_effects ({', '.join(EFFECT_COLS)}) "
+        f"SELECT u.* FROM {effect_rows} AS u, f WHERE f.ok = 1 {effect_conflict}",
+        # one row (a sequential run's effect): no arrays to dump
+        "put_effect_fenced": f"WITH f AS ({fence}) "
+        f"INSERT INTO {s}.dn_effects ({', '.join(EFFECT_COLS)}) "
+        f"SELECT {', '.join(f'%s::{t}' for t in EFFECT_TYPES)} FROM f WHERE f.ok = 1 "
+        f"{effect_conflict}",
+        "fence": fence,
         "get_effect": f"SELECT {', '.join(EFFECT_COLS)} FROM {s}.dn_effects WHERE {key_where}",
+        # a map's keys: one scope, identity and version, many input hashes
+        "get_effects": f"SELECT {', '.join(EFFECT_COLS)} FROM {s}.dn_effects WHERE scope = %s "
+        "AND identity = %s AND version = %s AND input_hash = ANY(%s)",
         "load_effects": f"SELECT {', '.join(EFFECT_COLS)} FROM {s}.dn_effects "
         "WHERE scope = %s ORDER BY seq, started_at",
         "delete_effects": f"DELETE FROM {s}.dn_effects WHERE scope = %s",
@@ -170,6 +195,7 @@ def statements(schema: str) -> dict[str, str]:
         "put_run": f"WITH r AS ({upsert('dn_runs', RUN_COLS, ('run_id',))} "
         "RETURNING status) SELECT pg_notify(%s, 'queued') FROM r WHERE r.status = 'queued'",
         "get_run": f"SELECT {', '.join(RUN_COLS)} FROM {s}.dn_runs WHERE run_id = %s",
+        "get_runs": f"SELECT {', '.join(RUN_COLS)} FROM {s}.dn_runs WHERE run_id = ANY(%s)",
         "list_runs": f"SELECT {', '.join(RUN_COLS)} FROM {s}.dn_runs",
         "delete_run": f"DELETE FROM {s}.dn_runs WHERE run_id = %s",
         "delete_signals": f"DELETE FROM {s}.dn_signals WHERE run_id = %s",
@@ -185,8 +211,12 @@ def statements(schema: str) -> dict[str, str]:
         "condemn_all": f"UPDATE {s}.dn_leases {condemn} {gone('token')} RETURNING run_id",
         "renew": f"UPDATE {s}.dn_leases SET expires_at = now() + make_interval(secs => %s) "
         "WHERE token = ANY(%s) RETURNING token",
+        # 'released' wakes claimers (the run still needs an executor), 'ended' only those
+        # who wait for runs to end
         "release": f"WITH d AS (DELETE FROM {s}.dn_leases WHERE run_id = %s AND token = %s "
-        "RETURNING run_id) SELECT pg_notify(%s, 'released') FROM d",
+        "RETURNING run_id) SELECT pg_notify(%s, CASE WHEN EXISTS (SELECT 1 FROM "
+        f"{s}.dn_runs r WHERE r.run_id = d.run_id AND r.status IN {CLAIMABLE}) "
+        "THEN 'released' ELSE 'ended' END) FROM d",
         "release_all": f"DELETE FROM {s}.dn_leases WHERE token = ANY(%s) RETURNING run_id",
         "notify": "SELECT pg_notify(%s, %s)",
         "candidates": f"SELECT r.run_id FROM {s}.dn_runs r "

@@ -70,7 +70,7 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from .._arrow_ipc import ipc_bytes, read_ipc
-from .._journal import run_scope
+from .._journal import run_of_scope, run_scope
 from ..errors import (
     ArgumentError,
     ArgumentTypeError,
@@ -80,7 +80,7 @@ from ..errors import (
 )
 from . import _migrations, _rows
 from ._base import RunQuery, StoreBase
-from ._pg_commit import Done, GroupCommit, LoopCommit, Statement
+from ._pg_commit import Done, GroupCommit, LoopCommit, Sql, Statement
 from ._pg_schema import BOOKKEEPING, EFFECT_KEY_COLS, MIGRATIONS, SCHEMA_VERSION, statements
 from ._pg_session import TAKEOVER_GRACE, Session, session_key_of
 from ._protocol import RunLease, run_scopes
@@ -99,6 +99,10 @@ DEFAULT_SCHEMA = "durable_nb"
 _SCHEMA_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _MIN_KEY = 16
 _CLAIM_BATCH = 8  # candidates locked per claim_run attempt
+#: seconds between two looks for runs held by processes that died, by one store's claims:
+#: the look probes the session lock of every live lease, and idle workers are woken by every
+#: queued run and every released lease (4 workers looked ~30 times a run without a limit)
+_CONDEMN_EVERY = 1.0
 
 
 def _check_schema(schema: object) -> str:
@@ -222,16 +226,19 @@ def _first_line(e: BaseException) -> str:
 class _WorkSignal:
     """Wake-ups for ``wait_for_work``, never missed: a counter each waiting thread compares
     with the value it saw last (an Event cleared by one waiter would hide a wake-up from
-    another thread of the same process, such as a worker and a job watcher)."""
+    another thread of the same process, such as a worker and a job watcher). ``claimable``
+    counts the wake-ups that may mean a run to claim (not a run that ended, not a signal)."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._seq = 0
+        self.claimable = 0
         self._seen = threading.local()
 
-    def set(self) -> None:
+    def set(self, claimable: bool = True) -> None:
         with self._cond:
             self._seq += 1
+            self.claimable += claimable
             self._cond.notify_all()
 
     def mark(self) -> None:
@@ -309,16 +316,28 @@ class PostgresStore(StoreBase):
         self._lock = threading.Lock()
         self._held: dict[str, str] = {}  # lease token -> run id, renewed by the heartbeat
         self._lease_objs: dict[str, RunLease] = {}  # lease token -> the holder's RunLease
+        # run id -> the token of the lease this store took for it, kept after the lease was
+        # lost (until released): the run's writes commit only while that lease is live
+        self._fences: dict[str, str] = {}
+        self._next_condemn = 0.0  # monotonic time of the next look for dead holders' runs
+        # workflows -> (claimable wake-ups seen, until when) after a claim found nothing
+        self._idle: dict[tuple[str, ...], tuple[int, float]] = {}
         self._stop = threading.Event()
         self._work = _WorkSignal()
         self._heartbeat: threading.Thread | None = None
         self._listener: threading.Thread | None = None
         name = f"durable_nb-pg-{self._schema}"
         self._session = Session(self._conninfo, self._connect_kwargs, self._session_lost, name)
-        self._writer = GroupCommit(
-            lambda: psycopg.connect(self._conninfo, **self._connect_kwargs),
+        self._sql = Sql(
             self._q["put_effect"],
             self._q["put_effects"],
+            self._q["put_effect_fenced"],
+            self._q["put_effects_fenced"],
+            self._q["fence"],
+        )
+        self._writer = GroupCommit(
+            lambda: psycopg.connect(self._conninfo, **self._connect_kwargs),
+            self._sql,
             self._translate,
             name,
         )
@@ -465,8 +484,13 @@ class PostgresStore(StoreBase):
 
     def _translate(self, e: BaseException) -> BaseException:
         """The store's error for what psycopg raised (or passed on, if it is not psycopg's)."""
-        if isinstance(e, psycopg.OperationalError):
-            error: BaseException = self._unavailable(e)
+        if isinstance(e, psycopg.errors.DivisionByZero):  # only the fence divides
+            error: BaseException = RunLockedError(
+                "this process no longer holds the lease of the run it wrote for; the store "
+                "refused the write"
+            )
+        elif isinstance(e, psycopg.OperationalError):
+            error = self._unavailable(e)
         elif isinstance(e, psycopg.Error):
             error = StoreError(
                 f"the PostgreSQL store {self._url!r} refused a request: {_first_line(e)}"
@@ -508,7 +532,8 @@ class PostgresStore(StoreBase):
     def put_effects(self, records: Sequence[EffectRecord]) -> None:
         self._check_open()
         if records:
-            self._write([self._effect_row(rec) for rec in records], [])
+            rows = [self._effect_row(rec) for rec in records]
+            self._write(rows, [], self._fence_of(effects=records))
 
     def submit(
         self,
@@ -525,6 +550,7 @@ class PostgresStore(StoreBase):
         if not rows and not statements:
             done(None)
             return
+        fence = self._fence_of(effects, runs, events)
         if loop is not None:  # written by the loop itself, on a connection of its own
             writer = self._loop_writers.get(loop)
             if writer is None:
@@ -532,32 +558,105 @@ class PostgresStore(StoreBase):
                     for gone_loop in [lp for lp in self._loop_writers if lp.is_closed()]:
                         self._loop_writers.pop(gone_loop).close_now()  # a worker's that ended
                     writer = self._loop_writers[loop] = LoopCommit(
-                        self._conninfo,
-                        self._connect_kwargs,
-                        self._q["put_effect"],
-                        self._q["put_effects"],
-                        self._translate,
-                        loop,
+                        self._conninfo, self._connect_kwargs, self._sql, self._translate, loop
                     )
-            writer.submit(rows, statements, done)
+            writer.submit(rows, statements, self._fenced_done(fence, done), fence)
             return
         try:
-            self._writer.submit(rows, statements, done)
+            self._writer.submit(rows, statements, self._fenced_done(fence, done), fence)
         except psycopg.Error:
             self._check_open()  # closed meanwhile: say so
             raise
 
-    def _write(self, rows: list[tuple[Any, ...]], statements: list[Statement]) -> None:
+    def _write(
+        self, rows: list[tuple[Any, ...]], statements: list[Statement], fence: list[str]
+    ) -> None:
         try:
-            self._writer.write(rows, statements)
+            self._writer.write(rows, statements, fence)
         except psycopg.InterfaceError:
             self._check_open()
             raise
+        except RunLockedError as e:
+            raise self._refused(fence, e) from e.__cause__
+
+    # ------------------------------------------------------------------ fencing
+    def _fence_of(
+        self,
+        effects: Sequence[EffectRecord] = (),
+        runs: Sequence[RunRecord] = (),
+        events: Sequence[EventRecord] = (),
+    ) -> list[str]:
+        """The lease tokens a write depends on: those of the runs whose records it holds
+        that this store took a lease for (others' writes, e.g. queueing a run, are free)."""
+        fences = self._fences
+        if not fences:
+            return []
+        if len(effects) == 1 and not runs and not events:  # an effect's record: most writes
+            token = fences.get(run_of_scope(effects[0].scope) or "")
+            return [] if token is None else [token]
+        run_ids = {run_of_scope(rec.scope) for rec in effects}
+        run_ids.update(run.run_id for run in runs)
+        run_ids.update(event.run_id for event in events)
+        return sorted({t for r in run_ids if r is not None and (t := fences.get(r)) is not None})
+
+    def _fenced_done(self, fence: list[str], done: Done) -> Done:
+        if not fence:
+            return done
+
+        def told(error: BaseException | None) -> None:
+            if isinstance(error, RunLockedError):
+                error = self._refused(fence, error)
+            done(error)
+
+        return told
+
+    def _refused(self, fence: list[str], error: RunLockedError) -> RunLockedError:
+        """A write the server refused because a lease it depends on is not live any more:
+        the runs of those leases stop here (another process may hold them), and the error
+        names them."""
+        runs = sorted({r for r, t in list(self._fences.items()) if t in fence})
+        lost: list[RunLease] = []
+        with self._lock:  # a write holds the records of one run (or of a run and its scopes)
+            for token in fence:
+                self._held.pop(token, None)
+                if (lease := self._lease_objs.pop(token, None)) is not None:
+                    lost.append(lease)
+        self._fence(lost)
+        refused = RunLockedError(
+            f"run{'s' if len(runs) != 1 else ''} {', '.join(map(repr, runs)) or '?'} lost "
+            f"{'their leases' if len(runs) > 1 else 'its lease'}: it expired while this "
+            "process was stalled or cut off from the server, and another process may have "
+            "taken the run over, so the store refused this process's write; the run stops "
+            "here and resumes wherever it is executed next"
+        )
+        refused.__cause__ = error.__cause__
+        return refused
 
     def get_effect(self, key: EffectKey) -> EffectRecord | None:
         q = self._q["get_effect"]
         row = self._call(lambda conn: conn.execute(q, key, binary=True).fetchone())
         return _rows.effect_from_row(row, _payload) if row is not None else None
+
+    def get_effects(self, keys: Sequence[EffectKey]) -> list[EffectRecord | None]:
+        """The records of many keys (a map's items): one query per scope, identity and
+        version, not one round trip each."""
+        q = self._q["get_effects"]
+        where = {k: n for n, k in enumerate(keys)}
+        groups: dict[tuple[str, str, str], list[str]] = {}
+        for k in where:
+            groups.setdefault(k[:3], []).append(k[3])
+        out: list[EffectRecord | None] = [None] * len(keys)
+        for head, hashes in groups.items():
+            args: list[Any] = [*head, sorted(set(hashes))]
+
+            def read(conn: _Conn, args: list[Any] = args) -> list[Any]:
+                return conn.execute(q, args, binary=True).fetchall()
+
+            for row in self._call(read):
+                rec = _rows.effect_from_row(row, _payload)
+                if (n := where.get(rec.key)) is not None:
+                    out[n] = rec
+        return out
 
     def load_effects(self, scope: str) -> list[EffectRecord]:
         q = self._q["load_effects"]
@@ -685,12 +784,18 @@ class PostgresStore(StoreBase):
 
     def put_run(self, run: RunRecord) -> None:
         self._check_open()
-        self._write([], self._run_statements([run]))
+        self._write([], self._run_statements([run]), self._fence_of(runs=[run]))
 
     def get_run(self, run_id: str) -> RunRecord | None:
         q = self._q["get_run"]
         row = self._call(lambda conn: conn.execute(q, [run_id], binary=True).fetchone())
         return _rows.run_from_row(row, _payload) if row is not None else None
+
+    def _get_runs(self, run_ids: list[str]) -> dict[str, RunRecord]:
+        q = self._q["get_runs"]
+        rows = self._call(lambda conn: conn.execute(q, [run_ids], binary=True).fetchall())
+        runs = (_rows.run_from_row(r, _payload) for r in rows)
+        return {run.run_id: run for run in runs}
 
     def _list_runs(self, query: RunQuery) -> list[RunRecord]:
         clause, params = query.sql("%s")
@@ -759,10 +864,14 @@ class PostgresStore(StoreBase):
     @staticmethod
     def _fence(lost: list[RunLease]) -> None:
         for lease in lost:  # outside the lock: the engine interrupts the run
+            release = lease._release
             try:
                 lease.lost()
             except Exception:
                 _log.exception("durable_nb: interrupting run %r failed", lease.run_id)
+            # the engine releases it once the run stopped: that forgets the run's fence (its
+            # late writes are refused until then) and leaves the lease row, not ours any more
+            lease._release = release
 
     def _lease(self, run_id: str, owner: str, token: str) -> RunLease | None:
         """Hand out the lease just written, or ``None`` if its session ended meanwhile (the
@@ -774,6 +883,7 @@ class PostgresStore(StoreBase):
             if live:
                 self._held[token] = run_id
                 self._lease_objs[token] = lease
+                self._fences[run_id] = token
                 if self._heartbeat is None:
                     self._heartbeat = threading.Thread(
                         target=self._heartbeat_loop, name="durable_nb-pg-heartbeat", daemon=True
@@ -784,6 +894,8 @@ class PostgresStore(StoreBase):
         def release() -> None:
             with self._lock:
                 self._lease_objs.pop(token, None)
+                if self._fences.get(run_id) == token:
+                    del self._fences[run_id]
                 if self._held.pop(token, None) is None or self._closed:
                     return  # lost (taken over after it expired) or released by close()
             try:
@@ -846,6 +958,24 @@ class PostgresStore(StoreBase):
         if not names:
             self._check_open()
             return None
+        # a claim that found nothing is not repeated until a run was queued or let go (a
+        # notification), or _CONDEMN_EVERY passed: idle workers, woken by every run that
+        # ends anywhere, would otherwise all ask the server each time
+        which = tuple(names)
+        seen = self._work.claimable
+        idle = self._idle.get(which)
+        listening = self._listener is not None and self._listener.is_alive()
+        if listening and idle is not None and idle[0] == seen and time.monotonic() < idle[1]:
+            self._check_open()
+            return None
+        got = self._claim_some(owner, names)
+        if got is None:
+            self._idle[which] = (seen, time.monotonic() + _CONDEMN_EVERY)
+        else:
+            self._idle.pop(which, None)
+        return got
+
+    def _claim_some(self, owner: str, names: list[str]) -> tuple[RunRecord, RunLease] | None:
         holder = self._holder_info()
         q = self._q
         for attempt in range(2):
@@ -876,7 +1006,11 @@ class PostgresStore(StoreBase):
             if attempt:
                 return None
             # nothing to claim: are runs held by processes that died? Their leases end after
-            # the grace; wait for it once and look again
+            # the grace; wait for it once and look again (at most every _CONDEMN_EVERY s)
+            now = time.monotonic()
+            if now < self._next_condemn:
+                return None
+            self._next_condemn = now + _CONDEMN_EVERY
             condemned = self._call(
                 lambda conn: conn.execute(q["condemn_all"], {"grace": TAKEOVER_GRACE}).fetchall()
             )
@@ -963,8 +1097,8 @@ class PostgresStore(StoreBase):
                     conn = psycopg.connect(self._conninfo, **self._connect_kwargs)
                     conn.execute(listen)
                     self._work.set()  # whatever was sent while nobody listened
-                for _ in conn.notifies(timeout=0.25):
-                    self._work.set()
+                for note in conn.notifies(timeout=0.25):
+                    self._work.set(note.payload in ("queued", "released"))
             except psycopg.Error as e:
                 if conn is not None:
                     with contextlib.suppress(psycopg.Error):
@@ -1001,7 +1135,7 @@ class PostgresStore(StoreBase):
     def append_events(self, events: Sequence[EventRecord]) -> None:
         self._check_open()
         if events:
-            self._write([], self._event_statements(events))
+            self._write([], self._event_statements(events), self._fence_of(events=events))
 
     def load_events(self, run_id: str) -> list[EventRecord]:
         q = self._q["load_events"]
@@ -1035,6 +1169,7 @@ class PostgresStore(StoreBase):
         with self._lock:
             self._closed = True
             self._held.clear()
+            self._fences.clear()
         self._work.set()  # waiters return (and find the store closed on their next call)
         for thread in (self._heartbeat, self._listener):
             if thread is not None and thread is not threading.current_thread():

@@ -272,6 +272,11 @@ class Store(Protocol):
 
     def get_run(self, run_id: str) -> RunRecord | None: ...
 
+    def get_runs(self, run_ids: Sequence[str]) -> dict[str, RunRecord]:
+        """The records of the runs named that exist, by run id (a remote store reads them in
+        one round trip)."""
+        ...
+
     def list_runs(
         self,
         *,

@@ -2,7 +2,9 @@
 
 Each record is ``(kind, row)`` marshalled, framed by its length and CRC32, and a batch of
 records is appended with one ``os.write`` — durable against a crash of the process as soon
-as it returns (against an OS crash with ``fsync=True``). The writing process holds an
+as it returns (against an OS crash with ``fsync=True``, an ``fdatasync`` per write, or
+``fsync="group"``, one ``fdatasync`` per batch of writes by ``_syncer.GroupSync``; in both
+the journal's directory entry is synced when the file is created). The writing process holds an
 exclusive ``flock`` on its journal for as long as it lives, so a journal whose lock is free
 was left by a dead process: :func:`dead_journals` finds those for merging.
 
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StoreDamageWarning, StoreUnavailableError
+from ._syncer import GroupSync
 
 __all__ = [
     "ROTATE_SIZE",
@@ -38,6 +41,7 @@ __all__ = [
     "keep_damaged",
     "makes_work",
     "read_frames",
+    "sync_dir",
 ]
 
 _FRAME = struct.Struct("<II")  # payload length, crc32
@@ -193,21 +197,48 @@ def keep_damaged(path: Path, damage: list[Damage], kept: int) -> None:
     )
 
 
-class Journal:
-    """This process's journal file in ``folder``: appended to, locked while it lives."""
+def sync_dir(folder: Path) -> None:
+    """Make the creation or removal of files in ``folder`` durable."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-    def __init__(self, folder: Path, *, fsync: bool) -> None:
+
+class Journal:
+    """This process's journal file in ``folder``: appended to, locked while it lives.
+
+    ``fsync``: ``False`` (never synced), ``True`` (``fdatasync`` per write) or ``"group"``
+    (writes wait in :meth:`wait_synced` for the shared syncer)."""
+
+    def __init__(self, folder: Path, *, fsync: bool | str) -> None:
         self._folder = folder
         self._fsync = fsync
         self.wal_id, self.path, self._fd = self._open()
         self.size = 0
+        self._group = GroupSync(self._fd, str(self.path)) if fsync == "group" else None
+        #: the syncer position of the last write (what :meth:`wait_synced` waits for)
+        self.position = 0
 
     def _open(self) -> tuple[str, Path, int]:
         wal_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         path = self._folder / f"{wal_id}.wal"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if self._fsync:  # a synced record in a file whose name was lost is lost too
+            sync_dir(self._folder)
         return wal_id, path, fd
+
+    def wait_synced(self, position: int) -> None:
+        """In group mode, return once the write at ``position`` is on disk."""
+        if self._group is not None:
+            self._group.wait(position)
+
+    @property
+    def syncs(self) -> int:
+        """``fdatasync`` calls made by the group syncer (for benchmarks)."""
+        return self._group.syncs if self._group is not None else 0
 
     def append(self, data: bytes) -> int:
         """Write ``data`` with one ``os.write``; returns the journal's size after it.
@@ -229,7 +260,7 @@ class Journal:
                 raise OSError(
                     errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: wrote {n} of {len(data)} bytes"
                 )
-            if self._fsync:
+            if self._group is None and self._fsync:
                 os.fdatasync(self._fd)
         except OSError as e:
             with contextlib.suppress(OSError):
@@ -241,6 +272,8 @@ class Journal:
                 "was recorded, what was recorded before is safe — free disk space or fix the "
                 "disk, then call again (no restart needed)"
             ) from e
+        if self._group is not None:  # synced by the group syncer, waited for by the caller
+            self.position = self._group.wrote(len(data))
         self.size += len(data)
         return self.size
 
@@ -249,12 +282,16 @@ class Journal:
         old_fd, old_path, old_id = self._fd, self.path, self.wal_id
         self.wal_id, self.path, self._fd = self._open()
         self.size = 0
+        if self._group is not None:
+            self._group.switch(self._fd, str(self.path))
         old_path.unlink()
         os.close(old_fd)
         return old_id
 
     def close(self, *, merged: bool) -> None:
         """Close the file; remove it if everything in it was merged."""
+        if self._group is not None:
+            self._group.close()
         os.close(self._fd)
         if merged:
             with contextlib.suppress(OSError):

@@ -52,6 +52,18 @@ class _Tokens(TypedDict):
     completion_tokens: int
 
 
+def _map_progress(m: object) -> str:
+    """A map step's items on its row (``durable_nb.trace.MapItems``): ``2000/2000 · 1000
+    replayed · 0 failed``."""
+    if not isinstance(m, dict):
+        return ""
+    text = f"{m.get('done', 0)}/{m.get('items', 0)} · {m.get('replayed', 0)} replayed"
+    text += f" · {m.get('failed', 0)} failed"
+    if m.get("in_flight"):
+        text += f" · {m['in_flight']} in flight"
+    return text
+
+
 def _tokens_of(tokens: object) -> _Tokens:
     """A trace step's or a live step message's ``tokens`` as a row's fields."""
     if not isinstance(tokens, dict):
@@ -205,7 +217,11 @@ class TraceModel:
                 "args": shown_detail(str(s.get("kind", "")), str(s.get("args") or "")),
                 "error": str(s.get("error") or ""),
                 "started": 0.0,
-                "progress": progress_text(s.get("progress")),  # recorded: its final state
+                "progress": (
+                    _map_progress(s.get("map"))
+                    if s.get("map")
+                    else progress_text(s.get("progress"))  # recorded: its final state
+                ),
                 **_tokens_of(s.get("tokens")),
             }
             i = self._put((row["seq"], row["name"]), row)

@@ -1,0 +1,158 @@
+"""PostgreSQL: the engine's own records (ctx steps, statuses, trace events) never block the
+engine's loop for a round trip, and a durable history is always a prefix of what the run did.
+
+Real PostgreSQL; the store's blocking write (``GroupCommit.write``) is watched for calls on
+the engine's thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+
+import durable_nb as dn
+from durable_nb import _codecs
+from durable_nb.errors import StoreError
+from durable_nb.store._pg_commit import GroupCommit
+from durable_nb.store._postgres import PostgresStore
+
+from .conftest import PG_TEST_KEY
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+def blocking_on_engine(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Each blocking write made on the engine's thread (should stay empty)."""
+    calls: list[str] = []
+    write = GroupCommit.write
+
+    def watched(self: GroupCommit, *args: Any, **kwargs: Any) -> None:
+        if threading.current_thread().name == "durable_nb-engine":
+            calls.append(repr(args)[:200])
+        write(self, *args, **kwargs)
+
+    monkeypatch.setattr(GroupCommit, "write", watched)
+    return calls
+
+
+def test_ctx_steps_statuses_and_events_do_not_block_the_loop(
+    pg_url: str, blocking_on_engine: list[str]
+) -> None:
+    store = PostgresStore(pg_url, key=PG_TEST_KEY)
+    dn.set_store(store)
+    dn.set_clock(None)
+    executed: list[int] = []
+
+    @dn.effect(name="wb.step")
+    async def step(i: int) -> int:
+        executed.append(i)
+        return i
+
+    @dn.durable(name="wb.flow")
+    async def flow(ctx: dn.Context) -> list[Any]:
+        seen: list[Any] = []
+        for i in range(3):
+            seen.append(ctx.now().timestamp())
+            seen.append(ctx.random())
+            seen.append(str(ctx.uuid()))
+            ctx.set_status({"i": i})
+            ctx.log.info("step %d", i)
+            await ctx.sleep(0.01)
+            seen.append(await step(i))
+        return seen
+
+    try:
+        first = dn.run(flow, run_id="wb")
+        assert blocking_on_engine == []
+        # every value the workflow saw was recorded: a replay returns the same, executing
+        # nothing again
+        assert dn.run(flow, run_id="wb") == first
+        assert executed == [0, 1, 2]
+        assert dn.resume("wb").result(timeout=60) == first
+        assert executed == [0, 1, 2]
+        run = store.get_run("wb")
+        assert run is not None and run.status == "completed"
+        assert [e.kind for e in store.load_events("wb")][:1] == ["started"]
+    finally:
+        dn.set_store(":memory:")
+
+
+def test_a_failed_write_behind_fails_the_run_and_history_stays_a_prefix(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ctx step's record that cannot be written fails the run at its next effect, whose
+    record is then not written either (the history stays a prefix of what the run did: no
+    record depends on a missing one); resumed, the run draws that step afresh, the effect
+    runs again on it (as after a crash inside it), and the run completes."""
+    store = PostgresStore(pg_url, key=PG_TEST_KEY)
+    dn.set_store(store)
+    dn.set_clock(None)
+    executed: list[int] = []
+    real_submit = GroupCommit.submit
+    fail = {"on": True}
+
+    def failing_submit(
+        self: GroupCommit, effects: Any, statements: Any, done: Any, *a: Any
+    ) -> None:
+        if fail["on"] and any(row[1] == "dn.uuid" for row in effects):
+            fail["on"] = False
+            done(StoreError("injected: the uuid's record was not written"))
+            return
+        real_submit(self, effects, statements, done, *a)
+
+    monkeypatch.setattr(GroupCommit, "submit", failing_submit)
+
+    @dn.effect(name="wb2.step")
+    async def step(x: str) -> str:
+        executed.append(1)
+        return x
+
+    @dn.durable(name="wb2.flow")
+    async def flow(ctx: dn.Context) -> str:
+        return await step(str(ctx.uuid()))
+
+    try:
+        with pytest.raises(StoreError, match="injected"):
+            dn.run(flow, run_id="wb2")
+        assert executed == [1]
+        identities = {r.identity for r in store.load_effects("run/wb2")}
+        assert "dn.uuid" not in identities and "wb2.step" not in identities
+        got = dn.run(flow, run_id="wb2")
+        assert executed == [1, 1]
+        recs = {r.identity: r for r in store.load_effects("run/wb2")}
+        for name in ("dn.uuid", "wb2.step"):
+            payload = recs[name].payload
+            assert payload is not None and _codecs.decode(payload, store.signer) == got
+    finally:
+        dn.set_store(":memory:")
+
+
+def test_write_behind_keeps_the_loop_free_for_other_runs(pg_url: str) -> None:
+    """Many runs doing only ctx steps on one loop: they all complete, and each one's
+    history holds every step it took, in order."""
+    store = PostgresStore(pg_url, key=PG_TEST_KEY)
+    dn.set_store(store)
+    dn.set_clock(None)
+
+    @dn.durable(name="wb3.flow")
+    async def flow(ctx: dn.Context, n: int) -> list[float]:
+        out = []
+        for _ in range(n):
+            out.append(ctx.random())
+            await asyncio.sleep(0)
+        return out
+
+    try:
+        jobs = [dn.start(flow, 20, run_id=f"wb3-{k}") for k in range(20)]
+        results = [j.result(timeout=120) for j in jobs]
+        for k, got in enumerate(results):
+            recs = sorted(
+                (r for r in store.load_effects(f"run/wb3-{k}") if r.identity == "dn.random"),
+                key=lambda r: r.seq,
+            )
+            assert [_codecs.decode(r.payload, store.signer) for r in recs if r.payload] == got
+    finally:
+        dn.set_store(":memory:")

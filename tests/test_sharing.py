@@ -1,0 +1,115 @@
+"""Processes sharing one DuckDB store: the busy one hands the file over (issue 20, item 2).
+
+Real interpreters on one store, driven by ``benchmarks/bench_sharing.py`` (the benchmark
+prints the latencies; these tests assert that everyone finishes, nobody gets
+``StoreLockedError``, and every recorded effect replays without executing again).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from durable_nb.store._duckdb import DuckDBStore
+from durable_nb.store._handoff import Queue
+
+from .helpers import ROOT, load_benchmark
+
+
+def _bench() -> ModuleType:
+    bench: ModuleType = load_benchmark("bench_sharing")
+    return bench
+
+
+def _check(bench: ModuleType, store: Path, reports: list[dict[str, Any]], seconds: float) -> None:
+    for r in reports:
+        assert r["returncode"] == 0, r["stderr"]
+        assert "StoreLockedError" not in r["stderr"]
+        assert r["calls"] > 0
+        assert r["executed"] == r["calls"]  # every call was new: executed once
+        # a fresh process: the notebook's effects (and the workflow) replay without executing
+        period = bench.WF_PERIOD if r["role"] == "wf" else bench.NB_PERIOD
+        again = bench.replay(store, r["role"], r["tag"], r["calls"], seconds, period)
+        assert again["calls"] == r["calls"]  # the workflow's recorded result: its count
+        assert again["executed"] == 0, (r["role"], r["tag"], again)
+
+
+def test_a_notebook_beside_a_busy_workflow_gets_the_file(tmp_path: Path) -> None:
+    bench = _bench()
+    store = tmp_path / "store.duckdb"
+    reports = bench.run_processes(store, [("wf", "a"), ("nb", "b")], 5.0)
+    _check(bench, store, reports, 5.0)
+
+
+def test_ten_processes_on_one_store_all_make_progress(tmp_path: Path) -> None:
+    bench = _bench()
+    store = tmp_path / "store.duckdb"
+    roles = [("wf", "a1"), ("wf", "a2")] + [("nb", f"b{i}") for i in range(8)]
+    reports = bench.run_processes(store, roles, 5.0)
+    _check(bench, store, reports, 5.0)
+    # everyone left the queue
+    assert list((tmp_path / "store.duckdb.d" / "queue").iterdir()) == []
+
+
+def test_a_dead_waiters_request_is_skipped(tmp_path: Path) -> None:
+    """A waiter killed while in line leaves its request file; the next one passes it."""
+    path = tmp_path / "s.duckdb"
+    DuckDBStore(path).close()
+    queue = Queue(tmp_path / "s.duckdb.d" / "queue")
+    code = textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        from durable_nb.store._handoff import Queue
+        Queue(Path({str(tmp_path / "s.duckdb.d" / "queue")!r})).ask()
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    dead = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(ROOT)})
+    assert dead.returncode == -9
+    assert queue.waiting()  # its request is still there
+    mine = queue.ask()
+    try:
+        assert queue.my_turn(mine)  # the dead one ahead does not count, and is removed
+        assert not queue.waiting(mine)
+    finally:
+        queue.leave(mine)
+    store = DuckDBStore(path, lock_timeout=5)
+    store.close()
+
+
+def test_requests_are_served_oldest_first(tmp_path: Path) -> None:
+    folder = tmp_path / "queue"
+    folder.mkdir()
+    queue = Queue(folder)
+    first, second = queue.ask(), queue.ask()
+    try:
+        assert queue.my_turn(first)
+        assert not queue.my_turn(second)
+        assert queue.waiting(first) and queue.waiting(second)
+        queue.leave(first)
+        assert queue.my_turn(second)
+        assert not queue.waiting(second)
+    finally:
+        queue.leave(second)
+    assert list(folder.iterdir()) == []
+
+
+def test_two_stores_in_one_process_share_the_file_without_handing_it_over(
+    tmp_path: Path,
+) -> None:
+    """DuckDB shares one database instance within a process, so the baton is shared too."""
+    a = DuckDBStore(tmp_path / "s.duckdb", idle_close=3600)
+    b = DuckDBStore(tmp_path / "s.duckdb", idle_close=3600, lock_timeout=5)
+    try:
+        assert a._con is not None and b._con is not None  # both hold it at once
+        assert not b._file_waits  # nobody queued
+    finally:
+        a.close()
+        b.close()
+    # the baton is free again: another process opens the store at once
+    code = f"from durable_nb.store._duckdb import DuckDBStore; DuckDBStore({str(tmp_path / 's.duckdb')!r}, lock_timeout=5).close()"
+    done = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0
