@@ -1,6 +1,7 @@
-"""The reliability campaign of issue 20: scale of one store, load in one kernel, hostile input.
+"""The reliability campaign of issue 20: scale of one store, load in one kernel, hostile input,
+faults in the I/O path.
 
-    python benchmarks/reliability.py [--quick] [--only scale load fuzz] [--effects N]
+    python benchmarks/reliability.py [--quick] [--only scale load fuzz faults] [--effects N]
                                      [--runs N] [--steps N] [--examples N]
 
 Prints one table: what each part measured, the load held, the inputs tried and refused,
@@ -31,6 +32,7 @@ runs in a fresh interpreter (``--child ...``), so one part's memory cannot hide 
   ``await step(...)`` takes inside the workflow, all runs' samples pooled) p50 and p99, the
   effects per second, and the peak RSS over the RSS before the runs, per run.
 - **fuzz** (item 6): see :func:`fuzz_part`.
+- **faults** (item 4): see :func:`faults_part`.
 """
 
 from __future__ import annotations
@@ -600,6 +602,58 @@ def fuzz_part(examples: int, budget: float) -> list[dict[str, Any]]:
     return rows
 
 
+# --------------------------------------------------------------------------- faults
+
+#: the fault-injection tests (item 4): a real full disk, I/O errors, a read-only directory,
+#: damaged journals and DuckDB files, a store directory deleted under a running store, gc
+#: racing a resumed run, PostgreSQL restarted and its connections killed mid-effect
+FAULT_TESTS = ("tests/test_io_faults.py", "tests/test_pg_faults.py", "tests/test_client.py")
+
+
+def faults_part() -> list[dict[str, Any]]:
+    """Each fault test, run once in one pytest process, as a row: injected and survived
+    (the test passed: nothing recorded lost, a clear error, the process went on), or not.
+    What each test injects and checks is in its docstring and README "When the disk or the
+    server fails"."""
+    with _tempdir("faults") as tmp:
+        t0 = time.perf_counter()
+        out = subprocess.run(
+            [
+                *(sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider"),
+                *(
+                    "--basetemp",
+                    str(tmp / "pytest"),
+                    *FAULT_TESTS,
+                    "-k",
+                    "io_faults or pg_faults or gc_never",
+                ),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=str(REPO),
+        )
+        wall = time.perf_counter() - t0
+    rows: list[dict[str, Any]] = []
+    for line in out.stdout.splitlines():
+        status, _, test = line.partition(" ")
+        if status not in ("PASSED", "FAILED", "ERROR", "SKIPPED"):
+            continue
+        rows.append(
+            {
+                "part": "faults",
+                "name": test.split("::", 1)[-1].split(" - ")[0][:86],
+                "big": "survived" if status == "PASSED" else status.lower(),
+                "lost": int(status in ("FAILED", "ERROR")),
+            }
+        )
+    if rows:
+        rows[0]["ratio"] = f"{len(rows)} tests, {wall:.0f} s"
+    else:
+        print(out.stdout[-5000:], out.stderr[-5000:], file=sys.stderr)
+        rows.append({"part": "faults", "name": "no fault test ran", "big": "FAILED", "lost": 1})
+    return rows
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -636,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
         return _child_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script")
-    parser.add_argument("--only", nargs="+", choices=("scale", "load", "fuzz"))
+    parser.add_argument("--only", nargs="+", choices=("scale", "load", "fuzz", "faults"))
     parser.add_argument("--effects", type=int, help="effects in the big store (10,000,000)")
     parser.add_argument("--runs", type=int, help="concurrent runs of the load part (1,000)")
     parser.add_argument("--steps", type=int, help="effects per run of the load part (100)")
@@ -646,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
-    parts = args.only or ["scale", "load", "fuzz"]
+    parts = args.only or ["scale", "load", "fuzz", "faults"]
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
     if "scale" in parts:
@@ -656,6 +710,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += load_part(args.runs or (100 if args.quick else 1000), args.steps or 100)
     if "fuzz" in parts:
         rows += fuzz_part(args.examples or (100 if args.quick else 10_000), args.budget)
+    if "faults" in parts:
+        rows += faults_part()
     _print_table(rows)
     lost = sum(int(r.get("lost", 0)) for r in rows)
     print(f"\neffects lost: {lost} (must be 0); took {time.perf_counter() - started:.0f} s")

@@ -480,7 +480,11 @@ class Client:
             except RunLockedError:
                 continue  # restarted since we listed it
             try:
-                deleted += self.store.delete_run(rid)
+                # read again under the lease: between the listing and the lease the run may
+                # have been resumed and finished (or be updated since); then it is kept
+                run = self.store.get_run(rid)
+                if run is not None and run.status in statuses and run.updated_at < cutoff:
+                    deleted += self.store.delete_run(rid)
             finally:
                 lease.release()
         out["runs"] = deleted

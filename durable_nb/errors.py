@@ -30,6 +30,7 @@ __all__ = [
     "RunNotFoundError",
     "SignalTimeoutError",
     "StepTimeoutError",
+    "StoreDamageWarning",
     "StoreError",
     "StoreFeatureError",
     "StoreFormatError",
@@ -221,3 +222,8 @@ class UnrecordedCancelWarning(DurableWarning):
     """An effect inside a run was cancelled by something whose outcome is not recorded (a
     plain ``asyncio.wait_for``/``asyncio.timeout``, a task cancelled by hand): after a restart
     the run may take another branch. ``ctx.wait_for``/``ctx.timeout`` record theirs."""
+
+
+class StoreDamageWarning(DurableWarning):
+    """A store's journal had damaged bytes (a torn or corrupted record): the records around
+    them were kept, the damaged file is kept next to them for inspection."""

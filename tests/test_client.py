@@ -260,6 +260,45 @@ def test_gc_prunes_old_finished_runs_and_cached_effects(store: Store, clock: dn.
     assert c.gc("1s", statuses=["waiting"], effects=False)["runs"] == 1
 
 
+fails = [True]
+
+
+@dn.durable(name="gc_flaky")
+async def flaky(ctx: dn.Context) -> int:
+    if fails[0]:
+        raise RuntimeError("failed on purpose")
+    return add(3, 4)
+
+
+def test_gc_never_deletes_a_run_resumed_and_finished_after_its_scan(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race: gc lists an old failed run, then, before gc takes its lease, someone resumes
+    it and it completes. gc must read the run again under the lease and keep it."""
+    runtime.clock = dn.FakeClock(time.time() - 10 * 86400)  # the run failed 10 days ago
+    fails[0] = True
+    with pytest.raises(RuntimeError, match="failed on purpose"):
+        dn.run(flaky, run_id="raced")
+    real_acquire = store.acquire_run
+    raced: list[str] = []
+
+    def acquire_run(run_id: str, owner: str) -> Any:
+        if run_id == "raced" and not raced:  # between gc's scan and its lease
+            raced.append(run_id)
+            fails[0] = False
+            runtime.clock = dn.FakeClock(time.time())
+            assert dn.resume("raced").result() == 7
+        return real_acquire(run_id, owner)
+
+    monkeypatch.setattr(store, "acquire_run", acquire_run)
+    out = dn.Client().gc("7d", effects=False)
+    assert raced == ["raced"]  # the race happened
+    assert out["runs"] == 0
+    run = store.get_run("raced")
+    assert run is not None and run.status == "completed"
+    assert dn.get_job("raced").result() == 7
+
+
 def test_metrics_count_statuses_and_replays(store: Store, clock: dn.FakeClock) -> None:
     _make_runs(clock)
     store.put_run(RunRecord("q", "top", "queued", 1.0, 1.0))

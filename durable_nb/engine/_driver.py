@@ -248,9 +248,10 @@ async def _drive(
             )
         else:  # interrupted (Ctrl-C, loop shutdown, lease lost): the run stays resumable
             if state is not None:
-                # a fenced holder's event is refused by the store (RunLockedError): the
-                # run's record belongs to whoever holds the lease now
-                with contextlib.suppress(RunLockedError):
+                # best effort: a fenced holder's event is refused by the store (RunLockedError:
+                # the record belongs to whoever holds the lease now), and a lease lost because
+                # the store is unreachable fails this write too; the outcome below is settled
+                with contextlib.suppress(Exception):
                     state.event("interrupted", {**_stats(state), "lease_lost": job._lease_lost})
                 if not claimed and not job._lease_lost:
                     # stopped where it was started: resumable here (or by dn.resume), and

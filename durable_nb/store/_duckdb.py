@@ -75,10 +75,12 @@ from ._lockfiles import EffectClaims, file_token, lock_run, say_holder, touch, u
 from ._protocol import CLAIMABLE_STATUSES, RunLease, run_scopes
 from ._wal import (
     ROTATE_SIZE,
+    Damage,
     Journal,
     Op,
     dead_journals,
     frame,
+    keep_damaged,
     makes_work,
     read_frames,
     sync_dir,
@@ -102,6 +104,10 @@ _REOPEN_AFTER = 1.0
 # it for often takes several statements (a run's start reads its history, then writes)
 _MIN_HOLD = 0.1
 _LOCK_RE = re.compile(r"Conflicting lock is held in (?P<exe>.*?) \(PID (?P<pid>\d+)\)")
+# what a merge may meet on a full or failing disk: retried on a fresh connection
+_IO_ERRORS = (duckdb.IOException, duckdb.TransactionException, duckdb.FatalException, OSError)
+# what DuckDB says of a truncated or corrupted database file
+_DAMAGED_RE = re.compile(r"Could not read enough bytes|[Cc]orrupt|checksum", re.IGNORECASE)
 # the tables a merge writes, by journal record kind: (table, (column, type) pairs)
 _TABLES = {
     "E": ("dn_effects", tuple(zip(_rows.EFFECT_COLUMNS, EFFECT_TYPES, strict=True))),
@@ -141,6 +147,37 @@ def _transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
         con.execute("ROLLBACK")
         raise
     con.execute("COMMIT")
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _pin(path: Path) -> tuple[tuple[int, int], int | None]:
+    """The identity (device, inode) of the file at ``path`` and, on Linux, an ``O_PATH``
+    descriptor that keeps its inode from being freed, so the number cannot be reused by a
+    file put in its place while the store is closed. ``O_PATH``: closing it releases none of
+    the POSIX locks DuckDB holds on the file (an ordinary descriptor's close would)."""
+    flag = getattr(os, "O_PATH", None)
+    if flag is None:
+        st = os.stat(path)
+        return (st.st_dev, st.st_ino), None
+    fd = os.open(path, flag | os.O_CLOEXEC)
+    st = os.fstat(fd)
+    return (st.st_dev, st.st_ino), fd
+
+
+def _damaged(path: Path, msg: str, *, opening: bool = False) -> str:
+    return (
+        f"the store file {str(path)!r} is damaged or truncated ({msg})"
+        + ("; it was not changed. " if opening else ". ")
+        + "Restore it from a backup, or move it away (with its .wal file) to start a new store "
+        f"at that path — the journals in {str(path) + '.d/journal'!r} are merged into it"
+    )
 
 
 def _synced_dir(folder: Path) -> bool:
@@ -228,7 +265,9 @@ class DuckDBStore(StoreBase):
         self._closed = False
         self._run_locks: dict[str, int] = {}
         self._deferred_unlocks: list[int] = []
-        self._merge_error: BaseException | None = None
+        self._merge_error: BaseException | None = None  # the last failed merge, until one works
+        self._file_id: tuple[int, int] | None = None  # (device, inode) of the file opened
+        self._file_fd: int | None = None  # holds that inode (see _pin)
         # scope -> the pending reset record that forgets it: until that record is merged,
         # DuckDB still holds the scope's old records, which reads must not return
         self._dropped: dict[str, Op] = {}
@@ -298,6 +337,7 @@ class DuckDBStore(StoreBase):
         """Open the database (caller holds ``_dblock``), waiting while another process has it."""
         if self._con is not None:
             return self._con
+        self._check_same_file()
         con, waited = open_in_turn(
             self._queue, self._open_file, self._lock_timeout, self._locked_error
         )
@@ -311,9 +351,13 @@ class DuckDBStore(StoreBase):
             except duckdb.CatalogException:
                 pass  # older DuckDB (1.1 has not this setting) checkpoints by WAL size only
             self._migrate(con)
-        except BaseException:
+            if self._file_id is None:
+                self._file_id, self._file_fd = _pin(self._path)
+        except BaseException as e:
             con.close()
             self._queue.drop_baton()
+            if isinstance(e, duckdb.Error) and _DAMAGED_RE.search(str(e)):
+                raise StoreFormatError(_damaged(self._path, str(e), opening=True)) from e
             raise
         self._con = con
         # each time we (re)open the file, merge what processes that died meanwhile left behind
@@ -349,6 +393,8 @@ class DuckDBStore(StoreBase):
                     f"{str(self._path)!r} is not a DuckDB database (it may be damaged "
                     "or another kind of file); move it away or choose another store path"
                 ) from e
+            if _DAMAGED_RE.search(msg):
+                raise StoreFormatError(_damaged(self._path, msg, opening=True)) from e
             raise StoreUnavailableError(f"cannot open the store {str(self._path)!r}: {msg}") from e
         except duckdb.Error as e:
             raise StoreFormatError(
@@ -393,7 +439,25 @@ class DuckDBStore(StoreBase):
             if self._con is not None:
                 con, self._con = self._con, None
                 try:
-                    con.close()
+                    con.close()  # checkpoints: reads and writes the file
+                except duckdb.Error as e:
+                    if _DAMAGED_RE.search(str(e)):
+                        raise StoreFormatError(_damaged(self._path, str(e))) from e
+                    raise StoreUnavailableError(
+                        f"cannot checkpoint the store {str(self._path)!r}: {e}; what was "
+                        "recorded is in its DuckDB WAL and merged when it is opened next"
+                    ) from e
+                finally:
+                    self._queue.drop_baton()
+
+    def _drop_connection(self) -> None:
+        """Close the connection after a failed write, whatever state it is in."""
+        with self._dblock:
+            con, self._con = self._con, None
+            if con is not None:
+                try:
+                    with contextlib.suppress(duckdb.Error):
+                        con.close()
                 finally:
                     self._queue.drop_baton()
 
@@ -401,8 +465,14 @@ class DuckDBStore(StoreBase):
     def _db(self) -> Iterator[duckdb.DuckDBPyConnection]:
         with self._using():
             self._check_open()
+            self._check_same_file()
             self._last_activity = time.monotonic()
-            yield self._connect()
+            try:
+                yield self._connect()
+            except duckdb.Error as e:
+                if not _DAMAGED_RE.search(str(e)):
+                    raise
+                raise StoreFormatError(_damaged(self._path, str(e))) from e
 
     @contextlib.contextmanager
     def _using(self) -> Iterator[None]:
@@ -434,6 +504,21 @@ class DuckDBStore(StoreBase):
         if self._closed:
             raise StoreError(f"the store {str(self._path)!r} is closed; open a new one")
 
+    def _check_same_file(self) -> None:
+        """Before reopening or merging: the file at the store's path must be the one this
+        process opened first. If it was deleted (the store directory removed under a running
+        kernel) or replaced, writing would recreate an empty store or write to an unlinked
+        file: refused, loudly, instead."""
+        if self._file_id is None or _file_id(self._path) == self._file_id:
+            return
+        raise StoreUnavailableError(
+            f"the store file {str(self._path)!r} was deleted or replaced since this process "
+            "opened it; nothing more is written to it. Records this process wrote meanwhile "
+            f"are in its journal {str(self._journal.path)!r} if that still exists (merged "
+            "into whichever store is opened at that path next). Open the store again: "
+            "restart the kernel or use `%durable store PATH`"
+        )
+
     # ------------------------------------------------------------------ journal
     def _append(
         self,
@@ -450,13 +535,6 @@ class DuckDBStore(StoreBase):
         buf = frame(ops)
         with self._wlock:
             self._check_open()
-            if self._merge_error is not None:
-                raise StoreError(
-                    f"the store {str(self._path)!r} could not merge its journal: "
-                    f"{self._merge_error!r}; what was written before is safe in the journal "
-                    f"{str(self._journal.path)!r} — free disk space (or fix the error above) "
-                    "and open the store again: the journal is merged then"
-                ) from self._merge_error
             end = self._journal.append(buf)
             position = self._journal.position
             written = [Op(kind, row, end) for kind, row in ops]
@@ -487,7 +565,8 @@ class DuckDBStore(StoreBase):
         offsets = dict(con.execute("SELECT wal_id, merged_offset FROM dn_journal").fetchall())
         folder = self._aux / "journal"
         for wal_id, path in dead_journals(folder):
-            ops, end = read_frames(path, int(offsets.get(wal_id, 0)))
+            damage: list[Damage] = []
+            ops, end = read_frames(path, int(offsets.get(wal_id, 0)), damage)
             if ops:
                 # committed (and fdatasynced by DuckDB) before the journal is removed
                 dropped = self._apply([Op(k, r, end) for k, r in ops], wal_id, end)
@@ -496,7 +575,10 @@ class DuckDBStore(StoreBase):
                         self._forget_recent(partial(_in_scopes, dropped))
                 if any(makes_work(k, r) for k, r in ops):
                     self._announce_work()
-            path.unlink()
+            if damage:
+                keep_damaged(path, damage, len(ops))  # renamed: its offset goes with the rest
+            else:
+                path.unlink()
         live = {p.stem for p in folder.glob("*.wal")}
         gone = [wal_id for wal_id in offsets if wal_id not in live]
         # a journal's offset is forgotten only once its removal is on disk: after a power loss
@@ -515,6 +597,7 @@ class DuckDBStore(StoreBase):
         the way to a run's end), large ones as an Arrow table (8-30 us a row).
         """
         con = self._connect()
+        self._check_same_file()  # never merge into a file unlinked under us
         dropped: set[str] = set()
         if any(op.kind == "X" for op in ops):
             self._announce_deletion()
@@ -607,10 +690,21 @@ class DuckDBStore(StoreBase):
                 return
             try:
                 self._apply(ops, self._journal.wal_id, ops[-1].end)
-            except BaseException:
+            except BaseException as e:
                 with self._wlock:
                     self._pending[:0] = ops
-                raise
+                if not isinstance(e, _IO_ERRORS):
+                    raise
+                # a full disk or an I/O error: the records stay in the journal and pending;
+                # a fresh connection retries them (DuckDB rolls back what it did not commit)
+                self._drop_connection()
+                raise StoreUnavailableError(
+                    f"cannot merge the journal {str(self._journal.path)!r} into the store "
+                    f"{str(self._path)!r}: {e}; nothing recorded is lost (it is in the journal), "
+                    "and the merge is retried in the background — free disk space or fix the "
+                    "disk; no restart is needed"
+                ) from e
+            self._merge_error = None
             with self._wlock:
                 unlocks: list[int] = []
                 work = False
@@ -636,14 +730,18 @@ class DuckDBStore(StoreBase):
 
     def _rotate_wal(self) -> None:
         """Start a fresh journal once the old one is fully merged (holds both locks)."""
-        old_id = self._journal.rotate()
+        try:
+            old_id = self._journal.rotate()
+        except OSError:
+            return  # no room for a new file: the old one goes on, and rotates next time
         assert self._con is not None
         if _synced_dir(self._aux / "journal"):  # see _recover_journals
             self._con.execute("DELETE FROM dn_journal WHERE wal_id = ?", [old_id])
 
     def _merge_loop(self) -> None:
+        backoff = 0.0  # after a failed merge: wait longer, up to a second, before retrying
         while not self._closed:
-            self._wake.wait(self._merge_interval)
+            self._wake.wait(max(self._merge_interval, backoff))
             self._wake.clear()
             if self._closed:
                 break
@@ -668,9 +766,11 @@ class DuckDBStore(StoreBase):
                             self._close_connection()
             except StoreLockedError:
                 continue  # another process holds the file; the journal keeps our records
-            except Exception as e:  # pragma: no cover - surfaced on the next write
+            except Exception as e:  # a full disk, an I/O error: the records wait in the journal
                 self._merge_error = e
-                return
+                backoff = min(max(backoff * 2, self._merge_interval, 0.01), 1.0)
+                continue
+            backoff = 0.0
 
     # ------------------------------------------------------------------ tables
     def _write_table(self, name: str, table: object) -> None:
@@ -682,8 +782,15 @@ class DuckDBStore(StoreBase):
             con.register("dn_value", table)
             try:
                 con.execute(f'CREATE OR REPLACE TABLE "{name}" AS SELECT * FROM dn_value')
+            except (duckdb.IOException, duckdb.TransactionException) as e:
+                self._drop_connection()
+                raise StoreUnavailableError(
+                    f"cannot write a table to the store {str(self._path)!r}: {e}; nothing of "
+                    "this write was recorded — free disk space or fix the disk, then call again"
+                ) from e
             finally:
-                con.unregister("dn_value")
+                with contextlib.suppress(duckdb.Error):
+                    con.unregister("dn_value")
 
     def _read_payload(self, codec: Any, data: Any, table_name: Any) -> Payload | None:
         from .._codecs import Payload
@@ -1158,7 +1265,12 @@ class DuckDBStore(StoreBase):
             self._notify_work()  # waiters return
             if self._merger.is_alive() and self._merger is not threading.current_thread():
                 self._merger.join(timeout=5)
-            self._close_connection()
+            try:
+                self._close_connection()
+            finally:
+                if self._file_fd is not None:
+                    os.close(self._file_fd)
+                    self._file_fd = None
             with self._wlock:
                 self._journal.close(merged=not self._pending)
             for fd in [*self._run_locks.values(), *self._deferred_unlocks]:

@@ -15,26 +15,30 @@ Kinds: ``E`` (effect row), ``R`` (run row), ``S`` (signal row), ``V`` (event row
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import marshal
 import os
 import secrets
 import socket
 import struct
+import warnings
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import StoreUnavailableError
+from ..errors import StoreDamageWarning, StoreUnavailableError
 from ._syncer import GroupSync
 
 __all__ = [
     "ROTATE_SIZE",
+    "Damage",
     "Journal",
     "Op",
     "dead_journals",
     "frame",
+    "keep_damaged",
     "makes_work",
     "read_frames",
     "sync_dir",
@@ -76,21 +80,121 @@ def frame(ops: Sequence[tuple[str, tuple[Any, ...]]]) -> bytes:
     return bytes(buf)
 
 
-def read_frames(path: Path, offset: int) -> tuple[list[tuple[str, tuple[Any, ...]]], int]:
-    """Every intact record after ``offset`` and the offset after the last; a torn tail (a
-    crash mid-write) ends the reading."""
+_KINDS = frozenset("ERSVX")
+_BODY_STARTS = (b")\x02", b"\xa9\x02")
+#: no record is this long (a table payload goes to DuckDB, not into the journal): a length
+#: above it is damage, which spares the reader from checking the CRC of a huge span
+_MAX_RECORD = 1 << 30
+
+
+def _record_at(data: bytes, pos: int) -> tuple[tuple[str, tuple[Any, ...]], int] | None:
+    """The record framed at ``pos`` and the offset after it, or None if none is there: the
+    frame must fit in ``data``, its CRC32 must match, and its payload must unmarshal to a
+    ``(kind, row)`` of a known kind."""
+    if pos + _FRAME.size > len(data):
+        return None
+    length, crc = _FRAME.unpack_from(data, pos)
+    end = pos + _FRAME.size + length
+    if length > _MAX_RECORD or end > len(data):
+        return None
+    body = data[pos + _FRAME.size : end]
+    if zlib.crc32(body) != crc:
+        return None
+    try:
+        record = marshal.loads(body)
+    except (ValueError, EOFError, TypeError):
+        return None
+    if (
+        not isinstance(record, tuple)
+        or len(record) != 2
+        or record[0] not in _KINDS
+        or not isinstance(record[1], tuple)
+    ):
+        return None
+    return (record[0], record[1]), end
+
+
+def _resync(data: bytes, pos: int) -> int | None:
+    """The first offset after ``pos`` where the records line up again, or None.
+
+    A candidate must hold a whole, CRC-checked record of a known kind, and be followed by the
+    end of the file or by another such record. A random span passes the CRC alone with odds
+    of 2**-32; the follower check guards against the one span that is not random: a record
+    framed inside a payload of the damaged record (an effect whose result is journal bytes).
+    Such a record is followed by the rest of its row (the columns after the payload), not by
+    a frame — except when the payload is the row's last column, which only an event's
+    ``data`` is: JSON text with every byte below 0x20 escaped, where a frame header (its
+    length has zero bytes) cannot occur. The price: a good record between two damaged spans
+    fails the follower check and is skipped with them."""
+    start = pos + 1
+    while True:
+        # a body is a marshalled 2-tuple: it starts with TYPE_SMALL_TUPLE (with or without
+        # FLAG_REF) and the count 2, so candidates are found at C speed, not byte by byte
+        hits = [h for h in (data.find(p, start + _FRAME.size) for p in _BODY_STARTS) if h >= 0]
+        if not hits:
+            return None
+        candidate = min(hits) - _FRAME.size
+        first = _record_at(data, candidate)
+        if first is not None:
+            after = first[1]
+            if after == len(data) or _record_at(data, after) is not None:
+                return candidate
+        start = candidate + 1
+
+
+class Damage:
+    """Bytes ``[start, end)`` of a journal that hold no readable record, with records after."""
+
+    __slots__ = ("end", "start")
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start = start
+        self.end = end
+
+    def __repr__(self) -> str:
+        return f"bytes {self.start}..{self.end}"
+
+
+def read_frames(
+    path: Path, offset: int, damage: list[Damage] | None = None
+) -> tuple[list[tuple[str, tuple[Any, ...]]], int]:
+    """Every intact record after ``offset`` and the offset after the last one.
+
+    A record that does not check out (torn by a crash mid-write, a short write on a full
+    disk, a flipped bit) is skipped: the reader resynchronizes on the next offset where
+    records line up again (see ``_resync``) and keeps the records after it. The spans
+    skipped are appended to ``damage``; a torn tail (a crash during the last write, nothing
+    readable after it) is not damage, just the end."""
     data = path.read_bytes()
     ops: list[tuple[str, tuple[Any, ...]]] = []
-    pos = offset
-    while pos + _FRAME.size <= len(data):
-        length, crc = _FRAME.unpack_from(data, pos)
-        body = data[pos + _FRAME.size : pos + _FRAME.size + length]
-        if len(body) < length or zlib.crc32(body) != crc:
-            break
-        kind, row = marshal.loads(body)
-        ops.append((kind, row))
-        pos += _FRAME.size + length
-    return ops, pos
+    pos = last = offset
+    while pos < len(data):
+        found = _record_at(data, pos)
+        if found is not None:
+            ops.append(found[0])
+            pos = last = found[1]
+            continue
+        nxt = _resync(data, pos)
+        if nxt is None:
+            break  # a torn tail: the last write was cut short by a crash, which is expected
+        if damage is not None:
+            damage.append(Damage(pos, nxt))
+        pos = nxt
+    return ops, last
+
+
+def keep_damaged(path: Path, damage: list[Damage], kept: int) -> None:
+    """A journal had bytes that hold no record: keep it as ``*.wal.damaged`` and say so."""
+    kept_as = path.with_name(path.name + ".damaged")
+    path.rename(kept_as)
+    warnings.warn(
+        f"the journal {str(path)!r} had unreadable bytes ({', '.join(map(repr, damage))}): "
+        f"the {kept} records around them were merged, a record inside them is lost (an "
+        f"effect recorded there runs again when next called); the file is kept as "
+        f"{str(kept_as)!r} for inspection — delete it when done",
+        StoreDamageWarning,
+        stacklevel=2,
+    )
 
 
 def sync_dir(folder: Path) -> None:
@@ -137,18 +241,40 @@ class Journal:
         return self._group.syncs if self._group is not None else 0
 
     def append(self, data: bytes) -> int:
-        """Write ``data`` with one ``os.write``; returns the journal's size after it."""
-        n = os.write(self._fd, data)
-        if n != len(data):  # a short write on a regular file means the disk is full
+        """Write ``data`` with one ``os.write``; returns the journal's size after it.
+
+        Refused if the file was deleted (the store directory removed under this process):
+        nothing is written to an unlinked file. A failed or short write (a full disk, an I/O
+        error) is cut back off the file, so the journal stays a sequence of whole records; if
+        even that fails, the reader skips the torn bytes (``read_frames``)."""
+        try:
+            if os.fstat(self._fd).st_nlink == 0:
+                raise StoreUnavailableError(
+                    f"the journal {str(self.path)!r} was deleted under this process (was the "
+                    "store directory removed?); what this process recorded since the store "
+                    "was last merged is lost with it, and nothing more is written there — "
+                    "open the store again (restart the kernel or `%durable store PATH`)"
+                )
+            n = os.write(self._fd, data)
+            if n != len(data):  # a short write on a regular file means the disk is full
+                raise OSError(
+                    errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: wrote {n} of {len(data)} bytes"
+                )
+            if self._group is None and self._fsync:
+                os.fdatasync(self._fd)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self.size)
+            with contextlib.suppress(OSError):
+                self.size = os.fstat(self._fd).st_size  # offsets stay true if the cut failed
             raise StoreUnavailableError(
-                f"the journal {str(self.path)!r} accepted {n} of {len(data)} bytes; "
-                "free some disk space"
-            )
-        if self._group is not None:
-            self.position = self._group.wrote(n)
-        elif self._fsync:
-            os.fdatasync(self._fd)
-        self.size += n
+                f"cannot write the journal {str(self.path)!r}: {e}; nothing of this write "
+                "was recorded, what was recorded before is safe — free disk space or fix the "
+                "disk, then call again (no restart needed)"
+            ) from e
+        if self._group is not None:  # synced by the group syncer, waited for by the caller
+            self.position = self._group.wrote(len(data))
+        self.size += len(data)
         return self.size
 
     def rotate(self) -> str:
