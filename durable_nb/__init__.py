@@ -130,7 +130,7 @@ def map(
     bound); ``fn``'s ``retry=``, ``limit=`` and ``rate=`` apply per item. Items that fail for
     good do not stop the others; once every item ended they raise
     :class:`~durable_nb.errors.MapError` with each failed index and its error. In a workflow
-    use ``await ctx.map(...)`` (README, "Scaling out a notebook")."""
+    use ``await ctx.map(...)`` (guide, "Scaling out a notebook")."""
     return _map_items(fn, items, executor=executor, max_in_flight=max_in_flight)
 
 
@@ -138,7 +138,7 @@ def instrument(tracer_provider: object = None) -> None:
     """Export runs as OpenTelemetry traces from now on (extra ``durable_nb[otel]``): each
     execution of a run a trace, each step a span (replayed steps as zero-length spans marked
     ``durable_nb.replayed``), user spans inside an effect nested under its step, on workers
-    too. ``tracer_provider``: the SDK provider to use (None: the global one). README,
+    too. ``tracer_provider``: the SDK provider to use (None: the global one). guide,
     "OpenTelemetry"."""
     from . import _otel  # loads opentelemetry now, not on import
 

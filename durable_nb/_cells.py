@@ -1,5 +1,5 @@
 """What a cell reads, writes and changes: the static analysis behind ``%%effect`` keys and
-provenance keys (README, "In a notebook").
+provenance keys (guide, "In a notebook").
 
 A cell is analysed from its source, never by running it: the names it reads before
 assigning them (its inputs), the names it assigns, the variables it changes in place by an

@@ -1,4 +1,4 @@
-"""Why a cell or an effect executed instead of replaying (README, "Why did it run?").
+"""Why a cell or an effect executed instead of replaying (guide, "Why did it run?").
 
 One reading of the records, shared by ``%durable why``, the note a ``%%effect`` cell prints
 when it runs again, and the trace widget's step detail. Everything needed is in the store,

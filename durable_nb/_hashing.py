@@ -1,6 +1,6 @@
 """Canonical input hashing: the one definition of what identifies an effect call.
 
-An effect key is ``(scope, identity, code version, input hash, occurrence)`` (README, "How it works").
+An effect key is ``(scope, identity, code version, input hash, occurrence)`` (guide, "How it works").
 This module owns three of its parts and nothing else:
 
 - :func:`effect_identity` -- ``module.qualname`` of the function;

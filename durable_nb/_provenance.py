@@ -1,4 +1,4 @@
-"""Provenance keys: what stands for a value that has no content hash (README, "Provenance").
+"""Provenance keys: what stands for a value that has no content hash (guide, "Provenance").
 
 An API client, a database connection or an HTTP session cannot be content-hashed (it holds
 locks and sockets), yet the cells that use it should be cached. Such a value is keyed by

@@ -1,4 +1,4 @@
-"""Workers: processes that execute the runs started for them in a shared store (README,
+"""Workers: processes that execute the runs started for them in a shared store (guide,
 "Workers and the PostgreSQL store").
 
 ``dn.start(workflow, ..., on="worker")`` writes the run as ``queued``; any worker that knows
@@ -9,7 +9,7 @@ run, so a run resumes from its history wherever it is taken over. ``durable-nb w
 On a store that routes runs (:class:`~durable_nb.store.WorkQueues`: PostgreSQL) a worker is a
 *node* (``node_id``): it obeys the queues' limits, and holds up to ``max_sessions`` sessions,
 whose runs execute only here while it lives and a run of theirs executed within
-``session_idle_timeout`` seconds (README, "Queues, sessions and the operations view").
+``session_idle_timeout`` seconds (guide, "Queues, sessions and the operations view").
 """
 
 from __future__ import annotations

@@ -334,11 +334,11 @@ def test_store_option_after_the_command_and_from_the_environment(
     assert "status    failed" in capsys.readouterr().out
 
 
-def test_every_command_has_help_and_is_in_the_readme(capsys: pytest.CaptureFixture[str]) -> None:
-    readme = (ROOT / "README.md").read_text()
+def test_every_command_has_help_and_is_in_the_guide(capsys: pytest.CaptureFixture[str]) -> None:
+    readme = (ROOT / "docs" / "cli.md").read_text()
     for name, command in cli.commands.items():
         assert command.help, f"command {name} has no help"
-        assert f"durable-nb {name}" in readme, f"README does not document `durable-nb {name}`"
+        assert f"durable-nb {name}" in readme, f"docs/cli.md does not document `durable-nb {name}`"
         assert main([name, "--help"]) == 0
         out = capsys.readouterr().out
         assert out.startswith(f"Usage: durable-nb {name} ")
@@ -346,7 +346,7 @@ def test_every_command_has_help_and_is_in_the_readme(capsys: pytest.CaptureFixtu
             assert "--store URL" in out
     assert main(["--help"]) == 0
     assert "Exit codes: 0 success, 1 an error" in capsys.readouterr().out
-    section = readme.split("## Command line", 1)[1].split("\n## ", 1)[0]
+    section = readme.split("# Command line", 1)[1].split("\n## ", 1)[0]
     assert "Exit codes" in section
 
 

@@ -120,7 +120,7 @@ class Context:
         the missing items are sent again. At most ``max_in_flight`` items are out at once
         (None: no bound), within ``fn``'s ``limit=``/``rate=``; a failed item is retried by
         ``fn``'s ``retry=``, and items that fail for good do not stop the others: they
-        raise :class:`~durable_nb.errors.MapError` once every item ended (README, "Scaling
+        raise :class:`~durable_nb.errors.MapError` once every item ended (guide, "Scaling
         out a notebook")."""
         return map_in_run(self._state, fn, items, executor, max_in_flight)
 

@@ -178,7 +178,7 @@ class EffectFunction(Generic[P, R]):
     # Concurrent first calls of one shared key, in any process on the store, claim it: one
     # executes, the others wait for its record and replay it. A claim lasts at most
     # _CLAIM_SECONDS (or the effect's timeout, if longer): a holder that dies or runs longer
-    # lets the others execute too, and the key's last record wins (README, "Workers and the
+    # lets the others execute too, and the key's last record wins (guide, "Workers and the
     # PostgreSQL store", shared cache).
     def _claim_seconds(self, timeout: float | None) -> float:
         return max(_CLAIM_SECONDS, timeout or self.timeout or 0.0)
@@ -493,7 +493,7 @@ def effect(
     rate: str | None = None,
     executor: object = None,
 ) -> Any:  # the overloads above say what; a streaming effect's calls are not R
-    """Record a function's results, keyed by a content hash of its inputs (README, "How it
+    """Record a function's results, keyed by a content hash of its inputs (guide, "How it
     works").
 
     ``name`` replaces ``module.qualname`` as its identity; ``version`` pins the code version
@@ -515,7 +515,7 @@ def effect(
 
     ``executor`` (a ``concurrent.futures.Executor`` or a Dask ``distributed.Client``)
     executes each call there — another process, a cluster — and waits for its result, which
-    this process records (README, "Scaling out a notebook"); many calls at once: ``dn.map``.
+    this process records (guide, "Scaling out a notebook"); many calls at once: ``dn.map``.
     """
 
     def wrap(f: Callable[P, R]) -> EffectFunction[P, R]:

@@ -4,7 +4,7 @@ A fork is a new run of the same workflow with the same arguments whose journal s
 copy of the original's steps before step ``N`` (``N`` is the step number ``durable-nb trace``
 and the trace widget show: steps numbered without gaps, ``_journal.shown_seqs``): those replay from the copies without
 executing; every step from ``N`` on executes. The original run, its records and its child
-runs are only read. What a fork copies (README, "Workflow features"):
+runs are only read. What a fork copies (guide, "Workflow features"):
 
 * **steps before N**, each as recorded: effects (results and cached errors), timers
   (their deadlines: a timer that had fired has fired), signals and queue messages received

@@ -12,7 +12,7 @@ in input order.
 
 A failing item is retried by the effect's ``retry=``; one that fails for good does not stop
 the others (they run to the end and are recorded), then :class:`~durable_nb.errors.MapError`
-is raised with every failed index and its original error (README, "Scaling out a
+is raised with every failed index and its original error (guide, "Scaling out a
 notebook", for why). In a run the map is one step (``map``) and its items are ``map_item``
 records of that step; their errors are recorded like an effect's, so a replay raises the
 same ``MapError`` and a resume of the failed run computes only the failed items again.

@@ -1,6 +1,6 @@
 """Queues with flow control for runs started on workers: ``dn.queue("llm", concurrency=4,
 worker_concurrency=1, rate="100/min", priority=True)``, then ``dn.start(wf, ...,
-on="worker", queue="llm", priority=1, dedup_id="order-42", session="gpu-1")`` (README,
+on="worker", queue="llm", priority=1, dedup_id="order-42", session="gpu-1")`` (guide,
 "Queues, sessions and the operations view").
 
 A queue is declared in the processes that start its runs (and may be in the workers'); its

@@ -1,6 +1,6 @@
 """Process-wide engine state: the store in use, the clock, scopes, and the engine's loop.
 
-A *scope* is where effect records live and how occurrences are counted (README, "How
+A *scope* is where effect records live and how occurrences are counted (guide, "How
 it works"): a run's history (``run/<id>``, a ``_state.RunState``), the notebook or script
 (``top/<name>``), or everything (``shared``) — the last two are :class:`TopScope`. The
 current scope travels in a context variable, so tasks created under a run

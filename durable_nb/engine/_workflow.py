@@ -124,7 +124,7 @@ def durable(
 def durable(
     fn: Any = None, /, *, name: str | None = None, strict: bool = False, version: str | None = None
 ) -> Any:
-    """Make an ``async def workflow(ctx, ...)`` resumable (README, "How it works").
+    """Make an ``async def workflow(ctx, ...)`` resumable (guide, "How it works").
 
     ``name`` replaces ``module.qualname`` (it names derived run ids); ``strict`` raises
     :class:`NonDeterminismError` when a replay departs from the recorded order.

@@ -1,4 +1,4 @@
-"""``dn.wrap(obj)``: an object whose method calls are effects (README, "Wrap a client once").
+"""``dn.wrap(obj)``: an object whose method calls are effects (guide, "Wrap a client once").
 
 ``client = dn.wrap(OpenAI(...), retry=3)`` makes ``client.chat.completions.create(...)`` an
 effect keyed by the wrapped object's key, the method's path and the call's arguments, so an

@@ -15,7 +15,7 @@ the holder merges what it has, closes the file, and the oldest waiter gets it). 
 raises ``StoreLockedError`` naming the holder once the line ahead of it has not moved for
 ``lock_timeout`` seconds. ``fsync``: ``False`` (the journal is never synced: what is not
 merged yet does not survive an OS crash), ``"group"`` (one ``fdatasync`` per batch of
-concurrent writes, ``_syncer.py``) or ``True`` (one per write); see the README's "What
+concurrent writes, ``_syncer.py``) or ``True`` (one per write); see the guide's "What
 survives what".
 
 Deletions (``delete_effects``, ``delete_run``, ``prune_effects``) flush the journal and

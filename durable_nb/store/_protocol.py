@@ -46,7 +46,7 @@ __all__ = [
 #: told how a :meth:`Store.submit` ended: ``None`` once every record is durable, else the error
 WriteDone = Callable[[BaseException | None], None]
 
-#: ``(scope, identity, version, input_hash, occurrence)``: the effect key (README, "How
+#: ``(scope, identity, version, input_hash, occurrence)``: the effect key (guide, "How
 #: it works").
 EffectKey = tuple[str, str, str, str, int]
 

@@ -1,4 +1,4 @@
-"""Queues, sessions and workers: what a store that routes runs to workers keeps (README,
+"""Queues, sessions and workers: what a store that routes runs to workers keeps (guide,
 "Queues, sessions and the operations view").
 
 A run started for a worker may carry a :class:`Route`: the queue it waits in (with the

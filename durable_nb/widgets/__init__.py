@@ -1,4 +1,4 @@
-"""Widgets: a run's live trace timeline and signal panel (README, "Widgets").
+"""Widgets: a run's live trace timeline and signal panel (guide, "Widgets").
 
 The only package that imports anywidget and ipywidgets (ruff's banned-api rule holds the
 line); importing ``durable_nb`` never loads it. The front-end is an ES module built from
