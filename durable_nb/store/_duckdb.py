@@ -103,6 +103,9 @@ _REOPEN_AFTER = 1.0
 # seconds a process keeps the file after opening it before handing it over: what it opened
 # it for often takes several statements (a run's start reads its history, then writes)
 _MIN_HOLD = 0.1
+#: journal records merged in one transaction at most (a busy writer's backlog is merged in
+#: several, with a chance to hand the file over between them)
+_MERGE_CHUNK = 5000
 _LOCK_RE = re.compile(r"Conflicting lock is held in (?P<exe>.*?) \(PID (?P<pid>\d+)\)")
 # what a merge may meet on a full or failing disk: retried on a fresh connection
 _IO_ERRORS = (duckdb.IOException, duckdb.TransactionException, duckdb.FatalException, OSError)
@@ -677,15 +680,26 @@ class DuckDBStore(StoreBase):
         return scope
 
     def _merge(self) -> None:
-        """Merge this process's pending journal records now (after a merge in progress)."""
-        with self._using():
-            if self._pending:
+        """Merge this process's pending journal records now (after a merge in progress), in
+        transactions of at most ``_MERGE_CHUNK`` records: between two, a process waiting for
+        the file gets it (``_using``), so a writer that records faster than one merge takes
+        never holds the file for long."""
+        with self._wlock:
+            if not self._pending:
+                return
+            end = self._pending[-1].end  # what is pending now; later writes may wait
+        while True:
+            with self._wlock:
+                if not self._pending or self._pending[0].end > end:
+                    return
+            with self._using():
                 self._merge_pending()
 
     def _merge_pending(self) -> None:
         with self._dblock:
             with self._wlock:
-                ops, self._pending = self._pending, []
+                ops = self._pending[:_MERGE_CHUNK]
+                del self._pending[:_MERGE_CHUNK]
             if not ops:
                 return
             try:
