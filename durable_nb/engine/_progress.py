@@ -34,10 +34,10 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .._journal import PROGRESS_PREFIX, ProgressDetail, detail_text
+from .._journal import PROGRESS_PREFIX, ProgressDetail
 from ..errors import ArgumentError, ArgumentTypeError
 from ..store import EffectRecord
-from ._usage import none_payload
+from ._usage import record_beside
 
 if TYPE_CHECKING:
     from importlib.machinery import ModuleSpec
@@ -122,21 +122,7 @@ def progress_records(rec: EffectRecord, step: Step | None) -> tuple[EffectRecord
     step; the identity prefixed): its final progress, or none when no bar reported."""
     if step is None or step.final is None:
         return ()
-    return (
-        EffectRecord(
-            rec.scope,
-            PROGRESS_PREFIX + rec.identity,
-            rec.version,
-            rec.input_hash,
-            rec.occurrence,
-            payload=none_payload(),
-            kind="progress",
-            seq=rec.seq,
-            started_at=rec.started_at,
-            duration=0.0,
-            detail=detail_text(step.final),
-        ),
-    )
+    return (record_beside(rec, PROGRESS_PREFIX + rec.identity, "progress", step.final),)
 
 
 # ------------------------------------------------------------------------------ dn.progress

@@ -14,11 +14,17 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .._codecs import encode
-from .._journal import USAGE_PREFIX, UsageDetail, detail_text
+from .._journal import USAGE_PREFIX, RecordKind, StepDetail, UsageDetail, detail_text
 from ..store import EffectRecord
 from ._runtime import runtime
 
-__all__ = ["kept_usage_records", "none_payload", "usage_of", "usage_records"]
+__all__ = [
+    "kept_usage_records",
+    "none_payload",
+    "record_beside",
+    "usage_of",
+    "usage_records",
+]
 
 # field names, OpenAI's first; Anthropic reports input/output tokens (and its streamed
 # message_delta carries the cumulative output count, so the largest value wins over a sum)
@@ -105,6 +111,26 @@ def none_payload() -> Any:
     return _NONE_PAYLOAD
 
 
+def record_beside(
+    rec: EffectRecord, identity: str, kind: RecordKind, detail: StepDetail
+) -> EffectRecord:
+    """A bookkeeping record written with the effect record ``rec`` (its scope, key and step;
+    ``identity`` its own): the data is in ``detail``, the payload is None."""
+    return EffectRecord(
+        rec.scope,
+        identity,
+        rec.version,
+        rec.input_hash,
+        rec.occurrence,
+        payload=none_payload(),
+        kind=kind,
+        seq=rec.seq,
+        started_at=rec.started_at,
+        duration=0.0,
+        detail=detail_text(detail),
+    )
+
+
 _PLAIN = frozenset({type(None), bool, int, float, str, bytes})
 
 
@@ -116,21 +142,7 @@ def usage_records(rec: EffectRecord, value: object) -> tuple[EffectRecord, ...]:
     usage = usage_of(value)
     if usage is None:
         return ()
-    return (
-        EffectRecord(
-            rec.scope,
-            USAGE_PREFIX + rec.identity,
-            rec.version,
-            rec.input_hash,
-            rec.occurrence,
-            payload=none_payload(),
-            kind="usage",
-            seq=rec.seq,
-            started_at=rec.started_at,
-            duration=0.0,
-            detail=detail_text(usage),
-        ),
-    )
+    return (record_beside(rec, USAGE_PREFIX + rec.identity, "usage", usage),)
 
 
 def kept_usage_records(rec: EffectRecord, values: Iterable[object]) -> tuple[EffectRecord, ...]:
@@ -164,18 +176,11 @@ def kept_usage_records(rec: EffectRecord, values: Iterable[object]) -> tuple[Eff
                 break
             look(item)
     return tuple(
-        EffectRecord(
-            rec.scope,
+        record_beside(
+            rec,
             f"{USAGE_PREFIX}{rec.identity}#{model}",
-            rec.version,
-            rec.input_hash,
-            rec.occurrence,
-            payload=none_payload(),
-            kind="usage",
-            seq=rec.seq,
-            started_at=rec.started_at,
-            duration=0.0,
-            detail=detail_text({**u, "model": model} if model else u),
+            "usage",
+            {**u, "model": model} if model else u,
         )
         for model, u in sorted(by_model.items())
     )
