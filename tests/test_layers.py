@@ -160,6 +160,7 @@ ORDER = {
         "_duckdb",
         "_pg_session",
         "_pg_schema",
+        "_pg_wire",
         "_pg_commit",
         "_pg_queues",
         "_postgres",

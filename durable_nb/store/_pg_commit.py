@@ -26,6 +26,7 @@ from typing import Any
 
 import psycopg
 
+from ._pg_wire import LoopConnection, binary_array
 from ._protocol import WriteDone
 
 __all__ = ["Done", "GroupCommit", "LoopCommit", "Sql"]
@@ -35,7 +36,6 @@ _log = logging.getLogger(__name__)
 #: told the outcome of a write: None once it is durable, else the error (already translated)
 Done = WriteDone
 _Conn = psycopg.Connection[tuple[Any, ...]]
-_AsyncConn = psycopg.AsyncConnection[tuple[Any, ...]]
 Statement = tuple[str, Sequence[Any]]
 
 
@@ -65,11 +65,20 @@ class Sql:
     a live lease, and holds those lease rows (``FOR SHARE``) until the transaction ends, so a
     takeover, which rewrites the row, waits for the write and sees it."""
 
-    __slots__ = ("fence", "many", "many_fenced", "one", "one_fenced")
+    __slots__ = ("fence", "many", "many_fenced", "one", "one_fenced", "types")
 
-    def __init__(self, one: str, many: str, one_fenced: str, many_fenced: str, fence: str) -> None:
+    def __init__(
+        self,
+        one: str,
+        many: str,
+        one_fenced: str,
+        many_fenced: str,
+        fence: str,
+        types: Sequence[str],
+    ) -> None:
         self.one, self.many, self.fence = one, many, fence
         self.one_fenced, self.many_fenced = one_fenced, many_fenced
+        self.types = tuple(types)  # the SQL types of an effect row's columns
 
 
 class GroupCommit:
@@ -228,7 +237,7 @@ class GroupCommit:
                 raise
 
     def _execute(self, conn: _Conn, group: list[_Write]) -> None:
-        plan = _plan(group, self._sql)
+        plan = _plan(group, self._sql, _columns)
         if len(plan) == 1:  # the common case: one statement, one round trip (autocommit)
             conn.execute(*plan[0])
             return
@@ -256,7 +265,7 @@ class LoopCommit:
         self.loop = loop
         self._queue: list[_Write] = []
         self._serving = False
-        self._conn: _AsyncConn | None = None
+        self._conn: LoopConnection | None = None
         self.groups = 0
 
     def submit(
@@ -311,24 +320,21 @@ class LoopCommit:
             _tell(write, None)
 
     async def _write_group(self, group: list[_Write]) -> None:
-        plan = _plan(group, self._sql)
+        plan = _plan(group, self._sql, _binary_columns)
         for attempt in range(2):
             conn = self._conn
-            if conn is None or conn.closed:
-                conn = self._conn = await psycopg.AsyncConnection.connect(
-                    self._conninfo, **self._kwargs
+            if conn is None or conn.broken:
+                if conn is not None:
+                    conn.close()
+                self._conn = None
+                conn = self._conn = await LoopConnection.connect(
+                    self._conninfo, self._kwargs, self.loop
                 )
             try:
-                if len(plan) == 1:
-                    await conn.execute(*plan[0])
-                    return
-                async with conn.pipeline(), conn.transaction():
-                    for query, params in plan:
-                        await conn.execute(query, params)
+                await conn.run(plan)
                 return
             except psycopg.OperationalError:
-                if attempt == 0 and (conn.closed or conn.broken):
-                    self._conn = None
+                if attempt == 0 and conn.broken:
                     continue
                 raise
 
@@ -341,10 +347,14 @@ class LoopCommit:
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(Exception):
-                conn.pgconn.finish()
+                conn.close()
 
 
-def _plan(group: list[_Write], q: Sql) -> list[Statement]:
+def _plan(
+    group: list[_Write],
+    q: Sql,
+    columns: Callable[[Sql, dict[tuple[Any, ...], tuple[Any, ...]]], list[Any]],
+) -> list[Statement]:
     """The statements of one group: its effect rows as one upsert (one row per key, the
     last, as ON CONFLICT requires) and the other statements in order. When writes of the
     group are conditional on leases, the check comes last (in the effects' upsert, or a
@@ -363,17 +373,24 @@ def _plan(group: list[_Write], q: Sql) -> list[Statement]:
         if len(rows) == 1:
             return [*others, (q.one_fenced, [*fence, *next(iter(rows.values()))])]
         if rows:
-            return [*others, (q.many_fenced, [*fence, *_columns(rows)])]
+            return [*others, (q.many_fenced, [*fence, *columns(q, rows)])]
         return [*others, (q.fence, fence)]
     if len(rows) == 1:
         return [(q.one, next(iter(rows.values()))), *others]
     if rows:
-        return [(q.many, _columns(rows)), *others]
+        return [(q.many, columns(q, rows)), *others]
     return others
 
 
-def _columns(rows: dict[tuple[Any, ...], tuple[Any, ...]]) -> list[list[Any]]:
+def _columns(q: Sql, rows: dict[tuple[Any, ...], tuple[Any, ...]]) -> list[Any]:
+    """The rows as one list per column (psycopg dumps each as an array)."""
     return [list(col) for col in zip(*rows.values(), strict=True)]
+
+
+def _binary_columns(q: Sql, rows: dict[tuple[Any, ...], tuple[Any, ...]]) -> list[Any]:
+    """The rows as one binary array per column, encoded here (for :class:`LoopConnection`)."""
+    cols = zip(*rows.values(), strict=True)
+    return [binary_array(t, col) for t, col in zip(q.types, cols, strict=True)]
 
 
 def _tell(write: _Write, error: BaseException | None) -> None:

@@ -83,7 +83,14 @@ from . import _migrations, _rows
 from ._base import RunQuery
 from ._pg_commit import Done, GroupCommit, LoopCommit, Sql, Statement
 from ._pg_queues import PgQueues, queue_statements
-from ._pg_schema import BOOKKEEPING, EFFECT_KEY_COLS, MIGRATIONS, SCHEMA_VERSION, statements
+from ._pg_schema import (
+    BOOKKEEPING,
+    EFFECT_KEY_COLS,
+    EFFECT_TYPES,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    statements,
+)
 from ._pg_session import TAKEOVER_GRACE, Session, session_key_of
 from ._protocol import RunLease, run_scopes
 from ._queues import Node, Route
@@ -340,6 +347,7 @@ class PostgresStore(PgQueues):
             self._q["put_effect_fenced"],
             self._q["put_effects_fenced"],
             self._q["fence"],
+            EFFECT_TYPES,
         )
         self._writer = GroupCommit(
             lambda: psycopg.connect(self._conninfo, **self._connect_kwargs),

@@ -1,0 +1,160 @@
+"""The lean PostgreSQL connection the engine's loop writes through (``store/_pg_wire.py``):
+binary arrays PostgreSQL reads back exactly, groups that commit all or nothing, errors of
+psycopg's own classes, and a connection that dies under a waiting write."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from durable_nb.store._pg_wire import LoopConnection, binary_array, placeholders
+
+from .conftest import PG_URL, drop_schema, require_postgres
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+def schema() -> Iterator[str]:
+    require_postgres()
+    name = f"wire_{secrets.token_hex(4)}"
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {name}")
+        conn.execute(f"CREATE TABLE {name}.t (k text PRIMARY KEY, n bigint NOT NULL, b bytea)")
+    yield name
+    drop_schema(name)
+
+
+def _rows(schema: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        return conn.execute(f"SELECT k, n, b FROM {schema}.t ORDER BY k").fetchall()
+
+
+def _go(body: Any) -> Any:
+    async def main() -> Any:
+        conn = await LoopConnection.connect(PG_URL, {}, asyncio.get_running_loop())
+        try:
+            return await body(conn)
+        finally:
+            conn.close()
+
+    return asyncio.run(main())
+
+
+def test_placeholders_number_the_parameters_and_keep_percent_signs() -> None:
+    assert placeholders("SELECT %s, %b::text[], '100%%' || %s") == (
+        b"SELECT $1, $2::text[], '100%' || $3",
+        3,
+    )
+    with pytest.raises(ValueError, match="named placeholders"):
+        placeholders("SELECT %(a)s")
+
+
+@pytest.mark.parametrize(
+    ("type_name", "values"),
+    [
+        ("text", ["", "a", "é ✓ 𝄞", None, "x" * 10_000]),
+        ("bytea", [b"", b"\x00\xff", None, bytes(range(256))]),
+        ("bigint", [0, -1, 2**63 - 1, -(2**63), None]),
+        ("float8", [0.0, -1.5, 1e308, math.inf, None]),
+        ("boolean", [True, False, None]),
+        ("text", []),
+    ],
+)
+def test_binary_arrays_read_back_exactly(type_name: str, values: list[Any]) -> None:
+    require_postgres()
+    array = binary_array(type_name, values)
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        # the server parses the bytes as the array type the oid names, and answers in text
+        res = conn.pgconn.exec_params(
+            f"SELECT $1::{type_name}[]".encode(), [array.data], [array.oid], [1], 0
+        )
+        assert res.status == psycopg.pq.ExecStatus.TUPLES_OK, res.error_message
+        text = res.get_value(0, 0)
+        assert text is not None
+        row = conn.execute(f"SELECT %s::text::{type_name}[]", [text.decode()]).fetchone()
+    assert row is not None
+    loaded = row[0]
+    assert loaded == values
+
+
+def test_a_group_commits_all_or_nothing_and_errors_keep_their_class(schema: str) -> None:
+    ins = f"INSERT INTO {schema}.t (k, n, b) VALUES (%s, %s, %s)"
+
+    async def body(conn: LoopConnection) -> None:
+        await conn.run([(ins, ["a", 1, b"x"]), (ins, ["b", 2, None])])
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            await conn.run([(ins, ["c", 3, b"y"]), (ins, ["a", 4, b"z"]), (ins, ["d", 5, None])])
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            await conn.run([(ins, ["e", 6, None]), ("SELECT 1 / %s", [0])])
+        # the connection goes on after a failed group, its statements still prepared
+        await conn.run([(ins, ["f", 7, b""])])
+        assert not conn.broken
+
+    _go(body)
+    assert _rows(schema) == [("a", 1, b"x"), ("b", 2, None), ("f", 7, b"")]
+
+
+def test_many_rows_as_binary_arrays_in_one_statement(schema: str) -> None:
+    rows = [(f"k{i:03}", i * 7 - 300, None if i % 3 == 0 else bytes([i])) for i in range(200)]
+    cols = list(zip(*rows, strict=True))
+    q = f"INSERT INTO {schema}.t SELECT * FROM unnest(%b::text[], %b::bigint[], %b::bytea[])"
+
+    async def body(conn: LoopConnection) -> None:
+        params = [
+            binary_array(t, c) for t, c in zip(("text", "bigint", "bytea"), cols, strict=True)
+        ]
+        await conn.run([(q, params)])
+
+    _go(body)
+    assert _rows(schema) == rows
+
+
+def test_a_connection_killed_under_a_waiting_write_fails_it(schema: str) -> None:
+    async def body(conn: LoopConnection) -> None:
+        pid = conn.backend_pid
+        with psycopg.connect(PG_URL, autocommit=True) as admin:
+            task = asyncio.create_task(conn.run([("SELECT pg_sleep(30)", [])]))
+            await asyncio.sleep(0.3)
+            admin.execute("SELECT pg_terminate_backend(%s)", [pid])
+            with pytest.raises(psycopg.OperationalError):
+                await asyncio.wait_for(task, 20)
+        assert conn.broken
+        with pytest.raises(psycopg.OperationalError):  # and says so to the next write
+            await conn.run([("SELECT 1", [])])
+
+    _go(body)
+
+
+def test_a_group_larger_than_the_socket_buffer_is_sent_whole(schema: str) -> None:
+    big = secrets.token_bytes(24 * 1024 * 1024)  # far past the kernel's socket buffer
+    ins = f"INSERT INTO {schema}.t (k, n, b) VALUES (%s, %s, %s)"
+
+    async def body(conn: LoopConnection) -> None:
+        await conn.run([(ins, ["big", 1, big]), (ins, ["small", 2, b"s"])])
+
+    _go(body)
+    assert _rows(schema) == [("big", 1, big), ("small", 2, b"s")]
+
+
+def test_a_connection_closed_from_another_thread_leaves_the_loop_clean(schema: str) -> None:
+    """The store closes its loop writer's connection from the closing thread; the next
+    connection the loop opens (often on the same descriptor) must work."""
+    ins = f"INSERT INTO {schema}.t (k, n, b) VALUES (%s, %s, %s)"
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for i in range(3):
+            conn = await LoopConnection.connect(PG_URL, {}, loop)
+            await conn.run([(ins, [f"k{i}", i, None])])
+            await asyncio.to_thread(conn.close)
+            assert conn.broken
+
+    asyncio.run(main())
+    assert [r[0] for r in _rows(schema)] == ["k0", "k1", "k2"]
