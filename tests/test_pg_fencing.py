@@ -200,10 +200,16 @@ def test_a_store_refuses_writes_for_a_lease_taken_over_then_forgets_the_fence(
             lambda: first.put_effects([effect(1, "first")]),
             lambda: first.put_run(run),
             lambda: first.append_events([EventRecord("fx", "e1", 2.0, "started", "")]),
+            # continue-as-new's reset, and a restart's delete, must not wipe the taker's
+            # history either
+            lambda: first.reset_run(RunRecord("fx", "wf", "running", 1.0, 2.0, generation=1), ()),
+            lambda: first.delete_run("fx"),
         ):
             with pytest.raises(RunLockedError, match=r"^run 'fx' lost its lease: "):
                 write()
         assert lost == ["lost"]
+        assert second.get_run("fx") is not None
+        assert {r.input_hash for r in second.load_effects(run_scope("fx"))} == {"h0", "h1"}
         (rec,) = [r for r in second.load_effects(run_scope("fx")) if r.input_hash == "h1"]
         assert rec.payload is not None and _codecs.decode(rec.payload, second.signer) == "second"
         assert second.load_events("fx") == []

@@ -80,6 +80,58 @@ def test_ctx_steps_statuses_and_events_do_not_block_the_loop(
         dn.set_store(":memory:")
 
 
+def test_signal_waits_and_interrupt_blocks_read_the_inbox_off_the_loop(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A signal wait polls the store's inbox; on PostgreSQL each poll is a round trip, so it
+    must not be made on the engine's thread, where every other run waits for it."""
+    store = PostgresStore(pg_url, key=PG_TEST_KEY)
+    on_engine: list[str] = []
+    reads = 0
+    for name in ("inbox_token", "list_signals"):
+        real = getattr(store, name)
+
+        def watched(run_id: str, _real: Any = real, _name: str = name) -> Any:
+            nonlocal reads
+            reads += 1
+            if threading.current_thread().name == "durable_nb-engine":
+                on_engine.append(_name)
+            return _real(run_id)
+
+        monkeypatch.setattr(store, name, watched)
+    dn.set_store(store)
+    dn.set_clock(None)
+
+    @dn.durable(name="wb.waits")
+    async def waits(ctx: dn.Context) -> Any:
+        try:
+            async with ctx.interrupt_on("stop"):
+                got = await ctx.wait_signal("go", timeout=60)
+                await ctx.sleep(60)
+        except dn.Interrupted as e:
+            return [got, e.payload]
+        return "not interrupted"
+
+    try:
+        job = dn.start(waits, run_id="waits")
+        client = dn.Client(store)
+        for _ in range(1200):
+            if store.get_run("waits") is not None:
+                break
+            threading.Event().wait(0.05)
+        client.signal("waits", "go", 1)
+        for _ in range(1200):  # until the wait took it: then the run sleeps in the block
+            if any(e.kind == "signal_received" for e in store.load_events("waits")):
+                break
+            threading.Event().wait(0.05)
+        client.signal("waits", "stop", {"why": "enough"})
+        assert job.result(timeout=60) == [1, {"why": "enough"}]
+        assert reads > 0
+        assert on_engine == []
+    finally:
+        dn.set_store(":memory:")
+
+
 def test_a_failed_write_behind_fails_the_run_and_history_stays_a_prefix(
     pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -314,7 +314,7 @@ class Context:
         await st.caught_up()  # what it wrote is durable before it may wait (looked at first)
         try:
             while True:
-                st.poll_inbox()
+                await st.refresh_inbox()
                 sig = st.take_signal(signame, deadline)
                 if sig is not None:
                     value = json.loads(sig.payload)

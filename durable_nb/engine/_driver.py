@@ -19,7 +19,6 @@ import functools
 import inspect
 import json
 import time
-from collections.abc import Callable
 from dataclasses import replace as _replace
 from typing import Any, TypeVar, cast
 
@@ -58,6 +57,7 @@ from ._runtime import (
     cancel_scope,
     current_scope,
     durable_write,
+    off_loop,
     running_loop,
     runtime,
     wait_written,
@@ -143,7 +143,7 @@ async def _drive(
         if lease is None:
             lease = await _acquire(job.run_id)
         lease.on_lost = functools.partial(_lease_lost, job, asyncio.get_running_loop())
-        rec = await _off_loop(_read_record, job.run_id, restart)
+        rec = await off_loop(_read_record, job.run_id, restart)
         if rec is not None:
             check_same_workflow(rec, wf)
         if rec is None:
@@ -175,7 +175,7 @@ async def _drive(
         new_generation = False
         while True:
             # reads and writes off the loop: the other runs on it go on meanwhile
-            history, token, signals = await _off_loop(_read_history, job.run_id)
+            history, token, signals = await off_loop(_read_history, job.run_id)
             now = clock.time()
             resumed = rec is not None and not new_generation
             if rec is None:
@@ -345,20 +345,10 @@ async def _poll_inbox(job: Job[Any]) -> None:
         state = job._state
         if state is None or time.monotonic() - state.last_poll < INBOX_POLL:
             continue
-        state.last_poll = time.monotonic()
         try:
-            # off the loop: a read is a round trip (PostgreSQL), or may wait while another
-            # process holds a DuckDB file
-            token = await _off_loop(runtime.store.inbox_token, state.run_id)
-            if token == state.inbox_token:
-                continue
-            signals = await asyncio.to_thread(runtime.store.list_signals, state.run_id)
+            await state.refresh_inbox()
         except Exception:  # a store hiccup (a busy file): the next round tries again
             continue
-        if job._state is state:
-            state.inbox_token = token
-            for sig in signals:
-                state.deliver(sig)
 
 
 def call_of(wf: Workflow[..., Any], bound: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -447,7 +437,7 @@ async def _next_generation(
         updated_at=runtime.clock.time(),
     )
     await state.caught_up()
-    await _off_loop(store.reset_run, new, consumed)
+    await off_loop(store.reset_run, new, consumed)
     return new_wf, args, kwargs, new
 
 
@@ -575,14 +565,6 @@ async def _release(lease: RunLease) -> None:
 def _opened(job: Job[Any]) -> None:
     if job._opened is not None and not job._opened.done():
         job._opened.set_result(None)
-
-
-async def _off_loop(fn: Callable[..., R], *args: Any) -> R:
-    """Call the store off the loop when a call is a round trip (``Store.remote``), so the
-    other runs on the loop go on meanwhile; a local store is called right here."""
-    if runtime.store.remote:
-        return await asyncio.to_thread(fn, *args)
-    return fn(*args)
 
 
 def _read_record(run_id: str, restart: bool) -> RunRecord | None:

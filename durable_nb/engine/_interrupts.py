@@ -62,7 +62,7 @@ class CutBlock:
         """The block's error, from the value its cut recorded."""
         raise NotImplementedError
 
-    def _go_live(self) -> None:
+    async def _go_live(self) -> None:
         """Start watching for the cut (may cut at once, raising)."""
         raise NotImplementedError
 
@@ -111,7 +111,7 @@ class CutBlock:
             self.replay = err
         else:
             self.task = asyncio.current_task()
-            self._go_live()
+            await self._go_live()
         self.parent = active_interrupt.get()
         self._token = active_interrupt.set(self)
         return self
@@ -175,9 +175,9 @@ class InterruptBlock(CutBlock):
             f"(payload {payload!r:.200})",
         )
 
-    def _go_live(self) -> None:
+    async def _go_live(self) -> None:
         st = self.state
-        st.poll_inbox()
+        await st.refresh_inbox()
         sig = st.take_signal(self.name, None)
         if sig is not None:  # already waiting: the block is interrupted before it starts
             raise self._consume(sig, at_enter=True)
@@ -243,7 +243,7 @@ class TimeoutBlock(CutBlock):
         detail = TimeoutDetail(timeout=self.seconds, at=iso_time(now))
         return self._record_cut({"at_enter": at_enter, "at": now}, detail_text(detail))
 
-    def _go_live(self) -> None:
+    async def _go_live(self) -> None:
         clock = runtime.clock
         if self.deadline - clock.time() <= 0:  # it passed while no process ran the run
             raise self._expire(at_enter=True)

@@ -24,7 +24,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar
 
 from .._journal import SHARED_SCOPE, TOP_SCOPE_PREFIX
@@ -51,6 +51,7 @@ __all__ = [
     "cancelled",
     "current_scope",
     "durable_write",
+    "off_loop",
     "runtime",
     "wait_written",
 ]
@@ -475,6 +476,19 @@ def durable_write(
     )
     store.submit(done, effects=effects, runs=runs, events=events, loop=mine)
     return written
+
+
+async def off_loop(fn: Callable[..., T], *args: Any) -> T:
+    """Call the store off the loop when a call is a round trip (``Store.remote``), so the
+    other runs on the loop go on meanwhile; a local store is called right here. A fake
+    clock's time stands still while the call is under way, as for a write."""
+    if not runtime.store.remote:
+        return fn(*args)
+    writes.started()
+    try:
+        return await asyncio.to_thread(fn, *args)
+    finally:
+        writes.ended()
 
 
 async def wait_written(written: Written) -> None:

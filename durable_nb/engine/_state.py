@@ -50,6 +50,7 @@ from ._runtime import (
     Written,
     cancel_scope,
     durable_write,
+    off_loop,
     runtime,
     wait_written,
 )
@@ -625,6 +626,19 @@ class RunState:
             return
         self.inbox_token = token
         for sig in runtime.store.list_signals(self.run_id):
+            self.deliver(sig)
+
+    async def refresh_inbox(self) -> None:
+        """:meth:`poll_inbox` from a coroutine: a remote store's round trips go off the loop,
+        so the other runs on it go on meanwhile. Two polls that overlap deliver a signal once
+        (by its id)."""
+        self.last_poll = time.monotonic()
+        token = await off_loop(runtime.store.inbox_token, self.run_id)
+        if token == self.inbox_token:
+            return
+        signals = await off_loop(runtime.store.list_signals, self.run_id)
+        self.inbox_token = token  # read before the signals: one sent meanwhile shows next
+        for sig in signals:
             self.deliver(sig)
 
     def request_cancel(self, reason: str) -> None:

@@ -613,6 +613,10 @@ class PostgresStore(PgQueues):
         run_ids.update(event.run_id for event in events)
         return sorted({t for r in run_ids if r is not None and (t := fences.get(r)) is not None})
 
+    def _fence_of_run(self, run_id: str) -> list[str]:
+        token = self._fences.get(run_id)
+        return [] if token is None else [token]
+
     def _fenced_done(self, fence: list[str], done: Done) -> Done:
         if not fence:
             return done
@@ -822,6 +826,7 @@ class PostgresStore(PgQueues):
 
     def delete_run(self, run_id: str) -> bool:
         q = self._q
+        fence = self._fence_of_run(run_id)
 
         def delete(conn: _Conn) -> bool:
             with conn.transaction():
@@ -829,13 +834,15 @@ class PostgresStore(PgQueues):
                 for name in ("delete_signals", "delete_inbox", "delete_events"):
                     conn.execute(q[name], [run_id])
                 conn.execute(q["delete_scopes"], [list(run_scopes(run_id))])
+                self._check_fence(conn, fence)
             return existed
 
-        return self._call(delete)
+        return self._fenced_call(delete, fence)
 
     def _reset_run(self, run: RunRecord, consumed_signals: tuple[str, ...]) -> None:
         q, params = self._q, (*self._run_row(run), self._channel)
         consumed = list(consumed_signals)
+        fence = self._fence_of_run(run.run_id)
 
         def reset(conn: _Conn) -> None:
             with conn.transaction():
@@ -843,8 +850,24 @@ class PostgresStore(PgQueues):
                 conn.execute(q["delete_effects"], [run_scope(run.run_id)])
                 if consumed:
                     conn.execute(q["delete_some_signals"], [run.run_id, consumed])
+                self._check_fence(conn, fence)
 
-        self._call(reset)
+        self._fenced_call(reset, fence)
+
+    def _check_fence(self, conn: _Conn, fence: list[str]) -> None:
+        """Last in a transaction that rewrites or deletes a run this store holds: it fails
+        (and with it everything the transaction did) unless the lease is still live, and
+        holds the lease row until the commit, as the group writes do (``Sql.fence``)."""
+        if fence:
+            conn.execute(self._q["fence"], [len(fence), " ".join(fence)])
+
+    def _fenced_call(self, fn: Callable[[_Conn], _T], fence: list[str]) -> _T:
+        try:
+            return self._call(fn)
+        except RunLockedError as e:
+            if not fence:
+                raise
+            raise self._refused(fence, e) from e.__cause__
 
     # ------------------------------------------------------------------ leases
     def _holder_info(self) -> str:
