@@ -36,7 +36,7 @@ from psycopg import sql
 import durable_nb as dn
 from durable_nb import _codecs
 from durable_nb.errors import RunLockedError, StoreUnavailableError
-from durable_nb.store._pg_commit import GroupCommit, LoopCommit
+from durable_nb.store._pg_commit import LOOP_GROUP, GroupCommit, LoopCommit
 from durable_nb.store._pg_session import TAKEOVER_GRACE
 from durable_nb.store._postgres import PostgresStore
 
@@ -450,6 +450,45 @@ def test_fifty_runs_with_a_failing_batch_lose_nothing_a_workflow_saw(
             assert dn.run(wf, run_id=run_id) == 45
         assert {key: executed[key] for key in saw_before} == {key: 1 for key in saw_before}
         assert sorted(executed) == sorted((r, i) for r in ids for i in range(10))
+    finally:
+        dn.set_store(":memory:")
+
+
+def test_concurrent_runs_share_commits_in_groups_the_loop_can_overlap(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """100 runs whose effects complete together: their records share commits (far fewer
+    groups than writes), no group holds more than LOOP_GROUP writes (so the loop executes
+    one part of the runs while the server commits another), and every record is stored."""
+    store = PostgresStore(pg_url, key=PG_TEST_KEY)
+    dn.set_store(store)
+    dn.set_clock(None)
+    sizes: list[int] = []
+    on_loop = LoopCommit._write_group
+
+    async def counted(writer: LoopCommit, group: Any) -> None:
+        sizes.append(len(group))
+        await on_loop(writer, group)
+
+    monkeypatch.setattr(LoopCommit, "_write_group", counted)
+
+    @dn.effect(name="gc.share")
+    async def share(run_id: str, i: int) -> int:
+        return i
+
+    @dn.durable(name="gc.sharing")
+    async def sharing(ctx: dn.Context) -> int:
+        return sum([await share(ctx.run_id, i) for i in range(5)])
+
+    try:
+        jobs = [dn.start(sharing, run_id=f"s{k}") for k in range(100)]
+        assert [job.result(timeout=120) for job in jobs] == [10] * 100
+        writes = sum(sizes)
+        assert writes >= 500  # five effects a run, and the runs' own records
+        assert max(sizes) <= LOOP_GROUP
+        assert len(sizes) < writes / 4, sizes
+        stored = [r for k in range(100) for r in store.load_effects(f"run/s{k}")]
+        assert len([r for r in stored if r.identity == "gc.share"]) == 500
     finally:
         dn.set_store(":memory:")
 

@@ -33,6 +33,9 @@ __all__ = ["Done", "GroupCommit", "LoopCommit", "Sql"]
 
 _log = logging.getLogger(__name__)
 
+#: the most writes :class:`LoopCommit` puts in one group (see ``_serve``)
+LOOP_GROUP = 32
+
 #: told the outcome of a write: None once it is durable, else the error (already translated)
 Done = WriteDone
 _Conn = psycopg.Connection[tuple[Any, ...]]
@@ -284,7 +287,10 @@ class LoopCommit:
         group: list[_Write] = []
         try:
             while self._queue:
-                group, self._queue = self._queue, []
+                # at most LOOP_GROUP writes a group: runs woken by one commit all write at
+                # once, and in one group the loop would sit idle while it commits; in two,
+                # it executes the runs of one while the server commits the other
+                group, self._queue = self._queue[:LOOP_GROUP], self._queue[LOOP_GROUP:]
                 await self._commit(group)
         except BaseException:  # cancelled with its loop: nobody is told twice or never
             cut = self._translate(psycopg.InterfaceError("the write was interrupted"))
