@@ -132,6 +132,60 @@ def test_signal_waits_and_interrupt_blocks_read_the_inbox_off_the_loop(
         dn.set_store(":memory:")
 
 
+def test_runs_waiting_on_one_loop_poll_their_inboxes_in_one_read(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """20 runs wait for signals from another process: the loop's poller asks the store for
+    all their inbox tokens in one call each round, not one round trip per run, and a signal
+    sent from another store object (another process's) still reaches every run."""
+    store = PostgresStore(pg_url, key=PG_TEST_KEY)
+    batches: list[list[str]] = []
+    singles: list[str] = []
+    tokens, token = store.inbox_tokens, store.inbox_token
+
+    def many(run_ids: Any) -> Any:
+        batches.append(list(run_ids))
+        return tokens(run_ids)
+
+    def one(run_id: str) -> Any:
+        singles.append(run_id)
+        return token(run_id)
+
+    monkeypatch.setattr(store, "inbox_tokens", many)
+    monkeypatch.setattr(store, "inbox_token", one)
+    dn.set_store(store)
+    dn.set_clock(None)
+
+    @dn.durable(name="wb.waiter")
+    async def waiter(ctx: dn.Context) -> Any:
+        return await ctx.wait_signal("go")
+
+    ids = [f"w{k:02}" for k in range(20)]
+    other = PostgresStore(pg_url, key=PG_TEST_KEY)
+    try:
+        jobs = [dn.start(waiter, run_id=r) for r in ids]
+        for _ in range(1200):  # until every run waits
+            if all((rec := store.get_run(r)) and rec.status == "waiting" for r in ids):
+                break
+            threading.Event().wait(0.05)
+        singles.clear()
+        batches.clear()
+        for _ in range(1200):  # until two rounds of the poller asked
+            if len(batches) >= 2:
+                break
+            threading.Event().wait(0.05)
+        assert len(batches) >= 2
+        assert all(sorted(b) == ids for b in batches[:2]), batches
+        assert singles == []  # nothing changed: no run asked on its own
+        client = dn.Client(other)
+        for k, r in enumerate(ids):
+            client.signal(r, "go", k)
+        assert [job.result(timeout=60) for job in jobs] == list(range(20))
+    finally:
+        other.close()
+        dn.set_store(":memory:")
+
+
 def test_a_failed_write_behind_fails_the_run_and_history_stays_a_prefix(
     pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -134,6 +134,19 @@ def test_signals_in_order_and_inbox_token_changes(store: Store) -> None:
     assert store.inbox_token("r1") != before
 
 
+def test_inbox_tokens_read_many_runs_as_inbox_token_reads_one(store: Store) -> None:
+    before = store.inbox_tokens(["r1", "r2", "r3"])
+    assert before == {r: store.inbox_token(r) for r in ("r1", "r2", "r3")}
+    store.add_signal(SignalRecord("r2", "a", "go", "1", 1.0))
+    after = store.inbox_tokens(["r3", "r2", "r1", "r2"])
+    assert list(after) == ["r3", "r2", "r1"]  # each once, in the order asked
+    assert after["r2"] != before["r2"]
+    assert (after["r1"], after["r3"]) == (before["r1"], before["r3"])
+    assert store.inbox_tokens([]) == {}
+    with pytest.raises(ArgumentTypeError, match=r"^run_ids must be a list of run ids"):
+        store.inbox_tokens("r1")
+
+
 def test_events_in_time_order(store: Store) -> None:
     store.append_events(
         [EventRecord("r1", "e2", 2.0, "completed"), EventRecord("r1", "e1", 1.0, "started")]

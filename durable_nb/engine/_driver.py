@@ -19,6 +19,7 @@ import functools
 import inspect
 import json
 import time
+import weakref
 from dataclasses import replace as _replace
 from typing import Any, TypeVar, cast
 
@@ -136,7 +137,7 @@ async def _drive(
     merged, so whoever sees the result can start the run again."""
     store, clock = runtime.store, runtime.clock
     state: RunState | None = None
-    poller: asyncio.Future[None] | None = None
+    poller: _InboxPoller | None = None
     outcome: tuple[bool, Any] | None = None  # (ok, value or exception)
     claimed = lease is not None  # a worker's claim: nobody waits here to fix a failed start
     try:
@@ -171,7 +172,7 @@ async def _drive(
             outcome = outcome_of_record(rec)
             if outcome is not None:
                 return  # ended with these arguments and this code: its recorded outcome
-        poller = asyncio.ensure_future(_poll_inbox(job))
+        poller = _poll_inbox(job)
         new_generation = False
         while True:
             # reads and writes off the loop: the other runs on it go on meanwhile
@@ -290,7 +291,7 @@ async def _drive(
     finally:
         _opened(job)
         if poller is not None:
-            poller.cancel()
+            poller.discard(job)
         try:
             if state is not None:  # its records written behind are durable before it ends
                 with contextlib.suppress(Exception):
@@ -336,19 +337,61 @@ def fail_unstarted(run_id: str, e: Exception) -> None:
             store.put_run(rec)
 
 
-async def _poll_inbox(job: Job[Any]) -> None:
-    """While a run executes, pick up what other processes send it (signals, queue messages,
-    a cancel) even when it is busy in a long effect: a cheap check of the store's inbox
-    token every half second."""
-    while True:
-        await asyncio.sleep(INBOX_POLL)
-        state = job._state
-        if state is None or time.monotonic() - state.last_poll < INBOX_POLL:
-            continue
-        try:
-            await state.refresh_inbox()
-        except Exception:  # a store hiccup (a busy file): the next round tries again
-            continue
+class _InboxPoller:
+    """While runs execute on a loop, pick up what other processes send them (signals, queue
+    messages, a cancel) even when they are busy in long effects: every half second, one
+    store call reads the inbox tokens of all of them (one round trip on PostgreSQL, whatever
+    the number of runs), and a run whose token changed reads its signals."""
+
+    def __init__(self) -> None:
+        self.jobs: set[Job[Any]] = set()
+        self.task: asyncio.Future[None] | None = None
+
+    def add(self, job: Job[Any]) -> None:
+        self.jobs.add(job)
+        if self.task is None or self.task.done():
+            self.task = asyncio.ensure_future(self._serve())
+
+    def discard(self, job: Job[Any]) -> None:
+        self.jobs.discard(job)
+        if not self.jobs and self.task is not None:  # no sleeping task left behind
+            self.task.cancel()
+            self.task = None
+
+    async def _serve(self) -> None:
+        while self.jobs:
+            await asyncio.sleep(INBOX_POLL)
+            now = time.monotonic()
+            due = [
+                state
+                for job in list(self.jobs)
+                if (state := job._state) is not None and now - state.last_poll >= INBOX_POLL
+            ]
+            if not due:
+                continue
+            try:
+                tokens = await off_loop(runtime.store.inbox_tokens, [s.run_id for s in due])
+            except Exception:  # a store hiccup (a busy file): the next round tries again
+                continue
+            for state in due:
+                state.last_poll = now
+                if tokens.get(state.run_id) != state.inbox_token:
+                    with contextlib.suppress(Exception):  # likewise
+                        await state.refresh_inbox()
+
+
+#: the inbox poller of each loop runs execute on (the engine's, a worker's)
+_pollers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _InboxPoller] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _poll_inbox(job: Job[Any]) -> _InboxPoller:
+    poller = _pollers.get(loop := asyncio.get_running_loop())
+    if poller is None:
+        poller = _pollers[loop] = _InboxPoller()
+    poller.add(job)
+    return poller
 
 
 def call_of(wf: Workflow[..., Any], bound: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -61,6 +61,20 @@ def _time_or_none(name: str, value: object) -> None:
         raise ArgumentTypeError(f"{name} must be a time in epoch seconds or None, got {value!r}")
 
 
+def _run_ids(run_ids: object) -> list[str]:
+    """``run_ids`` checked (a sequence of str), without repeats, in order."""
+    if isinstance(run_ids, str) or not isinstance(run_ids, Sequence):
+        raise ArgumentTypeError(
+            f"run_ids must be a list of run ids, got {type(run_ids).__name__} {run_ids!r}"
+        )
+    for run_id in run_ids:
+        if not isinstance(run_id, str):
+            raise ArgumentTypeError(
+                f"run_ids must hold str run ids, got {type(run_id).__name__} {run_id!r}"
+            )
+    return list(dict.fromkeys(run_ids))
+
+
 class StoreBase:
     """The checked public calls every store shares; see the module docstring."""
 
@@ -88,16 +102,7 @@ class StoreBase:
         submit_now(self, done, effects, runs, events)  # type: ignore[arg-type]
 
     def get_runs(self, run_ids: Sequence[str]) -> dict[str, RunRecord]:
-        if isinstance(run_ids, str) or not isinstance(run_ids, Sequence):
-            raise ArgumentTypeError(
-                f"run_ids must be a list of run ids, got {type(run_ids).__name__} {run_ids!r}"
-            )
-        for run_id in run_ids:
-            if not isinstance(run_id, str):
-                raise ArgumentTypeError(
-                    f"run_ids must hold str run ids, got {type(run_id).__name__} {run_id!r}"
-                )
-        return self._get_runs(list(dict.fromkeys(run_ids)))
+        return self._get_runs(_run_ids(run_ids))
 
     def _get_runs(self, run_ids: list[str]) -> dict[str, RunRecord]:
         got = {}
@@ -106,6 +111,12 @@ class StoreBase:
             if rec is not None:
                 got[run_id] = rec
         return got
+
+    def inbox_tokens(self, run_ids: Sequence[str]) -> dict[str, object]:
+        return self._inbox_tokens(_run_ids(run_ids))
+
+    def _inbox_tokens(self, run_ids: list[str]) -> dict[str, object]:
+        return {run_id: self.inbox_token(run_id) for run_id in run_ids}  # type: ignore[attr-defined]
 
     def list_runs(
         self,

@@ -1,4 +1,5 @@
-"""The PostgreSQL store's queues, sessions and workers (:class:`~._queues.WorkQueues`).
+"""The PostgreSQL store's queues, sessions and workers (:class:`~._queues.WorkQueues`),
+and the shared limits of effects (``dn.limit``), which count in the same tables.
 
 * **Routes.** A run queued with a queue, a priority, a dedup id or a session has a row in
   ``dn_routes`` (deleted with the run). ``queue_run`` writes the run and its route in one
@@ -24,6 +25,7 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+import psycopg
 from psycopg import sql
 
 from .._journal import FINAL_STATUSES
@@ -37,6 +39,7 @@ from ._queues import DEFAULT_QUEUE, Node, QueueSpec, Route
 __all__ = ["PgQueues", "queue_statements"]
 
 _T = TypeVar("_T")
+_Conn = psycopg.Connection[tuple[Any, ...]]
 _BATCH = 8  # candidates locked per claim attempt
 _RATE_PREFIX = "queue/"  # a queue's starts in dn_limit_starts: "queue/<name>"
 
@@ -161,6 +164,7 @@ class PgQueues(StoreBase):
     _q: dict[str, str]
     _channel: str
     _lease_seconds: float
+    _schema: str
 
     # provided by the store ---------------------------------------------------------------
     def _call(self, fn: Callable[[Any], _T]) -> _T:
@@ -184,6 +188,78 @@ class PgQueues(StoreBase):
 
     def _run_from_row(self, r: Sequence[Any]) -> RunRecord:
         raise NotImplementedError
+
+    # shared limits (``dn.limit``: effects' rate and concurrency limits) ------------------
+    def limit_take(
+        self,
+        name: str,
+        slot: str,
+        concurrency: int | None,
+        calls: int | None,
+        window: float | None,
+        hold: float,
+    ) -> float | None:
+        s = sql.Identifier(self._schema)
+
+        def take(conn: _Conn) -> float | None:
+            with conn.transaction():
+                # one taker per limit name at a time, in every process: count, then insert
+                conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtextextended(%s, 1))",
+                    ["durable_nb limit " + name],
+                )
+                row = conn.execute("SELECT extract(epoch FROM clock_timestamp())").fetchone()
+                now = float(row[0]) if row else 0.0
+                if concurrency is not None:
+                    conn.execute(
+                        sql.SQL(
+                            "DELETE FROM {}.dn_limit_slots WHERE name = %s "
+                            "AND expires_at <= clock_timestamp()"
+                        ).format(s),
+                        [name],
+                    )
+                    held = conn.execute(
+                        sql.SQL("SELECT count(*) FROM {}.dn_limit_slots WHERE name = %s").format(s),
+                        [name],
+                    ).fetchone()
+                    if held is not None and int(held[0]) >= concurrency:
+                        return 0.0
+                if calls is not None and window is not None:
+                    conn.execute(
+                        sql.SQL(
+                            "DELETE FROM {}.dn_limit_starts WHERE name = %s AND at <= %s"
+                        ).format(s),
+                        [name, now - window],
+                    )
+                    got = conn.execute(
+                        sql.SQL(
+                            "SELECT count(*), min(at) FROM {}.dn_limit_starts WHERE name = %s"
+                        ).format(s),
+                        [name],
+                    ).fetchone()
+                    if got is not None and int(got[0]) >= calls:
+                        return max(float(got[1]) + window - now, 1e-3)
+                    conn.execute(
+                        sql.SQL("INSERT INTO {}.dn_limit_starts VALUES (%s, %s)").format(s),
+                        [name, now],
+                    )
+                if concurrency is not None:
+                    conn.execute(
+                        sql.SQL(
+                            "INSERT INTO {}.dn_limit_slots VALUES "
+                            "(%s, %s, clock_timestamp() + make_interval(secs => %s))"
+                        ).format(s),
+                        [name, slot, float(hold)],
+                    )
+                return None
+
+        return self._call(take)
+
+    def limit_give(self, name: str, slot: str) -> None:
+        q = sql.SQL("DELETE FROM {}.dn_limit_slots WHERE name = %s AND slot = %s").format(
+            sql.Identifier(self._schema)
+        )
+        self._call(lambda conn: conn.execute(q, [name, slot]))
 
     # queues ------------------------------------------------------------------------------
     def put_queue(self, spec: QueueSpec) -> None:

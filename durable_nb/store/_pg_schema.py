@@ -276,6 +276,7 @@ def statements(schema: str) -> dict[str, str]:
         "list_signals": f"SELECT run_id, signal_id, name, payload, sent_at FROM {s}.dn_signals "
         "WHERE run_id = %s ORDER BY sent_at, signal_id",
         "inbox_token": f"SELECT token FROM {s}.dn_inbox WHERE run_id = %s",
+        "inbox_tokens": f"SELECT run_id, token FROM {s}.dn_inbox WHERE run_id = ANY(%s)",
         "put_event": upsert(
             "dn_events", ("run_id", "event_id", "ts", "kind", "data"), ("run_id", "event_id")
         ),

@@ -14,7 +14,9 @@ What the Store protocol asks, and how this store keeps it:
 * **Durable on return, shared round trips.** Effect, run and event records go through one
   writer thread per store (``_pg_commit``): writes that arrive while it commits share the
   next transaction (group commit), and each caller is answered once its transaction
-  committed. ``submit`` is the same without waiting (the engine's loop awaits the answer).
+  committed. ``submit`` is the same without waiting; from the engine's loop it goes through
+  a connection of the loop's own (``_pg_commit.LoopCommit`` over ``_pg_wire``), and the
+  loop awaits the answer.
 * **One executor per run.** A lease row ``(run_id, token, owner, expires_at)``, taken with
   one upsert that succeeds only if there is no row or it expired by the database's clock; a
   background thread renews every lease this store holds each ``lease_seconds / 3``. The
@@ -43,38 +45,34 @@ What the Store protocol asks, and how this store keeps it:
   recorded in ``dn_migrations``; a schema written by a newer durable_nb is refused with
   ``StoreVersionError``.
 
-Only this module imports psycopg. Every value reaches SQL as a parameter; the schema name,
-the only identifier that varies, is validated and quoted.
+The rest of the store lives beside this module: its URL and key (``_pg_url``), its
+statements (``_pg_schema``), leases, claims and fencing (``_pg_leases``), queues, sessions
+and shared limits (``_pg_queues``), group commit (``_pg_commit``, ``_pg_wire``) and the
+liveness session (``_pg_session``); only these modules import psycopg. Every value reaches
+SQL as a parameter; the schema name, the only identifier that varies, is validated and
+quoted.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import hashlib
-import json
 import logging
 import math
-import os
-import re
-import secrets
-import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from .._arrow_ipc import ipc_bytes, read_ipc
-from .._journal import run_of_scope, run_scope
+from .._journal import run_scope
 from ..errors import (
     ArgumentError,
-    ArgumentTypeError,
     RunLockedError,
     StoreError,
     StoreUnavailableError,
@@ -82,6 +80,7 @@ from ..errors import (
 from . import _migrations, _rows
 from ._base import RunQuery
 from ._pg_commit import Done, GroupCommit, LoopCommit, Sql, Statement
+from ._pg_leases import PgLeases, WorkSignal
 from ._pg_queues import PgQueues, queue_statements
 from ._pg_schema import (
     BOOKKEEPING,
@@ -91,9 +90,9 @@ from ._pg_schema import (
     SCHEMA_VERSION,
     statements,
 )
-from ._pg_session import TAKEOVER_GRACE, Session, session_key_of
+from ._pg_session import TAKEOVER_GRACE, Session
+from ._pg_url import DEFAULT_SCHEMA, lease_from_url, resolve_key, split_url
 from ._protocol import RunLease, run_scopes
-from ._queues import Node, Route
 
 if TYPE_CHECKING:
     from .._codecs import Payload
@@ -104,107 +103,6 @@ __all__ = ["DEFAULT_SCHEMA", "MIGRATIONS", "SCHEMA_VERSION", "PostgresStore"]
 _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 _Conn = psycopg.Connection[tuple[Any, ...]]
-_Claimed = tuple["RunRecord", RunLease, "Route | None"]
-
-DEFAULT_SCHEMA = "durable_nb"
-_SCHEMA_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_MIN_KEY = 16
-#: seconds between two looks for runs held by processes that died, by one store's claims:
-#: the look probes the session lock of every live lease, and idle workers are woken by every
-#: queued run and every released lease (4 workers looked ~30 times a run without a limit)
-_CONDEMN_EVERY = 1.0
-
-
-def _check_schema(schema: object) -> str:
-    if not isinstance(schema, str):
-        raise ArgumentTypeError(
-            f"schema must be a str naming a PostgreSQL schema, got {type(schema).__name__} "
-            f"{schema!r}"
-        )
-    if (
-        not _SCHEMA_RE.fullmatch(schema)
-        or len(schema) > 63
-        or schema.lower().startswith("pg_")
-        or schema.lower() == "information_schema"
-    ):
-        raise ArgumentError(
-            f"schema must be a plain PostgreSQL identifier (a letter or '_', then letters, "
-            f"digits or '_', at most 63 characters, not starting with 'pg_'), got {schema!r}; "
-            "pick a name like 'durable_nb' or 'team_ml'"
-        )
-    return schema
-
-
-def _split_url(url: str, schema: str | None) -> tuple[str, str, str]:
-    """``(conninfo for libpq, schema, url to show)``: ``?schema=`` is ours, not libpq's,
-    and the shown url has no password."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    in_url = [v for k, v in query if k == "schema"]
-    rest = [(k, v) for k, v in query if k != "schema"]
-    if len(in_url) > 1:
-        raise ArgumentError(f"the store URL names more than one schema: {in_url!r}; keep one")
-    if in_url and schema is not None and in_url[0] != schema:
-        raise ArgumentError(
-            f"the store URL says schema={in_url[0]!r} but schema={schema!r} was passed; "
-            "give the schema once"
-        )
-    name = _check_schema(in_url[0] if in_url else schema if schema is not None else DEFAULT_SCHEMA)
-    conninfo = urlunsplit(parts._replace(query=urlencode(rest)))
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        netloc = userinfo.partition(":")[0] + "@" + hostport
-    shown = [(k, v) for k, v in rest if k != "password"]
-    if name != DEFAULT_SCHEMA:
-        shown.append(("schema", name))
-    return conninfo, name, urlunsplit(parts._replace(netloc=netloc, query=urlencode(shown)))
-
-
-def _lease_from_url(url: str, lease_seconds: float) -> tuple[str, float]:
-    """``?lease_seconds=S`` in the URL (ours, not libpq's) wins over the argument, so a
-    worker started by URL alone (``durable-nb worker --store ...``) can set it."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    given = [v for k, v in query if k == "lease_seconds"]
-    if not given:
-        return url, lease_seconds
-    try:
-        value = float(given[-1])
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value <= 0:
-        raise ArgumentError(
-            f"lease_seconds in the store URL must be a number of seconds > 0, got {given[-1]!r}"
-        )
-    rest = [(k, v) for k, v in query if k != "lease_seconds"]
-    return urlunsplit(parts._replace(query=urlencode(rest))), value
-
-
-def _resolve_key(key: bytes | str | None) -> bytes | None:
-    if key is None:
-        env = os.environ.get("DURABLE_NB_KEY")
-        if not env:
-            return None
-        if len(env.encode()) < _MIN_KEY:
-            raise ArgumentError(
-                f"DURABLE_NB_KEY must be at least {_MIN_KEY} characters long, got "
-                f"{len(env.encode())}; set it to a long random secret, e.g. the output of "
-                "`python -c 'import secrets; print(secrets.token_hex(32))'`"
-            )
-        return env.encode()
-    if isinstance(key, str):
-        key = key.encode()
-    if not isinstance(key, bytes | bytearray):
-        raise ArgumentTypeError(
-            f"key must be bytes or str (the team's signing key), got {type(key).__name__}"
-        )
-    if len(key) < _MIN_KEY:
-        raise ArgumentError(
-            f"key must be at least {_MIN_KEY} bytes long, got {len(key)} bytes; "
-            "use e.g. secrets.token_bytes(32)"
-        )
-    return bytes(key)
 
 
 def _payload(codec: str | None, data: bytes | None, table_ipc: bytes | None) -> Payload | None:
@@ -233,39 +131,7 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-class _WorkSignal:
-    """Wake-ups for ``wait_for_work``, never missed: a counter each waiting thread compares
-    with the value it saw last (an Event cleared by one waiter would hide a wake-up from
-    another thread of the same process, such as a worker and a job watcher). ``claimable``
-    counts the wake-ups that may mean a run to claim (not a run that ended, not a signal)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._seq = 0
-        self.claimable = 0
-        self._seen = threading.local()
-
-    def set(self, claimable: bool = True) -> None:
-        with self._cond:
-            self._seq += 1
-            self.claimable += claimable
-            self._cond.notify_all()
-
-    def mark(self) -> None:
-        """This thread has looked for work now: a wake-up after this ends its next wait."""
-        with self._cond:
-            self._seen.seq = self._seq
-
-    def wait(self, timeout: float) -> None:
-        with self._cond:
-            seen = getattr(self._seen, "seq", None)
-            if seen is None or seen == self._seq:
-                start = self._seq
-                self._cond.wait_for(lambda: self._seq != start, timeout)
-            self._seen.seq = self._seq
-
-
-class PostgresStore(PgQueues):
+class PostgresStore(PgLeases, PgQueues):
     """Runs and effects in a PostgreSQL schema, shared by processes and machines.
 
     See the module docstring. ``lease_seconds``: how long a run stays owned by a holder
@@ -302,9 +168,9 @@ class PostgresStore(PgQueues):
                 raise ArgumentError(f"{name} must be a number of seconds > 0, got {value!r}")
         if not isinstance(pool_size, int) or isinstance(pool_size, bool) or pool_size < 1:
             raise ArgumentError(f"pool_size must be an int >= 1, got {pool_size!r}")
-        url, lease_seconds = _lease_from_url(url, lease_seconds)
-        self._conninfo, self._schema, self._url = _split_url(url, schema)
-        raw_key = _resolve_key(key)
+        url, lease_seconds = lease_from_url(url, lease_seconds)
+        self._conninfo, self._schema, self._url = split_url(url, schema)
+        raw_key = resolve_key(key)
         self._signer = (
             Signer(raw_key)
             if raw_key is not None
@@ -336,7 +202,7 @@ class PostgresStore(PgQueues):
         # until when) after it found nothing
         self._idle: dict[tuple[str | None, ...], tuple[int, float]] = {}
         self._stop = threading.Event()
-        self._work = _WorkSignal()
+        self._work = WorkSignal()
         self._heartbeat: threading.Thread | None = None
         self._listener: threading.Thread | None = None
         name = f"durable_nb-pg-{self._schema}"
@@ -593,63 +459,6 @@ class PostgresStore(PgQueues):
         except RunLockedError as e:
             raise self._refused(fence, e) from e.__cause__
 
-    # ------------------------------------------------------------------ fencing
-    def _fence_of(
-        self,
-        effects: Sequence[EffectRecord] = (),
-        runs: Sequence[RunRecord] = (),
-        events: Sequence[EventRecord] = (),
-    ) -> list[str]:
-        """The lease tokens a write depends on: those of the runs whose records it holds
-        that this store took a lease for (others' writes, e.g. queueing a run, are free)."""
-        fences = self._fences
-        if not fences:
-            return []
-        if len(effects) == 1 and not runs and not events:  # an effect's record: most writes
-            token = fences.get(run_of_scope(effects[0].scope) or "")
-            return [] if token is None else [token]
-        run_ids = {run_of_scope(rec.scope) for rec in effects}
-        run_ids.update(run.run_id for run in runs)
-        run_ids.update(event.run_id for event in events)
-        return sorted({t for r in run_ids if r is not None and (t := fences.get(r)) is not None})
-
-    def _fence_of_run(self, run_id: str) -> list[str]:
-        token = self._fences.get(run_id)
-        return [] if token is None else [token]
-
-    def _fenced_done(self, fence: list[str], done: Done) -> Done:
-        if not fence:
-            return done
-
-        def told(error: BaseException | None) -> None:
-            if isinstance(error, RunLockedError):
-                error = self._refused(fence, error)
-            done(error)
-
-        return told
-
-    def _refused(self, fence: list[str], error: RunLockedError) -> RunLockedError:
-        """A write the server refused because a lease it depends on is not live any more:
-        the runs of those leases stop here (another process may hold them), and the error
-        names them."""
-        runs = sorted({r for r, t in list(self._fences.items()) if t in fence})
-        lost: list[RunLease] = []
-        with self._lock:  # a write holds the records of one run (or of a run and its scopes)
-            for token in fence:
-                self._held.pop(token, None)
-                if (lease := self._lease_objs.pop(token, None)) is not None:
-                    lost.append(lease)
-        self._fence(lost)
-        refused = RunLockedError(
-            f"run{'s' if len(runs) != 1 else ''} {', '.join(map(repr, runs)) or '?'} lost "
-            f"{'their leases' if len(runs) > 1 else 'its lease'}: it expired while this "
-            "process was stalled or cut off from the server, and another process may have "
-            "taken the run over, so the store refused this process's write; the run stops "
-            "here and resumes wherever it is executed next"
-        )
-        refused.__cause__ = error.__cause__
-        return refused
-
     def get_effect(self, key: EffectKey) -> EffectRecord | None:
         q = self._q["get_effect"]
         row = self._call(lambda conn: conn.execute(q, key, binary=True).fetchone())
@@ -713,78 +522,6 @@ class PostgresStore(PgQueues):
             return False
 
         return self._call(claim)
-
-    # ------------------------------------------------------------------ shared limits
-    def limit_take(
-        self,
-        name: str,
-        slot: str,
-        concurrency: int | None,
-        calls: int | None,
-        window: float | None,
-        hold: float,
-    ) -> float | None:
-        s = sql.Identifier(self._schema)
-
-        def take(conn: _Conn) -> float | None:
-            with conn.transaction():
-                # one taker per limit name at a time, in every process: count, then insert
-                conn.execute(
-                    "SELECT pg_advisory_xact_lock(hashtextextended(%s, 1))",
-                    ["durable_nb limit " + name],
-                )
-                row = conn.execute("SELECT extract(epoch FROM clock_timestamp())").fetchone()
-                now = float(row[0]) if row else 0.0
-                if concurrency is not None:
-                    conn.execute(
-                        sql.SQL(
-                            "DELETE FROM {}.dn_limit_slots WHERE name = %s "
-                            "AND expires_at <= clock_timestamp()"
-                        ).format(s),
-                        [name],
-                    )
-                    held = conn.execute(
-                        sql.SQL("SELECT count(*) FROM {}.dn_limit_slots WHERE name = %s").format(s),
-                        [name],
-                    ).fetchone()
-                    if held is not None and int(held[0]) >= concurrency:
-                        return 0.0
-                if calls is not None and window is not None:
-                    conn.execute(
-                        sql.SQL(
-                            "DELETE FROM {}.dn_limit_starts WHERE name = %s AND at <= %s"
-                        ).format(s),
-                        [name, now - window],
-                    )
-                    got = conn.execute(
-                        sql.SQL(
-                            "SELECT count(*), min(at) FROM {}.dn_limit_starts WHERE name = %s"
-                        ).format(s),
-                        [name],
-                    ).fetchone()
-                    if got is not None and int(got[0]) >= calls:
-                        return max(float(got[1]) + window - now, 1e-3)
-                    conn.execute(
-                        sql.SQL("INSERT INTO {}.dn_limit_starts VALUES (%s, %s)").format(s),
-                        [name, now],
-                    )
-                if concurrency is not None:
-                    conn.execute(
-                        sql.SQL(
-                            "INSERT INTO {}.dn_limit_slots VALUES "
-                            "(%s, %s, clock_timestamp() + make_interval(secs => %s))"
-                        ).format(s),
-                        [name, slot, float(hold)],
-                    )
-                return None
-
-        return self._call(take)
-
-    def limit_give(self, name: str, slot: str) -> None:
-        q = sql.SQL("DELETE FROM {}.dn_limit_slots WHERE name = %s AND slot = %s").format(
-            sql.Identifier(self._schema)
-        )
-        self._call(lambda conn: conn.execute(q, [name, slot]))
 
     def release_effect(self, key: EffectKey, owner: str) -> None:
         q = self._q["release_effect"]
@@ -854,252 +591,6 @@ class PostgresStore(PgQueues):
 
         self._fenced_call(reset, fence)
 
-    def _check_fence(self, conn: _Conn, fence: list[str]) -> None:
-        """Last in a transaction that rewrites or deletes a run this store holds: it fails
-        (and with it everything the transaction did) unless the lease is still live, and
-        holds the lease row until the commit, as the group writes do (``Sql.fence``)."""
-        if fence:
-            conn.execute(self._q["fence"], [len(fence), " ".join(fence)])
-
-    def _fenced_call(self, fn: Callable[[_Conn], _T], fence: list[str]) -> _T:
-        try:
-            return self._call(fn)
-        except RunLockedError as e:
-            if not fence:
-                raise
-            raise self._refused(fence, e) from e.__cause__
-
-    # ------------------------------------------------------------------ leases
-    def _holder_info(self) -> str:
-        return json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
-
-    def _session_key(self) -> int:
-        """This store's session key, opening the session if needed."""
-        self._check_open()
-        try:
-            return self._session.key()
-        except psycopg.OperationalError as e:
-            raise self._unavailable(e) from None
-        except psycopg.Error as e:
-            self._check_open()
-            raise self._translate(e) from e
-
-    def _token(self) -> str:
-        """A fresh lease token, starting with this store's session key: the lease lives as
-        long as the session does, or until it expires."""
-        return f"{self._session_key()}.{secrets.token_hex(12)}"
-
-    def _session_lost(self, key: int) -> None:
-        """This store's session ended (its connection failed): every lease taken under it
-        may be taken over by others after the grace, so their runs stop now (fencing)."""
-        lost: list[RunLease] = []
-        with self._lock:
-            for token in [t for t in self._held if session_key_of(t) == key]:
-                del self._held[token]
-                lease = self._lease_objs.pop(token, None)
-                if lease is not None:
-                    lost.append(lease)
-        self._fence(lost)
-
-    @staticmethod
-    def _fence(lost: list[RunLease]) -> None:
-        for lease in lost:  # outside the lock: the engine interrupts the run
-            release = lease._release
-            try:
-                lease.lost()
-            except Exception:
-                _log.exception("durable_nb: interrupting run %r failed", lease.run_id)
-            # the engine releases it once the run stopped: that forgets the run's fence (its
-            # late writes are refused until then) and leaves the lease row, not ours any more
-            lease._release = release
-
-    def _lease(self, run_id: str, owner: str, token: str) -> RunLease | None:
-        """Hand out the lease just written, or ``None`` if its session ended meanwhile (the
-        row is then deleted again, best effort: it is free for the taking anyway)."""
-        lease = RunLease(run_id, owner)
-        key = session_key_of(token)
-        with self._lock:
-            live = key is not None and self._session.is_live(key)
-            if live:
-                self._held[token] = run_id
-                self._lease_objs[token] = lease
-                self._fences[run_id] = token
-                if self._heartbeat is None:
-                    self._heartbeat = threading.Thread(
-                        target=self._heartbeat_loop, name="durable_nb-pg-heartbeat", daemon=True
-                    )
-                    self._heartbeat.start()
-        q = self._q["release"]
-
-        def release() -> None:
-            with self._lock:
-                self._lease_objs.pop(token, None)
-                if self._fences.get(run_id) == token:
-                    del self._fences[run_id]
-                if self._held.pop(token, None) is None or self._closed:
-                    return  # lost (taken over after it expired) or released by close()
-            try:
-                self._call(lambda conn: conn.execute(q, [run_id, token, self._channel]))
-            except StoreError as e:  # the lease expires by itself; nothing else to undo
-                _log.warning("durable_nb: could not release the lease of run %r: %s", run_id, e)
-
-        if not live:
-            with contextlib.suppress(StoreError):
-                self._call(lambda conn: conn.execute(q, [run_id, token, self._channel]))
-            return None
-        lease._release = release
-        return lease
-
-    def acquire_run(self, run_id: str, owner: str) -> RunLease:
-        qa, qh, qc = self._q["acquire"], self._q["holder"], self._q["condemn"]
-        grace = {"grace": TAKEOVER_GRACE, "run_id": run_id}
-        while True:
-            token = self._token()
-            params = (run_id, token, owner, self._holder_info(), self._lease_seconds)
-
-            def acquire(
-                conn: _Conn, params: tuple[Any, ...] = params
-            ) -> tuple[str, str, float] | None:
-                while True:
-                    if conn.execute(qa, params).fetchone() is not None:
-                        return None
-                    # a holder whose session ended keeps the run only for the grace
-                    conn.execute(qc, grace)
-                    row = conn.execute(qh, [run_id]).fetchone()
-                    if row is not None:  # else released meanwhile: try again
-                        return (row[0], row[1], row[2])
-
-            held = self._call(acquire)
-            if held is None:
-                lease = self._lease(run_id, owner, token)
-                if lease is None:
-                    continue  # our own session ended meanwhile: take it under the next one
-                return lease
-            holder_owner, holder_json, remaining = held
-            if remaining <= TAKEOVER_GRACE:
-                # ending now (expired, or its holder is gone): wait for it rather than refuse
-                time.sleep(max(remaining, 0.0) + 0.01)
-                continue
-            break
-        try:
-            info = json.loads(holder_json)
-        except ValueError:
-            info = {}
-        raise RunLockedError(
-            f"run {run_id!r} is being executed by {holder_owner} (process "
-            f"{info.get('pid', '?')} on {info.get('host', '?')}); its lease has "
-            f"{max(remaining, 0.0):.1f}s left and is renewed while that process lives — wait "
-            "for it to finish, or stop that process: the run is taken over within a second of "
-            "that process ending (or when its lease expires, if its host died)"
-        )
-
-    def _claim_run(self, owner: str, names: list[str]) -> tuple[RunRecord, RunLease] | None:
-        self._work.mark()  # work arriving while we look must end the next wait_for_work
-        self._check_open()
-        if not names:
-            return None
-        # _pg_queues: queue limits hold, no sessions (no node)
-        got = self._idle_claim((None, *names), lambda: self._claim(owner, names, None))
-        return None if got is None else (got[0], got[1])
-
-    def claim_routed(self, node: Node) -> tuple[RunRecord, RunLease, Route | None] | None:
-        self._work.mark()
-        self._check_open()
-        return self._idle_claim(
-            (node.node_id, *node.workflows), lambda: self._claim(node.owner, node.workflows, node)
-        )
-
-    def _idle_claim(
-        self, which: tuple[str | None, ...], claim: Callable[[], _Claimed | None]
-    ) -> _Claimed | None:
-        """``claim()``, unless the last claim of ``which`` (a worker's node, or the workflows
-        of a claim without one) found nothing and nothing since may mean a run to claim: a
-        claim that found nothing is not repeated until a run was queued or let go, or a run
-        of a queue with a concurrency limit ended (notifications), or _CONDEMN_EVERY passed
-        (what only time changes: a rate window, a session's idle timeout, dead holders).
-        Idle workers, woken by every run that ends anywhere, would otherwise all ask the
-        server each time."""
-        seen = self._work.claimable
-        idle = self._idle.get(which)
-        listening = self._listener is not None and self._listener.is_alive()
-        if listening and idle is not None and idle[0] == seen and time.monotonic() < idle[1]:
-            return None
-        got = claim()
-        if got is None:
-            self._idle[which] = (seen, time.monotonic() + _CONDEMN_EVERY)
-        else:
-            self._idle.pop(which, None)
-        return got
-
-    def _condemn_dead(self) -> bool:
-        # nothing to claim: are runs held by processes that died? Their leases end after the
-        # grace; the caller looks once more after it (at most every _CONDEMN_EVERY s)
-        now = time.monotonic()
-        if now < self._next_condemn:
-            return False
-        self._next_condemn = now + _CONDEMN_EVERY
-        q = self._q["condemn_all"]
-        if not self._call(lambda conn: conn.execute(q, {"grace": TAKEOVER_GRACE}).fetchall()):
-            return False
-        time.sleep(TAKEOVER_GRACE + 0.01)
-        return True
-
-    def _renew(self, tokens: list[str]) -> set[str]:
-        """Renew the leases of ``tokens``; returns the ones still ours."""
-        q = self._q["renew"]
-        rows = self._call(lambda conn: conn.execute(q, [self._lease_seconds, tokens]).fetchall())
-        return {r[0] for r in rows}
-
-    def _heartbeat_loop(self) -> None:
-        renewed = time.monotonic()  # the leases are ours until at least this + lease_seconds
-        # renewals run on a thread of their own: one that hangs (a server that stopped
-        # answering on a connection that stays open) must not keep this loop from fencing
-        beats = concurrent.futures.ThreadPoolExecutor(1, "durable_nb-pg-renew")
-        try:
-            while not self._stop.wait(self._lease_seconds / 3):
-                with self._lock:
-                    tokens = list(self._held)
-                sent = time.monotonic()
-                if not tokens:
-                    renewed = sent
-                    continue
-                left = renewed + self._lease_seconds - sent
-                try:
-                    kept = beats.submit(self._renew, tokens).result(timeout=max(left, 0.001))
-                except (StoreError, concurrent.futures.TimeoutError) as e:
-                    # the next beat tries again: leases outlive an outage shorter than them
-                    if self._closed:
-                        continue
-                    _log.warning(
-                        "durable_nb: could not renew run leases: %s",
-                        e if str(e) else "no answer from the server",
-                    )
-                    if time.monotonic() - renewed < self._lease_seconds:
-                        continue
-                    kept = set()  # expired by now: another process may hold them
-                else:
-                    renewed = sent
-                self._expire([t for t in tokens if t not in kept])
-        finally:
-            beats.shutdown(wait=False)
-
-    def _expire(self, tokens: list[str]) -> None:
-        """These leases were not renewed in time: another process may hold them now."""
-        lost: list[RunLease] = []
-        with self._lock:
-            for token in tokens:
-                if run_id := self._held.pop(token, None):
-                    _log.warning(
-                        "durable_nb: the lease of run %r expired before it was renewed and "
-                        "another process may have taken the run over; this process stops "
-                        "executing it",
-                        run_id,
-                    )
-                    lease = self._lease_objs.pop(token, None)
-                    if lease is not None:
-                        lost.append(lease)
-        self._fence(lost)
-
     # ------------------------------------------------------------------ wake-ups
     def wait_for_work(self, timeout: float) -> None:
         if not isinstance(timeout, int | float) or isinstance(timeout, bool) or not timeout >= 0:
@@ -1152,6 +643,13 @@ class PostgresStore(PgQueues):
         q = self._q["inbox_token"]
         row = self._call(lambda conn: conn.execute(q, [run_id]).fetchone())
         return row[0] if row is not None else None
+
+    def _inbox_tokens(self, run_ids: list[str]) -> dict[str, object]:
+        q = self._q["inbox_tokens"]
+        rows = self._call(lambda conn: conn.execute(q, [run_ids]).fetchall())
+        got: dict[str, object] = dict.fromkeys(run_ids)
+        got.update((run_id, token) for run_id, token in rows)
+        return got
 
     def _event_statements(self, events: Sequence[EventRecord]) -> list[Statement]:
         q = self._q["put_event"]

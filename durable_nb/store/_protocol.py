@@ -354,6 +354,11 @@ class Store(Protocol):
         """A cheap value that changes when another process may have sent this run a signal."""
         ...
 
+    def inbox_tokens(self, run_ids: Sequence[str]) -> dict[str, object]:
+        """:meth:`inbox_token` of each run named, by run id (a remote store reads them in one
+        round trip)."""
+        ...
+
     def append_events(self, events: Sequence[EventRecord]) -> None:
         """Append trace events; durable on return."""
         ...
