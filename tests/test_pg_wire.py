@@ -158,3 +158,23 @@ def test_a_connection_closed_from_another_thread_leaves_the_loop_clean(schema: s
 
     asyncio.run(main())
     assert [r[0] for r in _rows(schema)] == ["k0", "k1", "k2"]
+
+
+def test_a_failed_prepare_is_forgotten_and_later_statements_still_prepare(schema: str) -> None:
+    ins = f"INSERT INTO {schema}.t (k, n, b) VALUES (%s, %s, %s)"
+
+    async def body(conn: LoopConnection) -> None:
+        await conn.run([(ins, ["a", 1, None])])
+        with pytest.raises(psycopg.errors.UndefinedTable):  # one new statement fine, one not
+            await conn.run(
+                [
+                    (f"SELECT count(*) + %s FROM {schema}.t", [1]),
+                    (f"SELECT * FROM {schema}.missing WHERE n = %s", [1]),
+                ]
+            )
+        # new statements after the failed one get names of their own
+        await conn.run([(f"SELECT %s::bigint + 1 FROM {schema}.t", [1])])
+        await conn.run([(f"UPDATE {schema}.t SET n = %s WHERE k = %s", [5, "a"])])
+
+    _go(body)
+    assert _rows(schema) == [("a", 5, None)]

@@ -22,6 +22,7 @@ exception classes (by SQLSTATE), so callers translate them as they do psycopg's.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import struct
 from collections.abc import Sequence
@@ -101,7 +102,8 @@ def binary_array(type_name: str, values: Sequence[Any]) -> Encoded:
 
 # ---------------------------------------------------------------------------- connection
 class LoopConnection:
-    """One connection, used by one event loop only (every method runs on it)."""
+    """One connection, used by one event loop only (every method runs on it), one
+    :meth:`run` at a time (``_pg_commit.LoopCommit`` sends one group after another)."""
 
     def __init__(self, conn: psycopg.AsyncConnection[Any], loop: asyncio.AbstractEventLoop) -> None:
         self._conn = conn  # owns the libpq connection; only closed through it
@@ -109,6 +111,7 @@ class LoopConnection:
         self._loop = loop
         self._tx = Transformer(conn)
         self._prepared: dict[tuple[str, tuple[int, ...]], bytes] = {}
+        self._names = itertools.count()  # a name is never reused, even once forgotten
         self._parsed: dict[str, tuple[bytes, int]] = {}
         self._waiter: asyncio.Future[None] | None = None
         self._failure: BaseException | None = None
@@ -151,7 +154,7 @@ class LoopConnection:
             key = (query, types)
             name = self._prepared.get(key)
             if name is None:
-                name = f"dn_{len(self._prepared)}".encode()
+                name = f"dn_{next(self._names)}".encode()
                 new.append((name, self._parse(query), types))
                 self._prepared[key] = name
             sends.append((name, values, formats))
