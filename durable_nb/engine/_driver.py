@@ -588,13 +588,18 @@ async def _acquire(run_id: str) -> RunLease:
 
 
 async def _release(lease: RunLease) -> None:
-    """Release the run's lease off the loop (a round trip on PostgreSQL); the run's job is
-    settled only after it, so whoever sees the result can start the run again. The run is
-    over: a cancellation arriving meanwhile does not cut this short."""
-    if not runtime.store.remote:
-        lease.release()
-        return
-    letting_go = asyncio.ensure_future(asyncio.to_thread(lease.release))
+    """Release the run's lease off the loop (a round trip on PostgreSQL; on DuckDB the merge
+    thread lets go once this process's records are merged); the run's job is settled only
+    after it, so whoever sees the result can start the run again. The run is over: a
+    cancellation arriving meanwhile does not cut this short."""
+    letting_go: asyncio.Future[None]
+    if runtime.store.remote:
+        letting_go = asyncio.ensure_future(asyncio.to_thread(lease.release))
+    else:
+        later = lease.release_later()
+        if later is None:
+            return
+        letting_go = asyncio.wrap_future(later)
     while True:
         try:
             await asyncio.shield(letting_go)

@@ -42,6 +42,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -78,6 +79,7 @@ from ._wal import (
     Damage,
     Journal,
     Op,
+    any_dead_journal,
     dead_journals,
     frame,
     keep_damaged,
@@ -106,6 +108,8 @@ _MIN_HOLD = 0.1
 #: journal records merged in one transaction at most (a busy writer's backlog is merged in
 #: several, with a chance to hand the file over between them)
 _MERGE_CHUNK = 5000
+#: read keys remembered with their last write (``_written``) past which merged ones are dropped
+_WRITTEN_PRUNE = 8192
 _LOCK_RE = re.compile(r"Conflicting lock is held in (?P<exe>.*?) \(PID (?P<pid>\d+)\)")
 # what a merge may meet on a full or failing disk: retried on a fresh connection
 _IO_ERRORS = (duckdb.IOException, duckdb.TransactionException, duckdb.FatalException, OSError)
@@ -197,6 +201,42 @@ def _in_scopes(scopes: set[str], key: EffectKey, rec: EffectRecord) -> bool:
     return key[0] in scopes
 
 
+#: the read of every run record (``list_runs``, ``claim_run``), in ``_read_keys``' terms
+_ALL_RUNS = ("runs", "")
+
+
+def _read_keys(kind: str, row: tuple[Any, ...]) -> tuple[tuple[str, str], ...]:
+    """The reads whose answer a journal record changes: ``("R", run id)`` (``get_run``),
+    ``("E", scope)`` (``load_effects``), ``("S", run id)`` (``list_signals``), ``("V", run
+    id)`` (``load_events``) and :data:`_ALL_RUNS`. A read merges first only if one of its
+    keys has a record waiting to be merged."""
+    if kind == "E":
+        return (("E", row[0]),)
+    if kind == "R":
+        return (("R", row[0]), _ALL_RUNS)
+    if kind in "SV":
+        return ((kind, row[0]),)
+    run_id = row[0][0]  # "X": a reset rewrites the run, forgets its steps, consumes signals
+    return (("R", run_id), _ALL_RUNS, ("E", run_scope(run_id)), ("S", run_id))
+
+
+class _Release:
+    """A run lease let go by its holder, kept until the merge of this process's records up
+    to ``position`` (what the next holder must read) commits; ``done`` is settled then, or
+    once the merge fails (the holder need not wait for a failing disk)."""
+
+    __slots__ = ("done", "fd", "position")
+
+    def __init__(self, position: int, fd: int) -> None:
+        self.position = position
+        self.fd = fd
+        self.done: Future[None] = Future()
+
+    def settle(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
 class DuckDBStore(StoreBase):
     """A DuckDB file plus a per-process write-ahead journal. See the module docstring."""
 
@@ -267,7 +307,14 @@ class DuckDBStore(StoreBase):
         self._last_activity = time.monotonic()
         self._closed = False
         self._run_locks: dict[str, int] = {}
-        self._deferred_unlocks: list[int] = []
+        # positions count the bytes this process journaled (over every journal it rotated):
+        # how far it appended and merged, its rotated journals' sizes, each read key's last
+        # write (dropped once merged)
+        self._appended = 0
+        self._merged = 0
+        self._rotated = 0
+        self._written: dict[tuple[str, str], int] = {}
+        self._releases: dict[str, _Release] = {}  # run id -> its lease, let go once merged
         self._merge_error: BaseException | None = None  # the last failed merge, until one works
         self._file_id: tuple[int, int] | None = None  # (device, inode) of the file opened
         self._file_fd: int | None = None  # holds that inode (see _pin)
@@ -541,6 +588,10 @@ class DuckDBStore(StoreBase):
             end = self._journal.append(buf)
             position = self._journal.position
             written = [Op(kind, row, end) for kind, row in ops]
+            self._appended = self._rotated + end
+            for kind, row in ops:
+                for read in _read_keys(kind, row):
+                    self._written[read] = self._appended
             if not self._pending:
                 self._pending_since = time.monotonic()
             self._pending.extend(written)
@@ -679,21 +730,32 @@ class DuckDBStore(StoreBase):
             con.execute(f'DROP TABLE IF EXISTS "{name}"')
         return scope
 
-    def _merge(self) -> None:
-        """Merge this process's pending journal records now (after a merge in progress), in
-        transactions of at most ``_MERGE_CHUNK`` records: between two, a process waiting for
-        the file gets it (``_using``), so a writer that records faster than one merge takes
-        never holds the file for long."""
+    def _merge(self, upto: int | None = None) -> None:
+        """Merge this process's journal records up to position ``upto`` (default: all written
+        so far) now, after a merge in progress, in transactions of at most ``_MERGE_CHUNK``
+        records: between two, a process waiting for the file gets it (``_using``), so a
+        writer that records faster than one merge takes never holds the file for long."""
         with self._wlock:
-            if not self._pending:
+            if upto is None:
+                upto = self._appended  # later writes may wait
+            if self._merged >= upto:
                 return
-            end = self._pending[-1].end  # what is pending now; later writes may wait
         while True:
-            with self._wlock:
-                if not self._pending or self._pending[0].end > end:
-                    return
-            with self._using():
+            with self._using():  # no merge is under way in another thread meanwhile
+                with self._wlock:
+                    if self._merged >= upto or not self._pending:
+                        return
                 self._merge_pending()
+
+    def _caught_up(self, *reads: tuple[str, str]) -> None:
+        """Before a read from DuckDB: merge what this process wrote that changes its answer
+        (``_read_keys``), and nothing if nothing is pending for it (a new run's start reads
+        three times: no commit, no wait for the merge thread's backlog)."""
+        with self._wlock:
+            upto = max(self._written.get(r, 0) for r in reads)
+            if upto <= self._merged:
+                return
+        self._merge(upto)
 
     def _merge_pending(self) -> None:
         with self._dblock:
@@ -720,7 +782,11 @@ class DuckDBStore(StoreBase):
                 ) from e
             self._merge_error = None
             with self._wlock:
-                unlocks: list[int] = []
+                self._merged = self._rotated + ops[-1].end
+                due = [k for k, r in self._releases.items() if r.position <= self._merged]
+                released = [self._releases.pop(k) for k in due]
+                for r in released:
+                    unlock(r.fd)
                 work = False
                 for op in ops:
                     if op.kind == "E":
@@ -734,20 +800,24 @@ class DuckDBStore(StoreBase):
                             del self._dropped[scope]
                     work = work or makes_work(op.kind, op.row)
                 if not self._pending:
-                    unlocks, self._deferred_unlocks = self._deferred_unlocks, []
-                    for fd in unlocks:
-                        unlock(fd)
+                    self._written.clear()  # every write is merged
                     if self._journal.size > ROTATE_SIZE:
                         self._rotate_wal()
-            if unlocks or work:
+                elif len(self._written) > _WRITTEN_PRUNE:
+                    self._written = {k: v for k, v in self._written.items() if v > self._merged}
+            for r in released:
+                r.settle()
+            if released or work:
                 self._announce_work()
 
     def _rotate_wal(self) -> None:
         """Start a fresh journal once the old one is fully merged (holds both locks)."""
+        size = self._journal.size
         try:
             old_id = self._journal.rotate()
         except OSError:
             return  # no room for a new file: the old one goes on, and rotates next time
+        self._rotated += size
         assert self._con is not None
         if _synced_dir(self._aux / "journal"):  # see _recover_journals
             self._con.execute("DELETE FROM dn_journal WHERE wal_id = ?", [old_id])
@@ -762,6 +832,7 @@ class DuckDBStore(StoreBase):
             try:
                 if self._pending and (
                     self._con is not None
+                    or self._releases  # a run's next holder waits for its records
                     or time.monotonic() - self._pending_since >= _REOPEN_AFTER
                     or len(self._pending) >= 2000
                 ):
@@ -779,12 +850,22 @@ class DuckDBStore(StoreBase):
                         ):
                             self._close_connection()
             except StoreLockedError:
+                self._settle_releases()
                 continue  # another process holds the file; the journal keeps our records
             except Exception as e:  # a full disk, an I/O error: the records wait in the journal
                 self._merge_error = e
+                self._settle_releases()
                 backoff = min(max(backoff * 2, self._merge_interval, 0.01), 1.0)
                 continue
             backoff = 0.0
+
+    def _settle_releases(self) -> None:
+        """A merge failed: whoever waits for a lease to be let go stops waiting (as a failed
+        ``release()`` returns); the leases are let go after the next merge that works."""
+        with self._wlock:
+            waiting = list(self._releases.values())
+        for r in waiting:
+            r.settle()
 
     # ------------------------------------------------------------------ tables
     def _write_table(self, name: str, table: object) -> None:
@@ -1011,7 +1092,7 @@ class DuckDBStore(StoreBase):
         return out
 
     def load_effects(self, scope: str) -> list[EffectRecord]:
-        self.flush()
+        self._caught_up(("E", scope))
         with self._db() as con:
             rows = con.execute(
                 "SELECT * FROM dn_effects WHERE scope = ? ORDER BY seq, started_at", [scope]
@@ -1065,14 +1146,14 @@ class DuckDBStore(StoreBase):
         self._append([("R", self._run_row(run))])
 
     def get_run(self, run_id: str) -> RunRecord | None:
-        self.flush()
+        self._caught_up(("R", run_id))
         with self._db() as con:
             row = con.execute("SELECT * FROM dn_runs WHERE run_id = ?", [run_id]).fetchall()
         return _rows.run_from_row(row[0], self._read_payload) if row else None
 
     def _list_runs(self, query: RunQuery) -> list[RunRecord]:
         clause, params = query.sql("?")
-        self.flush()
+        self._caught_up(_ALL_RUNS)
         with self._db() as con:
             rows = con.execute("SELECT * FROM dn_runs" + clause, params).fetchall()
         return [_rows.run_from_row(r, self._read_payload) for r in rows]
@@ -1112,47 +1193,64 @@ class DuckDBStore(StoreBase):
         self._append([("X", (row, consumed_signals))], drops=run_scope(run.run_id))
 
     def acquire_run(self, run_id: str, owner: str) -> RunLease:
-        fd = lock_run(self._aux / "locks", run_id, owner)
-        try:
-            # a previous holder that died may have left records in its journal: merge them
-            # before this process reads the run's history
-            with self._using():
-                self._check_open()
-                if self._con is None:
-                    self._connect()  # opening recovers dead journals already
-                else:
-                    self._recover_journals()
-        except BaseException:
-            os.close(fd)
-            raise
+        self._check_open()
+        with self._wlock:  # let go by a run of this process, not merged yet: still ours
+            kept = self._releases.pop(run_id, None)
+        if kept is not None:
+            kept.settle()
+            fd = kept.fd
+        else:
+            fd = lock_run(self._aux / "locks", run_id, owner)
+            try:
+                # a previous holder that died may have left records in its journal: merge
+                # them before this process reads the run's history (a live one merged its
+                # records before it let go)
+                if any_dead_journal(self._aux / "journal"):
+                    with self._using():
+                        self._check_open()
+                        if self._con is None:
+                            self._connect()  # opening recovers dead journals already
+                        else:
+                            self._recover_journals()
+            except BaseException:
+                os.close(fd)
+                raise
         say_holder(fd, owner)
         self._run_locks[run_id] = fd
 
-        def release() -> None:
-            if self._run_locks.get(run_id) == fd:
-                del self._run_locks[run_id]
-            # the next holder reads the run from DuckDB: merge our records before letting go;
-            # if the file is busy, the merge thread lets go after its next successful merge
-            if self._closed:  # close() merged (or failed to) already
-                unlock(fd)
-                return
-            try:
-                self.flush()
-            except StoreError:
-                with self._wlock:
-                    self._deferred_unlocks.append(fd)
-                return
-            unlock(fd)
-            self._announce_work()
+        def release() -> None:  # on the caller's thread: merges what the next holder reads
+            later = let_go()
+            if later is not None:
+                with contextlib.suppress(StoreError):  # the merge thread lets go after its
+                    self._merge(later[1])  # next merge that works
 
-        return RunLease(run_id, owner, release)
+        def let_go() -> tuple[Future[None], int] | None:
+            with self._wlock:
+                if self._run_locks.get(run_id) == fd:
+                    del self._run_locks[run_id]
+                # the next holder reads the run from DuckDB: it is let go once what this
+                # process wrote so far is merged (by whichever thread merges it)
+                position = self._appended
+                if not self._closed and self._merged < position:
+                    self._releases[run_id] = rel = _Release(position, fd)
+                    self._wake.set()
+                    return rel.done, position
+            unlock(fd)  # everything merged (or close() merged, or failed to, already)
+            self._announce_work()
+            return None
+
+        def release_later() -> Future[None] | None:
+            later = let_go()
+            return None if later is None else later[0]
+
+        return RunLease(run_id, owner, release, _release_later=release_later)
 
     def _claim_run(self, owner: str, wanted: list[str]) -> tuple[RunRecord, RunLease] | None:
         # what wait_for_work compares with: work that arrives after this look wakes it
         self._local.work_token = self._work_token()
         if not wanted:
             return None
-        self.flush()
+        self._caught_up(_ALL_RUNS)
         with self._db() as con:
             ids = [
                 r[0]
@@ -1236,7 +1334,7 @@ class DuckDBStore(StoreBase):
                 f.write(b".")
 
     def list_signals(self, run_id: str) -> list[SignalRecord]:
-        self.flush()
+        self._caught_up(("S", run_id))
         with self._db() as con:
             rows = con.execute(
                 "SELECT * FROM dn_signals WHERE run_id = ? ORDER BY sent_at, signal_id", [run_id]
@@ -1254,7 +1352,7 @@ class DuckDBStore(StoreBase):
         self._append([("V", _rows.event_row(e)) for e in events])
 
     def load_events(self, run_id: str) -> list[EventRecord]:
-        self.flush()
+        self._caught_up(("V", run_id))
         with self._db() as con:
             rows = con.execute(
                 "SELECT * FROM dn_events WHERE run_id = ? ORDER BY ts, event_id", [run_id]
@@ -1287,11 +1385,14 @@ class DuckDBStore(StoreBase):
                     self._file_fd = None
             with self._wlock:
                 self._journal.close(merged=not self._pending)
-            for fd in [*self._run_locks.values(), *self._deferred_unlocks]:
+                releases = list(self._releases.values())
+                self._releases.clear()
+            for fd in [*self._run_locks.values(), *(r.fd for r in releases)]:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             self._run_locks.clear()
-            self._deferred_unlocks.clear()
+            for r in releases:
+                r.settle()
             with self._filters_lock:
                 for f in self._filters.values():
                     f.close()

@@ -22,6 +22,7 @@ from .._journal import (
 
 if TYPE_CHECKING:
     import asyncio
+    from concurrent.futures import Future
 
     from .._codecs import Payload, Signer
 
@@ -137,16 +138,32 @@ class RunLease:
     owner: str
     _release: object = field(default=None, repr=False)
     on_lost: object = field(default=None, repr=False)
+    #: ``() -> Future | None``: starts letting go without waiting (see :meth:`release_later`)
+    _release_later: object = field(default=None, repr=False)
 
     def release(self) -> None:
         fn = self._release
-        self._release = None
+        self._release = self._release_later = None
         if callable(fn):
             fn()
 
+    def release_later(self) -> Future[None] | None:
+        """Start letting go without waiting on this thread: returns a future settled once
+        the lease is let go (or once letting go waits on a failing store, as ``release``
+        would then return), or ``None`` if it was let go here. The DuckDB store lets a run
+        go only once this process's records are merged into its file, which its merge
+        thread does; the engine's loop serves other runs meanwhile."""
+        fn = self._release_later
+        if not callable(fn):
+            self.release()
+            return None
+        self._release = self._release_later = None
+        later: Future[None] | None = fn()
+        return later
+
     def lost(self) -> None:
         """Called by the store when this lease is no longer held (idempotent)."""
-        self._release = None
+        self._release = self._release_later = None
         fn, self.on_lost = self.on_lost, None
         if callable(fn):
             fn()
