@@ -23,7 +23,7 @@ from durable_nb.errors import (
     StoreVersionError,
 )
 from durable_nb.store import EffectRecord, RunRecord, open_store
-from durable_nb.store._duckdb import SCHEMA_VERSION, DuckDBStore
+from durable_nb.store._duckdb import _MERGE_CHUNK, SCHEMA_VERSION, DuckDBStore
 
 from .helpers import ROOT, run_python, spawn_python
 
@@ -494,3 +494,40 @@ def test_the_run_is_merged_and_released_before_its_result_is_seen(tmp_path: Path
         lease.release()
     finally:
         b.close()
+
+
+def test_a_crash_between_two_chunks_of_one_write_loses_nothing(tmp_path: Path) -> None:
+    """A write of more records than one merge transaction takes is merged in chunks; each
+    chunk stores the journal offset after its own last record, so a process killed between
+    two chunks leaves the rest of the write to the recovery (the offset of the whole write,
+    stored with the first chunk, made the recovery skip it)."""
+    path = tmp_path / "s.duckdb"
+    DuckDBStore(path).close()
+    done = run_python(
+        textwrap.dedent(f"""
+            import os, signal
+            from durable_nb import _codecs
+            from durable_nb.store import EffectRecord
+            from durable_nb.store._duckdb import _MERGE_CHUNK, DuckDBStore
+            DuckDBStore._merge_loop = lambda self: None  # no merge but the one below
+            s = DuckDBStore({str(path)!r})
+            s.put_effects([
+                EffectRecord("run/x", "m.f", "v", f"h{{n}}", 0, _codecs.encode(n, s.signer), seq=n)
+                for n in range(2 * _MERGE_CHUNK + 100)
+            ])  # one journal write
+            s._merge_pending()  # one transaction: the first _MERGE_CHUNK records
+            os.kill(os.getpid(), signal.SIGKILL)
+        """)
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    con = duckdb.connect(str(path), read_only=True)
+    try:  # the kill came between the chunks
+        assert con.execute("SELECT count(*) FROM dn_effects").fetchall() == [(_MERGE_CHUNK,)]
+    finally:
+        con.close()
+    store = DuckDBStore(path)  # recovers the dead process's journal
+    try:
+        got = store.load_effects("run/x")
+        assert [r.input_hash for r in got] == [f"h{n}" for n in range(2 * _MERGE_CHUNK + 100)]
+    finally:
+        store.close()

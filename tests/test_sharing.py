@@ -14,10 +14,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from durable_nb.store._duckdb import DuckDBStore
+import duckdb
+
+from durable_nb import _codecs
+from durable_nb.store import EffectRecord
+from durable_nb.store._duckdb import _MERGE_CHUNK, DuckDBStore
 from durable_nb.store._handoff import Queue
 
-from .helpers import ROOT, load_benchmark
+from .helpers import ROOT, load_benchmark, spawn_python, wait_until
 
 
 def _bench() -> ModuleType:
@@ -113,3 +117,47 @@ def test_two_stores_in_one_process_share_the_file_without_handing_it_over(
     code = f"from durable_nb.store._duckdb import DuckDBStore; DuckDBStore({str(tmp_path / 's.duckdb')!r}, lock_timeout=5).close()"
     done = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(ROOT)})
     assert done.returncode == 0
+
+
+def test_a_waiting_process_gets_the_file_between_chunks_of_a_big_merge(tmp_path: Path) -> None:
+    """A backlog of three and a bit merge chunks is merged in transactions of
+    ``_MERGE_CHUNK`` records, and a process that waits for the file gets it between two of
+    them: it sees a whole number of chunks, not all of the backlog (nor none of it)."""
+    path = tmp_path / "s.duckdb"
+    total = 3 * _MERGE_CHUNK + 100
+    # keeps the file (no idle close, no merge but the one its backlog starts)
+    holder = DuckDBStore(path, merge_interval=3600, idle_close=3600)
+    waiter = None
+    try:
+        waiter = spawn_python(
+            "-c",
+            textwrap.dedent(f"""
+                from durable_nb.store._duckdb import DuckDBStore
+                s = DuckDBStore({str(path)!r}, lock_timeout=120)  # waits in line for the file
+                print(len(s.load_effects("run/x")), flush=True)  # what it found on getting it
+                s.close()
+            """),
+        )
+        queue = tmp_path / "s.duckdb.d" / "queue"
+        wait_until(lambda: any(queue.iterdir()), "the second process asking for the file")
+        records = [
+            EffectRecord("run/x", "m.f", "v", f"h{n}", 0, _codecs.encode(n, holder.signer), seq=n)
+            for n in range(total)
+        ]
+        holder.put_effects(records)  # one journal write; the merge thread merges it
+        out, err = waiter.communicate(timeout=120)
+        assert waiter.returncode == 0, err
+        seen = int(out.strip())
+        assert 0 < seen < total, seen
+        assert seen % _MERGE_CHUNK == 0, seen  # between two transactions, never inside one
+        holder.flush()  # takes the file back for the rest
+    finally:
+        if waiter is not None and waiter.poll() is None:
+            waiter.kill()
+            waiter.communicate()
+        holder.close()
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        assert con.execute("SELECT count(*) FROM dn_effects").fetchall() == [(total,)]
+    finally:
+        con.close()

@@ -582,12 +582,15 @@ class DuckDBStore(StoreBase):
         ``effects`` (aligned with the first ops) stay readable from memory until merged.
         ``drops``: the scope the last op (a reset) forgets; reads stop seeing its records now.
         """
-        buf = frame(ops)
+        ends: list[int] = []
+        buf = frame(ops, ends)
         with self._wlock:
             self._check_open()
             end = self._journal.append(buf)
             position = self._journal.position
-            written = [Op(kind, row, end) for kind, row in ops]
+            start = end - len(buf)
+            # each its own end: a merge in chunks may stop inside this write
+            written = [Op(kind, row, start + e) for (kind, row), e in zip(ops, ends, strict=True)]
             self._appended = self._rotated + end
             for kind, row in ops:
                 for read in _read_keys(kind, row):

@@ -72,12 +72,16 @@ def makes_work(kind: str, row: tuple[Any, ...]) -> bool:
     return False
 
 
-def frame(ops: Sequence[tuple[str, tuple[Any, ...]]]) -> bytes:
+def frame(ops: Sequence[tuple[str, tuple[Any, ...]]], ends: list[int] | None = None) -> bytes:
+    """The records framed for one write; ``ends`` gets the offset after each record in
+    the returned bytes (a merge that stops inside a write stores the offset it reached)."""
     buf = bytearray()
     for kind, row in ops:
         body = marshal.dumps((kind, row))
         buf += _FRAME.pack(len(body), zlib.crc32(body))
         buf += body
+        if ends is not None:
+            ends.append(len(buf))
     return bytes(buf)
 
 
