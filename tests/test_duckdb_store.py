@@ -18,11 +18,12 @@ import durable_nb as dn
 from durable_nb import _codecs
 from durable_nb.engine import runtime
 from durable_nb.errors import (
+    RunLockedError,
     StoreFormatError,
     StoreUnavailableError,
     StoreVersionError,
 )
-from durable_nb.store import EffectRecord, RunRecord, open_store
+from durable_nb.store import EffectRecord, EventRecord, RunRecord, open_store
 from durable_nb.store._duckdb import _MERGE_CHUNK, SCHEMA_VERSION, DuckDBStore
 
 from .helpers import ROOT, run_python, spawn_python
@@ -531,3 +532,63 @@ def test_a_crash_between_two_chunks_of_one_write_loses_nothing(tmp_path: Path) -
         assert [r.input_hash for r in got] == [f"h{n}" for n in range(2 * _MERGE_CHUNK + 100)]
     finally:
         store.close()
+
+
+def test_a_read_merges_only_what_is_pending_for_it(tmp_path: Path) -> None:
+    """A run's start reads its record, steps and signals: with nothing of it pending, those
+    reads leave the journal's backlog to the merge thread (no commit on the caller's
+    thread); a read of something pending merges it first (read your own writes)."""
+    store = DuckDBStore(tmp_path / "s.duckdb", merge_interval=3600, idle_close=3600)
+    try:
+        store.put_run(RunRecord("old", "m.wf", "completed", 1.0, 1.0))
+        store.flush()
+        store.put_effects([_rec(store, n) for n in range(3)])  # pending: run/x
+        store.append_events([EventRecord("new", "e1", 1.0, "started")])
+        backlog = len(store._pending)
+        assert store.get_run("new") is None
+        assert store.load_effects("run/new") == []
+        assert store.list_signals("new") == []
+        rec = store.get_run("old")
+        assert rec is not None and rec.status == "completed"
+        assert len(store._pending) == backlog  # nothing was merged for those reads
+        assert [r.input_hash for r in store.load_effects("run/x")] == ["h0", "h1", "h2"]
+        assert [e.event_id for e in store.load_events("new")] == ["e1"]
+        store.put_run(RunRecord("new", "m.wf", "running", 2.0, 2.0))
+        assert {r.run_id: r.status for r in store.list_runs()} == {
+            "new": "running",
+            "old": "completed",
+        }
+    finally:
+        store.close()
+
+
+def test_a_lease_is_let_go_once_the_records_its_next_holder_reads_are_merged(
+    tmp_path: Path,
+) -> None:
+    """The engine lets go of a run without merging on its loop: the merge thread lets go
+    once this process's records are in the file. Until then another store object (as
+    another process would) cannot take the run; this process can, at once."""
+    path = tmp_path / "s.duckdb"
+    a = DuckDBStore(path, merge_interval=3600, idle_close=3600)
+    b = DuckDBStore(path, idle_close=3600)  # another user of the file: its own run locks
+    try:
+        lease = a.acquire_run("R", "a")
+        a.put_run(RunRecord("R", "m.wf", "completed", 1.0, 1.0))
+        with a._dblock:  # the merge thread cannot merge meanwhile
+            later = lease.release_later()
+            assert later is not None and not later.done()
+            with pytest.raises(RunLockedError):
+                b.acquire_run("R", "b")
+            again = a.acquire_run("R", "a again")  # still this process's: taken back
+            assert later.done()  # whoever waited for the first release is told
+            later = again.release_later()
+            assert later is not None
+        later.result(timeout=30)  # the merge thread merged, then let go
+        taken = b.acquire_run("R", "b")
+        rec = b.get_run("R")
+        assert rec is not None and rec.status == "completed"
+        taken.release()
+        assert a.acquire_run("S", "a").release_later() is None  # nothing pending: let go now
+    finally:
+        a.close()
+        b.close()
