@@ -78,8 +78,9 @@ CHILD = textwrap.dedent(
         n = dn.run(wf, seconds, period, run_id="wf-" + sys.argv[4])
     elapsed = time.perf_counter() - t0
     store = dn.get_store()
-    waits = list(getattr(store, "_file_waits", ()))
-    opens = getattr(store, "_opens", 0)
+    file = getattr(store, "_file", None)  # the DuckDB store's hold on its file
+    waits = list(getattr(file, "waits", ()))
+    opens = getattr(file, "opens", 0)
     store.close()
     print(json.dumps({"calls": n, "lat": lat, "waits": waits, "opens": opens,
                       "executed": executed,

@@ -24,7 +24,8 @@ from durable_nb.errors import (
     StoreVersionError,
 )
 from durable_nb.store import EffectRecord, EventRecord, RunRecord, open_store
-from durable_nb.store._duckdb import _MERGE_CHUNK, SCHEMA_VERSION, DuckDBStore
+from durable_nb.store._duckdb import SCHEMA_VERSION, DuckDBStore
+from durable_nb.store._duckdb_merge import MERGE_CHUNK
 
 from .helpers import ROOT, run_python, spawn_python
 
@@ -446,7 +447,7 @@ CHILD = textwrap.dedent(
     s = DuckDBStore(sys.argv[1], merge_interval=3600, idle_close=0.05)
     lease = s.acquire_run("R", "child")
     s.put_effects([EffectRecord("run/R", "eff", "v", "h", 0, Payload("json", b"42"), seq=0)])
-    s._close_connection()  # what the idle close does: the record is only in the journal
+    s._file.close()  # what the idle close does: the record is only in the journal
     print("ready", flush=True)
     time.sleep(60)  # still executing run R when it is killed
     """
@@ -509,27 +510,28 @@ def test_a_crash_between_two_chunks_of_one_write_loses_nothing(tmp_path: Path) -
             import os, signal
             from durable_nb import _codecs
             from durable_nb.store import EffectRecord
-            from durable_nb.store._duckdb import _MERGE_CHUNK, DuckDBStore
-            DuckDBStore._merge_loop = lambda self: None  # no merge but the one below
+            from durable_nb.store._duckdb import DuckDBStore
+            from durable_nb.store._duckdb_merge import MERGE_CHUNK, Merger
+            Merger._loop = lambda self: None  # no merge but the one below
             s = DuckDBStore({str(path)!r})
             s.put_effects([
                 EffectRecord("run/x", "m.f", "v", f"h{{n}}", 0, _codecs.encode(n, s.signer), seq=n)
-                for n in range(2 * _MERGE_CHUNK + 100)
+                for n in range(2 * MERGE_CHUNK + 100)
             ])  # one journal write
-            s._merge_pending()  # one transaction: the first _MERGE_CHUNK records
+            s._merger.merge_chunk()  # one transaction: the first MERGE_CHUNK records
             os.kill(os.getpid(), signal.SIGKILL)
         """)
     )
     assert done.returncode == -signal.SIGKILL, done.stderr
     con = duckdb.connect(str(path), read_only=True)
     try:  # the kill came between the chunks
-        assert con.execute("SELECT count(*) FROM dn_effects").fetchall() == [(_MERGE_CHUNK,)]
+        assert con.execute("SELECT count(*) FROM dn_effects").fetchall() == [(MERGE_CHUNK,)]
     finally:
         con.close()
     store = DuckDBStore(path)  # recovers the dead process's journal
     try:
         got = store.load_effects("run/x")
-        assert [r.input_hash for r in got] == [f"h{n}" for n in range(2 * _MERGE_CHUNK + 100)]
+        assert [r.input_hash for r in got] == [f"h{n}" for n in range(2 * MERGE_CHUNK + 100)]
     finally:
         store.close()
 
@@ -544,13 +546,13 @@ def test_a_read_merges_only_what_is_pending_for_it(tmp_path: Path) -> None:
         store.flush()
         store.put_effects([_rec(store, n) for n in range(3)])  # pending: run/x
         store.append_events([EventRecord("new", "e1", 1.0, "started")])
-        backlog = len(store._pending)
+        backlog = len(store._merger.pending)
         assert store.get_run("new") is None
         assert store.load_effects("run/new") == []
         assert store.list_signals("new") == []
         rec = store.get_run("old")
         assert rec is not None and rec.status == "completed"
-        assert len(store._pending) == backlog  # nothing was merged for those reads
+        assert len(store._merger.pending) == backlog  # nothing was merged for those reads
         assert [r.input_hash for r in store.load_effects("run/x")] == ["h0", "h1", "h2"]
         assert [e.event_id for e in store.load_events("new")] == ["e1"]
         store.put_run(RunRecord("new", "m.wf", "running", 2.0, 2.0))
@@ -574,7 +576,7 @@ def test_a_lease_is_let_go_once_the_records_its_next_holder_reads_are_merged(
     try:
         lease = a.acquire_run("R", "a")
         a.put_run(RunRecord("R", "m.wf", "completed", 1.0, 1.0))
-        with a._dblock:  # the merge thread cannot merge meanwhile
+        with a._file.lock:  # the merge thread cannot merge meanwhile
             later = lease.release_later()
             assert later is not None and not later.done()
             with pytest.raises(RunLockedError):

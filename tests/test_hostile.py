@@ -221,7 +221,7 @@ def _engine_on(store: Store) -> Callable[[], None]:
 def _journal_bytes(store: Store) -> int:
     """How much the store has written to its journal: a refused input must not add to it."""
     assert isinstance(store, DuckDBStore)
-    return store._journal.size + len(store._pending)
+    return store._journal.size + len(store._merger.pending)
 
 
 class ReplayLater:

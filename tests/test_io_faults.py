@@ -27,7 +27,7 @@ import durable_nb as dn
 from durable_nb import _codecs
 from durable_nb.engine import runtime
 from durable_nb.errors import StoreDamageWarning, StoreFormatError, StoreUnavailableError
-from durable_nb.store import EffectRecord, MemoryStore, RunRecord, _rows
+from durable_nb.store import EffectRecord, MemoryStore, RunRecord, _duckdb_merge, _rows
 from durable_nb.store._duckdb import DuckDBStore
 from durable_nb.store._wal import Damage, frame, read_frames
 
@@ -305,7 +305,7 @@ def test_an_io_error_at_the_merge_is_retried_not_sticky(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: str
 ) -> None:
     failures = [0]
-    real = DuckDBStore._insert_batch
+    real = _duckdb_merge.insert_batch
 
     def insert_batch(con: duckdb.DuckDBPyConnection, batch: Any) -> None:
         if failures[0]:
@@ -315,13 +315,13 @@ def test_an_io_error_at_the_merge_is_retried_not_sticky(
             raise duckdb.IOException("IO Error: Could not write file: Input/output error")
         real(con, batch)
 
-    monkeypatch.setattr(DuckDBStore, "_insert_batch", staticmethod(insert_batch))
+    monkeypatch.setattr(_duckdb_merge, "insert_batch", insert_batch)
     path = tmp_path / "s.duckdb"
     store = DuckDBStore(path, merge_interval=0.01)  # the background thread merges
     try:
         failures[0] = 3
         store.put_effects([_rec(store, n) for n in range(5)])
-        wait_until(lambda: failures[0] == 0 and not store._pending, "the retried merge")
+        wait_until(lambda: failures[0] == 0 and not store._merger.pending, "the retried merge")
         store.put_effects([_rec(store, n) for n in range(5, 10)])  # never refused
     finally:
         store.close()
@@ -500,8 +500,8 @@ def test_corrupted_blocks_inside_a_store_file_give_a_clear_error(tmp_path: Path)
 # ---------------------------------------------------------------------- directory deleted
 def _wait_idle_closed(store: DuckDBStore) -> None:
     """Until the background thread closed the idle file, and DuckDB finished closing it."""
-    wait_until(lambda: store._con is None, "the idle close")
-    with store._dblock:  # held until DuckDB's close (a checkpoint) returned
+    wait_until(lambda: store._file.con is None, "the idle close")
+    with store._file.lock:  # held until DuckDB's close (a checkpoint) returned
         pass
 
 

@@ -18,7 +18,8 @@ import duckdb
 
 from durable_nb import _codecs
 from durable_nb.store import EffectRecord
-from durable_nb.store._duckdb import _MERGE_CHUNK, DuckDBStore
+from durable_nb.store._duckdb import DuckDBStore
+from durable_nb.store._duckdb_merge import MERGE_CHUNK
 from durable_nb.store._handoff import Queue
 
 from .helpers import ROOT, load_benchmark, spawn_python, wait_until
@@ -108,8 +109,8 @@ def test_two_stores_in_one_process_share_the_file_without_handing_it_over(
     a = DuckDBStore(tmp_path / "s.duckdb", idle_close=3600)
     b = DuckDBStore(tmp_path / "s.duckdb", idle_close=3600, lock_timeout=5)
     try:
-        assert a._con is not None and b._con is not None  # both hold it at once
-        assert not b._file_waits  # nobody queued
+        assert a._file.con is not None and b._file.con is not None  # both hold it at once
+        assert not b._file.waits  # nobody queued
     finally:
         a.close()
         b.close()
@@ -121,10 +122,10 @@ def test_two_stores_in_one_process_share_the_file_without_handing_it_over(
 
 def test_a_waiting_process_gets_the_file_between_chunks_of_a_big_merge(tmp_path: Path) -> None:
     """A backlog of three and a bit merge chunks is merged in transactions of
-    ``_MERGE_CHUNK`` records, and a process that waits for the file gets it between two of
+    ``MERGE_CHUNK`` records, and a process that waits for the file gets it between two of
     them: it sees a whole number of chunks, not all of the backlog (nor none of it)."""
     path = tmp_path / "s.duckdb"
-    total = 3 * _MERGE_CHUNK + 100
+    total = 3 * MERGE_CHUNK + 100
     # keeps the file (no idle close, no merge but the one its backlog starts)
     holder = DuckDBStore(path, merge_interval=3600, idle_close=3600)
     waiter = None
@@ -149,7 +150,7 @@ def test_a_waiting_process_gets_the_file_between_chunks_of_a_big_merge(tmp_path:
         assert waiter.returncode == 0, err
         seen = int(out.strip())
         assert 0 < seen < total, seen
-        assert seen % _MERGE_CHUNK == 0, seen  # between two transactions, never inside one
+        assert seen % MERGE_CHUNK == 0, seen  # between two transactions, never inside one
         holder.flush()  # takes the file back for the rest
     finally:
         if waiter is not None and waiter.poll() is None:

@@ -3,20 +3,22 @@
 DuckDB pays about 1 ms of CPU per committed transaction, so committing each effect on its
 own would cost more than most effects. Instead every write is appended, as one framed
 record (length, CRC32, marshal payload), to a write-ahead journal owned by this process
-(one ``os.write`` — durable against a crash of the process as soon as it returns), and a
-background thread merges the journal into DuckDB in batches, storing the journal offset
-in the same transaction. A journal left behind by a dead process (its ``flock`` is free)
-is merged by the next process that opens the store; merging is idempotent.
+(one ``os.write`` — durable against a crash of the process as soon as it returns,
+``_wal.py``), and a background thread merges the journal into DuckDB in batches, storing
+the journal offset in the same transaction (``_duckdb_merge.py``). A journal left behind by
+a dead process (its ``flock`` is free) is merged by the next process that opens the store;
+merging is idempotent. A read merges first only what this process wrote that changes its
+answer; a run's lease is let go once its records are merged.
 
 DuckDB lets one process hold a database file at a time, so the connection is closed
 whenever this process has been idle for ``idle_close`` seconds (after merging
-everything), and handed over sooner when another process asks for it (``_handoff.py``:
-the holder merges what it has, closes the file, and the oldest waiter gets it). A waiter
-raises ``StoreLockedError`` naming the holder once the line ahead of it has not moved for
-``lock_timeout`` seconds. ``fsync``: ``False`` (the journal is never synced: what is not
-merged yet does not survive an OS crash), ``"group"`` (one ``fdatasync`` per batch of
-concurrent writes, ``_syncer.py``) or ``True`` (one per write); see the guide's "What
-survives what".
+everything), and handed over sooner when another process asks for it (``_duckdb_file.py``,
+``_handoff.py``: the holder merges what it has, closes the file, and the oldest waiter gets
+it). A waiter raises ``StoreLockedError`` naming the holder once the line ahead of it has
+not moved for ``lock_timeout`` seconds. ``fsync``: ``False`` (the journal is never synced:
+what is not merged yet does not survive an OS crash), ``"group"`` (one ``fdatasync`` per
+batch of concurrent writes, ``_syncer.py``) or ``True`` (one per write); see the guide's
+"What survives what".
 
 Deletions (``delete_effects``, ``delete_run``, ``prune_effects``) flush the journal and
 commit directly. ``reset_run`` (continue-as-new) is one journal record, applied in one
@@ -36,12 +38,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import secrets
 import threading
 import time
-from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from functools import partial
 from pathlib import Path
@@ -54,39 +55,18 @@ from ..errors import (
     ArgumentError,
     RunLockedError,
     StoreError,
-    StoreFormatError,
     StoreLockedError,
     StoreUnavailableError,
-    StoreVersionError,
 )
-from . import _migrations, _rows
+from . import _rows
 from ._base import RunQuery, StoreBase
-from ._duckdb_schema import (
-    BOOKKEEPING,
-    EFFECT_TYPES,
-    EVENT_TYPES,
-    MIGRATIONS,
-    RUN_TYPES,
-    SCHEMA_VERSION,
-    SIGNAL_TYPES,
-)
-from ._handoff import Busy, Queue, open_in_turn
+from ._duckdb_file import Connection, DuckFile, transaction
+from ._duckdb_merge import ALL_RUNS, Merger
+from ._duckdb_schema import SCHEMA_VERSION
 from ._keyfilter import KeyFilter
-from ._lockfiles import EffectClaims, file_token, lock_run, say_holder, touch, unlock
+from ._lockfiles import EffectClaims, file_token, lock_run, say_holder, touch
 from ._protocol import CLAIMABLE_STATUSES, RunLease, run_scopes
-from ._wal import (
-    ROTATE_SIZE,
-    Damage,
-    Journal,
-    Op,
-    any_dead_journal,
-    dead_journals,
-    frame,
-    keep_damaged,
-    makes_work,
-    read_frames,
-    sync_dir,
-)
+from ._wal import Journal, Op, any_dead_journal, makes_work
 
 if TYPE_CHECKING:
     from .._codecs import Payload
@@ -94,34 +74,9 @@ if TYPE_CHECKING:
 
 __all__ = ["SCHEMA_VERSION", "DuckDBStore"]
 
-_VALUES_BATCH = 64  # rows per table up to which a merge avoids Arrow
 _RECENT_MAX_RECORDS = 4096
 _RECENT_MAX_BYTES = 64 * 1024
 _WORK_POLL = 0.05  # seconds between looks at the ``work`` file while waiting for work
-# seconds records wait in the journal before a process that does not hold the file opens it
-# to merge them (while it holds it, it merges every ``merge_interval``): every open costs
-# 10-60 ms of connecting and a hand-off, and appends never need the file
-_REOPEN_AFTER = 1.0
-# seconds a process keeps the file after opening it before handing it over: what it opened
-# it for often takes several statements (a run's start reads its history, then writes)
-_MIN_HOLD = 0.1
-#: journal records merged in one transaction at most (a busy writer's backlog is merged in
-#: several, with a chance to hand the file over between them)
-_MERGE_CHUNK = 5000
-#: read keys remembered with their last write (``_written``) past which merged ones are dropped
-_WRITTEN_PRUNE = 8192
-_LOCK_RE = re.compile(r"Conflicting lock is held in (?P<exe>.*?) \(PID (?P<pid>\d+)\)")
-# what a merge may meet on a full or failing disk: retried on a fresh connection
-_IO_ERRORS = (duckdb.IOException, duckdb.TransactionException, duckdb.FatalException, OSError)
-# what DuckDB says of a truncated or corrupted database file
-_DAMAGED_RE = re.compile(r"Could not read enough bytes|[Cc]orrupt|checksum", re.IGNORECASE)
-# the tables a merge writes, by journal record kind: (table, (column, type) pairs)
-_TABLES = {
-    "E": ("dn_effects", tuple(zip(_rows.EFFECT_COLUMNS, EFFECT_TYPES, strict=True))),
-    "R": ("dn_runs", tuple(zip(_rows.RUN_COLUMNS, RUN_TYPES, strict=True))),
-    "S": ("dn_signals", tuple(zip(_rows.SIGNAL_COLUMNS, SIGNAL_TYPES, strict=True))),
-    "V": ("dn_events", tuple(zip(_rows.EVENT_COLUMNS, EVENT_TYPES, strict=True))),
-}
 
 # DuckDB scans an index only for a query whose one filter is on the indexed column (a filter
 # on all five key columns scans the table: 7 ms at 1M effects, ~70 ms at 10M). A point
@@ -144,97 +99,8 @@ def _table_name(prefix: str, parts: tuple[object, ...]) -> str:
     return f"dn_{prefix}_{xxhash.xxh3_128_hexdigest(repr(parts).encode())}"
 
 
-@contextlib.contextmanager
-def _transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
-    """Commit what the block executes, or roll it all back if the block raises."""
-    con.execute("BEGIN")
-    try:
-        yield
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    con.execute("COMMIT")
-
-
-def _file_id(path: Path) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return (st.st_dev, st.st_ino)
-
-
-def _pin(path: Path) -> tuple[tuple[int, int], int | None]:
-    """The identity (device, inode) of the file at ``path`` and, on Linux, an ``O_PATH``
-    descriptor that keeps its inode from being freed, so the number cannot be reused by a
-    file put in its place while the store is closed. ``O_PATH``: closing it releases none of
-    the POSIX locks DuckDB holds on the file (an ordinary descriptor's close would)."""
-    flag = getattr(os, "O_PATH", None)
-    if flag is None:
-        st = os.stat(path)
-        return (st.st_dev, st.st_ino), None
-    fd = os.open(path, flag | os.O_CLOEXEC)
-    st = os.fstat(fd)
-    return (st.st_dev, st.st_ino), fd
-
-
-def _damaged(path: Path, msg: str, *, opening: bool = False) -> str:
-    return (
-        f"the store file {str(path)!r} is damaged or truncated ({msg})"
-        + ("; it was not changed. " if opening else ". ")
-        + "Restore it from a backup, or move it away (with its .wal file) to start a new store "
-        f"at that path — the journals in {str(path) + '.d/journal'!r} are merged into it"
-    )
-
-
-def _synced_dir(folder: Path) -> bool:
-    """Sync ``folder``'s entries; ``False`` if that failed (then keep what depends on it:
-    an offset kept for a removed journal costs nothing)."""
-    try:
-        sync_dir(folder)
-    except OSError:
-        return False
-    return True
-
-
 def _in_scopes(scopes: set[str], key: EffectKey, rec: EffectRecord) -> bool:
     return key[0] in scopes
-
-
-#: the read of every run record (``list_runs``, ``claim_run``), in ``_read_keys``' terms
-_ALL_RUNS = ("runs", "")
-
-
-def _read_keys(kind: str, row: tuple[Any, ...]) -> tuple[tuple[str, str], ...]:
-    """The reads whose answer a journal record changes: ``("R", run id)`` (``get_run``),
-    ``("E", scope)`` (``load_effects``), ``("S", run id)`` (``list_signals``), ``("V", run
-    id)`` (``load_events``) and :data:`_ALL_RUNS`. A read merges first only if one of its
-    keys has a record waiting to be merged."""
-    if kind == "E":
-        return (("E", row[0]),)
-    if kind == "R":
-        return (("R", row[0]), _ALL_RUNS)
-    if kind in "SV":
-        return ((kind, row[0]),)
-    run_id = row[0][0]  # "X": a reset rewrites the run, forgets its steps, consumes signals
-    return (("R", run_id), _ALL_RUNS, ("E", run_scope(run_id)), ("S", run_id))
-
-
-class _Release:
-    """A run lease let go by its holder, kept until the merge of this process's records up
-    to ``position`` (what the next holder must read) commits; ``done`` is settled then, or
-    once the merge fails (the holder need not wait for a failing disk)."""
-
-    __slots__ = ("done", "fd", "position")
-
-    def __init__(self, position: int, fd: int) -> None:
-        self.position = position
-        self.fd = fd
-        self.done: Future[None] = Future()
-
-    def settle(self) -> None:
-        if not self.done.done():
-            self.done.set_result(None)
 
 
 class DuckDBStore(StoreBase):
@@ -271,9 +137,6 @@ class DuckDBStore(StoreBase):
             )
         self._path = Path(path).absolute()
         self._aux = self._path.with_name(self._path.name + ".d")
-        self._lock_timeout = float(lock_timeout)
-        self._idle_close = float(idle_close)
-        self._merge_interval = float(merge_interval)
         self._fsync = fsync
         try:
             for sub in ("journal", "locks", "inbox", "claims", "queue"):
@@ -289,35 +152,31 @@ class DuckDBStore(StoreBase):
             ) from e
         self._signer = Signer(key if key is not None else self._load_key())
 
-        self._dblock = threading.RLock()
         self._wlock = threading.Lock()
-        self._con: duckdb.DuckDBPyConnection | None = None
-        self._queue = Queue(self._aux / "queue")  # processes waiting for the file
-        self._db_depth = 0  # nested uses of the connection (under ``_dblock``)
-        # seconds each open of the file waited for another process (for benchmarks)
-        self._file_waits: deque[float] = deque(maxlen=100_000)
-        self._opens = 0  # times this process opened the file (for benchmarks)
-        self._opened_at = 0.0
-        self._pending_since = 0.0  # when the oldest pending record was written
-        self._pending: list[Op] = []
+        self._file = DuckFile(
+            self._path,
+            self._aux / "queue",
+            float(lock_timeout),
+            on_open=self._opened,
+            hand_over=self._hand_over,
+        )
+        self._merger = Merger(
+            self._file,
+            self._aux / "journal",
+            self._wlock,
+            merge_interval=float(merge_interval),
+            idle_close=float(idle_close),
+            merged=self._merged,
+            forget=self._forget_scopes,
+            announce_deletion=self._announce_deletion,
+            announce_work=self._announce_work,
+        )
         self._unmerged: dict[EffectKey, tuple[EffectRecord, Op]] = {}
         # small records read or written lately: a rerun of a notebook cell replays from memory
         # (microseconds) instead of a DuckDB point query (about 0.5 ms)
         self._recent: OrderedDict[EffectKey, EffectRecord] = OrderedDict()
-        self._last_activity = time.monotonic()
         self._closed = False
         self._run_locks: dict[str, int] = {}
-        # positions count the bytes this process journaled (over every journal it rotated):
-        # how far it appended and merged, its rotated journals' sizes, each read key's last
-        # write (dropped once merged)
-        self._appended = 0
-        self._merged = 0
-        self._rotated = 0
-        self._written: dict[tuple[str, str], int] = {}
-        self._releases: dict[str, _Release] = {}  # run id -> its lease, let go once merged
-        self._merge_error: BaseException | None = None  # the last failed merge, until one works
-        self._file_id: tuple[int, int] | None = None  # (device, inode) of the file opened
-        self._file_fd: int | None = None  # holds that inode (see _pin)
         # scope -> the pending reset record that forgets it: until that record is merged,
         # DuckDB still holds the scope's old records, which reads must not return
         self._dropped: dict[str, Op] = {}
@@ -333,15 +192,11 @@ class DuckDBStore(StoreBase):
         self._work_seq = 0  # bumped when this process made work (queued, signalled, released)
         self._local = threading.local()  # per thread: the work token its last look saw
 
-        with self._dblock:
-            self._connect()  # validates the file, migrates, recovers dead journals
-        self._journal = Journal(self._aux / "journal", fsync=self._fsync)
-
-        self._wake = threading.Event()
-        self._merger = threading.Thread(
-            target=self._merge_loop, name=f"durable_nb-merge-{self._path.name}", daemon=True
-        )
-        self._merger.start()
+        with self._file.lock:
+            self._file.connect()  # validates the file, migrates, recovers dead journals
+        self._journal = Journal(self._aux / "journal", fsync=fsync)
+        self._file.journal = self._journal
+        self._merger.start(self._journal)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -382,194 +237,27 @@ class DuckDBStore(StoreBase):
             tmp.unlink(missing_ok=True)
         return key
 
-    # ------------------------------------------------------------------ connection
-    def _connect(self) -> duckdb.DuckDBPyConnection:
-        """Open the database (caller holds ``_dblock``), waiting while another process has it."""
-        if self._con is not None:
-            return self._con
-        self._check_same_file()
-        con, waited = open_in_turn(
-            self._queue, self._open_file, self._lock_timeout, self._locked_error
-        )
-        if waited is not None:
-            self._file_waits.append(waited)
-        self._opens += 1
-        self._opened_at = time.monotonic()
-        try:
-            try:
-                con.execute("SET wal_autocheckpoint_entries=1000")
-            except duckdb.CatalogException:
-                pass  # older DuckDB (1.1 has not this setting) checkpoints by WAL size only
-            self._migrate(con)
-            if self._file_id is None:
-                self._file_id, self._file_fd = _pin(self._path)
-        except BaseException as e:
-            con.close()
-            self._queue.drop_baton()
-            if isinstance(e, duckdb.Error) and _DAMAGED_RE.search(str(e)):
-                raise StoreFormatError(_damaged(self._path, str(e), opening=True)) from e
-            raise
-        self._con = con
-        # each time we (re)open the file, merge what processes that died meanwhile left behind
-        try:
-            self._recover_journals()
-        except BaseException:
-            self._con = None
-            con.close()
-            self._queue.drop_baton()
-            raise
-        # while the file was closed, other processes may have deleted records we cache
-        with self._wlock:
-            self._validate_cache()
-        return con
-
-    def _open_file(self) -> duckdb.DuckDBPyConnection:
-        """One attempt to open the file; :class:`Busy` if another process has it."""
-        try:
-            return duckdb.connect(str(self._path))
-        except duckdb.IOException as e:
-            msg = str(e)
-            m = _LOCK_RE.search(msg)
-            if m is not None:
-                raise Busy(f"PID {m['pid']}, {m['exe']}") from e
-            if "Trying to read a database file with version number" in msg:
-                raise StoreVersionError(
-                    f"the store {str(self._path)!r} was written by a newer DuckDB than "
-                    f"the duckdb {duckdb.__version__} installed here, which cannot read "
-                    "its file format; upgrade duckdb (pip install -U duckdb) to use it"
-                ) from e
-            if "not a valid DuckDB database file" in msg:
-                raise StoreFormatError(
-                    f"{str(self._path)!r} is not a DuckDB database (it may be damaged "
-                    "or another kind of file); move it away or choose another store path"
-                ) from e
-            if _DAMAGED_RE.search(msg):
-                raise StoreFormatError(_damaged(self._path, msg, opening=True)) from e
-            raise StoreUnavailableError(f"cannot open the store {str(self._path)!r}: {msg}") from e
-        except duckdb.Error as e:
-            raise StoreFormatError(
-                f"cannot open {str(self._path)!r} as a DuckDB database: {e}; "
-                "move it away or choose another store path"
-            ) from e
-
-    def _locked_error(self, busy: Busy) -> StoreLockedError:
-        return StoreLockedError(
-            f"the store {str(self._path)!r} is in use by another process ({busy.holder}) "
-            f"and stayed busy for {self._lock_timeout:g}s; wait until that kernel or script "
-            "is idle, stop it, or use another store (DURABLE_NB_STORE)"
-        )
-
-    def _migrate(self, con: duckdb.DuckDBPyConnection) -> None:
-        tables = {
-            r[0]
-            for r in con.execute(
-                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'"
-            ).fetchall()
-        }
-        current, written_by = 0, "?"
-        if "dn_meta" in tables:
-            meta = dict(con.execute("SELECT key, value FROM dn_meta").fetchall())
-            current, written_by = int(meta.get("schema_version", 0)), meta.get("written_by", "?")
-        elif tables:
-            raise _migrations.not_a_store(
-                f"the DuckDB database {str(self._path)!r}",
-                list(tables),
-                "choose another store path",
-            )
-        _migrations.check_version(
-            current, written_by, SCHEMA_VERSION, f"the store {str(self._path)!r}"
-        )
-        if current == SCHEMA_VERSION:
-            return
-        with _transaction(con):
-            _migrations.migrate(con.execute, MIGRATIONS, current, BOOKKEEPING)
-
-    def _close_connection(self) -> None:
-        with self._dblock:
-            if self._con is not None:
-                con, self._con = self._con, None
-                try:
-                    con.close()  # checkpoints: reads and writes the file
-                except duckdb.Error as e:
-                    if _DAMAGED_RE.search(str(e)):
-                        raise StoreFormatError(_damaged(self._path, str(e))) from e
-                    raise StoreUnavailableError(
-                        f"cannot checkpoint the store {str(self._path)!r}: {e}; what was "
-                        "recorded is in its DuckDB WAL and merged when it is opened next"
-                    ) from e
-                finally:
-                    self._queue.drop_baton()
-
-    def _drop_connection(self) -> None:
-        """Close the connection after a failed write, whatever state it is in."""
-        with self._dblock:
-            con, self._con = self._con, None
-            if con is not None:
-                try:
-                    with contextlib.suppress(duckdb.Error):
-                        con.close()
-                finally:
-                    self._queue.drop_baton()
-
-    @contextlib.contextmanager
-    def _db(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        with self._using():
-            self._check_open()
-            self._check_same_file()
-            self._last_activity = time.monotonic()
-            try:
-                yield self._connect()
-            except duckdb.Error as e:
-                if not _DAMAGED_RE.search(str(e)):
-                    raise
-                raise StoreFormatError(_damaged(self._path, str(e))) from e
-
-    @contextlib.contextmanager
-    def _using(self) -> Iterator[None]:
-        """Hold ``_dblock``; leaving the outermost use, hand the file over if another
-        process asked for it (``_handoff.py``)."""
-        with self._dblock:
-            self._db_depth += 1
-            try:
-                yield
-            finally:
-                self._db_depth -= 1
-                if self._db_depth == 0:
-                    self._hand_over_if_asked()
-
-    def _hand_over_if_asked(self) -> None:
-        """Merge what is pending and close the file if another process waits for it
-        (caller holds ``_dblock``, outside any use of the connection)."""
-        if (
-            self._con is None
-            or time.monotonic() - self._opened_at < _MIN_HOLD
-            or not self._queue.waiting()
-        ):
-            return
-        with contextlib.suppress(StoreError):
-            self._merge_pending()  # what is not merged stays in the journal for next time
-        self._close_connection()
+    # ------------------------------------------------------------------ file, journal
+    def _db(self) -> contextlib.AbstractContextManager[Connection]:
+        """The connection, for a block of statements (``DuckFile.db``)."""
+        self._check_open()
+        return self._file.db()
 
     def _check_open(self) -> None:
         if self._closed:
             raise StoreError(f"the store {str(self._path)!r} is closed; open a new one")
 
-    def _check_same_file(self) -> None:
-        """Before reopening or merging: the file at the store's path must be the one this
-        process opened first. If it was deleted (the store directory removed under a running
-        kernel) or replaced, writing would recreate an empty store or write to an unlinked
-        file: refused, loudly, instead."""
-        if self._file_id is None or _file_id(self._path) == self._file_id:
-            return
-        raise StoreUnavailableError(
-            f"the store file {str(self._path)!r} was deleted or replaced since this process "
-            "opened it; nothing more is written to it. Records this process wrote meanwhile "
-            f"are in its journal {str(self._journal.path)!r} if that still exists (merged "
-            "into whichever store is opened at that path next). Open the store again: "
-            "restart the kernel or use `%durable store PATH`"
-        )
+    def _opened(self, con: Connection) -> None:
+        """Each time this process opens the file: merge what processes that died meanwhile
+        left behind; drop cached records other processes may have deleted meanwhile."""
+        self._merger.recover(con)
+        with self._wlock:
+            self._validate_cache()
 
-    # ------------------------------------------------------------------ journal
+    def _hand_over(self) -> None:
+        """Before the file goes to a process that asked for it: merge a chunk of records."""
+        self._merger.merge_chunk()
+
     def _append(
         self,
         ops: list[tuple[str, tuple[Any, ...]]],
@@ -582,22 +270,9 @@ class DuckDBStore(StoreBase):
         ``effects`` (aligned with the first ops) stay readable from memory until merged.
         ``drops``: the scope the last op (a reset) forgets; reads stop seeing its records now.
         """
-        ends: list[int] = []
-        buf = frame(ops, ends)
         with self._wlock:
             self._check_open()
-            end = self._journal.append(buf)
-            position = self._journal.position
-            start = end - len(buf)
-            # each its own end: a merge in chunks may stop inside this write
-            written = [Op(kind, row, start + e) for (kind, row), e in zip(ops, ends, strict=True)]
-            self._appended = self._rotated + end
-            for kind, row in ops:
-                for read in _read_keys(kind, row):
-                    self._written[read] = self._appended
-            if not self._pending:
-                self._pending_since = time.monotonic()
-            self._pending.extend(written)
+            written, position = self._merger.append(ops)
             for rec, op in zip(effects, written, strict=False):
                 self._unmerged[rec.key] = (rec, op)
                 self._remember(rec)
@@ -608,267 +283,26 @@ class DuckDBStore(StoreBase):
                     del self._recent[key]
                 self._cache_epoch += 1
                 self._dropped[drops] = written[-1]
-            self._last_activity = time.monotonic()
-            if len(self._pending) >= 2000:
-                self._wake.set()
         # fsync="group": on disk before returning, in one fdatasync with concurrent writes
         self._journal.wait_synced(position)
         if any(makes_work(kind, row) for kind, row in ops):
             self._notify_work()  # in-process waiters; other processes hear of it after the merge
 
-    def _recover_journals(self) -> None:
-        """Merge journals whose writer died (caller holds ``_dblock`` and a connection)."""
-        con = self._connect()
-        offsets = dict(con.execute("SELECT wal_id, merged_offset FROM dn_journal").fetchall())
-        folder = self._aux / "journal"
-        for wal_id, path in dead_journals(folder):
-            damage: list[Damage] = []
-            ops, end = read_frames(path, int(offsets.get(wal_id, 0)), damage)
-            if ops:
-                # committed (and fdatasynced by DuckDB) before the journal is removed
-                dropped = self._apply([Op(k, r, end) for k, r in ops], wal_id, end)
-                if dropped:
-                    with self._wlock:
-                        self._forget_recent(partial(_in_scopes, dropped))
-                if any(makes_work(k, r) for k, r in ops):
-                    self._announce_work()
-            if damage:
-                keep_damaged(path, damage, len(ops))  # renamed: its offset goes with the rest
-            else:
-                path.unlink()
-        live = {p.stem for p in folder.glob("*.wal")}
-        gone = [wal_id for wal_id in offsets if wal_id not in live]
-        # a journal's offset is forgotten only once its removal is on disk: after a power loss
-        # it must not come back without its offset and be merged again from the start
-        if gone and _synced_dir(folder):
-            for wal_id in gone:
-                con.execute("DELETE FROM dn_journal WHERE wal_id = ?", [wal_id])
+    def _merged(self, ops: list[Op]) -> None:
+        """Records just merged (caller holds ``_wlock``): reads find them in DuckDB now."""
+        for op in ops:
+            if op.kind == "E":
+                entry = self._unmerged.get(op.row[:5])
+                if entry is not None and entry[1] is op:
+                    del self._unmerged[op.row[:5]]
+            elif op.kind == "X":
+                scope = run_scope(op.row[0][0])
+                if self._dropped.get(scope) is op:
+                    del self._dropped[scope]
 
-    def _apply(self, ops: list[Op], wal_id: str, end: int) -> set[str]:
-        """Merge journal records into DuckDB in one transaction (caller holds ``_dblock``);
-        returns the scopes that resets among them forgot.
-
-        Records are applied in journal order. Between two resets, rows go in grouped by table
-        (last write wins per key, which is what applying them one by one would leave): small
-        groups as one multi-row VALUES statement (about 60 us a row, and no pyarrow import on
-        the way to a run's end), large ones as an Arrow table (8-30 us a row).
-        """
-        con = self._connect()
-        self._check_same_file()  # never merge into a file unlinked under us
-        dropped: set[str] = set()
-        if any(op.kind == "X" for op in ops):
-            self._announce_deletion()
-        with _transaction(con):
-            batch: dict[str, dict[Any, tuple[Any, ...]]] = {"E": {}, "R": {}, "S": {}, "V": {}}
-            for op in ops:
-                if op.kind == "X":
-                    self._insert_batch(con, batch)
-                    batch = {"E": {}, "R": {}, "S": {}, "V": {}}
-                    dropped.add(self._apply_reset(con, op.row[0], op.row[1]))
-                elif op.kind == "E":
-                    batch["E"][op.row[:5]] = op.row
-                elif op.kind == "R":
-                    batch["R"][op.row[0]] = op.row
-                else:
-                    batch[op.kind][op.row[:2]] = op.row
-            self._insert_batch(con, batch)
-            con.execute("INSERT OR REPLACE INTO dn_journal VALUES (?, ?)", [wal_id, end])
-        return dropped
-
-    @staticmethod
-    def _insert_batch(
-        con: duckdb.DuckDBPyConnection, batch: dict[str, dict[Any, tuple[Any, ...]]]
-    ) -> None:
-        for kind, (table, typed) in _TABLES.items():
-            rows = list(batch[kind].values())
-            if not rows:
-                continue
-            if len(rows) <= _VALUES_BATCH:
-                row_sql = "(" + ", ".join(f"CAST(? AS {t})" for _, t in typed) + ")"
-                con.execute(
-                    f"INSERT OR REPLACE INTO {table} VALUES " + ", ".join([row_sql] * len(rows)),
-                    [v for r in rows for v in r],
-                )
-                continue
-            import pyarrow as pa
-
-            arrow = pa.table({f"c{i}": [r[i] for r in rows] for i in range(len(typed))})
-            con.register("dn_batch", arrow)
-            try:
-                con.execute(
-                    f"INSERT OR REPLACE INTO {table} SELECT "
-                    + ", ".join(f"CAST(c{i} AS {t})" for i, (_, t) in enumerate(typed))
-                    + " FROM dn_batch"
-                )
-            finally:
-                con.unregister("dn_batch")
-
-    def _apply_reset(
-        self, con: duckdb.DuckDBPyConnection, row: tuple[Any, ...], consumed: Sequence[str]
-    ) -> str:
-        """One ``reset_run`` inside the caller's transaction; returns the scope it forgot."""
-        run_id: str = row[0]
-        scope = run_scope(run_id)
-        old = con.execute(
-            "SELECT args_table, result_table, error_table FROM dn_runs WHERE run_id = ?",
-            [run_id],
-        ).fetchall()
-        names = [
-            r[0]
-            for r in con.execute(
-                "SELECT table_name FROM dn_effects WHERE scope = ? AND table_name IS NOT NULL",
-                [scope],
-            ).fetchall()
-        ]
-        con.execute("DELETE FROM dn_effects WHERE scope = ?", [scope])
-        if consumed:
-            con.execute(
-                "DELETE FROM dn_signals WHERE run_id = ? AND list_contains(?, signal_id)",
-                [run_id, list(consumed)],
-            )
-        self._insert_batch(con, {"E": {}, "R": {run_id: row}, "S": {}, "V": {}})
-        keep = {row[i] for i in _rows.RUN_TABLE_COLUMNS}
-        names += [n for n in (old[0] if old else ()) if n and n not in keep]
-        for name in names:
-            con.execute(f'DROP TABLE IF EXISTS "{name}"')
-        return scope
-
-    def _merge(self, upto: int | None = None) -> None:
-        """Merge this process's journal records up to position ``upto`` (default: all written
-        so far) now, after a merge in progress, in transactions of at most ``_MERGE_CHUNK``
-        records: between two, a process waiting for the file gets it (``_using``), so a
-        writer that records faster than one merge takes never holds the file for long."""
-        with self._wlock:
-            if upto is None:
-                upto = self._appended  # later writes may wait
-            if self._merged >= upto:
-                return
-        while True:
-            with self._using():  # no merge is under way in another thread meanwhile
-                with self._wlock:
-                    if self._merged >= upto or not self._pending:
-                        return
-                self._merge_pending()
-
-    def _caught_up(self, *reads: tuple[str, str]) -> None:
-        """Before a read from DuckDB: merge what this process wrote that changes its answer
-        (``_read_keys``), and nothing if nothing is pending for it (a new run's start reads
-        three times: no commit, no wait for the merge thread's backlog)."""
-        with self._wlock:
-            upto = max(self._written.get(r, 0) for r in reads)
-            if upto <= self._merged:
-                return
-        self._merge(upto)
-
-    def _merge_pending(self) -> None:
-        with self._dblock:
-            with self._wlock:
-                ops = self._pending[:_MERGE_CHUNK]
-                del self._pending[:_MERGE_CHUNK]
-            if not ops:
-                return
-            try:
-                self._apply(ops, self._journal.wal_id, ops[-1].end)
-            except BaseException as e:
-                with self._wlock:
-                    self._pending[:0] = ops
-                if not isinstance(e, _IO_ERRORS):
-                    raise
-                # a full disk or an I/O error: the records stay in the journal and pending;
-                # a fresh connection retries them (DuckDB rolls back what it did not commit)
-                self._drop_connection()
-                raise StoreUnavailableError(
-                    f"cannot merge the journal {str(self._journal.path)!r} into the store "
-                    f"{str(self._path)!r}: {e}; nothing recorded is lost (it is in the journal), "
-                    "and the merge is retried in the background — free disk space or fix the "
-                    "disk; no restart is needed"
-                ) from e
-            self._merge_error = None
-            with self._wlock:
-                self._merged = self._rotated + ops[-1].end
-                due = [k for k, r in self._releases.items() if r.position <= self._merged]
-                released = [self._releases.pop(k) for k in due]
-                for r in released:
-                    unlock(r.fd)
-                work = False
-                for op in ops:
-                    if op.kind == "E":
-                        entry = self._unmerged.get(op.row[:5])
-                        if entry is not None and entry[1] is op:
-                            del self._unmerged[op.row[:5]]
-                        continue
-                    if op.kind == "X":
-                        scope = run_scope(op.row[0][0])
-                        if self._dropped.get(scope) is op:
-                            del self._dropped[scope]
-                    work = work or makes_work(op.kind, op.row)
-                if not self._pending:
-                    self._written.clear()  # every write is merged
-                    if self._journal.size > ROTATE_SIZE:
-                        self._rotate_wal()
-                elif len(self._written) > _WRITTEN_PRUNE:
-                    self._written = {k: v for k, v in self._written.items() if v > self._merged}
-            for r in released:
-                r.settle()
-            if released or work:
-                self._announce_work()
-
-    def _rotate_wal(self) -> None:
-        """Start a fresh journal once the old one is fully merged (holds both locks)."""
-        size = self._journal.size
-        try:
-            old_id = self._journal.rotate()
-        except OSError:
-            return  # no room for a new file: the old one goes on, and rotates next time
-        self._rotated += size
-        assert self._con is not None
-        if _synced_dir(self._aux / "journal"):  # see _recover_journals
-            self._con.execute("DELETE FROM dn_journal WHERE wal_id = ?", [old_id])
-
-    def _merge_loop(self) -> None:
-        backoff = 0.0  # after a failed merge: wait longer, up to a second, before retrying
-        while not self._closed:
-            self._wake.wait(max(self._merge_interval, backoff))
-            self._wake.clear()
-            if self._closed:
-                break
-            try:
-                if self._pending and (
-                    self._con is not None
-                    or self._releases  # a run's next holder waits for its records
-                    or time.monotonic() - self._pending_since >= _REOPEN_AFTER
-                    or len(self._pending) >= 2000
-                ):
-                    self._merge()
-                elif self._con is not None and self._queue.waiting():
-                    with self._using():
-                        pass  # leaving hands the file over
-                elif (
-                    self._con is not None
-                    and time.monotonic() - self._last_activity > self._idle_close
-                ):
-                    with self._dblock:
-                        if not self._pending and (
-                            time.monotonic() - self._last_activity > self._idle_close
-                        ):
-                            self._close_connection()
-            except StoreLockedError:
-                self._settle_releases()
-                continue  # another process holds the file; the journal keeps our records
-            except Exception as e:  # a full disk, an I/O error: the records wait in the journal
-                self._merge_error = e
-                self._settle_releases()
-                backoff = min(max(backoff * 2, self._merge_interval, 0.01), 1.0)
-                continue
-            backoff = 0.0
-
-    def _settle_releases(self) -> None:
-        """A merge failed: whoever waits for a lease to be let go stops waiting (as a failed
-        ``release()`` returns); the leases are let go after the next merge that works."""
-        with self._wlock:
-            waiting = list(self._releases.values())
-        for r in waiting:
-            r.settle()
+    def _forget_scopes(self, scopes: set[str]) -> None:
+        """A dead process's resets forgot these scopes (caller holds ``_wlock``)."""
+        self._forget_recent(partial(_in_scopes, scopes))
 
     # ------------------------------------------------------------------ tables
     def _write_table(self, name: str, table: object) -> None:
@@ -881,7 +315,7 @@ class DuckDBStore(StoreBase):
             try:
                 con.execute(f'CREATE OR REPLACE TABLE "{name}" AS SELECT * FROM dn_value')
             except (duckdb.IOException, duckdb.TransactionException) as e:
-                self._drop_connection()
+                self._file.drop()
                 raise StoreUnavailableError(
                     f"cannot write a table to the store {str(self._path)!r}: {e}; nothing of "
                     "this write was recorded — free disk space or fix the disk, then call again"
@@ -930,7 +364,7 @@ class DuckDBStore(StoreBase):
             self._deletions_token = token
 
     def _announce_deletion(self) -> None:
-        """Before committing a deletion (caller holds ``_dblock``): tell other processes to
+        """Before committing a deletion (caller holds the file's lock): tell other processes to
         drop their read caches. Touching before the commit errs on the safe side: a crash in
         between costs them a cache, never a stale read."""
         with self._wlock:
@@ -957,7 +391,7 @@ class DuckDBStore(StoreBase):
                 ).fetchall()
             ]
             self._announce_deletion()
-            with _transaction(con):
+            with transaction(con):
                 row = con.execute(f"SELECT count(*) FROM dn_effects WHERE {where}", params)
                 count = int(row.fetchall()[0][0])
                 con.execute(f"DELETE FROM dn_effects WHERE {where}", params)
@@ -1035,7 +469,7 @@ class DuckDBStore(StoreBase):
 
     def get_effect(self, key: EffectKey) -> EffectRecord | None:
         with self._wlock:
-            if self._con is None:  # another process may have had the file meanwhile
+            if self._file.con is None:  # another process may have had the file meanwhile
                 self._validate_cache()
             rec = self._recent.get(key)
             if rec is None and (entry := self._unmerged.get(key)) is not None:
@@ -1068,7 +502,7 @@ class DuckDBStore(StoreBase):
         out: list[EffectRecord | None] = [None] * len(keys)
         open_: dict[EffectKey, int] = {}
         with self._wlock:
-            if self._con is None:
+            if self._file.con is None:
                 self._validate_cache()
             for n, key in enumerate(keys):
                 rec = self._recent.get(key)
@@ -1095,7 +529,7 @@ class DuckDBStore(StoreBase):
         return out
 
     def load_effects(self, scope: str) -> list[EffectRecord]:
-        self._caught_up(("E", scope))
+        self._merger.caught_up(("E", scope))
         with self._db() as con:
             rows = con.execute(
                 "SELECT * FROM dn_effects WHERE scope = ? ORDER BY seq, started_at", [scope]
@@ -1149,14 +583,14 @@ class DuckDBStore(StoreBase):
         self._append([("R", self._run_row(run))])
 
     def get_run(self, run_id: str) -> RunRecord | None:
-        self._caught_up(("R", run_id))
+        self._merger.caught_up(("R", run_id))
         with self._db() as con:
             row = con.execute("SELECT * FROM dn_runs WHERE run_id = ?", [run_id]).fetchall()
         return _rows.run_from_row(row[0], self._read_payload) if row else None
 
     def _list_runs(self, query: RunQuery) -> list[RunRecord]:
         clause, params = query.sql("?")
-        self._caught_up(_ALL_RUNS)
+        self._merger.caught_up(ALL_RUNS)
         with self._db() as con:
             rows = con.execute("SELECT * FROM dn_runs" + clause, params).fetchall()
         return [_rows.run_from_row(r, self._read_payload) for r in rows]
@@ -1179,7 +613,7 @@ class DuckDBStore(StoreBase):
                 ).fetchall()
             ]
             self._announce_deletion()
-            with _transaction(con):
+            with transaction(con):
                 con.execute("DELETE FROM dn_runs WHERE run_id = ?", [run_id])
                 con.execute("DELETE FROM dn_signals WHERE run_id = ?", [run_id])
                 con.execute("DELETE FROM dn_events WHERE run_id = ?", [run_id])
@@ -1197,50 +631,37 @@ class DuckDBStore(StoreBase):
 
     def acquire_run(self, run_id: str, owner: str) -> RunLease:
         self._check_open()
-        with self._wlock:  # let go by a run of this process, not merged yet: still ours
-            kept = self._releases.pop(run_id, None)
-        if kept is not None:
-            kept.settle()
-            fd = kept.fd
-        else:
+        # let go by a run of this process but not yet merged: still this process's
+        fd = self._merger.take_back(run_id)
+        if fd is None:
             fd = lock_run(self._aux / "locks", run_id, owner)
             try:
                 # a previous holder that died may have left records in its journal: merge
-                # them before this process reads the run's history (a live one merged its
-                # records before it let go)
+                # them before this process reads the run's history (a live one let go only
+                # once its records were merged)
                 if any_dead_journal(self._aux / "journal"):
-                    with self._using():
+                    with self._file.using():
                         self._check_open()
-                        if self._con is None:
-                            self._connect()  # opening recovers dead journals already
+                        if self._file.con is None:
+                            self._file.connect()  # opening recovers dead journals already
                         else:
-                            self._recover_journals()
+                            self._merger.recover(self._file.con)
             except BaseException:
                 os.close(fd)
                 raise
         say_holder(fd, owner)
         self._run_locks[run_id] = fd
 
-        def release() -> None:  # on the caller's thread: merges what the next holder reads
+        def let_go() -> tuple[Future[None], int] | None:
+            if self._run_locks.get(run_id) == fd:
+                del self._run_locks[run_id]
+            return self._merger.let_go(run_id, fd)
+
+        def release() -> None:  # merges on the caller's thread what the next holder reads
             later = let_go()
             if later is not None:
-                with contextlib.suppress(StoreError):  # the merge thread lets go after its
-                    self._merge(later[1])  # next merge that works
-
-        def let_go() -> tuple[Future[None], int] | None:
-            with self._wlock:
-                if self._run_locks.get(run_id) == fd:
-                    del self._run_locks[run_id]
-                # the next holder reads the run from DuckDB: it is let go once what this
-                # process wrote so far is merged (by whichever thread merges it)
-                position = self._appended
-                if not self._closed and self._merged < position:
-                    self._releases[run_id] = rel = _Release(position, fd)
-                    self._wake.set()
-                    return rel.done, position
-            unlock(fd)  # everything merged (or close() merged, or failed to, already)
-            self._announce_work()
-            return None
+                with contextlib.suppress(StoreError):  # else the merge thread lets go after
+                    self._merger.merge(later[1])  # its next merge that works
 
         def release_later() -> Future[None] | None:
             later = let_go()
@@ -1253,7 +674,7 @@ class DuckDBStore(StoreBase):
         self._local.work_token = self._work_token()
         if not wanted:
             return None
-        self._caught_up(_ALL_RUNS)
+        self._merger.caught_up(ALL_RUNS)
         with self._db() as con:
             ids = [
                 r[0]
@@ -1337,7 +758,7 @@ class DuckDBStore(StoreBase):
                 f.write(b".")
 
     def list_signals(self, run_id: str) -> list[SignalRecord]:
-        self._caught_up(("S", run_id))
+        self._merger.caught_up(("S", run_id))
         with self._db() as con:
             rows = con.execute(
                 "SELECT * FROM dn_signals WHERE run_id = ? ORDER BY sent_at, signal_id", [run_id]
@@ -1355,7 +776,7 @@ class DuckDBStore(StoreBase):
         self._append([("V", _rows.event_row(e)) for e in events])
 
     def load_events(self, run_id: str) -> list[EventRecord]:
-        self._caught_up(("V", run_id))
+        self._merger.caught_up(("V", run_id))
         with self._db() as con:
             rows = con.execute(
                 "SELECT * FROM dn_events WHERE run_id = ? ORDER BY ts, event_id", [run_id]
@@ -1367,38 +788,28 @@ class DuckDBStore(StoreBase):
         """Return once every record written before the call is merged into DuckDB (one
         that the merge thread is merging right now included)."""
         self._check_open()
-        self._merge()
+        self._merger.merge()
 
     def close(self) -> None:
         if self._closed:
             return
         try:
-            self._merge()
+            self._merger.merge()
         finally:
             self._closed = True
-            self._wake.set()
+            let_go = self._merger.stop()  # leases let go but not merged: the close lets go
             self._notify_work()  # waiters return
-            if self._merger.is_alive() and self._merger is not threading.current_thread():
-                self._merger.join(timeout=5)
             try:
-                self._close_connection()
+                self._file.shut()
             finally:
-                if self._file_fd is not None:
-                    os.close(self._file_fd)
-                    self._file_fd = None
-            with self._wlock:
-                self._journal.close(merged=not self._pending)
-                releases = list(self._releases.values())
-                self._releases.clear()
-            for fd in [*self._run_locks.values(), *(r.fd for r in releases)]:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            self._run_locks.clear()
-            for r in releases:
-                r.settle()
-            with self._filters_lock:
-                for f in self._filters.values():
-                    f.close()
-                self._filters.clear()
-            self._claims.close()
-            self._queue.close()
+                with self._wlock:
+                    self._journal.close(merged=not self._merger.pending)
+                for fd in [*self._run_locks.values(), *let_go]:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                self._run_locks.clear()
+                with self._filters_lock:
+                    for f in self._filters.values():
+                        f.close()
+                    self._filters.clear()
+                self._claims.close()
