@@ -163,12 +163,13 @@ def test_fsync_takes_three_values(tmp_path: Path) -> None:
 ORDER = textwrap.dedent(
     """
     import sys
-    import durable_nb.store._duckdb as m
+    import durable_nb.store._duckdb_merge as m
     from durable_nb._codecs import Payload
     from durable_nb.store import EffectRecord
+    from durable_nb.store._duckdb import DuckDBStore
 
     m.ROTATE_SIZE = 1  # start a fresh journal after every merge
-    s = m.DuckDBStore(sys.argv[1], merge_interval=3600)
+    s = DuckDBStore(sys.argv[1], merge_interval=3600)
     for i in range(3):
         s.put_effects([EffectRecord("run/x", "f", "v", f"h{i}", 0, Payload("json", b"1"))])
         s.flush()
