@@ -66,7 +66,7 @@ from ._duckdb_schema import SCHEMA_VERSION
 from ._keyfilter import KeyFilter
 from ._lockfiles import EffectClaims, file_token, lock_run, say_holder, touch
 from ._protocol import CLAIMABLE_STATUSES, RunLease, run_scopes
-from ._wal import Journal, Op, any_dead_journal, makes_work
+from ._wal import Journal, Op, any_dead_journal, frame, makes_work
 
 if TYPE_CHECKING:
     from .._codecs import Payload
@@ -270,9 +270,11 @@ class DuckDBStore(StoreBase):
         ``effects`` (aligned with the first ops) stay readable from memory until merged.
         ``drops``: the scope the last op (a reset) forgets; reads stop seeing its records now.
         """
+        ends: list[int] = []
+        buf = frame(ops, ends)
         with self._wlock:
             self._check_open()
-            written, position = self._merger.append(ops)
+            written, position = self._merger.append(ops, buf, ends)
             for rec, op in zip(effects, written, strict=False):
                 self._unmerged[rec.key] = (rec, op)
                 self._remember(rec)

@@ -42,7 +42,6 @@ from ._wal import (
     Journal,
     Op,
     dead_journals,
-    frame,
     keep_damaged,
     makes_work,
     read_frames,
@@ -259,11 +258,12 @@ class Merger:
         self._journal = journal
         self._thread.start()
 
-    def append(self, ops: list[tuple[str, tuple[Any, ...]]]) -> tuple[list[Op], int]:
-        """Write records to the journal in one ``os.write`` (caller holds ``lock``); returns
-        them as pending and the position to wait for with ``Journal.wait_synced``."""
-        ends: list[int] = []
-        buf = frame(ops, ends)
+    def append(
+        self, ops: list[tuple[str, tuple[Any, ...]]], buf: bytes, ends: list[int]
+    ) -> tuple[list[Op], int]:
+        """Write records to the journal in one ``os.write`` (caller holds ``lock``; ``buf``
+        and ``ends`` are ``frame(ops, ends)``, framed before taking it); returns them as
+        pending and the position to wait for with ``Journal.wait_synced``."""
         end = self._journal.append(buf)
         start = end - len(buf)
         # each its own end: a merge in chunks may stop inside this write

@@ -312,9 +312,11 @@ def _locked_if_dead(path: Path) -> int | None:
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except BaseException as e:
         os.close(fd)
-        return None
+        if isinstance(e, BlockingIOError):
+            return None
+        raise
     return fd
 
 
