@@ -594,3 +594,45 @@ def test_a_lease_is_let_go_once_the_records_its_next_holder_reads_are_merged(
     finally:
         a.close()
         b.close()
+
+
+def test_a_journal_is_never_seen_unlocked_while_its_writer_opens_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process that recovers dead journals at the very moment another one opens its
+    journal must not take it (it would merge and remove a journal about to be written): a
+    journal appears under its name only once locked. A fresh one left by a writer that died
+    before naming it is removed by the next recovery."""
+    import fcntl
+
+    from durable_nb.store import _wal
+
+    folder = tmp_path / "wal"
+    folder.mkdir()
+    looks: list[bool] = []
+    real = fcntl.flock
+    looking = False
+
+    def flock(fd: int, op: int) -> None:
+        nonlocal looking
+        if not looking:  # a recoverer looks at each step of the writer's locking
+            looking = True
+            try:
+                looks.append(_wal.any_dead_journal(folder))
+            finally:
+                looking = False
+        real(fd, op)
+
+    monkeypatch.setattr(_wal.fcntl, "flock", flock)
+    journal = _wal.Journal(folder, fsync=False)
+    monkeypatch.setattr(_wal.fcntl, "flock", real)
+    assert looks and not any(looks)
+    assert [p.name for p in folder.iterdir()] == [journal.path.name]
+    assert not _wal.any_dead_journal(folder)
+    journal.close(merged=False)
+    assert _wal.any_dead_journal(folder)  # its writer gone: now it is for the taking
+
+    left = folder / f"gone-1-abcd{_wal.FRESH_SUFFIX}"
+    left.touch()
+    assert [stem for stem, _ in _wal.dead_journals(folder)] == [journal.path.stem]
+    assert not left.exists()

@@ -48,6 +48,8 @@ __all__ = [
 _FRAME = struct.Struct("<II")  # payload length, crc32
 #: a journal is replaced by a fresh one once it is fully merged and past this size
 ROTATE_SIZE = 64 * 2**20
+#: a journal's name while its writer creates and locks it (not a ``*.wal`` name)
+FRESH_SUFFIX = ".wal-new"
 
 
 class Op:
@@ -229,8 +231,19 @@ class Journal:
     def _open(self) -> tuple[str, Path, int]:
         wal_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         path = self._folder / f"{wal_id}.wal"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # created and locked under a name the look for dead journals does not match, then
+        # renamed: a journal is never seen unlocked, so no process recovering dead journals
+        # can take (and remove) one whose writer is just starting
+        fresh = self._folder / f"{wal_id}{FRESH_SUFFIX}"
+        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(fresh, path)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                fresh.unlink()
+            raise
         if self._fsync:  # a synced record in a file whose name was lost is lost too
             sync_dir(self._folder)
         return wal_id, path, fd
@@ -322,7 +335,14 @@ def _locked_if_dead(path: Path) -> int | None:
 
 def dead_journals(folder: Path) -> Iterator[tuple[str, Path]]:
     """``(wal id, path)`` of each journal in ``folder`` whose writer is dead, locked by this
-    process while the caller handles it (the caller removes the file once merged)."""
+    process while the caller handles it (the caller removes the file once merged). A fresh
+    journal left by a writer that died before naming it holds no record: it is removed."""
+    for path in folder.glob(f"*{FRESH_SUFFIX}"):
+        fd = _locked_if_dead(path)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            os.close(fd)
     for path in sorted(folder.glob("*.wal")):
         fd = _locked_if_dead(path)
         if fd is None:
