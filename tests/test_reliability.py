@@ -2,7 +2,7 @@
 
 Timing is measured in ``benchmarks/reliability.py``; these tests assert what is not timing:
 that point lookups use an index at any store size, that many concurrent runs in one process
-all complete with nothing lost, and that each bug the property tests of ``test_hostile.py``
+all complete with nothing lost, and that each bug the property tests of ``test_hostile_*.py``
 found stays fixed.
 """
 
