@@ -9,10 +9,11 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import durable_nb as dn
+from durable_nb._hashing import hash_value
 from durable_nb.engine import runtime
 from durable_nb.store import Store
 
@@ -74,9 +75,18 @@ class ReplayLater:
         self.items.clear()
 
 
-def _replays(name: str, call: Callable[[], Any], value: Any, later: ReplayLater) -> None:
+#: the first argument seen of each input hash: an equal argument (``0.0`` after ``-0.0``, a
+#: set in another order, one instant in another time zone) is the same input, so its call
+#: replays the first one's result (``durable_nb/_hashing.py``, "Equal values of one type")
+_FIRST: dict[tuple[str, bytes], Any] = {}
+
+
+def _replays(
+    name: str, call: Callable[[], Any], value: Any, later: ReplayLater, argument: Any
+) -> None:
     """Call an effect at top level: it is refused (nothing written) or it replays exactly,
-    at once from the writing store and later through the reader."""
+    at once from the writing store and later through the reader. ``value`` is what it
+    returns, unless an equal ``argument`` was given before: then what that call returned."""
     mark = write_mark(runtime.store)
     runtime.top.reset()
     executed = sum(EXECUTED.values())
@@ -87,7 +97,8 @@ def _replays(name: str, call: Callable[[], Any], value: Any, later: ReplayLater)
         assert write_mark(runtime.store) == mark, f"{name}: half-written {value!r}"
         count(name, "refused")
         return
-    assert same(first, value)
+    value = _FIRST.setdefault((name, hash_value(argument)), value)
+    assert same(first, value), f"{name}: {value!r} came back as {first!r}"
     runtime.top.reset()
     again = call()
     assert same(again, value), f"{name}: {value!r} replayed as {again!r}"
@@ -105,8 +116,10 @@ def test_effect_arguments_replay_exactly_or_are_refused(
 
     @PROFILE
     @given(VALUES)
+    @example([-0.0])  # then [0.0], the same input: it replays [-0.0] (the 10,000 found it)
+    @example([0.0])
     def check(value: Any) -> None:
-        _replays(name, lambda: echo(value), value, later)
+        _replays(name, lambda: echo(value), value, later, value)
 
     with timed(name):
         check()
@@ -126,7 +139,7 @@ def test_effect_results_replay_exactly_or_are_refused(
     def check(value: Any) -> None:
         n = next(token)
         _RESULTS[n] = value
-        _replays(name, lambda: make(n), value, later)
+        _replays(name, lambda: make(n), value, later, n)
 
     with timed(name):
         check()
