@@ -1,8 +1,9 @@
 """Run ids, kv keys and values, stream names and chunks, queue names and messages, signal
 names and payloads: each hostile one is stored and replayed exactly, or refused with one of
-durable_nb's errors with nothing written; on DuckDB and on PostgreSQL, where text with a NUL
-character or a lone surrogate must be refused (issue 20, item 6; what the properties share:
-``hostile.py``). One run per example exercises them all."""
+durable_nb's errors with nothing written; on DuckDB and on PostgreSQL. A name with a NUL
+character (PostgreSQL cannot keep it) or a lone surrogate is refused on every store (issue
+20, item 6; what the properties share: ``hostile.py``). One run per example exercises them
+all."""
 
 from __future__ import annotations
 
@@ -103,7 +104,7 @@ def _sent(send: Callable[[Any], None], value: Any, fallback: Any) -> tuple[str, 
     except errors.UnstorableValueError:
         try:
             send(fallback)
-        except Exception as e:  # the name too, refused by the store after the value
+        except Exception as e:  # the name too, by a store that refuses it only when written
             assert own_error(e), f"sending {fallback!r} raised {e!r}"
             return "refused name", None
         return "refused value", fallback
