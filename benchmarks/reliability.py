@@ -2,7 +2,8 @@
 faults in the I/O path.
 
     python benchmarks/reliability.py [--quick] [--only scale load fuzz faults] [--effects N]
-                                     [--runs N] [--steps N] [--examples N]
+                                     [--runs N] [--steps N] [--examples N] [--budget S]
+                                     [--stores duckdb postgres]
 
 Prints one table: what each part measured, the load held, the inputs tried and refused,
 and the effects lost (must be 0). Benchmarks report, they never assert. Each measurement
@@ -524,29 +525,40 @@ def load_part(runs: int, n: int) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- fuzz
 
 
-#: the properties of tests/test_hostile.py, cheapest first
+#: the properties of tests/test_hostile_*.py (file, test), cheapest first
 FUZZ_TESTS = (
-    "test_effect_arguments_and_results_replay_exactly_or_are_refused",
-    "test_effect_results_replay_exactly_or_are_refused",
-    "test_magic_arguments_run_or_are_refused_with_a_usage_error",
-    "test_run_ids_kv_streams_queues_and_signals_replay_exactly_or_are_refused",
-    "test_import_of_damaged_or_forged_exports_is_all_or_nothing",
-    "test_cli_arguments_run_or_are_refused_without_a_traceback",
+    ("test_hostile_values.py", "test_effect_arguments_replay_exactly_or_are_refused"),
+    ("test_hostile_values.py", "test_effect_results_replay_exactly_or_are_refused"),
+    ("test_hostile_cli.py", "test_magic_arguments_run_or_are_refused_with_a_usage_error"),
+    (
+        "test_hostile_runs.py",
+        "test_run_ids_kv_streams_queues_and_signals_replay_exactly_or_are_refused",
+    ),
+    ("test_hostile_import.py", "test_import_of_damaged_or_forged_exports_is_all_or_nothing"),
+    ("test_hostile_cli.py", "test_cli_arguments_run_or_are_refused_without_a_traceback"),
 )
+#: each property runs once per store: the pytest parameter of each
+FUZZ_STORES = ("duckdb", "postgres")
 
 
-def fuzz_part(examples: int, budget: float) -> list[dict[str, Any]]:
-    """The hostile-input properties of ``tests/test_hostile.py`` with ``examples`` examples
+def fuzz_part(
+    examples: int, budget: float, stores: tuple[str, ...] = FUZZ_STORES
+) -> list[dict[str, Any]]:
+    """The hostile-input properties of ``tests/test_hostile_*.py`` with ``examples`` examples
     each (Hypothesis profile ``hostile-fuzz`` at 10,000), one fresh pytest process per
-    property, for at most ``budget`` seconds each (a property cut short is reported as
-    such). Effects and the CLI go through a DuckDB store; the property that starts a run
-    per example, and the import, use the in-memory store here (a run on a DuckDB file pays
-    a few journal merges, and 10,000 of them would take most of an hour); CI runs all of
-    them on DuckDB with fewer examples."""
+    property and store (``stores``: ``duckdb``, ``postgres``), for at most ``budget``
+    seconds each (a property cut short is reported as such). On the DuckDB side, effects
+    and the CLI go through a DuckDB store; the property that starts a run per example, and
+    the import, use the in-memory store here (a run on a DuckDB file pays a few journal
+    merges, and 10,000 of them would take most of an hour); CI runs all of them on DuckDB
+    and PostgreSQL with fewer examples. PostgreSQL: the test server (``DURABLE_NB_TEST_PG``,
+    see ``tests/conftest.py``), a fresh schema per test module."""
     rows: list[dict[str, Any]] = []
     with _tempdir("fuzz") as tmp:
-        for test in FUZZ_TESTS:
-            tally = tmp / f"{test}.json"
+        for (file, test), store in ((t, s) for s in stores for t in FUZZ_TESTS):
+            per_run = "import" in test or "run_ids" in test  # on the in-memory store, see above
+            kind = "memory" if store == "duckdb" and per_run else store
+            tally = tmp / f"{test}-{store}.json"
             env = {
                 **os.environ,
                 "DURABLE_NB_HYPOTHESIS_PROFILE": "hostile-fuzz",
@@ -557,11 +569,11 @@ def fuzz_part(examples: int, budget: float) -> list[dict[str, Any]]:
                 env["DURABLE_NB_HYPOTHESIS_PROFILE"] = "hostile-ci"
                 env["DURABLE_NB_HOSTILE_EXAMPLES"] = str(examples)
             t0 = time.perf_counter()
-            target = f"{REPO / 'tests' / 'test_hostile.py'}::{test}"
+            target = f"{REPO / 'tests' / file}::{test}[{kind}]"
             try:
                 out = subprocess.run(
                     [
-                        *(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"),
+                        *(sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider"),
                         *("-o", "timeout=0", "--basetemp", str(tmp / "pytest"), target),
                     ],
                     capture_output=True,
@@ -571,6 +583,8 @@ def fuzz_part(examples: int, budget: float) -> list[dict[str, Any]]:
                     timeout=budget,
                 )
                 status = "passed" if out.returncode == 0 else "FAILED"
+                if out.returncode == 0 and " skipped" in out.stdout:
+                    status = "skipped"
                 if out.returncode != 0:
                     print(out.stdout[-5000:], file=sys.stderr)
             except subprocess.TimeoutExpired:
@@ -581,7 +595,7 @@ def fuzz_part(examples: int, budget: float) -> list[dict[str, Any]]:
                 rows.append(
                     {
                         "part": "fuzz",
-                        "name": f"{test}: no tally",
+                        "name": f"{test}[{kind}]: no tally",
                         "big": status,
                         "ratio": f"{wall:.0f} s",
                         "lost": int(status == "FAILED"),
@@ -698,6 +712,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--budget", type=float, default=3600, help="seconds per fuzzed property (3600)"
     )
+    parser.add_argument(
+        "--stores",
+        nargs="+",
+        choices=FUZZ_STORES,
+        default=list(FUZZ_STORES),
+        help="the stores the fuzz part runs each property on (both)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
     parts = args.only or ["scale", "load", "fuzz", "faults"]
@@ -709,7 +730,8 @@ def main(argv: list[str] | None = None) -> int:
     if "load" in parts:
         rows += load_part(args.runs or (100 if args.quick else 1000), args.steps or 100)
     if "fuzz" in parts:
-        rows += fuzz_part(args.examples or (100 if args.quick else 10_000), args.budget)
+        examples = args.examples or (100 if args.quick else 10_000)
+        rows += fuzz_part(examples, args.budget, tuple(args.stores))
     if "faults" in parts:
         rows += faults_part()
     _print_table(rows)

@@ -503,12 +503,14 @@ LiveKind = Literal["step", "status", "event", "custom_status", "progress"]
 
 # --------------------------------------------------------------------------- validators
 def storable_text(text: str) -> bool:
-    """Whether ``text`` can be stored (UTF-8: a lone surrogate cannot)."""
+    """Whether every store can keep ``text`` as a name: UTF-8 (a lone surrogate is not) with
+    no NUL character (PostgreSQL text cannot hold one). Names are refused alike whichever
+    store is behind them, so a workflow that runs on one store runs on the others."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:  # lone surrogates cannot be stored
         return False
-    return True
+    return "\x00" not in text
 
 
 def check_run_id(run_id: object) -> str:
@@ -531,7 +533,8 @@ def check_name(name: object, what: str = "name") -> str:
     """A signal's or a workflow's name: a non-empty str of at most 200 characters."""
     if not isinstance(name, str) or not name or len(name) > 200 or not storable_text(name):
         raise ArgumentError(
-            f"{what} must be a non-empty str of at most 200 characters, got {name!r}"
+            f"{what} must be a non-empty str of at most 200 characters (no NUL character, no "
+            f"lone surrogate), got {name!r}"
         )
     return name
 
@@ -541,7 +544,8 @@ def check_queue(queue: object) -> str:
     limit = 200 - len(QUEUE_PREFIX)
     if not isinstance(queue, str) or not queue or len(queue) > limit or not storable_text(queue):
         raise ArgumentError(
-            f"queue must be a non-empty str of at most {limit} characters, got {queue!r}"
+            f"queue must be a non-empty str of at most {limit} characters (no NUL character, "
+            f"no lone surrogate), got {queue!r}"
         )
     return queue
 

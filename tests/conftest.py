@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -107,6 +107,50 @@ def pg_url() -> Iterator[str]:
     schema = "dn_test_" + secrets.token_hex(6)
     yield f"{PG_URL}{'&' if '?' in PG_URL else '?'}schema={schema}"
     drop_schema(schema)
+
+
+@pytest.fixture(scope="module")
+def module_pg_url() -> Iterator[Callable[[str], str]]:
+    """``url(name)``: a postgresql:// URL naming a fresh schema of this test module (one per
+    ``name``, the same for each test), dropped after the module's last test. For tests that
+    open many stores, where a schema per test would cost more than the test."""
+    require_postgres()
+    schemas: dict[str, str] = {}
+
+    def url(name: str = "") -> str:
+        schema = schemas.setdefault(name, "dn_test_" + secrets.token_hex(6))
+        return f"{PG_URL}{'&' if '?' in PG_URL else '?'}schema={schema}"
+
+    yield url
+    for schema in schemas.values():
+        drop_schema(schema)
+
+
+@pytest.fixture
+def store_pair(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Store, Store]]:
+    """Two store objects on the same data, of the kind given as the parameter (``memory``:
+    one object twice; ``duckdb``: one file; ``postgres``: the test module's schema, signed
+    with the test key). The engine writes through the first; the second reads what it
+    wrote back from the database, as a restarted kernel would."""
+    kind = request.param
+    if kind == "memory":
+        writer: Store = MemoryStore()
+        reader = writer
+    elif kind == "duckdb":
+        from durable_nb.store._duckdb import DuckDBStore
+
+        writer = DuckDBStore(tmp_path / "store.duckdb")
+        reader = DuckDBStore(tmp_path / "store.duckdb")
+    else:
+        from durable_nb.store._postgres import PostgresStore
+
+        url = request.getfixturevalue("module_pg_url")()
+        writer = PostgresStore(url, key=PG_TEST_KEY)
+        reader = PostgresStore(url, key=PG_TEST_KEY)
+    runtime._store = writer  # closed by _isolated_runtime
+    yield writer, reader
+    if reader is not writer:
+        reader.close()
 
 
 @pytest.fixture(params=["memory", "duckdb", "postgres"])

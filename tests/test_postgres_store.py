@@ -41,7 +41,7 @@ from durable_nb.errors import (
     StoreVersionError,
     UnstorableValueError,
 )
-from durable_nb.store import EffectRecord, RunRecord, SignalRecord, open_store
+from durable_nb.store import EffectRecord, EventRecord, RunRecord, SignalRecord, open_store
 from durable_nb.store._postgres import SCHEMA_VERSION, PostgresStore
 
 from .conftest import PG_TEST_KEY, PG_URL, require_postgres
@@ -354,6 +354,29 @@ def test_text_postgres_cannot_hold_is_refused_and_changes_nothing(open_pg: Any) 
                 ]
             )
     assert store.load_effects("run/a") == []
+    # the field is named (psycopg's own error would not say which), nothing is written
+    for write, what in (
+        (lambda: store.put_run(RunRecord("a", "wf\x00", "running", 1.0, 1.0)), "run's workflow"),
+        (lambda: store.add_signal(SignalRecord("a", "s1", "go\x00", "1", 1.0)), "signal's name"),
+        (
+            lambda: store.append_events(
+                [
+                    EventRecord("a", "e1", 1.0, "started", "{}"),
+                    EventRecord("a", "e2", 1.0, "x\x00", "{}"),
+                ]
+            ),
+            "event's kind",
+        ),
+    ):
+        with pytest.raises(
+            StoreError,
+            match=rf"^the PostgreSQL store 'postgresql://.*' refused a request: PostgreSQL text "
+            rf"fields cannot contain NUL \(0x00\) characters, and the {what} '.*' has one; "
+            "remove it$",
+        ):
+            write()
+    assert store.get_run("a") is None and store.list_signals("a") == []
+    assert store.load_events("a") == []
 
 
 # ---------------------------------------------------------------------------- signing

@@ -2,7 +2,7 @@
 
 Timing is measured in ``benchmarks/reliability.py``; these tests assert what is not timing:
 that point lookups use an index at any store size, that many concurrent runs in one process
-all complete with nothing lost, and that each bug the property tests of ``test_hostile.py``
+all complete with nothing lost, and that each bug the property tests of ``test_hostile_*.py``
 found stays fixed.
 """
 
@@ -22,7 +22,7 @@ from IPython.core.error import UsageError
 import durable_nb as dn
 from durable_nb import errors
 from durable_nb.engine import runtime
-from durable_nb.store import MemoryStore
+from durable_nb.store import MemoryStore, Store
 from durable_nb.store._duckdb import DuckDBStore
 
 from .helpers import run, wait_until
@@ -270,6 +270,85 @@ def test_damaged_exports_are_refused_and_nothing_is_imported(
         assert target.list_runs() == [] and target.load_effects("run/exported") == []
     finally:
         target.close()
+
+
+@pytest.mark.parametrize(("record", "field"), [("signal", "name"), ("run", "workflow")])
+def test_an_export_with_a_nul_character_in_a_name_is_refused_whole_on_every_store(
+    store: Store, tmp_path: Path, record: str, field: str
+) -> None:
+    """PostgreSQL text cannot hold NUL: such a file was checked, then written record by
+    record into PostgreSQL until the store refused one (half-imported); now it is refused
+    before anything is written, on every store."""
+    lines = _export(tmp_path)
+    runtime._store = store
+    for i, line in enumerate(lines):
+        d = json.loads(line)
+        if d["type"] == record:
+            lines[i] = json.dumps({**d, field: "a\x00b"}) + "\n"
+            break
+    with pytest.raises(
+        errors.ExportFormatError, match=rf"field '{field}' of a {record} record is not text"
+    ):
+        dn.Client(store).import_records(io.StringIO("".join(lines)))
+    assert store.list_runs() == [] and store.list_signals("exported") == []
+    assert store.load_effects("run/exported") == [] and store.load_events("exported") == []
+
+
+@dn.durable(name="reliability.names", version="1")
+async def names(ctx: dn.Context, name: str) -> dict[str, str]:
+    refused: dict[str, str] = {}
+    for what, call in (
+        ("kv key", lambda: ctx.kv.set(name, 1)),
+        ("signal", lambda: ctx.wait_signal(name)),
+        ("queue", lambda: ctx.dequeue(name)),
+        ("stream", lambda: ctx.stream(name)),
+    ):
+        try:
+            got: Any = call()
+        except errors.ArgumentError as e:
+            refused[what] = str(e)
+        else:  # not refused (the test fails): an awaitable not awaited must not warn
+            getattr(got, "close", lambda: None)()
+    return refused
+
+
+@pytest.mark.parametrize("name", ["a\x00b", "lone \udc80 surrogate"], ids=["NUL", "surrogate"])
+def test_names_postgresql_cannot_keep_are_refused_alike_on_every_store(
+    store: Store, name: str
+) -> None:
+    """A signal or queue name with a NUL character was refused only when sent, by
+    PostgreSQL, and a run waiting on it waited for ever; names are now refused alike on
+    every store (a lone surrogate already was), before anything is written."""
+    job = dn.start(waits, run_id="waits")
+    wait_until(lambda: job.status() == "waiting", "the run waits")
+    before = _everything(store, "waits")
+    unkeepable = r" \(no NUL character, no lone surrogate\), got "
+    for call, pattern in (
+        (lambda: job.signal(name, 1), r"^name must be a non-empty str of at most 200 characters"),
+        (lambda: job.enqueue(name, 1), r"^queue must be a non-empty str of at most 190 characters"),
+    ):
+        with pytest.raises(errors.ArgumentError, match=pattern + unkeepable):
+            call()
+    with pytest.raises(errors.ArgumentError, match=r"^run_id must be 1-200 printable characters"):
+        dn.start(names, name, run_id=name)
+    assert _everything(store, "waits") == before
+    refused = dn.run(names, name, run_id="names")
+    assert sorted(refused) == ["kv key", "queue", "signal", "stream"]
+    assert re.match(r"^kv key must be text every store can keep \(no NUL", refused["kv key"])
+    assert [s.name for s in store.list_signals("names")] == []
+    job.signal("go", 2)
+    assert job.result(timeout=30) == 2
+
+
+def _everything(store: Store, run_id: str) -> Any:
+    run = store.get_run(run_id)
+    return (
+        [(r.run_id, r.status, r.updated_at) for r in store.list_runs()],
+        store.list_signals(run_id),
+        store.load_events(run_id),
+        store.load_effects(f"run/{run_id}"),
+        run.status_version if run is not None else None,
+    )
 
 
 def test_an_export_of_format_version_1_still_imports(tmp_path: Path) -> None:

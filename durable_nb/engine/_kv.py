@@ -30,6 +30,7 @@ from .._journal import (
     json_problem,
     kv_scope,
     read_detail,
+    storable_text,
 )
 from ..errors import ArgumentError, ArgumentTypeError, UnstorableValueError
 from ..store import EffectRecord, Store
@@ -64,10 +65,11 @@ def check_kv_key(key: object) -> str:
             f"kv key must be 1-{MAX_KEY_CHARS} characters, got {key!r} ({len(key)} characters); "
             "use a shorter key"
         )
-    try:
-        key.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ArgumentError(f"kv key must be valid text, got {key!r}") from None
+    if not storable_text(key):
+        raise ArgumentError(
+            f"kv key must be text every store can keep (no NUL character, no lone surrogate), "
+            f"got {key!r}"
+        )
     return key
 
 

@@ -103,6 +103,9 @@ __all__ = ["DEFAULT_SCHEMA", "MIGRATIONS", "SCHEMA_VERSION", "PostgresStore"]
 _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 _Conn = psycopg.Connection[tuple[Any, ...]]
+#: the text fields of the records, checked for what PostgreSQL text cannot hold
+_EFFECT_TEXT = ("scope", "identity", "version", "input_hash", "kind", "detail")
+_RUN_TEXT = ("run_id", "workflow", "status", "custom_status", "parent_id", "detail", "version")
 
 
 def _payload(codec: str | None, data: bytes | None, table_ipc: bytes | None) -> Payload | None:
@@ -397,17 +400,22 @@ class PostgresStore(PgLeases, PgQueues):
         )
 
     # ------------------------------------------------------------------ effects
-    def _effect_row(self, rec: EffectRecord) -> tuple[Any, ...]:
-        p = rec.payload
-        for name in ("scope", "identity", "version", "input_hash", "kind", "detail"):
-            text = getattr(rec, name)
-            if "\x00" in text:  # checked here: grouped rows go as binary arrays, refused late
+    def _keepable(self, record: object, what: str, names: Sequence[str]) -> None:
+        """Refuse a record whose text fields PostgreSQL cannot hold (a NUL character) before
+        anything is sent, naming the field: grouped rows go as binary arrays, refused late,
+        and psycopg's own error would not say which field."""
+        for name in names:
+            text = getattr(record, name)
+            if text is not None and "\x00" in text:
                 raise StoreError(
                     f"the PostgreSQL store {self._url!r} refused a request: PostgreSQL text "
-                    f"fields cannot contain NUL (0x00) characters, and the effect's {name} "
+                    f"fields cannot contain NUL (0x00) characters, and the {what}'s {name} "
                     f"{text!r} has one; remove it"
                 )
-        return _rows.effect_row(rec, _ipc(p))
+
+    def _effect_row(self, rec: EffectRecord) -> tuple[Any, ...]:
+        self._keepable(rec, "effect", _EFFECT_TEXT)
+        return _rows.effect_row(rec, _ipc(rec.payload))
 
     def put_effects(self, records: Sequence[EffectRecord]) -> None:
         self._check_open()
@@ -529,8 +537,8 @@ class PostgresStore(PgLeases, PgQueues):
         self._call(lambda conn: conn.execute(q, params))
 
     # ------------------------------------------------------------------ runs
-    @staticmethod
-    def _run_row(run: RunRecord) -> tuple[Any, ...]:
+    def _run_row(self, run: RunRecord) -> tuple[Any, ...]:
+        self._keepable(run, "run", _RUN_TEXT)
         return _rows.run_row(run, [_ipc(run.args), _ipc(run.result), _ipc(run.error)])
 
     def _run_from_row(self, r: Sequence[Any]) -> RunRecord:
@@ -631,6 +639,7 @@ class PostgresStore(PgLeases, PgQueues):
     # ------------------------------------------------------------------ signals, events
     def add_signal(self, signal: SignalRecord) -> None:
         q = self._q["add_signal"]
+        self._keepable(signal, "signal", ("run_id", "signal_id", "name", "payload"))
         params = (*_rows.signal_row(signal), self._channel)
         self._call(lambda conn: conn.execute(q, params))
 
@@ -653,6 +662,8 @@ class PostgresStore(PgLeases, PgQueues):
 
     def _event_statements(self, events: Sequence[EventRecord]) -> list[Statement]:
         q = self._q["put_event"]
+        for e in events:
+            self._keepable(e, "event", ("run_id", "event_id", "kind", "data"))
         return [(q, _rows.event_row(e)) for e in events]
 
     def append_events(self, events: Sequence[EventRecord]) -> None:
