@@ -278,7 +278,7 @@ def write_mark(store: Store) -> Any:
     refused input must leave it as it was. DuckDB: the size of its journal; PostgreSQL: the
     rows of each table and the newest transaction that wrote one."""
     if isinstance(store, DuckDBStore):
-        return store._journal.size + len(store._pending)
+        return store._journal.size + len(store._merger.pending)
     if type(store).__name__ == "PostgresStore":
         return _pg_rows(
             store,

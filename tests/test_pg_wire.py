@@ -153,7 +153,7 @@ def test_a_connection_closed_from_another_thread_leaves_the_loop_clean(schema: s
         for i in range(3):
             conn = await LoopConnection.connect(PG_URL, {}, loop)
             await conn.run([(ins, [f"k{i}", i, None])])
-            await asyncio.to_thread(conn.close)
+            await asyncio.to_thread(conn.close_threadsafe)
             assert conn.broken
 
     asyncio.run(main())

@@ -59,6 +59,10 @@ class _Write:
         self.told = False
 
 
+#: a group :class:`LoopCommit` sent at once: its writes, the connection, statements sent
+_Sent = tuple[list[_Write], LoopConnection, int]
+
+
 class Sql:
     """The statements a writer runs: ``one`` upserts one effect row; ``many`` upserts rows
     given as one array per column (``unnest``); ``many_fenced`` is ``many`` that first checks
@@ -281,11 +285,32 @@ class LoopCommit:
         self._queue.append(_Write(effects, statements, done, fence))
         if not self._serving:
             self._serving = True
-            self.loop.create_task(self._serve())
+            self.loop.create_task(self._serve(self._send_now()))
 
-    async def _serve(self) -> None:
+    def _send_now(self) -> _Sent | None:
+        """Send the first group at once when the connection is up and its statements are
+        prepared, so the server works on it while the loop goes on (the task that waits for
+        it starts on the loop's next turn: on a sequential run's path, that turn was ~10 µs
+        of every effect's). Otherwise the task sends it (connecting, preparing)."""
+        conn = self._conn
+        if conn is None or conn.broken:
+            return None
+        group = self._queue[:LOOP_GROUP]
+        try:
+            sent = conn.send(_plan(group, self._sql, _binary_columns))
+        except Exception:  # a broken connection, a value it cannot send: the task says so
+            return None
+        if sent is None:
+            return None
+        self._queue = self._queue[LOOP_GROUP:]
+        return group, conn, sent
+
+    async def _serve(self, first: _Sent | None = None) -> None:
         group: list[_Write] = []
         try:
+            if first is not None:
+                group = first[0]
+                await self._commit(group, first)
             while self._queue:
                 # at most LOOP_GROUP writes a group: runs woken by one commit all write at
                 # once, and in one group the loop would sit idle while it commits; in two,
@@ -304,9 +329,12 @@ class LoopCommit:
             for write in left:  # only when the loop is torn down under us
                 _tell(write, psycopg.InterfaceError("the store's writer stopped"))
 
-    async def _commit(self, group: list[_Write]) -> None:
+    async def _commit(self, group: list[_Write], sent: _Sent | None = None) -> None:
         try:
-            await self._write_group(group)
+            if sent is None:
+                await self._write_group(group)
+            else:
+                await self._finish_sent(sent)
         except Exception as e:
             if len(group) > 1 and not isinstance(e, psycopg.OperationalError):
                 for write in group:  # find the culprit: each write alone
@@ -324,6 +352,15 @@ class LoopCommit:
         self.groups += 1
         for write in group:
             _tell(write, None)
+
+    async def _finish_sent(self, sent: _Sent) -> None:
+        group, conn, n = sent
+        try:
+            await conn.finish(n)
+        except psycopg.OperationalError:
+            if not conn.broken:
+                raise
+            await self._write_group(group)  # on a fresh connection: upserts, harmless twice
 
     async def _write_group(self, group: list[_Write]) -> None:
         plan = _plan(group, self._sql, _binary_columns)
@@ -353,7 +390,7 @@ class LoopCommit:
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(Exception):
-                conn.close()
+                conn.close_threadsafe()
 
 
 def _plan(
