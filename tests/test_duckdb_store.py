@@ -636,3 +636,35 @@ def test_a_journal_is_never_seen_unlocked_while_its_writer_opens_it(
     left.touch()
     assert [stem for stem, _ in _wal.dead_journals(folder)] == [journal.path.stem]
     assert not left.exists()
+
+
+def test_a_journal_whose_fresh_file_a_recovery_takes_is_opened_under_another_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A recovery may lock (and remove) a fresh journal file between its writer's open and
+    its flock: the writer then takes another name instead of failing."""
+    import fcntl
+
+    from durable_nb.store import _wal
+
+    folder = tmp_path / "wal"
+    folder.mkdir()
+    real = fcntl.flock
+    raced: list[str] = []
+
+    def flock(fd: int, op: int) -> None:
+        if not raced:  # the first fresh file: a recovery wins it and removes it
+            (fresh,) = folder.glob(f"*{_wal.FRESH_SUFFIX}")
+            raced.append(fresh.name)
+            assert [stem for stem, _ in _wal.dead_journals(folder)] == []
+            assert not fresh.exists()
+        real(fd, op)
+
+    monkeypatch.setattr(_wal.fcntl, "flock", flock)
+    journal = _wal.Journal(folder, fsync=False)
+    monkeypatch.setattr(_wal.fcntl, "flock", real)
+    assert raced and journal.path.name != raced[0].removesuffix(_wal.FRESH_SUFFIX) + ".wal"
+    assert [p.name for p in folder.iterdir()] == [journal.path.name]
+    journal.append(b"x")  # a live, linked journal
+    assert not _wal.any_dead_journal(folder)
+    journal.close(merged=False)

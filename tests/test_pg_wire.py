@@ -178,3 +178,59 @@ def test_a_failed_prepare_is_forgotten_and_later_statements_still_prepare(schema
 
     _go(body)
     assert _rows(schema) == [("a", 5, None)]
+
+
+def test_a_close_while_a_send_waits_for_room_fails_the_group(schema: str) -> None:
+    """The server is busy with the group's first statement, so the socket fills while the
+    rest (24 MB) is sent; closing the connection then fails the group at once instead of
+    leaving it waiting for room that never comes."""
+    big = secrets.token_bytes(24 * 1024 * 1024)
+
+    async def body(conn: LoopConnection) -> None:
+        await conn.run([("SELECT pg_sleep(%s)", [0.0]), ("SELECT length(%s::bytea)", [b""])])
+        group = asyncio.ensure_future(
+            conn.run([("SELECT pg_sleep(%s)", [5.0]), ("SELECT length(%s::bytea)", [big])])
+        )
+        for _ in range(500):
+            if conn._writable is not None:  # waiting for room in the socket
+                break
+            await asyncio.sleep(0.01)
+        assert conn._writable is not None
+        conn.close()
+        with pytest.raises(psycopg.OperationalError):
+            await asyncio.wait_for(group, 3)
+
+    _go(body)
+
+
+def test_a_closed_loop_writer_connects_and_sends_no_more(pg_url: str) -> None:
+    from durable_nb.errors import StoreError
+    from durable_nb.store._pg_commit import LoopCommit
+    from durable_nb.store._postgres import PostgresStore
+
+    from .conftest import PG_TEST_KEY
+
+    store = PostgresStore(pg_url, key=PG_TEST_KEY)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        writer = LoopCommit(
+            store._conninfo, store._connect_kwargs, store._sql, store._translate, loop
+        )
+        told: list[BaseException | None] = []
+        writer.submit([], [("SELECT 1", [])], told.append)
+        while not told:
+            await asyncio.sleep(0.01)
+        assert told == [None] and writer._conn is not None
+        writer.close_now()
+        await asyncio.sleep(0.05)  # the close runs on the loop
+        writer.submit([], [("SELECT 1", [])], told.append)
+        while len(told) < 2:
+            await asyncio.sleep(0.01)
+        assert isinstance(told[1], StoreError) and "closed" in str(told[1])
+        assert writer._conn is None
+
+    try:
+        asyncio.run(main())
+    finally:
+        store.close()

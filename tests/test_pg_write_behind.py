@@ -186,6 +186,51 @@ def test_runs_waiting_on_one_loop_poll_their_inboxes_in_one_read(
         dn.set_store(":memory:")
 
 
+def test_a_poll_answered_after_the_run_continued_as_new_goes_to_the_new_generation(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop's poller asks for the inbox tokens of the runs it polls; if a run continues
+    as new before the store answers, what the answer shows (here a cancel sent from another
+    process meanwhile) must reach the new generation, not the old one: the run ends
+    cancelled, not interrupted."""
+    store = PostgresStore(pg_url, key=PG_TEST_KEY)
+    other = PostgresStore(pg_url, key=PG_TEST_KEY)
+    second = threading.Event()
+    tokens = store.inbox_tokens
+    held: list[bool] = []
+
+    def late(run_ids: Any) -> Any:
+        if not held:  # the first round: answer once the run continued as new, and a cancel
+            held.append(True)  # was sent meanwhile
+            assert second.wait(30)
+            dn.Client(other).cancel("can", "enough")
+        return tokens(run_ids)
+
+    monkeypatch.setattr(store, "inbox_tokens", late)
+    dn.set_store(store)
+    dn.set_clock(None)
+
+    @dn.durable(name="wb.generations")
+    async def generations(ctx: dn.Context, gen: int) -> Any:
+        if gen == 0:
+            while not held:  # the poller has this generation in its round
+                await asyncio.sleep(0.05)
+            ctx.continue_as_new(1)
+        second.set()
+        await ctx.sleep(120)  # a timer: only the poller reads the inbox meanwhile
+        return "slept"
+
+    try:
+        job = dn.start(generations, 0, run_id="can")
+        with pytest.raises(dn.RunCancelledError):
+            job.result(timeout=60)
+        rec = store.get_run("can")
+        assert rec is not None and rec.status == "cancelled"
+    finally:
+        other.close()
+        dn.set_store(":memory:")
+
+
 def test_a_failed_write_behind_fails_the_run_and_history_stays_a_prefix(
     pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -320,7 +320,11 @@ def test_names_postgresql_cannot_keep_are_refused_alike_on_every_store(
     PostgreSQL, and a run waiting on it waited for ever; names are now refused alike on
     every store (a lone surrogate already was), before anything is written."""
     job = dn.start(waits, run_id="waits")
-    wait_until(lambda: job.status() == "waiting", "the run waits")
+    # the store's record, not the job's: a PostgreSQL store writes a status behind the run
+    wait_until(
+        lambda: (rec := store.get_run("waits")) is not None and rec.status == "waiting",
+        "the store says the run waits",
+    )
     before = _everything(store, "waits")
     unkeepable = r" \(no NUL character, no lone surrogate\), got "
     for call, pattern in (

@@ -363,21 +363,27 @@ class _InboxPoller:
             await asyncio.sleep(INBOX_POLL)
             now = time.monotonic()
             due = [
-                state
+                (job, state)
                 for job in list(self.jobs)
                 if (state := job._state) is not None and now - state.last_poll >= INBOX_POLL
             ]
             if not due:
                 continue
             try:
-                tokens = await off_loop(runtime.store.inbox_tokens, [s.run_id for s in due])
+                tokens = await off_loop(
+                    runtime.store.inbox_tokens, [state.run_id for _, state in due]
+                )
             except Exception:  # a store hiccup (a busy file): the next round tries again
                 continue
-            for state in due:
+            for job, state in due:
+                # the run may have ended or continued as new while the store answered
+                if job not in self.jobs or job._state is not state:
+                    continue
                 state.last_poll = now
-                if tokens.get(state.run_id) != state.inbox_token:
+                token = tokens.get(state.run_id)
+                if token != state.inbox_token:
                     with contextlib.suppress(Exception):  # likewise
-                        await state.refresh_inbox()
+                        await state.refresh_inbox(token)
 
 
 #: the inbox poller of each loop runs execute on (the engine's, a worker's)

@@ -478,11 +478,12 @@ def durable_write(
     return written
 
 
-async def off_loop(fn: Callable[..., T], *args: Any) -> T:
-    """Call the store off the loop when a call is a round trip (``Store.remote``), so the
-    other runs on the loop go on meanwhile; a local store is called right here. A fake
-    clock's time stands still while the call is under way, as for a write."""
-    if not runtime.store.remote:
+async def off_loop(fn: Callable[..., T], *args: Any, thread: bool = False) -> T:
+    """Call the store off the loop when a call is a round trip (``Store.remote``), or
+    ``thread`` says it may wait (a DuckDB file another process holds), so the other runs on
+    the loop go on meanwhile; otherwise it is called right here. A fake clock's time stands
+    still while the call is under way, as for a write."""
+    if not (thread or runtime.store.remote):
         return fn(*args)
     writes.started()
     try:

@@ -63,6 +63,7 @@ if TYPE_CHECKING:
 __all__ = ["INBOX_POLL", "RunState", "active_interrupt", "replay"]
 
 INBOX_POLL = 0.5  # seconds between checks for signals sent by other processes
+_UNREAD = object()  # refresh_inbox: the caller did not read the inbox token
 #: steps an observer sees executing as a whole (``_observe.step``), not only recorded
 _OBSERVED_AROUND = ("effect", "map")
 _warned_cancel: set[str] = set()  # workflows warned about an unrecorded cancellation
@@ -628,15 +629,20 @@ class RunState:
         for sig in runtime.store.list_signals(self.run_id):
             self.deliver(sig)
 
-    async def refresh_inbox(self) -> None:
+    async def refresh_inbox(self, token: object = _UNREAD) -> None:
         """:meth:`poll_inbox` from a coroutine: a remote store's round trips go off the loop,
-        so the other runs on it go on meanwhile. Two polls that overlap deliver a signal once
-        (by its id)."""
+        so the other runs on it go on meanwhile (reading signals may wait for a DuckDB file:
+        off the loop on every store). ``token``: the inbox token, if the caller just read
+        it. Two polls that overlap deliver a signal once (by its id); nothing is delivered
+        once this state is not its job's any more (the run continued as new meanwhile)."""
         self.last_poll = time.monotonic()
-        token = await off_loop(runtime.store.inbox_token, self.run_id)
+        if token is _UNREAD:
+            token = await off_loop(runtime.store.inbox_token, self.run_id)
         if token == self.inbox_token:
             return
-        signals = await off_loop(runtime.store.list_signals, self.run_id)
+        signals = await off_loop(runtime.store.list_signals, self.run_id, thread=True)
+        if self.job._state is not self:
+            return
         self.inbox_token = token  # read before the signals: one sent meanwhile shows next
         for sig in signals:
             self.deliver(sig)

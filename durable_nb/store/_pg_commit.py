@@ -18,6 +18,7 @@ own CPU on a busy machine).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import threading
@@ -272,7 +273,9 @@ class LoopCommit:
         self.loop = loop
         self._queue: list[_Write] = []
         self._serving = False
+        self._closed = False  # close_now was called: nothing connects or sends any more
         self._conn: LoopConnection | None = None
+        self._task: asyncio.Task[None] | None = None
         self.groups = 0
 
     def submit(
@@ -285,7 +288,7 @@ class LoopCommit:
         self._queue.append(_Write(effects, statements, done, fence))
         if not self._serving:
             self._serving = True
-            self.loop.create_task(self._serve(self._send_now()))
+            self._task = self.loop.create_task(self._serve(self._send_now()))
 
     def _send_now(self) -> _Sent | None:
         """Send the first group at once when the connection is up and its statements are
@@ -318,6 +321,10 @@ class LoopCommit:
                 group, self._queue = self._queue[:LOOP_GROUP], self._queue[LOOP_GROUP:]
                 await self._commit(group)
         except BaseException:  # cancelled with its loop: nobody is told twice or never
+            conn = self._conn  # its answers are unread: no later group may take them as its own
+            if conn is not None:
+                self._conn = None
+                conn.close()
             cut = self._translate(psycopg.InterfaceError("the write was interrupted"))
             for write in group:
                 if not write.told:
@@ -370,9 +377,13 @@ class LoopCommit:
                 if conn is not None:
                     conn.close()
                 self._conn = None
-                conn = self._conn = await LoopConnection.connect(
-                    self._conninfo, self._kwargs, self.loop
-                )
+                if self._closed:
+                    raise psycopg.InterfaceError("the store's writer is closed")
+                conn = await LoopConnection.connect(self._conninfo, self._kwargs, self.loop)
+                if self._closed:  # the store closed while it connected
+                    conn.close()
+                    raise psycopg.InterfaceError("the store's writer is closed")
+                self._conn = conn
             try:
                 await conn.run(plan)
                 return
@@ -386,7 +397,9 @@ class LoopCommit:
         return self._serving
 
     def close_now(self) -> None:
-        """Close the connection from any thread (the store is closing; nothing is queued)."""
+        """Close the connection from any thread (the store is closing): nothing connects
+        or sends after this."""
+        self._closed = True
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(Exception):

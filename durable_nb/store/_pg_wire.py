@@ -120,6 +120,7 @@ class LoopConnection:
         self._names = itertools.count()  # a name is never reused, even once forgotten
         self._parsed: dict[str, tuple[bytes, int]] = {}
         self._waiter: asyncio.Future[None] | None = None
+        self._writable: asyncio.Future[None] | None = None  # while a send waits for room
         self._failure: BaseException | None = None
         self._socket = self._pg.socket
         self._watching = True
@@ -131,7 +132,10 @@ class LoopConnection:
     async def connect(
         cls, conninfo: str, kwargs: dict[str, Any], loop: asyncio.AbstractEventLoop
     ) -> LoopConnection:
-        conn = await psycopg.AsyncConnection.connect(conninfo, **{**kwargs, "autocommit": True})
+        # UTF-8 whatever the database's encoding: binary_array packs text as UTF-8
+        conn = await psycopg.AsyncConnection.connect(
+            conninfo, **{**kwargs, "autocommit": True, "client_encoding": "UTF8"}
+        )
         return cls(conn, loop)
 
     @property
@@ -146,6 +150,8 @@ class LoopConnection:
     def close(self) -> None:
         """Close now, on the loop's thread (a waiting group fails)."""
         self._fail(psycopg.OperationalError("the connection was closed"))
+        if self._writable is not None:  # before the descriptor goes: no stale key is left
+            self._loop.remove_writer(self._socket)
         self._pg.finish()
 
     def close_threadsafe(self) -> None:
@@ -280,9 +286,9 @@ class LoopConnection:
         if self._failure is None:
             self._failure = error
             self._unwatch()
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(error)
+        for waiter in (self._waiter, self._writable):
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(error)
 
     def _unwatch(self) -> None:
         if self._watching:
@@ -291,11 +297,14 @@ class LoopConnection:
 
     async def _flush(self) -> None:
         while self._pg.flush():  # the socket's buffer is full: wait until it drains
-            writable = self._loop.create_future()
+            if self._failure is not None:
+                raise self._failure
+            writable = self._writable = self._loop.create_future()
             self._loop.add_writer(self._socket, _settle, writable)
             try:
-                await writable
+                await writable  # a close meanwhile fails it (_fail)
             finally:
+                self._writable = None
                 self._loop.remove_writer(self._socket)
 
     async def _result(self) -> pq.abc.PGresult | None:

@@ -50,6 +50,7 @@ _FRAME = struct.Struct("<II")  # payload length, crc32
 ROTATE_SIZE = 64 * 2**20
 #: a journal's name while its writer creates and locks it (not a ``*.wal`` name)
 FRESH_SUFFIX = ".wal-new"
+_FRESH_TRIES = 8
 
 
 class Op:
@@ -229,21 +230,42 @@ class Journal:
         self.position = 0
 
     def _open(self) -> tuple[str, Path, int]:
-        wal_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
-        path = self._folder / f"{wal_id}.wal"
         # created and locked under a name the look for dead journals does not match, then
         # renamed: a journal is never seen unlocked, so no process recovering dead journals
-        # can take (and remove) one whose writer is just starting
-        fresh = self._folder / f"{wal_id}{FRESH_SUFFIX}"
-        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.rename(fresh, path)
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                fresh.unlink()
-            raise
+        # can take (and remove) one whose writer is just starting. That look removes fresh
+        # files it can lock (a writer that died before naming its journal); one that wins
+        # the lock between our open and our flock costs us that name: take another
+        for _ in range(_FRESH_TRIES):
+            wal_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+            path = self._folder / f"{wal_id}.wal"
+            fresh = self._folder / f"{wal_id}{FRESH_SUFFIX}"
+            fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            except BaseException:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    fresh.unlink()
+                raise
+            try:
+                os.rename(fresh, path)
+            except FileNotFoundError:  # removed by that look before we locked it
+                os.close(fd)
+                continue
+            except BaseException:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    fresh.unlink()
+                raise
+            break
+        else:
+            raise StoreUnavailableError(
+                f"cannot create a journal in {str(self._folder)!r}: another process kept "
+                f"locking the new file ({_FRESH_TRIES} tries); is a recovery looping there?"
+            )
         if self._fsync:  # a synced record in a file whose name was lost is lost too
             sync_dir(self._folder)
         return wal_id, path, fd
