@@ -623,11 +623,8 @@ class RunState:
         """Pick up signals other processes sent, if the store says there may be some."""
         self.last_poll = time.monotonic()
         token = runtime.store.inbox_token(self.run_id)
-        if token == self.inbox_token:
-            return
-        self.inbox_token = token
-        for sig in runtime.store.list_signals(self.run_id):
-            self.deliver(sig)
+        if token != self.inbox_token:
+            self._take_inbox(token, runtime.store.list_signals(self.run_id))
 
     async def refresh_inbox(self, token: object = _UNREAD) -> None:
         """:meth:`poll_inbox` from a coroutine: a remote store's round trips go off the loop,
@@ -641,9 +638,13 @@ class RunState:
         if token == self.inbox_token:
             return
         signals = await off_loop(runtime.store.list_signals, self.run_id, thread=True)
-        if self.job._state is not self:
-            return
-        self.inbox_token = token  # read before the signals: one sent meanwhile shows next
+        if self.job._state is self:
+            self._take_inbox(token, signals)
+
+    def _take_inbox(self, token: object, signals: Sequence[SignalRecord]) -> None:
+        """The inbox as read: ``token`` read before ``signals`` (one sent meanwhile shows
+        at the next poll)."""
+        self.inbox_token = token
         for sig in signals:
             self.deliver(sig)
 

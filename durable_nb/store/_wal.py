@@ -242,17 +242,8 @@ class Journal:
             fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue
-            except BaseException:
-                os.close(fd)
-                with contextlib.suppress(OSError):
-                    fresh.unlink()
-                raise
-            try:
                 os.rename(fresh, path)
-            except FileNotFoundError:  # removed by that look before we locked it
+            except (BlockingIOError, FileNotFoundError):  # that look took this name first
                 os.close(fd)
                 continue
             except BaseException:
