@@ -13,7 +13,10 @@ the bench extra (dbos 3.4.0, psycopg). Every measurement uses a fresh schema of 
    with ``dn.start`` (they interleave on the engine's event loop). DBOS: an async
    ``@DBOS.workflow`` of async ``@DBOS.step`` calls, the same shapes (50 concurrent with
    ``asyncio.gather``), its system database in a fresh schema on the same server.
-   effects/s = steps / wall time of all the runs (start to last result).
+   effects/s = steps / wall time of all the runs (start to last result). Beside them, before
+   and after, the **bare commit**: one-row INSERTs, each its own transaction, through
+   psycopg with no engine (``commit_floor``); its latency bounds a sequential run, which
+   records one effect per commit. ``--effects-only`` runs just these.
 2. **claim latency**: one idle worker process (``Worker([...]).run()``) waits on the store;
    this process calls ``dn.start(claim, tag, on="worker")`` and the workflow's first effect
    returns ``time.time()`` from its first line. Latency = that stamp minus ``time.time()``
@@ -303,6 +306,36 @@ def _effects_rows(
             )
         )
     return out
+
+
+def commit_floor(n: int, when: str) -> list[dict[str, Any]]:
+    """The server's own cost of one commit, with no engine at all: n one-row INSERTs into a
+    fresh table, each its own transaction (autocommit, a prepared statement through psycopg),
+    one after another on one connection. A sequential run records one effect per commit, so
+    1 s / this latency bounds its effects/s whatever the client does; the WAL flush in it
+    (``synchronous_commit=on``) varies with the host's disk from hour to hour, which is why
+    the figure is taken in the same run, before and after the effects."""
+    from psycopg import sql
+
+    with _fresh_schema("floor") as schema, _admin() as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        table = sql.Identifier(schema, "t")
+        conn.execute(sql.SQL("CREATE TABLE {} (k bigint PRIMARY KEY, v bytea)").format(table))
+        insert = sql.SQL("INSERT INTO {} (k, v) VALUES (%s, %s)").format(table)
+        lat: list[float] = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            conn.execute(insert, (i, b"x" * 40), prepare=True)
+            lat.append((time.perf_counter() - t0) * 1e6)
+    median = statistics.median(lat)
+    return [
+        _row(f"bare one-row INSERT commit ({when}), median", round(median), "µs"),
+        _row(
+            f"bare one-row INSERT commit ({when}): the sequential ceiling it sets",
+            round(1e6 / median),
+            "commits/s",
+        ),
+    ]
 
 
 def effects_per_second(
@@ -801,6 +834,8 @@ def run(
     worker_counts: Sequence[int] = (1, 2, 4),
     tp_runs: int = 200,
     tp_effects: int = 10,
+    floor_commits: int = 2000,
+    effects_only: bool = False,
 ) -> list[dict[str, Any]]:
     os.environ.setdefault("DURABLE_NB_KEY", KEY)
     import psycopg
@@ -817,7 +852,12 @@ def run(
             "",
         ),
     ]
+    rows += commit_floor(floor_commits, "before the effects")
     rows += effects_per_second(n_effects, concurrent, repeats, steady_effects)
+    rows += commit_floor(floor_commits, "after the effects")
+    if effects_only:
+        rows.append(_row("1-minute load average at the end", round(os.getloadavg()[0], 2), ""))
+        return rows
     rows += _guard("durable_nb takeover after SIGKILL", lambda: takeover(kills))
     rows += _guard("durable_nb claim latency", lambda: dn_claim_latency(claim_starts))
     rows += _guard(
@@ -840,6 +880,7 @@ QUICK: dict[str, Any] = {
     "dbos_default_starts": 4,
     "kills": 3,
     "tp_runs": 40,
+    "floor_commits": 300,
 }
 
 
@@ -850,6 +891,11 @@ def main(argv: list[str] | None = None) -> int:
         "--throughput-only",
         action="store_true",
         help="only the worker throughput figures (1 and 2 worker processes)",
+    )
+    parser.add_argument(
+        "--effects-only",
+        action="store_true",
+        help="only the effects/s figures (both engines) and the bare commit beside them",
     )
     parser.add_argument("--dn-worker", nargs=1, help=argparse.SUPPRESS)
     parser.add_argument("--dbos-worker", nargs=4, help=argparse.SUPPRESS)
@@ -877,7 +923,7 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows:
             print(f"{row['name']:<100} {row['value']!s:>12} {row['unit']}")
         return 0
-    for row in run(**(QUICK if args.quick else {})):
+    for row in run(**(QUICK if args.quick else {}), effects_only=args.effects_only):
         print(f"{row['name']:<100} {row['value']!s:>12} {row['unit']}")
     return 0
 

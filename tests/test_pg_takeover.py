@@ -38,6 +38,7 @@ from durable_nb import _codecs
 from durable_nb.errors import RunLockedError, StoreUnavailableError
 from durable_nb.store._pg_commit import LOOP_GROUP, GroupCommit, LoopCommit
 from durable_nb.store._pg_session import TAKEOVER_GRACE
+from durable_nb.store._pg_wire import LoopConnection
 from durable_nb.store._postgres import PostgresStore
 
 from .conftest import PG_TEST_KEY, PG_URL
@@ -373,13 +374,16 @@ def test_a_holder_cut_off_but_connected_is_taken_over_at_lease_expiry_and_stops(
 
 
 class _Flaky:
-    """Makes the store's writers fail their n-th group write (as a dropped connection would),
-    whichever writes it: the engine loop's or the writer thread's."""
+    """Makes the store's writers fail their n-th group write, whichever writes it: the
+    writer thread, or the engine loop's (a group it sends and whose answer its connection's
+    reader reads, or one its task writes after connecting or preparing). The failure is not
+    a dropped connection (which a fresh one repairs): the group's writers are told it."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, n: int) -> None:
         self.n = n
         self.calls = 0
         on_thread, on_loop = GroupCommit._write_group, LoopCommit._write_group
+        send = LoopConnection.send
 
         def thread_write(writer: GroupCommit, group: Any) -> None:
             self._count()
@@ -389,8 +393,18 @@ class _Flaky:
             self._count()
             await on_loop(writer, group)
 
+        def loop_send(conn: LoopConnection, statements: Any, then: Any = None) -> int | None:
+            if then is not None:  # a group of the common path: it fails instead of being sent
+                try:
+                    self._count()
+                except psycopg.OperationalError as e:
+                    asyncio.get_running_loop().call_soon(then, e)
+                    return len(statements)
+            return send(conn, statements, then)
+
         monkeypatch.setattr(GroupCommit, "_write_group", thread_write)
         monkeypatch.setattr(LoopCommit, "_write_group", loop_write)
+        monkeypatch.setattr(LoopConnection, "send", loop_send)
 
     def _count(self) -> None:
         self.calls += 1
@@ -463,14 +477,21 @@ def test_concurrent_runs_share_commits_in_groups_the_loop_can_overlap(
     store = PostgresStore(pg_url, key=PG_TEST_KEY)
     dn.set_store(store)
     dn.set_clock(None)
-    sizes: list[int] = []
-    on_loop = LoopCommit._write_group
+    sizes: list[int] = []  # the writes of each group the loop's writer committed
+    on_loop, send_next = LoopCommit._write_group, LoopCommit._send_next
 
-    async def counted(writer: LoopCommit, group: Any) -> None:
+    async def counted(writer: LoopCommit, group: Any) -> None:  # its task's groups
         sizes.append(len(group))
         await on_loop(writer, group)
 
+    def sent(writer: LoopCommit) -> bool:  # the groups it sends at once
+        if not send_next(writer):
+            return False
+        sizes.append(len(writer._sent or ()))
+        return True
+
     monkeypatch.setattr(LoopCommit, "_write_group", counted)
+    monkeypatch.setattr(LoopCommit, "_send_next", sent)
 
     @dn.effect(name="gc.share")
     async def share(run_id: str, i: int) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import math
 import secrets
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -232,5 +233,121 @@ def test_a_closed_loop_writer_connects_and_sends_no_more(pg_url: str) -> None:
 
     try:
         asyncio.run(main())
+    finally:
+        store.close()
+
+
+# ------------------------------------------------------------------ groups sent with a callback
+# The engine's writer sends a group with a callback (``send(..., then)``): the socket's reader
+# collects the answer and tells the outcome, once, with no task awaiting it.
+
+
+async def _answer(
+    conn: LoopConnection, statements: list[Any], drains: bool = False
+) -> list[BaseException | None]:
+    """Send ``statements`` with a callback and wait until it was called; every call made.
+    ``drains``: the group does not fit in the socket, the rest goes as it drains."""
+    told: list[BaseException | None] = []
+    if conn.send(statements, told.append) is None:  # not all prepared yet: nothing was sent
+        await conn._prepare(statements)
+        assert conn.send(statements, told.append) == len(statements)
+    assert conn._draining == drains
+    for _ in range(2000):
+        if told:
+            break
+        await asyncio.sleep(0.005)
+    await asyncio.sleep(0.05)  # a second call would come now
+    return told
+
+
+def test_a_group_sent_with_a_callback_is_told_its_outcome_once(schema: str) -> None:
+    ins = f"INSERT INTO {schema}.t (k, n, b) VALUES (%s, %s, %s)"
+    big = secrets.token_bytes(24 * 1024 * 1024)  # sent as the socket drains
+
+    async def body(conn: LoopConnection) -> None:
+        await conn.run([(ins, ["a", 1, None])])
+        assert await _answer(conn, [(ins, ["b", 2, b"x"]), (ins, ["c", 3, None])]) == [None]
+        told = await _answer(conn, [(ins, ["d", 4, None]), (ins, ["a", 5, None])])
+        assert len(told) == 1 and isinstance(told[0], psycopg.errors.UniqueViolation)
+        told = await _answer(conn, [(ins, ["e", 6, None]), ("SELECT 1 / %s", [0])])
+        assert len(told) == 1 and isinstance(told[0], psycopg.errors.DivisionByZero)
+        assert await _answer(conn, [(ins, ["big", 7, big]), (ins, ["f", 8, None])], True) == [None]
+        assert not conn._draining
+        await conn.run([(ins, ["g", 9, None])])  # the awaited path goes on after them
+        assert not conn.broken
+
+    _go(body)
+    assert [r[:2] for r in _rows(schema)] == [
+        ("a", 1),
+        ("b", 2),
+        ("big", 7),
+        ("c", 3),
+        ("f", 8),
+        ("g", 9),
+    ]
+
+
+@pytest.mark.parametrize("how", ["close", "terminate"])
+def test_a_callback_group_is_told_when_its_connection_goes(schema: str, how: str) -> None:
+    """A close (the store closing) or a backend the server ended under the group tells it
+    the error, once: nobody waits for an answer that will never come."""
+
+    async def body(conn: LoopConnection) -> None:
+        await conn.run([("SELECT pg_sleep(%s)", [0.0])])
+        told: list[BaseException | None] = []
+        assert conn.send([("SELECT pg_sleep(%s)", [30.0])], told.append) == 1
+        await asyncio.sleep(0.3)
+        if how == "close":
+            conn.close()
+            assert len(told) == 1  # at once, from the close
+        else:
+            with psycopg.connect(PG_URL, autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", [conn.backend_pid])
+            for _ in range(2000):
+                if told:
+                    break
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        assert len(told) == 1 and isinstance(told[0], psycopg.OperationalError), told
+        assert conn.broken
+
+    _go(body)
+
+
+def test_a_loop_torn_down_under_a_sent_group_tells_its_writers(pg_url: str) -> None:
+    """``asyncio.run`` ends (a worker stopping) while the writer's group waits for the
+    server: the writer's lingering task, cancelled with the loop, tells the group it was
+    interrupted, so the loop's teardown does not wait for an answer."""
+    from durable_nb.errors import StoreError
+    from durable_nb.store._pg_commit import LoopCommit
+    from durable_nb.store._postgres import PostgresStore
+
+    from .conftest import PG_TEST_KEY
+
+    store = PostgresStore(pg_url, key=PG_TEST_KEY)
+    told: list[BaseException | None] = []
+
+    async def main() -> LoopCommit:
+        loop = asyncio.get_running_loop()
+        writer = LoopCommit(
+            store._conninfo, store._connect_kwargs, store._sql, store._translate, loop
+        )
+        writer.submit([], [("SELECT pg_sleep(%s)", [0.0])], told.append)  # connects, prepares
+        while not told:
+            await asyncio.sleep(0.01)
+        writer.submit([], [("SELECT pg_sleep(%s)", [30.0])], told.append)
+        assert writer._sent is not None  # sent at once: no task awaits it
+        await asyncio.sleep(0.2)
+        return writer  # the loop is torn down with the group under way
+
+    try:
+        done: list[LoopCommit] = []
+        thread = threading.Thread(target=lambda: done.append(asyncio.run(main())))
+        thread.start()
+        thread.join(20)
+        assert not thread.is_alive(), "the loop's teardown waited for the group's answer"
+        assert done and not done[0].busy
+        assert told[0] is None and len(told) == 2
+        assert isinstance(told[1], StoreError) and "interrupted" in str(told[1])
     finally:
         store.close()

@@ -13,7 +13,7 @@ the caller that sent it.
 :class:`LoopCommit` is the same on the engine's event loop, with an asyncio connection: the
 loop sends a group and serves other runs until the server answers, and no thread stands
 between the loop and the server (two thread wake-ups per write cost more than the write's
-own CPU on a busy machine).
+own CPU on a busy machine), nor a task between the server's answer and the writers.
 """
 
 from __future__ import annotations
@@ -34,8 +34,12 @@ __all__ = ["Done", "GroupCommit", "LoopCommit", "Sql"]
 
 _log = logging.getLogger(__name__)
 
-#: the most writes :class:`LoopCommit` puts in one group (see ``_serve``)
+#: the most writes :class:`LoopCommit` puts in one group: runs woken by one commit all write
+#: at once, and in one group the loop would sit idle while it commits; in two, it executes
+#: the runs of one while the server commits the other
 LOOP_GROUP = 32
+#: seconds :class:`LoopCommit`'s task stays after its writer's last group
+_LINGER = 1.0
 
 #: told the outcome of a write: None once it is durable, else the error (already translated)
 Done = WriteDone
@@ -58,10 +62,6 @@ class _Write:
         self.done = done
         self.fence = fence  # lease tokens the write is conditional on (its runs' leases)
         self.told = False
-
-
-#: a group :class:`LoopCommit` sent at once: its writes, the connection, statements sent
-_Sent = tuple[list[_Write], LoopConnection, int]
 
 
 class Sql:
@@ -256,7 +256,15 @@ class GroupCommit:
 
 class LoopCommit:
     """Group commit on one event loop (its thread calls :meth:`submit`; ``done`` is called
-    on it too). Writes queued while a group commits form the next group."""
+    on it too). Writes queued while a group commits form the next group.
+
+    The common path has no task: a group is sent as soon as it is known (the connection up,
+    its statements prepared), the connection's reader tells its writers in the loop turn
+    the answer arrives in, and sends the next group at once. A task (:meth:`_serve`) does the
+    rest: connecting, preparing, a fresh connection after a broken one, the search for the
+    write that failed a group. It lingers while the writer is in use, so a loop torn down
+    (``asyncio.run`` ending, which cancels its tasks) cuts what is under way and nobody
+    waits for ever on a write whose answer will never be read."""
 
     def __init__(
         self,
@@ -272,10 +280,14 @@ class LoopCommit:
         self._translate = translate
         self.loop = loop
         self._queue: list[_Write] = []
-        self._serving = False
+        self._sent: list[_Write] | None = None  # the group the connection's reader waits for
+        self._failed: tuple[list[_Write], BaseException] | None = None  # for the task
+        self._committing: list[_Write] | None = None  # the group the task commits
         self._closed = False  # close_now was called: nothing connects or sends any more
         self._conn: LoopConnection | None = None
         self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Future[None] | None = None  # the task waits on it for work
+        self._sends = 0  # groups sent so far (the task lingers while this moves)
         self.groups = 0
 
     def submit(
@@ -286,62 +298,133 @@ class LoopCommit:
         fence: Sequence[str] = (),
     ) -> None:
         self._queue.append(_Write(effects, statements, done, fence))
-        if not self._serving:
-            self._serving = True
-            self._task = self.loop.create_task(self._serve(self._send_now()))
+        if self._idle() and not self._send_next():
+            self._poke()
+        if self._task is None:
+            self._task = self.loop.create_task(self._serve())
 
-    def _send_now(self) -> _Sent | None:
-        """Send the first group at once when the connection is up and its statements are
-        prepared, so the server works on it while the loop goes on (the task that waits for
-        it starts on the loop's next turn: on a sequential run's path, that turn was ~10 µs
-        of every effect's). Otherwise the task sends it (connecting, preparing)."""
+    @property
+    def busy(self) -> bool:
+        """Writes are queued or under way."""
+        return bool(
+            self._queue or self._sent is not None or self._committing is not None or self._failed
+        )
+
+    def close_now(self) -> None:
+        """Close the connection from any thread (the store is closing): nothing connects
+        or sends after this."""
+        self._closed = True
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close_threadsafe()
+
+    # ----------------------------------------------------------------- the common path
+    def _send_next(self) -> bool:
+        """Send the next group, to be answered through :meth:`_answered`, if the connection
+        is up and its statements are prepared; False leaves it to the task."""
         conn = self._conn
-        if conn is None or conn.broken:
-            return None
+        if conn is None or conn.broken or not self._queue:
+            return False
         group = self._queue[:LOOP_GROUP]
         try:
-            sent = conn.send(_plan(group, self._sql, _binary_columns))
+            sent = conn.send(_plan(group, self._sql, _binary_columns), self._answered)
         except Exception:  # a broken connection, a value it cannot send: the task says so
-            return None
+            return False
         if sent is None:
-            return None
-        self._queue = self._queue[LOOP_GROUP:]
-        return group, conn, sent
+            return False
+        del self._queue[: len(group)]
+        self._sent = group
+        self._sends += 1
+        return True
 
-    async def _serve(self, first: _Sent | None = None) -> None:
-        group: list[_Write] = []
+    def _answered(self, error: BaseException | None) -> None:
+        """The connection read the answer to the group sent (or failed): tell its writers
+        and send the next group."""
+        group, self._sent = self._sent, None
+        if group is None:  # cut meanwhile (the task was cancelled)
+            return
+        if error is not None:  # a fresh connection, or each write alone: the task's work
+            self._failed = (group, error)
+            self._poke()
+            return
+        self.groups += 1
+        for write in group:
+            _tell(write, None)
+        if self._queue and self._idle() and not self._send_next():
+            self._poke()
+
+    def _idle(self) -> bool:
+        """No group is under way: the next may be sent."""
+        return self._sent is None and self._committing is None and self._failed is None
+
+    # ----------------------------------------------------------------- the task
+    def _poke(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    async def _serve(self) -> None:
+        loop = self.loop
         try:
-            if first is not None:
-                group = first[0]
-                await self._commit(group, first)
-            while self._queue:
-                # at most LOOP_GROUP writes a group: runs woken by one commit all write at
-                # once, and in one group the loop would sit idle while it commits; in two,
-                # it executes the runs of one while the server commits the other
-                group, self._queue = self._queue[:LOOP_GROUP], self._queue[LOOP_GROUP:]
-                await self._commit(group)
+            seen = -1
+            while True:
+                await self._work_done()
+                if not self.busy and seen == self._sends:  # idle for a whole round
+                    return
+                seen = self._sends
+                wake = self._wake = loop.create_future()
+                timer = loop.call_later(_LINGER, _settle, wake)
+                try:
+                    await wake
+                finally:
+                    timer.cancel()
+                    self._wake = None
         except BaseException:  # cancelled with its loop: nobody is told twice or never
+            cut = self._translate(psycopg.InterfaceError("the write was interrupted"))
+            groups = [self._sent or [], self._committing or [], self._queue]
+            if self._failed is not None:
+                groups.append(self._failed[0])
+            self._sent = self._committing = self._failed = None
+            self._queue = []
             conn = self._conn  # its answers are unread: no later group may take them as its own
             if conn is not None:
                 self._conn = None
                 conn.close()
-            cut = self._translate(psycopg.InterfaceError("the write was interrupted"))
-            for write in group:
-                if not write.told:
-                    _tell(write, cut)
+            for group in groups:
+                for write in group:
+                    if not write.told:
+                        _tell(write, cut)
             raise
         finally:
-            self._serving = False
-            left, self._queue = self._queue, []
-            for write in left:  # only when the loop is torn down under us
-                _tell(write, psycopg.InterfaceError("the store's writer stopped"))
+            if self._task is asyncio.current_task():
+                self._task = None
 
-    async def _commit(self, group: list[_Write], sent: _Sent | None = None) -> None:
-        try:
-            if sent is None:
-                await self._write_group(group)
+    async def _work_done(self) -> None:
+        """Do what the common path left: a failed group, groups that need a connection or
+        preparing; until the common path can go on (or nothing is left)."""
+        while self._sent is None:
+            if self._failed is not None:
+                group, error = self._failed
+                self._failed = None
+            elif self._queue and not self._send_next():
+                group, error = self._queue[:LOOP_GROUP], None
+                del self._queue[: len(group)]
             else:
-                await self._finish_sent(sent)
+                return
+            self._committing = group
+            try:
+                await self._commit(group, error)
+            finally:
+                self._committing = None
+
+    async def _commit(self, group: list[_Write], error: BaseException | None) -> None:
+        """Commit ``group``, or, told the ``error`` its sending met, recover: once more on a
+        fresh connection if that one broke, else each write alone to find the culprit."""
+        try:
+            if error is None or (isinstance(error, psycopg.OperationalError) and self._broken()):
+                await self._write_group(group)  # upserts: harmless twice
+            else:
+                raise error
         except Exception as e:
             if len(group) > 1 and not isinstance(e, psycopg.OperationalError):
                 for write in group:  # find the culprit: each write alone
@@ -360,14 +443,8 @@ class LoopCommit:
         for write in group:
             _tell(write, None)
 
-    async def _finish_sent(self, sent: _Sent) -> None:
-        group, conn, n = sent
-        try:
-            await conn.finish(n)
-        except psycopg.OperationalError:
-            if not conn.broken:
-                raise
-            await self._write_group(group)  # on a fresh connection: upserts, harmless twice
+    def _broken(self) -> bool:
+        return self._conn is None or self._conn.broken
 
     async def _write_group(self, group: list[_Write]) -> None:
         plan = _plan(group, self._sql, _binary_columns)
@@ -391,19 +468,6 @@ class LoopCommit:
                 if attempt == 0 and conn.broken:
                     continue
                 raise
-
-    @property
-    def busy(self) -> bool:
-        return self._serving
-
-    def close_now(self) -> None:
-        """Close the connection from any thread (the store is closing): nothing connects
-        or sends after this."""
-        self._closed = True
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.close_threadsafe()
 
 
 def _plan(
@@ -447,6 +511,11 @@ def _binary_columns(q: Sql, rows: dict[tuple[Any, ...], tuple[Any, ...]]) -> lis
     """The rows as one binary array per column, encoded here (for :class:`LoopConnection`)."""
     cols = zip(*rows.values(), strict=True)
     return [binary_array(t, col) for t, col in zip(q.types, cols, strict=True)]
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _tell(write: _Write, error: BaseException | None) -> None:
