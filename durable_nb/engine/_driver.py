@@ -144,7 +144,14 @@ async def _drive(
         if lease is None:
             lease = await _acquire(job.run_id)
         lease.on_lost = functools.partial(_lease_lost, job, asyncio.get_running_loop())
-        rec = await off_loop(_read_record, job.run_id, restart)
+        # what the execution starts from, in one call (one round trip on PostgreSQL); a
+        # restart forgets the old run first
+        start = None
+        if restart:
+            await off_loop(_forget_run, job.run_id)
+        else:
+            start = await off_loop(store.open_run, job.run_id)
+        rec = start.record if start is not None else None
         if rec is not None:
             check_same_workflow(rec, wf)
         if rec is None:
@@ -176,7 +183,11 @@ async def _drive(
         new_generation = False
         while True:
             # reads and writes off the loop: the other runs on it go on meanwhile
-            history, token, signals = await off_loop(_read_history, job.run_id)
+            if start is not None and start.history is not None:  # read with the record
+                history, token, signals = start.history, start.inbox_token, start.signals
+            else:  # a later generation, a restart, a run with an outcome that runs again
+                history, token, signals = await off_loop(_read_history, job.run_id)
+            start = None
             now = clock.time()
             resumed = rec is not None and not new_generation
             if rec is None:
@@ -621,14 +632,11 @@ def _opened(job: Job[Any]) -> None:
         job._opened.set_result(None)
 
 
-def _read_record(run_id: str, restart: bool) -> RunRecord | None:
-    """The run's record, or None for a new run (``restart`` forgets an old one first)."""
+def _forget_run(run_id: str) -> None:
+    """A restarted run: its old record and history are forgotten (None: it starts anew)."""
     store = runtime.store
-    rec = store.get_run(run_id)
-    if rec is not None and restart:
+    if store.get_run(run_id) is not None:
         store.delete_run(run_id)
-        rec = None
-    return rec
 
 
 def _read_history(run_id: str) -> tuple[list[EffectRecord], object, list[SignalRecord]]:

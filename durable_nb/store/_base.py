@@ -13,8 +13,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .._journal import run_scope
 from ..errors import ArgumentError, ArgumentTypeError
-from ._protocol import EffectKey, EffectRecord, EventRecord, RunLease, RunRecord, submit_now
+from ._protocol import (
+    EffectKey,
+    EffectRecord,
+    EventRecord,
+    RunLease,
+    RunRecord,
+    RunStart,
+    has_outcome,
+    submit_now,
+)
 
 if TYPE_CHECKING:
     import asyncio
@@ -111,6 +121,18 @@ class StoreBase:
             if rec is not None:
                 got[run_id] = rec
         return got
+
+    def open_run(self, run_id: str) -> RunStart:
+        return self._open_run(_run_ids([run_id])[0])
+
+    def _open_run(self, run_id: str) -> RunStart:
+        me: Any = self
+        rec = me.get_run(run_id)
+        if rec is not None and has_outcome(rec):
+            return RunStart(rec, None, None, [])
+        history = me.load_effects(run_scope(run_id))
+        token = me.inbox_token(run_id)  # before the signals: a signal sent meanwhile shows
+        return RunStart(rec, history, token, me.list_signals(run_id))
 
     def inbox_tokens(self, run_ids: Sequence[str]) -> dict[str, object]:
         return self._inbox_tokens(_run_ids(run_ids))

@@ -210,6 +210,12 @@ def statements(schema: str) -> dict[str, str]:
         "AND identity = %s AND version = %s AND input_hash = ANY(%s)",
         "load_effects": f"SELECT {', '.join(EFFECT_COLS)} FROM {s}.dn_effects "
         "WHERE scope = %s ORDER BY seq, started_at",
+        # a run's history as its execution starts, unless the run has its outcome (a rerun
+        # returns it: _protocol.has_outcome)
+        "start_history": f"SELECT {', '.join(EFFECT_COLS)} FROM {s}.dn_effects "
+        f"WHERE scope = %s AND NOT EXISTS (SELECT 1 FROM {s}.dn_runs r WHERE r.run_id = %s "
+        "AND (r.status = 'cancelled' OR (r.status = 'completed' AND r.result_codec IS NOT NULL)))"
+        " ORDER BY seq, started_at",
         "delete_effects": f"DELETE FROM {s}.dn_effects WHERE scope = %s",
         "effect_scopes": f"SELECT DISTINCT scope FROM {s}.dn_effects "
         "WHERE starts_with(scope, %s) ORDER BY scope",

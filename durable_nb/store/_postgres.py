@@ -92,7 +92,7 @@ from ._pg_schema import (
 )
 from ._pg_session import TAKEOVER_GRACE, Session
 from ._pg_url import DEFAULT_SCHEMA, lease_from_url, resolve_key, split_url
-from ._protocol import RunLease, run_scopes
+from ._protocol import RunLease, RunStart, has_outcome, run_scopes
 
 if TYPE_CHECKING:
     from .._codecs import Payload
@@ -647,6 +647,30 @@ class PostgresStore(PgLeases, PgQueues):
         q = self._q["list_signals"]
         rows = self._call(lambda conn: conn.execute(q, [run_id], binary=True).fetchall())
         return [_rows.signal_from_row(r) for r in rows]
+
+    def _open_run(self, run_id: str) -> RunStart:
+        """The four reads in one round trip (a pipeline; each sees what committed before it,
+        in this order)."""
+        q = self._q
+
+        def read(conn: _Conn) -> RunStart:
+            with conn.pipeline():
+                run = conn.execute(q["get_run"], [run_id], binary=True)
+                history = conn.execute(q["start_history"], [run_scope(run_id), run_id], binary=True)
+                token = conn.execute(q["inbox_token"], [run_id])
+                signals = conn.execute(q["list_signals"], [run_id], binary=True)
+            row = run.fetchone()
+            rec = _rows.run_from_row(row, _payload) if row is not None else None
+            effects = [_rows.effect_from_row(r, _payload) for r in history.fetchall()]
+            got = token.fetchone()
+            return RunStart(
+                rec,
+                None if rec is not None and has_outcome(rec) else effects,
+                got[0] if got is not None else None,
+                [_rows.signal_from_row(r) for r in signals.fetchall()],
+            )
+
+        return self._call(read)
 
     def inbox_token(self, run_id: str) -> object:
         q = self._q["inbox_token"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 from .._journal import (
     CLAIMABLE_STATUSES,
@@ -35,6 +35,7 @@ __all__ = [
     "EventRecord",
     "RunLease",
     "RunRecord",
+    "RunStart",
     "RunStatus",
     "SharedLimits",
     "SignalRecord",
@@ -113,6 +114,24 @@ class SignalRecord:
     name: str
     payload: str  # JSON text
     sent_at: float
+
+
+class RunStart(NamedTuple):
+    """What a run's execution starts from (:meth:`Store.open_run`): its record (None for a
+    new run), its history (None when the record says the run has its outcome, see
+    :func:`has_outcome`: a rerun returns that outcome and needs no history), its inbox token
+    and its signals (read after the token, so a signal sent meanwhile shows)."""
+
+    record: RunRecord | None
+    history: list[EffectRecord] | None
+    inbox_token: object
+    signals: list[SignalRecord]
+
+
+def has_outcome(rec: RunRecord) -> bool:
+    """A completed run with its result, or a cancelled run: running it again returns that
+    outcome when its arguments and code are unchanged."""
+    return rec.status == "cancelled" or (rec.status == "completed" and rec.result is not None)
 
 
 @dataclass(slots=True)
@@ -369,6 +388,11 @@ class Store(Protocol):
 
     def inbox_token(self, run_id: str) -> object:
         """A cheap value that changes when another process may have sent this run a signal."""
+        ...
+
+    def open_run(self, run_id: str) -> RunStart:
+        """A run's record, history, inbox token and signals, as its execution starts
+        (:class:`RunStart`; a remote store reads them in one round trip)."""
         ...
 
     def inbox_tokens(self, run_ids: Sequence[str]) -> dict[str, object]:
