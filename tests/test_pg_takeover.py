@@ -514,6 +514,51 @@ def test_concurrent_runs_share_commits_in_groups_the_loop_can_overlap(
         dn.set_store(":memory:")
 
 
+def test_runs_that_end_together_let_go_of_their_leases_in_shared_commits(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run's lease is deleted by a write of the loop's own writer once the run's records
+    are durable: 50 runs ending together share a few commits (and their notifications)
+    instead of one transaction each in a thread, and each job's result comes only after its
+    lease is gone, so whoever sees it can start the run again at once."""
+    store = PostgresStore(pg_url, key=PG_TEST_KEY)
+    dn.set_store(store)
+    dn.set_clock(None)
+    release = store._q["release"]
+    groups: list[int] = []  # lease deletions in each group the loop's writer sent
+    send = LoopConnection.send
+
+    def counted(conn: LoopConnection, statements: Any, then: Any = None) -> int | None:
+        sent = send(conn, statements, then)
+        if sent is not None and (n := sum(q == release for q, _ in statements)):
+            groups.append(n)
+        return sent
+
+    monkeypatch.setattr(LoopConnection, "send", counted)
+
+    @dn.effect(name="gc.end_step")
+    async def step(run_id: str, i: int) -> int:
+        return i
+
+    @dn.durable(name="gc.ending")
+    async def ending(ctx: dn.Context) -> int:
+        return await step(ctx.run_id, 1) + await step(ctx.run_id, 2)
+
+    try:
+        jobs = [dn.start(ending, run_id=f"e{k}") for k in range(50)]
+        for job in jobs:
+            assert job.result(timeout=120) == 3
+            other = PostgresStore(pg_url, key=PG_TEST_KEY)  # another process would, at once
+            try:
+                other.acquire_run(job.run_id, "another").release()
+            finally:
+                other.close()
+        assert sum(groups) == 50, groups  # every lease let go by the loop's writer
+        assert len(groups) < 50 / 4, groups  # in shared commits
+    finally:
+        dn.set_store(":memory:")
+
+
 def test_a_holder_whose_session_the_server_ended_stops_and_its_run_is_taken_over(
     pg_url: str,
 ) -> None:

@@ -147,6 +147,41 @@ def test_inbox_tokens_read_many_runs_as_inbox_token_reads_one(store: Store) -> N
         store.inbox_tokens("r1")
 
 
+def test_open_run_reads_what_an_execution_starts_from(store: Store) -> None:
+    """``open_run`` is the record, history, inbox token and signals the separate reads give,
+    except the history of a run that has its outcome (completed with a result, cancelled),
+    which a rerun returns without replaying: None."""
+    new = store.open_run("fresh")
+    assert (new.record, new.history, new.signals) == (None, [], [])
+    assert new.inbox_token == store.inbox_token("fresh")
+    store.put_run(_run("r1"))
+    store.put_effects([_eff(store, "run/r1", 2), _eff(store, "run/r1", 1)])
+    store.put_effects([_eff(store, "run/other", 3)])
+    store.add_signal(SignalRecord("r1", "s", "go", "1", 1.0))
+    start = store.open_run("r1")
+    assert start.record is not None and start.record.status == "running"
+    assert start.history is not None
+    assert [r.key for r in start.history] == [r.key for r in store.load_effects("run/r1")]
+    assert [r.seq for r in start.history] == [1, 2]
+    assert start.inbox_token == store.inbox_token("r1")
+    assert [s.signal_id for s in start.signals] == ["s"]
+    done = _run("r1", "completed")
+    done.result = _codecs.encode(3, store.signer)
+    for status, rec, history in (
+        ("failed", _run("r1", "failed"), 2),  # resumes: its history is needed
+        ("completed without a result", _run("r1", "completed"), 2),
+        ("completed", done, None),
+        ("cancelled", _run("r1", "cancelled"), None),
+    ):
+        store.put_run(rec)
+        start = store.open_run("r1")
+        assert start.record is not None and start.record.status == rec.status, status
+        got = None if start.history is None else len(start.history)
+        assert got == history, status
+    with pytest.raises(ArgumentTypeError, match=r"run id"):
+        store.open_run(3)  # type: ignore[arg-type]
+
+
 def test_events_in_time_order(store: Store) -> None:
     store.append_events(
         [EventRecord("r1", "e2", 2.0, "completed"), EventRecord("r1", "e1", 1.0, "started")]

@@ -62,6 +62,7 @@ from ._runtime import (
     running_loop,
     runtime,
     wait_written,
+    writer_loop,
 )
 from ._state import INBOX_POLL, RunState
 from ._workflow import Workflow, for_run, newest, version_of
@@ -605,15 +606,16 @@ async def _acquire(run_id: str) -> RunLease:
 
 
 async def _release(lease: RunLease) -> None:
-    """Release the run's lease off the loop (a round trip on PostgreSQL; on DuckDB the merge
-    thread lets go once this process's records are merged); the run's job is settled only
-    after it, so whoever sees the result can start the run again. The run is over: a
+    """Release the run's lease without blocking the loop (on PostgreSQL a write of the
+    loop's own writer, shared with the runs that end meanwhile; on DuckDB the merge thread
+    lets go once this process's records are merged); the run's job is settled only after
+    it, so whoever sees the result can start the run again. The run is over: a
     cancellation arriving meanwhile does not cut this short."""
     letting_go: asyncio.Future[None]
-    if runtime.store.remote:
+    if runtime.store.remote and not lease.releases_later:  # a round trip: in a thread
         letting_go = asyncio.ensure_future(asyncio.to_thread(lease.release))
     else:
-        later = lease.release_later()
+        later = lease.release_later(writer_loop(asyncio.get_running_loop()))
         if later is None:
             return
         letting_go = asyncio.wrap_future(later)

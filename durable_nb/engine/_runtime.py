@@ -469,13 +469,15 @@ def durable_write(
             with contextlib.suppress(RuntimeError):  # the loop closed: nobody awaits it
                 loop.call_soon_threadsafe(written.settle, error)
 
-    # the engine's own loop lives as long as the process, a worker's as long as it serves:
-    # the store may write on them directly
-    mine = (
-        loop if on_loop and (runtime.in_engine_thread() or loop in runtime.serving_loops) else None
-    )
+    mine = writer_loop(loop) if on_loop else None
     store.submit(done, effects=effects, runs=runs, events=events, loop=mine)
     return written
+
+
+def writer_loop(loop: asyncio.AbstractEventLoop) -> asyncio.AbstractEventLoop | None:
+    """``loop`` if the store may write on it directly: the engine's own loop lives as long
+    as the process, a worker's as long as it serves; None for any other loop."""
+    return loop if runtime.in_engine_thread() or loop in runtime.serving_loops else None
 
 
 async def off_loop(fn: Callable[..., T], *args: Any, thread: bool = False) -> T:

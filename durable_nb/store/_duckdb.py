@@ -665,7 +665,7 @@ class DuckDBStore(StoreBase):
                 with contextlib.suppress(StoreError):  # else the merge thread lets go after
                     self._merger.merge(later[1])  # its next merge that works
 
-        def release_later() -> Future[None] | None:
+        def release_later(loop: object) -> Future[None] | None:  # the merge thread's work
             later = let_go()
             return None if later is None else later[0]
 

@@ -20,6 +20,7 @@ inherits this class):
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import json
@@ -127,6 +128,16 @@ class PgLeases(StoreBase):
         raise NotImplementedError
 
     def _translate(self, e: BaseException) -> BaseException:
+        raise NotImplementedError
+
+    def _send(
+        self,
+        rows: list[tuple[Any, ...]],
+        statements: list[tuple[str, Sequence[Any]]],
+        fence: list[str],
+        done: Done,
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> None:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ fencing
@@ -263,23 +274,53 @@ class PgLeases(StoreBase):
                     self._heartbeat.start()
         q = self._q["release"]
 
-        def release() -> None:
+        def forget() -> bool:
+            """This store stops renewing and fencing with the lease; False if it is not
+            ours to delete any more."""
             with self._lock:
                 self._lease_objs.pop(token, None)
                 if self._fences.get(run_id) == token:
                     del self._fences[run_id]
-                if self._held.pop(token, None) is None or self._closed:
-                    return  # lost (taken over after it expired) or released by close()
+                return self._held.pop(token, None) is not None and not self._closed
+
+        def failed(e: BaseException) -> None:  # the lease expires by itself: nothing to undo
+            _log.warning("durable_nb: could not release the lease of run %r: %s", run_id, e)
+
+        def release() -> None:
+            if not forget():
+                return  # lost (taken over after it expired) or released by close()
             try:
                 self._call(lambda conn: conn.execute(q, [run_id, token, self._channel]))
-            except StoreError as e:  # the lease expires by itself; nothing else to undo
-                _log.warning("durable_nb: could not release the lease of run %r: %s", run_id, e)
+            except StoreError as e:
+                failed(e)
+
+        def release_later(
+            loop: asyncio.AbstractEventLoop | None,
+        ) -> concurrent.futures.Future[None] | None:
+            """Let go as a write of ``loop``'s writer (or the writer thread's): the runs
+            that end together share a commit (and its notification) instead of one
+            transaction each, and no thread waits for it."""
+            if not forget():
+                return None
+            later: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+            def done(error: BaseException | None) -> None:
+                if error is not None:
+                    failed(error)
+                later.set_result(None)
+
+            try:
+                self._send([], [(q, [run_id, token, self._channel])], [], done, loop)
+            except (StoreError, psycopg.Error) as e:  # closed meanwhile
+                failed(e)
+                return None
+            return later
 
         if not live:
             with contextlib.suppress(StoreError):
                 self._call(lambda conn: conn.execute(q, [run_id, token, self._channel]))
             return None
-        lease._release = release
+        lease._release, lease._release_later = release, release_later
         return lease
 
     def acquire_run(self, run_id: str, owner: str) -> RunLease:

@@ -438,7 +438,18 @@ class PostgresStore(PgLeases, PgQueues):
         if not rows and not statements:
             done(None)
             return
-        fence = self._fence_of(effects, runs, events)
+        self._send(rows, statements, self._fence_of(effects, runs, events), done, loop)
+
+    def _send(
+        self,
+        rows: list[tuple[Any, ...]],
+        statements: list[Statement],
+        fence: list[str],
+        done: Done,
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> None:
+        """Hand a write to ``loop``'s own writer, or without a loop to the writer thread;
+        ``done`` is told once it committed or failed."""
         if loop is not None:  # written by the loop itself, on a connection of its own
             writer = self._loop_writers.get(loop)
             if writer is None:

@@ -157,7 +157,7 @@ class RunLease:
     owner: str
     _release: object = field(default=None, repr=False)
     on_lost: object = field(default=None, repr=False)
-    #: ``() -> Future | None``: starts letting go without waiting (see :meth:`release_later`)
+    #: ``(loop) -> Future | None``: starts letting go without waiting (:meth:`release_later`)
     _release_later: object = field(default=None, repr=False)
 
     def release(self) -> None:
@@ -166,18 +166,24 @@ class RunLease:
         if callable(fn):
             fn()
 
-    def release_later(self) -> Future[None] | None:
+    @property
+    def releases_later(self) -> bool:
+        """:meth:`release_later` lets go without waiting on the calling thread."""
+        return callable(self._release_later)
+
+    def release_later(self, loop: asyncio.AbstractEventLoop | None = None) -> Future[None] | None:
         """Start letting go without waiting on this thread: returns a future settled once
-        the lease is let go (or once letting go waits on a failing store, as ``release``
-        would then return), or ``None`` if it was let go here. The DuckDB store lets a run
-        go only once this process's records are merged into its file, which its merge
-        thread does; the engine's loop serves other runs meanwhile."""
+        the lease is let go (or once letting go failed, as ``release`` would then return),
+        or ``None`` if it was let go here. The DuckDB store lets a run go only once this
+        process's records are merged into its file, which its merge thread does; the
+        PostgreSQL store deletes the lease as a write of ``loop``'s own writer (the loop the
+        engine executes the run on), shared with what other runs write meanwhile."""
         fn = self._release_later
         if not callable(fn):
             self.release()
             return None
         self._release = self._release_later = None
-        later: Future[None] | None = fn()
+        later: Future[None] | None = fn(loop)
         return later
 
     def lost(self) -> None:
