@@ -514,6 +514,110 @@ def test_concurrent_runs_share_commits_in_groups_the_loop_can_overlap(
         dn.set_store(":memory:")
 
 
+def test_runs_started_together_take_their_leases_and_reads_in_one_store_call(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """50 runs started at once take their leases and read their starts in a few store calls
+    (one round trip each), not 50 acquires and 50 reads; a run another process holds takes
+    the usual path and says who holds it, the others go on; a rerun replays every run."""
+    store = PostgresStore(pg_url, key=PG_TEST_KEY)
+    dn.set_store(store)
+    dn.set_clock(None)
+    batches: list[list[str]] = []
+    acquired: list[str] = []
+    start_runs, acquire_run = PostgresStore.start_runs, PostgresStore.acquire_run
+
+    def batch(self: PostgresStore, run_ids: Any, owner: str) -> Any:
+        batches.append(list(run_ids))
+        return start_runs(self, run_ids, owner)
+
+    def acquire(self: PostgresStore, run_id: str, owner: str) -> Any:
+        acquired.append(run_id)
+        return acquire_run(self, run_id, owner)
+
+    monkeypatch.setattr(PostgresStore, "start_runs", batch)
+    monkeypatch.setattr(PostgresStore, "acquire_run", acquire)
+    executed: collections.Counter[tuple[str, int]] = collections.Counter()
+
+    @dn.effect(name="gc.start_step")
+    async def step(run_id: str, i: int) -> int:
+        executed[(run_id, i)] += 1
+        return i
+
+    @dn.durable(name="gc.starting")
+    async def starting(ctx: dn.Context) -> int:
+        return sum([await step(ctx.run_id, i) for i in range(3)])
+
+    other = PostgresStore(pg_url, key=PG_TEST_KEY)  # another process, holding one run
+    held = other.acquire_run("t-held", "another process")
+    acquired.clear()
+    ids = [f"t{k}" for k in range(50)]
+    try:
+        jobs = [dn.start(starting, run_id=r) for r in ids]
+        blocked = dn.start(starting, run_id="t-held")
+        assert [job.result(timeout=120) for job in jobs] == [3] * 50
+        with pytest.raises(RunLockedError, match=r"^run 't-held' is being executed by another"):
+            blocked.result(timeout=120)
+        assert sorted(r for b in batches for r in b) == sorted([*ids, "t-held"])
+        assert len(batches) <= 5, [len(b) for b in batches]
+        assert acquired == ["t-held"]  # only the held run took the usual path
+        assert executed == {(r, i): 1 for r in ids for i in range(3)}
+        batches.clear()
+        again = [dn.start(starting, run_id=r) for r in ids]  # a rerun: every run replays
+        assert [job.result(timeout=120) for job in again] == [3] * 50
+        assert executed == {(r, i): 1 for r in ids for i in range(3)}
+        assert len(batches) <= 5
+    finally:
+        held.release()
+        other.close()
+        dn.set_store(":memory:")
+
+
+def test_a_start_cancelled_while_its_batch_is_under_way_lets_its_run_go(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run whose start is cancelled (its job cancelled, its loop stopping) while the store
+    takes the leases of its batch gets no lease left behind: the batch lets it go, and
+    another process takes the run at once; the batch's other run starts."""
+    from durable_nb.engine._starts import start_together
+
+    store = PostgresStore(pg_url, key=PG_TEST_KEY)
+    dn.set_store(store)
+    start_runs = PostgresStore.start_runs
+
+    def slow(self: PostgresStore, run_ids: Any, owner: str) -> Any:
+        time.sleep(0.5)  # the store call is under way when the start is cancelled
+        return start_runs(self, run_ids, owner)
+
+    monkeypatch.setattr(PostgresStore, "start_runs", slow)
+
+    async def main() -> None:
+        first = asyncio.ensure_future(start_together("c1"))
+        second = asyncio.ensure_future(start_together("c2"))
+        await asyncio.sleep(0.2)
+        first.cancel()
+        taken = await second
+        assert taken is not None and taken[0].run_id == "c2"
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        taken[0].release()
+
+    other = PostgresStore(pg_url, key=PG_TEST_KEY)
+    try:
+        asyncio.run(main())
+        deadline = time.monotonic() + 10
+        while True:  # let go by a write behind the batch: soon, never after the lease's 30 s
+            try:
+                other.acquire_run("c1", "another process").release()
+                break
+            except RunLockedError:
+                assert time.monotonic() < deadline, "the cancelled start's lease was left held"
+                time.sleep(0.05)
+    finally:
+        other.close()
+        dn.set_store(":memory:")
+
+
 def test_runs_that_end_together_let_go_of_their_leases_in_shared_commits(
     pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -14,6 +14,7 @@ from durable_nb.store import (
     EventRecord,
     RunLease,
     RunRecord,
+    RunStart,
     SignalRecord,
     Store,
     run_scopes,
@@ -180,6 +181,37 @@ def test_open_run_reads_what_an_execution_starts_from(store: Store) -> None:
         assert got == history, status
     with pytest.raises(ArgumentTypeError, match=r"run id"):
         store.open_run(3)  # type: ignore[arg-type]
+
+
+def test_start_runs_takes_the_free_runs_and_reads_their_starts(store: Store) -> None:
+    """``start_runs`` takes the lease of each run nobody holds and reads what it starts from,
+    as ``acquire_run`` and ``open_run`` would one by one; a held run is left out, and a run
+    it took is held (nobody else takes it) until its lease is released."""
+    store.put_run(_run("a"))
+    store.put_effects([_eff(store, "run/a", 1)])
+    store.add_signal(SignalRecord("a", "s", "go", "1", 1.0))
+    held = store.acquire_run("held", "someone else")
+    got = store.start_runs(["new", "a", "held", "a"], "me")
+    assert sorted(got) == ["a", "new"]
+    for run_id, (lease, start) in got.items():
+        assert lease.run_id == run_id
+        alone = store.open_run(run_id)
+        assert start.record == alone.record and start.inbox_token == alone.inbox_token
+        assert start.history is not None and alone.history is not None
+        assert [r.key for r in start.history] == [r.key for r in alone.history]
+        assert [x.signal_id for x in start.signals] == [x.signal_id for x in alone.signals]
+        with pytest.raises(RunLockedError):
+            store.acquire_run(run_id, "someone else")
+        lease.release()
+        store.acquire_run(run_id, "someone else").release()  # let go: free again
+    assert got["new"][1] == RunStart(None, [], store.inbox_token("new"), [])
+    held.release()
+    assert store.start_runs([], "me") == {}
+    with pytest.raises(ArgumentTypeError, match=r"^owner must be a non-empty str"):
+        store.start_runs(["x"], "")
+    with pytest.raises(ArgumentTypeError, match=r"^run_ids must be a list of run ids"):
+        store.start_runs("x", "me")
+    assert store.start_runs(["x"], "me")["x"][0].run_id == "x"  # bad calls took nothing
 
 
 def test_events_in_time_order(store: Store) -> None:

@@ -64,6 +64,7 @@ from ._runtime import (
     wait_written,
     writer_loop,
 )
+from ._starts import start_together
 from ._state import INBOX_POLL, RunState
 from ._workflow import Workflow, for_run, newest, version_of
 
@@ -142,15 +143,21 @@ async def _drive(
     outcome: tuple[bool, Any] | None = None  # (ok, value or exception)
     claimed = lease is not None  # a worker's claim: nobody waits here to fix a failed start
     try:
+        start = None
+        if lease is None and not restart and store.remote:
+            # with the runs starting on this loop now: one store call takes all their leases
+            # and reads what each starts from
+            taken = await start_together(job.run_id)
+            if taken is not None:
+                lease, start = taken
         if lease is None:
             lease = await _acquire(job.run_id)
         lease.on_lost = functools.partial(_lease_lost, job, asyncio.get_running_loop())
         # what the execution starts from, in one call (one round trip on PostgreSQL); a
         # restart forgets the old run first
-        start = None
         if restart:
             await off_loop(_forget_run, job.run_id)
-        else:
+        elif start is None:
             start = await off_loop(store.open_run, job.run_id)
         rec = start.record if start is not None else None
         if rec is not None:

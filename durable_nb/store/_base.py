@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .._journal import run_scope
-from ..errors import ArgumentError, ArgumentTypeError
+from ..errors import ArgumentError, ArgumentTypeError, RunLockedError
 from ._protocol import (
     EffectKey,
     EffectRecord,
@@ -120,6 +120,30 @@ class StoreBase:
             rec = self.get_run(run_id)  # type: ignore[attr-defined]
             if rec is not None:
                 got[run_id] = rec
+        return got
+
+    def start_runs(
+        self, run_ids: Sequence[str], owner: str
+    ) -> dict[str, tuple[RunLease, RunStart]]:
+        if not isinstance(owner, str) or not owner:
+            raise ArgumentTypeError(f"owner must be a non-empty str, got {owner!r}")
+        return self._start_runs(_run_ids(run_ids), owner)
+
+    def _start_runs(self, run_ids: list[str], owner: str) -> dict[str, tuple[RunLease, RunStart]]:
+        me: Any = self
+        got: dict[str, tuple[RunLease, RunStart]] = {}
+        try:
+            for run_id in run_ids:
+                try:
+                    lease = me.acquire_run(run_id, owner)
+                except RunLockedError:
+                    continue
+                got[run_id] = (lease, RunStart(None, None, None, []))  # released if we fail
+                got[run_id] = (lease, self._open_run(run_id))
+        except BaseException:
+            for lease, _ in got.values():
+                lease.release()
+            raise
         return got
 
     def open_run(self, run_id: str) -> RunStart:

@@ -1,5 +1,5 @@
-"""The PostgreSQL store's schema: its tables (as named, ordered migrations) and every
-statement it runs, written once.
+"""The PostgreSQL store's schema: its tables (as named, ordered migrations), every
+statement it runs, written once, and how a payload maps to its columns.
 
 Every value reaches SQL as a parameter; the schema name, the only identifier that varies, is
 validated by the store and quoted here.
@@ -8,11 +8,16 @@ validated by the store and quoted here.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from psycopg import sql
 
+from .._arrow_ipc import ipc_bytes, read_ipc
 from ._migrations import Bookkeeping, Migration, Migrations
 from ._pg_session import gone
+
+if TYPE_CHECKING:
+    from .._codecs import Payload
 
 __all__ = [
     "BOOKKEEPING",
@@ -22,8 +27,26 @@ __all__ = [
     "MIGRATIONS",
     "RUN_COLS",
     "SCHEMA_VERSION",
+    "ipc_of",
+    "payload_of",
     "statements",
 ]
+
+
+def payload_of(codec: str | None, data: bytes | None, table_ipc: bytes | None) -> Payload | None:
+    """A payload read back (``_rows.ReadPayload``): its table was kept as an IPC stream."""
+    from .._codecs import Payload
+
+    if codec is None:
+        return None
+    table = read_ipc(table_ipc) if table_ipc is not None else None
+    return Payload(codec, data if data is not None else b"", table)
+
+
+def ipc_of(p: Payload | None) -> bytes | None:
+    """The IPC stream a payload's table is kept as (its table_ipc column)."""
+    return ipc_bytes(p.table) if p is not None and p.table is not None else None
+
 
 # fmt: off
 EFFECT_COLS = (
@@ -216,6 +239,12 @@ def statements(schema: str) -> dict[str, str]:
         f"WHERE scope = %s AND NOT EXISTS (SELECT 1 FROM {s}.dn_runs r WHERE r.run_id = %s "
         "AND (r.status = 'cancelled' OR (r.status = 'completed' AND r.result_codec IS NOT NULL)))"
         " ORDER BY seq, started_at",
+        # start_history of many runs (their scopes and run ids, in two arrays)
+        "start_histories": f"SELECT {', '.join('e.' + c for c in EFFECT_COLS)} "
+        f"FROM unnest(%s::text[], %s::text[]) AS w(scope, run_id) JOIN {s}.dn_effects e "
+        f"ON e.scope = w.scope WHERE NOT EXISTS (SELECT 1 FROM {s}.dn_runs r "
+        "WHERE r.run_id = w.run_id AND (r.status = 'cancelled' OR (r.status = 'completed' "
+        "AND r.result_codec IS NOT NULL))) ORDER BY e.scope, e.seq, e.started_at",
         "delete_effects": f"DELETE FROM {s}.dn_effects WHERE scope = %s",
         "effect_scopes": f"SELECT DISTINCT scope FROM {s}.dn_effects "
         "WHERE starts_with(scope, %s) ORDER BY scope",
@@ -236,6 +265,14 @@ def statements(schema: str) -> dict[str, str]:
         "delete_inbox": f"DELETE FROM {s}.dn_inbox WHERE run_id = %s",
         "delete_events": f"DELETE FROM {s}.dn_events WHERE run_id = %s",
         "acquire": lease_upsert,
+        # the leases of many runs starting together (run ids sorted: two such statements
+        # lock their rows in one order), those taken returned
+        "acquire_many": f"INSERT INTO {s}.dn_leases AS l (run_id, token, owner, holder, "
+        "acquired_at, expires_at) SELECT w.run_id, w.token, %s, %s, now(), "
+        "now() + make_interval(secs => %s) FROM unnest(%s::text[], %s::text[]) AS w(run_id, token) "
+        "ON CONFLICT (run_id) DO UPDATE SET token = EXCLUDED.token, owner = EXCLUDED.owner, "
+        "holder = EXCLUDED.holder, acquired_at = now(), expires_at = EXCLUDED.expires_at "
+        "WHERE l.expires_at <= now() OR l.token = EXCLUDED.token RETURNING run_id",
         "holder": f"SELECT owner, holder, EXTRACT(EPOCH FROM expires_at - now())::float8 "
         f"FROM {s}.dn_leases WHERE run_id = %s",
         "condemn": f"UPDATE {s}.dn_leases {condemn} run_id = %(run_id)s AND "
@@ -281,6 +318,8 @@ def statements(schema: str) -> dict[str, str]:
         "SET token = EXCLUDED.token RETURNING 1) SELECT pg_notify(%s, 'signal') FROM i",
         "list_signals": f"SELECT run_id, signal_id, name, payload, sent_at FROM {s}.dn_signals "
         "WHERE run_id = %s ORDER BY sent_at, signal_id",
+        "list_signals_many": f"SELECT run_id, signal_id, name, payload, sent_at "
+        f"FROM {s}.dn_signals WHERE run_id = ANY(%s) ORDER BY run_id, sent_at, signal_id",
         "inbox_token": f"SELECT token FROM {s}.dn_inbox WHERE run_id = %s",
         "inbox_tokens": f"SELECT run_id, token FROM {s}.dn_inbox WHERE run_id = ANY(%s)",
         "put_event": upsert(

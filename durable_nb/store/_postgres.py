@@ -69,7 +69,6 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from .._arrow_ipc import ipc_bytes, read_ipc
 from .._journal import run_scope
 from ..errors import (
     ArgumentError,
@@ -88,14 +87,16 @@ from ._pg_schema import (
     EFFECT_TYPES,
     MIGRATIONS,
     SCHEMA_VERSION,
+    ipc_of,
+    payload_of,
     statements,
 )
 from ._pg_session import TAKEOVER_GRACE, Session
+from ._pg_start import PgStarts
 from ._pg_url import DEFAULT_SCHEMA, lease_from_url, resolve_key, split_url
-from ._protocol import RunLease, RunStart, has_outcome, run_scopes
+from ._protocol import RunLease, run_scopes
 
 if TYPE_CHECKING:
-    from .._codecs import Payload
     from ._protocol import EffectKey, EffectRecord, EventRecord, RunRecord, SignalRecord
 
 __all__ = ["DEFAULT_SCHEMA", "MIGRATIONS", "SCHEMA_VERSION", "PostgresStore"]
@@ -106,20 +107,6 @@ _Conn = psycopg.Connection[tuple[Any, ...]]
 #: the text fields of the records, checked for what PostgreSQL text cannot hold
 _EFFECT_TEXT = ("scope", "identity", "version", "input_hash", "kind", "detail")
 _RUN_TEXT = ("run_id", "workflow", "status", "custom_status", "parent_id", "detail", "version")
-
-
-def _payload(codec: str | None, data: bytes | None, table_ipc: bytes | None) -> Payload | None:
-    """A payload read back (``_rows.ReadPayload``): its table was kept as an IPC stream."""
-    from .._codecs import Payload
-
-    if codec is None:
-        return None
-    table = read_ipc(table_ipc) if table_ipc is not None else None
-    return Payload(codec, data if data is not None else b"", table)
-
-
-def _ipc(p: Payload | None) -> bytes | None:
-    return ipc_bytes(p.table) if p is not None and p.table is not None else None
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
@@ -134,7 +121,7 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-class PostgresStore(PgLeases, PgQueues):
+class PostgresStore(PgStarts, PgLeases, PgQueues):
     """Runs and effects in a PostgreSQL schema, shared by processes and machines.
 
     See the module docstring. ``lease_seconds``: how long a run stays owned by a holder
@@ -415,7 +402,7 @@ class PostgresStore(PgLeases, PgQueues):
 
     def _effect_row(self, rec: EffectRecord) -> tuple[Any, ...]:
         self._keepable(rec, "effect", _EFFECT_TEXT)
-        return _rows.effect_row(rec, _ipc(rec.payload))
+        return _rows.effect_row(rec, ipc_of(rec.payload))
 
     def put_effects(self, records: Sequence[EffectRecord]) -> None:
         self._check_open()
@@ -481,7 +468,7 @@ class PostgresStore(PgLeases, PgQueues):
     def get_effect(self, key: EffectKey) -> EffectRecord | None:
         q = self._q["get_effect"]
         row = self._call(lambda conn: conn.execute(q, key, binary=True).fetchone())
-        return _rows.effect_from_row(row, _payload) if row is not None else None
+        return _rows.effect_from_row(row, payload_of) if row is not None else None
 
     def get_effects(self, keys: Sequence[EffectKey]) -> list[EffectRecord | None]:
         """The records of many keys (a map's items): one query per scope, identity and
@@ -499,7 +486,7 @@ class PostgresStore(PgLeases, PgQueues):
                 return conn.execute(q, args, binary=True).fetchall()
 
             for row in self._call(read):
-                rec = _rows.effect_from_row(row, _payload)
+                rec = _rows.effect_from_row(row, payload_of)
                 if (n := where.get(rec.key)) is not None:
                     out[n] = rec
         return out
@@ -507,7 +494,7 @@ class PostgresStore(PgLeases, PgQueues):
     def load_effects(self, scope: str) -> list[EffectRecord]:
         q = self._q["load_effects"]
         rows = self._call(lambda conn: conn.execute(q, [scope], binary=True).fetchall())
-        return [_rows.effect_from_row(r, _payload) for r in rows]
+        return [_rows.effect_from_row(r, payload_of) for r in rows]
 
     def _effect_scopes(self, prefix: str) -> list[str]:
         q = self._q["effect_scopes"]
@@ -550,10 +537,10 @@ class PostgresStore(PgLeases, PgQueues):
     # ------------------------------------------------------------------ runs
     def _run_row(self, run: RunRecord) -> tuple[Any, ...]:
         self._keepable(run, "run", _RUN_TEXT)
-        return _rows.run_row(run, [_ipc(run.args), _ipc(run.result), _ipc(run.error)])
+        return _rows.run_row(run, [ipc_of(run.args), ipc_of(run.result), ipc_of(run.error)])
 
     def _run_from_row(self, r: Sequence[Any]) -> RunRecord:
-        return _rows.run_from_row(r, _payload)
+        return _rows.run_from_row(r, payload_of)
 
     def _run_statements(self, runs: Sequence[RunRecord]) -> list[Statement]:
         q = self._q["put_run"]
@@ -566,19 +553,19 @@ class PostgresStore(PgLeases, PgQueues):
     def get_run(self, run_id: str) -> RunRecord | None:
         q = self._q["get_run"]
         row = self._call(lambda conn: conn.execute(q, [run_id], binary=True).fetchone())
-        return _rows.run_from_row(row, _payload) if row is not None else None
+        return _rows.run_from_row(row, payload_of) if row is not None else None
 
     def _get_runs(self, run_ids: list[str]) -> dict[str, RunRecord]:
         q = self._q["get_runs"]
         rows = self._call(lambda conn: conn.execute(q, [run_ids], binary=True).fetchall())
-        runs = (_rows.run_from_row(r, _payload) for r in rows)
+        runs = (_rows.run_from_row(r, payload_of) for r in rows)
         return {run.run_id: run for run in runs}
 
     def _list_runs(self, query: RunQuery) -> list[RunRecord]:
         clause, params = query.sql("%s")
         q = self._q["list_runs"] + clause
         rows = self._call(lambda conn: conn.execute(q, params, binary=True).fetchall())
-        return [_rows.run_from_row(r, _payload) for r in rows]
+        return [_rows.run_from_row(r, payload_of) for r in rows]
 
     def delete_run(self, run_id: str) -> bool:
         q = self._q
@@ -658,30 +645,6 @@ class PostgresStore(PgLeases, PgQueues):
         q = self._q["list_signals"]
         rows = self._call(lambda conn: conn.execute(q, [run_id], binary=True).fetchall())
         return [_rows.signal_from_row(r) for r in rows]
-
-    def _open_run(self, run_id: str) -> RunStart:
-        """The four reads in one round trip (a pipeline; each sees what committed before it,
-        in this order)."""
-        q = self._q
-
-        def read(conn: _Conn) -> RunStart:
-            with conn.pipeline():
-                run = conn.execute(q["get_run"], [run_id], binary=True)
-                history = conn.execute(q["start_history"], [run_scope(run_id), run_id], binary=True)
-                token = conn.execute(q["inbox_token"], [run_id])
-                signals = conn.execute(q["list_signals"], [run_id], binary=True)
-            row = run.fetchone()
-            rec = _rows.run_from_row(row, _payload) if row is not None else None
-            effects = [_rows.effect_from_row(r, _payload) for r in history.fetchall()]
-            got = token.fetchone()
-            return RunStart(
-                rec,
-                None if rec is not None and has_outcome(rec) else effects,
-                got[0] if got is not None else None,
-                [_rows.signal_from_row(r) for r in signals.fetchall()],
-            )
-
-        return self._call(read)
 
     def inbox_token(self, run_id: str) -> object:
         q = self._q["inbox_token"]

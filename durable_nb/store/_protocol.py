@@ -351,6 +351,15 @@ class Store(Protocol):
         loses it."""
         ...
 
+    def start_runs(
+        self, run_ids: Sequence[str], owner: str
+    ) -> dict[str, tuple[RunLease, RunStart]]:
+        """For runs starting together: take the lease of each run nobody holds and read what
+        its execution starts from (:meth:`open_run`), by run id (a remote store does it for
+        all of them in one round trip). A run it could not take at once (held, or its
+        holder's lease in its grace) is left out: :meth:`acquire_run` says why, or waits."""
+        ...
+
     def claim_run(self, owner: str, workflows: Sequence[str]) -> tuple[RunRecord, RunLease] | None:
         """For workers: take a run whose workflow is one of ``workflows`` and that needs an
         executor — ``queued``, or ``running``/``waiting`` with no live holder (never
