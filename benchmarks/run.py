@@ -621,6 +621,20 @@ def _postgres_rows(parts: dict[str, Any]) -> list[list[str]]:
                 f"vs DBOS: {_ratio(ours, theirs, higher_is_better=True)}",
             ]
         )
+    before = pg("bare one-row insert commit (before the effects), median")
+    after = pg("bare one-row insert commit (after the effects), median")
+    rows.append(
+        [
+            "PostgreSQL: a bare one-row INSERT commit through psycopg, no engine (the server's "
+            "floor under a sequential run: one commit per step), median before / after the "
+            "effects",
+            f"{_fmt(before, 'µs')} / {_fmt(after, 'µs')}",
+            "—",
+            "",
+            "—",
+            "—",
+        ]
+    )
     took = pg("durable_nb: sigkill of the executing process", "median")
     rows.append(
         [

@@ -618,6 +618,85 @@ def test_a_start_cancelled_while_its_batch_is_under_way_lets_its_run_go(
         dn.set_store(":memory:")
 
 
+def test_a_batch_of_starts_abandoned_by_its_loop_leaves_no_lease(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop is torn down (``asyncio.run`` ends) while the store takes a batch's leases
+    in a thread: the leases it takes after all are let go, not renewed for ever."""
+    from durable_nb.engine._starts import start_together
+
+    store = PostgresStore(pg_url, key=PG_TEST_KEY)
+    dn.set_store(store)
+    start_runs = PostgresStore.start_runs
+
+    def slow(self: PostgresStore, run_ids: Any, owner: str) -> Any:
+        time.sleep(0.5)  # the loop ends while this is under way
+        return start_runs(self, run_ids, owner)
+
+    monkeypatch.setattr(PostgresStore, "start_runs", slow)
+
+    async def main() -> None:
+        starts = [asyncio.ensure_future(start_together(r)) for r in ("a1", "a2")]
+        await asyncio.sleep(0.1)
+        assert not any(start.done() for start in starts)  # torn down with them under way
+
+    other = PostgresStore(pg_url, key=PG_TEST_KEY)
+    try:
+        asyncio.run(main())
+        for run_id in ("a1", "a2"):
+            deadline = time.monotonic() + 10
+            while True:  # let go by the writer thread: soon, never after the lease's 30 s
+                try:
+                    other.acquire_run(run_id, "another process").release()
+                    break
+                except RunLockedError:
+                    assert time.monotonic() < deadline, f"{run_id}'s lease was left held"
+                    time.sleep(0.05)
+    finally:
+        other.close()
+        dn.set_store(":memory:")
+
+
+def test_starts_do_not_wait_on_a_live_lease_another_process_is_writing_under(
+    pg_url: str,
+) -> None:
+    """Another process holds a run's lease and is committing a write fenced by it (its lease
+    row held FOR SHARE): the runs started together with that run do not wait for it (the
+    batch takes no lock on a live lease), and that run then says who holds it."""
+    store = PostgresStore(pg_url, key=PG_TEST_KEY)
+    dn.set_store(store)
+    dn.set_clock(None)
+
+    @dn.effect(name="gc.fenced_step")
+    async def step(i: int) -> int:
+        return i
+
+    @dn.durable(name="gc.beside")
+    async def beside(ctx: dn.Context) -> int:
+        return await step(1) + await step(2)
+
+    other = PostgresStore(pg_url, key=PG_TEST_KEY)
+    held = other.acquire_run("w-held", "another process")
+    schema = urlsplit(pg_url).query.split("schema=")[1]
+    try:
+        with psycopg.connect(PG_URL) as writing:  # the holder's write, not committed yet
+            writing.execute(
+                sql.SQL("SELECT 1 FROM {}.dn_leases WHERE run_id = 'w-held' FOR SHARE").format(
+                    sql.Identifier(schema)
+                )
+            )
+            jobs = [dn.start(beside, run_id=f"w{k}") for k in range(10)]
+            blocked = dn.start(beside, run_id="w-held")
+            assert [job.result(timeout=60) for job in jobs] == [3] * 10
+            writing.commit()
+        with pytest.raises(RunLockedError, match=r"^run 'w-held' is being executed by another"):
+            blocked.result(timeout=60)
+    finally:
+        held.release()
+        other.close()
+        dn.set_store(":memory:")
+
+
 def test_runs_that_end_together_let_go_of_their_leases_in_shared_commits(
     pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

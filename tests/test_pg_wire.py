@@ -314,10 +314,12 @@ def test_a_callback_group_is_told_when_its_connection_goes(schema: str, how: str
     _go(body)
 
 
-def test_a_loop_torn_down_under_a_sent_group_tells_its_writers(pg_url: str) -> None:
+@pytest.mark.parametrize("path", ["sent", "committed by the task"])
+def test_a_loop_torn_down_under_a_group_tells_its_writers(pg_url: str, path: str) -> None:
     """``asyncio.run`` ends (a worker stopping) while the writer's group waits for the
-    server: the writer's lingering task, cancelled with the loop, tells the group it was
-    interrupted, so the loop's teardown does not wait for an answer."""
+    server, whether it was sent at once or is committed by the writer's task (the first
+    write on a loop connects and prepares): the task, cancelled with the loop, tells the
+    group it was interrupted, so the loop's teardown does not wait for an answer."""
     from durable_nb.errors import StoreError
     from durable_nb.store._pg_commit import LoopCommit
     from durable_nb.store._postgres import PostgresStore
@@ -332,12 +334,16 @@ def test_a_loop_torn_down_under_a_sent_group_tells_its_writers(pg_url: str) -> N
         writer = LoopCommit(
             store._conninfo, store._connect_kwargs, store._sql, store._translate, loop
         )
-        writer.submit([], [("SELECT pg_sleep(%s)", [0.0])], told.append)  # connects, prepares
-        while not told:
-            await asyncio.sleep(0.01)
+        if path == "sent":
+            writer.submit([], [("SELECT pg_sleep(%s)", [0.0])], told.append)  # connects
+            while not told:
+                await asyncio.sleep(0.01)
         writer.submit([], [("SELECT pg_sleep(%s)", [30.0])], told.append)
-        assert writer._sent is not None  # sent at once: no task awaits it
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.3)
+        if path == "sent":
+            assert writer._sent is not None  # sent at once: no task awaits it
+        else:
+            assert writer._committing is not None
         return writer  # the loop is torn down with the group under way
 
     try:
@@ -347,7 +353,7 @@ def test_a_loop_torn_down_under_a_sent_group_tells_its_writers(pg_url: str) -> N
         thread.join(20)
         assert not thread.is_alive(), "the loop's teardown waited for the group's answer"
         assert done and not done[0].busy
-        assert told[0] is None and len(told) == 2
-        assert isinstance(told[1], StoreError) and "interrupted" in str(told[1])
+        assert told[:-1] == ([None] if path == "sent" else []) and len(told) == 1 + (path == "sent")
+        assert isinstance(told[-1], StoreError) and "interrupted" in str(told[-1])
     finally:
         store.close()

@@ -13,10 +13,11 @@ its grace) takes the usual path, ``acquire_run``, which says who holds it or wai
 from __future__ import annotations
 
 import asyncio
+import threading
 import weakref
 
 from ..store import RunLease, RunStart
-from ._runtime import off_loop, runtime, writer_loop
+from ._runtime import off_loop, runtime
 
 __all__ = ["start_together"]
 
@@ -27,32 +28,35 @@ Taken = tuple[RunLease, RunStart]
 
 
 class _Starts:
-    """The starts waiting on one loop for the next store call."""
+    """The starts waiting on one loop for the next store call (it runs on that loop)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+    def __init__(self) -> None:
         self.waiting: list[tuple[str, asyncio.Future[Taken | None]]] = []
         self.tasks: set[asyncio.Task[None]] = set()
 
     def add(self, run_id: str) -> asyncio.Future[Taken | None]:
-        future: asyncio.Future[Taken | None] = self.loop.create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Taken | None] = loop.create_future()
         self.waiting.append((run_id, future))
         if len(self.waiting) == 1:  # the starts of this loop turn go together
-            self.loop.call_soon(self._send)
+            loop.call_soon(self._send)
         return future
 
     def _send(self) -> None:
+        loop = asyncio.get_running_loop()
         while self.waiting:
             batch, self.waiting = self.waiting[:BATCH], self.waiting[BATCH:]
-            task = self.loop.create_task(self._take(batch))
+            task = loop.create_task(self._take(batch))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
     async def _take(self, batch: list[tuple[str, asyncio.Future[Taken | None]]]) -> None:
-        ids = list(dict.fromkeys(run_id for run_id, _ in batch))
+        call = _Call(list(dict.fromkeys(run_id for run_id, _ in batch)))
         try:
-            got = await off_loop(runtime.store.start_runs, ids, runtime.owner)
+            got = await off_loop(call.start)
         except BaseException as e:
+            if isinstance(e, asyncio.CancelledError):  # the loop is torn down: what the
+                call.abandon()  # store takes meanwhile is let go
             for _, future in batch:
                 if not future.done():
                     if isinstance(e, Exception):
@@ -65,15 +69,44 @@ class _Starts:
             if not future.done():
                 future.set_result(taken)
             elif taken is not None:  # its start was cancelled meanwhile: let the run go
-                later = taken[0].release_later(writer_loop(self.loop))
-                if later is not None:
-                    later.add_done_callback(_consume)
+                _let_go(taken)
 
 
-def _consume(later: object) -> None:
-    """Nothing waits for the release of a run whose start was cancelled."""
+class _Call:
+    """One ``start_runs`` call, made in a thread; if its batch is abandoned meanwhile (its
+    loop torn down), what it took is let go, whether it returns before or after."""
+
+    def __init__(self, run_ids: list[str]) -> None:
+        self.run_ids = run_ids
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._got: dict[str, Taken] | None = None
+
+    def start(self) -> dict[str, Taken]:
+        got = runtime.store.start_runs(self.run_ids, runtime.owner)
+        with self._lock:
+            if not self._abandoned:
+                self._got = got
+                return got
+        for taken in got.values():
+            _let_go(taken)
+        return {}
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._abandoned = True
+            got, self._got = self._got, None
+        for taken in (got or {}).values():
+            _let_go(taken)
 
 
+def _let_go(taken: Taken) -> None:
+    """Let go of a run whose start was cancelled (nothing waits for it: on PostgreSQL the
+    writer thread deletes the lease)."""
+    taken[0].release_later(None)
+
+
+#: the starts of each loop runs start on (the engine's, a worker's)
 _starts: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Starts] = weakref.WeakKeyDictionary()
 
 
@@ -83,5 +116,13 @@ async def start_together(run_id: str) -> Taken | None:
     loop = asyncio.get_running_loop()
     starts = _starts.get(loop)
     if starts is None:
-        starts = _starts[loop] = _Starts(loop)
-    return await starts.add(run_id)
+        starts = _starts[loop] = _Starts()
+    future = starts.add(run_id)
+    try:
+        return await future
+    except asyncio.CancelledError:  # cancelled in the very turn the batch answered
+        if future.done() and not future.cancelled() and future.exception() is None:
+            taken = future.result()  # the lease is ours, and nobody's else
+            if taken is not None:
+                _let_go(taken)
+        raise

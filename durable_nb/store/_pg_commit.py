@@ -349,8 +349,13 @@ class LoopCommit:
             self._poke()
             return
         self.groups += 1
-        for write in group:
-            _tell(write, None)
+        try:
+            for write in group:
+                _tell(write, None)
+        finally:  # a callback raised past _tell (KeyboardInterrupt): the others still learn
+            for write in group:
+                if not write.told:
+                    _tell(write, None)
         if self._queue and self._idle() and not self._send_next():
             self._poke()
 
@@ -411,17 +416,15 @@ class LoopCommit:
                 del self._queue[: len(group)]
             else:
                 return
-            self._committing = group
-            try:
-                await self._commit(group, error)
-            finally:
-                self._committing = None
+            self._committing = group  # cancelled meanwhile, _serve tells it it was cut
+            await self._commit(group, error)
+            self._committing = None
 
     async def _commit(self, group: list[_Write], error: BaseException | None) -> None:
         """Commit ``group``, or, told the ``error`` its sending met, recover: once more on a
         fresh connection if that one broke, else each write alone to find the culprit."""
         try:
-            if error is None or (isinstance(error, psycopg.OperationalError) and self._broken()):
+            if error is None or self._repeatable(error):
                 await self._write_group(group)  # upserts: harmless twice
             else:
                 raise error
@@ -443,8 +446,15 @@ class LoopCommit:
         for write in group:
             _tell(write, None)
 
-    def _broken(self) -> bool:
-        return self._conn is None or self._conn.broken
+    def _repeatable(self, error: BaseException) -> bool:
+        """A group that failed with ``error`` is sent again (once): its connection broke,
+        or the server rolled it back for a reason of the moment (a deadlock, a serialization
+        failure), as ``PostgresStore._call`` repeats its calls."""
+        if isinstance(error, psycopg.errors.TransactionRollback):
+            return True
+        return isinstance(error, psycopg.OperationalError) and (
+            self._conn is None or self._conn.broken
+        )
 
     async def _write_group(self, group: list[_Write]) -> None:
         plan = _plan(group, self._sql, _binary_columns)

@@ -265,14 +265,15 @@ def statements(schema: str) -> dict[str, str]:
         "delete_inbox": f"DELETE FROM {s}.dn_inbox WHERE run_id = %s",
         "delete_events": f"DELETE FROM {s}.dn_events WHERE run_id = %s",
         "acquire": lease_upsert,
-        # the leases of many runs starting together (run ids sorted: two such statements
-        # lock their rows in one order), those taken returned
-        "acquire_many": f"INSERT INTO {s}.dn_leases AS l (run_id, token, owner, holder, "
+        # the leases of many runs starting together: only runs without a lease row (an
+        # expired one is acquire's to cut: DO UPDATE would lock the rows of live leases,
+        # which writes of their holders hold FOR SHARE in another order: a deadlock), and
+        # those this call already took (a retry after a lost reply, same tokens)
+        "acquire_many": f"WITH i AS (INSERT INTO {s}.dn_leases (run_id, token, owner, holder, "
         "acquired_at, expires_at) SELECT w.run_id, w.token, %s, %s, now(), "
         "now() + make_interval(secs => %s) FROM unnest(%s::text[], %s::text[]) AS w(run_id, token) "
-        "ON CONFLICT (run_id) DO UPDATE SET token = EXCLUDED.token, owner = EXCLUDED.owner, "
-        "holder = EXCLUDED.holder, acquired_at = now(), expires_at = EXCLUDED.expires_at "
-        "WHERE l.expires_at <= now() OR l.token = EXCLUDED.token RETURNING run_id",
+        "ON CONFLICT (run_id) DO NOTHING RETURNING run_id) SELECT run_id FROM i UNION ALL "
+        f"SELECT run_id FROM {s}.dn_leases WHERE token = ANY(%s)",
         "holder": f"SELECT owner, holder, EXTRACT(EPOCH FROM expires_at - now())::float8 "
         f"FROM {s}.dn_leases WHERE run_id = %s",
         "condemn": f"UPDATE {s}.dn_leases {condemn} run_id = %(run_id)s AND "

@@ -13,12 +13,14 @@ in its grace) is left to ``acquire_run``, which says who holds it or waits.
 from __future__ import annotations
 
 import collections
+import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 
 from .._journal import run_scope
+from ..errors import StoreError
 from . import _rows
 from ._pg_schema import payload_of
 from ._protocol import RunLease, RunStart, has_outcome
@@ -75,12 +77,17 @@ class PgStarts:
     # ------------------------------------------------------------------ many runs
     def _start_runs(self, run_ids: list[str], owner: str) -> dict[str, tuple[RunLease, RunStart]]:
         q = self._q
-        ids = sorted(run_ids)  # two batches lock the lease rows they share in one order
-        tokens = [self._token() for _ in ids]
+        ids = sorted(run_ids)
+        tokens = [self._token() for _ in ids]  # the same on a retry: it finds what it took
+        token_of = dict(zip(ids, tokens, strict=True))
         scopes = [run_scope(r) for r in ids]
-        lease = (owner, self._holder_info(), self._lease_seconds, ids, tokens)
+        scope_of = dict(zip(ids, scopes, strict=True))
+        lease = (owner, self._holder_info(), self._lease_seconds, ids, tokens, tokens)
 
         def start(conn: _Conn) -> tuple[list[Any], ...]:
+            # the reads come after the leases: a run whose lease this takes changes only
+            # under it, so its record and history (and whether it has its outcome, which
+            # start_histories decides again) agree although each query has its snapshot
             with conn.pipeline():
                 taken = conn.execute(q["acquire_many"], lease)
                 runs = conn.execute(q["get_runs"], [ids], binary=True)
@@ -96,35 +103,48 @@ class PgStarts:
             )
 
         taken, runs, history, inbox, signals = self._call(start)
-        records: dict[str, RunRecord] = {}
-        for row in runs:
-            rec = _rows.run_from_row(row, payload_of)
-            records[rec.run_id] = rec
-        effects: dict[str, list[EffectRecord]] = collections.defaultdict(list)
-        for row in history:
-            effect = _rows.effect_from_row(row, payload_of)
-            effects[effect.scope].append(effect)
+        run_rows = {row[0]: row for row in runs}
+        effect_rows, signal_rows = _grouped(history), _grouped(signals)  # by scope, run id
         tokens_of = dict(inbox)
-        signals_of: dict[str, list[SignalRecord]] = collections.defaultdict(list)
-        for row in signals:
-            signal = _rows.signal_from_row(row)
-            signals_of[signal.run_id].append(signal)
-        token_of = dict(zip(ids, tokens, strict=True))
         got: dict[str, tuple[RunLease, RunStart]] = {}
-        for (run_id,) in taken:
-            held = self._lease(run_id, owner, token_of[run_id])
-            if held is None:  # our session ended meanwhile: acquire_run takes it anew
-                continue
-            got[run_id] = (
-                held,
-                _start(
-                    records.get(run_id),
-                    effects.get(run_scope(run_id), []),
-                    tokens_of.get(run_id),
-                    signals_of.get(run_id, []),
-                ),
-            )
+        unused: list[str] = []  # tokens of leases taken but not handed out: deleted again
+        try:
+            for (run_id,) in taken:
+                try:
+                    row = run_rows.get(run_id)
+                    start_ = _start(
+                        _rows.run_from_row(row, payload_of) if row is not None else None,
+                        [
+                            _rows.effect_from_row(r, payload_of)
+                            for r in effect_rows[scope_of[run_id]]
+                        ],
+                        tokens_of.get(run_id),
+                        [_rows.signal_from_row(r) for r in signal_rows[run_id]],
+                    )
+                except Exception:  # a row it cannot read: acquire_run's path says which
+                    unused.append(token_of[run_id])
+                    continue
+                held = self._lease(run_id, owner, token_of[run_id])
+                if held is not None:  # (else our session ended: _lease deleted the row)
+                    got[run_id] = (held, start_)
+        except BaseException:  # interrupted: nothing taken is kept
+            for held, _ in got.values():
+                held.release()
+            unused = [token_of[r] for (r,) in taken if r not in got]
+            raise
+        finally:
+            if unused:
+                with contextlib.suppress(StoreError):  # else they expire by themselves
+                    self._call(lambda conn: conn.execute(q["release_all"], [unused]))
         return got
+
+
+def _grouped(rows: list[Any]) -> collections.defaultdict[str, list[Any]]:
+    """Rows by their first column (a run id or a scope)."""
+    out: collections.defaultdict[str, list[Any]] = collections.defaultdict(list)
+    for row in rows:
+        out[row[0]].append(row)
+    return out
 
 
 def _start(

@@ -167,8 +167,8 @@ class LoopConnection:
             with contextlib.suppress(RuntimeError):  # closed meanwhile: then here
                 loop.call_soon_threadsafe(self.close)
                 return
-        if not loop.is_closed():
-            self._unwatch()
+        if not loop.is_closed():  # a group under way is told; nothing stays watched
+            self._fail(psycopg.OperationalError("the connection was closed"))
         self._pg.finish()
 
     # ------------------------------------------------------------------ a group
@@ -196,6 +196,8 @@ class LoopConnection:
         close or a broken connection calls it with the error)."""
         if self._failure is not None:
             raise self._failure
+        if self._answer is not None:  # one group at a time: its answer is not read yet
+            raise psycopg.InterfaceError("a group sent with a callback is still under way")
         sends = []
         for query, params in statements:
             values, types, formats = self._dump(params)
@@ -222,6 +224,8 @@ class LoopConnection:
     async def finish(self, sent: int) -> None:
         """Wait for the group :meth:`send` sent: return once it committed, or raise its
         first error."""
+        if self._answer is not None:  # its answer goes to the callback, not here
+            raise psycopg.InterfaceError("a group sent with a callback is still under way")
         try:
             await self._flush()
             error = await self._collect(sent)

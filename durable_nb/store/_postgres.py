@@ -441,6 +441,7 @@ class PostgresStore(PgStarts, PgLeases, PgQueues):
             writer = self._loop_writers.get(loop)
             if writer is None:
                 with self._lock:  # loops of several threads (the engine's, a worker's)
+                    self._check_open()  # close() closed the writers it knew: no new one
                     for gone_loop in [lp for lp in self._loop_writers if lp.is_closed()]:
                         self._loop_writers.pop(gone_loop).close_now()  # a worker's that ended
                     writer = self._loop_writers[loop] = LoopCommit(
