@@ -8,6 +8,7 @@ import asyncio
 import math
 import secrets
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -356,4 +357,36 @@ def test_a_loop_torn_down_under_a_group_tells_its_writers(pg_url: str, path: str
         assert told[:-1] == ([None] if path == "sent" else []) and len(told) == 1 + (path == "sent")
         assert isinstance(told[-1], StoreError) and "interrupted" in str(told[-1])
     finally:
+        store.close()
+
+
+def test_a_lease_let_go_on_a_loop_torn_down_at_once_is_let_go_all_the_same(pg_url: str) -> None:
+    """A run's lease let go as a write of its loop's writer, and the loop torn down before
+    the writer's task even began (a worker stopping right after its last run): the write is
+    cut, and the writer thread lets the lease go instead, so another process takes the run
+    at once rather than after the lease expires."""
+    from durable_nb.errors import RunLockedError
+    from durable_nb.store._postgres import PostgresStore
+
+    from .conftest import PG_TEST_KEY
+
+    store = PostgresStore(pg_url, key=PG_TEST_KEY)
+    other = PostgresStore(pg_url, key=PG_TEST_KEY)
+    lease = store.acquire_run("let-go", "me")
+
+    async def main() -> None:
+        assert lease.release_later(asyncio.get_running_loop()) is not None
+
+    try:
+        asyncio.run(main())  # ends at once: the writer's task is cancelled before it starts
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                other.acquire_run("let-go", "another process").release()
+                break
+            except RunLockedError:
+                assert time.monotonic() < deadline, "the lease was left until it expires"
+                time.sleep(0.05)
+    finally:
+        other.close()
         store.close()

@@ -642,7 +642,7 @@ def _opened(job: Job[Any]) -> None:
 
 
 def _forget_run(run_id: str) -> None:
-    """A restarted run: its old record and history are forgotten (None: it starts anew)."""
+    """A restarted run forgets its old record and history: it starts anew."""
     store = runtime.store
     if store.get_run(run_id) is not None:
         store.delete_run(run_id)

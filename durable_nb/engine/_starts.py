@@ -63,7 +63,9 @@ class _Starts:
                         future.set_exception(e)
                     else:
                         future.cancel()
-            raise
+            if not isinstance(e, Exception):
+                raise
+            return  # each start says it (nobody awaits this task)
         for run_id, future in batch:
             taken = got.pop(run_id, None)  # a run id twice: the second takes the usual path
             if not future.done():

@@ -302,6 +302,7 @@ class LoopCommit:
             self._poke()
         if self._task is None:
             self._task = self.loop.create_task(self._serve())
+            self._task.add_done_callback(self._served)
 
     @property
     def busy(self) -> bool:
@@ -370,8 +371,8 @@ class LoopCommit:
 
     async def _serve(self) -> None:
         loop = self.loop
+        seen = -1
         try:
-            seen = -1
             while True:
                 await self._work_done()
                 if not self.busy and seen == self._sends:  # idle for a whole round
@@ -384,25 +385,34 @@ class LoopCommit:
                 finally:
                     timer.cancel()
                     self._wake = None
-        except BaseException:  # cancelled with its loop: nobody is told twice or never
-            cut = self._translate(psycopg.InterfaceError("the write was interrupted"))
-            groups = [self._sent or [], self._committing or [], self._queue]
-            if self._failed is not None:
-                groups.append(self._failed[0])
-            self._sent = self._committing = self._failed = None
-            self._queue = []
-            conn = self._conn  # its answers are unread: no later group may take them as its own
-            if conn is not None:
-                self._conn = None
-                conn.close()
-            for group in groups:
-                for write in group:
-                    if not write.told:
-                        _tell(write, cut)
-            raise
-        finally:
+        finally:  # gone now, not a loop turn later: the next submit starts a new task
             if self._task is asyncio.current_task():
                 self._task = None
+
+    def _served(self, task: asyncio.Task[None]) -> None:
+        """The task ended. Cancelled with its loop (even before it began: then no line of
+        it ran), or failed: what is under way is cut, so nobody is told twice or never."""
+        if self._task is task:
+            self._task = None
+        if not task.cancelled():
+            error = task.exception()
+            if error is None:
+                return
+            _log.error("durable_nb: the loop's writer failed", exc_info=error)
+        cut = self._translate(psycopg.InterfaceError("the write was interrupted"))
+        groups = [self._sent or [], self._committing or [], self._queue]
+        if self._failed is not None:
+            groups.append(self._failed[0])
+        self._sent = self._committing = self._failed = None
+        self._queue = []
+        conn = self._conn  # its answers are unread: no later group may take them as its own
+        if conn is not None:
+            self._conn = None
+            conn.close()
+        for group in groups:
+            for write in group:
+                if not write.told:
+                    _tell(write, cut)
 
     async def _work_done(self) -> None:
         """Do what the common path left: a failed group, groups that need a connection or

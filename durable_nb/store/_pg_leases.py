@@ -303,14 +303,24 @@ class PgLeases(StoreBase):
             if not forget():
                 return None
             later: concurrent.futures.Future[None] = concurrent.futures.Future()
+            statement: list[tuple[str, Sequence[Any]]] = [(q, [run_id, token, self._channel])]
 
             def done(error: BaseException | None) -> None:
                 if error is not None:
                     failed(error)
                 later.set_result(None)
 
+            def on_loop(error: BaseException | None) -> None:
+                if error is None:
+                    later.set_result(None)
+                    return
+                try:  # cut by its loop's teardown (a worker stopping): the writer thread's
+                    self._send([], statement, [], done, None)
+                except (StoreError, psycopg.Error) as e:
+                    done(e)
+
             try:
-                self._send([], [(q, [run_id, token, self._channel])], [], done, loop)
+                self._send([], statement, [], on_loop if loop is not None else done, loop)
             except (StoreError, psycopg.Error) as e:  # closed meanwhile
                 failed(e)
                 return None
