@@ -9,6 +9,7 @@ import pytest
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
+import durable_nb as dn
 from durable_nb.engine import runtime
 from durable_nb.store import MemoryStore
 
@@ -206,6 +207,9 @@ def test_signal_payload_is_the_raw_rest_of_the_line(ip: InteractiveShell) -> Non
     assert runtime.store.list_signals("waiter")[0].payload == '{"by": "you", "n": [1, 2]}'
     run(ip, '%durable signal waiter go "yes"')
     assert runtime.store.list_signals("waiter")[1].payload == '"yes"'
+    # the background run ends on its first signal: wait for it here, or it would still be
+    # waiting on this store while later tests run on theirs (its inbox polled with theirs)
+    assert dn.get_job("waiter").result(timeout=30) == {"by": "you", "n": [1, 2]}
 
 
 def test_a_completed_durable_cell_runs_again_replaying_so_its_names_come_back(

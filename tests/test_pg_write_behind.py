@@ -175,7 +175,8 @@ def test_runs_waiting_on_one_loop_poll_their_inboxes_in_one_read(
                 break
             threading.Event().wait(0.05)
         assert len(batches) >= 2
-        assert all(sorted(b) == ids for b in batches[:2]), batches
+        # each round asks for all 20 in one call (with any other run on the engine's loop)
+        assert all(set(ids) <= set(b) for b in batches[:2]), batches
         assert singles == []  # nothing changed: no run asked on its own
         client = dn.Client(other)
         for k, r in enumerate(ids):

@@ -79,6 +79,7 @@ def _statements(schema: str) -> dict[str, str]:
         "q.worker_concurrency, q.calls, q.window_s, q.priority FROM (SELECT 1) AS one "
         f"LEFT JOIN {s}.dn_queues q ON true ORDER BY q.name",
         "lock": "SELECT pg_advisory_xact_lock(hashtextextended(%s, 2))",
+        "clock": "SELECT extract(epoch FROM clock_timestamp())",
         "dedup_holder": f"SELECT t.run_id, r.status FROM {s}.dn_routes t "
         f"JOIN {s}.dn_runs r ON r.run_id = t.run_id WHERE t.queue = %s AND t.dedup_id = %s "
         f"AND t.run_id <> %s AND r.status NOT IN {final} LIMIT 1",
@@ -469,6 +470,14 @@ class PgQueues(StoreBase):
         if specs:
             for spec in specs:
                 conn.execute(qq["lock"], ["durable_nb queue " + spec.name])
+            # the time of this claim, read holding the queues' locks: claims of a queue are
+            # stamped in the order they count its window. With the time read before the
+            # locks, a claimer that waited for them counted a window another claimer, later
+            # by the clock but first to the locks, had already pruned: 101 starts in a second
+            # of a queue limited to 100 (test_queue_limits_hold_across_workers_under_500_runs)
+            row = conn.execute(qq["clock"]).fetchone()
+            assert row is not None
+            now = float(row[0])
             running = {
                 r[0]: (int(r[1]), int(r[2]))
                 for r in conn.execute(qq["running"], [owner, [s.name for s in specs]]).fetchall()
