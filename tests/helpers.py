@@ -85,6 +85,18 @@ def wait_until(
         time.sleep(interval)
 
 
+def can_take(store: Any, run_id: str) -> bool:
+    """Whether ``store`` (another process's) takes the run's lease at once; it lets it go
+    again."""
+    from durable_nb.errors import RunLockedError
+
+    try:
+        store.acquire_run(run_id, "another process").release()
+    except RunLockedError:
+        return False
+    return True
+
+
 def spawn_python(
     *args: str,
     env: dict[str, str] | None = None,

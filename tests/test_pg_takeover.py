@@ -42,7 +42,7 @@ from durable_nb.store._pg_wire import LoopConnection
 from durable_nb.store._postgres import PostgresStore
 
 from .conftest import PG_TEST_KEY, PG_URL
-from .helpers import ROOT
+from .helpers import ROOT, can_take, wait_until
 
 pytestmark = pytest.mark.postgres
 
@@ -607,14 +607,8 @@ def test_a_start_cancelled_while_its_batch_is_under_way_lets_its_run_go(
     other = PostgresStore(pg_url, key=PG_TEST_KEY)
     try:
         asyncio.run(main())
-        deadline = time.monotonic() + 10
-        while True:  # let go by a write behind the batch: soon, never after the lease's 30 s
-            try:
-                other.acquire_run("c1", "another process").release()
-                break
-            except RunLockedError:
-                assert time.monotonic() < deadline, "the cancelled start's lease was left held"
-                time.sleep(0.05)
+        # let go by a write behind the batch: soon, never after the lease's 30 s
+        wait_until(lambda: can_take(other, "c1"), "the cancelled start's lease let go", timeout=10)
     finally:
         other.close()
         dn.set_store(":memory:")
@@ -645,15 +639,8 @@ def test_a_batch_of_starts_abandoned_by_its_loop_leaves_no_lease(
     other = PostgresStore(pg_url, key=PG_TEST_KEY)
     try:
         asyncio.run(main())
-        for run_id in ("a1", "a2"):
-            deadline = time.monotonic() + 10
-            while True:  # let go by the writer thread: soon, never after the lease's 30 s
-                try:
-                    other.acquire_run(run_id, "another process").release()
-                    break
-                except RunLockedError:
-                    assert time.monotonic() < deadline, f"{run_id}'s lease was left held"
-                    time.sleep(0.05)
+        for run_id in ("a1", "a2"):  # let go by the writer thread: soon, not after 30 s
+            wait_until(lambda r=run_id: can_take(other, r), f"{run_id}'s lease let go", timeout=10)
     finally:
         other.close()
         dn.set_store(":memory:")

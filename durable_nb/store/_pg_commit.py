@@ -27,7 +27,7 @@ from typing import Any
 
 import psycopg
 
-from ._pg_wire import LoopConnection, binary_array
+from ._pg_wire import LoopConnection, binary_array, settle
 from ._protocol import WriteDone
 
 __all__ = ["Done", "GroupCommit", "LoopCommit", "Sql"]
@@ -379,7 +379,7 @@ class LoopCommit:
                     return
                 seen = self._sends
                 wake = self._wake = loop.create_future()
-                timer = loop.call_later(_LINGER, _settle, wake)
+                timer = loop.call_later(_LINGER, settle, wake)
                 try:
                     await wake
                 finally:
@@ -531,11 +531,6 @@ def _binary_columns(q: Sql, rows: dict[tuple[Any, ...], tuple[Any, ...]]) -> lis
     """The rows as one binary array per column, encoded here (for :class:`LoopConnection`)."""
     cols = zip(*rows.values(), strict=True)
     return [binary_array(t, col) for t, col in zip(q.types, cols, strict=True)]
-
-
-def _settle(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 def _tell(write: _Write, error: BaseException | None) -> None:

@@ -34,7 +34,7 @@ from psycopg import pq
 from psycopg.abc import Buffer
 from psycopg.adapt import PyFormat, Transformer
 
-__all__ = ["Answered", "Encoded", "LoopConnection", "binary_array", "placeholders"]
+__all__ = ["Answered", "Encoded", "LoopConnection", "binary_array", "placeholders", "settle"]
 
 #: told, on the loop, the outcome of a group sent with a callback: None once it committed,
 #: else its first error (a psycopg exception)
@@ -123,7 +123,6 @@ class LoopConnection:
         self._prepared: dict[tuple[str, tuple[int, ...]], bytes] = {}
         self._names = itertools.count()  # a name is never reused, even once forgotten
         self._parsed: dict[str, tuple[bytes, int]] = {}
-        self._waiter: asyncio.Future[None] | None = None
         self._writable: asyncio.Future[None] | None = None  # while a send waits for room
         self._answer: _Answer | None = None  # a group sent with a callback, until answered
         self._draining = False  # that group's bytes wait for room in the socket
@@ -302,10 +301,6 @@ class LoopConnection:
             return
         if self._answer is not None:
             self._read_answer(self._answer)
-            return
-        waiter = self._waiter
-        if waiter is not None and not waiter.done() and not self._pg.is_busy():
-            waiter.set_result(None)
 
     def _read_answer(self, answer: _Answer) -> None:
         """Read what has arrived of a callback group's answer (as :meth:`_collect` does);
@@ -340,9 +335,9 @@ class LoopConnection:
         if self._draining:  # before the descriptor goes: no stale key is left
             self._draining = False
             self._loop.remove_writer(self._socket)
-        for waiter in (self._waiter, self._writable):
-            if waiter is not None and not waiter.done():
-                waiter.set_exception(error)
+        writable = self._writable
+        if writable is not None and not writable.done():
+            writable.set_exception(error)
         answer, self._answer = self._answer, None
         if answer is not None:
             answer.then(error)
@@ -357,36 +352,31 @@ class LoopConnection:
             if self._failure is not None:
                 raise self._failure
             writable = self._writable = self._loop.create_future()
-            self._loop.add_writer(self._socket, _settle, writable)
+            self._loop.add_writer(self._socket, settle, writable)
             try:
                 await writable  # a close meanwhile fails it (_fail)
             finally:
                 self._writable = None
                 self._loop.remove_writer(self._socket)
 
-    async def _result(self) -> pq.abc.PGresult | None:
-        while self._pg.is_busy():
-            if self._failure is not None:
-                raise self._failure
-            self._waiter = self._loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        return self._pg.get_result()
-
     async def _collect(self, commands: int) -> psycopg.Error | None:
-        """Read the results of ``commands`` commands and the Sync after them; the first
-        error, if any (the commands after it were skipped)."""
-        error: psycopg.Error | None = None
-        for _ in range(commands):
-            while (res := await self._result()) is not None:
-                if error is None and res.status not in _OK:
-                    error = _error(res, self._conn)
-        while True:  # the Sync's own result
-            res = await self._result()
-            if res is not None and res.status == pq.ExecStatus.PIPELINE_SYNC:
-                return error
+        """Read the results of ``commands`` commands and the Sync after them, as the
+        socket's reader reads a callback group's (:meth:`_read_answer`); the first error,
+        if any (the commands after it were skipped). A broken connection raises."""
+        if self._failure is not None:
+            raise self._failure
+        told: asyncio.Future[BaseException | None] = self._loop.create_future()
+
+        def tell(error: BaseException | None) -> None:
+            if not told.done():
+                told.set_result(error)
+
+        answer = self._answer = _Answer(commands, tell)
+        self._read_answer(answer)  # what has arrived already
+        error = await told
+        if error is not None and error is self._failure:
+            raise error
+        return answer.error
 
 
 class _Answer:
@@ -401,7 +391,8 @@ class _Answer:
         self.then = then
 
 
-def _settle(future: asyncio.Future[None]) -> None:
+def settle(future: asyncio.Future[None]) -> None:
+    """Set ``future``'s result to None unless it is done (a wake-up that may come twice)."""
     if not future.done():
         future.set_result(None)
 
